@@ -1,0 +1,403 @@
+"""Real-data modules: digits (sklearn), MNIST / Fashion-MNIST (fake idx files in tmp_path), CIFAR-10 errors.
+
+No network: downloads are either disabled or monkeypatched to fail.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from zskd_lightning.data.classification import ClassificationDataModule
+from zskd_lightning.data.digits import DigitsDataModule, _fixed_split
+from zskd_lightning.data.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
+from zskd_lightning.errors import ZSKDError
+
+MNIST_BLACK = -0.1307 / 0.3081
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _rows(images: torch.Tensor) -> set[bytes]:
+    """Each image as raw bytes, for set comparisons between splits."""
+    flat = images.reshape(images.shape[0], -1).contiguous().numpy()
+    return {row.tobytes() for row in flat}
+
+
+def _write_idx(raw: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    raw.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    with open(raw / f"{prefix}-images-idx3-ubyte", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, h, w))
+        f.write(images.to(torch.uint8).numpy().tobytes())
+    with open(raw / f"{prefix}-labels-idx1-ubyte", "wb") as f:
+        f.write(struct.pack(">II", 2049, n))
+        f.write(labels.to(torch.uint8).numpy().tobytes())
+
+
+def _fake_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # strictly non-black pixels, so any served black value must come from padding ...
+    images = torch.randint(1, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+    images[:, 14, 14] = 0  # ... except one known black pixel per image
+    labels = torch.arange(n) % 10
+    return images, labels
+
+
+@pytest.fixture
+def fake_mnist(tmp_path: Path):
+    """torchvision-layout MNIST with 50 train and 20 test images."""
+    train = _fake_images(50, seed=1)
+    test = _fake_images(20, seed=2)
+    raw = tmp_path / "MNIST" / "raw"
+    _write_idx(raw, "train", *train)
+    _write_idx(raw, "t10k", *test)
+    return tmp_path, train, test
+
+
+def _no_network(monkeypatch) -> None:
+    import torchvision.datasets as tvd
+
+    def fail(self, *args, **kwargs):
+        raise urllib.error.URLError("simulated: no internet")
+
+    for cls in (tvd.MNIST, tvd.FashionMNIST, tvd.CIFAR10):
+        monkeypatch.setattr(cls, "download", fail)
+
+
+# ----------------------------------------------------------------------------- digits
+def test_digits_split_sizes():
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    assert dm.test_dataset is None  # fit never touches the test split
+    dm.setup("test")
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (1293, 144, 360)
+    assert dm.num_classes == 10 and dm.input_shape == (1, 8, 8)
+    # every class appears in the fixed, stratified test split (35 to 37 each)
+    counts = torch.bincount(dm.test_dataset.labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37
+
+    dm2 = DigitsDataModule(val_fraction=0.25)
+    dm2.setup("fit")
+    assert len(dm2.train_dataset) + len(dm2.val_dataset) == 1437
+    assert len(dm2.val_dataset) == round(0.25 * 1437)
+
+
+def test_digits_test_split_fixed_train_val_split_seeded():
+    a, b = DigitsDataModule(seed=0), DigitsDataModule(seed=1)
+    for dm in (a, b):
+        dm.setup("fit")
+        dm.setup("test")
+    assert torch.equal(a.test_dataset.images, b.test_dataset.images)
+    assert torch.equal(a.test_dataset.labels, b.test_dataset.labels)
+    assert _rows(a.val_dataset.images) != _rows(b.val_dataset.images)
+    # same seed -> same split
+    c = DigitsDataModule(seed=0)
+    c.setup("fit")
+    assert torch.equal(a.val_dataset.images, c.val_dataset.images)
+    assert torch.equal(a.train_dataset.labels, c.train_dataset.labels)
+    # but the union of train+val is the same fixed training portion whatever the seed
+    union_a = _rows(a.train_dataset.images) | _rows(a.val_dataset.images)
+    union_b = _rows(b.train_dataset.images) | _rows(b.val_dataset.images)
+    assert union_a == union_b and len(union_a) == 1437
+
+
+def test_digits_splits_do_not_overlap():
+    _, labels, train_idx, test_idx = _fixed_split()
+    assert len(set(train_idx.tolist()) & set(test_idx.tolist())) == 0
+    assert len(train_idx) + len(test_idx) == len(labels) == 1797
+
+    dm = DigitsDataModule(seed=3)
+    dm.setup("fit")
+    dm.setup("test")
+    tr, va, te = (_rows(d.images) for d in (dm.train_dataset, dm.val_dataset, dm.test_dataset))
+    assert len(tr) == 1293 and len(va) == 144 and len(te) == 360  # digits has no duplicate images
+    assert not (tr & va) and not (tr & te) and not (va & te)
+
+    tri, vai = dm.split_indices(1437)
+    assert len(set(tri.tolist()) & set(vai.tolist())) == 0
+    assert sorted(tri.tolist() + vai.tolist()) == list(range(1437))
+
+
+def test_digits_served_shape_dtype_range():
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    dm.setup("test")
+    lo, hi = dm.input_range()
+    assert lo.shape == hi.shape == (1, 1, 1)
+    assert torch.allclose(lo, torch.tensor(-0.3050 / 0.3759).view(1, 1, 1))
+    assert torch.allclose(hi, torch.tensor((1 - 0.3050) / 0.3759).view(1, 1, 1))
+    x, y = dm.train_dataset[0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and y.dim() == 0 and 0 <= int(y) < 10
+    for ds in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
+        imgs = ds.images
+        assert imgs.dtype == torch.float32
+        assert imgs.min() >= lo.min() - 1e-5 and imgs.max() <= hi.max() + 1e-5
+    # the range is actually reached (black background and full-ink pixels exist)
+    assert torch.isclose(dm.train_dataset.images.min(), lo.squeeze(), atol=1e-5)
+    assert torch.isclose(dm.train_dataset.images.max(), hi.squeeze(), atol=1e-5)
+    # normalization round-trips to [0, 1] pixels on the 1/16 grid
+    pix = dm.denormalize(dm.test_dataset.images)
+    assert torch.allclose(pix * 16, (pix * 16).round(), atol=1e-4)
+
+
+def test_digits_augment_only_affects_training_items():
+    plain, aug = DigitsDataModule(augment=False), DigitsDataModule(augment=True)
+    for dm in (plain, aug):
+        dm.setup("fit")
+        dm.setup("test")
+    # val / test identical with or without augmentation, and deterministic
+    assert torch.equal(plain.val_dataset.images, aug.val_dataset.images)
+    assert torch.equal(plain.test_dataset.images, aug.test_dataset.images)
+    assert torch.equal(aug.val_dataset[7][0], aug.val_dataset[7][0])
+    assert aug.val_dataset.transform is None and aug.test_dataset.transform is None
+    assert plain.train_dataset.transform is None
+
+    torch.manual_seed(0)
+    lo, hi = aug.input_range()
+    changed = 0
+    for i in range(40):
+        x, y = aug.train_dataset[i]
+        ref, ref_y = plain.train_dataset[i]
+        assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and int(y) == int(ref_y)
+        assert x.min() >= lo.min() - 1e-5 and x.max() <= hi.max() + 1e-5  # fill is black, still in range
+        changed += int(not torch.allclose(x, ref))
+        assert torch.equal(plain.train_dataset[i][0], ref)  # no augmentation -> deterministic
+    assert changed >= 10
+
+
+def test_digits_dataloaders():
+    dm = DigitsDataModule(batch_size=32, eval_batch_size=100)
+    with pytest.raises(ZSKDError):
+        dm.train_dataloader()
+    dm.setup("fit")
+    dm.setup("test")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.int64
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        assert loader.batch_size == 100 and not loader.persistent_workers
+        first = [b[1] for b in loader]
+        second = [b[1] for b in loader]
+        assert all(torch.equal(p, q) for p, q in zip(first, second))
+        assert torch.equal(torch.cat(first), loader.dataset.labels)  # dataset order, no shuffling
+    torch.manual_seed(0)
+    order1 = torch.cat([b[1] for b in dm.train_dataloader()])
+    order2 = torch.cat([b[1] for b in dm.train_dataloader()])
+    assert not torch.equal(order1, order2)  # training loader shuffles
+    assert DigitsDataModule(batch_size=16).eval_batch_size == 16
+
+
+# ----------------------------------------------------------------------------- MNIST-format files
+def test_mnist_fake_loads_pads_and_normalizes(fake_mnist):
+    root, (train_x, train_y), (test_x, test_y) = fake_mnist
+    dm = MNISTDataModule(root=str(root), download=False, val_fraction=0.1)
+    assert dm.input_shape == (1, 32, 32)
+    dm.prepare_data()  # download=False: nothing to do
+    dm.setup("fit")
+    dm.setup("test")
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (45, 5, 20)
+
+    served = dm.test_dataset.images
+    assert served.shape == (20, 1, 32, 32) and served.dtype == torch.float32
+    assert torch.equal(dm.test_dataset.labels, test_y.to(torch.int64))
+    # padding ring is black, i.e. normalized 0
+    ring = torch.ones(32, 32, dtype=torch.bool)
+    ring[2:30, 2:30] = False
+    assert torch.allclose(served[:, 0][:, ring], torch.tensor(MNIST_BLACK), atol=1e-6)
+    # interior is the normalized original, in order
+    expected = (test_x.float() / 255.0 - 0.1307) / 0.3081
+    assert torch.allclose(served[:, 0, 2:30, 2:30], expected, atol=1e-6)
+    # the known black pixel of the image is black; all other interior pixels are not
+    assert torch.allclose(served[:, 0, 16, 16], torch.tensor(MNIST_BLACK), atol=1e-6)
+    assert (served[:, 0, 2:30, 2:30] > MNIST_BLACK + 1e-3).sum() == 20 * (28 * 28 - 1)
+
+    lo, hi = dm.input_range()
+    assert torch.allclose(lo, torch.tensor(MNIST_BLACK).view(1, 1, 1))
+    assert torch.allclose(hi, torch.tensor((1 - 0.1307) / 0.3081).view(1, 1, 1))
+
+    # train + val partition the 50 training images
+    rows = _rows(dm.train_dataset.images) | _rows(dm.val_dataset.images)
+    assert len(rows) == 50 and not (_rows(dm.train_dataset.images) & _rows(dm.val_dataset.images))
+    served_labels = dm.train_dataset.labels.tolist() + dm.val_dataset.labels.tolist()
+    assert sorted(served_labels) == sorted(train_y.tolist())
+
+
+def test_mnist_geometry_options(fake_mnist):
+    root, _, (test_x, _) = fake_mnist
+    none = MNISTDataModule(root=str(root), download=False, resize_to_32="none")
+    none.setup("test")
+    assert none.input_shape == (1, 28, 28)
+    assert none.test_dataset.images.shape == (20, 1, 28, 28)
+    assert torch.allclose(none.test_dataset.images[:, 0], (test_x.float() / 255 - 0.1307) / 0.3081, atol=1e-6)
+
+    resized = MNISTDataModule(root=str(root), download=False, resize_to_32="resize")
+    resized.setup("test")
+    lo, hi = resized.input_range()
+    imgs = resized.test_dataset.images
+    assert resized.input_shape == (1, 32, 32) and imgs.shape == (20, 1, 32, 32)
+    assert imgs.min() >= lo.min() - 1e-5 and imgs.max() <= hi.max() + 1e-5
+    assert (imgs[:, 0, 0, :] > MNIST_BLACK + 1e-3).any()  # resized, not padded: the border carries content
+
+    with pytest.raises(ZSKDError, match="resize_to_32"):
+        MNISTDataModule(root=str(root), resize_to_32="crop")
+
+
+def test_mnist_augment_train_only_with_black_fill(fake_mnist):
+    root, _, _ = fake_mnist
+    plain = MNISTDataModule(root=str(root), download=False)
+    aug = MNISTDataModule(root=str(root), download=False, augment=True)
+    for dm in (plain, aug):
+        dm.setup("fit")
+        dm.setup("test")
+    assert torch.equal(plain.val_dataset.images, aug.val_dataset.images)
+    assert torch.equal(plain.test_dataset.images, aug.test_dataset.images)
+    assert aug.train_dataset.images.dtype == torch.uint8  # raw pixels kept for per-sample augmentation
+    torch.manual_seed(0)
+    lo, hi = aug.input_range()
+    changed = 0
+    for i in range(len(aug.train_dataset)):
+        x, y = aug.train_dataset[i]
+        assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.min() >= lo.min() - 1e-4 and x.max() <= hi.max() + 1e-4
+        changed += int(not torch.allclose(x, plain.train_dataset[i][0]))
+    assert changed >= len(aug.train_dataset) // 2
+
+
+def test_stages_load_only_what_they_need(fake_mnist, monkeypatch):
+    root, _, _ = fake_mnist
+    loaded = []
+    original = MNISTDataModule._load_official
+
+    def spy(self, train):
+        loaded.append(train)
+        return original(self, train)
+
+    monkeypatch.setattr(MNISTDataModule, "_load_official", spy)
+    dm = MNISTDataModule(root=str(root), download=False)
+    dm.setup("predict")
+    assert loaded == [False]  # the official test split only
+    assert dm.train_dataset is None and dm.val_dataset is None and len(dm.test_dataset) == 20
+    assert sum(len(b[1]) for b in dm.predict_dataloader()) == 20
+    dm.setup("test")  # already loaded: no reload
+    assert loaded == [False]
+    dm.setup("fit")
+    assert loaded == [False, True]  # the official training split, once, for train + val
+    dm.setup("validate")
+    assert loaded == [False, True]
+
+    fresh = MNISTDataModule(root=str(root), download=False)
+    fresh.setup("validate")
+    assert fresh.test_dataset is None and len(fresh.val_dataset) == 5
+
+
+def test_fashion_mnist_fake(tmp_path):
+    images, labels = _fake_images(30, seed=3)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    _write_idx(raw, "train", images, labels)
+    _write_idx(raw, "t10k", images[:10], labels[:10])
+    dm = FashionMNISTDataModule(root=str(tmp_path), download=False, val_fraction=0.2, batch_size=8)
+    dm.setup("fit")
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (24, 6)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.allclose(x[:, :, 0, 0], torch.tensor(-0.2860 / 0.3530), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors / config
+def test_missing_files_offline_error(tmp_path):
+    dm = MNISTDataModule(root=str(tmp_path), download=False)
+    dm.prepare_data()  # download disabled: does nothing, raises nothing
+    with pytest.raises(ZSKDError) as info:
+        dm.setup("fit")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "MNIST" in msg and str(tmp_path) in msg
+    assert os.path.join(str(tmp_path), "MNIST", "raw", "train-images-idx3-ubyte") in msg
+    assert "download=True" in msg and "internet" in msg
+
+    with pytest.raises(ZSKDError) as info:
+        CIFAR10DataModule(root=str(tmp_path), download=False).setup("fit")
+    msg = str(info.value)
+    assert "CIFAR-10" in msg and "\n" not in msg
+    assert os.path.join(str(tmp_path), "cifar-10-batches-py", "data_batch_1") in msg
+
+
+def test_failing_download_gives_clean_error(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    dm = MNISTDataModule(root=str(tmp_path), download=True)
+    for call in (dm.prepare_data, lambda: dm.setup("fit"), lambda: dm.setup("test")):
+        with pytest.raises(ZSKDError) as info:
+            call()
+        msg = str(info.value)
+        assert "\n" not in msg
+        assert str(tmp_path) in msg and "train-images-idx3-ubyte" in msg
+        assert "download failed" in msg and "URLError" in msg and "internet" in msg
+        assert isinstance(info.value.__cause__, urllib.error.URLError)
+
+    with pytest.raises(ZSKDError, match="cifar-10-batches-py"):
+        CIFAR10DataModule(root=str(tmp_path), download=True).prepare_data()
+
+
+def test_download_skipped_when_files_present(fake_mnist, monkeypatch):
+    root, _, _ = fake_mnist
+    _no_network(monkeypatch)  # would raise if a download were attempted
+    dm = MNISTDataModule(root=str(root), download=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 45
+
+
+def test_root_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZSKD_DATA_ROOT", str(tmp_path / "envroot"))
+    assert MNISTDataModule().root == str(tmp_path / "envroot")
+    assert DigitsDataModule(root=None).root == str(tmp_path / "envroot")
+    assert MNISTDataModule(root=str(tmp_path)).root == str(tmp_path)  # explicit root wins
+    monkeypatch.delenv("ZSKD_DATA_ROOT")
+    assert os.path.normpath(CIFAR10DataModule().root) == "data"
+
+
+def test_class_config():
+    c = CIFAR10DataModule(download=False)
+    assert c.input_shape == (3, 32, 32) and c.num_classes == 10
+    lo, hi = c.input_range()
+    assert lo.shape == hi.shape == (3, 1, 1)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
+    assert torch.allclose(lo, -mean / std) and torch.allclose(hi, (1 - mean) / std)
+    f = FashionMNISTDataModule(resize_to_32="none")
+    assert f.input_shape == (1, 28, 28) and f.mean == (0.2860,) and f.std == (0.3530,)
+    assert isinstance(f, ClassificationDataModule)
+    m = MNISTDataModule(num_workers=2, batch_size=64)
+    assert m.eval_batch_size == 64 and m.num_workers == 2
+    for bad in (dict(val_fraction=1.0), dict(val_fraction=-0.1), dict(batch_size=0)):
+        with pytest.raises(ZSKDError):
+            MNISTDataModule(**bad)
+
+
+def test_persistent_workers_only_with_workers(fake_mnist):
+    root, _, _ = fake_mnist
+    dm = MNISTDataModule(root=str(root), download=False, num_workers=1, batch_size=10)
+    dm.setup("test")
+    loader = dm.test_dataloader()
+    assert loader.num_workers == 1 and loader.persistent_workers
+    x, y = next(iter(loader))
+    assert x.shape == (10, 1, 32, 32) and y.shape == (10,)
+
+
+# ----------------------------------------------------------------------------- real data (optional)
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="shared MNIST not present")
+def test_real_mnist_test_split():
+    dm = MNISTDataModule(root=str(SHARED_DATA), download=False)
+    dm.setup("test")
+    assert len(dm.test_dataset) == 10_000
+    assert set(dm.test_dataset.labels.unique().tolist()) == set(range(10))
+    assert dm.test_dataset.images.shape == (10_000, 1, 32, 32)
+    # normalized with the standard constants: the served mean over the 28x28 interior is near 0
+    assert abs(float(dm.test_dataset.images[:, :, 2:30, 2:30].mean())) < 0.1

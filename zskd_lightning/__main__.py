@@ -1,0 +1,3 @@
+from zskd_lightning.cli import main
+
+main()

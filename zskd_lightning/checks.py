@@ -1,0 +1,50 @@
+"""Early checks that turn deep torch errors into one-line messages naming the model and the shapes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zskd_lightning.errors import ZSKDError
+
+
+def probe_num_outputs(model: nn.Module, input_shape: tuple[int, ...], role: str) -> int:
+    """Run ``model`` on a zero batch ``[2, *input_shape]`` and return its number of outputs (classes).
+
+    Raises:
+        ZSKDError: the model cannot take ``input_shape`` (message: role, class, expected vs given shape)
+            or does not return ``[B, num_classes]`` logits.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape, device=device))
+    except RuntimeError as err:
+        expected = getattr(model, "input_size", None) or getattr(getattr(model, "network", None), "input_size", None)
+        hint = f"; it expects inputs of spatial size {tuple(expected)}" if expected else ""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ZSKDError(
+            f"{role} {_name(model)} cannot take inputs of shape {tuple(input_shape)} (C, H, W) from the data{hint}: "
+            f"{first}"
+        ) from err
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ZSKDError(f"{role} {_name(model)} must return logits [B, num_classes], got {shape}")
+    return int(out.shape[1])
+
+
+def check_same_classes(teacher_classes: int, student_classes: int) -> None:
+    if teacher_classes != student_classes:
+        raise ZSKDError(
+            f"teacher and student disagree on num_classes: teacher outputs {teacher_classes}, "
+            f"student outputs {student_classes}"
+        )
+
+
+def _name(model: nn.Module) -> str:
+    inner = getattr(model, "network", None)
+    return type(inner).__name__ if isinstance(inner, nn.Module) else type(model).__name__

@@ -1,0 +1,84 @@
+"""Supervised training on real labelled data: makes teachers and the "student on real data" baselines."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from zskd_lightning.checks import probe_num_outputs
+from zskd_lightning.optim import SchedulerInterval, cli_given_spec, configure_optimization
+from zskd_lightning.teacher import classifier_layer
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy training of ``network`` on ``(image [B, C, H, W], label [B])`` batches.
+
+    Logs ``train/loss``, ``val/loss``, ``val/acc`` and ``test/acc`` (top-1 accuracy, torchmetrics). Through
+    the ``zskd`` CLI the checkpoint records the network's ``class_path``/``init_args`` so that
+    :class:`~zskd_lightning.FrozenTeacher` can rebuild it from the checkpoint alone.
+
+    Args:
+        network: the classifier; its last ``nn.Linear`` gives ``num_classes``.
+        optimizer: optimizer factory (``class_path`` in YAML), called with the network's parameters.
+        lr_scheduler: optional scheduler factory, stepped every ``scheduler_interval``.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: SchedulerInterval = "epoch",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        spec = cli_given_spec("network")
+        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+        if spec is not None:
+            self.hparams["network"] = spec
+        self.network = network
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        num_classes = classifier_layer(network).out_features
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        input_shape = getattr(self.trainer.datamodule, "input_shape", None) if self._trainer else None
+        if input_shape is not None:
+            probe_num_outputs(self.network, tuple(input_shape), "network")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.network(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.network(x)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self.network(x), y)
+        self.log("test/acc", self.test_acc)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.network(x).softmax(dim=-1)
+
+    def configure_optimizers(self):
+        return configure_optimization(
+            self.network.parameters(), self.optimizer, self.lr_scheduler, self.hparams.scheduler_interval
+        )

@@ -1,0 +1,97 @@
+"""The ``zskd`` command: LightningCLI with a ``synthesize`` subcommand.
+
+``zskd fit|validate|test|predict|synthesize --config FILE.yaml``. Model and data are given in subclass
+mode (``class_path``/``init_args``), so one CLI trains teachers (:class:`~zskd_lightning.ClassifierModule`)
+and distils students (:class:`~zskd_lightning.DistillationModule`) on real data or on impressions.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from zskd_lightning.errors import ZSKDError
+
+
+class ZSKDTrainer(L.Trainer):
+    """A Lightning ``Trainer`` that adds the impression-synthesis callback when the data needs it."""
+
+    def fit(self, model: L.LightningModule, *args: Any, datamodule: L.LightningDataModule | None = None, **kwargs: Any):
+        attach_synthesis_callback(self, datamodule)
+        return super().fit(model, *args, datamodule=datamodule, **kwargs)
+
+    def synthesize(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+        """Only synthesize the datamodule's impressions into its cache, on every device of this Trainer, then stop.
+
+        A later ``zskd fit`` with the same data settings reuses the cache without recomputation.
+        """
+        from zskd_lightning.impressions import ImpressionDataModule
+
+        if not isinstance(datamodule, ImpressionDataModule):
+            raise ZSKDError(f"`zskd synthesize` needs an ImpressionDataModule as data, got {type(datamodule).__name__}")
+        self.limit_train_batches = 0  # run the fit setup and on_fit_start (where synthesis happens), train nothing
+        self.num_sanity_val_steps = 0
+        attach_synthesis_callback(self, datamodule)
+        super().fit(model, datamodule=datamodule)
+
+
+def attach_synthesis_callback(trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> bool:
+    """Append an :class:`~zskd_lightning.ImpressionSynthesis` callback if ``datamodule`` serves impressions.
+
+    Returns whether the Trainer now has one.
+    """
+    from zskd_lightning.impressions import ImpressionDataModule
+    from zskd_lightning.synthesis.callback import ImpressionSynthesis
+
+    if not isinstance(datamodule, ImpressionDataModule):
+        return False
+    if not any(isinstance(cb, ImpressionSynthesis) for cb in trainer.callbacks):
+        trainer.callbacks.append(ImpressionSynthesis())
+    return True
+
+
+class ZSKDCLI(LightningCLI):
+    """LightningCLI plus ``synthesize`` and the ``--test_after_fit`` flag (test the last-epoch model on the test split)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        commands["synthesize"] = {"model", "datamodule"}
+        return commands
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After `fit`, run `test` with the final (last-epoch) weights.",
+        )
+
+    def after_fit(self) -> None:
+        if self.config["fit"].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``zskd`` console script. Bad input ends with one line on stderr and exit code 2."""
+    try:
+        ZSKDCLI(
+            model_class=L.LightningModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_class=ZSKDTrainer,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except ZSKDError as err:
+        print(f"zskd: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

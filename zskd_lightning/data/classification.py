@@ -1,0 +1,246 @@
+"""Shared base class for labelled image-classification data modules.
+
+Every concrete module (digits, MNIST, Fashion-MNIST, CIFAR-10) loads each split ONCE into memory as
+one tensor, converts and normalizes it in bulk with tensor ops, and serves items
+``(image: float32 [C, H, W], label: int64 scalar)`` from an in-memory dataset. Only the training
+split, and only with ``augment=True``, goes through a per-sample ``torchvision.transforms.v2``
+pipeline (augment in pixel space, where 0 is black, then normalize).
+
+Served values are ``(pixel01 - mean) / std`` per channel, so :meth:`ClassificationDataModule.input_range`
+gives the exact box the served (and any synthetic) inputs live in.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zskd_lightning.errors import ZSKDError
+
+__all__ = ["ClassificationDataModule", "InMemoryImageDataset", "DATA_ROOT_ENV"]
+
+#: Environment variable that supplies the default data root when ``root`` is not given.
+DATA_ROOT_ENV = "ZSKD_DATA_ROOT"
+
+
+class InMemoryImageDataset(Dataset):
+    """Images and labels held in memory as tensors.
+
+    Args:
+        images: ``[N, C, H, W]`` tensor (float32 already normalized when ``transform`` is None;
+            otherwise whatever ``transform`` expects, e.g. uint8 pixels).
+        labels: ``[N]`` int64 tensor.
+        transform: optional per-sample callable applied to ``images[i]``.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base ``LightningDataModule`` for real labelled images (teachers, real-data baselines, evaluation).
+
+    Subclasses set the class attributes ``num_classes``, ``mean``, ``std``, ``input_shape`` (or override
+    it as a property) and implement :meth:`_load_official` (and optionally :meth:`_augmentation`).
+
+    Splits: ``setup("fit")`` and ``setup("validate")`` load the official TRAINING set once and split it
+    into train / val with ``torch.Generator().manual_seed(seed)`` + ``randperm`` (``val_fraction`` of it,
+    rounded, goes to val); ``setup("test")`` and ``setup("predict")`` load the official TEST set, which is
+    used for nothing else. ``setup(None)`` loads everything.
+
+    Args:
+        root: data directory; default: the ``ZSKD_DATA_ROOT`` environment variable, else ``./data``.
+        batch_size: training batch size.
+        eval_batch_size: batch size of the val / test / predict loaders; default: ``batch_size``.
+        num_workers: DataLoader workers (``persistent_workers`` is on only when this is > 0).
+        val_fraction: fraction of the official training set held out for validation, in ``[0, 1)``.
+        seed: seeds the train / val split only (not shuffling, not augmentation).
+        augment: per-sample augmentation of the training split (never of val / test).
+        download: allow downloading missing files (modules whose data ships locally ignore it).
+    """
+
+    #: number of classes.
+    num_classes: int = 10
+    #: per-channel mean / std of pixel values in [0, 1]; served = (pixel01 - mean) / std.
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    #: short name used in messages and logs.
+    name: str = "classification"
+
+    def __init__(
+        self,
+        *,
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        augment: bool = False,
+        download: bool = True,
+    ) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ZSKDError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and int(eval_batch_size) < 1:
+            raise ZSKDError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        if int(num_workers) < 0:
+            raise ZSKDError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ZSKDError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if root is None:
+            root = os.environ.get(DATA_ROOT_ENV) or "./data"
+        self.root: str = os.path.expanduser(str(root))
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        self.num_workers = int(num_workers)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.augment = bool(augment)
+        self.download = bool(download)
+        self.train_dataset: InMemoryImageDataset | None = None
+        self.val_dataset: InMemoryImageDataset | None = None
+        self.test_dataset: InMemoryImageDataset | None = None
+
+    # ------------------------------------------------------------------ subclass hooks
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the served images."""
+        raise NotImplementedError
+
+    def _load_official(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the official training (``train=True``) or test split as ``(images, labels)``.
+
+        ``images``: ``[N, C, H, W]`` in the served geometry, either uint8 pixels (0..255) or float in
+        [0, 1]; ``labels``: ``[N]`` int64.
+        """
+        raise NotImplementedError
+
+    def _augmentation(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Per-sample augmentation in pixel space (black = 0), or None."""
+        return None
+
+    # ------------------------------------------------------------------ normalization
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return mean, std
+
+    def input_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(min, max)`` of served values, each ``[C, 1, 1]``.
+
+        ``min = (0 - mean) / std`` (black), ``max = (1 - mean) / std`` (white).
+        """
+        mean, std = self._stats()
+        return (0.0 - mean) / std, (1.0 - mean) / std
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Map uint8 pixels (0..255) or float pixels in [0, 1] (``[..., C, H, W]``) to served float32."""
+        x = pixels.to(torch.float32)
+        if pixels.dtype == torch.uint8:
+            x = x / 255.0
+        mean, std = self._stats()
+        return (x - mean) / std
+
+    def denormalize(self, served: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize`: served values back to pixels in [0, 1] (not clamped)."""
+        mean, std = self._stats()
+        return served.to(torch.float32) * std.to(served.device) + mean.to(served.device)
+
+    def _train_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        aug = self._augmentation() if self.augment else None
+        if aug is None:
+            return None
+        from torchvision.transforms import v2
+
+        return v2.Compose(
+            [aug, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
+        )
+
+    # ------------------------------------------------------------------ splits
+    def _split_sizes(self, n: int) -> tuple[int, int]:
+        n_val = int(round(self.val_fraction * n))
+        if self.val_fraction > 0 and n > 1:
+            n_val = min(max(n_val, 1), n - 1)
+        return n - n_val, n_val
+
+    def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seeded ``(train_idx, val_idx)`` into an official training set of ``n`` items."""
+        n_train, _ = self._split_sizes(n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        return perm[:n_train], perm[n_train:]
+
+    def _setup_fit(self) -> None:
+        images, labels = self._load_official(train=True)
+        train_idx, val_idx = self.split_indices(int(labels.shape[0]))
+        transform = self._train_transform()
+        train_images = images[train_idx]
+        if transform is None:
+            train_images = self.normalize(train_images)
+        self.train_dataset = InMemoryImageDataset(train_images, labels[train_idx], transform)
+        self.val_dataset = InMemoryImageDataset(self.normalize(images[val_idx]), labels[val_idx])
+
+    def _setup_test(self) -> None:
+        images, labels = self._load_official(train=False)
+        self.test_dataset = InMemoryImageDataset(self.normalize(images), labels)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load what ``stage`` needs (idempotent): fit/validate -> train + val, test/predict -> test."""
+        if stage not in (None, "fit", "validate", "test", "predict"):
+            raise ZSKDError(f"unknown stage {stage!r}; expected fit, validate, test or predict")
+        if stage in (None, "fit", "validate") and (self.train_dataset is None or self.val_dataset is None):
+            self._setup_fit()
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            self._setup_test()
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset | None, what: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            stage = {"train": "fit", "val": "fit' or 'validate", "test": "test", "predict": "predict"}[what]
+            raise ZSKDError(
+                f"{type(self).__name__}: call setup('{stage}') before asking for the {what} loader"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, "train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, "val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "predict", self.eval_batch_size, shuffle=False)

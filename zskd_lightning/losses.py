@@ -1,0 +1,45 @@
+"""Distillation losses.
+
+All losses take logits ``[B, C]`` and return a scalar averaged over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton's distillation loss ``T^2 * KL(softmax(t / T) || softmax(s / T))``, batch-mean.
+
+    Args:
+        student_logits: ``[B, C]``, carries gradients.
+        teacher_logits: ``[B, C]``, treated as a constant target.
+        temperature: ``T > 0``. The ``T^2`` factor keeps gradient magnitudes comparable across ``T``.
+
+    Returns:
+        Scalar: the KL divergence summed over classes, averaged over the ``B`` samples, times ``T^2``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def soft_target_kd_loss(student_logits: Tensor, target_probs: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(p || softmax(s / T))`` for a given target distribution ``p`` ``[B, C]`` (rows sum to 1).
+
+    Used when a batch carries its own soft targets (e.g. the impressions' sampled targets) instead of
+    re-querying the teacher.
+    """
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, target_probs.detach().float(), reduction="batchmean", log_target=False)
+    return kl * temperature**2
+
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-sample cross-entropy ``-sum_c p_c log softmax(logits / T)_c``, shape ``[B]`` (no reduction)."""
+    return -(target_probs * F.log_softmax(logits.float() / temperature, dim=-1)).sum(dim=-1)

@@ -1,0 +1,45 @@
+"""Optimizer and LR-scheduler wiring shared by the library's LightningModules (configurable from YAML)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+SchedulerInterval = Literal["epoch", "step"]
+
+
+def configure_optimization(
+    params: Iterable[torch.nn.Parameter],
+    optimizer: OptimizerCallable,
+    lr_scheduler: LRSchedulerCallable | None,
+    interval: SchedulerInterval,
+) -> Any:
+    """Return what ``LightningModule.configure_optimizers`` expects: an optimizer, or an optimizer+scheduler dict.
+
+    ``ReduceLROnPlateau`` monitors ``val/loss``.
+    """
+    opt = optimizer(params)
+    if lr_scheduler is None:
+        return opt
+    scheduler = lr_scheduler(opt)
+    config: dict[str, Any] = {"scheduler": scheduler, "interval": interval}
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        config["monitor"] = "val/loss"
+    return {"optimizer": opt, "lr_scheduler": config}
+
+
+def cli_given_spec(name: str) -> dict[str, Any] | None:
+    """The ``class_path``/``init_args`` the ``zskd`` CLI used for init argument ``name`` of the module being built.
+
+    LightningCLI hands a module's YAML config to ``save_hyperparameters``; recording a network's spec lets a
+    checkpoint rebuild its architecture later. ``None`` outside the CLI (plain Python construction).
+    """
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - private API moved
+        return None
+    spec = (_given_hyperparameters.get() or {}).get(name)
+    return dict(spec) if isinstance(spec, dict) and "class_path" in spec else None

@@ -1,0 +1,237 @@
+"""The impression cache: a folder of checksummed shards, one per chunk, and a manifest.
+
+Layout of ``directory``::
+
+    spec.json                       what defines the cache (synthesizer settings, teacher fingerprint, shapes,
+                                    count, chunk size, seed); written once, compared on every run
+    chunk-000012.inputs.npy         float32 [n, C, H, W]  impressions, in the teacher's input space
+    chunk-000012.targets.npy        float32 [n, ...]      the targets they were optimized towards
+    chunk-000012.labels.npy         int64   [n]           the class each was made for
+    chunk-000012.json               sha256 of the three files, loss, seconds: written LAST, so a chunk counts as
+                                    finished only when its record exists and every checksum matches
+    manifest.json                   spec + every shard's checksums + library versions + times; written by
+                                    global rank 0 once all chunks exist; its presence marks the cache complete
+
+Every file is written to a temporary name and renamed into place (atomic on POSIX), so a synthesis killed at
+any moment leaves only finished chunks and stray ``*.tmp`` files, which the next run deletes and redoes.
+Chunk ``c`` holds the impressions with global indices ``[c * chunk_size, min((c + 1) * chunk_size, count))``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from zskd_lightning.errors import ZSKDError
+
+FORMAT_VERSION = 1
+ARRAYS = ("inputs", "targets", "labels")
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, so specs compare equal however they were built."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _write_atomic(path: str, write: Any) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Mapping[str, Any]) -> None:
+    _write_atomic(path, lambda h: h.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import lightning
+
+    from zskd_lightning import __version__
+
+    return {
+        "zskd_lightning": __version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class ImpressionCache:
+    """One impression cache folder for one ``spec``.
+
+    Args:
+        directory: the folder (created on :meth:`prepare`).
+        spec: JSON-serializable description; must contain ``num_impressions`` and ``chunk_size``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, spec: Mapping[str, Any]) -> None:
+        self.directory = os.fspath(directory)
+        self.spec = _canonical({"format_version": FORMAT_VERSION, **spec})
+        self.count = int(self.spec["num_impressions"])
+        self.chunk_size = int(self.spec["chunk_size"])
+        if self.count < 1 or self.chunk_size < 1:
+            raise ZSKDError(f"num_impressions and chunk_size must be >= 1, got {self.count} and {self.chunk_size}")
+        self.num_chunks = -(-self.count // self.chunk_size)
+
+    # ------------------------------------------------------------------------------------------ layout
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def chunk_file(self, chunk: int, kind: str) -> str:
+        suffix = "json" if kind == "record" else f"{kind}.npy"
+        return self.path(f"chunk-{chunk:06d}.{suffix}")
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        """Global impression indices ``[start, stop)`` of ``chunk``."""
+        start = chunk * self.chunk_size
+        return start, min(start + self.chunk_size, self.count)
+
+    # ------------------------------------------------------------------------------------- spec checks
+    def spec_mismatch(self) -> str | None:
+        """A one-line description of how an existing cache in the folder differs from ours, else ``None``."""
+        spec_path = self.path("spec.json")
+        if not os.path.exists(spec_path):
+            return None
+        try:
+            with open(spec_path) as handle:
+                existing = json.load(handle)
+        except (OSError, ValueError) as err:
+            return f"impression cache {self.directory} has an unreadable spec.json ({err})"
+        if existing == self.spec:
+            return None
+        differing = sorted(k for k in set(existing) | set(self.spec) if existing.get(k) != self.spec.get(k))
+        what = "was made by a different teacher" if "teacher_fingerprint" in differing else "has other settings"
+        details = ", ".join(f"{k}: cached {existing.get(k)!r} vs now {self.spec.get(k)!r}" for k in differing)
+        if len(details) > 400:
+            details = details[:400] + "..."
+        return (
+            f"impression cache {self.directory} {what} ({details}); use another cache_dir, delete the folder, "
+            "or set overwrite_cache: true"
+        )
+
+    def prepare(self, overwrite: bool = False) -> None:
+        """Create the folder, check or write ``spec.json``, delete half-written files. Global rank 0 only."""
+        mismatch = self.spec_mismatch()
+        if mismatch and not overwrite:
+            raise ZSKDError(mismatch)
+        os.makedirs(self.directory, exist_ok=True)
+        if mismatch:  # overwrite: drop the old cache's files
+            for name in os.listdir(self.directory):
+                if name.startswith("chunk-") or name in ("manifest.json", "spec.json"):
+                    os.remove(self.path(name))
+        for stray in glob.glob(self.path("*.tmp")):
+            os.remove(stray)
+        if not os.path.exists(self.path("spec.json")):
+            _write_json(self.path("spec.json"), self.spec)
+
+    # ------------------------------------------------------------------------------------------ chunks
+    def chunk_is_finished(self, chunk: int) -> bool:
+        """Its record exists and every shard's sha256 matches it (a half-written chunk is never trusted)."""
+        record_path = self.chunk_file(chunk, "record")
+        try:
+            with open(record_path) as handle:
+                record = json.load(handle)
+            start, stop = self.chunk_range(chunk)
+            if record.get("count") != stop - start:
+                return False
+            return all(_sha256(self.chunk_file(chunk, kind)) == record["sha256"][kind] for kind in ARRAYS)
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def missing_chunks(self) -> list[int]:
+        return [c for c in range(self.num_chunks) if not self.chunk_is_finished(c)]
+
+    def write_chunk(
+        self, chunk: int, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, loss: float, seconds: float
+    ) -> None:
+        """Write one chunk's shards atomically, then its record (which marks it finished)."""
+        start, stop = self.chunk_range(chunk)
+        arrays = {
+            "inputs": inputs.float().numpy(),
+            "targets": targets.float().numpy(),
+            "labels": labels.long().numpy(),
+        }
+        for kind, array in arrays.items():
+            if array.shape[0] != stop - start:
+                raise ValueError(f"chunk {chunk}: {kind} has {array.shape[0]} rows, expected {stop - start}")
+            _write_atomic(self.chunk_file(chunk, kind), lambda h, a=array: np.save(h, np.ascontiguousarray(a)))
+        record = {
+            "chunk": chunk,
+            "count": stop - start,
+            "final_loss": loss,
+            "seconds": seconds,
+            "sha256": {kind: _sha256(self.chunk_file(chunk, kind)) for kind in ARRAYS},
+        }
+        _write_json(self.chunk_file(chunk, "record"), record)
+
+    # ---------------------------------------------------------------------------------------- manifest
+    def write_manifest(self, wall_seconds: float) -> dict[str, Any]:
+        """Verify every chunk and write ``manifest.json``. Global rank 0, after all ranks finished."""
+        missing = self.missing_chunks()
+        if missing:
+            raise ZSKDError(
+                f"impression cache {self.directory} lacks {len(missing)} finished chunk(s) (first: {missing[:5]}); "
+                "on several nodes the cache_dir must be one shared folder (or merge the nodes' chunk-* files into "
+                "one folder and run again)"
+            )
+        shards = []
+        synthesis_seconds = 0.0
+        for chunk in range(self.num_chunks):
+            with open(self.chunk_file(chunk, "record")) as handle:
+                record = json.load(handle)
+            synthesis_seconds += record["seconds"]
+            shards.append(record)
+        manifest = {
+            **self.spec,
+            "shards": shards,
+            "versions": library_versions(),
+            "synthesis_seconds_total": synthesis_seconds,
+            "wall_seconds": wall_seconds,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_json(self.path("manifest.json"), manifest)
+        return manifest
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest if the cache is complete and was made with our spec, else ``None``."""
+        try:
+            with open(self.path("manifest.json")) as handle:
+                manifest = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        spec_part = {k: manifest.get(k) for k in self.spec}
+        return manifest if spec_part == self.spec and len(manifest.get("shards", ())) == self.num_chunks else None
+
+    def is_complete(self, verify: bool = True) -> bool:
+        """A manifest matching our spec exists (and, with ``verify``, every shard's checksum still matches)."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            return False
+        return not verify or not self.missing_chunks()
+
+    def load(self, kind: str, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
+        """Memory-mapped read-only arrays of ``kind`` for the chunks covering ``[start, stop)`` (not copied)."""
+        stop = self.count if stop is None else stop
+        first, last = start // self.chunk_size, -(-stop // self.chunk_size)
+        return [np.load(self.chunk_file(c, kind), mmap_mode="r") for c in range(first, last)]

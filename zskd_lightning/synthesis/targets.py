@@ -1,0 +1,79 @@
+"""Target samplers: what each impression should make the teacher output."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zskd_lightning.synthesis.base import ChunkRandomness, TargetSampler
+from zskd_lightning.teacher import classifier_layer
+
+
+def class_similarity(teacher: nn.Module) -> Tensor:
+    """ZSKD class-similarity matrix ``[K, K]`` from the teacher's final linear layer ``W [K, D]``.
+
+    Cosine similarity of the class weight vectors, min-max normalized to ``[0, 1]`` over the whole matrix.
+    """
+    weight = classifier_layer(teacher).weight.detach().float().cpu()
+    unit = F.normalize(weight, dim=1)
+    similarity = unit @ unit.T
+    low, high = similarity.min(), similarity.max()
+    return (similarity - low) / (high - low).clamp_min(1e-12)
+
+
+def balanced_classes(indices: Tensor, num_classes: int) -> Tensor:
+    """Class of each global impression index: ``index mod K`` (so any run of K indices covers every class once)."""
+    return indices.long() % num_classes
+
+
+class DirichletTargets(TargetSampler):
+    """ZSKD soft targets: for class k and scale beta, ``y ~ Dirichlet(beta * S[k] + floor)``.
+
+    ``S`` is :func:`class_similarity`. Impression ``i`` gets class ``i mod K`` and beta
+    ``betas[(i div K) mod len(betas)]``, so the budget splits evenly over classes and betas (paper: beta 1.0 and
+    0.1). ``floor`` keeps every concentration > 0 (the least similar class has similarity 0). The paper's
+    concentration is used as is: the authors' code re-normalizes each row, which makes both betas identical; we
+    do not. Draws come from the chunk's numpy stream (Gamma variates normalized per row).
+    """
+
+    def __init__(self, betas: Sequence[float] = (1.0, 0.1), floor: float = 1e-6) -> None:
+        if not betas or any(b <= 0 for b in betas):
+            raise ValueError(f"betas must be positive, got {betas}")
+        self.betas = [float(b) for b in betas]
+        self.floor = float(floor)
+        self.similarity: Tensor | None = None
+
+    def setup(self, teacher: nn.Module) -> None:
+        self.similarity = class_similarity(teacher)
+
+    def concentrations(self, indices: Tensor, num_classes: int) -> Tensor:
+        """Dirichlet concentration of each impression, ``[N, K]`` float64."""
+        if self.similarity is None:
+            raise RuntimeError("DirichletTargets.setup(teacher) must run before sampling")
+        classes = balanced_classes(indices, num_classes)
+        betas = torch.tensor(self.betas, dtype=torch.float64)[(indices.long() // num_classes) % len(self.betas)]
+        return betas[:, None] * self.similarity.double()[classes] + self.floor
+
+    def sample(self, indices: Tensor, num_classes: int, rng: ChunkRandomness) -> tuple[Tensor, Tensor]:
+        alpha = self.concentrations(indices, num_classes).numpy()
+        gamma = rng.numpy.standard_gamma(alpha)
+        total = gamma.sum(axis=1, keepdims=True)
+        # A row can underflow to all zeros only for absurdly small concentrations; fall back to its mode class.
+        probs = np.where(total > 0, gamma / np.where(total > 0, total, 1.0), np.eye(num_classes)[alpha.argmax(1)])
+        return torch.from_numpy(probs).float(), balanced_classes(indices, num_classes)
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": type(self).__name__, "betas": self.betas, "floor": self.floor}
+
+
+class OneHotTargets(TargetSampler):
+    """Class Impressions targets: the one-hot vector of class ``index mod K``."""
+
+    def sample(self, indices: Tensor, num_classes: int, rng: ChunkRandomness) -> tuple[Tensor, Tensor]:
+        classes = balanced_classes(indices, num_classes)
+        return F.one_hot(classes, num_classes).float(), classes

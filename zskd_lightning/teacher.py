@@ -1,0 +1,177 @@
+"""Frozen teachers: loading from checkpoints, freezing, fingerprinting.
+
+A teacher is any classifier ``nn.Module`` mapping ``[B, C, H, W]`` inputs to ``[B, num_classes]`` logits.
+:class:`FrozenTeacher` wraps one so that it has no trainable parameters, stays in eval mode through
+Lightning's train/eval toggling, and is never handed to an optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from zskd_lightning.errors import ZSKDError
+
+#: State-dict prefixes under which the library's LightningModules keep a network.
+_CHECKPOINT_PREFIXES = ("network.", "student.")
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint file onto the CPU; any failure becomes a one-line :class:`ZSKDError` naming ``path``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ZSKDError(f"teacher checkpoint not found: {path}")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Lightning checkpoints may hold non-tensor objects (hyper-parameters); the user chose this file.
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # corrupt, truncated, not a torch file
+        raise ZSKDError(f"could not read checkpoint {path}: {type(err).__name__}: {_first_line(err)}") from err
+    if not isinstance(obj, Mapping):
+        raise ZSKDError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state_dict or a Lightning checkpoint")
+    return dict(obj)
+
+
+def network_state_dict(checkpoint: Mapping[str, Any], path: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """The network's weights from a plain ``state_dict`` or a Lightning checkpoint of this library's modules."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ZSKDError(f"checkpoint {path} has no tensor state_dict (keys: {sorted(state)[:5]}...)")
+    for prefix in _CHECKPOINT_PREFIXES:
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if stripped:
+            return stripped
+    return dict(state)
+
+
+def network_spec(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``{"class_path", "init_args"}`` of the network recorded in a Lightning checkpoint, if any."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    spec = hparams.get("network")
+    if isinstance(spec, Mapping) and "class_path" in spec:
+        return {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
+    return None
+
+
+def instantiate(spec: Mapping[str, Any]) -> nn.Module:
+    """Build ``class_path(**init_args)``; nested ``class_path`` dicts in ``init_args`` are built too."""
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ZSKDError(f"cannot import class_path {spec['class_path']!r}: {err}") from err
+    kwargs = {
+        k: instantiate(v) if isinstance(v, Mapping) and "class_path" in v else v
+        for k, v in (spec.get("init_args") or {}).items()
+    }
+    return cls(**kwargs)
+
+
+def load_weights(network: nn.Module, state: Mapping[str, torch.Tensor], path: str = "<checkpoint>") -> None:
+    """``network.load_state_dict(state)`` with a one-line error listing missing/unexpected/mis-shaped keys."""
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+        if mis_shaped:
+            parts.append(f"shape mismatch (checkpoint vs model) {mis_shaped[:3]}")
+        raise ZSKDError(
+            f"checkpoint {path} does not fit {type(network).__name__}: " + "; ".join(parts)
+        )
+    network.load_state_dict(state)
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen classifier: ``requires_grad=False`` everywhere and permanently in eval mode.
+
+    Args:
+        network: the teacher architecture (``class_path``/``init_args`` in YAML). Optional when
+            ``checkpoint`` is a Lightning checkpoint of :class:`~zskd_lightning.ClassifierModule` trained
+            through the ``zskd`` CLI, which records the architecture.
+        checkpoint: a Lightning checkpoint (``.ckpt``) or a plain ``state_dict`` file (``.pt``). ``None``
+            keeps ``network``'s current weights.
+
+    ``forward`` maps ``[B, C, H, W]`` to logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, network: nn.Module | None = None, checkpoint: str | None = None) -> None:
+        super().__init__()
+        if network is None and checkpoint is None:
+            raise ZSKDError("a teacher needs a `network`, a `checkpoint`, or both")
+        if checkpoint is not None:
+            content = read_checkpoint(checkpoint)
+            if network is None:
+                spec = network_spec(content)
+                if spec is None:
+                    raise ZSKDError(
+                        f"checkpoint {checkpoint} does not record its architecture: give the teacher's `network` "
+                        "(class_path and init_args) too"
+                    )
+                network = instantiate(spec)
+            load_weights(network, network_state_dict(content, checkpoint), checkpoint)
+        self.network = network
+        self.checkpoint = checkpoint
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Ignore ``mode``: a frozen teacher is always in eval mode (BatchNorm/Dropout frozen)."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    @property
+    def num_classes(self) -> int:
+        return classifier_layer(self.network).out_features
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the network's class and weights: identifies the teacher an impression cache came from."""
+        return module_fingerprint(self.network)
+
+
+def as_frozen_teacher(module: nn.Module) -> FrozenTeacher:
+    """Wrap ``module`` in a :class:`FrozenTeacher` (freezing it in place) unless it is one already."""
+    return module if isinstance(module, FrozenTeacher) else FrozenTeacher(network=module)
+
+
+def classifier_layer(network: nn.Module) -> nn.Linear:
+    """The network's final classification layer: the last ``nn.Linear`` registered in it."""
+    linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ZSKDError(f"{type(network).__name__} has no nn.Linear layer to use as the classifier")
+    return linears[-1]
+
+
+def module_fingerprint(network: nn.Module) -> str:
+    """sha256 (hex) over the class name and every state-dict entry (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256(type(network).__qualname__.encode())
+    for name, tensor in sorted(network.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
