@@ -41,5 +41,5 @@ def save_impression_grid(
     if images.shape[-1] < upscale_to:
         images = torch.nn.functional.interpolate(images, scale_factor=upscale_to // images.shape[-1], mode="nearest")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_image(images.clamp(0, 1), path, nrow=per_class, padding=2, pad_value=1.0)
+    save_image(images.clamp(0, 1), path, nrow=per_class, padding=2, pad_value=0.5)
     return path
