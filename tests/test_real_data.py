@@ -147,29 +147,29 @@ def test_digits_served_shape_dtype_range():
     assert torch.allclose(pix * 16, (pix * 16).round(), atol=1e-4)
 
 
-def test_digits_augment_only_affects_training_items():
+def test_digits_augment_only_affects_training_batches():
+    """Augmentation is applied per sample to whole training batches on transfer, never to eval batches."""
+    from types import SimpleNamespace
+
     plain, aug = DigitsDataModule(augment=False), DigitsDataModule(augment=True)
     for dm in (plain, aug):
         dm.setup("fit")
-        dm.setup("test")
-    # val / test identical with or without augmentation, and deterministic
-    assert torch.equal(plain.val_dataset.images, aug.val_dataset.images)
-    assert torch.equal(plain.test_dataset.images, aug.test_dataset.images)
-    assert torch.equal(aug.val_dataset[7][0], aug.val_dataset[7][0])
-    assert aug.val_dataset.transform is None and aug.test_dataset.transform is None
-    assert plain.train_dataset.transform is None
-
-    torch.manual_seed(0)
+    images = torch.stack([plain.train_dataset[i][0] for i in range(64)])
+    labels = torch.stack([plain.train_dataset[i][1] for i in range(64)])
     lo, hi = aug.input_range()
-    changed = 0
-    for i in range(40):
-        x, y = aug.train_dataset[i]
-        ref, ref_y = plain.train_dataset[i]
-        assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and int(y) == int(ref_y)
-        assert x.min() >= lo.min() - 1e-5 and x.max() <= hi.max() + 1e-5  # fill is black, still in range
-        changed += int(not torch.allclose(x, ref))
-        assert torch.equal(plain.train_dataset[i][0], ref)  # no augmentation -> deterministic
-    assert changed >= 10
+
+    aug.trainer = SimpleNamespace(training=False)  # validation / test: untouched
+    x, y = aug.on_after_batch_transfer((images, labels), 0)
+    assert torch.equal(x, images) and torch.equal(y, labels)
+
+    aug.trainer = plain.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)
+    x, y = aug.on_after_batch_transfer((images, labels), 0)
+    assert x.shape == images.shape and x.dtype == torch.float32 and torch.equal(y, labels)
+    assert x.min() >= lo.min() - 1e-5 and x.max() <= hi.max() + 1e-5  # black fill, still in range
+    changed = (x - images).flatten(1).abs().amax(1) > 1e-4
+    assert changed.sum() >= 32  # a different random shift per sample, most of them non-zero
+    assert torch.equal(plain.on_after_batch_transfer((images, labels), 0)[0], images)  # augment=False: untouched
 
 
 def test_digits_dataloaders():
@@ -250,6 +250,8 @@ def test_mnist_geometry_options(fake_mnist):
 
 
 def test_mnist_augment_train_only_with_black_fill(fake_mnist):
+    from types import SimpleNamespace
+
     root, _, _ = fake_mnist
     plain = MNISTDataModule(root=str(root), download=False)
     aug = MNISTDataModule(root=str(root), download=False, augment=True)
@@ -258,16 +260,21 @@ def test_mnist_augment_train_only_with_black_fill(fake_mnist):
         dm.setup("test")
     assert torch.equal(plain.val_dataset.images, aug.val_dataset.images)
     assert torch.equal(plain.test_dataset.images, aug.test_dataset.images)
-    assert aug.train_dataset.images.dtype == torch.uint8  # raw pixels kept for per-sample augmentation
+    assert torch.equal(plain.train_dataset.images, aug.train_dataset.images)  # items are never augmented
+    images = torch.stack([aug.train_dataset[i][0] for i in range(len(aug.train_dataset))])
+    labels = torch.stack([aug.train_dataset[i][1] for i in range(len(aug.train_dataset))])
+    aug.trainer = SimpleNamespace(training=True)
     torch.manual_seed(0)
+    x, y = aug.on_after_batch_transfer((images, labels), 0)
     lo, hi = aug.input_range()
-    changed = 0
-    for i in range(len(aug.train_dataset)):
-        x, y = aug.train_dataset[i]
-        assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
-        assert x.min() >= lo.min() - 1e-4 and x.max() <= hi.max() + 1e-4
-        changed += int(not torch.allclose(x, plain.train_dataset[i][0]))
-    assert changed >= len(aug.train_dataset) // 2
+    assert x.shape == images.shape and x.dtype == torch.float32 and torch.equal(y, labels)
+    assert x.min() >= lo.min() - 1e-4 and x.max() <= hi.max() + 1e-4
+    # Areas shifted in from outside are black, not the normalized zero (grey): augment an all-white batch.
+    white = hi.expand_as(images).clone()
+    shifted = aug.on_after_batch_transfer((white, labels), 0)[0]
+    assert torch.isclose(shifted.amin(), lo.flatten()[0], atol=1e-4)
+    changed = (x - images).flatten(1).abs().amax(1) > 1e-4
+    assert changed.sum() >= len(x) // 2
 
 
 def test_stages_load_only_what_they_need(fake_mnist, monkeypatch):

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from zskd_lightning.augment import augment_normalized
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.synthesis.base import Synthesizer
 from zskd_lightning.synthesis.cache import ImpressionCache
@@ -87,7 +88,10 @@ class ImpressionDataModule(L.LightningDataModule):
         num_val_impressions: held-out impressions for validation (0: no validation loop).
         chunk_size: impressions per chunk (the unit of work, of random state and of files).
         seed: the cache's seed; chunk ``c`` draws its targets and noise from ``(seed, c)``.
-        augmentation: per-sample transform on pixel-space training images (``torchvision.transforms.v2``).
+        augmentation: per-sample transform on pixel-space training images (``torchvision.transforms.v2``),
+            applied in the dataset (CPU, ~1 ms per image).
+        batch_augmentation: a module applied to whole pixel-space training batches on their device, e.g.
+            :class:`~zskd_lightning.augment.BatchAugmentation` (per-sample random, vectorised: far cheaper).
         overwrite_cache: replace a mismatching cache instead of stopping with an error.
     """
 
@@ -108,6 +112,7 @@ class ImpressionDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         augmentation: Callable[[Tensor], Tensor] | None = None,
+        batch_augmentation: nn.Module | None = None,
         overwrite_cache: bool = False,
     ) -> None:
         super().__init__()
@@ -125,6 +130,7 @@ class ImpressionDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.augmentation = augmentation
+        self.batch_augmentation = batch_augmentation
         self.overwrite_cache = overwrite_cache
         self.input_shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
         if not self.input_shape:
@@ -191,6 +197,19 @@ class ImpressionDataModule(L.LightningDataModule):
                 "zskd_lightning.ImpressionSynthesis() to the Trainer's callbacks (the zskd CLI does this)"
             )
         return self._cache
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Apply ``batch_augmentation`` to training batches, on their device."""
+        if self.batch_augmentation is not None and self.trainer is not None and self.trainer.training:
+            inputs, targets = batch
+            input_range = self.input_range()
+            augmentation = self.batch_augmentation.to(inputs.device)
+            if input_range is None:
+                inputs = augmentation(inputs)
+            else:
+                inputs = augment_normalized(inputs, augmentation, input_range)
+            batch = (inputs, targets)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         cache = self._require_cache()

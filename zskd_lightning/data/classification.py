@@ -2,9 +2,9 @@
 
 Every concrete module (digits, MNIST, Fashion-MNIST, CIFAR-10) loads each split ONCE into memory as
 one tensor, converts and normalizes it in bulk with tensor ops, and serves items
-``(image: float32 [C, H, W], label: int64 scalar)`` from an in-memory dataset. Only the training
-split, and only with ``augment=True``, goes through a per-sample ``torchvision.transforms.v2``
-pipeline (augment in pixel space, where 0 is black, then normalize).
+``(image: float32 [C, H, W], label: int64 scalar)`` from an in-memory dataset. Only training batches,
+and only with ``augment=True``, are augmented: per sample, vectorised over the batch on its device
+(:class:`~zskd_lightning.augment.BatchAugmentation`, in pixel space where 0 is black).
 
 Served values are ``(pixel01 - mean) / std`` per channel, so :meth:`ClassificationDataModule.input_range`
 gives the exact box the served (and any synthetic) inputs live in.
@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zskd_lightning.augment import BatchAugmentation, augment_normalized
 from zskd_lightning.errors import ZSKDError
 
 __all__ = ["ClassificationDataModule", "InMemoryImageDataset", "DATA_ROOT_ENV"]
@@ -140,8 +141,8 @@ class ClassificationDataModule(L.LightningDataModule):
         """
         raise NotImplementedError
 
-    def _augmentation(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Per-sample augmentation in pixel space (black = 0), or None."""
+    def _augmentation(self) -> BatchAugmentation | None:
+        """Per-sample random augmentation of a pixel-space batch (black = 0), or None."""
         return None
 
     # ------------------------------------------------------------------ normalization
@@ -171,15 +172,15 @@ class ClassificationDataModule(L.LightningDataModule):
         mean, std = self._stats()
         return served.to(torch.float32) * std.to(served.device) + mean.to(served.device)
 
-    def _train_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        aug = self._augmentation() if self.augment else None
-        if aug is None:
-            return None
-        from torchvision.transforms import v2
-
-        return v2.Compose(
-            [aug, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
-        )
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Augment training batches on their device (vectorised, per-sample random), only with ``augment=True``."""
+        trainer = self.trainer
+        if self.augment and trainer is not None and trainer.training:
+            augmentation = self._augmentation()
+            if augmentation is not None:
+                images, labels = batch
+                batch = (augment_normalized(images, augmentation.to(images.device), self.input_range()), labels)
+        return batch
 
     # ------------------------------------------------------------------ splits
     def _split_sizes(self, n: int) -> tuple[int, int]:
@@ -197,11 +198,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def _setup_fit(self) -> None:
         images, labels = self._load_official(train=True)
         train_idx, val_idx = self.split_indices(int(labels.shape[0]))
-        transform = self._train_transform()
-        train_images = images[train_idx]
-        if transform is None:
-            train_images = self.normalize(train_images)
-        self.train_dataset = InMemoryImageDataset(train_images, labels[train_idx], transform)
+        self.train_dataset = InMemoryImageDataset(self.normalize(images[train_idx]), labels[train_idx])
         self.val_dataset = InMemoryImageDataset(self.normalize(images[val_idx]), labels[val_idx])
 
     def _setup_test(self) -> None:

@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data.classification import ClassificationDataModule
 
 __all__ = ["DigitsDataModule", "DIGITS_TEST_RANDOM_STATE", "DIGITS_TEST_SIZE"]
@@ -67,8 +68,6 @@ class DigitsDataModule(ClassificationDataModule):
         idx = train_idx if train else test_idx
         return torch.from_numpy(images[idx]).unsqueeze(1).contiguous(), torch.from_numpy(labels[idx])
 
-    def _augmentation(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        from torchvision.transforms import v2
-
-        # 1/8 of 8 px = at most 1 px, rounded to an integer shift; nearest keeps the shift exact.
-        return v2.RandomAffine(degrees=0.0, translate=(0.125, 0.125), fill=0.0)
+    def _augmentation(self) -> BatchAugmentation:
+        # Shifts of up to 1 px (1/8 of 8 px).
+        return BatchAugmentation(translate=(0.125, 0.125))

@@ -20,6 +20,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data.classification import ClassificationDataModule
 from zskd_lightning.errors import ZSKDError
 
@@ -207,16 +208,8 @@ class _MNISTFamilyDataModule(TorchvisionDataModule):
             return x.clamp_(0.0, 1.0)
         return images
 
-    def _augmentation(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        from torchvision.transforms import v2
-
-        return v2.RandomAffine(
-            degrees=10.0,
-            translate=(0.1, 0.1),
-            scale=(0.9, 1.1),
-            interpolation=v2.InterpolationMode.BILINEAR,
-            fill=0,
-        )
+    def _augmentation(self) -> BatchAugmentation:
+        return BatchAugmentation(degrees=10.0, translate=(0.1, 0.1), scale=(0.9, 1.1))
 
 
 class MNISTDataModule(_MNISTFamilyDataModule):
@@ -292,7 +285,6 @@ class CIFAR10DataModule(TorchvisionDataModule):
         }[train] + ["batches.meta"]
         return [os.path.join(folder, n) for n in names]
 
-    def _augmentation(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        from torchvision.transforms import v2
-
-        return v2.Compose([v2.RandomCrop(32, padding=4, fill=0), v2.RandomHorizontalFlip()])
+    def _augmentation(self) -> BatchAugmentation:
+        # Shifts of up to 4 px (as RandomCrop(32, padding=4)) and horizontal flips.
+        return BatchAugmentation(translate=(0.125, 0.125), hflip=True)

@@ -1,0 +1,238 @@
+"""The ``zskd`` console command, end to end on digits (CPU, tiny budgets).
+
+Each CLI process spends most of its ~5 s importing torch/lightning, so the seven console runs are started
+concurrently by one module fixture; the tests then inspect their results. Cheaper behaviours
+call ``zskd_lightning.cli.main`` in-process.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from zskd_lightning.cli import main
+
+TIMEOUT_S = 300
+DIGITS_HALF = "zskd_lightning.models.DigitsConvNetHalf"
+
+
+def _zskd() -> list[str]:
+    script = shutil.which("zskd")
+    return [script] if script else [sys.executable, "-m", "zskd_lightning"]
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("PL_GLOBAL_SEED", None)
+    return subprocess.Popen(
+        _zskd() + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} ran past {TIMEOUT_S}s:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _dump(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _kd_config(teacher_init_args: dict[str, Any], student: str = DIGITS_HALF, **student_init: Any) -> dict[str, Any]:
+    return {
+        "seed_everything": 0,
+        "test_after_fit": True,
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "devices": 1,
+            "limit_train_batches": 2,
+            "limit_val_batches": 2,
+            "limit_test_batches": 2,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": "kd_runs",
+        },
+        "model": {
+            "class_path": "zskd_lightning.DistillationModule",
+            "init_args": {
+                "teacher": {"class_path": "zskd_lightning.FrozenTeacher", "init_args": teacher_init_args},
+                "student": {
+                    "class_path": student,
+                    "init_args": {"in_channels": 1, "num_classes": 10, **student_init},
+                },
+                "temperature": 4.0,
+            },
+        },
+        "data": {"class_path": "zskd_lightning.data.DigitsDataModule", "init_args": {"batch_size": 32}},
+    }
+
+
+def _tiny_fit_config(classifier_config) -> dict[str, Any]:
+    config = classifier_config(
+        "runs",
+        logger={
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": "logs", "name": "tiny", "version": "run"},
+        },
+    )
+    config["seed_everything"] = True  # the CLI must record the seed it drew, as an int
+    return config
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, classifier_config) -> dict[str, Any]:
+    """Seven console runs, overlapped: the teacher fit and the four bad-input cases start together; the
+    distillation from the fitted teacher and ``zskd test`` start as soon as the teacher checkpoint exists."""
+    work = tmp_path_factory.mktemp("cli")
+    _dump(work / "tiny.yaml", _tiny_fit_config(classifier_config))
+    network_teacher = {"network": {"class_path": DIGITS_HALF, "init_args": {"num_classes": 10}}}
+    bad = {
+        "missing_teacher": _kd_config({"checkpoint": "missing_teacher.ckpt"}),
+        "num_classes": _kd_config(network_teacher, num_classes=5),
+        "input_shape": _kd_config(network_teacher, student="zskd_lightning.models.LeNet5Half"),
+        "unknown_key": _kd_config(network_teacher),
+    }
+    bad["unknown_key"]["model"]["init_args"]["not_a_key"] = 1
+    for name, config in bad.items():
+        config["trainer"]["default_root_dir"] = f"{name}_runs"
+        _dump(work / f"{name}.yaml", config)
+
+    fit = _start(["fit", "--config", "tiny.yaml"], work)
+    procs = {name: _start(["fit", "--config", f"{name}.yaml"], work) for name in bad}
+    results = {"fit": _finish(fit)}
+    assert results["fit"].returncode == 0, f"zskd fit failed:\n{results['fit'].stderr[-3000:]}"
+    log_dir = work / "logs" / "tiny" / "run"
+    shutil.copy(log_dir / "checkpoints" / "last.ckpt", work / "teacher.ckpt")
+    _dump(work / "kd.yaml", _kd_config({"checkpoint": "teacher.ckpt"}))
+    procs["distill"] = _start(["fit", "--config", "kd.yaml"], work)
+    procs["test"] = _start(
+        ["test", "--config", "tiny.yaml", "--ckpt_path", "teacher.ckpt", "--trainer.logger", "false"], work
+    )
+    results.update({name: _finish(proc) for name, proc in procs.items()})
+    results["work"] = work
+    results["log_dir"] = log_dir
+    return results
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"{result.args} exited {result.returncode}:\n{result.stderr[-3000:]}"
+
+
+def _assert_clean_error(result: subprocess.CompletedProcess, *needles: str, max_lines: int = 10) -> str:
+    """Non-zero exit (2), no traceback, a short error message on stderr that contains every needle."""
+    stderr = result.stderr
+    assert "Traceback" not in stderr, f"{result.args} printed a traceback:\n{stderr[-4000:]}"
+    assert result.returncode == 2, f"exit code {result.returncode}:\n{stderr[-2000:]}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith(("zskd: error:", "error:"))]
+    assert starts, f"no error line on stderr:\n{stderr[-2000:]}"
+    message = lines[starts[-1] :]
+    assert len(message) <= max_lines, "\n".join(message)
+    text = "\n".join(message)
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in the error message:\n{text}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------- good runs
+def test_fit_writes_config_with_int_seed(cli_runs):
+    _ok(cli_runs["fit"])
+    config = yaml.safe_load((cli_runs["log_dir"] / "config.yaml").read_text())
+    seed = config["seed_everything"]
+    assert isinstance(seed, int) and not isinstance(seed, bool), seed
+    assert config["model"]["class_path"] == "zskd_lightning.ClassifierModule"
+    assert config["model"]["init_args"]["network"]["class_path"] == DIGITS_HALF
+    assert (cli_runs["log_dir"] / "metrics.csv").is_file()
+
+
+def test_fit_again_into_same_log_folder(cli_runs, monkeypatch):
+    """The same ``zskd fit`` again (in-process) into the same log folder: no "config.yaml exists" crash."""
+    first = (cli_runs["log_dir"] / "config.yaml").read_text()
+    monkeypatch.chdir(cli_runs["work"])
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    main(["fit", "--config", "tiny.yaml"])  # raises on any failure
+    assert [p.name for p in cli_runs["log_dir"].parent.iterdir()] == ["run"]  # really the same folder
+    second = yaml.safe_load((cli_runs["log_dir"] / "config.yaml").read_text())
+    assert isinstance(second["seed_everything"], int)
+    assert second["model"] == yaml.safe_load(first)["model"]
+
+
+def test_distill_from_cli_teacher_checkpoint(cli_runs):
+    result = cli_runs["distill"]
+    _ok(result)
+    log_dirs = sorted((cli_runs["work"] / "kd_runs" / "lightning_logs").iterdir())  # test_after_fit: same one
+    assert len(log_dirs) == 1
+    assert (log_dirs[0] / "student.pt").is_file()
+    config = yaml.safe_load((log_dirs[0] / "config.yaml").read_text())
+    teacher = config["model"]["init_args"]["teacher"]
+    assert teacher["class_path"] == "zskd_lightning.FrozenTeacher"
+    assert teacher["init_args"]["checkpoint"] == "teacher.ckpt"
+    assert "test/agreement" in result.stdout and "test/acc" in result.stdout  # test_after_fit
+
+
+def test_zskd_test_subcommand(cli_runs):
+    result = cli_runs["test"]
+    _ok(result)
+    match = re.search(r"test/acc\W+([0-9.]+)", result.stdout)
+    assert match, result.stdout
+    assert 0.0 <= float(match.group(1)) <= 1.0
+
+
+def test_print_config_in_process(write_yaml, classifier_config, tmp_path, capsys):
+    path = write_yaml(classifier_config(tmp_path / "runs"), "tiny.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "zskd_lightning.ClassifierModule"
+    assert printed["model"]["init_args"]["network"]["class_path"] == DIGITS_HALF
+    assert printed["data"]["class_path"] == "zskd_lightning.data.DigitsDataModule"
+    assert not (tmp_path / "runs").exists()  # printing the config trains nothing
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def test_missing_teacher_checkpoint(cli_runs):
+    text = _assert_clean_error(cli_runs["missing_teacher"], "missing_teacher.ckpt", max_lines=1)
+    assert "not found" in text
+
+
+def test_num_classes_mismatch(cli_runs):
+    text = _assert_clean_error(cli_runs["num_classes"], "num_classes", max_lines=1)
+    assert re.search(r"\b10\b", text) and re.search(r"\b5\b", text), text
+
+
+def test_input_shape_the_model_cannot_take(cli_runs):
+    _assert_clean_error(cli_runs["input_shape"], "LeNet5Half", "(1, 8, 8)", "(32, 32)", max_lines=1)
+
+
+def test_unknown_config_key(cli_runs):
+    _assert_clean_error(cli_runs["unknown_key"], "not_a_key")
+
+
+def test_main_exits_2_with_one_line_in_process(write_yaml, tmp_path, capsys):
+    """``main`` turns a bad teacher path into ``SystemExit(2)`` and one stderr line (no exception escapes)."""
+    config = copy.deepcopy(_kd_config({"checkpoint": str(tmp_path / "absent.ckpt")}))
+    config["trainer"]["default_root_dir"] = str(tmp_path / "kd_runs")
+    path = write_yaml(config, "kd.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zskd: error:")]
+    assert len(err_lines) == 1 and "absent.ckpt" in err_lines[0], err_lines

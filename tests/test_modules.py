@@ -1,0 +1,290 @@
+"""DistillationModule and ClassifierModule on real digits (CPU, a few batches)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from zskd_lightning import ClassifierModule, DistillationModule, FrozenTeacher, ZSKDError
+from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.losses import kd_loss, soft_target_kd_loss
+from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf, LeNet5, LeNet5Half
+
+TEMPERATURE = 4.0
+
+
+def _teacher_net() -> nn.Module:
+    """A digits teacher with BatchNorm and Dropout, so any train-mode forward would be visible."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10)
+    )
+
+
+def _student() -> nn.Module:
+    torch.manual_seed(2)
+    return DigitsConvNetHalf()
+
+
+def _trainer(root, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def _digits_x(n: int = 16) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class _TeacherModeProbe(L.Callback):
+    """Records whether any teacher submodule was in train mode during training and validation batches."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def _record(self, pl_module) -> None:
+        self.seen.append(any(m.training for m in pl_module.teacher.modules()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._record(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._record(pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._record(pl_module)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A DistillationModule fitted 2 short epochs (with validation) on digits, plus the pre-fit weights."""
+    L.seed_everything(0, verbose=False)
+    root = tmp_path_factory.mktemp("distill")
+    teacher = FrozenTeacher(_teacher_net())
+    student = _student()
+    module = DistillationModule(teacher, student, temperature=TEMPERATURE)
+    teacher_before, student_before = _clone_state(teacher), _clone_state(student)
+    probe = _TeacherModeProbe()
+    trainer = _trainer(
+        root,
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        logger=CSVLogger(root, name="logs"),
+        callbacks=[probe],
+    )
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    return {
+        "module": module,
+        "trainer": trainer,
+        "teacher_before": teacher_before,
+        "student_before": student_before,
+        "probe": probe,
+        "root": root,
+    }
+
+
+# ---------------------------------------------------------------------------------- the frozen teacher
+def test_teacher_weights_bitwise_unchanged(distilled):
+    after = distilled["module"].teacher.state_dict()
+    before = distilled["teacher_before"]
+    assert after.keys() == before.keys()
+    for k, v in before.items():  # includes BatchNorm running stats
+        assert torch.equal(after[k], v), k
+
+
+def test_teacher_stays_in_eval_mode(distilled):
+    module = distilled["module"]
+    assert distilled["probe"].seen, "the probe callback never ran"
+    assert not any(distilled["probe"].seen), "a teacher submodule was in train mode during fit"
+    assert all(not m.training for m in module.teacher.modules())
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+
+
+def test_only_student_parameters_are_optimized(distilled):
+    module, trainer = distilled["module"], distilled["trainer"]
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.student.parameters()}
+    assert optimized.isdisjoint({id(p) for p in module.teacher.parameters()})
+
+
+def test_student_weights_changed_and_metrics_logged(distilled):
+    after = distilled["module"].student.state_dict()
+    changed = [k for k, v in distilled["student_before"].items() if not torch.equal(after[k], v)]
+    assert changed, "no student weight changed during fit"
+    assert distilled["trainer"].global_step == 8
+    metrics = distilled["trainer"].callback_metrics
+    for key in ("train/loss", "val/loss", "val/agreement", "val/acc"):
+        assert key in metrics, key
+    assert 0.0 <= float(metrics["val/agreement"]) <= 1.0
+
+
+# --------------------------------------------------------------------------------------------- export
+def test_export_student_is_plain_student_state_dict(distilled, tmp_path):
+    module = distilled["module"]
+    path = module.export_student(tmp_path / "sub" / "student.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(state) == set(module.student.state_dict())
+    assert not any(k.startswith("teacher") for k in state)
+    fresh = DigitsConvNetHalf()
+    fresh.load_state_dict(state)  # strict
+    fresh.eval()
+    module.student.eval()
+    x = _digits_x()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), module.student(x))
+
+
+def test_on_train_end_writes_student_into_log_dir(distilled):
+    trainer, module = distilled["trainer"], distilled["module"]
+    path = f"{trainer.log_dir}/student.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(state) == set(module.student.state_dict())
+    for k, v in module.student.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_checkpoint_round_trip(distilled, tmp_path):
+    module, trainer = distilled["module"], distilled["trainer"]
+    path = tmp_path / "distill.ckpt"
+    trainer.save_checkpoint(path)
+    restored = DistillationModule.load_from_checkpoint(
+        path, teacher=FrozenTeacher(_teacher_net()), student=DigitsConvNetHalf()
+    )
+    assert restored.hparams.temperature == TEMPERATURE
+    restored.eval()
+    module.eval()
+    x = _digits_x()
+    with torch.no_grad():
+        assert torch.equal(restored(x), module(x))
+        assert torch.equal(restored.teacher(x), module.teacher(x))
+    assert all(not p.requires_grad for p in restored.teacher.parameters())
+
+
+# ------------------------------------------------------------------------------- the training loss
+def _modules(**kwargs) -> DistillationModule:
+    teacher = FrozenTeacher(_teacher_net())
+    student = _student()
+    module = DistillationModule(teacher, student, temperature=TEMPERATURE, **kwargs)
+    module.log = lambda *args, **kw: None  # training_step outside a Trainer
+    return module
+
+
+def test_ce_weight_ignored_for_soft_targets():
+    x = _digits_x()
+    soft = torch.softmax(torch.randn(16, 10, generator=torch.Generator().manual_seed(0)), dim=-1)
+    without_ce = _modules(ce_weight=0.0).training_step((x, soft), 0)
+    with_ce = _modules(ce_weight=1.0).training_step((x, soft), 0)
+    assert torch.equal(with_ce, without_ce)
+
+
+def test_ce_weight_adds_cross_entropy_for_hard_labels():
+    x = _digits_x()
+    labels = torch.arange(16) % 10
+    base = _modules(ce_weight=0.0)
+    with_ce = _modules(ce_weight=0.5)
+    with torch.no_grad():
+        student_logits, teacher_logits = base.student(x), base.teacher(x)
+    loss0 = base.training_step((x, labels), 0)
+    torch.testing.assert_close(loss0, kd_loss(student_logits, teacher_logits, TEMPERATURE))
+    torch.testing.assert_close(
+        with_ce.training_step((x, labels), 0), loss0 + 0.5 * F.cross_entropy(student_logits, labels)
+    )
+    torch.testing.assert_close(_modules(kd_weight=0.25).training_step((x, labels), 0), 0.25 * loss0)
+
+
+def test_target_source_batch_uses_the_soft_targets():
+    x = _digits_x()
+    soft = torch.softmax(3 * torch.randn(16, 10, generator=torch.Generator().manual_seed(0)), dim=-1)
+    module = _modules(target_source="batch")
+    calls = []
+    module.teacher.register_forward_hook(lambda *args: calls.append(1))
+    loss = module.training_step((x, soft), 0)
+    with torch.no_grad():
+        expected = soft_target_kd_loss(module.student(x), soft, TEMPERATURE)
+    torch.testing.assert_close(loss, expected)
+    assert not calls, "target_source='batch' must not query the teacher"
+    from_teacher = _modules(target_source="teacher").training_step((x, soft), 0)
+    assert not torch.allclose(loss, from_teacher)
+    loss.backward()
+    assert all(p.grad is not None for p in module.student.parameters())
+
+
+def test_target_source_batch_rejects_hard_labels():
+    with pytest.raises(ZSKDError, match="soft targets"):
+        _modules(target_source="batch").training_step((_digits_x(), torch.arange(16) % 10), 0)
+
+
+# -------------------------------------------------------------------------------------- mismatches
+def test_num_classes_mismatch_at_construction():
+    with pytest.raises(ZSKDError) as err:
+        DistillationModule(FrozenTeacher(DigitsConvNet(num_classes=10)), DigitsConvNetHalf(num_classes=5))
+    message = str(err.value)
+    assert "10" in message and "5" in message and "num_classes" in message
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ZSKDError, match="temperature"):
+        DistillationModule(DigitsConvNet(), DigitsConvNetHalf(), temperature=0.0)
+
+
+def test_student_that_cannot_take_the_data_shape(tmp_path):
+    module = DistillationModule(DigitsConvNet(), LeNet5Half())
+    trainer = _trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(ZSKDError) as err:
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=8))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "student" in message and "LeNet5Half" in message
+    assert "(1, 8, 8)" in message and "(32, 32)" in message
+    assert trainer.global_step == 0
+
+
+def test_teacher_that_cannot_take_the_data_shape(tmp_path):
+    module = DistillationModule(LeNet5(), DigitsConvNetHalf())
+    trainer = _trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(ZSKDError) as err:
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=8))
+    message = str(err.value)
+    assert "teacher" in message and "LeNet5" in message and "(1, 8, 8)" in message and "(32, 32)" in message
+
+
+def test_classifier_network_that_cannot_take_the_data_shape(tmp_path):
+    trainer = _trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(ZSKDError) as err:
+        trainer.fit(ClassifierModule(LeNet5Half()), datamodule=DigitsDataModule(batch_size=8))
+    message = str(err.value)
+    assert "LeNet5Half" in message and "(1, 8, 8)" in message and "(32, 32)" in message
+
+
+# -------------------------------------------------------------------------------------- classifier
+def test_classifier_learns_digits(tmp_path):
+    L.seed_everything(0, verbose=False)
+    module = ClassifierModule(DigitsConvNetHalf())
+    datamodule = DigitsDataModule(batch_size=64)
+    trainer = _trainer(tmp_path, max_epochs=5)
+    trainer.fit(module, datamodule=datamodule)
+    val_acc = float(trainer.callback_metrics["val/acc"])
+    assert val_acc > 0.8, val_acc
+    assert "train/loss" in trainer.callback_metrics and "val/loss" in trainer.callback_metrics
+    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    assert results[0]["test/acc"] > 0.8, results
+    assert "test/acc" in trainer.callback_metrics

@@ -1,0 +1,279 @@
+"""FrozenTeacher: freezing, permanent eval mode, loading (state_dict / Lightning / CLI checkpoints), errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from zskd_lightning import ClassifierModule, FrozenTeacher, ZSKDError
+from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf
+from zskd_lightning.teacher import as_frozen_teacher
+
+
+def _bn_dropout_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 10)
+    )
+
+
+def _digits_batch(n: int = 6) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+def _assert_one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    assert str(path) in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def lightning_checkpoint(tmp_path_factory) -> Path:
+    """A ClassifierModule(DigitsConvNetHalf) checkpoint from a 1-epoch plain-Python fit (no recorded network)."""
+    L.seed_everything(0, verbose=False)
+    root = tmp_path_factory.mktemp("classifier")
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        default_root_dir=root,
+    )
+    module = ClassifierModule(DigitsConvNetHalf())
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    path = root / "classifier.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ freezing
+def test_all_parameters_frozen_and_eval():
+    teacher = FrozenTeacher(_bn_dropout_net())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+    assert all(not m.training for m in teacher.modules())
+    assert teacher.num_classes == 10
+
+
+def test_train_keeps_eval_mode_and_deterministic_outputs():
+    net = _bn_dropout_net()
+    teacher = FrozenTeacher(net)
+    x = _digits_batch(8)
+    before = teacher(x)
+    stats_before = {k: v.clone() for k, v in net[2].state_dict().items()}
+    returned = teacher.train()
+    assert returned is teacher
+    assert not teacher.training
+    assert not teacher.network.training
+    assert all(not m.training for m in teacher.modules())
+    teacher.train(True)
+    out1, out2 = teacher(x), teacher(x)
+    # Dropout off and BatchNorm using running stats: identical outputs, running stats untouched.
+    assert torch.equal(out1, out2)
+    assert torch.equal(out1, before)
+    for k, v in net[2].state_dict().items():
+        assert torch.equal(v, stats_before[k]), k
+
+
+def test_parent_train_does_not_unfreeze():
+    teacher = FrozenTeacher(_bn_dropout_net())
+    parent = nn.ModuleDict({"teacher": teacher, "student": nn.Linear(2, 2)})
+    parent.eval()
+    parent.train()
+    assert parent["student"].training
+    assert all(not m.training for m in teacher.modules())
+
+
+def test_as_frozen_teacher_freezes_in_place_and_is_idempotent():
+    net = _bn_dropout_net()
+    teacher = as_frozen_teacher(net)
+    assert teacher.network is net
+    assert all(not p.requires_grad for p in net.parameters())
+    assert as_frozen_teacher(teacher) is teacher
+
+
+def test_requires_network_or_checkpoint():
+    with pytest.raises(ZSKDError):
+        FrozenTeacher()
+
+
+# ------------------------------------------------------------------------------------------- loading
+def test_load_plain_state_dict(tmp_path):
+    source = DigitsConvNet()
+    path = tmp_path / "teacher.pt"
+    torch.save(source.state_dict(), path)
+    teacher = FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    assert teacher.checkpoint == str(path)
+    for k, v in source.state_dict().items():
+        assert torch.equal(teacher.network.state_dict()[k], v), k
+    x = _digits_batch()
+    source.eval()
+    assert torch.equal(teacher(x), source(x))
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_load_lightning_checkpoint_with_network(lightning_checkpoint):
+    trained = ClassifierModule.load_from_checkpoint(lightning_checkpoint, network=DigitsConvNetHalf())
+    trained.eval()
+    teacher = FrozenTeacher(network=DigitsConvNetHalf(), checkpoint=str(lightning_checkpoint))
+    x = _digits_batch()
+    with torch.no_grad():
+        assert torch.equal(teacher(x), trained(x))
+    assert teacher.num_classes == 10
+
+
+def test_checkpoint_without_architecture_and_no_network(lightning_checkpoint):
+    # A plain-Python ClassifierModule checkpoint does not record its network.
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(checkpoint=str(lightning_checkpoint))
+    message = _assert_one_line_naming(err, lightning_checkpoint)
+    assert "network" in message
+
+
+def test_load_cli_checkpoint_without_network(cli_teacher_checkpoint):
+    content = torch.load(cli_teacher_checkpoint, map_location="cpu", weights_only=False)
+    assert content["hyper_parameters"]["network"]["class_path"] == "zskd_lightning.models.DigitsConvNetHalf"
+    teacher = FrozenTeacher(checkpoint=str(cli_teacher_checkpoint))
+    assert type(teacher.network) is DigitsConvNetHalf
+    weights = {k[len("network.") :]: v for k, v in content["state_dict"].items() if k.startswith("network.")}
+    assert weights.keys() == teacher.network.state_dict().keys()
+    for k, v in weights.items():
+        assert torch.equal(teacher.network.state_dict()[k], v), k
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+
+
+def test_load_handmade_checkpoint_recording_architecture(tmp_path):
+    source = DigitsConvNet(width=4, num_classes=7)
+    checkpoint = {
+        "state_dict": {f"network.{k}": v for k, v in source.state_dict().items()},
+        "hyper_parameters": {
+            "network": {
+                "class_path": "zskd_lightning.models.DigitsConvNet",
+                "init_args": {"in_channels": 1, "num_classes": 7, "width": 4},
+            }
+        },
+    }
+    path = tmp_path / "handmade.ckpt"
+    torch.save(checkpoint, path)
+    teacher = FrozenTeacher(checkpoint=str(path))
+    assert type(teacher.network) is DigitsConvNet and teacher.network.width == 4
+    assert teacher.num_classes == 7
+    source.eval()
+    x = _digits_batch()
+    assert torch.equal(teacher(x), source(x))
+
+
+# --------------------------------------------------------------------------------------- fingerprint
+def test_fingerprint_stable_across_reload_and_sensitive_to_one_weight(tmp_path):
+    net = DigitsConvNetHalf()
+    path = tmp_path / "teacher.pt"
+    torch.save(net.state_dict(), path)
+    a = FrozenTeacher(network=DigitsConvNetHalf(), checkpoint=str(path))
+    b = FrozenTeacher(network=DigitsConvNetHalf(), checkpoint=str(path))
+    fp = a.fingerprint()
+    assert isinstance(fp, str) and len(fp) == 64 and int(fp, 16) >= 0
+    assert fp == a.fingerprint() == b.fingerprint()
+    assert FrozenTeacher(DigitsConvNetHalf()).fingerprint() != fp  # other random weights
+    original = b.network.classifier[-1].weight[0, 0].item()
+    with torch.no_grad():
+        b.network.classifier[-1].weight[0, 0] += 1e-3
+    assert b.fingerprint() != fp
+    with torch.no_grad():
+        b.network.classifier[-1].weight[0, 0] = original
+    assert b.fingerprint() == fp  # a pure function of the weights
+
+
+def test_fingerprint_single_bit_change(tmp_path):
+    net = DigitsConvNetHalf()
+    teacher = FrozenTeacher(net)
+    fp = teacher.fingerprint()
+    with torch.no_grad():
+        w = net.features[0].weight
+        w.view(-1)[5] = torch.nextafter(w.view(-1)[5], torch.tensor(float("inf")))
+    assert teacher.fingerprint() != fp
+
+
+def test_fingerprint_of_network_with_batchnorm():
+    # BatchNorm registers a 0-dim `num_batches_tracked` buffer; fingerprinting must handle it.
+    net = _bn_dropout_net()
+    fp = FrozenTeacher(net).fingerprint()
+    assert len(fp) == 64
+    with torch.no_grad():
+        net[2].running_mean[0] += 1.0
+    assert FrozenTeacher(net).fingerprint() != fp
+
+
+# -------------------------------------------------------------------------------------------- errors
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope" / "teacher.ckpt"
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    assert "not found" in _assert_one_line_naming(err, path)
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage\xff" * 50, b"PK\x03\x04 truncated zip"], ids=["garbage", "zip"])
+def test_corrupt_file(tmp_path, content):
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(content)
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    _assert_one_line_naming(err, path)
+
+
+def test_truncated_checkpoint(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(DigitsConvNet().state_dict(), good)
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    _assert_one_line_naming(err, path)
+
+
+def test_file_holding_no_state_dict(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    _assert_one_line_naming(err, path)
+
+
+def test_state_dict_with_wrong_shapes(tmp_path):
+    path = tmp_path / "wide.pt"
+    torch.save(DigitsConvNet().state_dict(), path)  # width 32 weights into a width-16 network
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNetHalf(), checkpoint=str(path))
+    message = _assert_one_line_naming(err, path)
+    assert "DigitsConvNetHalf" in message
+    assert "shape" in message
+    # checkpoint vs model shapes of a mismatching key
+    assert "classifier.1.weight (128, 1024) vs (64, 512)" in message
+
+
+def test_state_dict_with_wrong_keys(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).state_dict(), path)
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNetHalf(), checkpoint=str(path))
+    message = _assert_one_line_naming(err, path)
+    assert "missing keys" in message and "classifier.1.weight" in message
+    assert "unexpected keys" in message and "1.weight" in message
+
+
+def test_lightning_checkpoint_into_wrong_network(lightning_checkpoint):
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(lightning_checkpoint))
+    message = _assert_one_line_naming(err, lightning_checkpoint)
+    assert "shape" in message

@@ -1,0 +1,79 @@
+"""Vectorised per-sample augmentation of whole batches (one ``grid_sample`` call, on the batch's device).
+
+Per-sample ``torchvision.transforms.v2`` pipelines cost ~1 ms per image on a CPU core; this applies a
+different random affine transform to every image of a ``[B, C, H, W]`` batch at once, which is what
+distillation on impressions (re-labelled by the teacher on every augmented batch) needs to stay cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BatchAugmentation(nn.Module):
+    """Random affine (rotation, translation, scale), optional horizontal flip and Gaussian noise, per sample.
+
+    Works in pixel space: inputs ``[B, C, H, W]`` with values in [0, 1] (0 = black); areas moved in from
+    outside the image are filled with ``fill`` (pixel value). Randomness comes from the global torch RNG of the
+    batch's device (seeded by ``seed_everything``).
+
+    Args:
+        degrees: rotation angle drawn uniformly from ``[-degrees, degrees]``.
+        translate: maximal shift as a fraction of width and height.
+        scale: zoom factor range ``(min, max)``.
+        hflip: flip half of the images horizontally.
+        noise_std: standard deviation of additive Gaussian pixel noise (0: none); the result is clamped to [0, 1].
+        fill: pixel value for areas outside the source image.
+    """
+
+    def __init__(
+        self,
+        degrees: float = 0.0,
+        translate: Sequence[float] = (0.0, 0.0),
+        scale: Sequence[float] = (1.0, 1.0),
+        hflip: bool = False,
+        noise_std: float = 0.0,
+        fill: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.degrees = float(degrees)
+        self.translate = (float(translate[0]), float(translate[1]))
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.hflip = hflip
+        self.noise_std = float(noise_std)
+        self.fill = float(fill)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        batch = pixels.shape[0]
+        device, dtype = pixels.device, pixels.dtype if pixels.is_floating_point() else torch.float32
+
+        def uniform(low: float, high: float) -> Tensor:
+            return low + (high - low) * torch.rand(batch, device=device, dtype=dtype)
+
+        angle = uniform(-self.degrees, self.degrees) * (math.pi / 180.0)
+        zoom = uniform(*self.scale)
+        # affine_grid maps output coordinates in [-1, 1] to input coordinates: the inverse transform.
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0).to(dtype) if self.hflip else 1.0
+        theta = torch.zeros(batch, 2, 3, device=device, dtype=dtype)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+        theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+        theta[:, 0, 2] = uniform(-2 * self.translate[0], 2 * self.translate[0])
+        theta[:, 1, 2] = uniform(-2 * self.translate[1], 2 * self.translate[1])
+        grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+        shifted = pixels.to(dtype) - self.fill
+        out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + self.fill
+        if self.noise_std > 0:
+            out = (out + self.noise_std * torch.randn_like(out)).clamp_(0.0, 1.0)
+        return out
+
+
+def augment_normalized(batch: Tensor, augmentation: nn.Module, input_range: tuple[Tensor, Tensor]) -> Tensor:
+    """Apply a pixel-space ``augmentation`` to a normalized batch whose per-channel valid range is ``input_range``."""
+    low, high = (bound.to(batch.device, batch.dtype) for bound in input_range)
+    return low + (high - low) * augmentation((batch - low) / (high - low))
