@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 import yaml
 
 DIGITS_HALF = "zskd_lightning.models.DigitsConvNetHalf"
@@ -43,6 +44,16 @@ def tiny_classifier_config(root: Path | str, network: str = DIGITS_HALF, **train
     }
 
 
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One intra-op thread for the module: the tiny test models run fastest that way, and two threads on a
+    busy 2-core machine are up to ten times slower (OpenMP contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def classifier_config() -> Callable[..., dict[str, Any]]:
     """The :func:`tiny_classifier_config` factory, as a fixture."""
@@ -72,14 +83,15 @@ def cli_teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli_teacher")
     config = root / "teacher.yaml"
     config.write_text(yaml.safe_dump(tiny_classifier_config(root, logger=False)))
-    saved_seed = os.environ.get("PL_GLOBAL_SEED")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        main(["fit", "--config", str(config)])
-    finally:  # seed_everything exports PL_GLOBAL_SEED; do not leak it into other tests
-        if saved_seed is None:
-            os.environ.pop("PL_GLOBAL_SEED", None)
-        else:
-            os.environ["PL_GLOBAL_SEED"] = saved_seed
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "argv", ["zskd"])  # pytest's own arguments are not the CLI's
+            patch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything exports it: do not leak it
+            main(["fit", "--config", str(config)])
+    finally:
+        torch.set_num_threads(threads)
     checkpoints = sorted(root.rglob("last*.ckpt"))
     assert checkpoints, f"zskd fit wrote no last.ckpt under {root}"
     return checkpoints[0]

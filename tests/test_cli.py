@@ -7,7 +7,6 @@ call ``zskd_lightning.cli.main`` in-process.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import shutil
@@ -20,6 +19,8 @@ import pytest
 import yaml
 
 from zskd_lightning.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 TIMEOUT_S = 300
 DIGITS_HALF = "zskd_lightning.models.DigitsConvNetHalf"
@@ -114,18 +115,24 @@ def cli_runs(tmp_path_factory, classifier_config) -> dict[str, Any]:
         config["trainer"]["default_root_dir"] = f"{name}_runs"
         _dump(work / f"{name}.yaml", config)
 
-    fit = _start(["fit", "--config", "tiny.yaml"], work)
-    procs = {name: _start(["fit", "--config", f"{name}.yaml"], work) for name in bad}
-    results = {"fit": _finish(fit)}
-    assert results["fit"].returncode == 0, f"zskd fit failed:\n{results['fit'].stderr[-3000:]}"
-    log_dir = work / "logs" / "tiny" / "run"
-    shutil.copy(log_dir / "checkpoints" / "last.ckpt", work / "teacher.ckpt")
-    _dump(work / "kd.yaml", _kd_config({"checkpoint": "teacher.ckpt"}))
-    procs["distill"] = _start(["fit", "--config", "kd.yaml"], work)
-    procs["test"] = _start(
-        ["test", "--config", "tiny.yaml", "--ckpt_path", "teacher.ckpt", "--trainer.logger", "false"], work
-    )
-    results.update({name: _finish(proc) for name, proc in procs.items()})
+    procs = {"fit": _start(["fit", "--config", "tiny.yaml"], work)}
+    try:
+        procs.update({name: _start(["fit", "--config", f"{name}.yaml"], work) for name in bad})
+        results = {"fit": _finish(procs.pop("fit"))}
+        assert results["fit"].returncode == 0, f"zskd fit failed:\n{results['fit'].stderr[-3000:]}"
+        log_dir = work / "logs" / "tiny" / "run"
+        shutil.copy(log_dir / "checkpoints" / "last.ckpt", work / "teacher.ckpt")
+        _dump(work / "kd.yaml", _kd_config({"checkpoint": "teacher.ckpt"}))
+        procs["distill"] = _start(["fit", "--config", "kd.yaml"], work)
+        procs["test"] = _start(
+            ["test", "--config", "tiny.yaml", "--ckpt_path", "teacher.ckpt", "--trainer.logger", "false"], work
+        )
+        results.update({name: _finish(proc) for name, proc in procs.items()})
+    finally:
+        for proc in procs.values():  # only on failure: stop what this fixture started
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     results["work"] = work
     results["log_dir"] = log_dir
     return results
@@ -138,7 +145,7 @@ def _ok(result: subprocess.CompletedProcess) -> None:
 def _assert_clean_error(result: subprocess.CompletedProcess, *needles: str, max_lines: int = 10) -> str:
     """Non-zero exit (2), no traceback, a short error message on stderr that contains every needle."""
     stderr = result.stderr
-    assert "Traceback" not in stderr, f"{result.args} printed a traceback:\n{stderr[-4000:]}"
+    assert "Traceback" not in stderr, f"{result.args} printed a traceback:\n{stderr[-1500:]}"
     assert result.returncode == 2, f"exit code {result.returncode}:\n{stderr[-2000:]}"
     lines = [line for line in stderr.splitlines() if line.strip()]
     starts = [i for i, line in enumerate(lines) if line.startswith(("zskd: error:", "error:"))]
@@ -166,6 +173,7 @@ def test_fit_again_into_same_log_folder(cli_runs, monkeypatch):
     """The same ``zskd fit`` again (in-process) into the same log folder: no "config.yaml exists" crash."""
     first = (cli_runs["log_dir"] / "config.yaml").read_text()
     monkeypatch.chdir(cli_runs["work"])
+    monkeypatch.setattr(sys, "argv", ["zskd"])
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     main(["fit", "--config", "tiny.yaml"])  # raises on any failure
     assert [p.name for p in cli_runs["log_dir"].parent.iterdir()] == ["run"]  # really the same folder
@@ -195,7 +203,8 @@ def test_zskd_test_subcommand(cli_runs):
     assert 0.0 <= float(match.group(1)) <= 1.0
 
 
-def test_print_config_in_process(write_yaml, classifier_config, tmp_path, capsys):
+def test_print_config_in_process(write_yaml, classifier_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["zskd"])
     path = write_yaml(classifier_config(tmp_path / "runs"), "tiny.yaml")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(path), "--print_config"])
@@ -226,9 +235,11 @@ def test_unknown_config_key(cli_runs):
     _assert_clean_error(cli_runs["unknown_key"], "not_a_key")
 
 
-def test_main_exits_2_with_one_line_in_process(write_yaml, tmp_path, capsys):
+def test_main_exits_2_with_one_line_in_process(write_yaml, tmp_path, capsys, monkeypatch):
     """``main`` turns a bad teacher path into ``SystemExit(2)`` and one stderr line (no exception escapes)."""
-    config = copy.deepcopy(_kd_config({"checkpoint": str(tmp_path / "absent.ckpt")}))
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    config = _kd_config({"checkpoint": str(tmp_path / "absent.ckpt")})
     config["trainer"]["default_root_dir"] = str(tmp_path / "kd_runs")
     path = write_yaml(config, "kd.yaml")
     with pytest.raises(SystemExit) as exit_info:

@@ -14,6 +14,8 @@ from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.losses import kd_loss, soft_target_kd_loss
 from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf, LeNet5, LeNet5Half
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 TEMPERATURE = 4.0
 
 

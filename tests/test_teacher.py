@@ -14,6 +14,8 @@ from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf
 from zskd_lightning.teacher import as_frozen_teacher
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def _bn_dropout_net() -> nn.Module:
     return nn.Sequential(
@@ -195,7 +197,7 @@ def test_fingerprint_stable_across_reload_and_sensitive_to_one_weight(tmp_path):
     assert b.fingerprint() == fp  # a pure function of the weights
 
 
-def test_fingerprint_single_bit_change(tmp_path):
+def test_fingerprint_single_bit_change():
     net = DigitsConvNetHalf()
     teacher = FrozenTeacher(net)
     fp = teacher.fingerprint()

@@ -8,6 +8,7 @@ and distils students (:class:`~zskd_lightning.DistillationModule`) on real data 
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from typing import Any
 
 import lightning as L
@@ -86,12 +87,41 @@ def main(args: list[str] | None = None) -> None:
             trainer_class=ZSKDTrainer,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False},
             args=args,
         )
-    except ZSKDError as err:
-        print(f"zskd: error: {err}", file=sys.stderr)
+    except ArgumentError as err:  # unknown key, wrong type, missing file: jsonargparse's message, shortened
+        print(f"zskd: error: {_one_line(str(err))}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        cause = _zskd_error_in_chain(err)
+        if cause is None:
+            raise
+        print(f"zskd: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
+def _zskd_error_in_chain(err: BaseException | None) -> ZSKDError | None:
+    """The ZSKDError that caused ``err``, if any (jsonargparse re-raises errors from class construction)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ZSKDError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _one_line(message: str, limit: int = 400) -> str:
+    """jsonargparse's multi-line error as one line: the key, then the reasons (not the echoed value)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if "Errors:" in lines:
+        reasons = []
+        for line in lines[lines.index("Errors:") + 1 :]:
+            if line.startswith(("Given value", "Subtypes:")):
+                break
+            if line != "- Expected a <class 'NoneType'>":
+                reasons.append(line.lstrip("- "))
+        lines = [lines[0], *reasons]
+    text = " ".join(lines[:4])
+    return text if len(text) <= limit else text[: limit - 3] + "..."

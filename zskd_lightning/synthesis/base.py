@@ -72,6 +72,11 @@ class Objective(ABC):
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         """``logits [N, num_classes]``, ``targets [N, ...]`` -> loss ``[N]``."""
 
+    def lower_bound(self, targets: Tensor) -> Tensor | None:
+        """The smallest loss each sample can reach, ``[N]`` (e.g. the target's entropy for cross-entropy), or
+        ``None`` if unknown. Lets the loop stop impressions within ``stop_tolerance`` of it."""
+        return None
+
     def settings(self) -> dict[str, Any]:
         return {"name": type(self).__name__}
 
@@ -102,13 +107,18 @@ class Synthesizer:
         target_sampler: what each impression should make the teacher output.
         objective: per-sample loss to those targets.
         regularizers: input priors added to the loss (each has a ``weight``).
-        iterations: Adam steps per chunk.
-        lr: Adam learning rate on the inputs.
+        iterations: the most Adam steps an impression gets.
+        lr: Adam learning rate on the inputs (betas 0.9, 0.999; eps 1e-8).
         init: ``"uniform"`` noise over the valid input range, or ``"normal"`` (standard normal, then clamped).
+        stop_tolerance: stop optimizing an impression once its loss is within this many nats of the
+            objective's lower bound (for soft-target cross-entropy: KL(target || teacher) < tolerance); its
+            input is then frozen and costs no more compute. ``None`` (default) runs every impression for all
+            ``iterations`` (the paper's procedure).
 
-    The loss that is minimized is the SUM over the chunk of the per-sample losses, so each impression's
-    gradient does not depend on how many others share its chunk. After every step the inputs are clamped to
-    the valid range (the teacher's normalization of pixel values in [0, 1]), when one is known.
+    The loss minimized is the SUM over the chunk of the per-sample losses, so each impression's gradient does
+    not depend on how many others share its chunk; Adam is applied per element (vectorised over the chunk).
+    After every step the inputs are clamped to the valid range (the teacher's normalization of pixel values in
+    [0, 1]), when one is known.
     """
 
     name = "synthesizer"
@@ -121,15 +131,20 @@ class Synthesizer:
         iterations: int = 1500,
         lr: float = 0.01,
         init: Literal["uniform", "normal"] = "uniform",
+        stop_tolerance: float | None = None,
     ) -> None:
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if stop_tolerance is not None and stop_tolerance <= 0:
+            raise ValueError(f"stop_tolerance must be > 0 or None, got {stop_tolerance}")
         self.target_sampler = target_sampler
         self.objective = objective
         self.regularizers = list(regularizers)
         self.iterations = iterations
         self.lr = lr
         self.init = init
+        self.stop_tolerance = stop_tolerance
+        self.last_steps = 0  # impression-iterations spent by the last synthesize() call
 
     def settings(self) -> dict[str, Any]:
         """Every setting that changes the impressions (the cache refuses to mix different settings)."""
@@ -142,6 +157,7 @@ class Synthesizer:
             "iterations": self.iterations,
             "lr": self.lr,
             "init": self.init,
+            "stop_tolerance": self.stop_tolerance,
         }
 
     def setup(self, teacher: nn.Module) -> None:
@@ -173,42 +189,81 @@ class Synthesizer:
         """Synthesize the impressions with global ``indices [N]``.
 
         Returns ``(inputs [N, *input_shape] float32 CPU, targets [N, ...] float32 CPU, labels [N] int64 CPU,
-        final mean loss)``. Input gradients are enabled here even inside ``torch.inference_mode()`` or
-        ``torch.no_grad()`` blocks (Lightning's predict/validation contexts).
+        final mean loss)``; ``self.last_steps`` holds the impression-iterations spent. Input gradients are
+        enabled here even inside ``torch.inference_mode()`` or ``torch.no_grad()`` blocks (Lightning's
+        predict/validation contexts).
         """
         device = torch.device(device)
         targets, labels = self.target_sampler.sample(indices, num_classes, rng)
-        x0 = self.initial_inputs(len(indices), input_shape, input_range, rng.torch)
-        bounds = None if input_range is None else tuple(b.to(device) for b in input_range)
+        inputs = self.initial_inputs(len(indices), input_shape, input_range, rng.torch)
         with torch.inference_mode(False), torch.enable_grad():
-            inputs = x0.to(device).requires_grad_(True)
+            inputs = inputs.to(device)
             device_targets = targets.to(device)
-            optimizer = torch.optim.Adam([inputs], lr=self.lr)
+            bound = self.objective.lower_bound(device_targets) if self.stop_tolerance is not None else None
+            final_loss = torch.zeros(len(indices), device=device)
+            adam = _MaskedAdam(inputs, self.lr, None if input_range is None else tuple(b.to(device) for b in input_range))
+            active = torch.arange(len(indices), device=device)
             hooked = [self.objective, *self.regularizers]
             for part in hooked:
                 part.attach(teacher)
+            self.last_steps = 0
             try:
-                loss_value = math.nan
                 for iteration in range(1, self.iterations + 1):
-                    optimizer.zero_grad(set_to_none=True)
+                    everyone = active.numel() == len(indices)
+                    current = (inputs if everyone else inputs.index_select(0, active)).detach().requires_grad_(True)
                     with autocast():
-                        logits = teacher(inputs)
-                    per_sample = self.objective(logits.float(), device_targets)
+                        logits = teacher(current)
+                    per_sample = self.objective(logits.float(), device_targets if everyone else device_targets[active])
                     loss = per_sample.sum()
                     for reg in self.regularizers:
-                        penalty = reg(inputs)
-                        loss = loss + reg.weight * (penalty.sum() if penalty.ndim else penalty * len(inputs))
-                    loss.backward()
-                    optimizer.step()
-                    if bounds is not None:
-                        with torch.no_grad():
-                            inputs.clamp_(min=bounds[0], max=bounds[1])
+                        penalty = reg(current)
+                        loss = loss + reg.weight * (penalty.sum() if penalty.ndim else penalty * len(current))
+                    (grad,) = torch.autograd.grad(loss, current)
+                    adam.step(active, None if everyone else current.detach(), grad, everyone)
+                    self.last_steps += active.numel()
+                    per_sample = per_sample.detach()
+                    final_loss.index_copy_(0, active, per_sample)
                     if progress is not None and (iteration % 25 == 0 or iteration == self.iterations):
-                        loss_value = float(per_sample.detach().mean())
-                        progress(iteration, loss_value)
-                if progress is None:
-                    loss_value = float(per_sample.detach().mean())
+                        progress(iteration, float(final_loss.mean()))
+                    if bound is not None:
+                        active = active[per_sample - bound[active] >= self.stop_tolerance]
+                        if active.numel() == 0:
+                            break
             finally:
                 for part in hooked:
                     part.detach()
-        return inputs.detach().float().cpu(), targets.float(), labels.long(), loss_value
+        return inputs.detach().float().cpu(), targets.float(), labels.long(), float(final_loss.mean())
+
+
+class _MaskedAdam:
+    """Adam on the rows ``active`` of one tensor (rows = impressions); other rows keep their values and moments.
+
+    Every active row has taken the same number of steps (rows only ever leave the active set), so one step
+    counter serves all. Optionally clamps updated rows to ``bounds`` (per-channel min/max ``[C, 1, 1]``).
+    """
+
+    def __init__(self, inputs: Tensor, lr: float, bounds: tuple[Tensor, Tensor] | None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.inputs, self.lr, self.bounds, self.betas, self.eps = inputs, lr, bounds, betas, eps
+        self.exp_avg = torch.zeros_like(inputs)
+        self.exp_avg_sq = torch.zeros_like(inputs)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, active: Tensor, active_inputs: Tensor | None, grad: Tensor, everyone: bool) -> None:
+        beta1, beta2 = self.betas
+        self.t += 1
+        if everyone:
+            x, m, v = self.inputs, self.exp_avg, self.exp_avg_sq
+        else:
+            x, m, v = active_inputs, self.exp_avg[active], self.exp_avg_sq[active]
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denominator = (v / (1 - beta2**self.t)).sqrt_().add_(self.eps)
+        x.addcdiv_(m, denominator, value=-self.lr / (1 - beta1**self.t))
+        if self.bounds is not None:
+            x.clamp_(min=self.bounds[0], max=self.bounds[1])
+        if not everyone:
+            self.inputs.index_copy_(0, active, x)
+            self.exp_avg.index_copy_(0, active, m)
+            self.exp_avg_sq.index_copy_(0, active, v)

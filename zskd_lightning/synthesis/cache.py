@@ -163,7 +163,14 @@ class ImpressionCache:
         return [c for c in range(self.num_chunks) if not self.chunk_is_finished(c)]
 
     def write_chunk(
-        self, chunk: int, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, loss: float, seconds: float
+        self,
+        chunk: int,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        labels: torch.Tensor,
+        loss: float,
+        seconds: float,
+        impression_iterations: int = 0,
     ) -> None:
         """Write one chunk's shards atomically, then its record (which marks it finished)."""
         start, stop = self.chunk_range(chunk)
@@ -181,6 +188,7 @@ class ImpressionCache:
             "count": stop - start,
             "final_loss": loss,
             "seconds": seconds,
+            "impression_iterations": impression_iterations,
             "sha256": {kind: _sha256(self.chunk_file(chunk, kind)) for kind in ARRAYS},
         }
         _write_json(self.chunk_file(chunk, "record"), record)
@@ -196,17 +204,18 @@ class ImpressionCache:
                 "one folder and run again)"
             )
         shards = []
-        synthesis_seconds = 0.0
         for chunk in range(self.num_chunks):
             with open(self.chunk_file(chunk, "record")) as handle:
-                record = json.load(handle)
-            synthesis_seconds += record["seconds"]
-            shards.append(record)
+                shards.append(json.load(handle))
+        synthesis_seconds = sum(record["seconds"] for record in shards)
+        iterations = sum(record.get("impression_iterations", 0) for record in shards)
         manifest = {
             **self.spec,
             "shards": shards,
             "versions": library_versions(),
             "synthesis_seconds_total": synthesis_seconds,
+            "impression_iterations_total": iterations,
+            "impression_iterations_per_second": iterations / synthesis_seconds if synthesis_seconds else None,
             "wall_seconds": wall_seconds,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

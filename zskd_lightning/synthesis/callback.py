@@ -116,7 +116,9 @@ def fill_cache(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any
                 autocast=trainer.precision_plugin.forward_context,
                 progress=progress if show else None,
             )
-            cache.write_chunk(chunk, inputs, targets, labels, loss, time.perf_counter() - chunk_started)
+            cache.write_chunk(
+                chunk, inputs, targets, labels, loss, time.perf_counter() - chunk_started, synthesizer.last_steps
+            )
             # Rank 0 cannot see the others' progress; they advance in lockstep to within one chunk.
             bar.update(min(todo - bar.n, (stop - start) * trainer.world_size))
     finally:
@@ -129,7 +131,8 @@ def fill_cache(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any
             manifest = cache.write_manifest(wall_seconds=time.perf_counter() - started)
             rank_zero_info(
                 f"Impression cache complete: {cache.count} impressions in {manifest['wall_seconds']:.1f} s wall "
-                f"({manifest['synthesis_seconds_total']:.1f} s of synthesis summed over chunks)"
+                f"({manifest['synthesis_seconds_total']:.1f} s of synthesis summed over chunks, "
+                f"{manifest['impression_iterations_per_second'] or 0:.0f} impression-iterations/s per process)"
             )
         except ZSKDError as err:
             error = str(err)

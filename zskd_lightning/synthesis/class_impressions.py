@@ -28,6 +28,7 @@ class ClassImpressionSynthesizer(Synthesizer):
         lr: float = 0.01,
         init: Literal["uniform", "normal"] = "uniform",
         regularizers: Sequence[Regularizer] = (),
+        stop_tolerance: float | None = None,
     ) -> None:
         super().__init__(
             target_sampler=OneHotTargets(),
@@ -36,4 +37,5 @@ class ClassImpressionSynthesizer(Synthesizer):
             iterations=iterations,
             lr=lr,
             init=init,
+            stop_tolerance=stop_tolerance,
         )

@@ -37,6 +37,7 @@ class ZSKDSynthesizer(Synthesizer):
         lr: float = 0.01,
         init: Literal["uniform", "normal"] = "uniform",
         regularizers: Sequence[Regularizer] = (),
+        stop_tolerance: float | None = None,
         concentration_floor: float = 1e-6,
     ) -> None:
         super().__init__(
@@ -46,4 +47,5 @@ class ZSKDSynthesizer(Synthesizer):
             iterations=iterations,
             lr=lr,
             init=init,
+            stop_tolerance=stop_tolerance,
         )
