@@ -6,15 +6,23 @@ standalone scripts in this folder (which put ``tests/`` on ``sys.path`` themselv
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from zskd_lightning import FrozenTeacher, ImpressionDataModule, ZSKDSynthesizer
+import lightning as L
+
+from zskd_lightning import DistillationModule, FrozenTeacher, ImpressionDataModule, ImpressionSynthesis, ZSKDSynthesizer
 from zskd_lightning.data.digits import DigitsDataModule
 from zskd_lightning.models import DigitsConvNet
 
@@ -78,10 +86,14 @@ def shipped_teacher() -> FrozenTeacher:
     return FrozenTeacher(DigitsConvNet(in_channels=1, num_classes=10), str(SHIPPED_TEACHER))
 
 
-def make_datamodule(cache_dir: str | os.PathLike, teacher: nn.Module | None = None, *, num_impressions: int = 32,
-                    chunk_size: int = 8, iterations: int = 3, seed: int = 0, lr: float = 0.05,
+def make_datamodule(cache_dir: str | os.PathLike, teacher: nn.Module | None = None, *, num_impressions: int = 64,
+                    chunk_size: int = 8, iterations: int = 5, seed: int = 0, lr: float = 0.05,
                     **kwargs) -> ImpressionDataModule:
-    """An ImpressionDataModule for the digits input space (no eval data: nothing real is read)."""
+    """An ImpressionDataModule for the digits input space (no eval data: nothing real is read).
+
+    Defaults (8 chunks of 8 impressions, 5 iterations, teacher ``make_net(0)``) are the "standard tiny cache"
+    that the subprocess script and the in-process runs share, so their caches can be compared byte for byte.
+    """
     return ImpressionDataModule(
         synthesizer=kwargs.pop("synthesizer", None) or ZSKDSynthesizer(iterations=iterations, lr=lr),
         num_impressions=num_impressions,
@@ -110,3 +122,97 @@ def manifest_shards(cache_dir: str | os.PathLike) -> list[dict]:
     """The manifest's shard list without the run-dependent fields (seconds, loss)."""
     manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
     return [{k: s[k] for k in ("chunk", "count", "sha256")} for s in manifest["shards"]]
+
+
+def run_synthesis(cache_dir: str | os.PathLike, *, devices: int = 1, fit: bool = False, grid: bool = True,
+                  root: str | os.PathLike | None = None, teacher: nn.Module | None = None,
+                  **datamodule_kwargs) -> tuple[L.Trainer, ImpressionDataModule]:
+    """The real path: ``Trainer.fit(DistillationModule, ImpressionDataModule)`` with the ImpressionSynthesis
+    callback. ``fit=False`` stops after synthesis (``limit_train_batches=0``, like ``zskd synthesize``)."""
+    teacher = teacher if teacher is not None else make_net(0)
+    datamodule = make_datamodule(cache_dir, teacher, **datamodule_kwargs)
+    model = DistillationModule(teacher=teacher, student=make_net(1, width=4), export_filename=None)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=1,
+        limit_train_batches=None if fit else 0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(cache_dir)),
+        callbacks=[ImpressionSynthesis(grid_filename="impressions.png" if grid else None)],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return trainer, datamodule
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+SCRIPT = HERE / "synthesize_run.py"
+
+
+def script_env(threads: int | None) -> dict[str, str]:
+    """Environment for a script run: ``OMP_NUM_THREADS=threads``, or none at all (library defaults)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PL_GLOBAL_SEED")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_script(args: Sequence[str], *, timeout: float, threads: int | None = None,
+               settle: float = 10.0) -> subprocess.CompletedProcess:
+    """Run ``synthesize_run.py args`` in its own process group; returns a CompletedProcess with
+    ``returncode`` (``None`` if it had to be killed after ``timeout`` seconds). Whatever is left of the group
+    (e.g. a DDP rank) gets ``settle`` seconds to end after the main process, then SIGKILL: nothing outlives it."""
+    command = [sys.executable, str(SCRIPT), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=script_env(threads))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        returncode: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        out, err = proc.communicate()
+        returncode = None
+    deadline = time.monotonic() + settle
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _kill_group(proc.pid)
+    return subprocess.CompletedProcess(command, returncode, out, err)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def read_rank_log(path: str | os.PathLike) -> list[tuple[int, str, str]]:
+    """Lines ``rank what detail`` written by the script (``what`` = a chunk index, or ``ERROR``)."""
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        rank, what, detail = line.split(" ", 2)
+        rows.append((int(rank), what, detail))
+    return rows

@@ -72,11 +72,6 @@ class Objective(ABC):
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         """``logits [N, num_classes]``, ``targets [N, ...]`` -> loss ``[N]``."""
 
-    def lower_bound(self, targets: Tensor) -> Tensor | None:
-        """The smallest loss each sample can reach, ``[N]`` (e.g. the target's entropy for cross-entropy), or
-        ``None`` if unknown. Lets the loop stop impressions within ``stop_tolerance`` of it."""
-        return None
-
     def settings(self) -> dict[str, Any]:
         return {"name": type(self).__name__}
 
@@ -110,10 +105,13 @@ class Synthesizer:
         iterations: the most Adam steps an impression gets.
         lr: Adam learning rate on the inputs (betas 0.9, 0.999; eps 1e-8).
         init: ``"uniform"`` noise over the valid input range, or ``"normal"`` (standard normal, then clamped).
-        stop_tolerance: stop optimizing an impression once its loss is within this many nats of the
-            objective's lower bound (for soft-target cross-entropy: KL(target || teacher) < tolerance); its
-            input is then frozen and costs no more compute. ``None`` (default) runs every impression for all
-            ``iterations`` (the paper's procedure).
+        stop_tolerance: stop optimizing an impression once its loss improved by less than this many nats over
+            the last ``stop_window`` iterations (a plateau); its input is then frozen and costs no more compute.
+            ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure).
+        stop_window: iterations between plateau checks.
+        channels_last: run the teacher on channels-last (NHWC) inputs and weights during synthesis (the teacher
+            is restored to contiguous layout afterwards). Same arithmetic, different kernels: 2-2.5x faster
+            for LeNet-5/AlexNet on CPU (oneDNN), usually faster on GPU too.
 
     The loss minimized is the SUM over the chunk of the per-sample losses, so each impression's gradient does
     not depend on how many others share its chunk; Adam is applied per element (vectorised over the chunk).
@@ -132,6 +130,8 @@ class Synthesizer:
         lr: float = 0.01,
         init: Literal["uniform", "normal"] = "uniform",
         stop_tolerance: float | None = None,
+        stop_window: int = 50,
+        channels_last: bool = True,
     ) -> None:
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -144,6 +144,8 @@ class Synthesizer:
         self.lr = lr
         self.init = init
         self.stop_tolerance = stop_tolerance
+        self.stop_window = stop_window
+        self.channels_last = channels_last
         self.last_steps = 0  # impression-iterations spent by the last synthesize() call
 
     def settings(self) -> dict[str, Any]:
@@ -158,6 +160,8 @@ class Synthesizer:
             "lr": self.lr,
             "init": self.init,
             "stop_tolerance": self.stop_tolerance,
+            "stop_window": self.stop_window if self.stop_tolerance is not None else None,
+            "channels_last": self.channels_last,
         }
 
     def setup(self, teacher: nn.Module) -> None:
@@ -194,20 +198,22 @@ class Synthesizer:
         predict/validation contexts).
         """
         device = torch.device(device)
-        targets, labels = self.target_sampler.sample(indices, num_classes, rng)
-        inputs = self.initial_inputs(len(indices), input_shape, input_range, rng.torch)
-        with torch.inference_mode(False), torch.enable_grad():
-            inputs = inputs.to(device)
+        channels_last = self.channels_last and len(input_shape) == 3
+        with torch.inference_mode(False), torch.enable_grad(), _memory_format(teacher, channels_last):
+            # Made here, not above: tensors created under an outer inference_mode could never require grad.
+            targets, labels = self.target_sampler.sample(indices, num_classes, rng)
+            inputs = self.initial_inputs(len(indices), input_shape, input_range, rng.torch)
+            inputs = inputs.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             device_targets = targets.to(device)
-            bound = self.objective.lower_bound(device_targets) if self.stop_tolerance is not None else None
             final_loss = torch.zeros(len(indices), device=device)
+            loss_at_last_check = torch.full((len(indices),), math.inf, device=device)
             adam = _MaskedAdam(inputs, self.lr, None if input_range is None else tuple(b.to(device) for b in input_range))
             active = torch.arange(len(indices), device=device)
             hooked = [self.objective, *self.regularizers]
-            for part in hooked:
-                part.attach(teacher)
             self.last_steps = 0
             try:
+                for part in hooked:
+                    part.attach(teacher)
                 for iteration in range(1, self.iterations + 1):
                     everyone = active.numel() == len(indices)
                     current = (inputs if everyone else inputs.index_select(0, active)).detach().requires_grad_(True)
@@ -225,14 +231,29 @@ class Synthesizer:
                     final_loss.index_copy_(0, active, per_sample)
                     if progress is not None and (iteration % 25 == 0 or iteration == self.iterations):
                         progress(iteration, float(final_loss.mean()))
-                    if bound is not None:
-                        active = active[per_sample - bound[active] >= self.stop_tolerance]
+                    if self.stop_tolerance is not None and iteration % self.stop_window == 0:
+                        improving = loss_at_last_check[active] - per_sample >= self.stop_tolerance
+                        loss_at_last_check.index_copy_(0, active, per_sample)
+                        active = active[improving]
                         if active.numel() == 0:
                             break
             finally:
                 for part in hooked:
                     part.detach()
-        return inputs.detach().float().cpu(), targets.float(), labels.long(), float(final_loss.mean())
+        return inputs.detach().float().cpu().contiguous(), targets.float(), labels.long(), float(final_loss.mean())
+
+
+@contextlib.contextmanager
+def _memory_format(module: nn.Module, channels_last: bool):
+    """Temporarily convert ``module``'s 4-d parameters and buffers to channels-last layout."""
+    if not channels_last:
+        yield
+        return
+    module.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        module.to(memory_format=torch.contiguous_format)
 
 
 class _MaskedAdam:

@@ -42,6 +42,16 @@ def _canonical(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys (``synthesizer.iterations``), for naming what differs."""
+    if not isinstance(obj, Mapping):
+        return {prefix: obj}
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def _write_atomic(path: str, write: Any) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as handle:
@@ -120,9 +130,10 @@ class ImpressionCache:
             return f"impression cache {self.directory} has an unreadable spec.json ({err})"
         if existing == self.spec:
             return None
-        differing = sorted(k for k in set(existing) | set(self.spec) if existing.get(k) != self.spec.get(k))
+        cached, now = _flatten(existing), _flatten(self.spec)
+        differing = sorted(k for k in set(cached) | set(now) if cached.get(k) != now.get(k))
         what = "was made by a different teacher" if "teacher_fingerprint" in differing else "has other settings"
-        details = ", ".join(f"{k}: cached {existing.get(k)!r} vs now {self.spec.get(k)!r}" for k in differing)
+        details = ", ".join(f"{k}: cached {cached.get(k)!r} vs now {now.get(k)!r}" for k in differing)
         if len(details) > 400:
             details = details[:400] + "..."
         return (

@@ -49,10 +49,10 @@ class ImpressionSynthesis(Callback):
                 f"{type(datamodule).__name__}"
             )
         cache = fill_cache(trainer, pl_module, datamodule)
-        if trainer.is_global_zero and self.grid_filename and cache is not None:
+        folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero and self.grid_filename:
             from zskd_lightning.visualize import save_impression_grid
 
-            folder = trainer.log_dir or trainer.default_root_dir
             path = save_impression_grid(cache, os.path.join(folder, self.grid_filename), datamodule.input_range())
             rank_zero_info(f"Impression grid written to {path}")
 

@@ -29,6 +29,8 @@ class ClassImpressionSynthesizer(Synthesizer):
         init: Literal["uniform", "normal"] = "uniform",
         regularizers: Sequence[Regularizer] = (),
         stop_tolerance: float | None = None,
+        stop_window: int = 50,
+        channels_last: bool = True,
     ) -> None:
         super().__init__(
             target_sampler=OneHotTargets(),
@@ -38,4 +40,6 @@ class ClassImpressionSynthesizer(Synthesizer):
             lr=lr,
             init=init,
             stop_tolerance=stop_tolerance,
+            stop_window=stop_window,
+            channels_last=channels_last,
         )

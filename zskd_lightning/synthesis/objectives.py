@@ -21,9 +21,5 @@ class SoftTargetCrossEntropy(Objective):
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         return soft_cross_entropy(logits, targets, self.temperature)
 
-    def lower_bound(self, targets: Tensor) -> Tensor:
-        """The target's entropy ``H(y)`` ``[N]``: cross-entropy minus it is ``KL(y || softmax(logits / T))``."""
-        return -(targets * targets.clamp_min(1e-30).log()).sum(dim=-1)
-
     def settings(self) -> dict[str, Any]:
         return {"name": type(self).__name__, "temperature": self.temperature}

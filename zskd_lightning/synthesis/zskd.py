@@ -23,7 +23,7 @@ class ZSKDSynthesizer(Synthesizer):
     Args:
         betas: Dirichlet scales.
         temperature: T of the matching softmax.
-        iterations, lr, init: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
+        iterations, lr, init, stop_tolerance, stop_window, channels_last: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
         regularizers: optional input priors (none in the paper).
     """
 
@@ -38,6 +38,8 @@ class ZSKDSynthesizer(Synthesizer):
         init: Literal["uniform", "normal"] = "uniform",
         regularizers: Sequence[Regularizer] = (),
         stop_tolerance: float | None = None,
+        stop_window: int = 50,
+        channels_last: bool = True,
         concentration_floor: float = 1e-6,
     ) -> None:
         super().__init__(
@@ -48,4 +50,6 @@ class ZSKDSynthesizer(Synthesizer):
             lr=lr,
             init=init,
             stop_tolerance=stop_tolerance,
+            stop_window=stop_window,
+            channels_last=channels_last,
         )

@@ -1,0 +1,362 @@
+"""The impression cache: manifest, reuse, mismatch refusal, overwrite, corruption, resume after a crash or a
+SIGKILL, and ``zskd synthesize`` feeding a later ``fit`` (CPU; one subprocess for the kill, one for the CLI).
+
+Most runs use the standard tiny cache of ``helpers.tiny`` (teacher ``make_net(0)``, 64 impressions in 8 chunks
+of 8, 5 iterations) through the real path: ``Trainer.fit`` with the ImpressionSynthesis callback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import tiny
+
+import zskd_lightning
+from zskd_lightning import ImpressionCache, ImpressionDataModule, Synthesizer, ZSKDError, ZSKDSynthesizer
+from zskd_lightning.synthesis import cache as cache_module
+from zskd_lightning.teacher import as_frozen_teacher
+
+NUM_CHUNKS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These tensors are tiny: one thread is as fast on an idle machine and ~10x faster on a busy one.
+    (Results do not depend on the thread count: see test_ddp_synthesis.py.)"""
+    with tiny.torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted synthesis of the standard tiny cache (never modified by the tests)."""
+    cache_dir = tmp_path_factory.mktemp("reference") / "cache"
+    tiny.run_synthesis(cache_dir)
+    return cache_dir
+
+
+@pytest.fixture
+def count_synthesis(monkeypatch) -> list[int]:
+    """Patch ``Synthesizer.synthesize`` to record the first global index of every chunk it makes."""
+    made: list[int] = []
+    original = Synthesizer.synthesize
+
+    def counting(self, teacher, indices, *args, **kwargs):
+        made.append(int(indices[0]))
+        return original(self, teacher, indices, *args, **kwargs)
+
+    monkeypatch.setattr(Synthesizer, "synthesize", counting)
+    return made
+
+
+@pytest.fixture
+def forbid_synthesis(monkeypatch) -> None:
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("no impression should be synthesized: the cache is complete")
+
+    monkeypatch.setattr(Synthesizer, "synthesize", refuse)
+
+
+def copy_cache(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def mtimes(cache_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+
+
+def flip_byte(path: Path, offset: int = -5) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def assert_same_cache(cache_dir: Path, reference_dir: Path) -> None:
+    """Same shards byte for byte, same shard list in the manifest."""
+    assert tiny.shard_digests(cache_dir) == tiny.shard_digests(reference_dir)
+    assert tiny.manifest_shards(cache_dir) == tiny.manifest_shards(reference_dir)
+    assert json.loads((cache_dir / "spec.json").read_text()) == json.loads((reference_dir / "spec.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------- full synthesis
+def test_full_synthesis_writes_spec_manifest_and_shards(tmp_path):
+    teacher = tiny.make_net(0)
+    trainer, datamodule = tiny.run_synthesis(tmp_path / "cache", fit=True, teacher=teacher, num_impressions=20)
+    cache_dir = tmp_path / "cache"
+    names = {p.name for p in cache_dir.iterdir()}
+    chunks = {f"chunk-{c:06d}.{kind}" for c in range(3) for kind in ("inputs.npy", "json", "labels.npy", "targets.npy")}
+    assert {"spec.json", "manifest.json"} <= names and {n for n in names if n.startswith("chunk-")} == chunks
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert (tmp_path / "impressions.png").is_file()
+
+    spec = json.loads((cache_dir / "spec.json").read_text())
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert {k: manifest[k] for k in spec} == spec
+    synthesizer_settings = json.loads(json.dumps(datamodule.synthesizer.settings()))
+    assert manifest["synthesizer"] == synthesizer_settings
+    assert manifest["synthesizer"]["iterations"] == 5 and manifest["synthesizer"]["lr"] == 0.05
+    assert manifest["teacher_fingerprint"] == as_frozen_teacher(teacher).fingerprint()
+    assert manifest["input_shape"] == [1, 8, 8] and manifest["dtype"] == "float32"
+    assert manifest["num_impressions"] == 20 and manifest["chunk_size"] == 8 and manifest["seed"] == 0
+    assert manifest["num_classes"] == 10
+    low, high = tiny.digits_input_range()
+    assert manifest["input_range"] == [low.flatten().tolist(), high.flatten().tolist()]
+    assert set(manifest["versions"]) >= {"zskd_lightning", "torch", "lightning", "numpy", "python"}
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["versions"]["zskd_lightning"] == zskd_lightning.__version__
+    assert manifest["wall_seconds"] > 0
+    assert [s["chunk"] for s in manifest["shards"]] == [0, 1, 2]
+    assert [s["count"] for s in manifest["shards"]] == [8, 8, 4]  # the last chunk is short
+    for shard in manifest["shards"]:
+        for kind in tiny.ARRAYS:
+            path = cache_dir / f"chunk-{shard['chunk']:06d}.{kind}.npy"
+            assert shard["sha256"][kind] == tiny.sha256(path)
+
+    inputs = np.concatenate([np.load(cache_dir / f"chunk-{c:06d}.inputs.npy") for c in range(3)])
+    targets = np.concatenate([np.load(cache_dir / f"chunk-{c:06d}.targets.npy") for c in range(3)])
+    labels = np.concatenate([np.load(cache_dir / f"chunk-{c:06d}.labels.npy") for c in range(3)])
+    assert inputs.shape == (20, 1, 8, 8) and inputs.dtype == np.float32
+    assert targets.shape == (20, 10) and targets.dtype == np.float32
+    assert labels.dtype == np.int64 and np.array_equal(labels, np.arange(20) % 10)
+    assert ((inputs >= low.item()) & (inputs <= high.item())).all()
+
+    # the datamodule serves exactly the cached impressions (and fit trained on them)
+    dataset = datamodule.train_dataloader().dataset
+    assert len(dataset) == 20
+    x, y = dataset[13]
+    assert np.array_equal(x.numpy(), inputs[13]) and np.array_equal(y.numpy(), targets[13])
+    assert trainer.global_step > 0
+
+
+def test_cache_class_directly(tmp_path):
+    cache = ImpressionCache(tmp_path / "c", {"num_impressions": 10, "chunk_size": 4, "anything": [1, 2]})
+    assert cache.num_chunks == 3 and cache.chunk_range(2) == (8, 10)
+    assert not cache.is_complete()
+    cache.prepare()
+    assert cache.missing_chunks() == [0, 1, 2]
+    for chunk in range(3):
+        start, stop = cache.chunk_range(chunk)
+        n = stop - start
+        cache.write_chunk(chunk, torch.full((n, 1, 2, 2), float(chunk)), torch.ones(n, 3) / 3,
+                          torch.arange(start, stop), loss=0.5, seconds=0.01)
+    assert cache.missing_chunks() == []
+    with pytest.raises(ValueError):  # a chunk with the wrong number of rows is refused
+        cache.write_chunk(0, torch.zeros(3, 1, 2, 2), torch.zeros(3, 3), torch.zeros(3), 0.0, 0.0)
+    assert not cache.is_complete()  # no manifest yet
+    manifest = cache.write_manifest(wall_seconds=1.0)
+    assert cache.is_complete() and cache.read_manifest() == manifest
+    assert np.concatenate(cache.load("labels")).tolist() == list(range(10))
+    assert [a.shape[0] for a in cache.load("inputs", 4, 10)] == [4, 2]
+    # the same folder under another spec is refused, and is not "complete" for it
+    other = ImpressionCache(tmp_path / "c", {"num_impressions": 10, "chunk_size": 4, "anything": [1, 3]})
+    assert not other.is_complete()
+    with pytest.raises(ZSKDError, match="anything"):
+        other.prepare()
+    # a write_manifest with a chunk missing is refused
+    os.remove(cache.chunk_file(1, "record"))
+    with pytest.raises(ZSKDError, match="lacks 1 finished chunk"):
+        cache.write_manifest(wall_seconds=1.0)
+
+
+# --------------------------------------------------------------------------------------------------- reuse
+def test_second_run_reuses_the_cache(tmp_path, reference, forbid_synthesis):
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    before = mtimes(cache_dir)
+    trainer, datamodule = tiny.run_synthesis(cache_dir, fit=True, teacher=tiny.make_net(0))  # a new, equal teacher
+    assert mtimes(cache_dir) == before
+    assert trainer.global_step > 0 and len(datamodule.train_dataloader().dataset) == 64
+    assert_same_cache(cache_dir, reference)
+
+
+def test_changed_teacher_is_refused(tmp_path, reference, forbid_synthesis):
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    teacher = tiny.make_net(0)
+    with torch.no_grad():
+        teacher.body[0].weight[0, 0, 0, 0] += 1e-3  # one weight
+    with pytest.raises(ZSKDError, match="different teacher"):
+        tiny.run_synthesis(cache_dir, teacher=teacher)
+    assert_same_cache(cache_dir, reference)  # nothing was touched
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "cached", "now"),
+    [
+        ({"iterations": 6}, "iterations", 5, 6),
+        ({"lr": 0.01}, "lr", 0.05, 0.01),
+        ({"num_impressions": 56}, "num_impressions", 64, 56),
+        ({"seed": 1}, "seed", 0, 1),
+        ({"chunk_size": 16}, "chunk_size", 8, 16),
+    ],
+    ids=["iterations", "lr", "num_impressions", "seed", "chunk_size"],
+)
+def test_changed_setting_is_refused_naming_the_key(tmp_path, reference, forbid_synthesis, change, key, cached, now):
+    """The error names the changed key with both values (a nested synthesizer setting as e.g. ``synthesizer.lr``)."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    with pytest.raises(ZSKDError) as error:
+        tiny.run_synthesis(cache_dir, **change)
+    message = str(error.value)
+    assert "different teacher" not in message and "overwrite_cache" in message
+    assert_same_cache(cache_dir, reference)  # nothing was touched
+    pattern = rf"(^|[\s(.]){key}: cached {re.escape(repr(cached))} vs now {re.escape(repr(now))}\b"
+    assert re.search(pattern, message), message
+
+
+def test_overwrite_cache_replaces_a_mismatching_cache(tmp_path, reference, count_synthesis):
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    tiny.run_synthesis(cache_dir, seed=1, num_impressions=24, overwrite_cache=True)
+    assert count_synthesis == [0, 8, 16]
+    spec = json.loads((cache_dir / "spec.json").read_text())
+    assert spec["seed"] == 1 and spec["num_impressions"] == 24
+    assert sorted(p.name for p in cache_dir.glob("chunk-*.json")) == [f"chunk-{c:06d}.json" for c in range(3)]
+    assert not (cache_dir / "chunk-000003.inputs.npy").exists()  # the old cache's extra chunks are gone
+    old = tiny.shard_digests(reference)
+    new = tiny.shard_digests(cache_dir)
+    assert all(new[name] != old[name] for name in new if "inputs" in name)
+    assert ImpressionCache(cache_dir, spec).is_complete()
+
+
+# ------------------------------------------------------------------------------------- corruption, resume
+def test_corrupted_shard_is_detected_and_redone(tmp_path, reference, count_synthesis):
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    flip_byte(cache_dir / "chunk-000005.inputs.npy")
+    spec = json.loads((cache_dir / "spec.json").read_text())
+    cache = ImpressionCache(cache_dir, spec)
+    assert cache.missing_chunks() == [5]
+    assert not cache.is_complete() and cache.is_complete(verify=False)
+    tiny.run_synthesis(cache_dir)
+    assert count_synthesis == [40]  # only chunk 5 was made again
+    assert cache.missing_chunks() == [] and cache.is_complete()
+    assert_same_cache(cache_dir, reference)
+
+
+def test_resume_after_a_crash_mid_chunk(tmp_path, reference, monkeypatch, count_synthesis):
+    """The 3rd chunk's write fails after its inputs file: the rerun redoes only unfinished chunks."""
+    cache_dir = tmp_path / "cache"
+    write_atomic = cache_module._write_atomic
+
+    def failing(path, write):
+        if path.endswith("chunk-000002.targets.npy"):
+            Path(f"{path}.{os.getpid()}.tmp").write_bytes(b"half a file")  # what a crash mid-write leaves
+            raise OSError("disk full (simulated)")
+        write_atomic(path, write)
+
+    monkeypatch.setattr(cache_module, "_write_atomic", failing)
+    with pytest.raises(OSError, match="simulated"):
+        tiny.run_synthesis(cache_dir)
+    assert (cache_dir / "chunk-000002.inputs.npy").exists() and not (cache_dir / "chunk-000002.json").exists()
+    assert list(cache_dir.glob("*.tmp")) and not (cache_dir / "manifest.json").exists()
+    spec = json.loads((cache_dir / "spec.json").read_text())
+    assert ImpressionCache(cache_dir, spec).missing_chunks() == [2, 3, 4, 5, 6, 7]
+
+    monkeypatch.setattr(cache_module, "_write_atomic", write_atomic)
+    count_synthesis.clear()
+    tiny.run_synthesis(cache_dir)
+    assert count_synthesis == [16, 24, 32, 40, 48, 56]
+    assert not list(cache_dir.glob("*.tmp"))
+    assert_same_cache(cache_dir, reference)
+
+
+def test_resume_after_sigkill(tmp_path, reference, count_synthesis):
+    """SIGKILL a synthesis subprocess once a chunk is finished but before the manifest; rerun; same bytes."""
+    cache_dir = tmp_path / "cache"
+    command = [sys.executable, str(tiny.SCRIPT), "--cache", str(cache_dir), "--slow", "0.5", "--no-grid",
+               "--threads", str(torch.get_num_threads())]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=tiny.script_env(torch.get_num_threads()))
+    killed_with_chunks = None
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(cache_dir.glob("chunk-*.json")):
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_with_chunks = sorted(p.name for p in cache_dir.glob("chunk-*.json"))
+                break
+            time.sleep(0.02)
+    finally:
+        tiny._kill_group(proc.pid)
+        output = proc.communicate()[0].decode(errors="replace")
+    assert killed_with_chunks, f"no chunk record appeared before the run ended or timed out:\n{output[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cache_dir / "manifest.json").exists()
+    spec = json.loads((cache_dir / "spec.json").read_text())
+    missing = ImpressionCache(cache_dir, spec).missing_chunks()
+    assert 0 < len(missing) < NUM_CHUNKS
+
+    tiny.run_synthesis(cache_dir)
+    assert count_synthesis == [8 * c for c in missing]  # finished chunks were kept
+    assert_same_cache(cache_dir, reference)
+
+
+# ----------------------------------------------------------------------------------------- the zskd command
+def test_zskd_synthesize_fills_a_cache_that_fit_reuses(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "impressions"
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path / "run")},
+        "model": {
+            "class_path": "zskd_lightning.DistillationModule",
+            "init_args": {
+                "teacher": {"class_path": "zskd_lightning.FrozenTeacher", "init_args": {
+                    "network": {"class_path": "zskd_lightning.models.DigitsConvNet",
+                                "init_args": {"in_channels": 1, "num_classes": 10}},
+                    "checkpoint": str(tiny.SHIPPED_TEACHER)}},
+                "student": {"class_path": "zskd_lightning.models.DigitsConvNetHalf",
+                            "init_args": {"in_channels": 1, "num_classes": 10}},
+            },
+        },
+        "data": {
+            "class_path": "zskd_lightning.ImpressionDataModule",
+            "init_args": {
+                "synthesizer": {"class_path": "zskd_lightning.ZSKDSynthesizer",
+                                "init_args": {"iterations": 3, "lr": 0.05}},
+                "num_impressions": 24, "num_val_impressions": 8, "chunk_size": 8, "seed": 3,
+                "cache_dir": str(cache_dir),
+                "eval_data": {"class_path": "zskd_lightning.data.DigitsDataModule"},
+            },
+        },
+    }
+    config_path = tmp_path / "synthesize.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(["zskd", "synthesize", "--config", str(config_path)], capture_output=True, text=True,
+                            timeout=180, env=tiny.script_env(1), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["num_impressions"] == 32 and len(manifest["shards"]) == 4
+    before = mtimes(cache_dir)
+
+    # a later fit, built in Python with the same settings, reuses it without synthesizing anything
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the cache made by `zskd synthesize` should have been reused")
+
+    monkeypatch.setattr(Synthesizer, "synthesize", refuse)
+    import lightning as L
+
+    from zskd_lightning import DistillationModule, ImpressionSynthesis
+    from zskd_lightning.data import DigitsDataModule
+    from zskd_lightning.models import DigitsConvNetHalf
+
+    teacher = tiny.shipped_teacher()
+    datamodule = ImpressionDataModule(ZSKDSynthesizer(iterations=3, lr=0.05), num_impressions=24,
+                                      num_val_impressions=8, chunk_size=8, seed=3, cache_dir=str(cache_dir),
+                                      teacher=teacher, eval_data=DigitsDataModule())
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "fit",
+                        callbacks=[ImpressionSynthesis()])
+    trainer.fit(DistillationModule(teacher, DigitsConvNetHalf(1, 10), export_filename=None), datamodule=datamodule)
+    assert trainer.global_step > 0
+    assert mtimes(cache_dir) == before

@@ -1,0 +1,42 @@
+"""Every shipped config parses against the current code (class paths, argument names, types)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zskd_lightning.cli import main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    names = {p.relative_to(p.parents[1]).as_posix() if p.parent.name != "configs" else p.name for p in CONFIGS}
+    for expected in (
+        "quickstart.yaml",
+        "digits/teacher.yaml",
+        "mnist/teacher_lenet5.yaml",
+        "mnist/student_ce_lenet5_half.yaml",
+        "mnist/kd_real_lenet5_half.yaml",
+        "mnist/zskd_lenet5_half.yaml",
+        "mnist/zskd_lenet5_half_fast.yaml",
+        "mnist/ci_lenet5_half.yaml",
+        "cifar10/teacher_alexnet.yaml",
+        "cifar10/student_ce_alexnet_half.yaml",
+        "cifar10/kd_real_alexnet_half.yaml",
+    ):
+        assert expected in names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
+def test_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    source = yaml.safe_load(config.read_text())
+    assert printed["model"]["class_path"] == source["model"]["class_path"]
+    assert printed["data"]["class_path"] == source["data"]["class_path"]
+    assert printed["seed_everything"] == source["seed_everything"]

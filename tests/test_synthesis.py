@@ -1,0 +1,363 @@
+"""Synthesizers, target samplers and regularizers (CPU, seconds).
+
+Teachers: ``helpers.tiny.shipped_teacher()`` (the package's trained digits DigitsConvNet) where impressions must
+actually reach their targets; fixed-seed tiny nets (``helpers.tiny.make_net``) where only the mechanics matter.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny
+from torch import nn
+from torch.utils.data import DataLoader
+
+from zskd_lightning import ClassImpressionSynthesizer, ZSKDSynthesizer
+from zskd_lightning.synthesis import (
+    BatchNormStatistics,
+    ChunkRandomness,
+    DirichletTargets,
+    L2Prior,
+    OneHotTargets,
+    TotalVariation,
+    class_similarity,
+)
+from zskd_lightning.teacher import as_frozen_teacher
+
+K = 10
+RANGE = tiny.digits_input_range()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These tensors are tiny: one thread is as fast on an idle machine and ~10x faster on a busy one.
+    (Results do not depend on the thread count: see test_ddp_synthesis.py.)"""
+    with tiny.torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained_teacher():
+    return tiny.shipped_teacher()
+
+
+@pytest.fixture(scope="module")
+def small_teacher():
+    return as_frozen_teacher(tiny.make_net(0))
+
+
+def synthesize(synthesizer, teacher, n=8, seed=0, chunk=0, input_range=RANGE, **kwargs):
+    """One chunk of ``n`` impressions with indices ``[chunk * n, chunk * n + n)`` (fresh randomness each call)."""
+    synthesizer.setup(teacher)
+    return synthesizer.synthesize(
+        teacher, torch.arange(chunk * n, chunk * n + n), tiny.INPUT_SHAPE, ChunkRandomness.for_chunk(seed, chunk),
+        K, input_range, **kwargs,
+    )
+
+
+def teacher_loss(synthesizer, teacher, inputs, targets) -> float:
+    """The synthesizer's objective (mean over the chunk) for ``inputs``."""
+    with torch.no_grad():
+        return float(synthesizer.objective(teacher(inputs).float(), targets).mean())
+
+
+# ------------------------------------------------------------------------------------------ class similarity
+def test_class_similarity_properties(trained_teacher):
+    s = class_similarity(trained_teacher)
+    assert s.shape == (K, K) and s.dtype == torch.float32
+    torch.testing.assert_close(s, s.T, rtol=0, atol=1e-6)
+    assert s.min() == 0 and s.max() == pytest.approx(1.0, abs=1e-6)
+    assert (s >= 0).all() and (s <= 1).all()
+    # each class is most similar to itself
+    assert torch.equal(s.argmax(dim=1), torch.arange(K))
+    assert (s.diagonal() >= 1 - 1e-5).all()
+    # it is the min-max normalized cosine similarity of the LAST Linear's rows
+    w = F.normalize(trained_teacher.network.classifier[-1].weight.detach(), dim=1)
+    cos = w @ w.T
+    torch.testing.assert_close(s, (cos - cos.min()) / (cos.max() - cos.min()), rtol=0, atol=1e-6)
+
+
+def test_class_similarity_reads_only_the_last_linear():
+    net = tiny.make_net(0)
+    first, last = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    before = class_similarity(net)
+    with torch.no_grad():
+        first.weight.mul_(-3.0)
+    assert torch.equal(class_similarity(net), before)
+    with torch.no_grad():
+        last.weight[0] = last.weight[1]
+    after = class_similarity(net)
+    assert not torch.equal(after, before)
+    assert after[0, 1] == pytest.approx(1.0, abs=1e-6)  # identical class vectors are maximally similar
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def dirichlet(teacher, betas=(1.0, 0.1)) -> DirichletTargets:
+    sampler = DirichletTargets(betas)
+    sampler.setup(teacher)
+    return sampler
+
+
+def test_dirichlet_rows_are_distributions_with_balanced_labels(trained_teacher):
+    indices = torch.arange(100, 300)
+    targets, labels = dirichlet(trained_teacher).sample(indices, K, ChunkRandomness.for_chunk(0, 0))
+    assert targets.shape == (200, K) and targets.dtype == torch.float32 and labels.dtype == torch.int64
+    assert (targets >= 0).all()
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(200), rtol=0, atol=1e-5)
+    assert torch.equal(labels, indices % K)
+
+
+def test_dirichlet_budget_splits_evenly_over_classes_and_betas(trained_teacher):
+    betas = (1.0, 0.1)
+    sampler = dirichlet(trained_teacher, betas)
+    n = K * len(betas) * 3  # any multiple of K * len(betas) splits exactly evenly
+    indices = torch.arange(n)
+    alpha = sampler.concentrations(indices, K)
+    similarity = class_similarity(trained_teacher).double()
+    expected_beta = torch.tensor([betas[(i // K) % len(betas)] for i in range(n)], dtype=torch.float64)
+    torch.testing.assert_close(alpha, expected_beta[:, None] * similarity[indices % K] + sampler.floor)
+    pairs = [(i % K, betas[(i // K) % len(betas)]) for i in range(n)]
+    counts = {pair: pairs.count(pair) for pair in set(pairs)}
+    assert len(counts) == K * len(betas) and set(counts.values()) == {3}
+    # the concentration peaks at the impression's own class
+    assert torch.equal(alpha.argmax(dim=1), indices % K)
+
+
+def test_dirichlet_randomness_comes_from_seed_and_chunk_only(trained_teacher):
+    sampler = dirichlet(trained_teacher)
+    indices = torch.arange(16, 32)
+
+    def draw(seed, chunk):
+        return sampler.sample(indices, K, ChunkRandomness.for_chunk(seed, chunk))[0]
+
+    assert torch.equal(draw(0, 2), draw(0, 2))
+    assert torch.equal(dirichlet(trained_teacher).sample(indices, K, ChunkRandomness.for_chunk(0, 2))[0], draw(0, 2))
+    assert not torch.allclose(draw(0, 2), draw(0, 3))
+    assert not torch.allclose(draw(0, 2), draw(1, 2))
+
+
+def test_small_beta_gives_peakier_targets_than_large_beta(trained_teacher):
+    """The authors' code re-normalized each concentration row, which made beta 1.0 and 0.1 identical."""
+    indices = torch.arange(1000)
+    peaks = {}
+    for beta in (1.0, 0.1):
+        targets, _ = dirichlet(trained_teacher, (beta,)).sample(indices, K, ChunkRandomness.for_chunk(0, 0))
+        peaks[beta] = float(targets.max(dim=1).values.mean())
+    assert peaks[0.1] > peaks[1.0] + 0.1, peaks
+    # and inside one sampler with both betas, the two halves of the budget differ the same way
+    targets, _ = dirichlet(trained_teacher).sample(indices, K, ChunkRandomness.for_chunk(0, 0))
+    beta_small = (indices // K) % 2 == 1
+    assert targets[beta_small].max(dim=1).values.mean() > targets[~beta_small].max(dim=1).values.mean() + 0.1
+
+
+def test_dirichlet_rejects_bad_betas():
+    with pytest.raises(ValueError):
+        DirichletTargets(())
+    with pytest.raises(ValueError):
+        DirichletTargets((1.0, 0.0))
+
+
+def test_one_hot_targets():
+    indices = torch.arange(5, 30)
+    targets, labels = OneHotTargets().sample(indices, K, ChunkRandomness.for_chunk(0, 0))
+    assert torch.equal(labels, indices % K)
+    assert torch.equal(targets, F.one_hot(indices % K, K).float())
+
+
+# --------------------------------------------------------------------------- impressions reach their targets
+def test_zskd_impressions_match_their_targets(trained_teacher):
+    synthesizer = ZSKDSynthesizer(iterations=100, lr=0.05)
+    inputs, targets, labels, loss = synthesize(synthesizer, trained_teacher, n=40)
+    assert inputs.shape == (40, *tiny.INPUT_SHAPE) and inputs.dtype == torch.float32
+    assert torch.equal(labels, torch.arange(40) % K)
+    # the returned targets are the sampler's for this chunk
+    expected, _ = synthesizer.target_sampler.sample(torch.arange(40), K, ChunkRandomness.for_chunk(0, 0))
+    assert torch.equal(targets, expected)
+    with torch.no_grad():
+        predicted = trained_teacher(inputs).argmax(dim=1)
+    agreement = (predicted == targets.argmax(dim=1)).float().mean().item()
+    assert agreement >= 0.9, agreement
+    x0 = synthesizer.initial_inputs(40, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    assert loss < teacher_loss(synthesizer, trained_teacher, x0, targets)
+    assert loss == pytest.approx(teacher_loss(synthesizer, trained_teacher, inputs, targets), rel=1e-3)
+
+
+def test_class_impressions_match_their_classes(trained_teacher):
+    inputs, targets, labels, _ = synthesize(ClassImpressionSynthesizer(iterations=100, lr=0.05), trained_teacher, n=40)
+    assert torch.equal(targets.argmax(dim=1), labels)
+    with torch.no_grad():
+        predicted = trained_teacher(inputs).argmax(dim=1)
+    agreement = (predicted == labels).float().mean().item()
+    assert agreement >= 0.95, agreement
+
+
+@pytest.mark.parametrize("init", ["uniform", "normal"])
+def test_impressions_stay_inside_the_input_range(small_teacher, init):
+    low, high = RANGE
+    synthesizer = ZSKDSynthesizer(iterations=20, lr=1.0, init=init)  # a huge lr pushes far out of range
+    inputs = synthesize(synthesizer, small_teacher, n=16)[0]
+    assert inputs.min() >= low.min() and inputs.max() <= high.max()
+    # the range is actually used (the clamp bites on both sides)
+    assert (inputs == low).any() and (inputs == high).any()
+    x0 = synthesizer.initial_inputs(16, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    assert x0.min() >= low.min() and x0.max() <= high.max()
+
+
+def test_synthesis_is_deterministic_per_chunk(small_teacher):
+    first = synthesize(ZSKDSynthesizer(iterations=5), small_teacher, chunk=3)
+    again = synthesize(ZSKDSynthesizer(iterations=5), small_teacher, chunk=3)
+    other = synthesize(ZSKDSynthesizer(iterations=5), small_teacher, chunk=4)
+    for a, b in zip(first[:3], again[:3]):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_settings_record_what_changes_the_impressions():
+    settings = ZSKDSynthesizer(betas=(1.0, 0.1), temperature=20.0, iterations=7, lr=0.03,
+                               regularizers=[TotalVariation(0.5), L2Prior(0.25)]).settings()
+    assert settings["iterations"] == 7 and settings["lr"] == 0.03 and settings["init"] == "uniform"
+    assert settings["target_sampler"]["betas"] == [1.0, 0.1]
+    assert settings["objective"]["temperature"] == 20.0
+    assert settings["regularizers"] == [{"name": "TotalVariation", "weight": 0.5}, {"name": "L2Prior", "weight": 0.25}]
+    assert settings["class"] == "zskd_lightning.synthesis.zskd.ZSKDSynthesizer"
+    assert ClassImpressionSynthesizer().settings()["target_sampler"]["name"] == "OneHotTargets"
+    with pytest.raises(ValueError):
+        ZSKDSynthesizer(iterations=0)
+
+
+# ------------------------------------------------------------- gradients under Lightning's no-grad contexts
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_synthesis_optimizes_inside_no_grad_contexts(small_teacher, context):
+    reference = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05), small_teacher)
+    with context():
+        inputs, targets, labels, loss = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05), small_teacher)
+    assert torch.equal(inputs, reference[0]) and torch.equal(targets, reference[1])
+    assert torch.equal(labels, reference[2]) and loss == reference[3]
+    x0 = ZSKDSynthesizer().initial_inputs(8, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    assert not torch.equal(inputs, x0)
+    assert loss < teacher_loss(ZSKDSynthesizer(), small_teacher, x0, targets)
+
+
+class SynthesizeInPredict(L.LightningModule):
+    """``predict_step`` synthesizes one chunk per batch: runs under Lightning's ``inference_mode``."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = as_frozen_teacher(teacher)
+        self.synthesizer = ZSKDSynthesizer(iterations=10, lr=0.05)
+
+    def predict_step(self, batch, batch_idx):
+        assert torch.is_inference_mode_enabled()
+        chunk = int(batch[0])
+        self.synthesizer.setup(self.teacher)
+        return self.synthesizer.synthesize(
+            self.teacher, torch.arange(8 * chunk, 8 * chunk + 8), tiny.INPUT_SHAPE, ChunkRandomness.for_chunk(0, chunk),
+            K, RANGE, device=self.device,
+        )
+
+
+def test_synthesis_optimizes_inside_trainer_predict(small_teacher, tmp_path):
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    assert trainer.predict_loop.inference_mode  # the default: predict runs under torch.inference_mode()
+    results = trainer.predict(SynthesizeInPredict(small_teacher), dataloaders=DataLoader([0, 1], batch_size=1))
+    for chunk, (inputs, targets, labels, loss) in enumerate(results):
+        reference = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05), small_teacher, chunk=chunk)
+        assert torch.equal(inputs, reference[0]) and torch.equal(targets, reference[1]) and loss == reference[3]
+
+
+def test_fit_callback_writes_what_synthesize_returns(small_teacher, tmp_path):
+    """The real path (fit + ImpressionSynthesis, grad enabled by Lightning) gives the plain call's impressions."""
+    _, datamodule = tiny.run_synthesis(tmp_path / "cache", num_impressions=16, chunk_size=8, iterations=5,
+                                       teacher=tiny.make_net(0))
+    cache = datamodule._require_cache()
+    for chunk in range(2):
+        inputs, targets, labels, _ = synthesize(ZSKDSynthesizer(iterations=5, lr=0.05), small_teacher, chunk=chunk)
+        assert np.array_equal(cache.load("inputs", 8 * chunk, 8 * chunk + 8)[0], inputs.numpy())
+        assert np.array_equal(cache.load("targets", 8 * chunk, 8 * chunk + 8)[0], targets.numpy())
+        assert np.array_equal(cache.load("labels", 8 * chunk, 8 * chunk + 8)[0], labels.numpy())
+
+
+def test_synthesis_under_bfloat16_autocast_gives_finite_float32(trained_teacher):
+    inputs, targets, _, loss = synthesize(
+        ZSKDSynthesizer(iterations=10, lr=0.05), trained_teacher,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    )
+    assert inputs.dtype == torch.float32 and targets.dtype == torch.float32
+    assert torch.isfinite(inputs).all() and np.isfinite(loss)
+    x0 = ZSKDSynthesizer().initial_inputs(8, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    assert not torch.equal(inputs, x0)
+
+
+# ---------------------------------------------------------------------------------------------- regularizers
+@pytest.fixture(scope="module")
+def bn_teacher():
+    return as_frozen_teacher(tiny.make_bn_teacher(0))
+
+
+def bn_penalty(teacher, inputs) -> float:
+    reg = BatchNormStatistics()
+    reg.attach(teacher)
+    try:
+        with torch.no_grad():
+            teacher(inputs)
+        return float(reg(inputs))
+    finally:
+        reg.detach()
+
+
+def bn_layers(teacher):
+    return [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_batchnorm_statistics_penalty_decreases_and_hooks_are_removed(bn_teacher):
+    layers = bn_layers(bn_teacher)
+    assert layers and all(len(m._forward_hooks) == 0 for m in layers)
+    synthesizer = ZSKDSynthesizer(iterations=30, lr=0.05, regularizers=[BatchNormStatistics(weight=10.0)])
+    x0 = synthesizer.initial_inputs(16, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    inputs = synthesize(synthesizer, bn_teacher, n=16)[0]
+    before, after = bn_penalty(bn_teacher, x0), bn_penalty(bn_teacher, inputs)
+    assert before > 0 and after >= 0
+    assert after < 0.8 * before, (before, after)
+    assert all(len(m._forward_hooks) == 0 for m in layers)
+    # the running statistics are read, never updated (the teacher stays in eval mode)
+    assert not bn_teacher.training
+
+
+def test_batchnorm_statistics_hooks_are_removed_when_synthesis_fails(bn_teacher):
+    def explode(iteration, loss):
+        raise KeyboardInterrupt
+
+    synthesizer = ZSKDSynthesizer(iterations=30, regularizers=[BatchNormStatistics()])
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(synthesizer, bn_teacher, progress=explode)
+    assert all(len(m._forward_hooks) == 0 for m in bn_layers(bn_teacher))
+
+
+def test_batchnorm_statistics_needs_batchnorm(small_teacher):
+    with pytest.raises(ValueError, match="BatchNorm"):
+        BatchNormStatistics().attach(small_teacher)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        synthesize(ZSKDSynthesizer(iterations=2, regularizers=[BatchNormStatistics()]), small_teacher)
+
+
+def test_total_variation():
+    tv = TotalVariation(weight=1.0)
+    constant = torch.full((3, 1, 8, 8), 0.7)
+    assert torch.equal(tv(constant), torch.zeros(3))
+    noisy = constant + torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert tv(noisy).shape == (3,) and (tv(noisy) > 0).all()
+    stripes = torch.zeros(1, 1, 8, 8)
+    stripes[..., ::2] = 1.0  # vertical stripes: only horizontal differences, each of size 1
+    assert tv(stripes).item() == pytest.approx(1.0)
+
+
+def test_l2_prior_and_regularizers_compose(small_teacher):
+    assert torch.equal(L2Prior()(torch.zeros(2, 1, 8, 8)), torch.zeros(2))
+    plain = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05), small_teacher)[0]
+    smooth = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05, regularizers=[TotalVariation(50.0), L2Prior(1.0)]),
+                        small_teacher)[0]
+    assert TotalVariation()(smooth).mean() < TotalVariation()(plain).mean()
