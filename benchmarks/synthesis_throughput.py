@@ -4,8 +4,9 @@
 
 The plain loop is what one writes by hand: random-init inputs, ``torch.optim.Adam`` on them, cross-entropy to
 Dirichlet soft targets at T = 20, a batch of 256, ``iterations`` steps. The library runs the same objective,
-the same optimizer and the same number of steps per impression through ``ZSKDSynthesizer.synthesize`` on
-one chunk (the unit of work the synthesis callback hands each device). Both use untrained teachers with a
+the same optimizer and the same number of steps per impression through ``ZSKDSynthesizer.synthesize``, chunk
+by chunk as the synthesis callback does on each device (its speed comes from running the teacher on
+channels-last inputs and weights). Both use untrained teachers with a
 fixed seed (throughput does not depend on the weights).
 
 Printed per model: impression-iterations per second of each path, their ratio, and peak memory (CUDA peak
@@ -75,23 +76,24 @@ def plain_loop(teacher, targets, input_range, iterations, batch_size, device) ->
     return time.perf_counter() - started
 
 
-def library(teacher, synthesizer, count, input_range, device) -> float:
-    """Seconds for the library to synthesize one chunk of ``count`` impressions."""
+def library(teacher, synthesizer, count, chunk, input_range, device) -> float:
+    """Seconds for the library to synthesize ``count`` impressions, chunk by chunk as the callback does."""
     started = time.perf_counter()
-    synthesizer.synthesize(
-        teacher,
-        indices=torch.arange(count),
-        input_shape=teacher.input_shape,
-        rng=ChunkRandomness.for_chunk(0, 0),
-        num_classes=10,
-        input_range=input_range,
-        device=device,
-    )
+    for index, first in enumerate(range(0, count, chunk)):
+        synthesizer.synthesize(
+            teacher,
+            indices=torch.arange(first, min(first + chunk, count)),
+            input_shape=teacher.input_shape,
+            rng=ChunkRandomness.for_chunk(0, index),
+            num_classes=10,
+            input_range=input_range,
+            device=device,
+        )
     sync(device)
     return time.perf_counter() - started
 
 
-def measure(name: str, iterations: int, plain_batch: int, chunk: int, device: torch.device) -> dict[str, float]:
+def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int, device: torch.device) -> dict[str, float]:
     network_cls, shape, mean, std = MODELS[name]
     torch.manual_seed(0)
     teacher = FrozenTeacher(network=network_cls(in_channels=shape[0], num_classes=10)).to(device)
@@ -100,7 +102,7 @@ def measure(name: str, iterations: int, plain_batch: int, chunk: int, device: to
     input_range = ((0 - mean_t) / std_t, (1 - mean_t) / std_t)
     synthesizer = ZSKDSynthesizer(iterations=iterations, lr=0.01)
     synthesizer.setup(teacher)
-    targets, _ = synthesizer.target_sampler.sample(torch.arange(chunk), 10, ChunkRandomness.for_chunk(0, 0))
+    targets, _ = synthesizer.target_sampler.sample(torch.arange(count), 10, ChunkRandomness.for_chunk(0, 0))
 
     # Warm-up both paths (allocator, kernels), then measure the same number of impression-iterations.
     plain_loop(teacher, targets[:plain_batch], input_range, 3, plain_batch, device)
@@ -111,9 +113,9 @@ def measure(name: str, iterations: int, plain_batch: int, chunk: int, device: to
     plain_s = plain_loop(teacher, targets, input_range, iterations, plain_batch, device)
     plain_mem = peak_memory_mib(device) - before
     before = reset_peak(device)
-    library_s = library(teacher, synthesizer, chunk, input_range, device)
+    library_s = library(teacher, synthesizer, count, chunk, input_range, device)
     library_mem = peak_memory_mib(device) - before
-    work = chunk * iterations
+    work = count * iterations
     return {
         "plain_ips": work / plain_s,
         "library_ips": work / library_s,
@@ -126,17 +128,19 @@ def measure(name: str, iterations: int, plain_batch: int, chunk: int, device: to
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--iterations", type=int, default=40, help="Adam steps per impression (both paths)")
+    parser.add_argument("--impressions", type=int, default=512, help="impressions made by each path")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[40, 10],
+                        help="Adam steps per impression, per model in --models order (both paths)")
     parser.add_argument("--plain-batch", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=2048, help="impressions per library chunk (= total work)")
+    parser.add_argument("--chunk", type=int, default=256, help="impressions per library chunk (ImpressionDataModule's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where}; torch {torch.__version__}; {args.chunk} impressions x {args.iterations} iterations")
+    print(f"device: {where}; torch {torch.__version__}; {args.impressions} impressions per path")
     print(f"{'model':8s} {'plain imp-it/s':>15s} {'library imp-it/s':>17s} {'ratio':>6s} {'plain peak MiB':>15s} {'lib peak MiB':>13s}")
-    for name in args.models:
-        r = measure(name, args.iterations, args.plain_batch, args.chunk, device)
+    for name, iterations in zip(args.models, args.iterations * len(args.models)):
+        r = measure(name, args.impressions, iterations, args.plain_batch, args.chunk, device)
         print(
             f"{name:8s} {r['plain_ips']:15.0f} {r['library_ips']:17.0f} {r['ratio']:6.2f} "
             f"{r['plain_mem']:15.1f} {r['library_mem']:13.1f}",

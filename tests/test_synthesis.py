@@ -361,3 +361,47 @@ def test_l2_prior_and_regularizers_compose(small_teacher):
     smooth = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05, regularizers=[TotalVariation(50.0), L2Prior(1.0)]),
                         small_teacher)[0]
     assert TotalVariation()(smooth).mean() < TotalVariation()(plain).mean()
+
+
+def test_channels_last_gives_the_same_impressions_and_restores_the_teacher():
+    from zskd_lightning.models import LeNet5
+    from zskd_lightning.synthesis.base import ChunkRandomness
+    from zskd_lightning.teacher import FrozenTeacher
+
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(network=LeNet5())
+    bounds = (torch.full((1, 1, 1), -0.5), torch.full((1, 1, 1), 2.5))
+    results = []
+    for channels_last in (False, True):
+        synthesizer = ZSKDSynthesizer(iterations=5, lr=0.05, channels_last=channels_last)
+        synthesizer.setup(teacher)
+        results.append(
+            synthesizer.synthesize(teacher, torch.arange(16), (1, 32, 32), ChunkRandomness.for_chunk(0, 0), 10, bounds)
+        )
+        assert all(p.is_contiguous() for p in teacher.parameters())
+    assert results[1][0].is_contiguous()
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-4)
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_plateau_stopping_spends_fewer_steps():
+    from zskd_lightning.synthesis.base import ChunkRandomness
+
+    teacher = _plateau_teacher()
+    full = ZSKDSynthesizer(iterations=200, lr=0.1, channels_last=False)
+    early = ZSKDSynthesizer(iterations=200, lr=0.1, channels_last=False, stop_tolerance=1e-3, stop_window=20)
+    outputs = []
+    for synthesizer in (full, early):
+        synthesizer.setup(teacher)
+        outputs.append(synthesizer.synthesize(teacher, torch.arange(32), (4,), ChunkRandomness.for_chunk(1, 0), 3))
+        # (inputs without a range are not clamped, so the teacher below saturates and losses plateau)
+    assert full.last_steps == 32 * 200
+    assert early.last_steps < full.last_steps
+    assert outputs[1][3] <= outputs[0][3] + 0.05  # stopped impressions had already converged
+
+
+def _plateau_teacher():
+    from zskd_lightning.teacher import FrozenTeacher
+
+    torch.manual_seed(0)
+    return FrozenTeacher(network=torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))

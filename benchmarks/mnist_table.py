@@ -1,0 +1,192 @@
+"""Regenerate the ZSKD MNIST table (LeNet-5 -> LeNet-5-half) with one command.
+
+    ZSKD_DATA_ROOT=../shared/data python benchmarks/mnist_table.py [--rows all] [--seeds 0 1 2] [--schedule fast]
+
+Every row runs the ``zskd`` CLI on a shipped config with command-line overrides (printed in the table, so each
+row can be rerun by hand), reads the final (last-epoch) test accuracy from its output, and the synthesis wall
+time from the impression cache's manifest. Results accumulate in ``benchmarks/results/mnist.csv`` (rows
+already measured for the same command are skipped, so an interrupted run resumes); ``mnist.md`` and
+``mnist.png`` are rebuilt from the CSV after every row.
+
+``--schedule paper`` synthesizes with the paper's 1500 iterations at lr 0.01; ``fast`` with the shipped fast
+config's schedule. The teacher row trains the teacher every other row loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TEACHER_CKPT = "runs/mnist/teacher_lenet5/last.ckpt"
+PAPER = {"teacher": 99.34, "student_ce": 98.92, "student_kd": 99.25, "zskd": 98.77, "lopes": 92.47}
+ABLATION = (600, 3000, 6000, 12000, 24000)  # 1%, 5%, 10%, 20%, 40% of MNIST's 60,000
+FIELDS = ["row", "method", "impressions", "seed", "test_acc", "teacher_acc", "synthesis_s", "total_s", "hardware", "command"]
+
+
+def hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU x{os.cpu_count()} ({platform.machine()})"
+
+
+def row_commands(rows: list[str], seeds: list[int], schedule: str) -> list[tuple[str, str, int, int, list[str]]]:
+    """(row, method, impressions, seed, zskd arguments) for every requested measurement."""
+    plans = []
+    synth = [] if schedule == "fast" else ["--data.init_args.synthesizer.init_args.iterations", "1500",
+                                           "--data.init_args.synthesizer.init_args.lr", "0.01"]
+
+    def data_free(method: str, config: str, n: int, seed: int, row: str):
+        cache = f"runs/mnist/impressions/{method}_{schedule}_{n}_s{seed}"
+        return (row, method, n, seed, ["fit", "--config", f"configs/mnist/{config}", "--seed_everything", str(seed),
+                "--data.init_args.num_impressions", str(n), "--data.init_args.seed", str(seed),
+                "--data.init_args.cache_dir", cache,
+                "--trainer.default_root_dir", f"runs/mnist/table/{method}_{schedule}_{n}_s{seed}", *synth])
+
+    for seed in seeds:
+        if "teacher" in rows and seed == seeds[0]:
+            plans.append(("teacher", "ce-real", 0, seed, ["fit", "--config", "configs/mnist/teacher_lenet5.yaml"]))
+        if "student_ce" in rows:
+            plans.append(("student_ce", "ce-real", 0, seed, ["fit", "--config", "configs/mnist/student_ce_lenet5_half.yaml",
+                          "--seed_everything", str(seed), "--trainer.default_root_dir", f"runs/mnist/table/student_ce_s{seed}",
+                          "--trainer.callbacks", "[]"]))
+        if "student_kd" in rows:
+            plans.append(("student_kd", "kd-real", 0, seed, ["fit", "--config", "configs/mnist/kd_real_lenet5_half.yaml",
+                          "--seed_everything", str(seed), "--trainer.default_root_dir", f"runs/mnist/table/student_kd_s{seed}"]))
+        if "zskd" in rows:
+            plans.append(data_free("zskd", "zskd_lenet5_half_fast.yaml", 24000, seed, "zskd"))
+        if "ci" in rows:
+            plans.append(data_free("ci", "ci_lenet5_half.yaml", 24000, seed, "ci"))
+    if "ablation" in rows:
+        for n in ABLATION:
+            plans.append(data_free("zskd", "zskd_lenet5_half_fast.yaml", n, seeds[0], "ablation"))
+            plans.append(data_free("ci", "ci_lenet5_half.yaml", n, seeds[0], "ablation"))
+    return plans
+
+
+def run_row(args: list[str]) -> dict[str, float]:
+    """Run ``zskd ARGS``; return test accuracies (%) and timings read from its output and cache manifest."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "zskd_lightning", *args, "--trainer.enable_progress_bar", "false"],
+                          cwd=ROOT, capture_output=True, text=True)
+    total = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"zskd {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    metrics = dict(re.findall(r"(test/\w+)\s+([0-9.]+)", proc.stdout))
+    synthesis = 0.0
+    if "--data.init_args.cache_dir" in args:
+        manifest = ROOT / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
+        synthesis = json.loads(manifest.read_text())["wall_seconds"] if manifest.exists() else 0.0
+    return {
+        "test_acc": 100 * float(metrics["test/acc"]),
+        "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
+        "synthesis_s": synthesis,
+        "total_s": total,
+    }
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def summarize(records: list[dict[str, str]]) -> None:
+    """Write mnist.md and mnist.png from the CSV records."""
+    teacher = [float(r["test_acc"]) for r in records if r["row"] == "teacher"]
+    teacher_acc = teacher[-1] if teacher else None
+    lines = [
+        "# ZSKD MNIST table: LeNet-5 -> LeNet-5-half",
+        "",
+        "Generated by `benchmarks/mnist_table.py` from `mnist.csv`. Test accuracy of the LAST epoch on the official",
+        "MNIST test set (never used for selection). Our teacher sees the 17,435 training images available here, not",
+        "60,000, so every row also gives the ratio student / teacher. Times are wall-clock seconds on the row's hardware.",
+        "",
+        "| row | impressions | seeds | test acc. (%) | ratio to teacher | paper (%) | synthesis (s) | total (s) | hardware | command |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for r in records:
+        groups.setdefault((r["row"], r["method"], r["impressions"]), []).append(r)
+    paper_key = {"teacher": "teacher", "student_ce": "student_ce", "student_kd": "student_kd", "zskd": "zskd"}
+    for (row, method, n), group in groups.items():
+        accs = [float(g["test_acc"]) for g in group]
+        mean = statistics.mean(accs)
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        ratio = f"{mean / teacher_acc:.4f}" if teacher_acc else ""
+        paper = PAPER.get(paper_key.get(row, ""), "") if row != "ablation" else ""
+        label = f"{row} ({method})" if row in ("ablation",) else row
+        lines.append(
+            f"| {label} | {n if n != '0' else '-'} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread} | {ratio} | {paper} "
+            f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f} | {statistics.mean(float(g['total_s']) for g in group):.0f} "
+            f"| {group[0]['hardware']} | `zskd {group[0]['command']}` |"
+        )
+    lines += ["", f"Paper (Nayak et al. 2019, Table 1): teacher {PAPER['teacher']}, Student-CE {PAPER['student_ce']}, "
+              f"Student-KD {PAPER['student_kd']}, Lopes et al. {PAPER['lopes']}, ZSKD {PAPER['zskd']}; "
+              f"target ratio {PAPER['zskd'] / PAPER['teacher']:.4f}.", ""]
+    (RESULTS / "mnist.md").write_text("\n".join(lines))
+    ablation = [r for r in records if r["row"] == "ablation"]
+    if ablation:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method in sorted({r["method"] for r in ablation}):
+            points = sorted((int(r["impressions"]), float(r["test_acc"])) for r in ablation if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        if teacher_acc:
+            ax.axhline(teacher_acc, color="grey", linestyle="--", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel("impressions")
+        ax.set_ylabel("student test accuracy (%)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / "mnist.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=["teacher", "student_ce", "student_kd", "zskd", "ci", "ablation"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--schedule", choices=["fast", "paper"], default="fast")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "mnist.csv"
+    records = read_csv(path)
+    done = {r["command"] for r in records}
+    for row, method, n, seed, zskd_args in row_commands(args.rows, args.seeds, args.schedule):
+        command = " ".join(zskd_args)
+        if command in done:
+            continue
+        if row != "teacher" and not (ROOT / TEACHER_CKPT).exists():
+            raise SystemExit(f"train the teacher first (--rows teacher): {TEACHER_CKPT} is missing")
+        print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
+        result = run_row(zskd_args)
+        record = {"row": row, "method": method, "impressions": n, "seed": seed, "hardware": hardware(),
+                  "command": command, **{k: f"{v:.4f}" if "acc" in k else f"{v:.1f}" for k, v in result.items()}}
+        records.append({k: str(v) for k, v in record.items()})
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(records)
+        summarize(records)
+        print(f"    test acc {result['test_acc']:.2f}% in {result['total_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""BatchAugmentation: vectorised per-sample random augmentation of pixel-space batches."""
+
+from __future__ import annotations
+
+import torch
+
+from zskd_lightning.augment import BatchAugmentation, augment_normalized
+
+
+def test_identity_parameters_leave_the_batch_unchanged():
+    x = torch.rand(8, 3, 16, 16)
+    assert torch.allclose(BatchAugmentation()(x), x, atol=1e-5)
+
+
+def test_each_sample_gets_its_own_transform():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 16, 16).expand(16, 1, 16, 16).contiguous()  # 16 copies of one image
+    out = BatchAugmentation(degrees=30, translate=(0.2, 0.2), scale=(0.8, 1.2))(x)
+    assert out.shape == x.shape
+    distinct = {tuple(o.flatten().round(decimals=4).tolist()) for o in out}
+    assert len(distinct) == 16
+
+
+def test_fill_and_range():
+    torch.manual_seed(0)
+    white = torch.ones(32, 1, 8, 8)
+    out = BatchAugmentation(translate=(0.25, 0.25), fill=0.0)(white)
+    assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6
+    assert torch.isclose(out.amin(), torch.tensor(0.0), atol=1e-6)  # black comes in from outside
+    noisy = BatchAugmentation(noise_std=0.5)(torch.full((4, 1, 8, 8), 0.5))
+    assert noisy.min() >= 0 and noisy.max() <= 1 and noisy.std() > 0.1
+
+
+def test_hflip_flips_about_half():
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 1, 8).view(1, 1, 1, 8).expand(200, 1, 8, 8).contiguous()
+    out = BatchAugmentation(hflip=True)(ramp)
+    flipped = (out[..., 0] > out[..., -1]).flatten(1).all(1)
+    assert 60 < int(flipped.sum()) < 140
+    assert torch.allclose(out[flipped], ramp[flipped].flip(-1), atol=1e-5)
+
+
+def test_augment_normalized_maps_through_pixel_space():
+    low, high = torch.tensor([-1.0]).view(1, 1, 1), torch.tensor([3.0]).view(1, 1, 1)
+    x = low + (high - low) * torch.rand(4, 1, 8, 8)
+    assert torch.allclose(augment_normalized(x, BatchAugmentation(), (low, high)), x, atol=1e-5)
+    shifted = augment_normalized(torch.full_like(x, 3.0), BatchAugmentation(translate=(0.3, 0.3)), (low, high))
+    assert shifted.min() >= -1 - 1e-5 and shifted.max() <= 3 + 1e-5
