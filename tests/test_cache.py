@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from helpers import tiny
+from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
 
 import zskd_lightning
 from zskd_lightning import ImpressionCache, ImpressionDataModule, Synthesizer, ZSKDError, ZSKDSynthesizer
@@ -28,14 +29,6 @@ from zskd_lightning.synthesis import cache as cache_module
 from zskd_lightning.teacher import as_frozen_teacher
 
 NUM_CHUNKS = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These tensors are tiny: one thread is as fast on an idle machine and ~10x faster on a busy one.
-    (Results do not depend on the thread count: see test_ddp_synthesis.py.)"""
-    with tiny.torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny
+from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -29,14 +30,6 @@ from zskd_lightning.teacher import as_frozen_teacher
 
 K = 10
 RANGE = tiny.digits_input_range()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These tensors are tiny: one thread is as fast on an idle machine and ~10x faster on a busy one.
-    (Results do not depend on the thread count: see test_ddp_synthesis.py.)"""
-    with tiny.torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

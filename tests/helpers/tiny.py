@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -159,6 +160,15 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Import into a test module to run it on one torch thread: these tensors are tiny, and one thread is as
+    fast on an idle machine and ~10x faster on a busy one. (Results do not depend on the thread count: see
+    test_ddp_synthesis.py.)"""
+    with torch_threads(1):
+        yield
 
 
 SCRIPT = HERE / "synthesize_run.py"
