@@ -398,3 +398,18 @@ def _plateau_teacher():
 
     torch.manual_seed(0)
     return FrozenTeacher(network=torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+
+
+def test_synthesis_follows_the_trainers_mixed_precision(tmp_path):
+    """Under Trainer(precision="bf16-mixed") the teacher's forward pass in synthesis runs in bf16 autocast,
+    while the cached impressions stay float32 and finite."""
+    teacher = tiny.make_net(0)
+    seen: list[torch.dtype] = []
+    first_linear = next(m for m in teacher.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    first_linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer, datamodule = tiny.run_synthesis(tmp_path / "cache", teacher=teacher, precision="bf16-mixed", grid=False)
+    assert torch.bfloat16 in seen
+    cache = datamodule._require_cache()
+    inputs = np.concatenate(cache.load("inputs"))
+    assert inputs.dtype == np.float32 and np.isfinite(inputs).all()
+    assert cache.is_complete()

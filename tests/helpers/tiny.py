@@ -127,7 +127,7 @@ def manifest_shards(cache_dir: str | os.PathLike) -> list[dict]:
 
 def run_synthesis(cache_dir: str | os.PathLike, *, devices: int = 1, fit: bool = False, grid: bool = True,
                   root: str | os.PathLike | None = None, teacher: nn.Module | None = None,
-                  **datamodule_kwargs) -> tuple[L.Trainer, ImpressionDataModule]:
+                  precision: str = "32-true", **datamodule_kwargs) -> tuple[L.Trainer, ImpressionDataModule]:
     """The real path: ``Trainer.fit(DistillationModule, ImpressionDataModule)`` with the ImpressionSynthesis
     callback. ``fit=False`` stops after synthesis (``limit_train_batches=0``, like ``zskd synthesize``)."""
     teacher = teacher if teacher is not None else make_net(0)
@@ -138,6 +138,7 @@ def run_synthesis(cache_dir: str | os.PathLike, *, devices: int = 1, fit: bool =
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=1,
+        precision=precision,
         limit_train_batches=None if fit else 0,
         num_sanity_val_steps=0,
         logger=False,
