@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
@@ -107,7 +108,7 @@ def fill_cache(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any
 
             inputs, targets, labels, loss = synthesizer.synthesize(
                 teacher,
-                indices=_arange(start, stop),
+                indices=torch.arange(start, stop),
                 input_shape=datamodule.input_shape,
                 rng=ChunkRandomness.for_chunk(datamodule.seed, chunk),
                 num_classes=num_classes,
@@ -141,9 +142,3 @@ def fill_cache(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any
         raise ZSKDError(error)
     datamodule.use_cache(cache)
     return cache
-
-
-def _arange(start: int, stop: int):
-    import torch
-
-    return torch.arange(start, stop)
