@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from helpers.tiny import quiet_trainer
 from torch import nn
 
 from zskd_lightning import ClassifierModule, DistillationModule, FrozenTeacher, ZSKDError
@@ -30,22 +31,6 @@ def _teacher_net() -> nn.Module:
 def _student() -> nn.Module:
     torch.manual_seed(2)
     return DigitsConvNetHalf()
-
-
-def _trainer(root, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
 
 
 def _digits_x(n: int = 16) -> torch.Tensor:
@@ -85,7 +70,7 @@ def distilled(tmp_path_factory):
     module = DistillationModule(teacher, student, temperature=TEMPERATURE)
     teacher_before, student_before = _clone_state(teacher), _clone_state(student)
     probe = _TeacherModeProbe()
-    trainer = _trainer(
+    trainer = quiet_trainer(
         root,
         max_epochs=2,
         limit_train_batches=4,
@@ -248,29 +233,27 @@ def test_temperature_must_be_positive():
         DistillationModule(DigitsConvNet(), DigitsConvNetHalf(), temperature=0.0)
 
 
-def test_student_that_cannot_take_the_data_shape(tmp_path):
-    module = DistillationModule(DigitsConvNet(), LeNet5Half())
-    trainer = _trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
+@pytest.mark.parametrize(
+    "role, teacher, student, name",
+    [
+        ("student", DigitsConvNet, LeNet5Half, "LeNet5Half"),
+        ("teacher", LeNet5, DigitsConvNetHalf, "LeNet5"),
+    ],
+)
+def test_model_that_cannot_take_the_data_shape(tmp_path, role, teacher, student, name):
+    module = DistillationModule(teacher(), student())
+    trainer = quiet_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
     with pytest.raises(ZSKDError) as err:
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=8))
     message = str(err.value)
     assert "\n" not in message
-    assert "student" in message and "LeNet5Half" in message
+    assert role in message and name in message
     assert "(1, 8, 8)" in message and "(32, 32)" in message
     assert trainer.global_step == 0
 
 
-def test_teacher_that_cannot_take_the_data_shape(tmp_path):
-    module = DistillationModule(LeNet5(), DigitsConvNetHalf())
-    trainer = _trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
-    with pytest.raises(ZSKDError) as err:
-        trainer.fit(module, datamodule=DigitsDataModule(batch_size=8))
-    message = str(err.value)
-    assert "teacher" in message and "LeNet5" in message and "(1, 8, 8)" in message and "(32, 32)" in message
-
-
 def test_classifier_network_that_cannot_take_the_data_shape(tmp_path):
-    trainer = _trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
+    trainer = quiet_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
     with pytest.raises(ZSKDError) as err:
         trainer.fit(ClassifierModule(LeNet5Half()), datamodule=DigitsDataModule(batch_size=8))
     message = str(err.value)
@@ -282,7 +265,7 @@ def test_classifier_learns_digits(tmp_path):
     L.seed_everything(0, verbose=False)
     module = ClassifierModule(DigitsConvNetHalf())
     datamodule = DigitsDataModule(batch_size=64)
-    trainer = _trainer(tmp_path, max_epochs=5)
+    trainer = quiet_trainer(tmp_path, max_epochs=5)
     trainer.fit(module, datamodule=datamodule)
     val_acc = float(trainer.callback_metrics["val/acc"])
     assert val_acc > 0.8, val_acc

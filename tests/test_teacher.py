@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers.tiny import quiet_trainer
 from torch import nn
 
 from zskd_lightning import ClassifierModule, FrozenTeacher, ZSKDError
@@ -39,19 +40,7 @@ def lightning_checkpoint(tmp_path_factory) -> Path:
     """A ClassifierModule(DigitsConvNetHalf) checkpoint from a 1-epoch plain-Python fit (no recorded network)."""
     L.seed_everything(0, verbose=False)
     root = tmp_path_factory.mktemp("classifier")
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, limit_train_batches=3, limit_val_batches=1)
     module = ClassifierModule(DigitsConvNetHalf())
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     path = root / "classifier.ckpt"

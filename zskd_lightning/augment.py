@@ -73,7 +73,13 @@ class BatchAugmentation(nn.Module):
         return out
 
 
-def augment_normalized(batch: Tensor, augmentation: nn.Module, input_range: tuple[Tensor, Tensor]) -> Tensor:
-    """Apply a pixel-space ``augmentation`` to a normalized batch whose per-channel valid range is ``input_range``."""
+def augment_normalized(
+    batch: Tensor, augmentation: nn.Module, input_range: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    """Apply a pixel-space ``augmentation`` (moved to the batch's device) to a normalized batch whose per-channel
+    valid range is ``input_range``; with ``input_range=None`` the batch is augmented as it is."""
+    augmentation = augmentation.to(batch.device)
+    if input_range is None:
+        return augmentation(batch)
     low, high = (bound.to(batch.device, batch.dtype) for bound in input_range)
     return low + (high - low) * augmentation((batch - low) / (high - low))

@@ -202,13 +202,7 @@ class ImpressionDataModule(L.LightningDataModule):
         """Apply ``batch_augmentation`` to training batches, on their device."""
         if self.batch_augmentation is not None and self.trainer is not None and self.trainer.training:
             inputs, targets = batch
-            input_range = self.input_range()
-            augmentation = self.batch_augmentation.to(inputs.device)
-            if input_range is None:
-                inputs = augmentation(inputs)
-            else:
-                inputs = augment_normalized(inputs, augmentation, input_range)
-            batch = (inputs, targets)
+            batch = (augment_normalized(inputs, self.batch_augmentation, self.input_range()), targets)
         return batch
 
     def train_dataloader(self) -> DataLoader:

@@ -5,7 +5,6 @@ All losses take logits ``[B, C]`` and return a scalar averaged over the batch.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -125,6 +125,22 @@ def manifest_shards(cache_dir: str | os.PathLike) -> list[dict]:
     return [{k: s[k] for k in ("chunk", "count", "sha256")} for s in manifest["shards"]]
 
 
+def quiet_trainer(root: str | os.PathLike, **overrides) -> L.Trainer:
+    """A one-epoch CPU Trainer with no logger, checkpoints, progress bar, summary or sanity check."""
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=os.fspath(root),
+    )
+    return L.Trainer(**{**settings, **overrides})
+
+
 def run_synthesis(cache_dir: str | os.PathLike, *, devices: int = 1, fit: bool = False, grid: bool = True,
                   root: str | os.PathLike | None = None, teacher: nn.Module | None = None,
                   precision: str = "32-true", **datamodule_kwargs) -> tuple[L.Trainer, ImpressionDataModule]:
@@ -133,19 +149,12 @@ def run_synthesis(cache_dir: str | os.PathLike, *, devices: int = 1, fit: bool =
     teacher = teacher if teacher is not None else make_net(0)
     datamodule = make_datamodule(cache_dir, teacher, **datamodule_kwargs)
     model = DistillationModule(teacher=teacher, student=make_net(1, width=4), export_filename=None)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(cache_dir)),
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
-        max_epochs=1,
         precision=precision,
         limit_train_batches=None if fit else 0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(cache_dir)),
         callbacks=[ImpressionSynthesis(grid_filename="impressions.png" if grid else None)],
     )
     trainer.fit(model, datamodule=datamodule)

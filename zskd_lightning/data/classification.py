@@ -179,7 +179,7 @@ class ClassificationDataModule(L.LightningDataModule):
             augmentation = self._augmentation()
             if augmentation is not None:
                 images, labels = batch
-                batch = (augment_normalized(images, augmentation.to(images.device), self.input_range()), labels)
+                batch = (augment_normalized(images, augmentation, self.input_range()), labels)
         return batch
 
     # ------------------------------------------------------------------ splits

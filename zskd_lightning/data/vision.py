@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
