@@ -8,8 +8,8 @@ time from the impression cache's manifest. Results accumulate in ``benchmarks/re
 already measured for the same command are skipped, so an interrupted run resumes); ``mnist.md`` and
 ``mnist.png`` are rebuilt from the CSV after every row.
 
-``--schedule paper`` synthesizes with the paper's 1500 iterations at lr 0.01; ``fast`` with the shipped fast
-config's schedule. The teacher row trains the teacher every other row loads.
+``--schedule paper`` synthesizes with the paper's procedure (uniform noise, 1500 iterations at lr 0.01, no
+prior); ``fast`` with the shipped fast config's recipe. The teacher row trains the teacher every other row loads.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def hardware() -> str:
 def row_commands(rows: list[str], seeds: list[int], schedule: str) -> list[tuple[str, str, int, int, list[str]]]:
     """(row, method, impressions, seed, zskd arguments) for every requested measurement."""
     plans = []
-    synth = [] if schedule == "fast" else ["--data.init_args.synthesizer.init_args.iterations", "1500",
-                                           "--data.init_args.synthesizer.init_args.lr", "0.01"]
+    paper_synthesis = {"iterations": "1500", "lr": "0.01", "init": "uniform", "regularizers": "[]"}
+    synth = [] if schedule == "fast" else [
+        arg for key, value in paper_synthesis.items() for arg in (f"--data.init_args.synthesizer.init_args.{key}", value)
+    ]
 
     def data_free(method: str, config: str, n: int, seed: int, row: str):
         cache = f"runs/mnist/impressions/{method}_{schedule}_{n}_s{seed}"

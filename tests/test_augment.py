@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
@@ -46,3 +47,26 @@ def test_augment_normalized_maps_through_pixel_space():
     assert torch.allclose(augment_normalized(x, BatchAugmentation(), (low, high)), x, atol=1e-5)
     shifted = augment_normalized(torch.full_like(x, 3.0), BatchAugmentation(translate=(0.3, 0.3)), (low, high))
     assert shifted.min() >= -1 - 1e-5 and shifted.max() <= 3 + 1e-5
+
+
+def test_mix_blends_each_image_with_another_of_its_batch():
+    torch.manual_seed(0)
+    black, white = torch.zeros(32, 1, 4, 4), torch.ones(32, 1, 4, 4)
+    out = BatchAugmentation(mix=0.5)(torch.cat([black, white]))
+    assert out.shape == (64, 1, 4, 4)
+    assert (out >= 0).all() and (out <= 1).all()
+    flat = out.flatten(1)
+    assert torch.allclose(flat, flat[:, :1].expand_as(flat))  # a blend of two constant images is constant
+    values = flat[:, 0]
+    assert (values[:32] <= 0.5 + 1e-6).all() and (values[32:] >= 0.5 - 1e-6).all()  # the partner weighs <= 0.5
+    assert ((values > 0.01) & (values < 0.99)).any()  # some black/white pairs were actually blended
+
+
+def test_without_geometry_or_mix_or_noise_the_batch_is_unchanged():
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(BatchAugmentation()(x), x)
+
+
+def test_mix_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="mix"):
+        BatchAugmentation(mix=1.5)

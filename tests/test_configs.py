@@ -40,3 +40,13 @@ def test_config_parses(config, capsys):
     assert printed["model"]["class_path"] == source["model"]["class_path"]
     assert printed["data"]["class_path"] == source["data"]["class_path"]
     assert printed["seed_everything"] == source["seed_everything"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
+def test_rerunning_a_config_overwrites_its_last_checkpoint(config):
+    """Checkpoints other configs load (``last.ckpt``) are overwritten on a re-run, never versioned to
+    ``last-v1.ckpt`` beside a stale ``last.ckpt``."""
+    callbacks = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("callbacks") or []
+    for callback in callbacks:
+        if callback["class_path"].endswith("ModelCheckpoint") and callback["init_args"].get("save_last"):
+            assert callback["init_args"].get("enable_version_counter") is False, config

@@ -172,6 +172,26 @@ def test_digits_augment_only_affects_training_batches():
     assert torch.equal(plain.on_after_batch_transfer((images, labels), 0)[0], images)  # augment=False: untouched
 
 
+def test_augment_accepts_a_batch_augmentation_of_your_own():
+    from types import SimpleNamespace
+
+    from zskd_lightning.augment import BatchAugmentation
+
+    dm = DigitsDataModule(augment=BatchAugmentation(noise_std=0.5))
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(training=True)
+    images = torch.full((8, 1, 8, 8), float(dm.input_range()[0].min()))  # all black: the default shift keeps it
+    x, _ = dm.on_after_batch_transfer((images, torch.zeros(8, dtype=torch.long)), 0)
+    assert (x - images).abs().amax() > 0.1  # only the given augmentation (noise) changes a black image
+
+
+def test_labelled_data_refuses_mixing_augmentation():
+    from zskd_lightning.augment import BatchAugmentation
+
+    with pytest.raises(ZSKDError, match="mix=0.5 blends images but not their labels"):
+        DigitsDataModule(augment=BatchAugmentation(mix=0.5))
+
+
 def test_digits_dataloaders():
     dm = DigitsDataModule(batch_size=32, eval_batch_size=100)
     with pytest.raises(ZSKDError):

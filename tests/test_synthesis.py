@@ -22,6 +22,7 @@ from zskd_lightning.synthesis import (
     ChunkRandomness,
     DirichletTargets,
     L2Prior,
+    PixelL2Prior,
     OneHotTargets,
     TotalVariation,
     class_similarity,
@@ -346,6 +347,31 @@ def test_total_variation():
     stripes = torch.zeros(1, 1, 8, 8)
     stripes[..., ::2] = 1.0  # vertical stripes: only horizontal differences, each of size 1
     assert tv(stripes).item() == pytest.approx(1.0)
+
+
+def test_normal_init_draws_pixels_from_a_clamped_standard_normal():
+    low, high = torch.tensor([-1.0]).view(1, 1, 1), torch.tensor([3.0]).view(1, 1, 1)
+    x0 = ZSKDSynthesizer(init="normal").initial_inputs(4000, (1, 8, 8), (low, high), torch.Generator().manual_seed(0))
+    pixels = (x0 - low) / (high - low)
+    assert (pixels == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)  # P(z <= 0)
+    assert (pixels == 1).float().mean().item() == pytest.approx(0.1587, abs=0.01)  # P(z >= 1)
+
+
+def test_pixel_l2_prior_measures_pixels_through_the_input_range():
+    prior = PixelL2Prior(weight=1.0)
+    low, high = torch.tensor([-0.5]).view(1, 1, 1), torch.tensor([1.5]).view(1, 1, 1)
+    black, white = torch.full((1, 1, 4, 4), -0.5), torch.full((1, 1, 4, 4), 1.5)
+    prior.set_input_range((low, high))
+    assert prior(black).tolist() == [0.0] and prior(white).tolist() == [16.0]  # summed over the 16 pixels
+    prior.set_input_range(None)
+    assert prior(white).tolist() == [1.5**2 * 16]
+
+
+def test_pixel_l2_prior_darkens_impressions(small_teacher):
+    low, high = RANGE
+    plain = synthesize(ZSKDSynthesizer(iterations=30, lr=0.1), small_teacher)[0]
+    dark = synthesize(ZSKDSynthesizer(iterations=30, lr=0.1, regularizers=[PixelL2Prior(0.5)]), small_teacher)[0]
+    assert ((dark - low) / (high - low)).mean() < ((plain - low) / (high - low)).mean() - 0.1
 
 
 def test_l2_prior_and_regularizers_compose(small_teacher):

@@ -80,7 +80,8 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (``persistent_workers`` is on only when this is > 0).
         val_fraction: fraction of the official training set held out for validation, in ``[0, 1)``.
         seed: seeds the train / val split only (not shuffling, not augmentation).
-        augment: per-sample augmentation of the training split (never of val / test).
+        augment: per-sample augmentation of the training split (never of val / test): ``True`` for the
+            dataset's default, or a :class:`~zskd_lightning.augment.BatchAugmentation` of your own.
         download: allow downloading missing files (modules whose data ships locally ignore it).
     """
 
@@ -101,7 +102,7 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
-        augment: bool = False,
+        augment: bool | BatchAugmentation = False,
         download: bool = True,
     ) -> None:
         super().__init__()
@@ -121,7 +122,10 @@ class ClassificationDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
-        self.augment = bool(augment)
+        if isinstance(augment, BatchAugmentation) and augment.mix > 0:
+            raise ZSKDError(f"augment: mix={augment.mix} blends images but not their labels; use it only for "
+                            "impressions the teacher re-labels (ImpressionDataModule.batch_augmentation)")
+        self.augment = augment if isinstance(augment, BatchAugmentation) else bool(augment)
         self.download = bool(download)
         self.train_dataset: InMemoryImageDataset | None = None
         self.val_dataset: InMemoryImageDataset | None = None
@@ -176,7 +180,7 @@ class ClassificationDataModule(L.LightningDataModule):
         """Augment training batches on their device (vectorised, per-sample random), only with ``augment=True``."""
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
-            augmentation = self._augmentation()
+            augmentation = self.augment if isinstance(self.augment, BatchAugmentation) else self._augmentation()
             if augmentation is not None:
                 images, labels = batch
                 batch = (augment_normalized(images, augmentation, self.input_range()), labels)

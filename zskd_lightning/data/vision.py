@@ -168,7 +168,7 @@ class _MNISTFamilyDataModule(TorchvisionDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
-        augment: bool = False,
+        augment: bool | BatchAugmentation = False,
         download: bool = True,
         resize_to_32: str = "pad",
     ) -> None:

@@ -5,7 +5,7 @@ from zskd_lightning.synthesis.cache import ImpressionCache
 from zskd_lightning.synthesis.callback import ImpressionSynthesis, fill_cache
 from zskd_lightning.synthesis.class_impressions import ClassImpressionSynthesizer
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
-from zskd_lightning.synthesis.regularizers import BatchNormStatistics, L2Prior, TotalVariation
+from zskd_lightning.synthesis.regularizers import BatchNormStatistics, L2Prior, PixelL2Prior, TotalVariation
 from zskd_lightning.synthesis.targets import DirichletTargets, OneHotTargets, class_similarity
 from zskd_lightning.synthesis.zskd import ZSKDSynthesizer
 
@@ -19,6 +19,7 @@ __all__ = [
     "L2Prior",
     "Objective",
     "OneHotTargets",
+    "PixelL2Prior",
     "Regularizer",
     "SoftTargetCrossEntropy",
     "Synthesizer",

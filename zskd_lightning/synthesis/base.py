@@ -87,6 +87,10 @@ class Regularizer(ABC):
     def detach(self) -> None:
         """Remove what :meth:`attach` registered."""
 
+    def set_input_range(self, input_range: tuple[Tensor, Tensor] | None) -> None:
+        """Receive the valid input range (per-channel ``(low, high)``, each ``[C, 1, 1]``: where pixel values 0 and
+        1 land after the teacher's normalization), or ``None`` when unknown. Called before each synthesis."""
+
     @abstractmethod
     def __call__(self, inputs: Tensor) -> Tensor:
         """``inputs [N, C, H, W]`` -> penalty ``[N]`` (per sample) or a scalar (a batch statistic)."""
@@ -104,7 +108,9 @@ class Synthesizer:
         regularizers: input priors added to the loss (each has a ``weight``).
         iterations: the most Adam steps an impression gets.
         lr: Adam learning rate on the inputs (betas 0.9, 0.999; eps 1e-8).
-        init: ``"uniform"`` noise over the valid input range, or ``"normal"`` (standard normal, then clamped).
+        init: ``"uniform"``: pixel values uniform in [0, 1] (noise over the valid input range); ``"normal"``:
+            pixel values from a standard normal, clamped to [0, 1] (about half the pixels start black, a sixth
+            white). Without a known input range, a standard normal in the teacher's input space.
         stop_tolerance: stop optimizing an impression once its loss improved by less than this many nats over
             the last ``stop_window`` iterations (a plateau); its input is then frozen and costs no more compute.
             ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure).
@@ -172,11 +178,14 @@ class Synthesizer:
                        generator: torch.Generator) -> Tensor:
         """Noise ``[n, *input_shape]`` (float32, CPU) drawn from ``generator``."""
         shape = (n, *input_shape)
-        if self.init == "normal" or input_range is None:
-            x = torch.randn(shape, generator=generator)
-            return x if input_range is None else torch.maximum(torch.minimum(x, input_range[1]), input_range[0])
+        if input_range is None:
+            return torch.randn(shape, generator=generator)
+        if self.init == "normal":
+            pixels = torch.randn(shape, generator=generator).clamp_(0.0, 1.0)
+        else:
+            pixels = torch.rand(shape, generator=generator)
         low, high = input_range
-        return low + (high - low) * torch.rand(shape, generator=generator)
+        return low + (high - low) * pixels
 
     def synthesize(
         self,
@@ -212,6 +221,8 @@ class Synthesizer:
             hooked = [self.objective, *self.regularizers]
             self.last_steps = 0
             try:
+                for reg in self.regularizers:
+                    reg.set_input_range(input_range)
                 for part in hooked:
                     part.attach(teacher)
                 for iteration in range(1, self.iterations + 1):

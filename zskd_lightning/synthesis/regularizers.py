@@ -32,6 +32,30 @@ class L2Prior(Regularizer):
         return inputs.pow(2).flatten(1).mean(1)
 
 
+class PixelL2Prior(Regularizer):
+    """Sum of squared pixel values per image, ``[N]``, pixels mapped back to [0, 1] (0 = black) through the
+    valid input range: pulls every pixel toward black, the background of digit-like data, so the class
+    evidence the teacher needs is drawn as strokes on a dark ground. Without a known input range the inputs are
+    taken as the pixels.
+
+    Weight 5e-4 is about 0.5 per 32x32 image at the start. On MNIST LeNet-5 (2,000 impressions, students scored
+    on the validation split) 5e-4 gave 81.9%, 1e-4 69.3% and 2e-3 65.5%.
+    """
+
+    def __init__(self, weight: float = 5e-4) -> None:
+        self.weight = float(weight)
+        self._range: tuple[Tensor, Tensor] | None = None
+
+    def set_input_range(self, input_range: tuple[Tensor, Tensor] | None) -> None:
+        self._range = input_range
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        if self._range is not None:
+            low, high = (bound.to(inputs.device, inputs.dtype) for bound in self._range)
+            inputs = (inputs - low) / (high - low)
+        return inputs.pow(2).flatten(1).sum(1)
+
+
 class BatchNormStatistics(Regularizer):
     """DeepInversion's prior: the batch's per-channel mean/variance at every BatchNorm input should match the
     layer's running statistics. Returns a scalar: ``sum_l ||mu_l(x) - mu_l||_2 + ||var_l(x) - var_l||_2``.
