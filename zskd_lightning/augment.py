@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zskd_lightning.pixels import from_pixels, to_pixels
+
 
 class BatchAugmentation(nn.Module):
     """Random affine (rotation, translation, scale), optional horizontal flip and Gaussian noise, per sample.
@@ -100,7 +102,4 @@ def augment_normalized(
     """Apply a pixel-space ``augmentation`` (moved to the batch's device) to a normalized batch whose per-channel
     valid range is ``input_range``; with ``input_range=None`` the batch is augmented as it is."""
     augmentation = augmentation.to(batch.device)
-    if input_range is None:
-        return augmentation(batch)
-    low, high = (bound.to(batch.device, batch.dtype) for bound in input_range)
-    return low + (high - low) * augmentation((batch - low) / (high - low))
+    return from_pixels(augmentation(to_pixels(batch, input_range)), input_range)

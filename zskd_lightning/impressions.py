@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import augment_normalized
 from zskd_lightning.errors import ZSKDError
+from zskd_lightning.pixels import from_pixels, to_pixels
 from zskd_lightning.synthesis.base import Synthesizer
 from zskd_lightning.synthesis.cache import ImpressionCache
 from zskd_lightning.teacher import FrozenTeacher, as_frozen_teacher
@@ -57,11 +58,7 @@ class ImpressionDataset(Dataset):
         inputs, targets = self._chunk(chunk)
         x = torch.from_numpy(np.array(inputs[offset]))
         if self.transform is not None:
-            if self.input_range is not None:
-                low, high = self.input_range
-                x = low + (high - low) * self.transform((x - low) / (high - low))
-            else:
-                x = self.transform(x)
+            x = from_pixels(self.transform(to_pixels(x, self.input_range)), self.input_range)
         return x, torch.from_numpy(np.array(targets[offset]))
 
     def __getstate__(self) -> dict:  # memory maps are reopened in each worker process

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from zskd_lightning.pixels import to_pixels
 from zskd_lightning.synthesis.cache import ImpressionCache
 
 
@@ -32,8 +33,7 @@ def save_impression_grid(
             chosen.append(torch.from_numpy(np.array(inputs[chunk][offset])))
     images = torch.stack(chosen)
     if input_range is not None:
-        low, high = input_range
-        images = (images - low) / (high - low)
+        images = to_pixels(images, input_range)
     else:
         flat = images.flatten(1)
         low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)

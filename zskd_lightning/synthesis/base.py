@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from zskd_lightning.pixels import from_pixels
+
 ProgressFn = Callable[[int, float], None]
 """Called as ``progress(iteration, mean_loss)`` every few iterations (for progress bars)."""
 
@@ -184,8 +186,7 @@ class Synthesizer:
             pixels = torch.randn(shape, generator=generator).clamp_(0.0, 1.0)
         else:
             pixels = torch.rand(shape, generator=generator)
-        low, high = input_range
-        return low + (high - low) * pixels
+        return from_pixels(pixels, input_range)
 
     def synthesize(
         self,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zskd_lightning.pixels import to_pixels
 from zskd_lightning.synthesis.base import Regularizer
 
 
@@ -50,10 +51,7 @@ class PixelL2Prior(Regularizer):
         self._range = input_range
 
     def __call__(self, inputs: Tensor) -> Tensor:
-        if self._range is not None:
-            low, high = (bound.to(inputs.device, inputs.dtype) for bound in self._range)
-            inputs = (inputs - low) / (high - low)
-        return inputs.pow(2).flatten(1).sum(1)
+        return to_pixels(inputs, self._range).pow(2).flatten(1).sum(1)
 
 
 class BatchNormStatistics(Regularizer):
