@@ -6,7 +6,8 @@ The plain loop is what one writes by hand: random-init inputs, ``torch.optim.Ada
 Dirichlet soft targets at T = 20, a batch of 256, ``iterations`` steps. The library runs the same objective,
 the same optimizer and the same number of steps per impression through ``ZSKDSynthesizer.synthesize``, chunk
 by chunk as the synthesis callback does on each device (its speed comes from running the teacher on
-channels-last inputs and weights). Both use untrained teachers with a
+channels-last inputs and weights, and AlexNet's LocalResponseNorm as a banded 1x1 convolution:
+zskd_lightning/synthesis/kernels.py). Both use untrained teachers with a
 fixed seed (throughput does not depend on the weights).
 
 Printed per model: impression-iterations per second of each path, their ratio, and peak memory (CUDA peak

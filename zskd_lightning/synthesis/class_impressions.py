@@ -31,6 +31,7 @@ class ClassImpressionSynthesizer(Synthesizer):
         stop_tolerance: float | None = None,
         stop_window: int = 50,
         channels_last: bool = True,
+        fast_kernels: bool = True,
     ) -> None:
         super().__init__(
             target_sampler=OneHotTargets(),
@@ -42,4 +43,5 @@ class ClassImpressionSynthesizer(Synthesizer):
             stop_tolerance=stop_tolerance,
             stop_window=stop_window,
             channels_last=channels_last,
+            fast_kernels=fast_kernels,
         )

@@ -23,7 +23,7 @@ class ZSKDSynthesizer(Synthesizer):
     Args:
         betas: Dirichlet scales.
         temperature: T of the matching softmax.
-        iterations, lr, init, stop_tolerance, stop_window, channels_last: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
+        iterations, lr, init, stop_tolerance, stop_window, channels_last, fast_kernels: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
         regularizers: optional input priors (none in the paper).
     """
 
@@ -40,6 +40,7 @@ class ZSKDSynthesizer(Synthesizer):
         stop_tolerance: float | None = None,
         stop_window: int = 50,
         channels_last: bool = True,
+        fast_kernels: bool = True,
         concentration_floor: float = 1e-6,
     ) -> None:
         super().__init__(
@@ -52,4 +53,5 @@ class ZSKDSynthesizer(Synthesizer):
             stop_tolerance=stop_tolerance,
             stop_window=stop_window,
             channels_last=channels_last,
+            fast_kernels=fast_kernels,
         )
