@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -28,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TEACHER_CKPT = "runs/mnist/teacher_lenet5/last.ckpt"
+TEACHER_CONFIG = "configs/mnist/teacher_lenet5.yaml"
+TEACHER_CKPT = "runs/mnist/teacher_lenet5/last.ckpt"  # written by TEACHER_CONFIG
 PAPER = {"teacher": 99.34, "student_ce": 98.92, "student_kd": 99.25, "zskd": 98.77, "lopes": 92.47}
 ABLATION = (600, 3000, 6000, 12000, 24000)  # 1%, 5%, 10%, 20%, 40% of MNIST's 60,000
 FIELDS = ["row", "method", "impressions", "seed", "test_acc", "teacher_acc", "synthesis_s", "total_s", "hardware", "command",
@@ -62,7 +64,7 @@ def row_commands(rows: list[str], seeds: list[int], schedule: str) -> list[tuple
 
     for seed in seeds:
         if "teacher" in rows and seed == seeds[0]:
-            plans.append(("teacher", "ce-real", 0, seed, ["fit", "--config", "configs/mnist/teacher_lenet5.yaml"]))
+            plans.append(("teacher", "ce-real", 0, seed, ["fit", "--config", TEACHER_CONFIG]))
         if "student_ce" in rows:
             plans.append(("student_ce", "ce-real", 0, seed, ["fit", "--config", "configs/mnist/student_ce_lenet5_half.yaml",
                           "--seed_everything", str(seed), "--trainer.default_root_dir", f"runs/mnist/table/student_ce_s{seed}",
@@ -86,11 +88,9 @@ def row_commands(rows: list[str], seeds: list[int], schedule: str) -> list[tuple
 
 def configs_sha(args: list[str]) -> str:
     """Fingerprint of the row's config file and the teacher's config: a row measured with other configs is stale."""
-    import hashlib
-
     config = args[args.index("--config") + 1]
     digest = hashlib.sha256()
-    for path in dict.fromkeys([config, "configs/mnist/teacher_lenet5.yaml"]):
+    for path in dict.fromkeys([config, TEACHER_CONFIG]):
         digest.update((ROOT / path).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -126,17 +126,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def training_seconds(record: dict[str, str]) -> float:
-    """Seconds the row spent training (distilling), without synthesis."""
-    if record.get("training_s"):
-        return float(record["training_s"])
-    synthesis, total = float(record["synthesis_s"]), float(record["total_s"])
-    return total if synthesis > total else total - synthesis  # older records: a reused cache took no time here
-
-
 def time_to_accuracy(records: list[dict[str, str]]) -> str:
     """One line: the quickest ZSKD run (synthesis + distillation, from a trained teacher) at TARGET_ACC or above."""
-    runs = [(float(r["synthesis_s"]) + training_seconds(r), float(r["test_acc"]), r) for r in records if r["method"] == "zskd"]
+    runs = [(float(r["synthesis_s"]) + float(r["training_s"]), float(r["test_acc"]), r) for r in records if r["method"] == "zskd"]
     if not runs:
         return f"Time to {TARGET_ACC}% (ZSKD, synthesis + distillation): no ZSKD row measured yet."
     reached = [run for run in runs if run[1] >= TARGET_ACC]
@@ -176,7 +168,7 @@ def summarize(records: list[dict[str, str]]) -> None:
         label = f"{row} ({method})" if row in ("ablation",) else row
         lines.append(
             f"| {label} | {n if n != '0' else '-'} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread} | {ratio} | {paper} "
-            f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f} | {statistics.mean(training_seconds(g) for g in group):.0f} "
+            f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f} | {statistics.mean(float(g['training_s']) for g in group):.0f} "
             f"| {group[0]['hardware']} | `zskd {group[0]['command']}` |"
         )
     lines += ["", f"Paper (Nayak et al. 2019, Table 1): teacher {PAPER['teacher']}, Student-CE {PAPER['student_ce']}, "

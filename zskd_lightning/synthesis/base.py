@@ -119,8 +119,8 @@ class Synthesizer:
             ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure).
         stop_window: iterations between plateau checks.
         channels_last: run the teacher on channels-last (NHWC) inputs and weights during synthesis (the teacher
-            is restored to contiguous layout afterwards). Same arithmetic, different kernels: 2-2.5x faster
-            for LeNet-5/AlexNet on CPU (oneDNN), usually faster on GPU too.
+            is restored to contiguous layout afterwards). Same arithmetic, different kernels: on 2 CPU cores
+            (oneDNN) LeNet-5 synthesis ran 2.4x and AlexNet (with ``fast_kernels``) 1.4x faster with it.
         fast_kernels: while synthesizing, run the teacher's ``nn.LocalResponseNorm`` layers as an equivalent
             banded 1x1 convolution (:mod:`zskd_lightning.synthesis.kernels`; equal up to float rounding,
             ~1.8x faster AlexNet synthesis steps on CPU).
