@@ -1,30 +1,41 @@
 """Synthesis throughput: the library's impression synthesis beside a plain PyTorch loop, in one process.
 
-    python benchmarks/synthesis_throughput.py [--iterations 40] [--models lenet5 alexnet]
+    python benchmarks/synthesis_throughput.py [--iterations 40 10] [--models lenet5 alexnet] [--precisions 32-true bf16-mixed] [--repeats 3]
 
 The plain loop is what one writes by hand: random-init inputs, ``torch.optim.Adam`` on them, cross-entropy to
 Dirichlet soft targets at T = 20, a batch of 256, ``iterations`` steps. The library runs the same objective,
 the same optimizer and the same number of steps per impression through ``ZSKDSynthesizer.synthesize``, chunk
 by chunk as the synthesis callback does on each device (its speed comes from running the teacher on
-channels-last inputs and weights, and AlexNet's LocalResponseNorm as a banded 1x1 convolution:
-zskd_lightning/synthesis/kernels.py). Both use untrained teachers with a
-fixed seed (throughput does not depend on the weights).
+channels-last inputs and weights, AlexNet's LocalResponseNorm as a banded 1x1 convolution:
+zskd_lightning/synthesis/kernels.py, and, with ``precision="bf16-mixed"``, bf16 autocast for the teacher's
+forward/backward while the inputs and their Adam state stay float32). The library is measured once per
+``--precisions`` entry; the plain loop is float32. Both use untrained teachers with a fixed seed (throughput
+does not depend on the weights). bf16 pays off where the hardware has native bf16 (AVX512-BF16/AMX CPUs,
+GPUs); the accuracy of a student from bf16 impressions is the zskd_bf16 row of benchmarks/results/mnist.md.
 
-Printed per model: impression-iterations per second of each path, their ratio, and peak memory (CUDA peak
-allocation on a GPU; on CPU the growth of the process's peak RSS, which only ever grows, so each figure is
-an upper bound for its own path). The speed-up of a shorter schedule (fewer iterations at a higher lr,
-which reaches the same loss) is measured separately in benchmarks/results (time per finished impression).
+Printed per model: impression-iterations per second of each path (the median of ``--repeats`` rounds, the
+paths interleaved within each round so that a slow spell of a shared machine hits all of them), their ratio,
+and peak memory (CUDA peak allocation on a GPU; on CPU the growth of the process's peak RSS, which only ever
+grows, so each figure is an upper bound for its own path).
+
+For LeNet-5 a second line compares finished impressions per second at each path's schedule: the plain loop at
+the paper's 1500 iterations, the library at the shipped fast MNIST config's iterations (300). Neither path
+stops early, so this is the measured impression-iteration rate divided by the iterations per impression. The
+students made at the two schedules are the zskd_paper and zskd rows of benchmarks/results/mnist.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from zskd_lightning.models import AlexNet, LeNet5
 from zskd_lightning.synthesis import ZSKDSynthesizer
@@ -36,6 +47,16 @@ MODELS = {
     "lenet5": (LeNet5, (1, 32, 32), (0.1307,), (0.3081,)),
     "alexnet": (AlexNet, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+
+
+FAST_MNIST_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist" / "zskd_lenet5_half_fast.yaml"
+PAPER_ITERATIONS = 1500  # Nayak et al. 2019: 1500 Adam iterations per impression at lr 0.01
+
+
+def fast_config_iterations() -> int:
+    """Adam iterations per impression in the shipped fast MNIST config."""
+    config = yaml.safe_load(FAST_MNIST_CONFIG.read_text())
+    return int(config["data"]["init_args"]["synthesizer"]["init_args"]["iterations"])
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -94,36 +115,49 @@ def library(teacher, synthesizer, count, chunk, input_range, device) -> float:
     return time.perf_counter() - started
 
 
-def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int, device: torch.device) -> dict[str, float]:
+def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int, device: torch.device,
+            precisions: list[str], repeats: int) -> dict[str, float]:
+    """Plain loop and the library once per precision, ``repeats`` interleaved rounds; figures keyed ``plain_*``
+    and ``<precision>_*`` (median seconds -> impression-iterations/s, ratio to the plain loop, peak memory)."""
     network_cls, shape, mean, std = MODELS[name]
     torch.manual_seed(0)
     teacher = FrozenTeacher(network=network_cls(in_channels=shape[0], num_classes=10)).to(device)
     teacher.input_shape = shape
     mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
     input_range = ((0 - mean_t) / std_t, (1 - mean_t) / std_t)
-    synthesizer = ZSKDSynthesizer(iterations=iterations, lr=0.01)
-    synthesizer.setup(teacher)
-    targets, _ = synthesizer.target_sampler.sample(torch.arange(count), 10, ChunkRandomness.for_chunk(0, 0))
+    sampler = ZSKDSynthesizer()
+    sampler.setup(teacher)
+    targets, _ = sampler.target_sampler.sample(torch.arange(count), 10, ChunkRandomness.for_chunk(0, 0))
+    synthesizers = {}
+    for precision in precisions:
+        synthesizers[precision] = ZSKDSynthesizer(iterations=iterations, lr=0.01, precision=precision)
+        synthesizers[precision].setup(teacher)
 
-    # Warm-up both paths (allocator, kernels), then measure the same number of impression-iterations.
+    # Warm-up each path (allocator, kernels), then measure the same number of impression-iterations.
     plain_loop(teacher, targets[:plain_batch], input_range, 3, plain_batch, device)
-    warmup = ZSKDSynthesizer(iterations=3)
-    warmup.setup(teacher)
-    warmup.synthesize(teacher, torch.arange(min(chunk, 256)), shape, ChunkRandomness.for_chunk(0, 1), 10, input_range, device)
-    before = reset_peak(device)
-    plain_s = plain_loop(teacher, targets, input_range, iterations, plain_batch, device)
-    plain_mem = peak_memory_mib(device) - before
-    before = reset_peak(device)
-    library_s = library(teacher, synthesizer, count, chunk, input_range, device)
-    library_mem = peak_memory_mib(device) - before
+    for precision in precisions:
+        warmup = ZSKDSynthesizer(iterations=3, precision=precision)
+        warmup.setup(teacher)
+        warmup.synthesize(teacher, torch.arange(min(chunk, 256)), shape, ChunkRandomness.for_chunk(0, 1), 10,
+                          input_range, device)
+    seconds: dict[str, list[float]] = {path: [] for path in ["plain", *precisions]}
+    memory: dict[str, float] = dict.fromkeys(seconds, 0.0)
+    for _ in range(repeats):
+        before = reset_peak(device)
+        seconds["plain"].append(plain_loop(teacher, targets, input_range, iterations, plain_batch, device))
+        memory["plain"] = max(memory["plain"], peak_memory_mib(device) - before)
+        for precision, synthesizer in synthesizers.items():
+            before = reset_peak(device)
+            seconds[precision].append(library(teacher, synthesizer, count, chunk, input_range, device))
+            memory[precision] = max(memory[precision], peak_memory_mib(device) - before)
     work = count * iterations
-    return {
-        "plain_ips": work / plain_s,
-        "library_ips": work / library_s,
-        "ratio": plain_s / library_s,
-        "plain_mem": plain_mem,
-        "library_mem": library_mem,
-    }
+    median = {path: statistics.median(times) for path, times in seconds.items()}
+    figures = {}
+    for path in seconds:
+        figures[f"{path}_ips"] = work / median[path]
+        figures[f"{path}_ratio"] = median["plain"] / median[path]
+        figures[f"{path}_mem"] = memory[path]
+    return figures
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,19 +168,30 @@ def main(argv: list[str] | None = None) -> None:
                         help="Adam steps per impression, per model in --models order (both paths)")
     parser.add_argument("--plain-batch", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=256, help="impressions per library chunk (ImpressionDataModule's default)")
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"],
+                        help="the library's synthesis precision(s) to measure (the plain loop is float32)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median time of each path is used")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; {args.impressions} impressions per path")
-    print(f"{'model':8s} {'plain imp-it/s':>15s} {'library imp-it/s':>17s} {'ratio':>6s} {'plain peak MiB':>15s} {'lib peak MiB':>13s}")
+    print(f"{'model':8s} {'path':24s} {'imp-it/s':>9s} {'ratio':>6s} {'peak MiB':>9s}")
     for name, iterations in zip(args.models, args.iterations * len(args.models)):
-        r = measure(name, args.impressions, iterations, args.plain_batch, args.chunk, device)
-        print(
-            f"{name:8s} {r['plain_ips']:15.0f} {r['library_ips']:17.0f} {r['ratio']:6.2f} "
-            f"{r['plain_mem']:15.1f} {r['library_mem']:13.1f}",
-            flush=True,
-        )
+        r = measure(name, args.impressions, iterations, args.plain_batch, args.chunk, device, args.precisions,
+                    args.repeats)
+        for path in ["plain", *args.precisions]:
+            label = "plain loop (float32)" if path == "plain" else f"library ({path})"
+            print(f"{name:8s} {label:24s} {r[path + '_ips']:9.0f} {r[path + '_ratio']:6.2f} {r[path + '_mem']:9.1f}",
+                  flush=True)
+        if name == "lenet5":
+            fast = fast_config_iterations()
+            plain_rate = r["plain_ips"] / PAPER_ITERATIONS
+            for precision in args.precisions:
+                rate = r[precision + "_ips"] / fast
+                print(f"lenet5 finished impressions/s: plain loop at the paper's {PAPER_ITERATIONS} iterations "
+                      f"{plain_rate:.1f}, library ({precision}) at the fast config's {fast} {rate:.1f}: ratio "
+                      f"{rate / plain_rate:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -439,3 +439,38 @@ def test_synthesis_follows_the_trainers_mixed_precision(tmp_path):
     inputs = np.concatenate(cache.load("inputs"))
     assert inputs.dtype == np.float32 and np.isfinite(inputs).all()
     assert cache.is_complete()
+
+
+@pytest.mark.parametrize(("synthesis_precision", "trainer_precision", "expected"), [
+    ("bf16-mixed", "32-true", torch.bfloat16),  # bf16 for synthesis only
+    ("32-true", "bf16-mixed", torch.float32),  # full precision for synthesis whatever the Trainer uses
+])
+def test_synthesizer_precision_overrides_the_trainers(tmp_path, synthesis_precision, trainer_precision, expected):
+    teacher = tiny.make_net(0)
+    seen: list[torch.dtype] = []
+    first_layer = next(m for m in teacher.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    first_layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    synthesizer = ZSKDSynthesizer(iterations=5, lr=0.05, precision=synthesis_precision)
+    _, datamodule = tiny.run_synthesis(tmp_path / "cache", teacher=teacher, precision=trainer_precision, grid=False,
+                                       synthesizer=synthesizer)
+    synthesis_forwards = seen[-8 * 5:]  # 8 chunks x 5 iterations (earlier: the datamodule's shape check)
+    assert len(seen) >= 40 and set(synthesis_forwards) == {expected}
+    inputs = np.concatenate(datamodule._require_cache().load("inputs"))
+    assert inputs.dtype == np.float32 and np.isfinite(inputs).all()
+
+
+def test_synthesis_precision_is_part_of_the_settings_only_when_explicit():
+    assert "precision" not in ZSKDSynthesizer().settings()  # caches made before the option keep their key
+    assert ZSKDSynthesizer(precision="bf16-mixed").settings()["precision"] == "bf16-mixed"
+    assert ClassImpressionSynthesizer(precision="32-true").settings()["precision"] == "32-true"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ZSKDSynthesizer(precision="16-mixed")
+
+
+def test_bf16_synthesis_reaches_the_targets_like_float32(trained_teacher):
+    """bf16 autocast changes the rounding, not the optimization: both reach a similar final loss."""
+    _, _, _, loss32 = synthesize(ZSKDSynthesizer(iterations=40, lr=0.05, precision="32-true"), trained_teacher, n=32)
+    _, _, _, loss16 = synthesize(ZSKDSynthesizer(iterations=40, lr=0.05, precision="bf16-mixed"), trained_teacher, n=32)
+    _, _, _, loss0 = synthesize(ZSKDSynthesizer(iterations=1, lr=0.05, precision="32-true"), trained_teacher, n=32)
+    assert loss16 < loss0 and loss32 < loss0
+    assert abs(loss16 - loss32) < 0.1 * (loss0 - loss32)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from zskd_lightning.pixels import from_pixels
 from zskd_lightning.synthesis.kernels import fast_synthesis_kernels
 
+SYNTHESIS_PRECISIONS = (None, "bf16-mixed", "32-true")
 ProgressFn = Callable[[int, float], None]
 """Called as ``progress(iteration, mean_loss)`` every few iterations (for progress bars)."""
 
@@ -124,6 +125,11 @@ class Synthesizer:
         fast_kernels: while synthesizing, run the teacher's ``nn.LocalResponseNorm`` layers as an equivalent
             banded 1x1 convolution (:mod:`zskd_lightning.synthesis.kernels`; equal up to float rounding,
             ~1.8x faster AlexNet synthesis steps on CPU).
+        precision: the arithmetic of the teacher's forward/backward during synthesis. ``None`` (default): the
+            Trainer's (its precision plugin's autocast, as for distillation). ``"bf16-mixed"``: bf16 autocast for
+            synthesis only, whatever the Trainer uses (on CPUs with native bf16, e.g. AVX512-BF16/AMX, and on
+            GPUs); the inputs, their Adam moments, the objective and the regularizers stay float32.
+            ``"32-true"``: float32 throughout. An explicit value is part of the cache's settings.
 
     The loss minimized is the SUM over the chunk of the per-sample losses, so each impression's gradient does
     not depend on how many others share its chunk; Adam is applied per element (vectorised over the chunk).
@@ -145,11 +151,14 @@ class Synthesizer:
         stop_window: int = 50,
         channels_last: bool = True,
         fast_kernels: bool = True,
+        precision: Literal["bf16-mixed", "32-true"] | None = None,
     ) -> None:
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         if stop_tolerance is not None and stop_tolerance <= 0:
             raise ValueError(f"stop_tolerance must be > 0 or None, got {stop_tolerance}")
+        if precision not in SYNTHESIS_PRECISIONS:
+            raise ValueError(f"precision must be one of {SYNTHESIS_PRECISIONS}, got {precision!r}")
         self.target_sampler = target_sampler
         self.objective = objective
         self.regularizers = list(regularizers)
@@ -160,11 +169,12 @@ class Synthesizer:
         self.stop_window = stop_window
         self.channels_last = channels_last
         self.fast_kernels = fast_kernels
+        self.precision = precision
         self.last_steps = 0  # impression-iterations spent by the last synthesize() call
 
     def settings(self) -> dict[str, Any]:
         """Every setting that changes the impressions (the cache refuses to mix different settings)."""
-        return {
+        settings = {
             "name": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "target_sampler": self.target_sampler.settings(),
@@ -178,6 +188,9 @@ class Synthesizer:
             "channels_last": self.channels_last,
             "fast_kernels": self.fast_kernels,
         }
+        if self.precision is not None:  # only when explicit: caches made before the option keep their key
+            settings["precision"] = self.precision
+        return settings
 
     def setup(self, teacher: nn.Module) -> None:
         """Once per run, before any chunk: let the target sampler read the teacher."""
@@ -216,6 +229,10 @@ class Synthesizer:
         """
         device = torch.device(device)
         channels_last = self.channels_last and len(input_shape) == 3
+        if self.precision == "bf16-mixed":
+            autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+        elif self.precision == "32-true":
+            autocast = contextlib.nullcontext
         with (
             torch.inference_mode(False),
             torch.enable_grad(),

@@ -32,6 +32,7 @@ class ClassImpressionSynthesizer(Synthesizer):
         stop_window: int = 50,
         channels_last: bool = True,
         fast_kernels: bool = True,
+        precision: Literal["bf16-mixed", "32-true"] | None = None,
     ) -> None:
         super().__init__(
             target_sampler=OneHotTargets(),
@@ -44,4 +45,5 @@ class ClassImpressionSynthesizer(Synthesizer):
             stop_window=stop_window,
             channels_last=channels_last,
             fast_kernels=fast_kernels,
+            precision=precision,
         )

@@ -23,7 +23,8 @@ class ZSKDSynthesizer(Synthesizer):
     Args:
         betas: Dirichlet scales.
         temperature: T of the matching softmax.
-        iterations, lr, init, stop_tolerance, stop_window, channels_last, fast_kernels: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
+        iterations, lr, init, stop_tolerance, stop_window, channels_last, fast_kernels,
+            precision: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
         regularizers: optional input priors (none in the paper).
     """
 
@@ -41,6 +42,7 @@ class ZSKDSynthesizer(Synthesizer):
         stop_window: int = 50,
         channels_last: bool = True,
         fast_kernels: bool = True,
+        precision: Literal["bf16-mixed", "32-true"] | None = None,
         concentration_floor: float = 1e-6,
     ) -> None:
         super().__init__(
@@ -54,4 +56,5 @@ class ZSKDSynthesizer(Synthesizer):
             stop_window=stop_window,
             channels_last=channels_last,
             fast_kernels=fast_kernels,
+            precision=precision,
         )
