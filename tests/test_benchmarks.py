@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -36,3 +38,22 @@ def test_synthesis_throughput_prints_every_path_with_its_ratio(capsys):
     assert len(schedule) == 2  # LeNet-5 only, one per library precision
     assert f"the fast config's {throughput.fast_config_iterations()}" in schedule[0]
     assert float(schedule[0].rsplit("ratio", 1)[1]) > 0
+
+
+def test_mnist_table_keeps_schedules_seeds_and_the_students_teacher_apart():
+    table = load("mnist_table")
+    config = yaml.safe_load((table.ROOT / table.TEACHER_CONFIG).read_text())
+    assert config["seed_everything"] == table.TEACHER_SEED
+    teacher = {seed: args for row, _, _, seed, args in table.row_commands(["teacher"], [0, 1, 2], "fast")}
+    assert teacher[0] == ["fit", "--config", table.TEACHER_CONFIG]  # the checkpoint every student loads
+    for seed in (1, 2):  # the others must not overwrite it
+        assert teacher[seed][-2:] == ["--trainer.callbacks", "[]"] and f"teacher_s{seed}" in " ".join(teacher[seed])
+    fast = table.row_commands(["zskd", "zskd_bf16"], [0], "fast")
+    paper = table.row_commands(["zskd"], [0], "paper")
+    assert [plan[0] for plan in fast] == ["zskd", "zskd_bf16"] and paper[0][0] == "zskd_paper"
+    caches = {args[args.index("--data.init_args.cache_dir") + 1] for *_, args in fast + paper}
+    assert len(caches) == 3  # no two rows share an impression cache
+    assert "--data.init_args.synthesizer.init_args.precision" in fast[1][4]
+    group = [{"command": " ".join(table.row_commands(["zskd"], [seed], "fast")[0][4]), "seed": str(seed)} for seed in (1, 2)]
+    command = table.group_command(group)
+    assert "--seed_everything S" in command and "_sS" in command and " 1" not in command.replace("24000", "")
