@@ -247,3 +247,19 @@ def test_main_exits_2_with_one_line_in_process(write_yaml, tmp_path, capsys, mon
     assert exit_info.value.code == 2
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zskd: error:")]
     assert len(err_lines) == 1 and "absent.ckpt" in err_lines[0], err_lines
+
+
+@pytest.mark.parametrize(("override", "value", "reason"), [
+    ("--data.init_args.synthesizer.init_args.precision", "16-mixed", "Expected a typing.Literal['bf16-mixed', '32-true']"),
+    ("--data.init_args.synthesizer.init_args.iterations", "many", "Expected a <class 'int'>"),
+])
+def test_error_deep_inside_nested_classes_names_the_key_and_the_reason(override, value, reason, capsys, monkeypatch):
+    """A bad value two class levels down (data -> synthesizer -> key) still ends in one line with its reason."""
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), override, value])
+    assert exit_info.value.code == 2
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zskd: error:")]
+    key = override.rsplit(".", 1)[1]
+    assert len(err_lines) == 1 and f'Parser key "{key}"' in err_lines[0] and reason in err_lines[0], err_lines

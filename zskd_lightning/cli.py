@@ -112,16 +112,16 @@ def _zskd_error_in_chain(err: BaseException | None) -> ZSKDError | None:
     return None
 
 
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+          "- Expected a <class 'NoneType'>")
+
+
 def _one_line(message: str, limit: int = 400) -> str:
-    """jsonargparse's multi-line error as one line: the key, then the reasons (not the echoed value)."""
+    """jsonargparse's multi-line error as one line: the nested keys down to the innermost one, then its reasons.
+
+    Dropped at every nesting level: the Union bookkeeping (subtypes, "Expected a NoneType"), and the echoed value.
+    """
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    if "Errors:" in lines:
-        reasons = []
-        for line in lines[lines.index("Errors:") + 1 :]:
-            if line.startswith(("Given value", "Subtypes:")):
-                break
-            if line != "- Expected a <class 'NoneType'>":
-                reasons.append(line.lstrip("- "))
-        lines = [lines[0], *reasons]
-    text = " ".join(lines[:4])
+    kept = [line.removeprefix("- ") for line in lines if not line.startswith(_NOISE)]
+    text = " ".join(kept)
     return text if len(text) <= limit else text[: limit - 3] + "..."
