@@ -50,7 +50,7 @@ MODELS = {
 
 
 FAST_MNIST_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist" / "zskd_lenet5_half_fast.yaml"
-PAPER_ITERATIONS = 1500  # Nayak et al. 2019: 1500 Adam iterations per impression at lr 0.01
+PAPER_ITERATIONS = ZSKDSynthesizer().iterations  # the synthesizer's defaults are the paper's (1500 at lr 0.01)
 
 
 def fast_config_iterations() -> int:
