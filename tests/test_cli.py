@@ -263,3 +263,21 @@ def test_error_deep_inside_nested_classes_names_the_key_and_the_reason(override,
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zskd: error:")]
     key = override.rsplit(".", 1)[1]
     assert len(err_lines) == 1 and f'Parser key "{key}"' in err_lines[0] and reason in err_lines[0], err_lines
+
+
+@pytest.mark.parametrize(("override", "value", "reason"), [
+    ("--data.init_args.synthesizer.init_args.jitter", "-1", "jitter must be >= 0 pixels, got -1"),
+    ("--data.init_args.synthesizer.init_args.iterations", "0", "iterations must be >= 1, got 0"),
+    ("--model.init_args.temperature", "0", "temperature must be > 0, got 0.0"),
+])
+def test_value_refused_by_a_constructor_ends_in_one_line(override, value, reason, capsys, monkeypatch):
+    """A value of the right type that a class refuses (InvalidArgument) prints its message, not a traceback."""
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), override, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err_lines = [line for line in err.splitlines() if line.startswith("zskd: error:")]
+    assert err_lines == [f"zskd: error: {reason}"], err_lines

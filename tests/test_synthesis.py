@@ -474,3 +474,52 @@ def test_bf16_synthesis_reaches_the_targets_like_float32(trained_teacher):
     _, _, _, loss0 = synthesize(ZSKDSynthesizer(iterations=1, lr=0.05, precision="32-true"), trained_teacher, n=32)
     assert loss16 < loss0 and loss32 < loss0
     assert abs(loss16 - loss32) < 0.1 * (loss0 - loss32)
+
+
+class _RecordingTeacher(nn.Module):
+    """Passes inputs to ``network`` and keeps a copy of each batch it was shown."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.network(x)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2])
+def test_jitter_shows_the_teacher_the_chunk_rolled_by_a_seeded_offset(small_teacher, chunk):
+    """The teacher sees the inputs rolled by (dy, dx) drawn from the chunk's stream right after the initial noise."""
+    n, jitter = 8, 2
+    synthesizer = ZSKDSynthesizer(iterations=1, lr=0.05, init="normal", jitter=jitter)
+    teacher = _RecordingTeacher(small_teacher)
+    synthesize(synthesizer, teacher, n=n, chunk=chunk)
+    generator = ChunkRandomness.for_chunk(0, chunk).torch
+    x0 = synthesizer.initial_inputs(n, tiny.INPUT_SHAPE, RANGE, generator)
+    dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+    assert len(teacher.seen) == 1
+    torch.testing.assert_close(teacher.seen[0], torch.roll(x0, shifts=(dy, dx), dims=(-2, -1)))
+
+
+def test_jitter_still_reaches_the_targets(trained_teacher):
+    """The gradient flows back through the roll to the unshifted inputs: the teacher's loss on them falls."""
+    synthesizer = ZSKDSynthesizer(iterations=40, lr=0.05, jitter=1)
+    inputs, targets, _, _ = synthesize(synthesizer, trained_teacher, n=32)
+    x0 = synthesizer.initial_inputs(32, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    assert teacher_loss(synthesizer, trained_teacher, inputs, targets) < teacher_loss(synthesizer, trained_teacher, x0, targets)
+
+
+def test_jitter_is_part_of_the_settings_only_when_on():
+    assert "jitter" not in ZSKDSynthesizer().settings()  # caches made before the option keep their key
+    assert ZSKDSynthesizer(jitter=2).settings()["jitter"] == 2
+    assert ClassImpressionSynthesizer(jitter=1).settings()["jitter"] == 1
+    with pytest.raises(ValueError, match="jitter must be >= 0"):
+        ZSKDSynthesizer(jitter=-1)
+
+
+def test_jitter_refuses_inputs_that_are_not_images():
+    teacher = as_frozen_teacher(nn.Linear(5, K))
+    with pytest.raises(ValueError, match=r"jitter shifts images \[C, H, W\].*\(5,\)"):
+        ZSKDSynthesizer(iterations=1, jitter=1).synthesize(teacher, torch.arange(4), (5,), ChunkRandomness.for_chunk(0, 0), K)

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from zskd_lightning.classifier import ClassifierModule  # noqa: E402
 from zskd_lightning.distillation import DistillationModule  # noqa: E402
-from zskd_lightning.errors import ZSKDError  # noqa: E402
+from zskd_lightning.errors import InvalidArgument, ZSKDError  # noqa: E402
 from zskd_lightning.impressions import ImpressionDataModule, ImpressionDataset  # noqa: E402
 from zskd_lightning.losses import kd_loss  # noqa: E402
 from zskd_lightning.synthesis import (  # noqa: E402
@@ -25,6 +25,7 @@ __all__ = [
     "ImpressionDataModule",
     "ImpressionDataset",
     "ImpressionSynthesis",
+    "InvalidArgument",
     "Synthesizer",
     "ZSKDError",
     "ZSKDSynthesizer",

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.pixels import from_pixels, to_pixels
 
 
@@ -49,7 +50,7 @@ class BatchAugmentation(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= float(mix) <= 1.0:
-            raise ValueError(f"mix must be in [0, 1], got {mix}")
+            raise InvalidArgument(f"mix must be in [0, 1], got {mix}")
         self.degrees = float(degrees)
         self.translate = (float(translate[0]), float(translate[1]))
         self.scale = (float(scale[0]), float(scale[1]))

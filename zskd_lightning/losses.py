@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from zskd_lightning.errors import InvalidArgument
+
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton's distillation loss ``T^2 * KL(softmax(t / T) || softmax(s / T))``, batch-mean.
@@ -21,7 +23,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
         Scalar: the KL divergence summed over classes, averaged over the ``B`` samples, times ``T^2``.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise InvalidArgument(f"temperature must be > 0, got {temperature}")
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)

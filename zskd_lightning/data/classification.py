@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 
 __all__ = ["ClassificationDataModule", "InMemoryImageDataset", "DATA_ROOT_ENV"]
 
@@ -45,9 +45,9 @@ class InMemoryImageDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if images.ndim != 4:
-            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+            raise InvalidArgument(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}")
+            raise InvalidArgument(f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}")
         self.images = images
         self.labels = labels.to(torch.int64)
         self.transform = transform

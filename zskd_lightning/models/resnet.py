@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from zskd_lightning.errors import InvalidArgument
+
 __all__ = ["BasicBlock", "CIFARResNet", "ResNet18", "ResNet34"]
 
 
@@ -63,7 +65,7 @@ class CIFARResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(blocks_per_stage) != len(self.stage_widths):
-            raise ValueError(
+            raise InvalidArgument(
                 f"blocks_per_stage needs {len(self.stage_widths)} entries, got {list(blocks_per_stage)}"
             )
         self.in_channels = in_channels

@@ -33,6 +33,7 @@ class ClassImpressionSynthesizer(Synthesizer):
         channels_last: bool = True,
         fast_kernels: bool = True,
         precision: Literal["bf16-mixed", "32-true"] | None = None,
+        jitter: int = 0,
     ) -> None:
         super().__init__(
             target_sampler=OneHotTargets(),
@@ -46,4 +47,5 @@ class ClassImpressionSynthesizer(Synthesizer):
             channels_last=channels_last,
             fast_kernels=fast_kernels,
             precision=precision,
+            jitter=jitter,
         )

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.losses import soft_cross_entropy
 from zskd_lightning.synthesis.base import Objective
 
@@ -15,7 +16,7 @@ class SoftTargetCrossEntropy(Objective):
 
     def __init__(self, temperature: float = 20.0) -> None:
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InvalidArgument(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:

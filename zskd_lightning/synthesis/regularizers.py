@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.pixels import to_pixels
 from zskd_lightning.synthesis.base import Regularizer
 
@@ -70,7 +71,7 @@ class BatchNormStatistics(Regularizer):
     def attach(self, teacher: nn.Module) -> None:
         layers = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not layers:
-            raise ValueError("BatchNormStatistics needs a teacher with BatchNorm layers; this one has none")
+            raise InvalidArgument("BatchNormStatistics needs a teacher with BatchNorm layers; this one has none")
         self._handles = [layer.register_forward_hook(self._record) for layer in layers]
 
     def detach(self) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.synthesis.base import ChunkRandomness, TargetSampler
 from zskd_lightning.teacher import classifier_layer
 
@@ -43,7 +44,7 @@ class DirichletTargets(TargetSampler):
 
     def __init__(self, betas: Sequence[float] = (1.0, 0.1), floor: float = 1e-6) -> None:
         if not betas or any(b <= 0 for b in betas):
-            raise ValueError(f"betas must be positive, got {betas}")
+            raise InvalidArgument(f"betas must be positive, got {betas}")
         self.betas = [float(b) for b in betas]
         self.floor = float(floor)
         self.similarity: Tensor | None = None

@@ -24,7 +24,7 @@ class ZSKDSynthesizer(Synthesizer):
         betas: Dirichlet scales.
         temperature: T of the matching softmax.
         iterations, lr, init, stop_tolerance, stop_window, channels_last, fast_kernels,
-            precision: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
+            precision, jitter: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
         regularizers: optional input priors (none in the paper).
     """
 
@@ -43,6 +43,7 @@ class ZSKDSynthesizer(Synthesizer):
         channels_last: bool = True,
         fast_kernels: bool = True,
         precision: Literal["bf16-mixed", "32-true"] | None = None,
+        jitter: int = 0,
         concentration_floor: float = 1e-6,
     ) -> None:
         super().__init__(
@@ -57,4 +58,5 @@ class ZSKDSynthesizer(Synthesizer):
             channels_last=channels_last,
             fast_kernels=fast_kernels,
             precision=precision,
+            jitter=jitter,
         )
