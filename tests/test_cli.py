@@ -249,18 +249,24 @@ def test_main_exits_2_with_one_line_in_process(write_yaml, tmp_path, capsys, mon
     assert len(err_lines) == 1 and "absent.ckpt" in err_lines[0], err_lines
 
 
+def _quickstart_error(override: str, value: str, capsys, monkeypatch) -> str:
+    """stderr of ``zskd fit`` on the quickstart config with one bad override; asserts exit code 2."""
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), override, value])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("override", "value", "reason"), [
     ("--data.init_args.synthesizer.init_args.precision", "16-mixed", "Expected a typing.Literal['bf16-mixed', '32-true']"),
     ("--data.init_args.synthesizer.init_args.iterations", "many", "Expected a <class 'int'>"),
 ])
 def test_error_deep_inside_nested_classes_names_the_key_and_the_reason(override, value, reason, capsys, monkeypatch):
     """A bad value two class levels down (data -> synthesizer -> key) still ends in one line with its reason."""
-    monkeypatch.setattr(sys, "argv", ["zskd"])
-    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), override, value])
-    assert exit_info.value.code == 2
-    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zskd: error:")]
+    err = _quickstart_error(override, value, capsys, monkeypatch)
+    err_lines = [line for line in err.splitlines() if line.startswith("zskd: error:")]
     key = override.rsplit(".", 1)[1]
     assert len(err_lines) == 1 and f'Parser key "{key}"' in err_lines[0] and reason in err_lines[0], err_lines
 
@@ -272,12 +278,6 @@ def test_error_deep_inside_nested_classes_names_the_key_and_the_reason(override,
 ])
 def test_value_refused_by_a_constructor_ends_in_one_line(override, value, reason, capsys, monkeypatch):
     """A value of the right type that a class refuses (InvalidArgument) prints its message, not a traceback."""
-    monkeypatch.setattr(sys, "argv", ["zskd"])
-    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), override, value])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = _quickstart_error(override, value, capsys, monkeypatch)
     assert "Traceback" not in err
-    err_lines = [line for line in err.splitlines() if line.startswith("zskd: error:")]
-    assert err_lines == [f"zskd: error: {reason}"], err_lines
+    assert [line for line in err.splitlines() if line.startswith("zskd: error:")] == [f"zskd: error: {reason}"]
