@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import re
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
+from helpers.tiny import write_mnist_idx
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -57,3 +60,26 @@ def test_mnist_table_keeps_schedules_seeds_and_the_students_teacher_apart():
     group = [{"command": " ".join(table.row_commands(["zskd"], [seed], "fast")[0][4]), "seed": str(seed)} for seed in (1, 2)]
     command = table.group_command(group)
     assert "--seed_everything S" in command and "_sS" in command and " 1" not in command.replace("24000", "")
+
+
+def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tmp_path, monkeypatch):
+    """Fake MNIST files: one recipe, two jitter values -> two CSV rows and their markdown table."""
+    generator = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 120), ("t10k", 20)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=generator, dtype=torch.uint8)
+        write_mnist_idx(tmp_path / "data" / "MNIST" / "raw", prefix, images, torch.arange(n) % 10)
+    monkeypatch.setenv("ZSKD_DATA_ROOT", str(tmp_path / "data"))
+    sources = load("teacher_sources")
+    results = tmp_path / "out" / "sources.csv"
+    monkeypatch.chdir(tmp_path)
+    sources.main(["--recipes", "shifts", "--jitter", "0", "1", "--impressions", "16", "--teacher-epochs", "1",
+                  "--student-epochs", "1", "--work-dir", str(tmp_path / "work"), "--results", str(results)])
+    rows = list(csv.DictReader(results.open()))
+    assert [(r["recipe"], r["jitter"]) for r in rows] == [("shifts", "0"), ("shifts", "1")]
+    assert all(0 <= float(r["teacher_val"]) <= 100 and 0 <= float(r["student_val"]) <= 100 for r in rows)
+    assert rows[0]["teacher_val"] == rows[1]["teacher_val"]  # one teacher, two syntheses
+    cache_specs = sorted((tmp_path / "work" / "shifts_s0").glob("impressions_j*/spec.json"))
+    assert len(cache_specs) == 2 and '"jitter": 1' in cache_specs[1].read_text()
+    table = results.with_suffix(".md").read_text()
+    assert "| shifts | 0 | 16 | 0 |" in table and "| shifts | 1 | 16 | 0 |" in table
+    assert not list(tmp_path.glob("*.pt"))  # the students are measured, not exported

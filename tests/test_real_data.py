@@ -6,7 +6,6 @@ No network: downloads are either disabled or monkeypatched to fail.
 from __future__ import annotations
 
 import os
-import struct
 import urllib.error
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from zskd_lightning.data.digits import DigitsDataModule, _fixed_split
 from zskd_lightning.data.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 from zskd_lightning.errors import ZSKDError
 
+from helpers.tiny import write_mnist_idx as _write_idx
+
 MNIST_BLACK = -0.1307 / 0.3081
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -27,17 +28,6 @@ def _rows(images: torch.Tensor) -> set[bytes]:
     """Each image as raw bytes, for set comparisons between splits."""
     flat = images.reshape(images.shape[0], -1).contiguous().numpy()
     return {row.tobytes() for row in flat}
-
-
-def _write_idx(raw: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
-    raw.mkdir(parents=True, exist_ok=True)
-    n, h, w = images.shape
-    with open(raw / f"{prefix}-images-idx3-ubyte", "wb") as f:
-        f.write(struct.pack(">IIII", 2051, n, h, w))
-        f.write(images.to(torch.uint8).numpy().tobytes())
-    with open(raw / f"{prefix}-labels-idx1-ubyte", "wb") as f:
-        f.write(struct.pack(">II", 2049, n))
-        f.write(labels.to(torch.uint8).numpy().tobytes())
 
 
 def _fake_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

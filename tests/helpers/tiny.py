@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -34,6 +35,18 @@ SHIPPED_TEACHER = REPO / "zskd_lightning" / "assets" / "digits_teacher.pt"
 DIGITS_MEAN, DIGITS_STD = DigitsDataModule.mean, DigitsDataModule.std
 INPUT_SHAPE = (1, 8, 8)
 ARRAYS = ("inputs", "targets", "labels")
+
+
+def write_mnist_idx(raw: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write ``images [N, H, W]`` (uint8 values) and ``labels [N]`` as torchvision's MNIST idx files in ``raw``."""
+    raw.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    with open(raw / f"{prefix}-images-idx3-ubyte", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, h, w))
+        f.write(images.to(torch.uint8).numpy().tobytes())
+    with open(raw / f"{prefix}-labels-idx1-ubyte", "wb") as f:
+        f.write(struct.pack(">II", 2049, n))
+        f.write(labels.to(torch.uint8).numpy().tobytes())
 
 
 def digits_input_range() -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,177 @@
+"""Which teacher makes a good source of impressions? Teacher recipes judged on the MNIST validation split.
+
+For each recipe and seed: train a LeNet-5 teacher on the MNIST training split (the recipe of
+configs/mnist/teacher_lenet5.yaml plus one change), then distil a LeNet-5-half student from a few thousand ZSKD
+impressions of it (the synthesizer of configs/mnist/zskd_lenet5_half_fast.yaml, optionally with ``jitter``) and
+report both accuracies on the VALIDATION split (the test set is never read). Adds its rows to
+benchmarks/results/teacher_sources.csv (replacing earlier ones of the same recipe, seed and jitter) and rewrites
+teacher_sources.md beside it.
+
+    ZSKD_DATA_ROOT=../shared/data python benchmarks/teacher_sources.py --recipes shipped shifts --jitter 0 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from torch import nn
+
+from zskd_lightning import ClassifierModule, DistillationModule, FrozenTeacher, ImpressionDataModule, ZSKDSynthesizer
+from zskd_lightning.augment import BatchAugmentation
+from zskd_lightning.data import MNISTDataModule
+from zskd_lightning.models import LeNet5, LeNet5Half
+from zskd_lightning.synthesis import ImpressionSynthesis
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FAST_CONFIG = ROOT / "configs" / "mnist" / "zskd_lenet5_half_fast.yaml"
+FIELDS = ["recipe", "seed", "jitter", "impressions", "teacher_val", "student_val", "teacher_s", "student_s"]
+
+#: The one change each recipe makes to the shipped teacher recipe: (augmentation of the training batches,
+#: dropout after the hidden FC layers, EMA decay of the weights).
+RECIPES: dict[str, tuple[BatchAugmentation | None, float, float]] = {
+    "shipped": (None, 0.0, 0.0),
+    "ema": (None, 0.0, 0.9995),
+    "dropout": (None, 0.2, 0.0),
+    "noise": (BatchAugmentation(noise_std=0.3), 0.0, 0.0),
+    "shifts": (BatchAugmentation(translate=(2 / 32, 2 / 32)), 0.0, 0.0),
+    "light_augmentation": (BatchAugmentation(degrees=5, translate=(0.05, 0.05), scale=(0.95, 1.05)), 0.0, 0.0),
+}
+
+
+def mnist(augment: BatchAugmentation | None = None, batch_size: int = 64) -> MNISTDataModule:
+    """The shipped teacher's data: MNIST padded to 32x32, 10% validation split with seed 0."""
+    return MNISTDataModule(batch_size=batch_size, val_fraction=0.1, seed=0, augment=augment or False, download=False)
+
+
+def _trainer(epochs: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def validation_accuracy(network: nn.Module) -> float:
+    """Accuracy (%) of ``network`` on the MNIST validation split."""
+    data = mnist(batch_size=512)
+    data.setup("fit")
+    network.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in data.val_dataloader():
+            correct += int((network(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100 * correct / total
+
+
+def train_teacher(recipe: str, seed: int, epochs: int, path: Path) -> float:
+    """Train the recipe's teacher, save its checkpoint to ``path``; return its validation accuracy (%)."""
+    augment, dropout, ema = RECIPES[recipe]
+    L.seed_everything(seed)
+    network = LeNet5(1, 10)
+    if dropout:  # after each hidden ReLU; the parameter names stay those of LeNet5
+        for i, layer in enumerate(network.classifier):
+            if isinstance(layer, nn.ReLU):
+                network.classifier[i] = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+    model = ClassifierModule(network, optimizer=partial(torch.optim.Adam, lr=2e-3, weight_decay=5e-4),
+                             lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))
+    callbacks = [L.pytorch.callbacks.EMAWeightAveraging(decay=ema)] if ema else []
+    trainer = _trainer(epochs, callbacks=callbacks)
+    trainer.fit(model, mnist(augment))
+    trainer.save_checkpoint(path)
+    return validation_accuracy(FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(path)))
+
+
+def fast_synthesizer(jitter: int) -> ZSKDSynthesizer:
+    """The ZSKD synthesizer of the fast MNIST config, with ``jitter``."""
+    init_args = dict(yaml.safe_load(FAST_CONFIG.read_text())["data"]["init_args"]["synthesizer"]["init_args"])
+    regularizers = []
+    for spec in init_args.pop("regularizers", []):
+        module, name = spec["class_path"].rsplit(".", 1)
+        regularizers.append(getattr(importlib.import_module(module), name)(**spec.get("init_args", {})))
+    return ZSKDSynthesizer(**init_args, regularizers=regularizers, jitter=jitter)
+
+
+def distil_student(checkpoint: Path, impressions: int, jitter: int, epochs: int, cache_dir: Path) -> float:
+    """LeNet-5-half distilled from ``impressions`` ZSKD impressions of the teacher; validation accuracy (%)."""
+    L.seed_everything(0)
+    data = ImpressionDataModule(fast_synthesizer(jitter), num_impressions=impressions, cache_dir=str(cache_dir),
+                                chunk_size=256, seed=0, batch_size=128, eval_data=mnist(batch_size=512),
+                                batch_augmentation=BatchAugmentation(mix=0.5))
+    model = DistillationModule(FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(checkpoint)), LeNet5Half(1, 10),
+                               temperature=20.0, export_filename=None, optimizer=partial(torch.optim.Adam, lr=1e-3),
+                               lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))
+    _trainer(epochs, callbacks=[ImpressionSynthesis(grid_filename=None)], limit_val_batches=0).fit(model, data)
+    return validation_accuracy(model.student)
+
+
+def summarize(records: list[dict[str, str]], path: Path) -> None:
+    """Write the markdown table ``path``: mean (and per-seed values) per recipe and jitter."""
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for r in records:
+        groups.setdefault((r["recipe"], r["jitter"], r["impressions"]), []).append(r)
+    lines = ["# Teacher recipes as impression sources (MNIST validation split)", "",
+             "Generated by `benchmarks/teacher_sources.py`. LeNet-5 teachers (the shipped recipe plus one change),",
+             "LeNet-5-half students distilled from ZSKD impressions of each (fast config's synthesizer); accuracies",
+             "on the validation split, mean over seeds (each seed in brackets). A row's command:",
+             "`ZSKD_DATA_ROOT=../shared/data python benchmarks/teacher_sources.py --recipes RECIPE --seeds S --jitter J`.", "",
+             "| recipe | jitter | impressions | seeds | teacher val (%) | student val (%) |",
+             "| --- | ---: | ---: | --- | ---: | ---: |"]
+    for (recipe, jitter, n), group in sorted(groups.items(), key=lambda item: (list(RECIPES).index(item[0][0]), item[0][1:])):
+        def cell(key: str) -> str:
+            values = [float(g[key]) for g in group]
+            each = f" ({' / '.join(f'{v:.2f}' for v in values)})" if len(values) > 1 else ""
+            return f"{statistics.mean(values):.2f}{each}"
+        seeds = ",".join(g["seed"] for g in group)
+        lines.append(f"| {recipe} | {jitter} | {n} | {seeds} | {cell('teacher_val')} | {cell('student_val')} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--jitter", nargs="+", type=int, default=[0], help="synthesis jitter values to try")
+    parser.add_argument("--impressions", type=int, default=2000)
+    parser.add_argument("--teacher-epochs", type=int, default=60)
+    parser.add_argument("--student-epochs", type=int, default=300)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "teacher_sources")
+    parser.add_argument("--results", type=Path, default=RESULTS / "teacher_sources.csv")
+    args = parser.parse_args(argv)
+    records = list(csv.DictReader(args.results.open())) if args.results.exists() else []
+    for recipe in args.recipes:
+        for seed in args.seeds:
+            folder = args.work_dir / f"{recipe}_s{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            teacher_val = train_teacher(recipe, seed, args.teacher_epochs, folder / "teacher.ckpt")
+            teacher_s = time.perf_counter() - started
+            for jitter in args.jitter:
+                started = time.perf_counter()
+                student_val = distil_student(folder / "teacher.ckpt", args.impressions, jitter, args.student_epochs,
+                                             folder / f"impressions_j{jitter}_{args.impressions}")
+                record = {"recipe": recipe, "seed": str(seed), "jitter": str(jitter), "impressions": str(args.impressions),
+                          "teacher_val": f"{teacher_val:.2f}", "student_val": f"{student_val:.2f}",
+                          "teacher_s": f"{teacher_s:.0f}", "student_s": f"{time.perf_counter() - started:.0f}"}
+                key = (recipe, str(seed), str(jitter), str(args.impressions))
+                records = [r for r in records if (r["recipe"], r["seed"], r["jitter"], r["impressions"]) != key]
+                records.append(record)
+                args.results.parent.mkdir(parents=True, exist_ok=True)
+                with args.results.open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=FIELDS)
+                    writer.writeheader()
+                    writer.writerows(records)
+                summarize(records, args.results.with_suffix(".md"))
+                print(f"{recipe} seed {seed} jitter {jitter}: teacher {teacher_val:.2f}% student {student_val:.2f}% "
+                      "(validation split)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
