@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import statistics
 import time
 from functools import partial
@@ -30,6 +29,7 @@ from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data import MNISTDataModule
 from zskd_lightning.models import LeNet5, LeNet5Half
 from zskd_lightning.synthesis import ImpressionSynthesis
+from zskd_lightning.teacher import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -91,12 +91,8 @@ def train_teacher(recipe: str, seed: int, epochs: int, path: Path) -> float:
 
 def fast_synthesizer(jitter: int) -> ZSKDSynthesizer:
     """The ZSKD synthesizer of the fast MNIST config, with ``jitter``."""
-    init_args = dict(yaml.safe_load(FAST_CONFIG.read_text())["data"]["init_args"]["synthesizer"]["init_args"])
-    regularizers = []
-    for spec in init_args.pop("regularizers", []):
-        module, name = spec["class_path"].rsplit(".", 1)
-        regularizers.append(getattr(importlib.import_module(module), name)(**spec.get("init_args", {})))
-    return ZSKDSynthesizer(**init_args, regularizers=regularizers, jitter=jitter)
+    spec = yaml.safe_load(FAST_CONFIG.read_text())["data"]["init_args"]["synthesizer"]
+    return instantiate({"class_path": spec["class_path"], "init_args": {**spec["init_args"], "jitter": jitter}})
 
 
 def distil_student(checkpoint: Path, impressions: int, jitter: int, epochs: int, cache_dir: Path) -> float:

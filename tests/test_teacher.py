@@ -268,3 +268,14 @@ def test_lightning_checkpoint_into_wrong_network(lightning_checkpoint):
         FrozenTeacher(network=DigitsConvNet(), checkpoint=str(lightning_checkpoint))
     message = _assert_one_line_naming(err, lightning_checkpoint)
     assert "shape" in message
+
+
+def test_instantiate_builds_class_paths_inside_lists():
+    from zskd_lightning.synthesis import PixelL2Prior
+    from zskd_lightning.teacher import instantiate
+
+    synthesizer = instantiate({"class_path": "zskd_lightning.ZSKDSynthesizer", "init_args": {
+        "iterations": 3, "regularizers": [{"class_path": "zskd_lightning.synthesis.PixelL2Prior",
+                                           "init_args": {"weight": 0.002}}]}})
+    assert synthesizer.iterations == 3
+    assert [type(r) for r in synthesizer.regularizers] == [PixelL2Prior] and synthesizer.regularizers[0].weight == 0.002

@@ -62,18 +62,23 @@ def network_spec(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def instantiate(spec: Mapping[str, Any]) -> nn.Module:
-    """Build ``class_path(**init_args)``; nested ``class_path`` dicts in ``init_args`` are built too."""
+def instantiate(spec: Mapping[str, Any]) -> Any:
+    """Build ``class_path(**init_args)``; ``class_path`` dicts in ``init_args`` (also inside lists) are built too."""
     module_name, _, class_name = spec["class_path"].rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
         raise ZSKDError(f"cannot import class_path {spec['class_path']!r}: {err}") from err
-    kwargs = {
-        k: instantiate(v) if isinstance(v, Mapping) and "class_path" in v else v
-        for k, v in (spec.get("init_args") or {}).items()
-    }
-    return cls(**kwargs)
+    return cls(**{k: _built(v) for k, v in (spec.get("init_args") or {}).items()})
+
+
+def _built(value: Any) -> Any:
+    """An ``init_args`` value with every ``class_path`` dict in it (directly or in a list) instantiated."""
+    if isinstance(value, Mapping) and "class_path" in value:
+        return instantiate(value)
+    if isinstance(value, list):
+        return [_built(item) for item in value]
+    return value
 
 
 def load_weights(network: nn.Module, state: Mapping[str, torch.Tensor], path: str = "<checkpoint>") -> None:
