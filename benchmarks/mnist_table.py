@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import platform
@@ -101,12 +102,26 @@ def row_commands(rows: list[str], seeds: list[int], schedule: str) -> list[tuple
 
 
 def configs_sha(args: list[str]) -> str:
-    """Fingerprint of the row's config file and the teacher's config: a row measured with other configs is stale."""
-    config = args[args.index("--config") + 1]
-    digest = hashlib.sha256()
-    for path in dict.fromkeys([config, TEACHER_CONFIG]):
-        digest.update((ROOT / path).read_bytes())
+    """Fingerprint of what a row measures: its config and, for a row that loads the teacher, the teacher's config.
+
+    Configs are hashed as parsed YAML, so editing a comment leaves every row current; a row measured with other
+    settings (or another teacher recipe) is stale.
+    """
+    import yaml
+
+    def parsed(path: str) -> str:
+        return json.dumps(yaml.safe_load((ROOT / path).read_text()), sort_keys=True)
+
+    config = parsed(args[args.index("--config") + 1])
+    digest = hashlib.sha256(config.encode())
+    if TEACHER_CKPT in config:
+        digest.update(parsed(TEACHER_CONFIG).encode())
     return digest.hexdigest()[:12]
+
+
+def is_current(record: dict[str, str]) -> bool:
+    """Whether a CSV record was measured with today's configs (see :func:`configs_sha`)."""
+    return record.get("configs_sha", "") == configs_sha(record["command"].split())
 
 
 def run_row(args: list[str]) -> dict[str, float]:
@@ -131,6 +146,21 @@ def run_row(args: list[str]) -> dict[str, float]:
         "total_s": total,
         "training_s": total if cache_was_ready else max(total - synthesis, 0.0),
     }
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a crash mid-write leaves the old file whole."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def write_csv(path: Path, records: list[dict[str, str]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(records)
+    write_atomically(path, buffer.getvalue())
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -165,8 +195,14 @@ def group_command(group: list[dict[str, str]]) -> str:
     return command
 
 
-def summarize(records: list[dict[str, str]]) -> None:
-    """Write mnist.md and mnist.png from the CSV records."""
+def summarize(records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
+    """Write mnist.md and mnist.png from the CSV records.
+
+    Records measured with other configs than today's (a changed teacher recipe, say) count for nothing: they
+    are listed under "Stale rows" with their commands, until re-measured.
+    """
+    stale = [r for r in records if not is_current(r)]
+    records = [r for r in records if is_current(r)]
     teacher = [float(r["test_acc"]) for r in records if r["row"] == "teacher" and r["seed"] == str(TEACHER_SEED)]
     teacher_acc = teacher[-1] if teacher else None  # the teacher the students were distilled from
     lines = [
@@ -203,7 +239,15 @@ def summarize(records: list[dict[str, str]]) -> None:
     lines += ["", f"Paper (Nayak et al. 2019, Table 1): teacher {PAPER['teacher']}, Student-CE {PAPER['student_ce']}, "
               f"Student-KD {PAPER['student_kd']}, Lopes et al. {PAPER['lopes']}, ZSKD {PAPER['zskd']}; "
               f"target ratio {PAPER['zskd'] / PAPER['teacher']:.4f}.", "", time_to_accuracy(records), ""]
-    (RESULTS / "mnist.md").write_text("\n".join(lines))
+    if stale:
+        lines += ["## Stale rows", "",
+                  "Measured with configs that have since changed (see `configs_sha` in the runner); not counted above. "
+                  "Rerun the runner with these rows and seeds to replace them.", "",
+                  "| row | impressions | seed | test acc. (%) | command |", "| --- | ---: | --- | ---: | --- |"]
+        lines += [f"| {r['row']} | {r['impressions']} | {r['seed']} | {float(r['test_acc']):.2f} | `zskd {r['command']}` |"
+                  for r in stale]
+        lines.append("")
+    write_atomically(out_dir / "mnist.md", "\n".join(lines))
     # The 24,000-impression headline rows are the ablation's last points (the same command is measured once).
     ablation = [r for r in records if r["row"] in ("ablation", "zskd", "ci")]
     if any(r["row"] == "ablation" for r in records):
@@ -227,7 +271,8 @@ def summarize(records: list[dict[str, str]]) -> None:
         ax.set_ylabel("student test accuracy (%)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / "mnist.png", dpi=120)
+        fig.savefig(out_dir / "mnist.png", dpi=120)
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,10 +281,14 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["teacher", "student_ce", "student_kd", "zskd", "zskd_bf16", "ci", "ablation"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--schedule", choices=["fast", "paper"], default="fast")
+    parser.add_argument("--summarize", action="store_true", help="only rebuild mnist.md and mnist.png from the CSV")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "mnist.csv"
     records = read_csv(path)
+    if args.summarize:
+        summarize(records)
+        return
     # A row is done when measured with the same command AND the same config files (see configs_sha); rows of
     # other configs are kept in the CSV only while their command is not re-measured.
     done = {(r["command"], r.get("configs_sha", "")) for r in records}
@@ -258,10 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         done.add((command, fingerprint))
         records = [r for r in records if r["command"] != command]  # replace a stale measurement of this row
         records.append({k: str(v) for k, v in record.items()})
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(records)
+        write_csv(path, records)
         summarize(records)
         print(f"    test acc {result['test_acc']:.2f}% in {result['total_s']:.0f} s", flush=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,6 +61,39 @@ def test_mnist_table_keeps_schedules_seeds_and_the_students_teacher_apart():
     group = [{"command": " ".join(table.row_commands(["zskd"], [seed], "fast")[0][4]), "seed": str(seed)} for seed in (1, 2)]
     command = table.group_command(group)
     assert "--seed_everything S" in command and "_sS" in command and " 1" not in command.replace("24000", "")
+
+
+def test_mnist_table_fingerprints_settings_not_comments_and_the_teacher_only_where_loaded(tmp_path):
+    table = load("mnist_table")
+    shutil.copytree(table.ROOT / "configs" / "mnist", tmp_path / "configs" / "mnist")
+    table.ROOT = tmp_path
+    kd, ce = (table.row_commands([row], [0], "fast")[0][4] for row in ("student_kd", "student_ce"))
+    before = table.configs_sha(kd), table.configs_sha(ce)
+    teacher = tmp_path / table.TEACHER_CONFIG
+    teacher.write_text("# a new comment\n" + teacher.read_text())
+    assert (table.configs_sha(kd), table.configs_sha(ce)) == before
+    teacher.write_text(teacher.read_text().replace("max_epochs: 60", "max_epochs: 61"))
+    assert table.configs_sha(kd) != before[0]  # distils from the teacher: stale
+    assert table.configs_sha(ce) == before[1]  # trains on labels alone: still current
+
+
+def test_mnist_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
+    table = load("mnist_table")
+
+    def record(row: str, seed: int, acc: float, current: bool = True) -> dict[str, str]:
+        args = table.row_commands([row], [seed], "fast")[0][4]
+        sha = table.configs_sha(args) if current else "0" * 12
+        return {"row": row, "method": "kd-real" if row == "student_kd" else "ce-real", "impressions": "0",
+                "seed": str(seed), "test_acc": str(acc), "teacher_acc": "99.0", "synthesis_s": "0.0", "total_s": "1.0",
+                "hardware": "CPU", "command": " ".join(args), "configs_sha": sha, "training_s": "1.0"}
+
+    table.summarize([record("teacher", 0, 99.0), record("student_kd", 0, 98.0), record("student_kd", 1, 50.0, False)],
+                    out_dir=tmp_path)
+    report = (tmp_path / "mnist.md").read_text()
+    main_table, stale = report.split("## Stale rows")
+    kd_line = next(line for line in main_table.splitlines() if line.startswith("| student_kd"))
+    assert "| 0 | 98.00 | 0.9899 |" in kd_line  # seed 1 (other configs) neither averaged nor listed here
+    assert "| student_kd | 0 | 1 | 50.00 |" in stale and "--seed_everything 1" in stale
 
 
 def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tmp_path, monkeypatch):
