@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
-from zskd_lightning.synthesis.base import Regularizer, Synthesizer
+from zskd_lightning.synthesis.base import Synthesizer
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.targets import OneHotTargets
 
@@ -21,31 +20,8 @@ class ClassImpressionSynthesizer(Synthesizer):
 
     name = "class_impressions"
 
-    def __init__(
-        self,
-        temperature: float = 20.0,
-        iterations: int = 1500,
-        lr: float = 0.01,
-        init: Literal["uniform", "normal"] = "uniform",
-        regularizers: Sequence[Regularizer] = (),
-        stop_tolerance: float | None = None,
-        stop_window: int = 50,
-        channels_last: bool = True,
-        fast_kernels: bool = True,
-        precision: Literal["bf16-mixed", "32-true"] | None = None,
-        jitter: int = 0,
-    ) -> None:
-        super().__init__(
-            target_sampler=OneHotTargets(),
-            objective=SoftTargetCrossEntropy(temperature),
-            regularizers=regularizers,
-            iterations=iterations,
-            lr=lr,
-            init=init,
-            stop_tolerance=stop_tolerance,
-            stop_window=stop_window,
-            channels_last=channels_last,
-            fast_kernels=fast_kernels,
-            precision=precision,
-            jitter=jitter,
-        )
+    def __init__(self, temperature: float = 20.0, **synthesizer_settings: Any) -> None:
+        """``synthesizer_settings``: the loop's settings (``iterations``, ``lr``, ``regularizers``, ...), see
+        :class:`~zskd_lightning.synthesis.base.Synthesizer`; the CLI lists them as this class's own."""
+        super().__init__(target_sampler=OneHotTargets(), objective=SoftTargetCrossEntropy(temperature),
+                         **synthesizer_settings)

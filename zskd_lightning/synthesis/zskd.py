@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
-from zskd_lightning.synthesis.base import Regularizer, Synthesizer
+from zskd_lightning.synthesis.base import Synthesizer
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.targets import DirichletTargets
 
@@ -23,9 +23,10 @@ class ZSKDSynthesizer(Synthesizer):
     Args:
         betas: Dirichlet scales.
         temperature: T of the matching softmax.
-        iterations, lr, init, stop_tolerance, stop_window, channels_last, fast_kernels,
-            precision, jitter: see :class:`~zskd_lightning.synthesis.base.Synthesizer`.
-        regularizers: optional input priors (none in the paper).
+        concentration_floor: smallest Dirichlet concentration (keeps near-zero similarities samplable).
+        synthesizer_settings: the loop's settings (``iterations``, ``lr``, ``init``, ``regularizers``,
+            ``stop_tolerance``, ``precision``, ``jitter``, ...) with the defaults of
+            :class:`~zskd_lightning.synthesis.base.Synthesizer`; the CLI lists them as this class's own.
     """
 
     name = "zskd"
@@ -34,29 +35,11 @@ class ZSKDSynthesizer(Synthesizer):
         self,
         betas: Sequence[float] = (1.0, 0.1),
         temperature: float = 20.0,
-        iterations: int = 1500,
-        lr: float = 0.01,
-        init: Literal["uniform", "normal"] = "uniform",
-        regularizers: Sequence[Regularizer] = (),
-        stop_tolerance: float | None = None,
-        stop_window: int = 50,
-        channels_last: bool = True,
-        fast_kernels: bool = True,
-        precision: Literal["bf16-mixed", "32-true"] | None = None,
-        jitter: int = 0,
         concentration_floor: float = 1e-6,
+        **synthesizer_settings: Any,
     ) -> None:
         super().__init__(
             target_sampler=DirichletTargets(betas, floor=concentration_floor),
             objective=SoftTargetCrossEntropy(temperature),
-            regularizers=regularizers,
-            iterations=iterations,
-            lr=lr,
-            init=init,
-            stop_tolerance=stop_tolerance,
-            stop_window=stop_window,
-            channels_last=channels_last,
-            fast_kernels=fast_kernels,
-            precision=precision,
-            jitter=jitter,
+            **synthesizer_settings,
         )
