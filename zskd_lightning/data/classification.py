@@ -107,13 +107,13 @@ class ClassificationDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
-            raise ZSKDError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
         if eval_batch_size is not None and int(eval_batch_size) < 1:
-            raise ZSKDError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+            raise InvalidArgument(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         if int(num_workers) < 0:
-            raise ZSKDError(f"num_workers must be >= 0, got {num_workers}")
+            raise InvalidArgument(f"num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= float(val_fraction) < 1.0:
-            raise ZSKDError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise InvalidArgument(f"val_fraction must be in [0, 1), got {val_fraction}")
         if root is None:
             root = os.environ.get(DATA_ROOT_ENV) or "./data"
         self.root: str = os.path.expanduser(str(root))

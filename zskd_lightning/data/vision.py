@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 import urllib.error
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data.classification import ClassificationDataModule
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 
 __all__ = [
     "TorchvisionDataModule",
@@ -159,31 +159,10 @@ class _MNISTFamilyDataModule(TorchvisionDataModule):
 
     native_shape = (1, 28, 28)
 
-    def __init__(
-        self,
-        *,
-        root: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        augment: bool | BatchAugmentation = False,
-        download: bool = True,
-        resize_to_32: str = "pad",
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            augment=augment,
-            download=download,
-        )
+    def __init__(self, *, resize_to_32: str = "pad", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if resize_to_32 not in RESIZE_MODES:
-            raise ZSKDError(f"resize_to_32 must be one of {', '.join(RESIZE_MODES)}; got {resize_to_32!r}")
+            raise InvalidArgument(f"resize_to_32 must be one of {', '.join(RESIZE_MODES)}; got {resize_to_32!r}")
         self.resize_to_32 = resize_to_32
 
     @property
