@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import json
 import os
 import platform
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -148,21 +149,6 @@ def run_row(args: list[str]) -> dict[str, float]:
     }
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: a crash mid-write leaves the old file whole."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def write_csv(path: Path, records: list[dict[str, str]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(records)
-    write_atomically(path, buffer.getvalue())
-
-
 def read_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
@@ -247,7 +233,7 @@ def summarize(records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
         lines += [f"| {r['row']} | {r['impressions']} | {r['seed']} | {float(r['test_acc']):.2f} | `zskd {r['command']}` |"
                   for r in stale]
         lines.append("")
-    write_atomically(out_dir / "mnist.md", "\n".join(lines))
+    write_text_atomic(out_dir / "mnist.md", "\n".join(lines))
     # The 24,000-impression headline rows are the ablation's last points (the same command is measured once).
     ablation = [r for r in records if r["row"] in ("ablation", "zskd", "ci")]
     if any(r["row"] == "ablation" for r in records):
@@ -307,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         done.add((command, fingerprint))
         records = [r for r in records if r["command"] != command]  # replace a stale measurement of this row
         records.append({k: str(v) for k, v in record.items()})
-        write_csv(path, records)
+        write_csv_atomic(path, records, FIELDS)
         summarize(records)
         print(f"    test acc {result['test_acc']:.2f}% in {result['total_s']:.0f} s", flush=True)
 

@@ -27,6 +27,7 @@ from torch import nn
 from zskd_lightning import ClassifierModule, DistillationModule, FrozenTeacher, ImpressionDataModule, ZSKDSynthesizer
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data import MNISTDataModule
+from zskd_lightning.files import write_csv_atomic, write_text_atomic
 from zskd_lightning.models import LeNet5, LeNet5Half
 from zskd_lightning.synthesis import ImpressionSynthesis
 from zskd_lightning.teacher import instantiate
@@ -127,7 +128,7 @@ def summarize(records: list[dict[str, str]], path: Path) -> None:
             return f"{statistics.mean(values):.2f}{each}"
         seeds = ",".join(g["seed"] for g in group)
         lines.append(f"| {recipe} | {jitter} | {n} | {seeds} | {cell('teacher_val')} | {cell('student_val')} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,10 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                 records = [r for r in records if (r["recipe"], r["seed"], r["jitter"], r["impressions"]) != key]
                 records.append(record)
                 args.results.parent.mkdir(parents=True, exist_ok=True)
-                with args.results.open("w", newline="") as handle:
-                    writer = csv.DictWriter(handle, fieldnames=FIELDS)
-                    writer.writeheader()
-                    writer.writerows(records)
+                write_csv_atomic(args.results, records, FIELDS)
                 summarize(records, args.results.with_suffix(".md"))
                 print(f"{recipe} seed {seed} jitter {jitter}: teacher {teacher_val:.2f}% student {student_val:.2f}% "
                       "(validation split)", flush=True)

@@ -239,15 +239,15 @@ def test_corrupted_shard_is_detected_and_redone(tmp_path, reference, count_synth
 def test_resume_after_a_crash_mid_chunk(tmp_path, reference, monkeypatch, count_synthesis):
     """The 3rd chunk's write fails after its inputs file: the rerun redoes only unfinished chunks."""
     cache_dir = tmp_path / "cache"
-    write_atomic = cache_module._write_atomic
+    write_atomic = cache_module.write_atomic
 
     def failing(path, write):
         if path.endswith("chunk-000002.targets.npy"):
-            Path(f"{path}.{os.getpid()}.tmp").write_bytes(b"half a file")  # what a crash mid-write leaves
+            Path(f"{path}.{os.getpid()}.tmp").write_bytes(b"half a file")  # what a hard crash (kill -9) mid-write leaves
             raise OSError("disk full (simulated)")
         write_atomic(path, write)
 
-    monkeypatch.setattr(cache_module, "_write_atomic", failing)
+    monkeypatch.setattr(cache_module, "write_atomic", failing)
     with pytest.raises(OSError, match="simulated"):
         tiny.run_synthesis(cache_dir)
     assert (cache_dir / "chunk-000002.inputs.npy").exists() and not (cache_dir / "chunk-000002.json").exists()
@@ -255,7 +255,7 @@ def test_resume_after_a_crash_mid_chunk(tmp_path, reference, monkeypatch, count_
     spec = json.loads((cache_dir / "spec.json").read_text())
     assert ImpressionCache(cache_dir, spec).missing_chunks() == [2, 3, 4, 5, 6, 7]
 
-    monkeypatch.setattr(cache_module, "_write_atomic", write_atomic)
+    monkeypatch.setattr(cache_module, "write_atomic", write_atomic)
     count_synthesis.clear()
     tiny.run_synthesis(cache_dir)
     assert count_synthesis == [16, 24, 32, 40, 48, 56]

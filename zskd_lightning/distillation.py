@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
 from zskd_lightning.errors import ZSKDError
+from zskd_lightning.files import write_atomic
 from zskd_lightning.losses import kd_loss, soft_target_kd_loss
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.teacher import as_frozen_teacher, classifier_layer
@@ -147,9 +148,7 @@ class DistillationModule(L.LightningModule):
         path = os.fspath(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
-        tmp = f"{path}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda handle: torch.save(state, handle))
         return path
 
     def on_train_end(self) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from zskd_lightning.errors import ZSKDError
+from zskd_lightning.files import write_atomic
 
 FORMAT_VERSION = 1
 ARRAYS = ("inputs", "targets", "labels")
@@ -52,17 +53,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _write_atomic(path: str, write: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: str, obj: Mapping[str, Any]) -> None:
-    _write_atomic(path, lambda h: h.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    write_atomic(path, lambda h: h.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
 def _sha256(path: str) -> str:
@@ -193,7 +185,7 @@ class ImpressionCache:
         for kind, array in arrays.items():
             if array.shape[0] != stop - start:
                 raise ValueError(f"chunk {chunk}: {kind} has {array.shape[0]} rows, expected {stop - start}")
-            _write_atomic(self.chunk_file(chunk, kind), lambda h, a=array: np.save(h, np.ascontiguousarray(a)))
+            write_atomic(self.chunk_file(chunk, kind), lambda h, a=array: np.save(h, np.ascontiguousarray(a)))
         record = {
             "chunk": chunk,
             "count": stop - start,

@@ -1,0 +1,41 @@
+"""Crash-safe file writes: a reader sees the old file or the new one, never a half-written one."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import BinaryIO
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, sync it, then rename it over ``path``.
+
+    The temporary name carries the process id, so ranks writing different files into one folder never collide.
+    """
+    path = os.fspath(path)
+    partial = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(partial, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) in one step."""
+    write_atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, object]], fieldnames: Sequence[str]) -> None:
+    """Replace the CSV at ``path`` (header ``fieldnames``, then ``rows``) in one step."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
