@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.files import write_atomic
 from zskd_lightning.losses import kd_loss, soft_target_kd_loss
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
@@ -63,7 +63,7 @@ class DistillationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ZSKDError(f"temperature must be > 0, got {temperature}")
+            raise InvalidArgument(f"temperature must be > 0, got {temperature}")
         self.save_hyperparameters(ignore=["teacher", "student", "optimizer", "lr_scheduler"])
         self.teacher = as_frozen_teacher(teacher)
         self.student = student

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import augment_normalized
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import from_pixels, to_pixels
 from zskd_lightning.synthesis.base import Synthesizer
 from zskd_lightning.synthesis.cache import ImpressionCache
@@ -114,7 +114,7 @@ class ImpressionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if num_impressions < 1:
-            raise ZSKDError(f"num_impressions must be >= 1, got {num_impressions}")
+            raise InvalidArgument(f"num_impressions must be >= 1, got {num_impressions}")
         self.synthesizer = synthesizer
         self.num_impressions = num_impressions
         self.num_val_impressions = num_val_impressions

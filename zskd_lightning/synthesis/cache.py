@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.files import write_atomic
 
 FORMAT_VERSION = 1
@@ -93,7 +93,7 @@ class ImpressionCache:
         self.count = int(self.spec["num_impressions"])
         self.chunk_size = int(self.spec["chunk_size"])
         if self.count < 1 or self.chunk_size < 1:
-            raise ZSKDError(f"num_impressions and chunk_size must be >= 1, got {self.count} and {self.chunk_size}")
+            raise InvalidArgument(f"num_impressions and chunk_size must be >= 1, got {self.count} and {self.chunk_size}")
         self.num_chunks = -(-self.count // self.chunk_size)
 
     # ------------------------------------------------------------------------------------------ layout
