@@ -28,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from zskd_lightning.files import write_csv_atomic, write_text_atomic
+import yaml
+
+from zskd_lightning.files import write_atomic, write_csv_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -108,7 +110,6 @@ def configs_sha(args: list[str]) -> str:
     Configs are hashed as parsed YAML, so editing a comment leaves every row current; a row measured with other
     settings (or another teacher recipe) is stale.
     """
-    import yaml
 
     def parsed(path: str) -> str:
         return json.dumps(yaml.safe_load((ROOT / path).read_text()), sort_keys=True)
@@ -187,8 +188,10 @@ def summarize(records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
     Records measured with other configs than today's (a changed teacher recipe, say) count for nothing: they
     are listed under "Stale rows" with their commands, until re-measured.
     """
-    stale = [r for r in records if not is_current(r)]
-    records = [r for r in records if is_current(r)]
+    current, stale = [], []
+    for r in records:  # one fingerprint per record (each parses its configs)
+        (current if is_current(r) else stale).append(r)
+    records = current
     teacher = [float(r["test_acc"]) for r in records if r["row"] == "teacher" and r["seed"] == str(TEACHER_SEED)]
     teacher_acc = teacher[-1] if teacher else None  # the teacher the students were distilled from
     lines = [
@@ -230,8 +233,8 @@ def summarize(records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
                   "Measured with configs that have since changed (see `configs_sha` in the runner); not counted above. "
                   "Rerun the runner with these rows and seeds to replace them.", "",
                   "| row | impressions | seed | test acc. (%) | command |", "| --- | ---: | --- | ---: | --- |"]
-        lines += [f"| {r['row']} | {r['impressions']} | {r['seed']} | {float(r['test_acc']):.2f} | `zskd {r['command']}` |"
-                  for r in stale]
+        lines += [f"| {r['row']} | {r['impressions']} | {r['seed']} | {float(r['test_acc']):.2f} "
+                  f"| `zskd {r['command']}` |" for r in stale]
         lines.append("")
     write_text_atomic(out_dir / "mnist.md", "\n".join(lines))
     # The 24,000-impression headline rows are the ablation's last points (the same command is measured once).
@@ -257,7 +260,7 @@ def summarize(records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
         ax.set_ylabel("student test accuracy (%)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out_dir / "mnist.png", dpi=120)
+        write_atomic(out_dir / "mnist.png", lambda handle: fig.savefig(handle, format="png", dpi=120))
         plt.close(fig)
 
 

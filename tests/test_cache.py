@@ -243,7 +243,8 @@ def test_resume_after_a_crash_mid_chunk(tmp_path, reference, monkeypatch, count_
 
     def failing(path, write):
         if path.endswith("chunk-000002.targets.npy"):
-            Path(f"{path}.{os.getpid()}.tmp").write_bytes(b"half a file")  # what a hard crash (kill -9) mid-write leaves
+            # what a hard crash (kill -9) mid-write leaves behind
+            Path(f"{path}.{os.getpid()}.tmp").write_bytes(b"half a file")
             raise OSError("disk full (simulated)")
         write_atomic(path, write)
 

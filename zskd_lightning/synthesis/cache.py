@@ -93,7 +93,9 @@ class ImpressionCache:
         self.count = int(self.spec["num_impressions"])
         self.chunk_size = int(self.spec["chunk_size"])
         if self.count < 1 or self.chunk_size < 1:
-            raise InvalidArgument(f"num_impressions and chunk_size must be >= 1, got {self.count} and {self.chunk_size}")
+            raise InvalidArgument(
+                f"num_impressions and chunk_size must be >= 1, got {self.count} and {self.chunk_size}"
+            )
         self.num_chunks = -(-self.count // self.chunk_size)
 
     # ------------------------------------------------------------------------------------------ layout
