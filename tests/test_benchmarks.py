@@ -6,9 +6,11 @@ import csv
 import importlib.util
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -94,6 +96,39 @@ def test_mnist_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_p
     kd_line = next(line for line in main_table.splitlines() if line.startswith("| student_kd"))
     assert "| 0 | 98.00 | 0.9899 |" in kd_line  # seed 1 (other configs) neither averaged nor listed here
     assert "| student_kd | 0 | 1 | 50.00 |" in stale and "--seed_everything 1" in stale
+
+
+def test_mnist_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, monkeypatch):
+    """A stale row's cache (other settings or teacher) is removed and the row synthesized anew; nothing else is."""
+    table = load("mnist_table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    args = table.row_commands(["zskd"], [0], "fast")[0][4]
+    cache = tmp_path / args[args.index("--data.init_args.cache_dir") + 1]
+    cache.mkdir(parents=True)
+    (cache / "spec.json").write_text("{}")
+    calls = []
+
+    def fake_zskd(command, cwd, capture_output, text):
+        calls.append(cache.exists())
+        if cache.exists():  # the CLI's refusal of the old cache
+            return subprocess.CompletedProcess(command, 2, "", f"zskd: error: impression cache {cache} was made by "
+                                               "a different teacher (teacher_fingerprint: ...)")
+        cache.mkdir(parents=True)
+        (cache / "manifest.json").write_text('{"wall_seconds": 3.0}')
+        return subprocess.CompletedProcess(command, 0, "test/acc 0.975\ntest/teacher_acc 0.99\n", "")
+
+    monkeypatch.setattr(table.subprocess, "run", fake_zskd)
+    result = table.run_row(args)
+    assert calls == [True, False]
+    assert result["test_acc"] == 97.5 and result["synthesis_s"] == 3.0
+
+    def other_failure(command, cwd, capture_output, text):
+        return subprocess.CompletedProcess(command, 1, "", "RuntimeError: out of memory")
+
+    monkeypatch.setattr(table.subprocess, "run", other_failure)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        table.run_row(args)
+    assert (cache / "manifest.json").exists()  # any other failure leaves the cache alone
 
 
 def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tmp_path, monkeypatch):
