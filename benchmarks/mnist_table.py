@@ -9,8 +9,9 @@ already measured for the same command are skipped, so an interrupted run resumes
 ``mnist.png`` are rebuilt from the CSV after every row.
 
 ``--schedule paper`` synthesizes with the paper's procedure (uniform noise, 1500 iterations at lr 0.01, no
-prior, no jitter); ``fast`` with the shipped fast config's recipe. The teacher row's seed 0 (the config's own seed) trains the
-teacher every other row loads; its other seeds measure the recipe's spread and save no checkpoint.
+prior, no jitter); ``fast`` with the shipped fast config's recipe. The teacher row's seed 0 (the config's own
+seed) trains the teacher every other row loads; its other seeds measure the recipe's spread and save no
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -62,7 +62,8 @@ def row_commands(rows: list[str], seeds: list[int], schedule: str) -> list[tuple
     ``zskd_bf16`` is the fast ZSKD row with bf16 synthesis (the accuracy check of that speed-up).
     """
     plans = []
-    paper_synthesis = {"iterations": "1500", "lr": "0.01", "init": "uniform", "regularizers": "[]", "jitter": "0"}
+    paper_synthesis = {"iterations": "1500", "lr": "0.01", "init": "uniform", "regularizers": "[]",
+                       "jitter": "0"}
     synth = [] if schedule == "fast" else [
         arg for key, value in paper_synthesis.items() for arg in (f"--data.init_args.synthesizer.init_args.{key}", value)
     ]
@@ -127,34 +128,30 @@ def is_current(record: dict[str, str]) -> bool:
     return record.get("configs_sha", "") == configs_sha(record["command"].split())
 
 
-#: The CLI's refusal of a cache folder made with other synthesis settings or another teacher (a stale row's).
-OTHER_CACHE = re.compile(r"impression cache \S+ (has other settings|was made by a different teacher)")
-
-
 def run_row(args: list[str]) -> dict[str, float]:
     """Run ``zskd ARGS``; return test accuracies (%) and timings read from its output and cache manifest.
 
-    A cache folder that an earlier measurement filled with other settings (its config or teacher changed since) is
-    removed and the row synthesized anew; a cache of the same settings is resumed (an interrupted row).
+    Data-free rows run with ``overwrite_cache`` (not part of the row's command): a cache folder that an
+    earlier measurement filled with other settings or another teacher is replaced, one of the same settings is
+    resumed (an interrupted row) or reused.
     """
-    cache_dir = ROOT / args[args.index("--data.init_args.cache_dir") + 1] if "--data.init_args.cache_dir" in args else None
-    manifest = cache_dir / "manifest.json" if cache_dir is not None else None
+    manifest, overwrite = None, []
+    if "--data.init_args.cache_dir" in args:
+        manifest = ROOT / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
+        overwrite = ["--data.init_args.overwrite_cache", "true"]
+    manifest_before = manifest.read_text() if manifest is not None and manifest.exists() else None
+    started = time.perf_counter()
     command = [sys.executable, "-m", "zskd_lightning", *args, "--trainer.enable_progress_bar", "false"]
-    for attempt in range(2):
-        cache_was_ready = manifest is not None and manifest.exists()
-        started = time.perf_counter()
-        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        total = time.perf_counter() - started
-        if proc.returncode != 0 and attempt == 0 and cache_dir is not None and OTHER_CACHE.search(proc.stderr):
-            print(f"    removing {cache_dir}: impressions of other settings or another teacher", flush=True)
-            shutil.rmtree(cache_dir)
-            continue
-        break
+    proc = subprocess.run(command + overwrite, cwd=ROOT, capture_output=True, text=True)
+    total = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"zskd {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     metrics = dict(re.findall(r"(test/\w+)\s+([0-9.]+)", proc.stdout))
-    # Synthesis time comes from the cache's manifest (also when an earlier run made the cache and this one reused it).
-    synthesis = json.loads(manifest.read_text())["wall_seconds"] if manifest is not None and manifest.exists() else 0.0
+    # Synthesis time comes from the cache's manifest, also when an earlier run made the cache and this one
+    # reused it (a reused cache's manifest is not rewritten).
+    manifest_after = manifest.read_text() if manifest is not None and manifest.exists() else None
+    synthesis = json.loads(manifest_after)["wall_seconds"] if manifest_after is not None else 0.0
+    cache_was_ready = manifest_before is not None and manifest_before == manifest_after
     return {
         "test_acc": 100 * float(metrics["test/acc"]),
         "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),

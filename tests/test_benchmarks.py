@@ -99,28 +99,33 @@ def test_mnist_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_p
 
 
 def test_mnist_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, monkeypatch):
-    """A stale row's cache (other settings or teacher) is removed and the row synthesized anew; nothing else is."""
+    """Data-free rows let the CLI replace a stale cache (other settings or teacher); a reused one costs no
+    synthesis time."""
     table = load("mnist_table")
     monkeypatch.setattr(table, "ROOT", tmp_path)
     args = table.row_commands(["zskd"], [0], "fast")[0][4]
-    cache = tmp_path / args[args.index("--data.init_args.cache_dir") + 1]
-    cache.mkdir(parents=True)
-    (cache / "spec.json").write_text("{}")
-    calls = []
+    assert "--data.init_args.overwrite_cache" not in args  # the recorded command stays the user's command
+    manifest = tmp_path / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"wall_seconds": 9.0, "teacher_fingerprint": "old"}')
+    commands = []
 
     def fake_zskd(command, cwd, capture_output, text):
-        calls.append(cache.exists())
-        if cache.exists():  # the CLI's refusal of the old cache
-            return subprocess.CompletedProcess(command, 2, "", f"zskd: error: impression cache {cache} was made by "
-                                               "a different teacher (teacher_fingerprint: ...)")
-        cache.mkdir(parents=True)
-        (cache / "manifest.json").write_text('{"wall_seconds": 3.0}')
+        commands.append(command)
+        if "new" not in manifest.read_text():  # overwrite_cache: the CLI replaces the old teacher's cache
+            manifest.write_text('{"wall_seconds": 3.0, "teacher_fingerprint": "new"}')
         return subprocess.CompletedProcess(command, 0, "test/acc 0.975\ntest/teacher_acc 0.99\n", "")
 
     monkeypatch.setattr(table.subprocess, "run", fake_zskd)
-    result = table.run_row(args)
-    assert calls == [True, False]
-    assert result["test_acc"] == 97.5 and result["synthesis_s"] == 3.0
+    synthesized, reused = table.run_row(args), table.run_row(args)
+    assert all(command[-2:] == ["--data.init_args.overwrite_cache", "true"] for command in commands)
+    assert synthesized["test_acc"] == 97.5 and synthesized["synthesis_s"] == 3.0
+    assert synthesized["training_s"] == max(synthesized["total_s"] - 3.0, 0.0)
+    assert reused["synthesis_s"] == 3.0 and reused["training_s"] == reused["total_s"]
+
+    teacher_args = table.row_commands(["teacher"], [0], "fast")[0][4]
+    table.run_row(teacher_args)
+    assert "--data.init_args.overwrite_cache" not in commands[-1]  # rows without a cache get no cache flag
 
     def other_failure(command, cwd, capture_output, text):
         return subprocess.CompletedProcess(command, 1, "", "RuntimeError: out of memory")
@@ -128,7 +133,6 @@ def test_mnist_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_pa
     monkeypatch.setattr(table.subprocess, "run", other_failure)
     with pytest.raises(RuntimeError, match="out of memory"):
         table.run_row(args)
-    assert (cache / "manifest.json").exists()  # any other failure leaves the cache alone
 
 
 def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tmp_path, monkeypatch):
