@@ -133,13 +133,16 @@ def run_row(args: list[str]) -> dict[str, float]:
 
     Data-free rows run with ``overwrite_cache`` (not part of the row's command): a cache folder that an
     earlier measurement filled with other settings or another teacher is replaced, one of the same settings is
-    resumed (an interrupted row) or reused.
+    resumed (an interrupted row) or reused. The synthesis time of a resumed row is this run's wall time plus
+    the seconds of the chunks an earlier run finished (table rows synthesize on one process).
     """
     manifest, overwrite = None, []
     if "--data.init_args.cache_dir" in args:
         manifest = ROOT / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
         overwrite = ["--data.init_args.overwrite_cache", "true"]
     manifest_before = manifest.read_text() if manifest is not None and manifest.exists() else None
+    resuming = manifest is not None and manifest_before is None
+    chunks_before = finished_chunks(manifest.parent) if resuming else {}
     started = time.perf_counter()
     command = [sys.executable, "-m", "zskd_lightning", *args, "--trainer.enable_progress_bar", "false"]
     proc = subprocess.run(command + overwrite, cwd=ROOT, capture_output=True, text=True)
@@ -150,15 +153,38 @@ def run_row(args: list[str]) -> dict[str, float]:
     # Synthesis time comes from the cache's manifest, also when an earlier run made the cache and this one
     # reused it (a reused cache's manifest is not rewritten).
     manifest_after = manifest.read_text() if manifest is not None and manifest.exists() else None
-    synthesis = json.loads(manifest_after)["wall_seconds"] if manifest_after is not None else 0.0
+    synthesis = earlier_runs = 0.0
+    if manifest_after is not None:
+        finished = json.loads(manifest_after)
+        kept = [shard for shard in finished["shards"] if chunks_before.get(shard["chunk"]) == shard["sha256"]]
+        synthesis, earlier_runs = finished["wall_seconds"], sum(shard["seconds"] for shard in kept)
     cache_was_ready = manifest_before is not None and manifest_before == manifest_after
     return {
         "test_acc": 100 * float(metrics["test/acc"]),
         "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
-        "synthesis_s": synthesis,
+        "synthesis_s": synthesis + earlier_runs,
         "total_s": total,
         "training_s": total if cache_was_ready else max(total - synthesis, 0.0),
     }
+
+
+def finished_chunks(cache_dir: Path) -> dict[int, dict[str, str]]:
+    """Checksums of the chunks an unfinished cache folder already holds, by chunk index (``{}`` if none)."""
+    records = {}
+    for path in sorted(cache_dir.glob("chunk-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:  # a record cut short by a crash: its chunk is made again
+            continue
+        records[record["chunk"]] = record["sha256"]
+    return records
+
+
+def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> list[dict[str, str]]:
+    """``records`` with ``new`` appended in place of earlier measurements of its row: the same command, or the
+    same row, impressions and seed on the same hardware under a command the runner has since changed."""
+    key = ("row", "impressions", "seed", "hardware")
+    return [r for r in records if r["command"] != new["command"] and any(r[k] != new[k] for k in key)] + [new]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -305,8 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                   "command": command, **{k: f"{v:.4f}" if "acc" in k else f"{v:.1f}" for k, v in result.items()}}
         record["configs_sha"] = fingerprint
         done.add((command, fingerprint))
-        records = [r for r in records if r["command"] != command]  # replace a stale measurement of this row
-        records.append({k: str(v) for k, v in record.items()})
+        records = replace_measurement(records, {k: str(v) for k, v in record.items()})
         write_csv_atomic(path, records, FIELDS)
         summarize(records)
         print(f"    test acc {result['test_acc']:.2f}% in {result['total_s']:.0f} s", flush=True)
