@@ -134,15 +134,13 @@ def run_row(args: list[str]) -> dict[str, float]:
     Data-free rows run with ``overwrite_cache`` (not part of the row's command): a cache folder that an
     earlier measurement filled with other settings or another teacher is replaced, one of the same settings is
     resumed (an interrupted row) or reused. The synthesis time of a resumed row is this run's wall time plus
-    the seconds of the chunks an earlier run finished (table rows synthesize on one process).
+    the manifest's ``resumed_seconds`` (the chunks an earlier run finished; table rows use one process).
     """
     manifest, overwrite = None, []
     if "--data.init_args.cache_dir" in args:
         manifest = ROOT / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
         overwrite = ["--data.init_args.overwrite_cache", "true"]
     manifest_before = manifest.read_text() if manifest is not None and manifest.exists() else None
-    resuming = manifest is not None and manifest_before is None
-    chunks_before = finished_chunks(manifest.parent) if resuming else {}
     started = time.perf_counter()
     command = [sys.executable, "-m", "zskd_lightning", *args, "--trainer.enable_progress_bar", "false"]
     proc = subprocess.run(command + overwrite, cwd=ROOT, capture_output=True, text=True)
@@ -156,8 +154,7 @@ def run_row(args: list[str]) -> dict[str, float]:
     synthesis = earlier_runs = 0.0
     if manifest_after is not None:
         finished = json.loads(manifest_after)
-        kept = [shard for shard in finished["shards"] if chunks_before.get(shard["chunk"]) == shard["sha256"]]
-        synthesis, earlier_runs = finished["wall_seconds"], sum(shard["seconds"] for shard in kept)
+        synthesis, earlier_runs = finished["wall_seconds"], finished.get("resumed_seconds", 0.0)
     cache_was_ready = manifest_before is not None and manifest_before == manifest_after
     return {
         "test_acc": 100 * float(metrics["test/acc"]),
@@ -166,18 +163,6 @@ def run_row(args: list[str]) -> dict[str, float]:
         "total_s": total,
         "training_s": total if cache_was_ready else max(total - synthesis, 0.0),
     }
-
-
-def finished_chunks(cache_dir: Path) -> dict[int, dict[str, str]]:
-    """Checksums of the chunks an unfinished cache folder already holds, by chunk index (``{}`` if none)."""
-    records = {}
-    for path in sorted(cache_dir.glob("chunk-*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except ValueError:  # a record cut short by a crash: its chunk is made again
-            continue
-        records[record["chunk"]] = record["sha256"]
-    return records
 
 
 def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> list[dict[str, str]]:

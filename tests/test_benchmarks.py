@@ -108,13 +108,13 @@ def test_mnist_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_pa
     assert "--data.init_args.overwrite_cache" not in args  # the recorded command stays the user's command
     manifest = tmp_path / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
     manifest.parent.mkdir(parents=True)
-    manifest.write_text('{"wall_seconds": 9.0, "teacher_fingerprint": "old", "shards": []}')
+    manifest.write_text('{"wall_seconds": 9.0, "teacher_fingerprint": "old"}')
     commands = []
 
     def fake_zskd(command, cwd, capture_output, text):
         commands.append(command)
         if "new" not in manifest.read_text():  # overwrite_cache: the CLI replaces the old teacher's cache
-            manifest.write_text('{"wall_seconds": 3.0, "teacher_fingerprint": "new", "shards": []}')
+            manifest.write_text('{"wall_seconds": 3.0, "teacher_fingerprint": "new"}')
         return subprocess.CompletedProcess(command, 0, "test/acc 0.975\ntest/teacher_acc 0.99\n", "")
 
     monkeypatch.setattr(table.subprocess, "run", fake_zskd)
@@ -137,29 +137,20 @@ def test_mnist_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_pa
 
 
 def test_mnist_table_times_a_resumed_row_with_the_chunks_an_earlier_run_finished(tmp_path, monkeypatch):
-    """An interrupted row's synthesis time adds the seconds of the chunks it left to this run's wall time."""
+    """An interrupted row's synthesis time adds the manifest's resumed seconds to this run's wall time."""
     table = load("mnist_table")
     monkeypatch.setattr(table, "ROOT", tmp_path)
     args = table.row_commands(["zskd"], [0], "fast")[0][4]
-    cache_dir = tmp_path / args[args.index("--data.init_args.cache_dir") + 1]
-    cache_dir.mkdir(parents=True)
-    # Left by the interrupted run: chunk 0 as this run keeps it, chunk 1 of another teacher (replaced), and
-    # chunk 2's record cut short by the crash.
-    kept = {"chunk": 0, "seconds": 4.0, "sha256": {"inputs": "a"}}
-    (cache_dir / "chunk-000000.json").write_text(json.dumps(kept))
-    replaced = {"chunk": 1, "seconds": 5.0, "sha256": {"inputs": "old"}}
-    (cache_dir / "chunk-000001.json").write_text(json.dumps(replaced))
-    (cache_dir / "chunk-000002.json").write_text('{"chunk": 2, "sec')
+    manifest = tmp_path / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
+    manifest.parent.mkdir(parents=True)
 
-    def fake_zskd(command, cwd, capture_output, text):
-        remade = [{"chunk": c, "seconds": 6.0, "sha256": {"inputs": f"new{c}"}} for c in (1, 2)]
-        finished = [kept, *remade]
-        (cache_dir / "manifest.json").write_text(json.dumps({"wall_seconds": 13.0, "shards": finished}))
+    def fake_zskd(command, cwd, capture_output, text):  # resumes a cache whose chunk 0 an earlier run made
+        manifest.write_text(json.dumps({"wall_seconds": 13.0, "resumed_chunks": 1, "resumed_seconds": 4.0}))
         return subprocess.CompletedProcess(command, 0, "test/acc 0.9\n", "")
 
     monkeypatch.setattr(table.subprocess, "run", fake_zskd)
     resumed = table.run_row(args)
-    assert resumed["synthesis_s"] == 13.0 + 4.0  # chunk 0 resumed; 1 and 2 made by this run
+    assert resumed["synthesis_s"] == 13.0 + 4.0  # chunk 0 resumed; the others made by this run
     assert resumed["training_s"] == max(resumed["total_s"] - 13.0, 0.0)
 
 

@@ -261,6 +261,9 @@ def test_resume_after_a_crash_mid_chunk(tmp_path, reference, monkeypatch, count_
     tiny.run_synthesis(cache_dir)
     assert count_synthesis == [16, 24, 32, 40, 48, 56]
     assert not list(cache_dir.glob("*.tmp"))
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["resumed_chunks"] == 2  # chunks 0 and 1, finished before the crash
+    assert manifest["resumed_seconds"] == sum(shard["seconds"] for shard in manifest["shards"][:2]) > 0
     assert_same_cache(cache_dir, reference)
 
 

@@ -25,7 +25,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -199,8 +199,12 @@ class ImpressionCache:
         _write_json(self.chunk_file(chunk, "record"), record)
 
     # ---------------------------------------------------------------------------------------- manifest
-    def write_manifest(self, wall_seconds: float) -> dict[str, Any]:
-        """Verify every chunk and write ``manifest.json``. Global rank 0, after all ranks finished."""
+    def write_manifest(self, wall_seconds: float, resumed_chunks: Sequence[int] = ()) -> dict[str, Any]:
+        """Verify every chunk and write ``manifest.json``. Global rank 0, after all ranks finished.
+
+        ``wall_seconds`` is this run's wall time; ``resumed_chunks`` are the chunks an earlier, interrupted run
+        finished, whose summed synthesis seconds the manifest records as ``resumed_seconds``.
+        """
         missing = self.missing_chunks()
         if missing:
             raise ZSKDError(
@@ -222,6 +226,8 @@ class ImpressionCache:
             "impression_iterations_total": iterations,
             "impression_iterations_per_second": iterations / synthesis_seconds if synthesis_seconds else None,
             "wall_seconds": wall_seconds,
+            "resumed_chunks": len(resumed_chunks),
+            "resumed_seconds": sum(shards[chunk]["seconds"] for chunk in resumed_chunks),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _write_json(self.path("manifest.json"), manifest)

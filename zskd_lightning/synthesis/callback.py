@@ -129,7 +129,8 @@ def fill_cache(trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any
     error = None
     if trainer.is_global_zero:
         try:
-            manifest = cache.write_manifest(wall_seconds=time.perf_counter() - started)
+            resumed = sorted(set(range(cache.num_chunks)) - set(missing))
+            manifest = cache.write_manifest(wall_seconds=time.perf_counter() - started, resumed_chunks=resumed)
             rank_zero_info(
                 f"Impression cache complete: {cache.count} impressions in {manifest['wall_seconds']:.1f} s wall "
                 f"({manifest['synthesis_seconds_total']:.1f} s of synthesis summed over chunks, "
