@@ -15,8 +15,11 @@ GPUs); the accuracy of a student from bf16 impressions is the zskd_bf16 row of b
 
 Printed per model: impression-iterations per second of each path (the median of ``--repeats`` rounds, the
 paths interleaved within each round so that a slow spell of a shared machine hits all of them), their ratio,
-and peak memory (CUDA peak allocation on a GPU; on CPU the growth of the process's peak RSS, which only ever
-grows, so each figure is an upper bound for its own path).
+and peak memory: the most memory the path adds for one batch (plain loop) or chunk (library) of impressions
+(more of them, or more iterations, reuse it). On a GPU that is the CUDA peak allocation, measured in this
+process. On CPU it is the peak resident set size above the size just before the path, measured for each path
+in a fresh process: freed CPU memory often stays with the process, so in one process a later path would reuse
+an earlier path's pages and seem to need nothing.
 
 For LeNet-5 a second line compares finished impressions per second at each path's schedule: the plain loop at
 the paper's 1500 iterations, the library at the shipped fast MNIST config's iterations (300). Neither path
@@ -27,14 +30,18 @@ students made at the two schedules are the zskd_paper and zskd rows of benchmark
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 import yaml
 
 from zskd_lightning.models import AlexNet, LeNet5
@@ -59,18 +66,22 @@ def fast_config_iterations() -> int:
     return int(config["data"]["init_args"]["synthesizer"]["init_args"]["iterations"])
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def resident_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since start or :func:`reset_peak_resident`) of this process, MiB.
+    Without /proc (not Linux), both are the lifetime peak from ``getrusage``."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def reset_peak(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0.0
-    return peak_memory_mib(device)
+def reset_peak_resident() -> None:
+    """Restart this process's peak-RSS count (``VmHWM``) from its current size, where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def sync(device: torch.device) -> None:
@@ -115,10 +126,10 @@ def library(teacher, synthesizer, count, chunk, input_range, device) -> float:
     return time.perf_counter() - started
 
 
-def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int, device: torch.device,
-            precisions: list[str], repeats: int) -> dict[str, float]:
-    """Plain loop and the library once per precision, ``repeats`` interleaved rounds; figures keyed ``plain_*``
-    and ``<precision>_*`` (median seconds -> impression-iterations/s, ratio to the plain loop, peak memory)."""
+def build_teacher(name: str, count: int, device: torch.device
+                  ) -> tuple[FrozenTeacher, tuple[Tensor, Tensor], Tensor]:
+    """An untrained ``name`` teacher (seed 0) with ``input_shape`` set, its normalized input range (per-channel
+    ``[C, 1, 1]`` min and max) and Dirichlet soft targets ``[count, 10]`` for the plain loop."""
     network_cls, shape, mean, std = MODELS[name]
     torch.manual_seed(0)
     teacher = FrozenTeacher(network=network_cls(in_channels=shape[0], num_classes=10)).to(device)
@@ -128,6 +139,64 @@ def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int
     sampler = ZSKDSynthesizer()
     sampler.setup(teacher)
     targets, _ = sampler.target_sampler.sample(torch.arange(count), 10, ChunkRandomness.for_chunk(0, 0))
+    return teacher, input_range, targets
+
+
+def run_path(path: str, teacher, input_range, targets, iterations: int, plain_batch: int, chunk: int,
+             device: torch.device, synthesizer: ZSKDSynthesizer | None = None) -> float:
+    """Seconds for ``path`` (``"plain"`` or a library precision) to make ``len(targets)`` impressions."""
+    if path == "plain":
+        return plain_loop(teacher, targets, input_range, iterations, plain_batch, device)
+    if synthesizer is None:
+        synthesizer = ZSKDSynthesizer(iterations=iterations, lr=0.01, precision=path)
+        synthesizer.setup(teacher)
+    return library(teacher, synthesizer, len(targets), chunk, input_range, device)
+
+
+def cpu_memory_of_path(name: str, path: str, iterations: int, plain_batch: int, chunk: int) -> float:
+    """MiB the path's peak RSS rises above the RSS just before it, for one batch or chunk (run in a fresh
+    process: ``--memory-child``)."""
+    device = torch.device("cpu")
+    teacher, input_range, targets = build_teacher(name, plain_batch if path == "plain" else chunk, device)
+    # Two impressions, one step first: loads the kernels' code and one-off state, which a bigger batch would not
+    # need again, while the tensors it frees are too small to be reused by the measured batch.
+    run_path(path, teacher, input_range, targets[:2], 1, plain_batch, 2, device)
+    before = resident_mib("VmRSS")
+    reset_peak_resident()
+    run_path(path, teacher, input_range, targets, min(iterations, 3), plain_batch, chunk, device)
+    return max(resident_mib("VmHWM") - before, 0.0)
+
+
+def memory_of_paths(name: str, paths: list[str], iterations: int, plain_batch: int, chunk: int,
+                    device: torch.device) -> dict[str, float]:
+    """Peak MiB each path adds for one batch or chunk (see the module docstring)."""
+    memory = {}
+    for path in paths:
+        if device.type == "cuda":
+            size = plain_batch if path == "plain" else chunk
+            teacher, input_range, targets = build_teacher(name, size, device)
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            run_path(path, teacher, input_range, targets, min(iterations, 3), plain_batch, chunk, device)
+            memory[path] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            continue
+        child = [sys.executable, __file__, "--memory-child", name, path, "--iterations", str(iterations),
+                 "--plain-batch", str(plain_batch), "--chunk", str(chunk),
+                 "--threads", str(torch.get_num_threads())]
+        done = subprocess.run(child, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory measurement of {name} {path} failed:\n{done.stderr[-2000:]}")
+        memory[path] = float(done.stdout.split()[-1])
+    return memory
+
+
+def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int, device: torch.device,
+            precisions: list[str], repeats: int, with_memory: bool = True) -> dict[str, float]:
+    """Plain loop and the library once per precision, ``repeats`` interleaved rounds; figures keyed ``plain_*``
+    and ``<precision>_*`` (median seconds -> impression-iterations/s, ratio to the plain loop, peak memory)."""
+    teacher, input_range, targets = build_teacher(name, count, device)
+    shape = teacher.input_shape
     synthesizers = {}
     for precision in precisions:
         synthesizers[precision] = ZSKDSynthesizer(iterations=iterations, lr=0.01, precision=precision)
@@ -141,22 +210,18 @@ def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int
         warmup.synthesize(teacher, torch.arange(min(chunk, 256)), shape, ChunkRandomness.for_chunk(0, 1), 10,
                           input_range, device)
     seconds: dict[str, list[float]] = {path: [] for path in ["plain", *precisions]}
-    memory: dict[str, float] = dict.fromkeys(seconds, 0.0)
     for _ in range(repeats):
-        before = reset_peak(device)
-        seconds["plain"].append(plain_loop(teacher, targets, input_range, iterations, plain_batch, device))
-        memory["plain"] = max(memory["plain"], peak_memory_mib(device) - before)
-        for precision, synthesizer in synthesizers.items():
-            before = reset_peak(device)
-            seconds[precision].append(library(teacher, synthesizer, count, chunk, input_range, device))
-            memory[precision] = max(memory[precision], peak_memory_mib(device) - before)
+        for path in seconds:
+            seconds[path].append(run_path(path, teacher, input_range, targets, iterations, plain_batch, chunk,
+                                          device, synthesizers.get(path)))
+    memory = memory_of_paths(name, list(seconds), iterations, plain_batch, chunk, device) if with_memory else {}
     work = count * iterations
     median = {path: statistics.median(times) for path, times in seconds.items()}
     figures = {}
     for path in seconds:
         figures[f"{path}_ips"] = work / median[path]
         figures[f"{path}_ratio"] = median["plain"] / median[path]
-        figures[f"{path}_mem"] = memory[path]
+        figures[f"{path}_mem"] = memory.get(path, math.nan)
     return figures
 
 
@@ -172,18 +237,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="the library's synthesis precision(s) to measure (the plain loop is float32)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median time of each path is used")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--skip-memory", action="store_true", help="time the paths only (no peak-memory column)")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:  # one CPU memory figure, in the fresh process memory_of_paths started
+        print(cpu_memory_of_path(*args.memory_child, args.iterations[0], args.plain_batch, args.chunk))
+        return
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; {args.impressions} impressions per path")
     print(f"{'model':8s} {'path':24s} {'imp-it/s':>9s} {'ratio':>6s} {'peak MiB':>9s}")
     for name, iterations in zip(args.models, args.iterations * len(args.models)):
         r = measure(name, args.impressions, iterations, args.plain_batch, args.chunk, device, args.precisions,
-                    args.repeats)
+                    args.repeats, with_memory=not args.skip_memory)
         for path in ["plain", *args.precisions]:
             label = "plain loop (float32)" if path == "plain" else f"library ({path})"
-            print(f"{name:8s} {label:24s} {r[path + '_ips']:9.0f} {r[path + '_ratio']:6.2f} {r[path + '_mem']:9.1f}",
-                  flush=True)
+            memory = "-" if math.isnan(r[path + "_mem"]) else f"{r[path + '_mem']:.1f}"
+            print(f"{name:8s} {label:24s} {r[path + '_ips']:9.0f} {r[path + '_ratio']:6.2f} {memory:>9s}", flush=True)
         if name == "lenet5":
             fast = fast_config_iterations()
             plain_rate = r["plain_ips"] / PAPER_ITERATIONS
