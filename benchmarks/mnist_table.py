@@ -140,7 +140,11 @@ def run_row(args: list[str]) -> dict[str, float]:
     if "--data.init_args.cache_dir" in args:
         manifest = ROOT / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
         overwrite = ["--data.init_args.overwrite_cache", "true"]
-    manifest_before = manifest.read_text() if manifest is not None and manifest.exists() else None
+
+    def manifest_text() -> str | None:
+        return manifest.read_text() if manifest is not None and manifest.exists() else None
+
+    manifest_before = manifest_text()
     started = time.perf_counter()
     command = [sys.executable, "-m", "zskd_lightning", *args, "--trainer.enable_progress_bar", "false"]
     proc = subprocess.run(command + overwrite, cwd=ROOT, capture_output=True, text=True)
@@ -150,7 +154,7 @@ def run_row(args: list[str]) -> dict[str, float]:
     metrics = dict(re.findall(r"(test/\w+)\s+([0-9.]+)", proc.stdout))
     # Synthesis time comes from the cache's manifest, also when an earlier run made the cache and this one
     # reused it (a reused cache's manifest is not rewritten).
-    manifest_after = manifest.read_text() if manifest is not None and manifest.exists() else None
+    manifest_after = manifest_text()
     synthesis = earlier_runs = 0.0
     if manifest_after is not None:
         finished = json.loads(manifest_after)

@@ -153,18 +153,23 @@ def run_path(path: str, teacher, input_range, targets, iterations: int, plain_ba
     return library(teacher, synthesizer, len(targets), chunk, input_range, device)
 
 
-def cpu_memory_of_path(name: str, path: str, iterations: int, plain_batch: int, chunk: int) -> float:
-    """MiB the path's peak RSS rises above the RSS just before it, for one batch or chunk (run in a fresh
-    process: ``--memory-child``)."""
-    device = torch.device("cpu")
+def memory_of_path(name: str, path: str, iterations: int, plain_batch: int, chunk: int,
+                   device: torch.device) -> float:
+    """MiB ``path`` adds at its peak, in this process, for one batch or chunk: CUDA peak allocation, or on CPU
+    peak RSS above the RSS just before the path (on CPU run it in a fresh process: ``--memory-child``)."""
     teacher, input_range, targets = build_teacher(name, plain_batch if path == "plain" else chunk, device)
     # Two impressions, one step first: loads the kernels' code and one-off state, which a bigger batch would not
     # need again, while the tensors it frees are too small to be reused by the measured batch.
     run_path(path, teacher, input_range, targets[:2], 1, plain_batch, 2, device)
-    before = resident_mib("VmRSS")
-    reset_peak_resident()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        before = resident_mib("VmRSS")
+        reset_peak_resident()
     run_path(path, teacher, input_range, targets, min(iterations, 3), plain_batch, chunk, device)
-    return max(resident_mib("VmHWM") - before, 0.0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident_mib("VmHWM")
+    return max(peak - before, 0.0)
 
 
 def memory_of_paths(name: str, paths: list[str], iterations: int, plain_batch: int, chunk: int,
@@ -173,16 +178,10 @@ def memory_of_paths(name: str, paths: list[str], iterations: int, plain_batch: i
     memory = {}
     for path in paths:
         if device.type == "cuda":
-            size = plain_batch if path == "plain" else chunk
-            teacher, input_range, targets = build_teacher(name, size, device)
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            run_path(path, teacher, input_range, targets, min(iterations, 3), plain_batch, chunk, device)
-            memory[path] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            memory[path] = memory_of_path(name, path, iterations, plain_batch, chunk, device)
             continue
         child = [sys.executable, __file__, "--memory-child", name, path, "--iterations", str(iterations),
-                 "--plain-batch", str(plain_batch), "--chunk", str(chunk),
+                 "--plain-batch", str(plain_batch), "--chunk", str(chunk), "--device", "cpu",
                  "--threads", str(torch.get_num_threads())]
         done = subprocess.run(child, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -196,20 +195,15 @@ def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int
     """Plain loop and the library once per precision, ``repeats`` interleaved rounds; figures keyed ``plain_*``
     and ``<precision>_*`` (median seconds -> impression-iterations/s, ratio to the plain loop, peak memory)."""
     teacher, input_range, targets = build_teacher(name, count, device)
-    shape = teacher.input_shape
     synthesizers = {}
     for precision in precisions:
         synthesizers[precision] = ZSKDSynthesizer(iterations=iterations, lr=0.01, precision=precision)
         synthesizers[precision].setup(teacher)
-
-    # Warm-up each path (allocator, kernels), then measure the same number of impression-iterations.
-    plain_loop(teacher, targets[:plain_batch], input_range, 3, plain_batch, device)
-    for precision in precisions:
-        warmup = ZSKDSynthesizer(iterations=3, precision=precision)
-        warmup.setup(teacher)
-        warmup.synthesize(teacher, torch.arange(min(chunk, 256)), shape, ChunkRandomness.for_chunk(0, 1), 10,
-                          input_range, device)
     seconds: dict[str, list[float]] = {path: [] for path in ["plain", *precisions]}
+    # Warm-up each path (allocator, kernels), then measure the same number of impression-iterations.
+    first_batch = targets[: max(plain_batch, chunk)]
+    for path in seconds:
+        run_path(path, teacher, input_range, first_batch, 3, plain_batch, chunk, device)
     for _ in range(repeats):
         for path in seconds:
             seconds[path].append(run_path(path, teacher, input_range, targets, iterations, plain_batch, chunk,
@@ -242,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.memory_child:  # one CPU memory figure, in the fresh process memory_of_paths started
-        print(cpu_memory_of_path(*args.memory_child, args.iterations[0], args.plain_batch, args.chunk))
-        return
     device = torch.device(args.device)
+    if args.memory_child:  # one CPU memory figure, in the fresh process memory_of_paths started
+        print(memory_of_path(*args.memory_child, args.iterations[0], args.plain_batch, args.chunk, device))
+        return
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; {args.impressions} impressions per path")
     print(f"{'model':8s} {'path':24s} {'imp-it/s':>9s} {'ratio':>6s} {'peak MiB':>9s}")
