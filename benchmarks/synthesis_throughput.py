@@ -4,7 +4,7 @@
 
 The plain loop is what one writes by hand: random-init inputs, ``torch.optim.Adam`` on them, cross-entropy to
 Dirichlet soft targets at T = 20, a batch of 256, ``iterations`` steps. The library runs the same objective,
-the same optimizer and the same number of steps per impression through ``ZSKDSynthesizer.synthesize``, chunk
+the same optimizer and the same number of steps per impression through ``ZSKDSynthesizer.invert``, chunk
 by chunk as the synthesis callback does on each device (its speed comes from running the teacher on
 channels-last inputs and weights, AlexNet's LocalResponseNorm as a banded 1x1 convolution:
 zskd_lightning/synthesis/kernels.py, and, with ``precision="bf16-mixed"``, bf16 autocast for the teacher's
@@ -46,7 +46,8 @@ import yaml
 
 from zskd_lightning.models import AlexNet, LeNet5
 from zskd_lightning.synthesis import ZSKDSynthesizer
-from zskd_lightning.synthesis.base import ChunkRandomness
+from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis import Chunk, SynthesisContext
 from zskd_lightning.teacher import FrozenTeacher
 
 MODELS = {
@@ -95,7 +96,7 @@ def plain_loop(teacher, targets, input_range, iterations, batch_size, device) ->
     started = time.perf_counter()
     for first in range(0, len(targets), batch_size):
         y = targets[first : first + batch_size].to(device)
-        x = low + (high - low) * torch.rand(len(y), *teacher.input_shape, device=device)
+        x = low + (high - low) * torch.rand(len(y), *teacher.input_spec.shape, device=device)
         x.requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=0.01)
         for _ in range(iterations):
@@ -111,35 +112,32 @@ def plain_loop(teacher, targets, input_range, iterations, batch_size, device) ->
 
 def library(teacher, synthesizer, count, chunk, input_range, device) -> float:
     """Seconds for the library to synthesize ``count`` impressions, chunk by chunk as the callback does."""
+    context = synthesis_context(teacher, device)
     started = time.perf_counter()
     for index, first in enumerate(range(0, count, chunk)):
-        synthesizer.synthesize(
-            teacher,
-            indices=torch.arange(first, min(first + chunk, count)),
-            input_shape=teacher.input_shape,
-            rng=ChunkRandomness.for_chunk(0, index),
-            num_classes=10,
-            input_range=input_range,
-            device=device,
-        )
+        synthesizer.invert(context, Chunk.of(0, index, first, min(first + chunk, count)))
     sync(device)
     return time.perf_counter() - started
 
 
 def build_teacher(name: str, count: int, device: torch.device
                   ) -> tuple[FrozenTeacher, tuple[Tensor, Tensor], Tensor]:
-    """An untrained ``name`` teacher (seed 0) with ``input_shape`` set, its normalized input range (per-channel
+    """An untrained ``name`` teacher (seed 0) with ``input_spec`` set, its normalized input range (per-channel
     ``[C, 1, 1]`` min and max) and Dirichlet soft targets ``[count, 10]`` for the plain loop."""
     network_cls, shape, mean, std = MODELS[name]
     torch.manual_seed(0)
     teacher = FrozenTeacher(network=network_cls(in_channels=shape[0], num_classes=10)).to(device)
-    teacher.input_shape = shape
-    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
-    input_range = ((0 - mean_t) / std_t, (1 - mean_t) / std_t)
+    teacher.input_spec = InputSpec(shape, mean, std)
+    context = synthesis_context(teacher, device)
     sampler = ZSKDSynthesizer()
-    sampler.setup(teacher)
-    targets, _ = sampler.target_sampler.sample(torch.arange(count), 10, ChunkRandomness.for_chunk(0, 0))
-    return teacher, input_range, targets
+    sampler.setup(context)
+    targets, _ = sampler.target_sampler.sample(Chunk.of(0, 0, 0, count), context)
+    return teacher, teacher.input_spec.valid_range(), targets
+
+
+def synthesis_context(teacher: FrozenTeacher, device: torch.device) -> SynthesisContext:
+    """What the library's synthesis runs with for ``teacher`` (its ``input_spec`` set by :func:`build_teacher`)."""
+    return SynthesisContext(teacher=teacher, input_spec=teacher.input_spec, num_classes=10, device=device)
 
 
 def run_path(path: str, teacher, input_range, targets, iterations: int, plain_batch: int, chunk: int,
@@ -149,7 +147,7 @@ def run_path(path: str, teacher, input_range, targets, iterations: int, plain_ba
         return plain_loop(teacher, targets, input_range, iterations, plain_batch, device)
     if synthesizer is None:
         synthesizer = ZSKDSynthesizer(iterations=iterations, lr=0.01, precision=path)
-        synthesizer.setup(teacher)
+        synthesizer.setup(synthesis_context(teacher, device))
     return library(teacher, synthesizer, len(targets), chunk, input_range, device)
 
 
@@ -198,7 +196,7 @@ def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int
     synthesizers = {}
     for precision in precisions:
         synthesizers[precision] = ZSKDSynthesizer(iterations=iterations, lr=0.01, precision=precision)
-        synthesizers[precision].setup(teacher)
+        synthesizers[precision].setup(synthesis_context(teacher, device))
     seconds: dict[str, list[float]] = {path: [] for path in ["plain", *precisions]}
     # Warm-up each path (allocator, kernels), then measure the same number of impression-iterations.
     first_batch = targets[: max(plain_batch, chunk)]

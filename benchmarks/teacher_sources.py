@@ -25,12 +25,18 @@ import torch
 import yaml
 from torch import nn
 
-from zskd_lightning import ClassifierModule, DistillationModule, FrozenTeacher, ImpressionDataModule, ZSKDSynthesizer
+from zskd_lightning import (
+    ClassifierModule,
+    DistillationModule,
+    FrozenTeacher,
+    ImpressionDataModule,
+    ImpressionSynthesis,
+    ZSKDSynthesizer,
+)
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data import MNISTDataModule
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 from zskd_lightning.models import LeNet5, LeNet5Half
-from zskd_lightning.synthesis import ImpressionSynthesis
 from zskd_lightning.teacher import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]

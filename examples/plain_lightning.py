@@ -16,13 +16,7 @@ import os
 import lightning as L
 from torch import nn
 
-from zskd_lightning import (
-    ClassifierModule,
-    DistillationModule,
-    ImpressionDataModule,
-    ImpressionSynthesis,
-    ZSKDSynthesizer,
-)
+from zskd_lightning import ClassifierModule, DistillationModule, ImpressionDataModule, ZSKDSynthesizer
 from zskd_lightning.data import DigitsDataModule
 
 
@@ -54,14 +48,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ClassifierModule(teacher), datamodule=DigitsDataModule(batch_size=64)
     )
 
-    # 2. Impressions of the frozen teacher (made by the ImpressionSynthesis callback when fit starts, cached in
-    #    cache_dir and reused by later runs with the same teacher and settings). eval_data supplies the input
-    #    shape, the normalization (impressions stay in the valid pixel range) and the TEST split only.
+    # 2. Impressions of the frozen teacher: made from the DistillationModule's teacher when fit starts (the data
+    #    asks for its synthesis callback itself), cached in cache_dir and reused by later runs with the same
+    #    teacher and settings. eval_data supplies the input shape, the normalization (impressions stay in the
+    #    valid pixel range) and the TEST split only.
     data = ImpressionDataModule(
         synthesizer=ZSKDSynthesizer(betas=(1.0, 0.1), temperature=20.0, iterations=args.iterations, lr=0.05),
         num_impressions=args.impressions,
         cache_dir=os.path.join(args.out, "impressions"),
-        teacher=teacher,
         eval_data=DigitsDataModule(),
         chunk_size=200,
         batch_size=64,
@@ -70,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 3. Distillation on impressions, then the student's accuracy on the real test split.
     model = DistillationModule(teacher=teacher, student=conv_net(width=16), temperature=20.0)
-    trainer = L.Trainer(max_epochs=args.epochs, default_root_dir=args.out, callbacks=[ImpressionSynthesis()], **quiet)
+    trainer = L.Trainer(max_epochs=args.epochs, default_root_dir=args.out, **quiet)
     trainer.fit(model, datamodule=data)
     (results,) = trainer.test(model, datamodule=data, verbose=False)
     print(f"student test accuracy: {results['test/acc']:.3f}   teacher: {results['test/teacher_acc']:.3f}   "

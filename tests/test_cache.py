@@ -25,7 +25,7 @@ from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fi
 
 import zskd_lightning
 from zskd_lightning import ImpressionCache, ImpressionDataModule, Synthesizer, ZSKDError, ZSKDSynthesizer
-from zskd_lightning.synthesis import cache as cache_module
+from zskd_lightning.impressions import cache as cache_module
 from zskd_lightning.teacher import as_frozen_teacher
 
 NUM_CHUNKS = 8
@@ -41,15 +41,15 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def count_synthesis(monkeypatch) -> list[int]:
-    """Patch ``Synthesizer.synthesize`` to record the first global index of every chunk it makes."""
+    """Patch ``Synthesizer.invert`` to record the first global index of every chunk it makes."""
     made: list[int] = []
-    original = Synthesizer.synthesize
+    original = Synthesizer.invert
 
-    def counting(self, teacher, indices, *args, **kwargs):
-        made.append(int(indices[0]))
-        return original(self, teacher, indices, *args, **kwargs)
+    def counting(self, context, chunk, *args, **kwargs):
+        made.append(int(chunk.indices[0]))
+        return original(self, context, chunk, *args, **kwargs)
 
-    monkeypatch.setattr(Synthesizer, "synthesize", counting)
+    monkeypatch.setattr(Synthesizer, "invert", counting)
     return made
 
 
@@ -58,7 +58,7 @@ def forbid_synthesis(monkeypatch) -> None:
     def refuse(self, *args, **kwargs):
         raise AssertionError("no impression should be synthesized: the cache is complete")
 
-    monkeypatch.setattr(Synthesizer, "synthesize", refuse)
+    monkeypatch.setattr(Synthesizer, "invert", refuse)
 
 
 def copy_cache(source: Path, target: Path) -> Path:
@@ -99,15 +99,16 @@ def test_full_synthesis_writes_spec_manifest_and_shards(tmp_path):
     spec = json.loads((cache_dir / "spec.json").read_text())
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert {k: manifest[k] for k in spec} == spec
-    synthesizer_settings = json.loads(json.dumps(datamodule.synthesizer.settings()))
-    assert manifest["synthesizer"] == synthesizer_settings
-    assert manifest["synthesizer"]["iterations"] == 5 and manifest["synthesizer"]["lr"] == 0.05
+    assert manifest["format_version"] == cache_module.FORMAT_VERSION == 2
+    assert manifest["method"] == json.loads(json.dumps(datamodule.synthesizer.identity()))
+    assert manifest["method"]["name"] == "zskd"
+    assert manifest["method"]["args"]["iterations"] == 5 and manifest["method"]["args"]["lr"] == 0.05
     assert manifest["teacher_fingerprint"] == as_frozen_teacher(teacher).fingerprint()
-    assert manifest["input_shape"] == [1, 8, 8] and manifest["dtype"] == "float32"
+    assert manifest["input_spec"]["shape"] == [1, 8, 8] and manifest["dtype"] == "float32"
     assert manifest["num_impressions"] == 20 and manifest["chunk_size"] == 8 and manifest["seed"] == 0
     assert manifest["num_classes"] == 10
-    low, high = tiny.digits_input_range()
-    assert manifest["input_range"] == [low.flatten().tolist(), high.flatten().tolist()]
+    assert manifest["input_spec"]["mean"] == list(tiny.DIGITS_MEAN)
+    assert manifest["input_spec"]["std"] == list(tiny.DIGITS_STD)
     assert set(manifest["versions"]) >= {"zskd_lightning", "torch", "lightning", "numpy", "python"}
     assert manifest["versions"]["torch"] == torch.__version__
     assert manifest["versions"]["zskd_lightning"] == zskd_lightning.__version__
@@ -125,6 +126,7 @@ def test_full_synthesis_writes_spec_manifest_and_shards(tmp_path):
     assert inputs.shape == (20, 1, 8, 8) and inputs.dtype == np.float32
     assert targets.shape == (20, 10) and targets.dtype == np.float32
     assert labels.dtype == np.int64 and np.array_equal(labels, np.arange(20) % 10)
+    low, high = tiny.digits_input_range()
     assert ((inputs >= low.item()) & (inputs <= high.item())).all()
 
     # the datamodule serves exactly the cached impressions (and fit trained on them)
@@ -197,7 +199,7 @@ def test_changed_teacher_is_refused(tmp_path, reference, forbid_synthesis):
     ids=["iterations", "lr", "num_impressions", "seed", "chunk_size"],
 )
 def test_changed_setting_is_refused_naming_the_key(tmp_path, reference, forbid_synthesis, change, key, cached, now):
-    """The error names the changed key with both values (a nested synthesizer setting as e.g. ``synthesizer.lr``)."""
+    """The error names the changed key with both values (a method argument as e.g. ``method.args.lr``)."""
     cache_dir = copy_cache(reference, tmp_path / "cache")
     with pytest.raises(ZSKDError) as error:
         tiny.run_synthesis(cache_dir, **change)
@@ -206,6 +208,34 @@ def test_changed_setting_is_refused_naming_the_key(tmp_path, reference, forbid_s
     assert_same_cache(cache_dir, reference)  # nothing was touched
     pattern = rf"(^|[\s(.]){key}: cached {re.escape(repr(cached))} vs now {re.escape(repr(now))}\b"
     assert re.search(pattern, message), message
+
+
+def test_a_cache_of_the_older_format_is_refused_in_one_line(tmp_path, reference, forbid_synthesis):
+    """A format-1 cache (hand-written settings under ``synthesizer``) is never reused, even where it would match."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    for name in ("spec.json", "manifest.json"):
+        record = json.loads((cache_dir / name).read_text())
+        record["format_version"] = 1
+        record["synthesizer"] = {"name": "zskd", "class": "zskd_lightning.synthesis.zskd.ZSKDSynthesizer"}
+        del record["method"]
+        (cache_dir / name).write_text(json.dumps(record))
+    with pytest.raises(ZSKDError) as error:
+        tiny.run_synthesis(cache_dir)
+    message = str(error.value)
+    assert "\n" not in message and "cache format 1" in message and "format 2" in message
+    assert "overwrite_cache" in message and str(cache_dir) in message
+    assert tiny.shard_digests(cache_dir) == tiny.shard_digests(reference)  # nothing was touched
+
+
+def test_a_cache_of_another_method_is_refused_in_one_line(tmp_path, reference, forbid_synthesis):
+    from zskd_lightning import ClassImpressionSynthesizer
+
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    with pytest.raises(ZSKDError) as error:
+        tiny.run_synthesis(cache_dir, synthesizer=ClassImpressionSynthesizer(iterations=5, lr=0.05))
+    message = str(error.value)
+    assert "\n" not in message and "'zskd' impressions, not 'class_impressions'" in message
+    assert_same_cache(cache_dir, reference)
 
 
 def test_overwrite_cache_replaces_a_mismatching_cache(tmp_path, reference, count_synthesis):
@@ -340,20 +370,19 @@ def test_zskd_synthesize_fills_a_cache_that_fit_reuses(tmp_path, monkeypatch):
     def refuse(self, *args, **kwargs):
         raise AssertionError("the cache made by `zskd synthesize` should have been reused")
 
-    monkeypatch.setattr(Synthesizer, "synthesize", refuse)
+    monkeypatch.setattr(Synthesizer, "invert", refuse)
     import lightning as L
 
-    from zskd_lightning import DistillationModule, ImpressionSynthesis
+    from zskd_lightning import DistillationModule
     from zskd_lightning.data import DigitsDataModule
     from zskd_lightning.models import DigitsConvNetHalf
 
     teacher = tiny.shipped_teacher()
     datamodule = ImpressionDataModule(ZSKDSynthesizer(iterations=3, lr=0.05), num_impressions=24,
                                       num_val_impressions=8, chunk_size=8, seed=3, cache_dir=str(cache_dir),
-                                      teacher=teacher, eval_data=DigitsDataModule())
+                                      eval_data=DigitsDataModule())
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "fit",
-                        callbacks=[ImpressionSynthesis()])
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path / "fit")
     trainer.fit(DistillationModule(teacher, DigitsConvNetHalf(1, 10), export_filename=None), datamodule=datamodule)
     assert trainer.global_step > 0
     assert mtimes(cache_dir) == before

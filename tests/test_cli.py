@@ -7,6 +7,7 @@ call ``zskd_lightning.cli.main`` in-process.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import tiny
 
 from zskd_lightning.cli import main
 
@@ -281,3 +283,25 @@ def test_value_refused_by_a_constructor_ends_in_one_line(override, value, reason
     err = _quickstart_error(override, value, capsys, monkeypatch)
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("zskd: error:")] == [f"zskd: error: {reason}"]
+
+
+def test_zskd_fit_runs_wang_2021_without_the_callback_in_the_config(tmp_path, monkeypatch):
+    """A third method is one config away: the quickstart with Wang 2021's synthesizer, through ``zskd fit``; the
+    data asks for its synthesis callback itself (the config names no callback)."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml").read_text())
+    teacher_args = config["model"]["init_args"]["teacher"]["init_args"]
+    teacher_args["checkpoint"] = str(Path(__file__).resolve().parents[1] / teacher_args["checkpoint"])
+    config["trainer"].update({"max_epochs": 1, "default_root_dir": str(tmp_path / "run"), "logger": False,
+                              "enable_progress_bar": False, "enable_checkpointing": False})
+    assert "callbacks" not in config["trainer"]
+    config["data"]["init_args"].update({
+        "synthesizer": {"class_path": "zskd_lightning.WangSynthesizer",
+                        "init_args": {"sigma": 1.5, "activation_weight": 0.05, "iterations": 3, "lr": 0.1}},
+        "num_impressions": 40, "num_val_impressions": 8, "chunk_size": 16, "cache_dir": str(tmp_path / "cache"),
+    })
+    path = _dump(tmp_path / "wang.yaml", config)
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    with tiny.torch_threads(1):
+        main(["fit", "--config", str(path)])
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["method"]["name"] == "wang2021" and manifest["num_impressions"] == 48

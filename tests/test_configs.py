@@ -26,6 +26,8 @@ def test_configs_are_shipped():
         "cifar10/teacher_alexnet.yaml",
         "cifar10/student_ce_alexnet_half.yaml",
         "cifar10/kd_real_alexnet_half.yaml",
+        "mnist/wang_lenet5_half.yaml",
+        "cifar10/wang_alexnet_half.yaml",
     ):
         assert expected in names
 

@@ -93,7 +93,7 @@ def test_both_ranks_synthesized_their_share(ddp_one_thread):
 def test_error_on_rank_zero_reaches_every_rank(tmp_path):
     """A cache from another teacher: rank 0 detects it, every rank raises, the run exits non-zero (no hang)."""
     other_teacher = as_frozen_teacher(tiny.make_net(5))
-    tiny.make_datamodule(tmp_path / "cache", other_teacher).build_cache(other_teacher).prepare()
+    tiny.make_datamodule(tmp_path / "cache").impression_plan.cache_for(other_teacher).prepare()
     result, log = run_ddp(tmp_path, "--threads", "1", "--no-grid", threads=1, timeout=90)
     assert result.returncode not in (0, None), describe(result)
     errors = {rank: detail for rank, what, detail in log if what == "ERROR"}

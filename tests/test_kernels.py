@@ -9,7 +9,8 @@ from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fi
 from torch import nn
 
 from zskd_lightning import ZSKDSynthesizer
-from zskd_lightning.synthesis import ChunkRandomness
+from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis import Chunk, SynthesisContext
 from zskd_lightning.synthesis.kernels import BandLocalResponseNorm, fast_synthesis_kernels
 
 
@@ -60,10 +61,10 @@ def test_impressions_with_fast_kernels_equal_stock_ones_up_to_rounding(channels_
 
     def impressions(fast: bool) -> torch.Tensor:
         synthesizer = ZSKDSynthesizer(iterations=30, lr=0.05, fast_kernels=fast, channels_last=channels_last)
-        synthesizer.setup(teacher)
-        inputs, *_ = synthesizer.synthesize(teacher, torch.arange(16), (1, 8, 8), ChunkRandomness.for_chunk(0, 0), 10,
-                                            tiny.digits_input_range())
-        return inputs
+        context = SynthesisContext(teacher=teacher, input_spec=InputSpec((1, 8, 8), tiny.DIGITS_MEAN, tiny.DIGITS_STD),
+                                   num_classes=10)
+        synthesizer.setup(context)
+        return synthesizer.invert(context, Chunk.of(0, 0, 0, 16)).inputs
 
     torch.testing.assert_close(impressions(True), impressions(False), rtol=1e-4, atol=1e-4)
     assert type(teacher.features[2]) is nn.LocalResponseNorm

@@ -30,7 +30,7 @@ def test_plain_lightning_example_runs(example, tmp_path, capsys):
                                  "--teacher-epochs", "3", "--out", str(out)])
 
     manifest = json.loads((out / "impressions" / "manifest.json").read_text())
-    assert manifest["num_impressions"] == 400 and manifest["synthesizer"]["iterations"] == 30
+    assert manifest["num_impressions"] == 400 and manifest["method"]["args"]["iterations"] == 30
     assert len(manifest["shards"]) == 2
     assert (out / "student.pt").is_file()
 
@@ -49,3 +49,4 @@ def test_plain_lightning_example_is_documented(example):
     for option in ("--impressions", "--iterations", "--epochs", "--out"):
         assert option in text
     assert "zskd_lightning.cli" not in text and ".yaml" not in text  # plain Python: no CLI, no YAML
+    assert "ImpressionSynthesis" not in text  # the data asks for its synthesis callback itself

@@ -17,16 +17,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from zskd_lightning import ClassImpressionSynthesizer, ZSKDSynthesizer
+from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import (
     BatchNormStatistics,
+    Chunk,
     ChunkRandomness,
     DirichletTargets,
     L2Prior,
     PixelL2Prior,
     OneHotTargets,
+    Response,
+    SynthesisContext,
     TotalVariation,
     class_similarity,
 )
+from zskd_lightning.taps import FeatureTaps
 from zskd_lightning.teacher import as_frozen_teacher
 
 K = 10
@@ -43,19 +48,29 @@ def small_teacher():
     return as_frozen_teacher(tiny.make_net(0))
 
 
-def synthesize(synthesizer, teacher, n=8, seed=0, chunk=0, input_range=RANGE, **kwargs):
-    """One chunk of ``n`` impressions with indices ``[chunk * n, chunk * n + n)`` (fresh randomness each call)."""
-    synthesizer.setup(teacher)
-    return synthesizer.synthesize(
-        teacher, torch.arange(chunk * n, chunk * n + n), tiny.INPUT_SHAPE, ChunkRandomness.for_chunk(seed, chunk),
-        K, input_range, **kwargs,
-    )
+def context_for(teacher, normalized=True, seed=0, shape=tiny.INPUT_SHAPE, **kwargs) -> SynthesisContext:
+    """A synthesis context for the digits input space (``normalized=False``: no known valid range)."""
+    spec = InputSpec(shape, tiny.DIGITS_MEAN, tiny.DIGITS_STD) if normalized else InputSpec(shape)
+    return SynthesisContext(teacher=teacher, input_spec=spec, num_classes=K, seed=seed, **kwargs)
+
+
+#: For target samplers that read only the number of classes.
+LABELS_ONLY = context_for(None)
+
+
+def synthesize(synthesizer, teacher, n=8, seed=0, chunk=0, normalized=True, progress=None, **kwargs):
+    """One chunk of ``n`` impressions with indices ``[chunk * n, chunk * n + n)`` (fresh randomness each call):
+    ``(inputs, targets, labels, mean final loss)``."""
+    context = context_for(teacher, normalized, seed, **kwargs)
+    synthesizer.setup(context)
+    result = synthesizer.invert(context, Chunk.of(seed, chunk, chunk * n, chunk * n + n), progress=progress)
+    return result.inputs, result.targets, result.labels, float(result.loss.mean())
 
 
 def teacher_loss(synthesizer, teacher, inputs, targets) -> float:
     """The synthesizer's objective (mean over the chunk) for ``inputs``."""
     with torch.no_grad():
-        return float(synthesizer.objective(teacher(inputs).float(), targets).mean())
+        return float(synthesizer.objective(Response(teacher(inputs).float()), targets).mean())
 
 
 # ------------------------------------------------------------------------------------------ class similarity
@@ -91,13 +106,13 @@ def test_class_similarity_reads_only_the_last_linear():
 # ---------------------------------------------------------------------------------------------- targets
 def dirichlet(teacher, betas=(1.0, 0.1)) -> DirichletTargets:
     sampler = DirichletTargets(betas)
-    sampler.setup(teacher)
+    sampler.setup(context_for(teacher), ChunkRandomness.for_setup(0))
     return sampler
 
 
 def test_dirichlet_rows_are_distributions_with_balanced_labels(trained_teacher):
     indices = torch.arange(100, 300)
-    targets, labels = dirichlet(trained_teacher).sample(indices, K, ChunkRandomness.for_chunk(0, 0))
+    targets, labels = dirichlet(trained_teacher).sample(Chunk(indices, ChunkRandomness.for_chunk(0, 0)), LABELS_ONLY)
     assert targets.shape == (200, K) and targets.dtype == torch.float32 and labels.dtype == torch.int64
     assert (targets >= 0).all()
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(200), rtol=0, atol=1e-5)
@@ -125,10 +140,10 @@ def test_dirichlet_randomness_comes_from_seed_and_chunk_only(trained_teacher):
     indices = torch.arange(16, 32)
 
     def draw(seed, chunk):
-        return sampler.sample(indices, K, ChunkRandomness.for_chunk(seed, chunk))[0]
+        return sampler.sample(Chunk(indices, ChunkRandomness.for_chunk(seed, chunk)), LABELS_ONLY)[0]
 
     assert torch.equal(draw(0, 2), draw(0, 2))
-    assert torch.equal(dirichlet(trained_teacher).sample(indices, K, ChunkRandomness.for_chunk(0, 2))[0], draw(0, 2))
+    assert torch.equal(dirichlet(trained_teacher).sample(Chunk(indices, ChunkRandomness.for_chunk(0, 2)), LABELS_ONLY)[0], draw(0, 2))
     assert not torch.allclose(draw(0, 2), draw(0, 3))
     assert not torch.allclose(draw(0, 2), draw(1, 2))
 
@@ -138,11 +153,11 @@ def test_small_beta_gives_peakier_targets_than_large_beta(trained_teacher):
     indices = torch.arange(1000)
     peaks = {}
     for beta in (1.0, 0.1):
-        targets, _ = dirichlet(trained_teacher, (beta,)).sample(indices, K, ChunkRandomness.for_chunk(0, 0))
+        targets, _ = dirichlet(trained_teacher, (beta,)).sample(Chunk(indices, ChunkRandomness.for_chunk(0, 0)), LABELS_ONLY)
         peaks[beta] = float(targets.max(dim=1).values.mean())
     assert peaks[0.1] > peaks[1.0] + 0.1, peaks
     # and inside one sampler with both betas, the two halves of the budget differ the same way
-    targets, _ = dirichlet(trained_teacher).sample(indices, K, ChunkRandomness.for_chunk(0, 0))
+    targets, _ = dirichlet(trained_teacher).sample(Chunk(indices, ChunkRandomness.for_chunk(0, 0)), LABELS_ONLY)
     beta_small = (indices // K) % 2 == 1
     assert targets[beta_small].max(dim=1).values.mean() > targets[~beta_small].max(dim=1).values.mean() + 0.1
 
@@ -156,7 +171,7 @@ def test_dirichlet_rejects_bad_betas():
 
 def test_one_hot_targets():
     indices = torch.arange(5, 30)
-    targets, labels = OneHotTargets().sample(indices, K, ChunkRandomness.for_chunk(0, 0))
+    targets, labels = OneHotTargets().sample(Chunk(indices, ChunkRandomness.for_chunk(0, 0)), LABELS_ONLY)
     assert torch.equal(labels, indices % K)
     assert torch.equal(targets, F.one_hot(indices % K, K).float())
 
@@ -168,13 +183,13 @@ def test_zskd_impressions_match_their_targets(trained_teacher):
     assert inputs.shape == (40, *tiny.INPUT_SHAPE) and inputs.dtype == torch.float32
     assert torch.equal(labels, torch.arange(40) % K)
     # the returned targets are the sampler's for this chunk
-    expected, _ = synthesizer.target_sampler.sample(torch.arange(40), K, ChunkRandomness.for_chunk(0, 0))
+    expected, _ = synthesizer.target_sampler.sample(Chunk(torch.arange(40), ChunkRandomness.for_chunk(0, 0)), LABELS_ONLY)
     assert torch.equal(targets, expected)
     with torch.no_grad():
         predicted = trained_teacher(inputs).argmax(dim=1)
     agreement = (predicted == targets.argmax(dim=1)).float().mean().item()
     assert agreement >= 0.9, agreement
-    x0 = synthesizer.initial_inputs(40, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    x0 = synthesizer.initial_inputs(40, LABELS_ONLY, ChunkRandomness.for_chunk(0, 0).torch)
     assert loss < teacher_loss(synthesizer, trained_teacher, x0, targets)
     assert loss == pytest.approx(teacher_loss(synthesizer, trained_teacher, inputs, targets), rel=1e-3)
 
@@ -196,7 +211,7 @@ def test_impressions_stay_inside_the_input_range(small_teacher, init):
     assert inputs.min() >= low.min() and inputs.max() <= high.max()
     # the range is actually used (the clamp bites on both sides)
     assert (inputs == low).any() and (inputs == high).any()
-    x0 = synthesizer.initial_inputs(16, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    x0 = synthesizer.initial_inputs(16, LABELS_ONLY, ChunkRandomness.for_chunk(0, 0).torch)
     assert x0.min() >= low.min() and x0.max() <= high.max()
 
 
@@ -209,17 +224,34 @@ def test_synthesis_is_deterministic_per_chunk(small_teacher):
     assert not torch.equal(first[0], other[0])
 
 
-def test_settings_record_what_changes_the_impressions():
-    settings = ZSKDSynthesizer(betas=(1.0, 0.1), temperature=20.0, iterations=7, lr=0.03,
-                               regularizers=[TotalVariation(0.5), L2Prior(0.25)]).settings()
-    assert settings["iterations"] == 7 and settings["lr"] == 0.03 and settings["init"] == "uniform"
-    assert settings["target_sampler"]["betas"] == [1.0, 0.1]
-    assert settings["objective"]["temperature"] == 20.0
-    assert settings["regularizers"] == [{"name": "TotalVariation", "weight": 0.5}, {"name": "L2Prior", "weight": 0.25}]
-    assert settings["class"] == "zskd_lightning.synthesis.zskd.ZSKDSynthesizer"
-    assert ClassImpressionSynthesizer().settings()["target_sampler"]["name"] == "OneHotTargets"
+def test_identity_is_derived_from_the_constructor_arguments():
+    identity = ZSKDSynthesizer(betas=(1.0, 0.1), temperature=20.0, iterations=7, lr=0.03,
+                               regularizers=[TotalVariation(0.5), L2Prior(0.25)]).identity()
+    assert identity["name"] == "zskd"  # the stable method name, not a module path
+    args = identity["args"]
+    assert args["iterations"] == 7 and args["lr"] == 0.03 and args["init"] == "uniform"  # a parent's default too
+    assert args["betas"] == [1.0, 0.1] and args["temperature"] == 20.0 and args["concentration_floor"] == 1e-6
+    assert args["regularizers"] == [{"name": "TotalVariation", "args": {"weight": 0.5}},
+                                    {"name": "L2Prior", "args": {"weight": 0.25}}]
+    assert args["jitter"] == 0 and args["precision"] is None and args["sample_weights"] is None
+    assert "target_sampler" not in args  # built from the method's own arguments
+    assert ClassImpressionSynthesizer().identity()["name"] == "class_impressions"
+    assert ZSKDSynthesizer(jitter=2).identity() != ZSKDSynthesizer().identity()
+    assert ZSKDSynthesizer(precision="bf16-mixed").identity()["args"]["precision"] == "bf16-mixed"
     with pytest.raises(ValueError):
         ZSKDSynthesizer(iterations=0)
+
+
+def test_a_new_constructor_argument_is_part_of_the_identity_without_listing_it():
+    class Shifted(ZSKDSynthesizer):
+        identity_name = "shifted"
+
+        def __init__(self, offset: float = 0.0, **settings):
+            super().__init__(**settings)
+            self.offset = offset
+
+    assert Shifted(offset=1.0).identity()["args"]["offset"] == 1.0
+    assert Shifted(offset=1.0).identity() != Shifted(offset=2.0).identity()
 
 
 # ------------------------------------------------------------- gradients under Lightning's no-grad contexts
@@ -230,7 +262,7 @@ def test_synthesis_optimizes_inside_no_grad_contexts(small_teacher, context):
         inputs, targets, labels, loss = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05), small_teacher)
     assert torch.equal(inputs, reference[0]) and torch.equal(targets, reference[1])
     assert torch.equal(labels, reference[2]) and loss == reference[3]
-    x0 = ZSKDSynthesizer().initial_inputs(8, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    x0 = ZSKDSynthesizer().initial_inputs(8, LABELS_ONLY, ChunkRandomness.for_chunk(0, 0).torch)
     assert not torch.equal(inputs, x0)
     assert loss < teacher_loss(ZSKDSynthesizer(), small_teacher, x0, targets)
 
@@ -246,11 +278,10 @@ class SynthesizeInPredict(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         assert torch.is_inference_mode_enabled()
         chunk = int(batch[0])
-        self.synthesizer.setup(self.teacher)
-        return self.synthesizer.synthesize(
-            self.teacher, torch.arange(8 * chunk, 8 * chunk + 8), tiny.INPUT_SHAPE, ChunkRandomness.for_chunk(0, chunk),
-            K, RANGE, device=self.device,
-        )
+        context = context_for(self.teacher, device=self.device)
+        self.synthesizer.setup(context)
+        result = self.synthesizer.invert(context, Chunk.of(0, chunk, 8 * chunk, 8 * chunk + 8))
+        return result.inputs, result.targets, result.labels, float(result.loss.mean())
 
 
 def test_synthesis_optimizes_inside_trainer_predict(small_teacher, tmp_path):
@@ -282,7 +313,7 @@ def test_synthesis_under_bfloat16_autocast_gives_finite_float32(trained_teacher)
     )
     assert inputs.dtype == torch.float32 and targets.dtype == torch.float32
     assert torch.isfinite(inputs).all() and np.isfinite(loss)
-    x0 = ZSKDSynthesizer().initial_inputs(8, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    x0 = ZSKDSynthesizer().initial_inputs(8, LABELS_ONLY, ChunkRandomness.for_chunk(0, 0).torch)
     assert not torch.equal(inputs, x0)
 
 
@@ -294,13 +325,9 @@ def bn_teacher():
 
 def bn_penalty(teacher, inputs) -> float:
     reg = BatchNormStatistics()
-    reg.attach(teacher)
-    try:
-        with torch.no_grad():
-            teacher(inputs)
-        return float(reg(inputs))
-    finally:
-        reg.detach()
+    with FeatureTaps(teacher.network, reg.taps(teacher.network)) as taps, torch.no_grad():
+        logits = teacher(inputs)
+        return float(reg(inputs, Response(logits, taps.features)))
 
 
 def bn_layers(teacher):
@@ -309,14 +336,14 @@ def bn_layers(teacher):
 
 def test_batchnorm_statistics_penalty_decreases_and_hooks_are_removed(bn_teacher):
     layers = bn_layers(bn_teacher)
-    assert layers and all(len(m._forward_hooks) == 0 for m in layers)
+    assert layers and all(len(m._forward_hooks) == len(m._forward_pre_hooks) == 0 for m in layers)
     synthesizer = ZSKDSynthesizer(iterations=30, lr=0.05, regularizers=[BatchNormStatistics(weight=10.0)])
-    x0 = synthesizer.initial_inputs(16, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    x0 = synthesizer.initial_inputs(16, LABELS_ONLY, ChunkRandomness.for_chunk(0, 0).torch)
     inputs = synthesize(synthesizer, bn_teacher, n=16)[0]
     before, after = bn_penalty(bn_teacher, x0), bn_penalty(bn_teacher, inputs)
     assert before > 0 and after >= 0
     assert after < 0.8 * before, (before, after)
-    assert all(len(m._forward_hooks) == 0 for m in layers)
+    assert all(len(m._forward_hooks) == len(m._forward_pre_hooks) == 0 for m in layers)
     # the running statistics are read, never updated (the teacher stays in eval mode)
     assert not bn_teacher.training
 
@@ -328,18 +355,22 @@ def test_batchnorm_statistics_hooks_are_removed_when_synthesis_fails(bn_teacher)
     synthesizer = ZSKDSynthesizer(iterations=30, regularizers=[BatchNormStatistics()])
     with pytest.raises(KeyboardInterrupt):
         synthesize(synthesizer, bn_teacher, progress=explode)
-    assert all(len(m._forward_hooks) == 0 for m in bn_layers(bn_teacher))
+    assert all(len(m._forward_hooks) == len(m._forward_pre_hooks) == 0 for m in bn_layers(bn_teacher))
 
 
 def test_batchnorm_statistics_needs_batchnorm(small_teacher):
     with pytest.raises(ValueError, match="BatchNorm"):
-        BatchNormStatistics().attach(small_teacher)
+        BatchNormStatistics().taps(small_teacher.network)
     with pytest.raises(ValueError, match="BatchNorm"):
         synthesize(ZSKDSynthesizer(iterations=2, regularizers=[BatchNormStatistics()]), small_teacher)
 
 
 def test_total_variation():
-    tv = TotalVariation(weight=1.0)
+    regularizer = TotalVariation(weight=1.0)
+
+    def tv(inputs):
+        return regularizer(inputs, Response(torch.zeros(len(inputs), K)))
+
     constant = torch.full((3, 1, 8, 8), 0.7)
     assert torch.equal(tv(constant), torch.zeros(3))
     noisy = constant + torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -351,7 +382,10 @@ def test_total_variation():
 
 def test_normal_init_draws_pixels_from_a_clamped_standard_normal():
     low, high = torch.tensor([-1.0]).view(1, 1, 1), torch.tensor([3.0]).view(1, 1, 1)
-    x0 = ZSKDSynthesizer(init="normal").initial_inputs(4000, (1, 8, 8), (low, high), torch.Generator().manual_seed(0))
+    spec = InputSpec((1, 8, 8), mean=[0.25], std=[0.25])  # black at -1, white at 3
+    assert torch.equal(spec.valid_range()[0], low) and torch.equal(spec.valid_range()[1], high)
+    context = SynthesisContext(teacher=None, input_spec=spec, num_classes=K)
+    x0 = ZSKDSynthesizer(init="normal").initial_inputs(4000, context, torch.Generator().manual_seed(0))
     pixels = (x0 - low) / (high - low)
     assert (pixels == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)  # P(z <= 0)
     assert (pixels == 1).float().mean().item() == pytest.approx(0.1587, abs=0.01)  # P(z >= 1)
@@ -359,12 +393,14 @@ def test_normal_init_draws_pixels_from_a_clamped_standard_normal():
 
 def test_pixel_l2_prior_measures_pixels_through_the_input_range():
     prior = PixelL2Prior(weight=1.0)
-    low, high = torch.tensor([-0.5]).view(1, 1, 1), torch.tensor([1.5]).view(1, 1, 1)
     black, white = torch.full((1, 1, 4, 4), -0.5), torch.full((1, 1, 4, 4), 1.5)
-    prior.set_input_range((low, high))
-    assert prior(black).tolist() == [0.0] and prior(white).tolist() == [16.0]  # summed over the 16 pixels
-    prior.set_input_range(None)
-    assert prior(white).tolist() == [1.5**2 * 16]
+    response = Response(torch.zeros(1, K))
+    spec = InputSpec((1, 4, 4), mean=[0.25], std=[0.5])  # black at -0.5, white at 1.5
+    prior.setup(SynthesisContext(teacher=None, input_spec=spec, num_classes=K), ChunkRandomness.for_setup(0))
+    assert prior(black, response).tolist() == [0.0] and prior(white, response).tolist() == [16.0]  # 16 pixels
+    prior.setup(SynthesisContext(teacher=None, input_spec=InputSpec((1, 4, 4)), num_classes=K),
+                ChunkRandomness.for_setup(0))
+    assert prior(white, response).tolist() == [1.5**2 * 16]
 
 
 def test_pixel_l2_prior_darkens_impressions(small_teacher):
@@ -375,28 +411,24 @@ def test_pixel_l2_prior_darkens_impressions(small_teacher):
 
 
 def test_l2_prior_and_regularizers_compose(small_teacher):
-    assert torch.equal(L2Prior()(torch.zeros(2, 1, 8, 8)), torch.zeros(2))
+    assert torch.equal(L2Prior()(torch.zeros(2, 1, 8, 8), Response(torch.zeros(2, K))), torch.zeros(2))
     plain = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05), small_teacher)[0]
     smooth = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05, regularizers=[TotalVariation(50.0), L2Prior(1.0)]),
                         small_teacher)[0]
-    assert TotalVariation()(smooth).mean() < TotalVariation()(plain).mean()
+    response = Response(torch.zeros(len(plain), K))
+    assert TotalVariation()(smooth, response).mean() < TotalVariation()(plain, response).mean()
 
 
 def test_channels_last_gives_the_same_impressions_and_restores_the_teacher():
     from zskd_lightning.models import LeNet5
-    from zskd_lightning.synthesis.base import ChunkRandomness
     from zskd_lightning.teacher import FrozenTeacher
 
     torch.manual_seed(0)
     teacher = FrozenTeacher(network=LeNet5())
-    bounds = (torch.full((1, 1, 1), -0.5), torch.full((1, 1, 1), 2.5))
     results = []
     for channels_last in (False, True):
         synthesizer = ZSKDSynthesizer(iterations=5, lr=0.05, channels_last=channels_last)
-        synthesizer.setup(teacher)
-        results.append(
-            synthesizer.synthesize(teacher, torch.arange(16), (1, 32, 32), ChunkRandomness.for_chunk(0, 0), 10, bounds)
-        )
+        results.append(synthesize(synthesizer, teacher, n=16, shape=(1, 32, 32)))
         assert all(p.is_contiguous() for p in teacher.parameters())
     assert results[1][0].is_contiguous()
     assert torch.allclose(results[0][0], results[1][0], atol=1e-4)
@@ -404,19 +436,18 @@ def test_channels_last_gives_the_same_impressions_and_restores_the_teacher():
 
 
 def test_plateau_stopping_spends_fewer_steps():
-    from zskd_lightning.synthesis.base import ChunkRandomness
-
     teacher = _plateau_teacher()
     full = ZSKDSynthesizer(iterations=200, lr=0.1, channels_last=False)
     early = ZSKDSynthesizer(iterations=200, lr=0.1, channels_last=False, stop_tolerance=1e-3, stop_window=20)
     outputs = []
     for synthesizer in (full, early):
-        synthesizer.setup(teacher)
-        outputs.append(synthesizer.synthesize(teacher, torch.arange(32), (4,), ChunkRandomness.for_chunk(1, 0), 3))
         # (inputs without a range are not clamped, so the teacher below saturates and losses plateau)
-    assert full.last_steps == 32 * 200
-    assert early.last_steps < full.last_steps
-    assert outputs[1][3] <= outputs[0][3] + 0.05  # stopped impressions had already converged
+        context = SynthesisContext(teacher=teacher, input_spec=InputSpec((4,)), num_classes=3, seed=1)
+        synthesizer.setup(context)
+        outputs.append(synthesizer.invert(context, Chunk.of(1, 0, 0, 32)))
+    assert outputs[0].steps == 32 * 200
+    assert outputs[1].steps < outputs[0].steps
+    assert outputs[1].loss.mean() <= outputs[0].loss.mean() + 0.05  # stopped impressions had already converged
 
 
 def _plateau_teacher():
@@ -459,10 +490,7 @@ def test_synthesizer_precision_overrides_the_trainers(tmp_path, synthesis_precis
     assert inputs.dtype == np.float32 and np.isfinite(inputs).all()
 
 
-def test_synthesis_precision_is_part_of_the_settings_only_when_explicit():
-    assert "precision" not in ZSKDSynthesizer().settings()  # caches made before the option keep their key
-    assert ZSKDSynthesizer(precision="bf16-mixed").settings()["precision"] == "bf16-mixed"
-    assert ClassImpressionSynthesizer(precision="32-true").settings()["precision"] == "32-true"
+def test_synthesis_precision_is_checked():
     with pytest.raises(ValueError, match="precision must be one of"):
         ZSKDSynthesizer(precision="16-mixed")
 
@@ -497,7 +525,7 @@ def test_jitter_shows_the_teacher_the_chunk_rolled_by_a_seeded_offset(small_teac
     teacher = _RecordingTeacher(small_teacher)
     synthesize(synthesizer, teacher, n=n, chunk=chunk)
     generator = ChunkRandomness.for_chunk(0, chunk).torch
-    x0 = synthesizer.initial_inputs(n, tiny.INPUT_SHAPE, RANGE, generator)
+    x0 = synthesizer.initial_inputs(n, LABELS_ONLY, generator)
     dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
     assert len(teacher.seen) == 1
     torch.testing.assert_close(teacher.seen[0], torch.roll(x0, shifts=(dy, dx), dims=(-2, -1)))
@@ -507,14 +535,11 @@ def test_jitter_still_reaches_the_targets(trained_teacher):
     """The gradient flows back through the roll to the unshifted inputs: the teacher's loss on them falls."""
     synthesizer = ZSKDSynthesizer(iterations=40, lr=0.05, jitter=1)
     inputs, targets, _, _ = synthesize(synthesizer, trained_teacher, n=32)
-    x0 = synthesizer.initial_inputs(32, tiny.INPUT_SHAPE, RANGE, ChunkRandomness.for_chunk(0, 0).torch)
+    x0 = synthesizer.initial_inputs(32, LABELS_ONLY, ChunkRandomness.for_chunk(0, 0).torch)
     assert teacher_loss(synthesizer, trained_teacher, inputs, targets) < teacher_loss(synthesizer, trained_teacher, x0, targets)
 
 
-def test_jitter_is_part_of_the_settings_only_when_on():
-    assert "jitter" not in ZSKDSynthesizer().settings()  # caches made before the option keep their key
-    assert ZSKDSynthesizer(jitter=2).settings()["jitter"] == 2
-    assert ClassImpressionSynthesizer(jitter=1).settings()["jitter"] == 1
+def test_jitter_is_checked():
     with pytest.raises(ValueError, match="jitter must be >= 0"):
         ZSKDSynthesizer(jitter=-1)
 
@@ -522,4 +547,5 @@ def test_jitter_is_part_of_the_settings_only_when_on():
 def test_jitter_refuses_inputs_that_are_not_images():
     teacher = as_frozen_teacher(nn.Linear(5, K))
     with pytest.raises(ValueError, match=r"jitter shifts images \[C, H, W\].*\(5,\)"):
-        ZSKDSynthesizer(iterations=1, jitter=1).synthesize(teacher, torch.arange(4), (5,), ChunkRandomness.for_chunk(0, 0), K)
+        context = SynthesisContext(teacher=teacher, input_spec=InputSpec((5,)), num_classes=K)
+        ZSKDSynthesizer(iterations=1, jitter=1).invert(context, Chunk.of(0, 0, 0, 4))

@@ -1,20 +1,20 @@
-"""zskd-lightning: data-free knowledge distillation (Zero-Shot KD and friends) for PyTorch Lightning."""
+"""zskd-lightning: data-free knowledge distillation (Zero-Shot KD and friends) for PyTorch Lightning.
 
-__version__ = "0.1.0"
+Layers, each importing only from those above it in this list: ``_version``, ``errors``, ``files``, ``pixels``,
+``describe`` -> ``taps``, ``teacher``, ``losses``, ``weighting``, ``augment``, ``models``, ``data`` ->
+``synthesis`` (what and how; no Lightning, no files) -> ``impressions`` (offline cache, driver, datamodule),
+``distillation``, ``classifier`` -> ``cli`` and this package face (``tests/test_layers.py`` checks it).
+"""
 
-from zskd_lightning.classifier import ClassifierModule  # noqa: E402
-from zskd_lightning.distillation import DistillationModule  # noqa: E402
-from zskd_lightning.errors import InvalidArgument, ZSKDError  # noqa: E402
-from zskd_lightning.impressions import ImpressionDataModule, ImpressionDataset  # noqa: E402
-from zskd_lightning.losses import kd_loss  # noqa: E402
-from zskd_lightning.synthesis import (  # noqa: E402
-    ClassImpressionSynthesizer,
-    ImpressionCache,
-    ImpressionSynthesis,
-    Synthesizer,
-    ZSKDSynthesizer,
-)
-from zskd_lightning.teacher import FrozenTeacher  # noqa: E402
+from zskd_lightning._version import __version__
+from zskd_lightning.classifier import ClassifierModule
+from zskd_lightning.distillation import DistillationModule
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.impressions import ImpressionCache, ImpressionDataModule, ImpressionDataset, ImpressionSynthesis
+from zskd_lightning.losses import kd_loss
+from zskd_lightning.synthesis import ClassImpressionSynthesizer, Synthesizer, WangSynthesizer, ZSKDSynthesizer
+from zskd_lightning.teacher import FrozenTeacher
+from zskd_lightning.weighting import SampleWeighting, TeacherUncertainty
 
 __all__ = [
     "ClassImpressionSynthesizer",
@@ -26,7 +26,10 @@ __all__ = [
     "ImpressionDataset",
     "ImpressionSynthesis",
     "InvalidArgument",
+    "SampleWeighting",
     "Synthesizer",
+    "TeacherUncertainty",
+    "WangSynthesizer",
     "ZSKDError",
     "ZSKDSynthesizer",
     "__version__",

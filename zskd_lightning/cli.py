@@ -9,49 +9,30 @@ from __future__ import annotations
 
 import sys
 from argparse import ArgumentError
-from typing import Any
-
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from zskd_lightning.errors import ZSKDError
+from zskd_lightning.impressions import ImpressionDataModule, ImpressionSynthesis
 
 
 class ZSKDTrainer(L.Trainer):
-    """A Lightning ``Trainer`` that adds the impression-synthesis callback when the data needs it."""
-
-    def fit(self, model: L.LightningModule, *args: Any, datamodule: L.LightningDataModule | None = None, **kwargs: Any):
-        attach_synthesis_callback(self, datamodule)
-        return super().fit(model, *args, datamodule=datamodule, **kwargs)
+    """A Lightning ``Trainer`` with a ``synthesize`` method (the ``zskd synthesize`` subcommand); ``fit`` is
+    Lightning's own (the impression data asks for its synthesis callback through the LightningModule's
+    ``configure_callbacks``)."""
 
     def synthesize(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
         """Only synthesize the datamodule's impressions into its cache, on every device of this Trainer, then stop.
 
         A later ``zskd fit`` with the same data settings reuses the cache without recomputation.
         """
-        from zskd_lightning.impressions import ImpressionDataModule
-
         if not isinstance(datamodule, ImpressionDataModule):
             raise ZSKDError(f"`zskd synthesize` needs an ImpressionDataModule as data, got {type(datamodule).__name__}")
         self.limit_train_batches = 0  # run the fit setup and on_fit_start (where synthesis happens), train nothing
         self.num_sanity_val_steps = 0
-        attach_synthesis_callback(self, datamodule)
-        super().fit(model, datamodule=datamodule)
-
-
-def attach_synthesis_callback(trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> bool:
-    """Append an :class:`~zskd_lightning.ImpressionSynthesis` callback if ``datamodule`` serves impressions.
-
-    Returns whether the Trainer now has one.
-    """
-    from zskd_lightning.impressions import ImpressionDataModule
-    from zskd_lightning.synthesis.callback import ImpressionSynthesis
-
-    if not isinstance(datamodule, ImpressionDataModule):
-        return False
-    if not any(isinstance(cb, ImpressionSynthesis) for cb in trainer.callbacks):
-        trainer.callbacks.append(ImpressionSynthesis())
-    return True
+        if not any(isinstance(callback, ImpressionSynthesis) for callback in self.callbacks):
+            self.callbacks.append(ImpressionSynthesis())  # for a model that does not ask for it itself
+        self.fit(model, datamodule=datamodule)
 
 
 class ZSKDCLI(LightningCLI):

@@ -8,6 +8,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -16,9 +17,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.files import write_atomic
-from zskd_lightning.losses import kd_loss, soft_target_kd_loss
+from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.teacher import as_frozen_teacher, classifier_layer
+from zskd_lightning.weighting import SampleWeighting
 
 TargetSource = Literal["teacher", "batch"]
 
@@ -44,6 +46,9 @@ class DistillationModule(L.LightningModule):
         student: the module to train.
         temperature: distillation temperature ``T`` (ZSKD: 20).
         kd_weight / ce_weight: weights of the KD and hard-label cross-entropy terms.
+        sample_weights: per-sample weights of the KD term (e.g. a method's modulating function): the loss
+            becomes ``kd_weight * mean_i(w_i * l_i)`` with ``l_i`` sample ``i``'s ``T^2 * KL``. ``None``: the
+            batch-mean KD loss, exactly as without the option.
         export_filename: after ``fit``, rank 0 writes the student's plain ``state_dict`` to this file in the
             run's log folder (``None`` disables). The teacher's weights are never part of it.
     """
@@ -59,12 +64,14 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: SchedulerInterval = "epoch",
+        sample_weights: SampleWeighting | None = None,
         export_filename: str | None = "student.pt",
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise InvalidArgument(f"temperature must be > 0, got {temperature}")
-        self.save_hyperparameters(ignore=["teacher", "student", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["teacher", "student", "optimizer", "lr_scheduler", "sample_weights"])
+        self.sample_weights = sample_weights
         self.teacher = as_frozen_teacher(teacher)
         self.student = student
         self.optimizer = optimizer
@@ -84,6 +91,15 @@ class DistillationModule(L.LightningModule):
                 probe_num_outputs(self.student, tuple(input_shape), "student"),
             )
 
+    def configure_callbacks(self) -> list[Callback]:
+        """The callbacks the datamodule needs (an :class:`~zskd_lightning.ImpressionDataModule` asks for its
+        synthesis callback), unless the Trainer already has one of the same type."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        wanted = list(getattr(datamodule, "synthesis_callbacks", lambda: [])())
+        present = {type(callback) for callback in trainer.callbacks} if trainer is not None else set()
+        return [callback for callback in wanted if type(callback) not in present]
+
     # ---------------------------------------------------------------------------------------- training
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
@@ -97,10 +113,17 @@ class DistillationModule(L.LightningModule):
         if self.hparams.target_source == "teacher":
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
-            distill = kd_loss(student_logits, teacher_logits, self.hparams.temperature)
+            if self.sample_weights is None:
+                distill = kd_loss(student_logits, teacher_logits, self.hparams.temperature)
+            else:
+                weights = self.sample_weights(teacher_logits, student_logits.detach())
+                per_sample = kd_loss_per_sample(student_logits, teacher_logits, self.hparams.temperature)
+                distill = (weights * per_sample).mean()
         else:
             if not _is_soft_target(y):
                 raise ZSKDError("target_source='batch' needs batches of soft targets [B, num_classes]")
+            if self.sample_weights is not None:
+                raise ZSKDError("sample_weights need the teacher's logits: use target_source='teacher'")
             distill = soft_target_kd_loss(student_logits, y, self.hparams.temperature)
         loss = self.hparams.kd_weight * distill
         if self.hparams.ce_weight and _is_hard_label(y):

@@ -1,6 +1,7 @@
 """Distillation losses.
 
-All losses take logits ``[B, C]`` and return a scalar averaged over the batch.
+The losses take logits ``[B, C]``; each returns a scalar averaged over the batch, except the per-sample forms
+(``[B]``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def kd_loss_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Each sample's ``T^2 * KL(softmax(t / T) || softmax(s / T))``, shape ``[B]`` (the terms :func:`kd_loss`
+    averages; its batch mean equals :func:`kd_loss` up to float summation order)."""
+    if temperature <= 0:
+        raise InvalidArgument(f"temperature must be > 0, got {temperature}")
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=-1)
     return kl * temperature**2
 
 

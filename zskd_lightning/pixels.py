@@ -1,14 +1,64 @@
-"""Pixels <-> the teacher's input space, through the valid input range.
+"""The teacher's input space: its input shape, its normalization, and the one formula for its valid range.
 
-An input range is per-channel ``(low, high)``, each ``[C, 1, 1]``: where pixel values 0 (black) and 1 land after
-the teacher's normalization. ``None`` means unknown: the inputs are taken as the pixels (identity).
+An input range is per-channel ``(low, high)``, each ``[C, 1, 1]``: where pixel values 0 (black) and 1 (white)
+land after the teacher's normalization ``(pixel - mean) / std``. ``None`` means unknown: the inputs are taken as
+the pixels (identity).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 from torch import Tensor
 
+from zskd_lightning.errors import InvalidArgument
+
 InputRange = tuple[Tensor, Tensor]
+
+
+def valid_range(mean: Sequence[float], std: Sequence[float]) -> InputRange:
+    """``((0 - mean) / std, (1 - mean) / std)`` per channel, each ``[C, 1, 1]`` float32: the one formula."""
+    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor([float(s) for s in std], dtype=torch.float32).view(-1, 1, 1)
+    return (0 - mean_t) / std_t, (1 - mean_t) / std_t
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the teacher takes: ``shape`` ``(C, H, W)`` and, when known, the per-channel ``mean``/``std`` of its
+    normalization of pixel values in [0, 1]. Without a normalization the valid range is unknown (``None``)."""
+
+    shape: tuple[int, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if (self.mean is None) != (self.std is None):
+            raise InvalidArgument("input mean and std go together: give both or neither")
+        if self.mean is not None:
+            object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+            object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+            channels = self.shape[0] if self.shape else None
+            if not len(self.mean) == len(self.std) == channels:
+                raise InvalidArgument(
+                    f"input_mean/input_std need one value per channel: {channels} channels, "
+                    f"got {len(self.mean)} and {len(self.std)}"
+                )
+            if any(s <= 0 for s in self.std):
+                raise InvalidArgument(f"input_std must be > 0 in every channel, got {list(self.std)}")
+
+    def valid_range(self) -> InputRange | None:
+        """The per-channel ``(low, high)`` of :func:`valid_range`, or ``None`` without a normalization."""
+        return None if self.mean is None else valid_range(self.mean, self.std)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form (part of an impression cache's identity)."""
+        return {"shape": list(self.shape), "mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std)}
 
 
 def _bounds(like: Tensor, input_range: InputRange) -> tuple[Tensor, Tensor]:

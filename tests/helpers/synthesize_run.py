@@ -35,7 +35,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from helpers import tiny
-    from zskd_lightning.synthesis.cache import ImpressionCache
+    from zskd_lightning.impressions.cache import ImpressionCache
 
     log_path = args.rank_log or os.path.join(os.path.dirname(os.path.abspath(args.cache)), "ranks.log")
 

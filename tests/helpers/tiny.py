@@ -100,19 +100,19 @@ def shipped_teacher() -> FrozenTeacher:
     return FrozenTeacher(DigitsConvNet(in_channels=1, num_classes=10), str(SHIPPED_TEACHER))
 
 
-def make_datamodule(cache_dir: str | os.PathLike, teacher: nn.Module | None = None, *, num_impressions: int = 64,
+def make_datamodule(cache_dir: str | os.PathLike, *, num_impressions: int = 64,
                     chunk_size: int = 8, iterations: int = 5, seed: int = 0, lr: float = 0.05,
                     **kwargs) -> ImpressionDataModule:
     """An ImpressionDataModule for the digits input space (no eval data: nothing real is read).
 
-    Defaults (8 chunks of 8 impressions, 5 iterations, teacher ``make_net(0)``) are the "standard tiny cache"
-    that the subprocess script and the in-process runs share, so their caches can be compared byte for byte.
+    Defaults (8 chunks of 8 impressions, 5 iterations; with :func:`run_synthesis`'s teacher ``make_net(0)``) are
+    the "standard tiny cache" that the subprocess script and the in-process runs share, so their caches can be
+    compared byte for byte. The teacher is the LightningModule's (one teacher).
     """
     return ImpressionDataModule(
         synthesizer=kwargs.pop("synthesizer", None) or ZSKDSynthesizer(iterations=iterations, lr=lr),
         num_impressions=num_impressions,
         cache_dir=os.fspath(cache_dir),
-        teacher=teacher if teacher is not None else make_net(0),
         input_shape=INPUT_SHAPE,
         input_mean=DIGITS_MEAN,
         input_std=DIGITS_STD,
@@ -157,10 +157,11 @@ def quiet_trainer(root: str | os.PathLike, **overrides) -> L.Trainer:
 def run_synthesis(cache_dir: str | os.PathLike, *, devices: int = 1, fit: bool = False, grid: bool = True,
                   root: str | os.PathLike | None = None, teacher: nn.Module | None = None,
                   precision: str = "32-true", **datamodule_kwargs) -> tuple[L.Trainer, ImpressionDataModule]:
-    """The real path: ``Trainer.fit(DistillationModule, ImpressionDataModule)`` with the ImpressionSynthesis
-    callback. ``fit=False`` stops after synthesis (``limit_train_batches=0``, like ``zskd synthesize``)."""
+    """The real path: ``Trainer.fit(DistillationModule, ImpressionDataModule)``; the ImpressionSynthesis callback
+    is given by hand only to turn the picture off (``grid=False``), else the module asks for it itself.
+    ``fit=False`` stops after synthesis (``limit_train_batches=0``, like ``zskd synthesize``)."""
     teacher = teacher if teacher is not None else make_net(0)
-    datamodule = make_datamodule(cache_dir, teacher, **datamodule_kwargs)
+    datamodule = make_datamodule(cache_dir, **datamodule_kwargs)
     model = DistillationModule(teacher=teacher, student=make_net(1, width=4), export_filename=None)
     trainer = quiet_trainer(
         os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(cache_dir)),
@@ -168,7 +169,7 @@ def run_synthesis(cache_dir: str | os.PathLike, *, devices: int = 1, fit: bool =
         strategy="ddp" if devices > 1 else "auto",
         precision=precision,
         limit_train_batches=None if fit else 0,
-        callbacks=[ImpressionSynthesis(grid_filename="impressions.png" if grid else None)],
+        callbacks=[] if grid else [ImpressionSynthesis(grid_filename=None)],
     )
     trainer.fit(model, datamodule=datamodule)
     return trainer, datamodule

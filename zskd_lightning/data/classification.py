@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
 from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.pixels import valid_range
 
 __all__ = ["ClassificationDataModule", "InMemoryImageDataset", "DATA_ROOT_ENV"]
 
@@ -160,8 +161,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
         ``min = (0 - mean) / std`` (black), ``max = (1 - mean) / std`` (white).
         """
-        mean, std = self._stats()
-        return (0.0 - mean) / std, (1.0 - mean) / std
+        return valid_range(self.mean, self.std)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map uint8 pixels (0..255) or float pixels in [0, 1] (``[..., C, H, W]``) to served float32."""

@@ -1,31 +1,51 @@
-"""Impression synthesizers, the cache, and the distributed synthesis callback."""
+"""What and how of synthesis: target samplers, objectives, regularizers, the inversion engine, and the methods.
 
-from zskd_lightning.synthesis.base import ChunkRandomness, Objective, Regularizer, Synthesizer, TargetSampler
-from zskd_lightning.synthesis.cache import ImpressionCache
-from zskd_lightning.synthesis.callback import ImpressionSynthesis, fill_cache
-from zskd_lightning.synthesis.class_impressions import ClassImpressionSynthesizer
+No Lightning and no files here: the drivers in :mod:`zskd_lightning.impressions` run these chunk by chunk.
+"""
+
+from zskd_lightning.synthesis.api import (
+    Chunk,
+    ChunkRandomness,
+    Objective,
+    Regularizer,
+    Response,
+    SynthesisContext,
+    SynthesisResult,
+    TargetSampler,
+)
+from zskd_lightning.synthesis.inversion import Synthesizer
+from zskd_lightning.synthesis.methods import (
+    ClassImpressionSynthesizer,
+    FeatureActivation,
+    GaussianFeatureTargets,
+    WangSynthesizer,
+    ZSKDSynthesizer,
+)
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.regularizers import BatchNormStatistics, L2Prior, PixelL2Prior, TotalVariation
 from zskd_lightning.synthesis.targets import DirichletTargets, OneHotTargets, class_similarity
-from zskd_lightning.synthesis.zskd import ZSKDSynthesizer
 
 __all__ = [
     "BatchNormStatistics",
+    "Chunk",
     "ChunkRandomness",
     "ClassImpressionSynthesizer",
     "DirichletTargets",
-    "ImpressionCache",
-    "ImpressionSynthesis",
+    "FeatureActivation",
+    "GaussianFeatureTargets",
     "L2Prior",
     "Objective",
     "OneHotTargets",
     "PixelL2Prior",
     "Regularizer",
+    "Response",
     "SoftTargetCrossEntropy",
+    "SynthesisContext",
+    "SynthesisResult",
     "Synthesizer",
     "TargetSampler",
     "TotalVariation",
+    "WangSynthesizer",
     "ZSKDSynthesizer",
     "class_similarity",
-    "fill_cache",
 ]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.losses import soft_cross_entropy
-from zskd_lightning.synthesis.base import Objective
+from zskd_lightning.synthesis.api import Objective, Response
 
 
 class SoftTargetCrossEntropy(Objective):
@@ -19,8 +17,5 @@ class SoftTargetCrossEntropy(Objective):
             raise InvalidArgument(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
-    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return soft_cross_entropy(logits, targets, self.temperature)
-
-    def settings(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, "temperature": self.temperature}
+    def __call__(self, response: Response, targets: Tensor) -> Tensor:
+        return soft_cross_entropy(response.logits, targets, self.temperature)

@@ -1,15 +1,16 @@
-"""Input priors that compose with any synthesizer (each multiplied by its ``weight``)."""
+"""Input priors that compose with any synthesis method (each multiplied by its ``weight``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from zskd_lightning.errors import InvalidArgument
-from zskd_lightning.pixels import to_pixels
-from zskd_lightning.synthesis.base import Regularizer
+from zskd_lightning.pixels import InputRange, to_pixels
+from zskd_lightning.synthesis.api import ChunkRandomness, Regularizer, Response, SynthesisContext
+from zskd_lightning.taps import Tap
 
 
 class TotalVariation(Regularizer):
@@ -18,7 +19,7 @@ class TotalVariation(Regularizer):
     def __init__(self, weight: float = 1e-3) -> None:
         self.weight = float(weight)
 
-    def __call__(self, inputs: Tensor) -> Tensor:
+    def __call__(self, inputs: Tensor, response: Response) -> Tensor:
         dh = (inputs[..., 1:, :] - inputs[..., :-1, :]).abs().flatten(1).mean(1)
         dw = (inputs[..., :, 1:] - inputs[..., :, :-1]).abs().flatten(1).mean(1)
         return dh + dw
@@ -30,7 +31,7 @@ class L2Prior(Regularizer):
     def __init__(self, weight: float = 1e-4) -> None:
         self.weight = float(weight)
 
-    def __call__(self, inputs: Tensor) -> Tensor:
+    def __call__(self, inputs: Tensor, response: Response) -> Tensor:
         return inputs.pow(2).flatten(1).mean(1)
 
 
@@ -46,53 +47,42 @@ class PixelL2Prior(Regularizer):
 
     def __init__(self, weight: float = 5e-4) -> None:
         self.weight = float(weight)
-        self._range: tuple[Tensor, Tensor] | None = None
+        self._range: InputRange | None = None
 
-    def set_input_range(self, input_range: tuple[Tensor, Tensor] | None) -> None:
-        self._range = input_range
+    def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
+        self._range = context.input_range
 
-    def __call__(self, inputs: Tensor) -> Tensor:
+    def __call__(self, inputs: Tensor, response: Response) -> Tensor:
         return to_pixels(inputs, self._range).pow(2).flatten(1).sum(1)
 
 
 class BatchNormStatistics(Regularizer):
-    """DeepInversion's prior: the batch's per-channel mean/variance at every BatchNorm input should match the
-    layer's running statistics. Returns a scalar: ``sum_l ||mu_l(x) - mu_l||_2 + ||var_l(x) - var_l||_2``.
+    """DeepInversion's prior (Yin et al., CVPR 2020): the batch's per-channel mean/variance at every BatchNorm
+    input should match the layer's running statistics. Returns a scalar:
+    ``sum_l ||mu_l(x) - mu_l||_2 + ||var_l(x) - var_l||_2`` over the layers in the order they run.
 
-    Needs a teacher with BatchNorm layers (``attach`` finds them); a batch-level statistic, so impressions in
-    a chunk are coupled (still deterministic per chunk).
+    Needs a teacher with BatchNorm layers (it taps their inputs); a batch-level statistic, so impressions in a
+    chunk are coupled (still deterministic per chunk).
     """
 
     def __init__(self, weight: float = 1.0) -> None:
         self.weight = float(weight)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._losses: list[Tensor] = []
+        self._layers: list[tuple[Tap, nn.modules.batchnorm._BatchNorm]] = []
 
-    def attach(self, teacher: nn.Module) -> None:
-        layers = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not layers:
+    def taps(self, network: nn.Module) -> Sequence[Tap]:
+        self._layers = [(Tap(name, "input"), m) for name, m in network.named_modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not self._layers:
             raise InvalidArgument("BatchNormStatistics needs a teacher with BatchNorm layers; this one has none")
-        self._handles = [layer.register_forward_hook(self._record) for layer in layers]
+        return [tap for tap, _ in self._layers]
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._losses = [], []
-
-    def _record(self, module: nn.modules.batchnorm._BatchNorm, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        x = inputs[0].float()
-        dims = [0] + list(range(2, x.ndim))
-        mean, var = x.mean(dims), x.var(dims, unbiased=False)
-        self._losses.append(
-            torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var)
-        )
-
-    def __call__(self, inputs: Tensor) -> Tensor:
-        if not self._losses:
-            return inputs.new_zeros(())
-        total = torch.stack(self._losses).sum()
-        self._losses = []
-        return total
-
-    def settings(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, "weight": self.weight}
+    def __call__(self, inputs: Tensor, response: Response) -> Tensor:
+        layers = {tap.key: layer for tap, layer in self._layers}
+        losses = []
+        for key in [k for k in response.features if k in layers]:  # in the order the layers ran
+            layer, x = layers[key], response.features[key].float()
+            dims = [0] + list(range(2, x.ndim))
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            losses.append(torch.linalg.vector_norm(mean - layer.running_mean)
+                          + torch.linalg.vector_norm(var - layer.running_var))
+        return torch.stack(losses).sum() if losses else inputs.new_zeros(())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zskd_lightning.errors import InvalidArgument
-from zskd_lightning.synthesis.base import ChunkRandomness, TargetSampler
+from zskd_lightning.synthesis.api import Chunk, ChunkRandomness, SynthesisContext, TargetSampler
 from zskd_lightning.teacher import classifier_layer
 
 
@@ -33,7 +32,8 @@ def balanced_classes(indices: Tensor, num_classes: int) -> Tensor:
 
 
 class DirichletTargets(TargetSampler):
-    """ZSKD soft targets: for class k and scale beta, ``y ~ Dirichlet(beta * S[k] + floor)``.
+    """ZSKD soft targets (Nayak et al., ICML 2019): for class k and scale beta, ``y ~ Dirichlet(beta * S[k] +
+    floor)``.
 
     ``S`` is :func:`class_similarity`. Impression ``i`` gets class ``i mod K`` and beta
     ``betas[(i div K) mod len(betas)]``, so the budget splits evenly over classes and betas (paper: beta 1.0 and
@@ -49,32 +49,30 @@ class DirichletTargets(TargetSampler):
         self.floor = float(floor)
         self.similarity: Tensor | None = None
 
-    def setup(self, teacher: nn.Module) -> None:
-        self.similarity = class_similarity(teacher)
+    def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
+        self.similarity = class_similarity(context.teacher)
 
     def concentrations(self, indices: Tensor, num_classes: int) -> Tensor:
         """Dirichlet concentration of each impression, ``[N, K]`` float64."""
         if self.similarity is None:
-            raise RuntimeError("DirichletTargets.setup(teacher) must run before sampling")
+            raise RuntimeError("DirichletTargets.setup(context, rng) must run before sampling")
         classes = balanced_classes(indices, num_classes)
         betas = torch.tensor(self.betas, dtype=torch.float64)[(indices.long() // num_classes) % len(self.betas)]
         return betas[:, None] * self.similarity.double()[classes] + self.floor
 
-    def sample(self, indices: Tensor, num_classes: int, rng: ChunkRandomness) -> tuple[Tensor, Tensor]:
-        alpha = self.concentrations(indices, num_classes).numpy()
-        gamma = rng.numpy.standard_gamma(alpha)
+    def sample(self, chunk: Chunk, context: SynthesisContext) -> tuple[Tensor, Tensor]:
+        num_classes = context.num_classes
+        alpha = self.concentrations(chunk.indices, num_classes).numpy()
+        gamma = chunk.rng.numpy.standard_gamma(alpha)
         total = gamma.sum(axis=1, keepdims=True)
         # A row can underflow to all zeros only for absurdly small concentrations; fall back to its mode class.
         probs = np.where(total > 0, gamma / np.where(total > 0, total, 1.0), np.eye(num_classes)[alpha.argmax(1)])
-        return torch.from_numpy(probs).float(), balanced_classes(indices, num_classes)
-
-    def settings(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, "betas": self.betas, "floor": self.floor}
+        return torch.from_numpy(probs).float(), balanced_classes(chunk.indices, num_classes)
 
 
 class OneHotTargets(TargetSampler):
-    """Class Impressions targets: the one-hot vector of class ``index mod K``."""
+    """Class Impressions targets (Mopuri et al., ECCV 2018): the one-hot vector of class ``index mod K``."""
 
-    def sample(self, indices: Tensor, num_classes: int, rng: ChunkRandomness) -> tuple[Tensor, Tensor]:
-        classes = balanced_classes(indices, num_classes)
-        return F.one_hot(classes, num_classes).float(), classes
+    def sample(self, chunk: Chunk, context: SynthesisContext) -> tuple[Tensor, Tensor]:
+        classes = balanced_classes(chunk.indices, context.num_classes)
+        return F.one_hot(classes, context.num_classes).float(), classes

@@ -1,4 +1,4 @@
-"""Pictures of impressions."""
+"""Pictures of impressions: one row per class, read from a complete cache."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torchvision.utils import save_image
 
 from zskd_lightning.pixels import to_pixels
-from zskd_lightning.synthesis.cache import ImpressionCache
+from zskd_lightning.impressions.cache import ImpressionCache
 
 
 def save_impression_grid(

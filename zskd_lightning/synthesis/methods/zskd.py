@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from zskd_lightning.synthesis.base import Synthesizer
+from zskd_lightning.synthesis.inversion import Synthesizer
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.targets import DirichletTargets
 
@@ -26,10 +26,10 @@ class ZSKDSynthesizer(Synthesizer):
         concentration_floor: smallest Dirichlet concentration (keeps near-zero similarities samplable).
         synthesizer_settings: the loop's settings (``iterations``, ``lr``, ``init``, ``regularizers``,
             ``stop_tolerance``, ``precision``, ``jitter``, ...) with the defaults of
-            :class:`~zskd_lightning.synthesis.base.Synthesizer`; the CLI lists them as this class's own.
+            :class:`~zskd_lightning.synthesis.inversion.Synthesizer`; the CLI lists them as this class's own.
     """
 
-    name = "zskd"
+    identity_name = "zskd"
 
     def __init__(
         self,

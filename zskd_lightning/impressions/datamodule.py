@@ -8,16 +8,17 @@ from collections.abc import Callable, Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import augment_normalized
 from zskd_lightning.errors import InvalidArgument, ZSKDError
-from zskd_lightning.pixels import from_pixels, to_pixels
-from zskd_lightning.synthesis.base import Synthesizer
-from zskd_lightning.synthesis.cache import ImpressionCache
-from zskd_lightning.teacher import FrozenTeacher, as_frozen_teacher
+from zskd_lightning.impressions.cache import ImpressionCache
+from zskd_lightning.impressions.driver import ImpressionPlan, ImpressionSynthesis
+from zskd_lightning.pixels import InputRange, InputSpec, from_pixels, to_pixels
+from zskd_lightning.synthesis import Synthesizer
 
 
 class ImpressionDataset(Dataset):
@@ -34,7 +35,7 @@ class ImpressionDataset(Dataset):
         start: int,
         stop: int,
         transform: Callable[[Tensor], Tensor] | None = None,
-        input_range: tuple[Tensor, Tensor] | None = None,
+        input_range: InputRange | None = None,
     ) -> None:
         self.cache, self.start, self.stop = cache, start, stop
         self.transform, self.input_range = transform, input_range
@@ -68,19 +69,21 @@ class ImpressionDataset(Dataset):
 class ImpressionDataModule(L.LightningDataModule):
     """Training data synthesized from a frozen teacher, cached on disk; real data only for evaluation.
 
-    The :class:`~zskd_lightning.ImpressionSynthesis` callback fills the cache at fit start on every device
-    (``zskd fit`` adds it); this module then serves impressions ``[0, num_impressions)`` for training and the
-    next ``num_val_impressions`` for validation (metric: student-teacher agreement). The test split comes
-    from ``eval_data`` (e.g. the real MNIST test set); no real training data is ever read.
+    The impressions are made from the LightningModule's ``teacher`` (one teacher: the one that distils) by the
+    :class:`~zskd_lightning.ImpressionSynthesis` callback at fit start, on every device. This datamodule asks for
+    that callback itself (:meth:`synthesis_callbacks`, which ``DistillationModule.configure_callbacks``
+    returns), so ``zskd fit`` and a plain ``lightning.Trainer`` behave the same. It then serves impressions
+    ``[0, num_impressions)`` for training and the next ``num_val_impressions`` for validation (metric:
+    student-teacher agreement). The test split comes from ``eval_data`` (e.g. the real MNIST test set); no real
+    training data is ever read.
 
     Args:
         synthesizer: how impressions are made (e.g. :class:`~zskd_lightning.ZSKDSynthesizer`).
         num_impressions: training impressions (ZSKD MNIST: 24,000).
         cache_dir: the cache folder; a matching complete cache is reused, a mismatching one is an error.
-        teacher: the frozen teacher; ``None`` takes the LightningModule's ``teacher`` attribute.
         input_shape: ``(C, H, W)`` of the teacher's inputs; default: ``eval_data.input_shape``.
         input_mean / input_std: per-channel normalization of the teacher's inputs; impressions are kept in the
-            valid range ``[(0 - mean) / std, (1 - mean) / std]``. Default: ``eval_data``'s.
+            valid range (:func:`zskd_lightning.pixels.valid_range`). Default: ``eval_data``'s.
         eval_data: a labelled DataModule whose TEST split evaluates the student.
         num_val_impressions: held-out impressions for validation (0: no validation loop).
         chunk_size: impressions per chunk (the unit of work, of random state and of files).
@@ -97,7 +100,6 @@ class ImpressionDataModule(L.LightningDataModule):
         synthesizer: Synthesizer,
         num_impressions: int,
         cache_dir: str,
-        teacher: nn.Module | None = None,
         input_shape: Sequence[int] | None = None,
         input_mean: Sequence[float] | None = None,
         input_std: Sequence[float] | None = None,
@@ -115,11 +117,12 @@ class ImpressionDataModule(L.LightningDataModule):
         super().__init__()
         if num_impressions < 1:
             raise InvalidArgument(f"num_impressions must be >= 1, got {num_impressions}")
+        if num_val_impressions < 0:
+            raise InvalidArgument(f"num_val_impressions must be >= 0, got {num_val_impressions}")
         self.synthesizer = synthesizer
         self.num_impressions = num_impressions
         self.num_val_impressions = num_val_impressions
         self.cache_dir = os.fspath(cache_dir)
-        self.teacher = teacher
         self.eval_data = eval_data
         self.chunk_size = chunk_size
         self.seed = seed
@@ -129,52 +132,37 @@ class ImpressionDataModule(L.LightningDataModule):
         self.augmentation = augmentation
         self.batch_augmentation = batch_augmentation
         self.overwrite_cache = overwrite_cache
-        self.input_shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
-        if not self.input_shape:
+        shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
+        if not shape:
             raise ZSKDError("ImpressionDataModule needs input_shape (C, H, W) or an eval_data that defines it")
         mean = input_mean if input_mean is not None else getattr(eval_data, "mean", None)
         std = input_std if input_std is not None else getattr(eval_data, "std", None)
-        self._normalization = None if mean is None or std is None else (tuple(mean), tuple(std))
-        if self._normalization and not len(self._normalization[0]) == len(self._normalization[1]) == self.input_shape[0]:
-            raise ZSKDError(
-                f"input_mean/input_std need one value per channel: {self.input_shape[0]} channels, "
-                f"got {len(self._normalization[0])} and {len(self._normalization[1])}"
-            )
+        has_normalization = mean is not None and std is not None
+        #: The teacher's input space: its one owner in an impression run (synthesis, pictures, augmentation).
+        self.input_spec = InputSpec(shape, mean if has_normalization else None, std if has_normalization else None)
+        self.impression_plan = ImpressionPlan(
+            synthesizer=synthesizer,
+            input_spec=self.input_spec,
+            cache_dir=self.cache_dir,
+            num_train=num_impressions,
+            num_val=num_val_impressions,
+            chunk_size=chunk_size,
+            seed=seed,
+            overwrite=overwrite_cache,
+        )
         self._cache: ImpressionCache | None = None
 
-    # ------------------------------------------------------------------------------ used by synthesis
-    def input_range(self) -> tuple[Tensor, Tensor] | None:
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.input_spec.shape
+
+    def input_range(self) -> InputRange | None:
         """Per-channel valid ``(min, max)`` of the teacher's inputs, each ``[C, 1, 1]``; ``None`` if unknown."""
-        if self._normalization is None:
-            return None
-        mean = torch.tensor(self._normalization[0]).view(-1, 1, 1)
-        std = torch.tensor(self._normalization[1]).view(-1, 1, 1)
-        return (0 - mean) / std, (1 - mean) / std
+        return self.input_spec.valid_range()
 
-    def resolve_teacher(self, pl_module: L.LightningModule | None = None) -> FrozenTeacher:
-        """The frozen teacher to synthesize from, on ``pl_module``'s device."""
-        teacher = self.teacher if self.teacher is not None else getattr(pl_module, "teacher", None)
-        if teacher is None:
-            raise ZSKDError("no teacher: give ImpressionDataModule a teacher, or use a module with a `teacher`")
-        teacher = as_frozen_teacher(teacher)
-        return teacher.to(pl_module.device) if pl_module is not None else teacher
-
-    def build_cache(self, teacher: FrozenTeacher) -> ImpressionCache:
-        """The cache this configuration and ``teacher`` define (nothing is read or written yet)."""
-        input_range = self.input_range()
-        spec = {
-            "synthesizer": self.synthesizer.settings(),
-            "teacher_fingerprint": teacher.fingerprint(),
-            "num_classes": teacher.num_classes,
-            "input_shape": list(self.input_shape),
-            "input_range": None if input_range is None else [input_range[0].flatten().tolist(), input_range[1].flatten().tolist()],
-            "dtype": "float32",
-            "num_impressions": self.num_impressions + self.num_val_impressions,
-            "num_train_impressions": self.num_impressions,
-            "chunk_size": self.chunk_size,
-            "seed": self.seed,
-        }
-        return ImpressionCache(self.cache_dir, spec)
+    def synthesis_callbacks(self) -> list[Callback]:
+        """The callbacks this data needs in the Trainer: the one that fills the cache at fit start."""
+        return [ImpressionSynthesis()]
 
     def use_cache(self, cache: ImpressionCache) -> None:
         """Serve from ``cache`` (complete); called by the synthesis callback on every rank."""
@@ -184,14 +172,15 @@ class ImpressionDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage in ("test", "predict") and self.eval_data is not None:
             self.eval_data.setup("test")
-        if self._normalization is None and stage == "fit":
+        if self.input_spec.mean is None and stage == "fit":
             rank_zero_warn("ImpressionDataModule has no input_mean/input_std: impressions are not range-limited")
 
     def _require_cache(self) -> ImpressionCache:
         if self._cache is None:
             raise ZSKDError(
                 f"the impressions in {self.cache_dir} have not been synthesized in this run: add "
-                "zskd_lightning.ImpressionSynthesis() to the Trainer's callbacks (the zskd CLI does this)"
+                "zskd_lightning.ImpressionSynthesis() to the Trainer's callbacks, or distil with a DistillationModule "
+                "(it adds the callback itself)"
             )
         return self._cache
 

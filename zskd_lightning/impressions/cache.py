@@ -2,11 +2,12 @@
 
 Layout of ``directory``::
 
-    spec.json                       what defines the cache (synthesizer settings, teacher fingerprint, shapes,
-                                    count, chunk size, seed); written once, compared on every run
+    spec.json                       what defines the cache (format version, the method's identity, teacher
+                                    fingerprint, input spec, count, chunk size, seed); written once, compared on
+                                    every run
     chunk-000012.inputs.npy         float32 [n, C, H, W]  impressions, in the teacher's input space
-    chunk-000012.targets.npy        float32 [n, ...]      the targets they were optimized towards
-    chunk-000012.labels.npy         int64   [n]           the class each was made for
+    chunk-000012.targets.npy        float32 [n, ...]      the method's targets they were optimized towards
+    chunk-000012.labels.npy         int64   [n]           the class each was made for (apart from the targets)
     chunk-000012.json               sha256 of the three files, loss, seconds: written LAST, so a chunk counts as
                                     finished only when its record exists and every checksum matches
     manifest.json                   spec + every shard's checksums + library versions + times; written by
@@ -28,13 +29,18 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import lightning
 import numpy as np
 import torch
 
+from zskd_lightning._version import __version__
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.files import write_atomic
 
-FORMAT_VERSION = 1
+#: Changes on purpose whenever a cache's layout or identity changes; a cache of another format is refused.
+#: 1: hand-written synthesizer settings named by module path. 2: the method's identity derived from its
+#: constructor arguments and named by its stable name (``method``), the teacher's input spec (``input_spec``).
+FORMAT_VERSION = 2
 ARRAYS = ("inputs", "targets", "labels")
 
 
@@ -66,10 +72,6 @@ def _sha256(path: str) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    import lightning
-
-    from zskd_lightning import __version__
-
     return {
         "zskd_lightning": __version__,
         "torch": torch.__version__,
@@ -124,6 +126,20 @@ class ImpressionCache:
             return f"impression cache {self.directory} has an unreadable spec.json ({err})"
         if existing == self.spec:
             return None
+        if not isinstance(existing, Mapping) or existing.get("format_version") != FORMAT_VERSION:
+            found = existing.get("format_version", 1) if isinstance(existing, Mapping) else "unknown"
+            return (
+                f"impression cache {self.directory} was written in cache format {found}; this version of zskd-lightning "
+                f"reads format {FORMAT_VERSION} and never reuses an older cache: delete the folder, use another "
+                "cache_dir, or set overwrite_cache: true"
+            )
+        old_method = (existing.get("method") or {}).get("name")
+        new_method = (self.spec.get("method") or {}).get("name")
+        if old_method != new_method:
+            return (
+                f"impression cache {self.directory} holds {old_method!r} impressions, not {new_method!r}: use another "
+                "cache_dir, delete the folder, or set overwrite_cache: true"
+            )
         cached, now = _flatten(existing), _flatten(self.spec)
         differing = sorted(k for k in set(cached) | set(now) if cached.get(k) != now.get(k))
         what = "was made by a different teacher" if "teacher_fingerprint" in differing else "has other settings"

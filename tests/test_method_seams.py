@@ -1,0 +1,133 @@
+"""The seams every method plugs into: feature taps, per-sample weights, derived identities, and the synthesis
+callback that the data asks for itself (``zskd fit`` and a plain ``Trainer`` behave the same)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny
+from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
+from torch import nn
+
+from zskd_lightning import DistillationModule, ImpressionSynthesis, TeacherUncertainty, ZSKDSynthesizer
+from zskd_lightning.describe import Recorded, describe
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.losses import kd_loss, kd_loss_per_sample
+from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis import Chunk, SynthesisContext
+from zskd_lightning.taps import FeatureTaps, Tap, replacing
+
+
+# ------------------------------------------------------------------------------------------------ taps
+def test_taps_record_outputs_and_inputs_and_remove_their_hooks():
+    net = tiny.make_net(0)
+    fc = net.body[5]
+    x = torch.randn(4, 1, 8, 8)
+    with FeatureTaps(net, [Tap("body.5"), Tap("body.5", "input")]) as taps:
+        logits = net(x)
+        assert set(taps.features) == {"body.5", "body.5:input"}
+        torch.testing.assert_close(fc(taps.features["body.5:input"]), taps.features["body.5"])
+        assert torch.equal(net.body[6:](taps.features["body.5"]), logits)
+    assert not fc._forward_hooks and not fc._forward_pre_hooks
+
+
+def test_taps_name_a_missing_module_in_one_line():
+    with pytest.raises(ZSKDError, match=r"TinyNet has no submodule 'body\.99'") as caught:
+        with FeatureTaps(tiny.make_net(0), [Tap("body.1"), Tap("body.99")]):
+            pass
+    assert "\n" not in str(caught.value)
+
+
+def test_replacing_substitutes_an_activation_and_is_undone():
+    net = tiny.make_net(0)
+    value = torch.zeros(3, 32)
+    with replacing(net, Tap("body.6", "input"), value):
+        out = net(torch.randn(3, 1, 8, 8))
+    torch.testing.assert_close(out, net.body[6](value))
+    assert not net.body[6]._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------------------------ weights
+def test_teacher_uncertainty_on_hand_computed_cases():
+    logits = torch.tensor([[0.0, 0.0], [torch.log(torch.tensor(3.0)), 0.0]])  # p_max 0.5 and 0.75
+    torch.testing.assert_close(TeacherUncertainty(gamma=2.0)(logits), torch.tensor([0.25, 0.0625]))
+    torch.testing.assert_close(TeacherUncertainty(gamma=0.0)(logits), torch.ones(2))
+    with pytest.raises(InvalidArgument):
+        TeacherUncertainty(gamma=-1)
+
+
+class FirstOnly(TeacherUncertainty):
+    """Weight 1 for the first sample, 0 for the others."""
+
+    def __call__(self, teacher_logits, student_logits=None):
+        weights = torch.zeros(len(teacher_logits))
+        weights[0] = 1.0
+        return weights
+
+
+def test_inversion_applies_per_sample_weights():
+    teacher = tiny.shipped_teacher()
+    context = SynthesisContext(teacher=teacher, input_spec=InputSpec(tiny.INPUT_SHAPE, tiny.DIGITS_MEAN,
+                                                                      tiny.DIGITS_STD), num_classes=10)
+    results = {}
+    for name, weights in (("plain", None), ("first", FirstOnly())):
+        synthesizer = ZSKDSynthesizer(iterations=5, lr=0.1, sample_weights=weights)
+        synthesizer.setup(context)
+        results[name] = synthesizer.invert(context, Chunk.of(0, 0, 0, 8))
+    plain, first = results["plain"], results["first"]
+    initial = ZSKDSynthesizer().initial_inputs(8, context, Chunk.of(0, 0, 0, 8).rng.torch)
+    assert torch.equal(first.inputs[1:], initial[1:])  # weight 0: no gradient, the noise is untouched
+    assert torch.equal(first.inputs[0], plain.inputs[0])  # weight 1: as without weights (no coupling)
+    assert ZSKDSynthesizer(sample_weights=TeacherUncertainty(1.0)).identity()["args"]["sample_weights"] == {
+        "name": "TeacherUncertainty", "args": {"gamma": 1.0, "temperature": 1.0}}
+
+
+def test_distillation_applies_per_sample_weights():
+    torch.manual_seed(0)
+    teacher, student = tiny.make_net(0), tiny.make_net(1, width=4)
+    x, y = torch.randn(6, 1, 8, 8), torch.rand(6, 10)
+    module = DistillationModule(teacher, student, temperature=4.0, sample_weights=FirstOnly())
+    module.log = lambda *args, **kwargs: None
+    loss = module.training_step((x, y), 0)
+    with torch.no_grad():
+        per_sample = kd_loss_per_sample(student(x), teacher(x), 4.0)
+    torch.testing.assert_close(loss, per_sample[0] / 6)
+    torch.testing.assert_close(per_sample.mean(), kd_loss(student(x), teacher(x), 4.0))
+
+
+# ---------------------------------------------------------------------------------------- identities
+def test_describe_refuses_values_without_a_stable_description():
+    class Holder(Recorded):
+        def __init__(self, thing) -> None:
+            self.thing = thing
+
+    assert describe(Holder([1, 2.5, "a"])) == {"name": "Holder", "args": {"thing": [1, 2.5, "a"]}}
+    with pytest.raises(InvalidArgument, match="thing of type Linear has no stable description"):
+        describe(Holder(nn.Linear(1, 1)))
+    with pytest.raises(InvalidArgument, match="must be finite"):
+        describe(Holder(float("nan")))
+
+
+# ------------------------------------------------------------------------------- the callback, attached
+def test_a_plain_trainer_synthesizes_without_the_callback_given_by_hand(tmp_path):
+    teacher = tiny.make_net(0)
+    datamodule = tiny.make_datamodule(tmp_path / "cache", num_impressions=16)
+    model = DistillationModule(teacher=teacher, student=tiny.make_net(1, width=4), export_filename=None)
+    trainer = tiny.quiet_trainer(tmp_path)
+    assert not any(isinstance(c, ImpressionSynthesis) for c in trainer.callbacks)
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step > 0
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["num_impressions"] == 16
+    assert sum(isinstance(c, ImpressionSynthesis) for c in trainer.callbacks) == 1
+
+
+def test_a_callback_given_by_hand_is_kept(tmp_path):
+    datamodule = tiny.make_datamodule(tmp_path / "cache", num_impressions=16)
+    model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
+    mine = ImpressionSynthesis(grid_filename=None)
+    trainer = tiny.quiet_trainer(tmp_path, callbacks=[mine], limit_train_batches=0)
+    trainer.fit(model, datamodule=datamodule)
+    assert [c for c in trainer.callbacks if isinstance(c, ImpressionSynthesis)] == [mine]
+    assert not (tmp_path / "impressions.png").exists()

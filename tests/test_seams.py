@@ -1,0 +1,80 @@
+"""The method seams keep today's results: impressions and KD losses bit-identical to the code before them.
+
+``fixtures/before_seams.pt`` was saved by the package as it stood before the seams (commit ad7a10e): a tiny
+teacher's impressions for six synthesis settings (ZSKD plain, with priors and jitter, with plateau stopping,
+with the BatchNorm prior, in bf16; Class Impressions) of chunk 5 of seed 3, plus KD losses and one
+``DistillationModule`` training step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.tiny import TinyNet, digits_input_range
+
+from zskd_lightning import ClassImpressionSynthesizer, DistillationModule, FrozenTeacher, ZSKDSynthesizer
+from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.losses import kd_loss
+from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis import BatchNormStatistics, Chunk, PixelL2Prior, SynthesisContext, TotalVariation
+
+FIXTURE = Path(__file__).parent / "fixtures" / "before_seams.pt"
+
+CASES = {
+    "zskd": ("teacher", lambda: ZSKDSynthesizer(iterations=30, lr=0.1)),
+    "zskd_fast": ("teacher", lambda: ZSKDSynthesizer(iterations=30, lr=0.3, init="normal", jitter=1,
+                                                     regularizers=[PixelL2Prior(5e-4), TotalVariation(1e-3)])),
+    "zskd_stop": ("teacher", lambda: ZSKDSynthesizer(iterations=60, lr=0.1, stop_tolerance=0.01, stop_window=10)),
+    "class_impressions": ("teacher", lambda: ClassImpressionSynthesizer(iterations=30, lr=0.1)),
+    "zskd_bn": ("bn_teacher", lambda: ZSKDSynthesizer(iterations=20, lr=0.1, regularizers=[BatchNormStatistics(0.1)])),
+    "zskd_bf16": ("teacher", lambda: ZSKDSynthesizer(iterations=20, lr=0.1, precision="bf16-mixed")),
+}
+
+
+@pytest.fixture(scope="module")
+def before() -> dict:
+    return torch.load(FIXTURE, weights_only=True)
+
+
+def teacher_from(before: dict, key: str) -> FrozenTeacher:
+    network = TinyNet(batch_norm=key == "bn_teacher")
+    network.load_state_dict(before[key])
+    return FrozenTeacher(network=network)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_impressions_are_bit_identical_to_before_the_seams(before, case, torch_single_thread):
+    teacher_key, make = CASES[case]
+    teacher = teacher_from(before, teacher_key)
+    synthesizer = make()
+    spec = InputSpec((1, 8, 8), DigitsDataModule.mean, DigitsDataModule.std)
+    assert all(torch.equal(a, b) for a, b in zip(spec.valid_range(), digits_input_range()))
+    context = SynthesisContext(teacher=teacher, input_spec=spec, num_classes=10, seed=3)
+    synthesizer.setup(context)
+    result = synthesizer.invert(context, Chunk.of(3, 5, 40, 72))
+    expected = before[case]
+    assert torch.equal(result.inputs, expected["inputs"])
+    assert torch.equal(result.targets, expected["targets"])
+    assert torch.equal(result.labels, expected["labels"])
+    assert float(result.loss.mean()) == float(expected["loss"])
+    assert result.steps == int(expected["steps"])
+
+
+def test_kd_losses_are_bit_identical_to_before_the_seams(before):
+    kd = before["kd"]
+    assert torch.equal(kd_loss(kd["student_logits"], kd["teacher_logits"], 20.0), kd["loss_T20"])
+    assert torch.equal(kd_loss(kd["student_logits"], kd["teacher_logits"], 4.0), kd["loss_T4"])
+
+
+def test_distillation_step_without_weights_is_bit_identical_to_before_the_seams(before):
+    record = before["distillation"]
+    student = TinyNet(width=4)
+    student.load_state_dict(record["student"])
+    teacher = TinyNet()
+    teacher.load_state_dict(before["teacher"])
+    module = DistillationModule(teacher=teacher, student=student, temperature=20.0)
+    module.log = lambda *args, **kwargs: None
+    loss = module.training_step((record["x"], record["y"]), 0)
+    assert torch.equal(loss.detach(), record["loss"])

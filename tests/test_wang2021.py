@@ -1,0 +1,166 @@
+"""Wang 2021 (soft targets from a Gaussian over the teacher's features): sampler, head, objective, method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny
+from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
+from torch import nn
+
+from zskd_lightning import WangSynthesizer
+from zskd_lightning.errors import ZSKDError
+from zskd_lightning.models import LeNet5
+from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis import Chunk, ChunkRandomness, GaussianFeatureTargets, SynthesisContext
+from zskd_lightning.synthesis.methods.wang2021 import feature_layer, weight_correlation
+from zskd_lightning.taps import FeatureTaps, Tap, run_from
+from zskd_lightning.teacher import FrozenTeacher
+
+MNIST_SPEC = InputSpec((1, 32, 32), (0.1307,), (0.3081,))
+
+
+@pytest.fixture(scope="module")
+def lenet() -> FrozenTeacher:
+    torch.manual_seed(0)
+    return FrozenTeacher(network=LeNet5(1, 10))
+
+
+def context_for(teacher, spec=MNIST_SPEC) -> SynthesisContext:
+    return SynthesisContext(teacher=teacher, input_spec=spec, num_classes=10)
+
+
+def sampler_for(teacher, **kwargs) -> GaussianFeatureTargets:
+    sampler = GaussianFeatureTargets(**kwargs)
+    sampler.setup(context_for(teacher), ChunkRandomness.for_setup(0))
+    return sampler
+
+
+def test_default_layer_is_the_input_of_the_classifier(lenet):
+    tap, width, consumer, producer = feature_layer(lenet.network, None, "input")
+    linears = [m for m in lenet.network.modules() if isinstance(m, nn.Linear)]
+    assert width == 84 and consumer is linears[-1] and producer is linears[-2]
+    assert tap.where == "input" and lenet.network.get_submodule(tap.path) is linears[-1]
+
+
+@pytest.mark.parametrize("reading", ["outgoing", "incoming"])
+def test_correlation_is_a_correlation_matrix(lenet, reading):
+    _, width, consumer, producer = feature_layer(lenet.network, None, "input")
+    r = weight_correlation(consumer, producer, reading)
+    assert r.shape == (width, width) and r.dtype == torch.float64
+    torch.testing.assert_close(r, r.T)
+    torch.testing.assert_close(r.diagonal(), torch.ones(width, dtype=torch.float64))
+    rank = int(torch.linalg.matrix_rank(r))
+    assert rank <= 10 if reading == "outgoing" else rank == width  # K = 10 classes; fan-in 120 > 84
+
+
+@pytest.mark.parametrize("reading", ["outgoing", "incoming"])
+def test_sampled_features_have_covariance_sigma_r(lenet, reading):
+    sigma = 1.5
+    sampler = sampler_for(lenet, sigma=sigma, correlation=reading)
+    features = sampler.sample_features(100_000, ChunkRandomness.for_chunk(0, 0).numpy).double()
+    covariance = features.T @ features / len(features)  # mean 0 by construction
+    target = sigma * weight_correlation(*feature_layer(lenet.network, None, "input")[2:], reading)
+    # every covariance within 2% of its scale sqrt(Sigma_ii Sigma_jj) (= sigma: R has a unit diagonal), so every
+    # variance within 2% of sigma; the sampling error of one entry is about 1.4 / sqrt(100,000) = 0.45% of it
+    scale = target.diagonal().sqrt()
+    standardized = (covariance - target).abs() / (scale[:, None] * scale[None, :])
+    assert standardized.max() < 0.02, float(standardized.max())
+    assert features.mean(0).abs().max() < 0.05
+
+
+def test_head_run_on_tapped_features_gives_the_teachers_logits(lenet):
+    inputs = torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    tap = feature_layer(lenet.network, None, "input")[0]
+    with FeatureTaps(lenet.network, [tap]) as taps, torch.no_grad():
+        logits = lenet(inputs)
+        features = taps.features[tap.key]
+    with torch.no_grad():
+        head = run_from(lenet.network, tap, features, MNIST_SPEC.shape)
+    torch.testing.assert_close(head, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_are_the_softened_head_of_sampled_features(lenet):
+    sampler = sampler_for(lenet, temperature=20.0)
+    chunk = Chunk.of(0, 3, 0, 32)
+    targets, labels = sampler.sample(chunk, context_for(lenet))
+    features = sampler.sample_features(32, ChunkRandomness.for_chunk(0, 3).numpy)
+    with torch.no_grad():
+        expected = torch.softmax(lenet.network.classifier[-1](features) / 20.0, dim=-1)
+    torch.testing.assert_close(targets, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(labels, targets.argmax(1))
+    assert torch.equal(sampler.sample(Chunk.of(0, 3, 0, 32), context_for(lenet))[0], targets)  # (seed, chunk) alone
+
+
+class Skip(nn.Module):
+    """A network whose head also reads an earlier activation: a skip connection around ``fc``, whose input is
+    the modelled layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.out(self.fc(h) + h)
+
+
+def test_a_head_that_reads_earlier_layers_is_refused_in_one_line():
+    teacher = FrozenTeacher(network=Skip())
+    with pytest.raises(ZSKDError, match="also read earlier activations") as caught:
+        sampler = GaussianFeatureTargets(layer="fc", where="input", correlation="outgoing")
+        sampler.setup(SynthesisContext(teacher=teacher, input_spec=InputSpec((4,)), num_classes=3),
+                      ChunkRandomness.for_setup(0))
+        sampler.sample(Chunk.of(0, 0, 0, 8), SynthesisContext(teacher, InputSpec((4,)), 3))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_layer_that_is_not_linear_is_refused(lenet):
+    with pytest.raises(ZSKDError, match="nn.Linear"):
+        sampler_for(lenet, layer="features.0")
+    with pytest.raises(ZSKDError, match="no submodule"):
+        sampler_for(lenet, layer="nowhere")
+
+
+def test_wang_impressions_reach_their_soft_targets():
+    teacher = tiny.shipped_teacher()
+    spec = InputSpec(tiny.INPUT_SHAPE, tiny.DIGITS_MEAN, tiny.DIGITS_STD)
+    context = SynthesisContext(teacher=teacher, input_spec=spec, num_classes=10)
+    synthesizer = WangSynthesizer(sigma=1.5, iterations=60, lr=0.1)
+    synthesizer.setup(context)
+    first = synthesizer.invert(context, Chunk.of(0, 0, 0, 32), progress=None)
+    fewer = WangSynthesizer(sigma=1.5, iterations=1, lr=0.1)
+    fewer.setup(context)
+    start = fewer.invert(context, Chunk.of(0, 0, 0, 32))
+    assert torch.equal(first.targets, start.targets)
+    # the loss is CE(target, softmax(logits / T)) = H(target) + KL(target || teacher): the KL part falls by over half
+    entropy = float(-(first.targets * first.targets.log()).sum(1).mean())
+    assert first.loss.mean() - entropy < 0.5 * (start.loss.mean() - entropy)
+    with torch.no_grad():
+        agreement = (teacher(first.inputs).argmax(1) == first.labels).float().mean()
+        initial = (teacher(start.inputs).argmax(1) == start.labels).float().mean()
+    assert agreement >= initial + 0.2, (float(initial), float(agreement))
+    identity = synthesizer.identity()
+    assert identity["name"] == "wang2021" and identity["args"]["sigma"] == 1.5
+    assert identity["args"]["correlation"] == "outgoing" and identity["args"]["activation_weight"] == 0.05
+
+
+def test_activation_term_reads_the_tapped_features():
+    teacher = tiny.shipped_teacher()
+    spec = InputSpec(tiny.INPUT_SHAPE, tiny.DIGITS_MEAN, tiny.DIGITS_STD)
+    context = SynthesisContext(teacher=teacher, input_spec=spec, num_classes=10)
+    plain = WangSynthesizer(iterations=20, lr=0.1, activation_weight=0.0)
+    strong = WangSynthesizer(iterations=20, lr=0.1, activation_weight=5.0)
+    results = []
+    for synthesizer in (plain, strong):
+        synthesizer.setup(context)
+        results.append(synthesizer.invert(context, Chunk.of(0, 0, 0, 32)).inputs)
+    tap = Tap(feature_layer(teacher.network, None, "input")[0].path, "input")
+    magnitudes = []
+    for inputs in results:
+        with FeatureTaps(teacher.network, [tap]) as taps, torch.no_grad():
+            teacher(inputs)
+            magnitudes.append(float(taps.features[tap.key].abs().mean()))
+    assert magnitudes[1] > magnitudes[0]

@@ -1,0 +1,186 @@
+"""The offline driver: fills an impression cache before distillation, on every rank of the Trainer.
+
+Rank semantics (``W`` = world size, over all nodes): global rank 0 checks the cache folder and broadcasts the
+list of unfinished chunks; global rank ``r`` synthesizes the ``r``-th, ``(r + W)``-th, ... of them; every
+rank writes its own chunk shards; after a barrier, global rank 0 verifies all chunks and writes the manifest;
+after another barrier every rank memory-maps the whole cache. A chunk's content depends only on
+``(seed, chunk index)``, so the cache does not depend on ``W``.
+
+Ranks that finish early wait at the barrier for the others: the work is balanced to within one chunk, but a
+synthesis far longer than the process-group timeout (30 min by default) should raise it, e.g.
+``strategy: {class_path: lightning.pytorch.strategies.DDPStrategy, init_args: {timeout: "2:00:00"}}``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from zskd_lightning.errors import ZSKDError
+from zskd_lightning.impressions.cache import ImpressionCache
+from zskd_lightning.impressions.pictures import save_impression_grid
+from zskd_lightning.impressions.progress import SynthesisProgress
+from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis import Chunk, Synthesizer, SynthesisContext
+from zskd_lightning.teacher import as_frozen_teacher
+
+
+@dataclass
+class ImpressionPlan:
+    """What to synthesize and where: everything of an impression cache but the teacher.
+
+    ``num_train + num_val`` impressions, ``chunk_size`` per chunk, chunk ``c``'s randomness from ``(seed, c)``.
+    """
+
+    synthesizer: Synthesizer
+    input_spec: InputSpec
+    cache_dir: str
+    num_train: int
+    num_val: int = 0
+    chunk_size: int = 256
+    seed: int = 0
+    overwrite: bool = False
+
+    def cache_for(self, teacher: nn.Module) -> ImpressionCache:
+        """The cache this plan and ``teacher`` define (nothing is read or written yet)."""
+        frozen = as_frozen_teacher(teacher)
+        spec = {
+            "method": self.synthesizer.identity(),
+            "teacher_fingerprint": frozen.fingerprint(),
+            "num_classes": frozen.num_classes,
+            "input_spec": self.input_spec.describe(),
+            "dtype": "float32",
+            "arrays": {"inputs": "impressions", "targets": "the method's targets", "labels": "class labels"},
+            "num_impressions": self.num_train + self.num_val,
+            "num_train_impressions": self.num_train,
+            "chunk_size": self.chunk_size,
+            "seed": self.seed,
+        }
+        return ImpressionCache(self.cache_dir, spec)
+
+
+class ImpressionSynthesis(Callback):
+    """Synthesize the datamodule's missing impressions at ``on_fit_start`` (model on device, before any
+    dataloader is built), from the LightningModule's ``teacher``, under the Trainer's precision.
+
+    An :class:`~zskd_lightning.ImpressionDataModule` asks for this callback itself (``DistillationModule``
+    returns it from ``configure_callbacks``), so ``zskd fit`` and a plain ``Trainer`` need not add it; one
+    given to the Trainer by hand takes precedence (e.g. to change ``grid_filename``).
+
+    Args:
+        grid_filename: a PNG of impressions per class written by rank 0 to the run's log folder (``None``: off).
+        log_every_seconds: without a progress bar, rank 0 prints a progress line at most this often.
+    """
+
+    def __init__(self, grid_filename: str | None = "impressions.png", log_every_seconds: float = 10.0) -> None:
+        self.grid_filename = grid_filename
+        self.log_every_seconds = log_every_seconds
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        plan = getattr(datamodule, "impression_plan", None)
+        if not isinstance(plan, ImpressionPlan):
+            raise ZSKDError(
+                f"ImpressionSynthesis needs an ImpressionDataModule as the Trainer's datamodule, got "
+                f"{type(datamodule).__name__}"
+            )
+        teacher = getattr(pl_module, "teacher", None)
+        if not isinstance(teacher, nn.Module):
+            raise ZSKDError(f"ImpressionSynthesis synthesizes from the LightningModule's `teacher`; "
+                            f"{type(pl_module).__name__} has none")
+        cache = fill_cache(trainer, plan, teacher, student=getattr(pl_module, "student", None),
+                           log_every_seconds=self.log_every_seconds)
+        datamodule.use_cache(cache)
+        folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero and self.grid_filename:
+            path = save_impression_grid(cache, os.path.join(folder, self.grid_filename), plan.input_spec.valid_range())
+            rank_zero_info(f"Impression grid written to {path}")
+
+
+def fill_cache(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, student: nn.Module | None = None,
+               log_every_seconds: float = 10.0) -> ImpressionCache:
+    """Make every missing chunk of ``plan``'s cache from ``teacher`` across all ranks; return the complete cache."""
+    strategy = trainer.strategy
+    started = time.perf_counter()
+    teacher = as_frozen_teacher(teacher)
+    cache = plan.cache_for(teacher)
+
+    decision: dict[str, Any] | None = None
+    if trainer.is_global_zero:
+        try:
+            if cache.is_complete():
+                decision = {"missing": [], "complete": True}
+            else:
+                cache.prepare(overwrite=plan.overwrite)
+                decision = {"missing": cache.missing_chunks(), "complete": False}
+        except ZSKDError as err:  # every rank must learn of it, or the others hang at the next collective
+            decision = {"error": str(err)}
+    decision = strategy.broadcast(decision, src=0)
+    if "error" in decision:
+        raise ZSKDError(decision["error"])
+    if decision["complete"]:
+        rank_zero_info(f"Reusing the complete impression cache at {cache.directory} ({cache.count} impressions)")
+        return cache
+
+    missing = decision["missing"]
+    mine = missing[trainer.global_rank :: trainer.world_size]
+    todo = sum(len(range(*cache.chunk_range(c))) for c in missing)
+    synthesizer = plan.synthesizer
+    context = SynthesisContext(
+        teacher=teacher,
+        input_spec=plan.input_spec,
+        num_classes=teacher.num_classes,
+        device=teacher_device(teacher),
+        autocast=trainer.precision_plugin.forward_context,
+        student=student,
+        seed=plan.seed,
+    )
+    synthesizer.setup(context)
+    rank_zero_info(
+        f"Synthesizing {todo} of {cache.count} impressions ({len(missing)} chunks) on {trainer.world_size} "
+        f"process(es) into {cache.directory}"
+    )
+    with SynthesisProgress(trainer, total=todo, iterations=synthesizer.iterations,
+                           log_every_seconds=log_every_seconds) as progress:
+        for chunk_index in mine:
+            start, stop = cache.chunk_range(chunk_index)
+            chunk_started = time.perf_counter()
+            result = synthesizer.invert(context, Chunk.of(plan.seed, chunk_index, start, stop),
+                                        progress=progress.iteration_callback(chunk_index))
+            seconds = time.perf_counter() - chunk_started
+            cache.write_chunk(chunk_index, result.inputs, result.targets, result.labels, float(result.loss.mean()),
+                              seconds, result.steps)
+            progress.chunk_done(stop - start, float(result.loss.mean()), result.steps, seconds)
+
+    strategy.barrier("zskd-impressions-synthesized")
+    error = None
+    if trainer.is_global_zero:
+        try:
+            resumed = sorted(set(range(cache.num_chunks)) - set(missing))
+            manifest = cache.write_manifest(wall_seconds=time.perf_counter() - started, resumed_chunks=resumed)
+            rank_zero_info(
+                f"Impression cache complete: {cache.count} impressions in {manifest['wall_seconds']:.1f} s wall "
+                f"({manifest['synthesis_seconds_total']:.1f} s of synthesis summed over chunks, "
+                f"{manifest['impression_iterations_per_second'] or 0:.0f} impression-iterations/s per process)"
+            )
+        except ZSKDError as err:
+            error = str(err)
+    error = strategy.broadcast(error, src=0)
+    if error:
+        raise ZSKDError(error)
+    return cache
+
+
+def teacher_device(teacher: nn.Module):
+    """The device of the teacher's first parameter or buffer (CPU for a module with neither)."""
+    for tensor in (*teacher.parameters(), *teacher.buffers()):
+        return tensor.device
+    return torch.device("cpu")

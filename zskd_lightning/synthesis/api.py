@@ -1,0 +1,169 @@
+"""The synthesis API: what a method is given (a context), what it returns (a result), and its parts.
+
+A synthesis method answers *what* each impression should make the teacher do (a :class:`TargetSampler`, a
+per-sample :class:`Objective`, input :class:`Regularizer` priors, optionally per-sample weights) and *how*
+inputs are found (the inversion engine, :mod:`zskd_lightning.synthesis.inversion`). It knows nothing of
+Lightning, ranks or files: drivers (:mod:`zskd_lightning.impressions`) call it chunk by chunk.
+
+Work comes in chunks of global impression indices. Everything random about a chunk is drawn from a
+:class:`ChunkRandomness` made from ``(seed, chunk)`` alone, and everything a part precomputes in ``setup`` from
+``(seed, "setup")`` alone, so the result is identical whichever rank or device made which chunk.
+
+Shapes: ``indices [N]``; ``targets [N, ...]`` (soft labels ``[N, num_classes]`` for the label-matching
+methods); ``labels [N]`` int64, the class an impression was made for (stored apart from the targets);
+``inputs [N, C, H, W]`` in the teacher's input space (after its normalization).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from zskd_lightning.describe import Recorded
+from zskd_lightning.pixels import InputRange, InputSpec
+from zskd_lightning.taps import Tap
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+ProgressFn = Callable[[int, float], None]
+"""Called as ``progress(iteration, mean_loss)`` every few iterations (for progress reports)."""
+
+
+def _torch_generator(sequence: np.random.SeedSequence) -> torch.Generator:
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(sequence.generate_state(1, np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF))
+    return generator
+
+
+@dataclass
+class ChunkRandomness:
+    """Independent random streams for one chunk, derived from ``(seed, chunk_index)`` only.
+
+    ``numpy`` serves the target samplers (Dirichlet/Gaussian draws); ``torch`` the input initialisation.
+    """
+
+    numpy: np.random.Generator
+    torch: torch.Generator
+
+    @classmethod
+    def for_chunk(cls, seed: int, chunk_index: int) -> ChunkRandomness:
+        numpy_seq, torch_seq = np.random.SeedSequence([int(seed), int(chunk_index)]).spawn(2)
+        return cls(numpy=np.random.default_rng(numpy_seq), torch=_torch_generator(torch_seq))
+
+    @classmethod
+    def for_setup(cls, seed: int) -> ChunkRandomness:
+        """The streams of a run's ``setup`` (apart from every chunk's: keyed by ``(seed, "setup")``)."""
+        numpy_seq, torch_seq = np.random.SeedSequence([int(seed), 0x5E7]).spawn(3)[1:]
+        return cls(numpy=np.random.default_rng(numpy_seq), torch=_torch_generator(torch_seq))
+
+
+@dataclass
+class Chunk:
+    """One unit of work: global impression ``indices [N]`` (int64) and the chunk's random streams."""
+
+    indices: Tensor
+    rng: ChunkRandomness
+
+    @classmethod
+    def of(cls, seed: int, chunk_index: int, start: int, stop: int) -> Chunk:
+        return cls(torch.arange(start, stop), ChunkRandomness.for_chunk(seed, chunk_index))
+
+
+@dataclass
+class SynthesisContext:
+    """What a synthesis runs with; the same on every rank except ``device``.
+
+    Args:
+        teacher: the frozen teacher (its ``network`` attribute, when it has one, is what taps address).
+        input_spec: the teacher's input shape and normalization (the valid range).
+        num_classes: the teacher's number of outputs.
+        device: where the teacher and the inputs live.
+        autocast: the Trainer's precision context for the teacher's forward pass (``nullcontext``: float32).
+        student: the student being distilled, for methods whose criteria compare the two (else ``None``).
+        seed: the run's seed: ``setup`` streams come from it.
+    """
+
+    teacher: nn.Module
+    input_spec: InputSpec
+    num_classes: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: Autocast = contextlib.nullcontext
+    student: nn.Module | None = None
+    seed: int = 0
+
+    @property
+    def network(self) -> nn.Module:
+        """The module taps address: the teacher's ``network`` if it wraps one, else the teacher."""
+        inner = getattr(self.teacher, "network", None)
+        return inner if isinstance(inner, nn.Module) else self.teacher
+
+    @property
+    def input_range(self) -> InputRange | None:
+        return self.input_spec.valid_range()
+
+
+@dataclass
+class Response:
+    """The teacher's response to a batch: ``logits [N, K]`` (float32), the tapped ``features`` (by
+    :attr:`~zskd_lightning.taps.Tap.key`), and the student's logits when a part asked for them."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+    student_logits: Tensor | None = None
+
+
+@dataclass
+class SynthesisResult:
+    """A synthesized chunk, on the CPU: ``inputs [N, *shape]`` float32, ``targets [N, ...]`` float32,
+    ``labels [N]`` int64, the final per-sample ``loss [N]`` float32, and ``steps`` (impression-iterations)."""
+
+    inputs: Tensor
+    targets: Tensor
+    labels: Tensor
+    loss: Tensor
+    steps: int
+
+
+class Part(Recorded):
+    """A component of a method: declares the activations it reads, and whether it needs the student."""
+
+    needs_student: bool = False
+
+    def taps(self, network: nn.Module) -> Sequence[Tap]:
+        """The activations of ``network`` this part reads from a :class:`Response` (default: none)."""
+        return ()
+
+    def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
+        """Precompute from the context once per run, before any chunk; same result on every rank."""
+
+
+class TargetSampler(Part, ABC):
+    """Draws what each impression should make the teacher output."""
+
+    @abstractmethod
+    def sample(self, chunk: Chunk, context: SynthesisContext) -> tuple[Tensor, Tensor]:
+        """``(targets [N, ...] float32 CPU, labels [N] int64 CPU)`` for the chunk's indices, from ``chunk.rng``."""
+
+
+class Objective(Part, ABC):
+    """Per-sample loss between the teacher's response and the targets (lower is better)."""
+
+    @abstractmethod
+    def __call__(self, response: Response, targets: Tensor) -> Tensor:
+        """``response``, ``targets [N, ...]`` -> loss ``[N]``."""
+
+
+class Regularizer(Part, ABC):
+    """A prior on the inputs, added to the objective with weight ``weight``. Regularizers compose (a list)."""
+
+    weight: float = 1.0
+
+    @abstractmethod
+    def __call__(self, inputs: Tensor, response: Response) -> Tensor:
+        """``inputs [N, C, H, W]`` -> penalty ``[N]`` (per sample) or a scalar (a batch statistic)."""

@@ -1,0 +1,134 @@
+"""Named intermediate activations of a model, by module path: every forward hook of the library is made here.
+
+A :class:`Tap` names a submodule (``"features.3"``, ``"classifier.fc2"``; ``""`` is the model itself) and
+whether its ``output`` or its (first) ``input`` is wanted. :class:`FeatureTaps` records the tapped tensors
+during a forward pass (hooks attached on entering the block and removed on leaving it, even on error);
+:func:`replacing` substitutes a given tensor for a tapped activation, which runs the rest of a network from an
+intermediate layer (:func:`run_from`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One activation of a model: the ``output`` or the first ``input`` of the submodule at ``path``."""
+
+    path: str
+    where: Literal["output", "input"] = "output"
+
+    def __post_init__(self) -> None:
+        if self.where not in ("output", "input"):
+            raise InvalidArgument(f"a tap's `where` is 'output' or 'input', got {self.where!r}")
+
+    @property
+    def key(self) -> str:
+        """The name the activation has in a response's ``features``: the path, ``":input"`` appended for inputs."""
+        return self.path if self.where == "output" else f"{self.path}:input"
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model``'s submodule at ``path``, or a one-line error naming the model and a few valid paths."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name][:8]
+        raise ZSKDError(
+            f"{type(model).__name__} has no submodule {path!r} (some of its module paths: {names})"
+        ) from None
+
+
+class FeatureTaps:
+    """Within ``with FeatureTaps(model, taps) as taps:`` every forward pass of ``model`` fills ``taps.features``
+    (``{tap.key: tensor}``, in the order the hooks fired; a later pass overwrites). Tensors keep their graph."""
+
+    def __init__(self, model: nn.Module, taps: Iterable[Tap]) -> None:
+        self.model = model
+        self.taps = list(dict.fromkeys(taps))
+        self.features: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> FeatureTaps:
+        try:
+            for tap in self.taps:
+                module = submodule(self.model, tap.path)
+                if tap.where == "output":
+                    hook = _output_recorder(self.features, tap.key)
+                    self._handles.append(module.register_forward_hook(hook))
+                else:
+                    hook = _input_recorder(self.features, tap.key)
+                    self._handles.append(module.register_forward_pre_hook(hook))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        self.features.clear()
+
+
+def _output_recorder(store: dict[str, Tensor], key: str):
+    def record_output(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        store[key] = output
+
+    return record_output
+
+
+def _input_recorder(store: dict[str, Tensor], key: str):
+    def record_input(module: nn.Module, inputs: tuple) -> None:
+        store[key] = inputs[0]
+
+    return record_input
+
+
+@contextlib.contextmanager
+def replacing(model: nn.Module, tap: Tap, value: Tensor) -> Iterator[None]:
+    """Within the block, the activation at ``tap`` is ``value`` in every forward pass of ``model``."""
+    module = submodule(model, tap.path)
+    if tap.where == "output":
+        handle = module.register_forward_hook(lambda m, inputs, output: value)
+    else:
+        handle = module.register_forward_pre_hook(lambda m, inputs: (value, *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_from(model: nn.Module, tap: Tap, value: Tensor, input_shape: tuple[int, ...]) -> Tensor:
+    """``model``'s output when the activation at ``tap`` is ``value [N, ...]``: the rest of the network run on it.
+
+    The layers before ``tap`` still run, on a zero input ``[N, *input_shape]``, and are overridden there. To
+    check that nothing after ``tap`` reads them too (a skip connection around it), the pass is repeated on a
+    second, non-zero input; different outputs end in a one-line error.
+    """
+    device = value.device
+    outputs = []
+    with replacing(model, tap, value):
+        for fill in (0.0, 1.0):
+            outputs.append(model(torch.full((len(value), *input_shape), fill, device=device)))
+    if not torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5):
+        raise ZSKDError(
+            f"{type(model).__name__}'s layers after {tap.key!r} also read earlier activations (the output changed "
+            "with the input while that activation was fixed): choose a layer that every later layer depends on only "
+            "through it"
+        )
+    return outputs[0]
