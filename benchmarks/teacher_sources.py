@@ -31,6 +31,7 @@ from zskd_lightning import (
     FrozenTeacher,
     ImpressionDataModule,
     ImpressionSynthesis,
+    Synthesizer,
     ZSKDSynthesizer,
 )
 from zskd_lightning.augment import BatchAugmentation
@@ -98,17 +99,25 @@ def train_teacher(recipe: str, seed: int, epochs: int, path: Path) -> float:
     return validation_accuracy(FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(path)))
 
 
+def config_synthesizer(config: Path, **overrides) -> Synthesizer:
+    """The synthesizer of a shipped config, with ``overrides`` of its arguments."""
+    spec = yaml.safe_load(config.read_text())["data"]["init_args"]["synthesizer"]
+    return instantiate({"class_path": spec["class_path"], "init_args": {**spec["init_args"], **overrides}})
+
+
 def fast_synthesizer(jitter: int) -> ZSKDSynthesizer:
     """The ZSKD synthesizer of the fast MNIST config, with ``jitter``."""
-    spec = yaml.safe_load(FAST_CONFIG.read_text())["data"]["init_args"]["synthesizer"]
-    return instantiate({"class_path": spec["class_path"], "init_args": {**spec["init_args"], "jitter": jitter}})
+    return config_synthesizer(FAST_CONFIG, jitter=jitter)
 
 
-def distil_student(checkpoint: Path, impressions: int, jitter: int, epochs: int, cache_dir: Path) -> float:
-    """LeNet-5-half distilled from ``impressions`` ZSKD impressions of the teacher; validation accuracy (%)."""
-    L.seed_everything(0)
-    data = ImpressionDataModule(fast_synthesizer(jitter), num_impressions=impressions, cache_dir=str(cache_dir),
-                                chunk_size=256, seed=0, batch_size=128, eval_data=mnist(batch_size=512),
+def distil_student(checkpoint: Path, impressions: int, jitter: int, epochs: int, cache_dir: Path,
+                   synthesizer: Synthesizer | None = None, seed: int = 0) -> float:
+    """LeNet-5-half distilled from ``impressions`` impressions of the teacher (the fast config's ZSKD with
+    ``jitter`` unless ``synthesizer`` is given; impressions and student from ``seed``); validation accuracy (%)."""
+    L.seed_everything(seed)
+    synthesizer = synthesizer if synthesizer is not None else fast_synthesizer(jitter)
+    data = ImpressionDataModule(synthesizer, num_impressions=impressions, cache_dir=str(cache_dir),
+                                chunk_size=256, seed=seed, batch_size=128, eval_data=mnist(batch_size=512),
                                 batch_augmentation=BatchAugmentation(mix=0.5))
     model = DistillationModule(FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(checkpoint)), LeNet5Half(1, 10),
                                temperature=20.0, export_filename=None, optimizer=partial(torch.optim.Adam, lr=1e-3),

@@ -199,3 +199,28 @@ def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tm
     table = results.with_suffix(".md").read_text()
     assert "| shifts | 0 | 16 | 0 |" in table and "| shifts | 1 | 16 | 0 |" in table
     assert not list(tmp_path.glob("*.pt"))  # the students are measured, not exported
+
+
+def test_wang_readings_distils_one_student_per_reading_on_the_validation_split(tmp_path, monkeypatch):
+    """Fake MNIST files and a one-epoch teacher: both readings of R -> two CSV rows and their markdown table."""
+    generator = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 120), ("t10k", 20)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=generator, dtype=torch.uint8)
+        write_mnist_idx(tmp_path / "data" / "MNIST" / "raw", prefix, images, torch.arange(n) % 10)
+    monkeypatch.setenv("ZSKD_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
+    sources = load("teacher_sources")
+    teacher = tmp_path / "teacher.ckpt"
+    sources.train_teacher("no_augmentation", 0, 1, teacher)
+    readings = load("wang_readings")
+    results = tmp_path / "out" / "wang.csv"
+    monkeypatch.chdir(tmp_path)
+    readings.main(["--impressions", "16", "--student-epochs", "1", "--teacher", str(teacher),
+                   "--work-dir", str(tmp_path / "work"), "--results", str(results)])
+    rows = list(csv.DictReader(results.open()))
+    assert [r["reading"] for r in rows] == ["outgoing", "incoming"]
+    assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
+    specs = {p.parent.name: p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
+    assert '"correlation": "incoming"' in specs["incoming_s0_16"] and '"wang2021"' in specs["outgoing_s0_16"]
+    table = results.with_suffix(".md").read_text()
+    assert "| outgoing | 16 | 0 |" in table and "| incoming | 16 | 0 |" in table
