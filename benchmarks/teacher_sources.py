@@ -38,6 +38,7 @@ from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data import MNISTDataModule
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 from zskd_lightning.models import LeNet5, LeNet5Half
+from zskd_lightning.synthesis import Regularizer
 from zskd_lightning.teacher import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,8 @@ def train_teacher(recipe: str, seed: int, epochs: int, path: Path) -> float:
 def config_synthesizer(config: Path, **overrides) -> Synthesizer:
     """The synthesizer of a shipped config, with ``overrides`` of its arguments."""
     spec = yaml.safe_load(config.read_text())["data"]["init_args"]["synthesizer"]
-    return instantiate({"class_path": spec["class_path"], "init_args": {**spec["init_args"], **overrides}})
+    return instantiate({"class_path": spec["class_path"], "init_args": {**spec["init_args"], **overrides}},
+                       bases=(Synthesizer, Regularizer), modules=("zskd_lightning",), source=str(config))
 
 
 def fast_synthesizer(jitter: int) -> ZSKDSynthesizer:

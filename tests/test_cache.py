@@ -24,7 +24,14 @@ from helpers import tiny
 from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
 
 import zskd_lightning
-from zskd_lightning import ImpressionCache, ImpressionDataModule, Synthesizer, ZSKDError, ZSKDSynthesizer
+from zskd_lightning import (
+    DistillationModule,
+    ImpressionCache,
+    ImpressionDataModule,
+    Synthesizer,
+    ZSKDError,
+    ZSKDSynthesizer,
+)
 from zskd_lightning.impressions import cache as cache_module
 from zskd_lightning.teacher import as_frozen_teacher
 
@@ -69,7 +76,8 @@ def copy_cache(source: Path, target: Path) -> Path:
 
 
 def mtimes(cache_dir: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+    """Modification times of the cache's files (its ``.lock`` is rewritten by every run that takes it)."""
+    return {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir() if p.name != ".lock"}
 
 
 def flip_byte(path: Path, offset: int = -5) -> None:
@@ -386,3 +394,122 @@ def test_zskd_synthesize_fills_a_cache_that_fit_reuses(tmp_path, monkeypatch):
     trainer.fit(DistillationModule(teacher, DigitsConvNetHalf(1, 10), export_filename=None), datamodule=datamodule)
     assert trainer.global_step > 0
     assert mtimes(cache_dir) == before
+
+
+# --------------------------------------------------------------------- foreign, corrupt or non-finite data
+def test_a_chunk_of_another_seed_merged_into_the_folder_is_redone(tmp_path, reference, count_synthesis):
+    other = tmp_path / "seed1"
+    tiny.run_synthesis(other, seed=1, grid=False)
+    count_synthesis.clear()
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    (cache_dir / "manifest.json").unlink()  # as the multi-node recipe merges chunk files before the last run
+    for path in other.glob("chunk-000003.*"):
+        (cache_dir / path.name).write_bytes(path.read_bytes())
+    with pytest.warns(UserWarning, match="chunk 3 is made again: its record belongs to another cache"):
+        tiny.run_synthesis(cache_dir, grid=False)
+    assert count_synthesis == [24]
+    assert_same_cache(cache_dir, reference)
+
+
+def test_another_teachers_chunks_are_never_adopted_without_spec_and_manifest(tmp_path, reference, count_synthesis):
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    (cache_dir / "spec.json").unlink()
+    (cache_dir / "manifest.json").unlink()
+    other_teacher = tiny.make_net(5)
+    with pytest.warns(UserWarning, match="belongs to another cache"):
+        tiny.run_synthesis(cache_dir, teacher=other_teacher, grid=False)
+    assert count_synthesis == list(range(0, 64, 8))  # every chunk made anew for this teacher
+    assert all(tiny.shard_digests(cache_dir)[n] != d for n, d in tiny.shard_digests(reference).items()
+               if "inputs" in n)
+
+
+def test_a_corrupt_shard_is_redone_and_said_so(tmp_path, reference, count_synthesis):
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    flip_byte(cache_dir / "chunk-000002.targets.npy")
+    with pytest.warns(UserWarning, match="chunk 2 is made again: its targets shard does not match its checksum"):
+        tiny.run_synthesis(cache_dir, grid=False)
+    assert count_synthesis == [16]
+    assert_same_cache(cache_dir, reference)
+
+
+def nan_teacher() -> torch.nn.Module:
+    teacher = tiny.make_net(0)
+    with torch.no_grad():
+        teacher.body[-1].bias.fill_(float("nan"))
+    return teacher
+
+
+def test_a_teacher_that_outputs_nan_stops_synthesis_in_one_line(tmp_path):
+    with pytest.raises(ZSKDError) as error:
+        tiny.run_synthesis(tmp_path / "cache", teacher=nan_teacher(), grid=False)
+    message = str(error.value)
+    assert "\n" not in message and "chunk 0" in message and "non-finite" in message
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    assert not list((tmp_path / "cache").glob("chunk-*"))  # nothing of it is written
+
+
+def test_a_non_finite_distillation_loss_stops_training_in_one_line():
+    module = DistillationModule(nan_teacher(), tiny.make_net(1, width=4), export_filename=None)
+    module.log = lambda *args, **kwargs: None
+    with pytest.raises(ZSKDError, match=r"not finite \(nan\) at step 0"):
+        module.training_step((torch.randn(4, 1, 8, 8), torch.rand(4, 10)), 0)
+
+
+def test_a_zero_input_std_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ZSKDError, match=r"input_std must be > 0 in every channel, got \[0.0\]"):
+        ImpressionDataModule(ZSKDSynthesizer(), 8, str(tmp_path / "cache"), input_shape=(1, 8, 8), input_mean=[0.5],
+                             input_std=[0.0])
+
+
+# ------------------------------------------------------------------------------------------ no data lost
+def test_a_folder_that_is_not_a_cache_is_refused_and_its_files_kept(tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex.tmp").write_text("three years of work")
+    with pytest.raises(ZSKDError) as error:
+        tiny.run_synthesis(folder, grid=False)
+    message = str(error.value)
+    assert "\n" not in message and "holds no impression cache" in message and "thesis.tex.tmp" in message
+    assert (folder / "thesis.tex.tmp").read_text() == "three years of work"
+    tiny.run_synthesis(folder, grid=False, overwrite_cache=True)  # told to: the cache goes beside the file
+    assert (folder / "thesis.tex.tmp").read_text() == "three years of work"
+    assert (folder / "manifest.json").exists()
+
+
+def test_only_the_caches_own_temporary_files_are_deleted(tmp_path, reference):
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    (cache_dir / "manifest.json").unlink()
+    (cache_dir / "notes.tmp").write_text("mine")
+    (cache_dir / "chunk-000001.inputs.npy.4242.tmp").write_bytes(b"half")
+    tiny.run_synthesis(cache_dir, grid=False)
+    assert (cache_dir / "notes.tmp").read_text() == "mine"
+    assert not (cache_dir / "chunk-000001.inputs.npy.4242.tmp").exists()
+
+
+def test_a_cache_being_filled_by_another_run_is_refused_in_one_line(tmp_path, count_synthesis):
+    cache = tiny.make_datamodule(tmp_path / "cache").impression_plan.cache_for(tiny.make_net(0))
+    with cache.locked():
+        with pytest.raises(ZSKDError) as error:
+            tiny.run_synthesis(tmp_path / "cache", grid=False)
+    message = str(error.value)
+    assert "\n" not in message and f"being filled by another run (process {os.getpid()}" in message
+    assert count_synthesis == []
+    tiny.run_synthesis(tmp_path / "cache", grid=False)  # released: the next run proceeds
+    assert (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, reference):
+    """The OS releases the lock when its process dies: a killed run's ``.lock`` file is harmless."""
+    script = ("import sys, os, time; sys.path.insert(0, sys.argv[2]); from helpers import tiny; "
+              "cache = tiny.make_datamodule(sys.argv[1]).impression_plan.cache_for(tiny.make_net(0)); "
+              "cm = cache.locked(); cm.__enter__(); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache"), str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / "cache" / ".lock").exists()
+    tiny.run_synthesis(tmp_path / "cache", grid=False)
+    assert (tmp_path / "cache" / "manifest.json").exists()

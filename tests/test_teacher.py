@@ -133,7 +133,7 @@ def test_checkpoint_without_architecture_and_no_network(lightning_checkpoint):
 
 
 def test_load_cli_checkpoint_without_network(cli_teacher_checkpoint):
-    content = torch.load(cli_teacher_checkpoint, map_location="cpu", weights_only=False)
+    content = torch.load(cli_teacher_checkpoint, map_location="cpu", weights_only=True)
     assert content["hyper_parameters"]["network"]["class_path"] == "zskd_lightning.models.DigitsConvNetHalf"
     teacher = FrozenTeacher(checkpoint=str(cli_teacher_checkpoint))
     assert type(teacher.network) is DigitsConvNetHalf
@@ -274,8 +274,62 @@ def test_instantiate_builds_class_paths_inside_lists():
     from zskd_lightning.synthesis import PixelL2Prior
     from zskd_lightning.teacher import instantiate
 
+    from zskd_lightning.synthesis import Regularizer, Synthesizer
+
     synthesizer = instantiate({"class_path": "zskd_lightning.ZSKDSynthesizer", "init_args": {
         "iterations": 3, "regularizers": [{"class_path": "zskd_lightning.synthesis.PixelL2Prior",
-                                           "init_args": {"weight": 0.002}}]}})
+                                           "init_args": {"weight": 0.002}}]}},
+        bases=(Synthesizer, Regularizer), modules=("zskd_lightning",))
     assert synthesizer.iterations == 3
     assert [type(r) for r in synthesizer.regularizers] == [PixelL2Prior] and synthesizer.regularizers[0].weight == 0.002
+
+
+# ------------------------------------------------------------------------------------- no code from a file
+class _Payload:
+    """Pickled into a checkpoint: unpickling it would create ``marker`` (if any code from the file ran)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_with_a_pickled_payload_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "payload.ckpt"
+    torch.save({"state_dict": DigitsConvNetHalf().state_dict(), "extra": _Payload(str(marker))}, path)
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNetHalf(), checkpoint=str(path))
+    message = _assert_one_line_naming(err, path)
+    assert "pickled Python objects" in message and "state_dict" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("class_path", "reason"), [
+    ("subprocess.call", "outside the modules allowed here"),
+    ("os.system", "outside the modules allowed here"),
+    ("zskd_lightning.models.lenet.torch", "not a Module class"),
+])
+def test_a_checkpoint_naming_a_class_outside_the_allow_list_is_refused(tmp_path, class_path, reason):
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": DigitsConvNetHalf().state_dict(),
+                "hyper_parameters": {"network": {"class_path": class_path, "init_args": {"args": ["true"]}}}}, path)
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(checkpoint=str(path))
+    message = _assert_one_line_naming(err, path)
+    assert reason in message and class_path in message
+
+
+def test_a_nested_class_path_is_checked_too(tmp_path):
+    from zskd_lightning.teacher import instantiate
+
+    with pytest.raises(ZSKDError, match="outside the modules allowed here"):
+        instantiate({"class_path": "zskd_lightning.models.DigitsConvNet",
+                     "init_args": {"width": {"class_path": "subprocess.Popen", "init_args": {}}}})
+
+
+def test_the_package_never_loads_with_weights_only_false():
+    package = Path(__file__).resolve().parents[1] / "zskd_lightning"
+    offenders = [str(p) for p in package.rglob("*.py") if "weights_only=False" in p.read_text()]
+    assert not offenders

@@ -128,6 +128,11 @@ class DistillationModule(L.LightningModule):
         loss = self.hparams.kd_weight * distill
         if self.hparams.ce_weight and _is_hard_label(y):
             loss = loss + self.hparams.ce_weight * F.cross_entropy(student_logits, y)
+        if not torch.isfinite(loss):
+            raise ZSKDError(
+                f"the distillation loss is not finite ({float(loss)}) at step {self.global_step}, epoch "
+                f"{self.current_epoch}: check that the teacher's outputs and the inputs are finite, and lower the lr"
+            )
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

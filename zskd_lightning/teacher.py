@@ -11,7 +11,7 @@ import hashlib
 import importlib
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,17 +23,26 @@ from zskd_lightning.errors import ZSKDError
 _CHECKPOINT_PREFIXES = ("network.", "student.")
 
 
+#: Modules whose ``nn.Module`` classes a checkpoint may name as its recorded architecture. Any other class a
+#: checkpoint names is refused before its module is imported (an import alone can run code); give such a
+#: teacher's ``network`` in the config instead, which is the user's own choice.
+TRUSTED_NETWORK_MODULES = ("zskd_lightning.models", "torchvision.models")
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU; any failure becomes a one-line :class:`ZSKDError` naming ``path``."""
+    """Load a checkpoint file onto the CPU with ``weights_only=True`` (tensors and plain containers only: no code
+    in the file runs); any failure becomes a one-line :class:`ZSKDError` naming ``path``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ZSKDError(f"teacher checkpoint not found: {path}")
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Lightning checkpoints may hold non-tensor objects (hyper-parameters); the user chose this file.
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ZSKDError(
+            f"checkpoint {path} holds pickled Python objects, which are never loaded (they could run code): "
+            f"{_first_line(err)[:160]}; re-save only its tensors, e.g. torch.save(model.state_dict(), path), "
+            "and give the architecture as the teacher's `network`"
+        ) from err
     except Exception as err:  # corrupt, truncated, not a torch file
         raise ZSKDError(f"could not read checkpoint {path}: {type(err).__name__}: {_first_line(err)}") from err
     if not isinstance(obj, Mapping):
@@ -62,22 +71,37 @@ def network_spec(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def instantiate(spec: Mapping[str, Any]) -> Any:
-    """Build ``class_path(**init_args)``; ``class_path`` dicts in ``init_args`` (also inside lists) are built too."""
-    module_name, _, class_name = spec["class_path"].rpartition(".")
+def instantiate(spec: Mapping[str, Any], bases: tuple[type, ...] = (nn.Module,),
+                modules: Sequence[str] = TRUSTED_NETWORK_MODULES, source: str = "checkpoint") -> Any:
+    """Build ``class_path(**init_args)``, ``class_path`` dicts in ``init_args`` (also inside lists) too, but only
+    classes that live in one of ``modules`` (checked BEFORE importing anything) and derive from ``bases``.
+
+    Raises:
+        ZSKDError: one line naming ``source``, the class path and why it is refused.
+    """
+    class_path = str(spec.get("class_path", ""))
+    module_name, _, class_name = class_path.rpartition(".")
+    if not any(module_name == m or module_name.startswith(m + ".") for m in modules):
+        raise ZSKDError(
+            f"{source} names class_path {class_path!r}, outside the modules allowed here ({', '.join(modules)}); "
+            "give the teacher's `network` (class_path and init_args) in your config instead"
+        )
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
-        raise ZSKDError(f"cannot import class_path {spec['class_path']!r}: {err}") from err
-    return cls(**{k: _built(v) for k, v in (spec.get("init_args") or {}).items()})
+        raise ZSKDError(f"{source}: cannot import class_path {class_path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, bases)):
+        names = " or ".join(base.__name__ for base in bases)
+        raise ZSKDError(f"{source} names class_path {class_path!r}, which is not a {names} class")
+    return cls(**{k: _built(v, bases, modules, source) for k, v in (spec.get("init_args") or {}).items()})
 
 
-def _built(value: Any) -> Any:
+def _built(value: Any, bases: tuple[type, ...], modules: Sequence[str], source: str) -> Any:
     """An ``init_args`` value with every ``class_path`` dict in it (directly or in a list) instantiated."""
     if isinstance(value, Mapping) and "class_path" in value:
-        return instantiate(value)
+        return instantiate(value, bases, modules, source)
     if isinstance(value, list):
-        return [_built(item) for item in value]
+        return [_built(item, bases, modules, source) for item in value]
     return value
 
 
@@ -131,7 +155,7 @@ class FrozenTeacher(nn.Module):
                         f"checkpoint {checkpoint} does not record its architecture: give the teacher's `network` "
                         "(class_path and init_args) too"
                     )
-                network = instantiate(spec)
+                network = instantiate(spec, source=f"checkpoint {checkpoint}")
             load_weights(network, network_state_dict(content, checkpoint), checkpoint)
         self.network = network
         self.checkpoint = checkpoint

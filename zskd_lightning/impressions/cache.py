@@ -14,18 +14,26 @@ Layout of ``directory``::
                                     global rank 0 once all chunks exist; its presence marks the cache complete
 
 Every file is written to a temporary name and renamed into place (atomic on POSIX), so a synthesis killed at
-any moment leaves only finished chunks and stray ``*.tmp`` files, which the next run deletes and redoes.
+any moment leaves only finished chunks and stray temporary files of the cache's own names, which the next run
+deletes and redoes. Every chunk record carries the identity of its cache (``cache_id``, a digest of the spec):
+a chunk of another cache (another seed, teacher or method, merged or left behind) is redone, never adopted.
+Nothing but the cache's own files (the names above, their temporary names and ``.lock``) is ever deleted; a
+non-empty folder that is not a cache is refused unless ``overwrite_cache`` says to use it anyway.
+
 Chunk ``c`` holds the impressions with global indices ``[c * chunk_size, min((c + 1) * chunk_size, count))``.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import re
 import time
+from collections.abc import Iterator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +50,10 @@ from zskd_lightning.files import write_atomic
 #: constructor arguments and named by its stable name (``method``), the teacher's input spec (``input_spec``).
 FORMAT_VERSION = 2
 ARRAYS = ("inputs", "targets", "labels")
+#: The names of the files a cache makes (and their temporary names while written): the only files it deletes.
+OWN_FILE = re.compile(r"^(chunk-\d{6}\.(json|inputs\.npy|targets\.npy|labels\.npy)|spec\.json|manifest\.json)"
+                      r"(\.\d+\.tmp)?$")
+LOCK_FILE = ".lock"
 
 
 def _canonical(obj: Any) -> Any:
@@ -99,6 +111,8 @@ class ImpressionCache:
                 f"num_impressions and chunk_size must be >= 1, got {self.count} and {self.chunk_size}"
             )
         self.num_chunks = -(-self.count // self.chunk_size)
+        #: Digest of the spec, written into every chunk record: a chunk of another cache is never adopted.
+        self.cache_id = hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:20]
 
     # ------------------------------------------------------------------------------------------ layout
     def path(self, name: str) -> str:
@@ -152,36 +166,99 @@ class ImpressionCache:
         )
 
     def prepare(self, overwrite: bool = False) -> None:
-        """Create the folder, check or write ``spec.json``, delete half-written files. Global rank 0 only."""
+        """Create the folder, check or write ``spec.json``, delete the cache's own half-written files. Global rank 0.
+
+        A mismatching cache is an error unless ``overwrite``, which deletes the old cache's own files; a folder
+        holding other files and no cache is an error unless ``overwrite`` (its files are kept, never deleted).
+        """
         mismatch = self.spec_mismatch()
         if mismatch and not overwrite:
             raise ZSKDError(mismatch)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ZSKDError(f"cache_dir {self.directory} is a file, not a folder")
         os.makedirs(self.directory, exist_ok=True)
-        if mismatch:  # overwrite: drop the old cache's files
-            for name in os.listdir(self.directory):
-                if name.startswith("chunk-") or name in ("manifest.json", "spec.json"):
+        names = os.listdir(self.directory)
+        foreign = sorted(n for n in names if not OWN_FILE.match(n) and n != LOCK_FILE)
+        if foreign and "spec.json" not in names and not overwrite:
+            raise ZSKDError(
+                f"cache_dir {self.directory} is not empty and holds no impression cache ({len(foreign)} other "
+                f"file(s), e.g. {foreign[0]!r}); use an empty or new folder, or set overwrite_cache: true to put the "
+                "cache beside them (they are never deleted)"
+            )
+        for name in names:
+            if not OWN_FILE.match(name):
+                continue
+            if name.endswith(".tmp") or (mismatch and overwrite):  # half-written, or the replaced cache's
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path(name))
-        for stray in glob.glob(self.path("*.tmp")):
-            os.remove(stray)
         if not os.path.exists(self.path("spec.json")):
             _write_json(self.path("spec.json"), self.spec)
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cache's OS file lock (``.lock``; released by the OS if the process dies). Global rank 0 of a
+        run takes it for the whole synthesis, so two runs never fill one folder at once.
+
+        Raises:
+            ZSKDError: another process holds it (named by its process id).
+        """
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ZSKDError(f"cache_dir {self.directory} is a file, not a folder")
+        os.makedirs(self.directory, exist_ok=True)
+        handle = open(self.path(LOCK_FILE), "a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise ZSKDError(
+                    f"impression cache {self.directory} is being filled by another run (process {holder}); wait for "
+                    "it to finish, or use another cache_dir"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()} on {platform.node()}")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # releases the lock
+
     # ------------------------------------------------------------------------------------------ chunks
-    def chunk_is_finished(self, chunk: int) -> bool:
-        """Its record exists and every shard's sha256 matches it (a half-written chunk is never trusted)."""
+    def chunk_problem(self, chunk: int) -> str | None:
+        """Why ``chunk`` is not a finished chunk of this cache (``None`` if it is): its record is missing or
+        unreadable, belongs to another cache, counts other rows, or a shard does not match its checksum."""
         record_path = self.chunk_file(chunk, "record")
+        if not os.path.exists(record_path):
+            return "not made yet"
         try:
             with open(record_path) as handle:
                 record = json.load(handle)
+            if record.get("cache_id") != self.cache_id:
+                return "its record belongs to another cache (other seed, teacher, method or settings)"
             start, stop = self.chunk_range(chunk)
             if record.get("count") != stop - start:
-                return False
-            return all(_sha256(self.chunk_file(chunk, kind)) == record["sha256"][kind] for kind in ARRAYS)
-        except (OSError, ValueError, KeyError):
-            return False
+                return f"its record counts {record.get('count')} impressions, not {stop - start}"
+            for kind in ARRAYS:
+                if not os.path.exists(self.chunk_file(chunk, kind)):
+                    return f"its {kind} shard is missing"
+                if _sha256(self.chunk_file(chunk, kind)) != record["sha256"][kind]:
+                    return f"its {kind} shard does not match its checksum (corrupt or changed)"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"its record is unreadable ({type(err).__name__})"
+        return None
+
+    def chunk_is_finished(self, chunk: int) -> bool:
+        """Its record is this cache's and every shard's sha256 matches it (a half-written chunk is never trusted)."""
+        return self.chunk_problem(chunk) is None
 
     def missing_chunks(self) -> list[int]:
         return [c for c in range(self.num_chunks) if not self.chunk_is_finished(c)]
+
+    def damaged_chunks(self) -> dict[int, str]:
+        """``{chunk: why}`` for chunks that have files but are not finished chunks of this cache (to be redone)."""
+        problems = {c: self.chunk_problem(c) for c in range(self.num_chunks)}
+        return {c: why for c, why in problems.items() if why not in (None, "not made yet")}
 
     def write_chunk(
         self,
@@ -203,8 +280,15 @@ class ImpressionCache:
         for kind, array in arrays.items():
             if array.shape[0] != stop - start:
                 raise ValueError(f"chunk {chunk}: {kind} has {array.shape[0]} rows, expected {stop - start}")
+            if kind != "labels" and not np.isfinite(array).all():
+                raise ZSKDError(
+                    f"chunk {chunk} of impression cache {self.directory}: the synthesized {kind} hold non-finite values "
+                    "(NaN or inf), so nothing of it is written; check that the teacher's outputs are finite and lower "
+                    "the synthesis lr"
+                )
             write_atomic(self.chunk_file(chunk, kind), lambda h, a=array: np.save(h, np.ascontiguousarray(a)))
         record = {
+            "cache_id": self.cache_id,
             "chunk": chunk,
             "count": stop - start,
             "final_loss": loss,

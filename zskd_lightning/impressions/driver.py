@@ -13,6 +13,7 @@ synthesis far longer than the process-group timeout (30 min by default) should r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from zskd_lightning.errors import ZSKDError
@@ -112,17 +113,29 @@ def fill_cache(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, stu
     started = time.perf_counter()
     teacher = as_frozen_teacher(teacher)
     cache = plan.cache_for(teacher)
+    with contextlib.ExitStack() as held:  # rank 0 holds the cache's lock until the manifest is written
+        return _fill_locked(trainer, plan, teacher, student, cache, held, started, log_every_seconds)
 
+
+def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, student: nn.Module | None,
+                 cache: ImpressionCache, held: contextlib.ExitStack, started: float,
+                 log_every_seconds: float) -> ImpressionCache:
+    strategy = trainer.strategy
     decision: dict[str, Any] | None = None
     if trainer.is_global_zero:
         try:
+            held.enter_context(cache.locked())
             if cache.is_complete():
                 decision = {"missing": [], "complete": True}
             else:
                 cache.prepare(overwrite=plan.overwrite)
+                for chunk, why in cache.damaged_chunks().items():
+                    rank_zero_warn(f"impression cache {cache.directory}: chunk {chunk} is made again: {why}")
                 decision = {"missing": cache.missing_chunks(), "complete": False}
         except ZSKDError as err:  # every rank must learn of it, or the others hang at the next collective
             decision = {"error": str(err)}
+        except OSError as err:  # read-only, full, not a folder, ...
+            decision = {"error": f"cannot use the impression cache {cache.directory}: {err.strerror or err}"}
     decision = strategy.broadcast(decision, src=0)
     if "error" in decision:
         raise ZSKDError(decision["error"])
