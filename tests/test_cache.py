@@ -513,3 +513,67 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, reference):
     assert (tmp_path / "cache" / ".lock").exists()
     tiny.run_synthesis(tmp_path / "cache", grid=False)
     assert (tmp_path / "cache" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------- bad input, before the work
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("batch_size", 0, "batch_size must be >= 1, got 0"),
+    ("batch_size", -4, "batch_size must be >= 1, got -4"),
+    ("eval_batch_size", 0, "eval_batch_size must be >= 1, got 0"),
+    ("num_workers", -1, "num_workers must be >= 0, got -1"),
+    ("seed", -1, "seed must be >= 0, got -1"),
+    ("num_val_impressions", -8, "num_val_impressions must be >= 0, got -8"),
+    ("chunk_size", 0, "chunk_size must be >= 1, got 0"),
+])
+def test_bad_datamodule_settings_are_refused_in_one_line(tmp_path, key, value, message):
+    with pytest.raises(ZSKDError, match=re.escape(message)):
+        tiny.make_datamodule(tmp_path / "cache", **{key: value})
+
+
+def test_a_negative_synthesis_lr_is_refused():
+    with pytest.raises(ZSKDError, match=r"lr must be > 0, got -0.1"):
+        ZSKDSynthesizer(lr=-0.1)
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "cache"
+    path.write_text("not a folder")
+    with pytest.raises(ZSKDError, match="is a file, not a folder"):
+        tiny.run_synthesis(path, grid=False)
+    assert path.read_text() == "not a folder"
+
+
+def test_missing_evaluation_data_is_reported_before_any_synthesis(tmp_path, count_synthesis):
+    from zskd_lightning.data import MNISTDataModule
+
+    datamodule = tiny.make_datamodule(tmp_path / "cache",
+                                      eval_data=MNISTDataModule(root=str(tmp_path / "no-data"), download=False))
+    model = DistillationModule(tiny.make_net(0), tiny.make_net(1, width=4), export_filename=None)
+    with pytest.raises(ZSKDError, match="files not found"):
+        tiny.quiet_trainer(tmp_path).fit(model, datamodule=datamodule)
+    assert count_synthesis == [] and not (tmp_path / "cache").exists()
+
+
+def test_a_cache_dir_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ZSKDError) as error:
+        tiny.run_synthesis("/proc/zskd-cache", grid=False, root=tmp_path)
+    assert "\n" not in str(error.value) and "/proc/zskd-cache" in str(error.value)
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_the_finished_chunks(tmp_path, reference, monkeypatch):
+    written = []
+    original = np.save
+
+    def save(handle, array, *args, **kwargs):
+        if len(written) >= 6:  # two chunks of three shards fit, then the disk is full
+            raise OSError(28, "No space left on device")
+        written.append(1)
+        return original(handle, array, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module.np, "save", save)
+    with pytest.raises(ZSKDError, match="cannot write chunk 2 of the impression cache .*No space left on device"):
+        tiny.run_synthesis(tmp_path / "cache", grid=False)
+    monkeypatch.setattr(cache_module.np, "save", original)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+    tiny.run_synthesis(tmp_path / "cache", grid=False)  # resumes: chunks 0-1 kept, the rest made
+    assert_same_cache(tmp_path / "cache", reference)

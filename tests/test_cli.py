@@ -305,3 +305,29 @@ def test_zskd_fit_runs_wang_2021_without_the_callback_in_the_config(tmp_path, mo
         main(["fit", "--config", str(path)])
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["method"]["name"] == "wang2021" and manifest["num_impressions"] == 48
+
+
+class _Payload:
+    """Pickled into a crafted checkpoint: unpickling it would create the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_ckpt_path_for_validate_is_refused_and_runs_nothing(cli_runs, tmp_path, capsys, monkeypatch):
+    import torch
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload(str(marker))}, crafted)
+    monkeypatch.chdir(cli_runs["work"])
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", "tiny.yaml", "--ckpt_path", str(crafted), "--trainer.logger", "false"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zskd: error:")]
+    assert len(errors) == 1 and "pickled Python objects" in errors[0]
+    assert not marker.exists()

@@ -7,8 +7,11 @@ and distils students (:class:`~zskd_lightning.DistillationModule`) on real data 
 
 from __future__ import annotations
 
+import pickle
 import sys
 from argparse import ArgumentError
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -52,6 +55,14 @@ class ZSKDCLI(LightningCLI):
             help="After `fit`, run `test` with the final (last-epoch) weights.",
         )
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's keyword arguments for the subcommand, with ``weights_only=True`` unless the config says
+        otherwise: a ``--ckpt_path`` is loaded without running code from the file."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("weights_only", True) is None:
+            kwargs["weights_only"] = True
+        return kwargs
+
     def after_fit(self) -> None:
         if self.config["fit"].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
@@ -73,6 +84,10 @@ def main(args: list[str] | None = None) -> None:
         )
     except ArgumentError as err:  # unknown key, wrong type, missing file: jsonargparse's message, shortened
         print(f"zskd: error: {_one_line(str(err))}", file=sys.stderr)
+        sys.exit(2)
+    except pickle.UnpicklingError as err:  # a --ckpt_path holding pickled objects: refused, nothing of it ran
+        print(f"zskd: error: the checkpoint holds pickled Python objects, which are never loaded (they could run "
+              f"code): {_one_line(str(err), 200)}; re-save only its tensors and hyper-parameters", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
         cause = _zskd_error_in_chain(err)

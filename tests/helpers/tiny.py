@@ -102,7 +102,7 @@ def shipped_teacher() -> FrozenTeacher:
 
 def make_datamodule(cache_dir: str | os.PathLike, *, num_impressions: int = 64,
                     chunk_size: int = 8, iterations: int = 5, seed: int = 0, lr: float = 0.05,
-                    **kwargs) -> ImpressionDataModule:
+                    batch_size: int = 16, **kwargs) -> ImpressionDataModule:
     """An ImpressionDataModule for the digits input space (no eval data: nothing real is read).
 
     Defaults (8 chunks of 8 impressions, 5 iterations; with :func:`run_synthesis`'s teacher ``make_net(0)``) are
@@ -118,7 +118,7 @@ def make_datamodule(cache_dir: str | os.PathLike, *, num_impressions: int = 64,
         input_std=DIGITS_STD,
         chunk_size=chunk_size,
         seed=seed,
-        batch_size=16,
+        batch_size=batch_size,
         **kwargs,
     )
 

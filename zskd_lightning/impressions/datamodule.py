@@ -119,6 +119,10 @@ class ImpressionDataModule(L.LightningDataModule):
             raise InvalidArgument(f"num_impressions must be >= 1, got {num_impressions}")
         if num_val_impressions < 0:
             raise InvalidArgument(f"num_val_impressions must be >= 0, got {num_val_impressions}")
+        for name, value, least in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                   ("chunk_size", chunk_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0)):
+            if value < least:
+                raise InvalidArgument(f"{name} must be >= {least}, got {value}")
         self.synthesizer = synthesizer
         self.num_impressions = num_impressions
         self.num_val_impressions = num_val_impressions
@@ -170,7 +174,8 @@ class ImpressionDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------ LightningDataModule
     def setup(self, stage: str) -> None:
-        if stage in ("test", "predict") and self.eval_data is not None:
+        # Evaluation data is opened at the start of fit too: missing files end the run before any synthesis.
+        if stage in ("fit", "test", "predict") and self.eval_data is not None:
             self.eval_data.setup("test")
         if self.input_spec.mean is None and stage == "fit":
             rank_zero_warn("ImpressionDataModule has no input_mean/input_std: impressions are not range-limited")

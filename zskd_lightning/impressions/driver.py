@@ -169,8 +169,12 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
             result = synthesizer.invert(context, Chunk.of(plan.seed, chunk_index, start, stop),
                                         progress=progress.iteration_callback(chunk_index))
             seconds = time.perf_counter() - chunk_started
-            cache.write_chunk(chunk_index, result.inputs, result.targets, result.labels, float(result.loss.mean()),
-                              seconds, result.steps)
+            try:
+                cache.write_chunk(chunk_index, result.inputs, result.targets, result.labels,
+                                  float(result.loss.mean()), seconds, result.steps)
+            except OSError as err:  # full disk, read-only folder: the finished chunks stay sound
+                raise ZSKDError(f"cannot write chunk {chunk_index} of the impression cache {cache.directory}: "
+                                f"{err.strerror or err}") from err
             progress.chunk_done(stop - start, float(result.loss.mean()), result.steps, seconds)
 
     strategy.barrier("zskd-impressions-synthesized")

@@ -98,6 +98,8 @@ class Synthesizer(Recorded):
     ) -> None:
         if iterations < 1:
             raise InvalidArgument(f"iterations must be >= 1, got {iterations}")
+        if not lr > 0:
+            raise InvalidArgument(f"lr must be > 0, got {lr}")
         if stop_tolerance is not None and stop_tolerance <= 0:
             raise InvalidArgument(f"stop_tolerance must be > 0 or None, got {stop_tolerance}")
         if precision not in SYNTHESIS_PRECISIONS:
