@@ -287,7 +287,7 @@ def test_resume_after_a_crash_mid_chunk(tmp_path, reference, monkeypatch, count_
         write_atomic(path, write)
 
     monkeypatch.setattr(cache_module, "write_atomic", failing)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ZSKDError, match="cannot write chunk 2 .*simulated"):
         tiny.run_synthesis(cache_dir)
     assert (cache_dir / "chunk-000002.inputs.npy").exists() and not (cache_dir / "chunk-000002.json").exists()
     assert list(cache_dir.glob("*.tmp")) and not (cache_dir / "manifest.json").exists()
@@ -577,3 +577,19 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_finished_chunks(tmp_path, re
     assert not list((tmp_path / "cache").glob("*.tmp"))
     tiny.run_synthesis(tmp_path / "cache", grid=False)  # resumes: chunks 0-1 kept, the rest made
     assert_same_cache(tmp_path / "cache", reference)
+
+
+def test_an_object_array_shard_with_a_matching_record_is_redone(tmp_path, reference, count_synthesis):
+    """A crafted shard of Python objects, its record rewritten to match its checksum, is never loaded."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    (cache_dir / "manifest.json").unlink()
+    shard = cache_dir / "chunk-000001.labels.npy"
+    np.save(shard, np.array([{"a": 1}] * 8, dtype=object), allow_pickle=True)
+    record_path = cache_dir / "chunk-000001.json"
+    record = json.loads(record_path.read_text())
+    record["sha256"]["labels"] = tiny.sha256(shard)
+    record_path.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="chunk 1 is made again: its labels shard holds 8 rows of object"):
+        tiny.run_synthesis(cache_dir, grid=False)
+    assert count_synthesis == [8]
+    assert_same_cache(cache_dir, reference)

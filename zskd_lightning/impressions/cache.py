@@ -54,6 +54,7 @@ ARRAYS = ("inputs", "targets", "labels")
 OWN_FILE = re.compile(r"^(chunk-\d{6}\.(json|inputs\.npy|targets\.npy|labels\.npy)|spec\.json|manifest\.json)"
                       r"(\.\d+\.tmp)?$")
 LOCK_FILE = ".lock"
+SHARD_DTYPES = {"inputs": "float32", "targets": "float32", "labels": "int64"}
 
 
 def _canonical(obj: Any) -> Any:
@@ -73,6 +74,15 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def _write_json(path: str, obj: Mapping[str, Any]) -> None:
     write_atomic(path, lambda h: h.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def _npy_header(path: str) -> tuple[str, int | None]:
+    """``(dtype, rows)`` from a ``.npy`` file's header, read without loading (nor unpickling) its data."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+    return str(dtype), (shape[0] if shape else None)
 
 
 def _sha256(path: str) -> str:
@@ -244,6 +254,9 @@ class ImpressionCache:
                     return f"its {kind} shard is missing"
                 if _sha256(self.chunk_file(chunk, kind)) != record["sha256"][kind]:
                     return f"its {kind} shard does not match its checksum (corrupt or changed)"
+                dtype, rows = _npy_header(self.chunk_file(chunk, kind))
+                if dtype != SHARD_DTYPES[kind] or rows != stop - start:
+                    return f"its {kind} shard holds {rows} rows of {dtype}, not {stop - start} of {SHARD_DTYPES[kind]}"
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             return f"its record is unreadable ({type(err).__name__})"
         return None
