@@ -178,13 +178,18 @@ def test_mnist_table_replaces_earlier_measurements_of_a_row_also_under_an_older_
         ("1", "fit B", "CPU x2"), ("0", "fit B", "H100"), ("0", "fit A --jitter 0", "CPU x2")]
 
 
-def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tmp_path, monkeypatch):
-    """Fake MNIST files: one recipe, two jitter values -> two CSV rows and their markdown table."""
+def fake_mnist(root: Path, monkeypatch) -> None:
+    """120 training and 20 test images of noise in torchvision's MNIST layout under ``root`` (ZSKD_DATA_ROOT)."""
     generator = torch.Generator().manual_seed(0)
     for prefix, n in (("train", 120), ("t10k", 20)):
         images = torch.randint(0, 256, (n, 28, 28), generator=generator, dtype=torch.uint8)
-        write_mnist_idx(tmp_path / "data" / "MNIST" / "raw", prefix, images, torch.arange(n) % 10)
-    monkeypatch.setenv("ZSKD_DATA_ROOT", str(tmp_path / "data"))
+        write_mnist_idx(root / "MNIST" / "raw", prefix, images, torch.arange(n) % 10)
+    monkeypatch.setenv("ZSKD_DATA_ROOT", str(root))
+
+
+def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tmp_path, monkeypatch):
+    """Fake MNIST files: one recipe, two jitter values -> two CSV rows and their markdown table."""
+    fake_mnist(tmp_path / "data", monkeypatch)
     sources = load("teacher_sources")
     results = tmp_path / "out" / "sources.csv"
     monkeypatch.chdir(tmp_path)
@@ -203,11 +208,7 @@ def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tm
 
 def test_wang_readings_distils_one_student_per_reading_on_the_validation_split(tmp_path, monkeypatch):
     """Fake MNIST files and a one-epoch teacher: both readings of R -> two CSV rows and their markdown table."""
-    generator = torch.Generator().manual_seed(0)
-    for prefix, n in (("train", 120), ("t10k", 20)):
-        images = torch.randint(0, 256, (n, 28, 28), generator=generator, dtype=torch.uint8)
-        write_mnist_idx(tmp_path / "data" / "MNIST" / "raw", prefix, images, torch.arange(n) % 10)
-    monkeypatch.setenv("ZSKD_DATA_ROOT", str(tmp_path / "data"))
+    fake_mnist(tmp_path / "data", monkeypatch)
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
     sources = load("teacher_sources")
     teacher = tmp_path / "teacher.ckpt"
