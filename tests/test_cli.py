@@ -331,3 +331,16 @@ def test_a_crafted_ckpt_path_for_validate_is_refused_and_runs_nothing(cli_runs, 
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zskd: error:")]
     assert len(errors) == 1 and "pickled Python objects" in errors[0]
     assert not marker.exists()
+
+
+def test_network_null_with_a_checkpoint_that_records_it(cli_runs, tmp_path, monkeypatch):
+    """``network: null`` is allowed (the docs say the network is optional when the checkpoint records it)."""
+    config = _kd_config({"network": None, "checkpoint": str(cli_runs["work"] / "teacher.ckpt")})
+    config["trainer"].update({"default_root_dir": str(tmp_path / "runs"), "logger": False,
+                              "enable_checkpointing": False})
+    config["test_after_fit"] = False
+    path = _dump(tmp_path / "null.yaml", config)
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    with tiny.torch_threads(1):
+        main(["fit", "--config", str(path)])
+    assert (tmp_path / "runs" / "student.pt").is_file()
