@@ -47,7 +47,9 @@ def summarize(records: list[dict[str, str]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readings", nargs="+", default=["outgoing", "incoming"], choices=["outgoing", "incoming"])
+    parser.add_argument("--readings", nargs="+", default=["outgoing", "incoming"],
+                        choices=["outgoing", "incoming", "outgoing+relu", "incoming+relu"],
+                        help="R's reading; '+relu' also rectifies the sampled features")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--impressions", type=int, default=2000)
     parser.add_argument("--student-epochs", type=int, default=300)
@@ -61,9 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     for reading in args.readings:
         for seed in args.seeds:
             started = time.perf_counter()
-            synthesizer = config_synthesizer(CONFIG, correlation=reading)
+            correlation, _, relu = reading.partition("+")
+            synthesizer = config_synthesizer(CONFIG, correlation=correlation, rectify=bool(relu))
             accuracy = distil_student(args.teacher, args.impressions, 0, args.student_epochs,
-                                      args.work_dir / f"{reading}_s{seed}_{args.impressions}", synthesizer=synthesizer,
+                                      args.work_dir / f"{reading.replace('+', '_')}_s{seed}_{args.impressions}",
+                                      synthesizer=synthesizer,
                                       seed=seed)
             record = {"reading": reading, "seed": str(seed), "impressions": str(args.impressions),
                       "student_val": f"{accuracy:.2f}", "seconds": f"{time.perf_counter() - started:.0f}",

@@ -164,3 +164,12 @@ def test_activation_term_reads_the_tapped_features():
             teacher(inputs)
             magnitudes.append(float(taps.features[tap.key].abs().mean()))
     assert magnitudes[1] > magnitudes[0]
+
+
+def test_rectified_features_are_the_relu_of_the_gaussian_draws(lenet):
+    plain, rectified = sampler_for(lenet), sampler_for(lenet, rectify=True)
+    targets, _ = rectified.sample(Chunk.of(0, 1, 0, 16), context_for(lenet))
+    features = plain.sample_features(16, ChunkRandomness.for_chunk(0, 1).numpy).clamp_min(0)
+    with torch.no_grad():
+        expected = torch.softmax(lenet.network.classifier[-1](features) / 20.0, dim=-1)
+    torch.testing.assert_close(targets, expected, rtol=1e-5, atol=1e-6)

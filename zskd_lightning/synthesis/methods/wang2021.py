@@ -84,19 +84,21 @@ class GaussianFeatureTargets(TargetSampler):
     ``softmax(head(f) / T)`` and label its argmax (the teacher's own class for the feature vector).
 
     Features are drawn as ``L z`` (``L`` the Cholesky factor, ``z`` standard normal from the chunk's numpy
-    stream), jointly over the whole transfer set; the head is the teacher run from the modelled layer on
+    stream), jointly over the whole transfer set, and with ``rectify`` passed through a ReLU (whether the paper
+    does is not known; the features a ReLU network's classifier reads are non-negative); the head is the teacher run from the modelled layer on
     (:func:`~zskd_lightning.taps.run_from`), so any ``nn.Module`` works whose later layers read earlier ones only
     through that layer.
     """
 
     def __init__(self, sigma: float = 1.5, correlation: Correlation = "outgoing", layer: str | None = None,
-                 where: Literal["input", "output"] = "input", eps: float = 1e-4, temperature: float = 20.0) -> None:
+                 where: Literal["input", "output"] = "input", eps: float = 1e-4, temperature: float = 20.0,
+                 rectify: bool = False) -> None:
         if sigma <= 0 or eps < 0 or temperature <= 0:
             raise InvalidArgument(f"sigma and temperature must be > 0 and eps >= 0, got {sigma}, {temperature}, {eps}")
         if correlation not in ("outgoing", "incoming"):
             raise InvalidArgument(f"correlation must be 'outgoing' or 'incoming', got {correlation!r}")
         self.sigma, self.correlation, self.layer, self.where = float(sigma), correlation, layer, where
-        self.eps, self.temperature = float(eps), float(temperature)
+        self.eps, self.temperature, self.rectify = float(eps), float(temperature), bool(rectify)
         self.tap: Tap | None = None
         self.covariance: Tensor | None = None  # [d, d] float64
         self.cholesky: Tensor | None = None
@@ -120,6 +122,8 @@ class GaussianFeatureTargets(TargetSampler):
 
     def sample(self, chunk: Chunk, context: SynthesisContext) -> tuple[Tensor, Tensor]:
         features = self.sample_features(len(chunk.indices), chunk.rng.numpy)
+        if self.rectify:  # the modelled layer's real features are post-ReLU (non-negative), e.g. LeNet-5's FC-2
+            features = features.clamp_min(0)
         with torch.no_grad():
             logits = run_from(context.network, self.tap, features.to(context.device), context.input_spec.shape)
         targets = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
@@ -149,7 +153,7 @@ class WangSynthesizer(Synthesizer):
     for AlexNet; T = 20. ``regularizers`` given in ``synthesizer_settings`` are added after the activation term.
 
     Args:
-        sigma, correlation, layer, where, eps: of :class:`GaussianFeatureTargets`.
+        sigma, correlation, layer, where, eps, rectify: of :class:`GaussianFeatureTargets`.
         temperature: T of the target softmax and of the matching loss.
         activation_weight: lambda_a of :class:`FeatureActivation` (0 leaves the term out).
         synthesizer_settings: the loop's settings (``iterations``, ``lr``, ``init``, ``regularizers``, ...) of
@@ -167,12 +171,13 @@ class WangSynthesizer(Synthesizer):
         eps: float = 1e-4,
         temperature: float = 20.0,
         activation_weight: float = 0.05,
+        rectify: bool = False,
         **synthesizer_settings: Any,
     ) -> None:
         extra = list(synthesizer_settings.pop("regularizers", ()))
         activation = [FeatureActivation(activation_weight, layer, where)] if activation_weight else []
         super().__init__(
-            target_sampler=GaussianFeatureTargets(sigma, correlation, layer, where, eps, temperature),
+            target_sampler=GaussianFeatureTargets(sigma, correlation, layer, where, eps, temperature, rectify),
             objective=SoftTargetCrossEntropy(temperature),
             regularizers=activation + extra,
             **synthesizer_settings,
