@@ -9,7 +9,8 @@ import yaml
 
 from zskd_lightning.cli import main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted([*(REPO / "configs").rglob("*.yaml"), *(REPO / "zskd_lightning" / "configs").glob("*.yaml")])
 
 
 def test_configs_are_shipped():

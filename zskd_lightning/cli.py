@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from zskd_lightning.errors import ZSKDError
+from zskd_lightning.files import resolve_packaged
 from zskd_lightning.impressions import ImpressionDataModule, ImpressionSynthesis
 
 
@@ -69,7 +70,12 @@ class ZSKDCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``zskd`` console script. Bad input ends with one line on stderr and exit code 2."""
+    """Entry point of the ``zskd`` console script. Bad input ends with one line on stderr and exit code 2.
+
+    An argument naming a packaged file (``zskd_lightning:configs/quickstart.yaml``) is resolved to the installed
+    package's copy, so the quickstart runs from any folder.
+    """
+    args = [_resolve_argument(arg) for arg in (sys.argv[1:] if args is None else args)]
     try:
         ZSKDCLI(
             model_class=L.LightningModule,
@@ -95,6 +101,14 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"zskd: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _resolve_argument(arg: str) -> str:
+    """``arg`` (``VALUE`` or ``--key=VALUE``) with a packaged path in it resolved (:func:`resolve_packaged`)."""
+    key, equals, value = arg.partition("=")
+    if equals and key.startswith("--"):
+        return f"{key}={resolve_packaged(value)}"
+    return resolve_packaged(arg)
 
 
 def _zskd_error_in_chain(err: BaseException | None) -> ZSKDError | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import io
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,3 +40,16 @@ def write_csv_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, object
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
+
+
+#: A path that starts with this names a file shipped inside the installed package, e.g.
+#: ``zskd_lightning:configs/quickstart.yaml`` or ``zskd_lightning:assets/digits_teacher.pt``: it resolves the
+#: same from any working folder, editable install or not.
+PACKAGED = "zskd_lightning:"
+
+
+def resolve_packaged(path: str) -> str:
+    """``path`` with a leading ``zskd_lightning:`` replaced by the installed package's folder; others unchanged."""
+    if not isinstance(path, str) or not path.startswith(PACKAGED):
+        return path
+    return str(importlib.resources.files("zskd_lightning").joinpath(path[len(PACKAGED):]))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from zskd_lightning.errors import ZSKDError
+from zskd_lightning.files import resolve_packaged
 
 #: State-dict prefixes under which the library's LightningModules keep a network.
 _CHECKPOINT_PREFIXES = ("network.", "student.")
@@ -32,7 +33,7 @@ TRUSTED_NETWORK_MODULES = ("zskd_lightning.models", "torchvision.models")
 def read_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint file onto the CPU with ``weights_only=True`` (tensors and plain containers only: no code
     in the file runs); any failure becomes a one-line :class:`ZSKDError` naming ``path``."""
-    path = os.fspath(path)
+    path = resolve_packaged(os.fspath(path))
     if not os.path.isfile(path):
         raise ZSKDError(f"teacher checkpoint not found: {path}")
     try:
