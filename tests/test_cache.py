@@ -593,3 +593,12 @@ def test_an_object_array_shard_with_a_matching_record_is_redone(tmp_path, refere
         tiny.run_synthesis(cache_dir, grid=False)
     assert count_synthesis == [8]
     assert_same_cache(cache_dir, reference)
+
+
+def test_a_chunk_with_finite_inputs_but_nan_targets_leaves_no_file(tmp_path):
+    cache = tiny.make_datamodule(tmp_path / "cache").impression_plan.cache_for(tiny.make_net(0))
+    cache.prepare()
+    targets = torch.full((8, 10), float("nan"))
+    with pytest.raises(ZSKDError, match="chunk 0 .* the synthesized targets hold non-finite values"):
+        cache.write_chunk(0, torch.zeros(8, 1, 8, 8), targets, torch.zeros(8, dtype=torch.long), 0.0, 1.0)
+    assert not list((tmp_path / "cache").glob("chunk-*"))

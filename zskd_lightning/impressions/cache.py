@@ -290,7 +290,7 @@ class ImpressionCache:
             "targets": targets.float().numpy(),
             "labels": labels.long().numpy(),
         }
-        for kind, array in arrays.items():
+        for kind, array in arrays.items():  # every check before any write: a refused chunk leaves no file
             if array.shape[0] != stop - start:
                 raise ValueError(f"chunk {chunk}: {kind} has {array.shape[0]} rows, expected {stop - start}")
             if kind != "labels" and not np.isfinite(array).all():
@@ -299,6 +299,7 @@ class ImpressionCache:
                     "(NaN or inf), so nothing of it is written; check that the teacher's outputs are finite and lower "
                     "the synthesis lr"
                 )
+        for kind, array in arrays.items():
             write_atomic(self.chunk_file(chunk, kind), lambda h, a=array: np.save(h, np.ascontiguousarray(a)))
         record = {
             "cache_id": self.cache_id,
