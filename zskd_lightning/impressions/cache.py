@@ -184,9 +184,7 @@ class ImpressionCache:
         mismatch = self.spec_mismatch()
         if mismatch and not overwrite:
             raise ZSKDError(mismatch)
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise ZSKDError(f"cache_dir {self.directory} is a file, not a folder")
-        os.makedirs(self.directory, exist_ok=True)
+        self._make_folder()
         names = os.listdir(self.directory)
         foreign = sorted(n for n in names if not OWN_FILE.match(n) and n != LOCK_FILE)
         if foreign and "spec.json" not in names and not overwrite:
@@ -204,6 +202,11 @@ class ImpressionCache:
         if not os.path.exists(self.path("spec.json")):
             _write_json(self.path("spec.json"), self.spec)
 
+    def _make_folder(self) -> None:
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ZSKDError(f"cache_dir {self.directory} is a file, not a folder")
+        os.makedirs(self.directory, exist_ok=True)
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the cache's OS file lock (``.lock``; released by the OS if the process dies). Global rank 0 of a
@@ -212,9 +215,7 @@ class ImpressionCache:
         Raises:
             ZSKDError: another process holds it (named by its process id).
         """
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise ZSKDError(f"cache_dir {self.directory} is a file, not a folder")
-        os.makedirs(self.directory, exist_ok=True)
+        self._make_folder()
         handle = open(self.path(LOCK_FILE), "a+")
         try:
             try:
@@ -261,17 +262,13 @@ class ImpressionCache:
             return f"its record is unreadable ({type(err).__name__})"
         return None
 
-    def chunk_is_finished(self, chunk: int) -> bool:
-        """Its record is this cache's and every shard's sha256 matches it (a half-written chunk is never trusted)."""
-        return self.chunk_problem(chunk) is None
+    def chunk_problems(self) -> dict[int, str]:
+        """``{chunk: why}`` for every chunk that is not a finished chunk of this cache (one checksum pass)."""
+        problems = {c: self.chunk_problem(c) for c in range(self.num_chunks)}
+        return {c: why for c, why in problems.items() if why is not None}
 
     def missing_chunks(self) -> list[int]:
-        return [c for c in range(self.num_chunks) if not self.chunk_is_finished(c)]
-
-    def damaged_chunks(self) -> dict[int, str]:
-        """``{chunk: why}`` for chunks that have files but are not finished chunks of this cache (to be redone)."""
-        problems = {c: self.chunk_problem(c) for c in range(self.num_chunks)}
-        return {c: why for c, why in problems.items() if why not in (None, "not made yet")}
+        return sorted(self.chunk_problems())
 
     def write_chunk(
         self,

@@ -109,7 +109,6 @@ class ImpressionSynthesis(Callback):
 def fill_cache(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, student: nn.Module | None = None,
                log_every_seconds: float = 10.0) -> ImpressionCache:
     """Make every missing chunk of ``plan``'s cache from ``teacher`` across all ranks; return the complete cache."""
-    strategy = trainer.strategy
     started = time.perf_counter()
     teacher = as_frozen_teacher(teacher)
     cache = plan.cache_for(teacher)
@@ -129,9 +128,11 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
                 decision = {"missing": [], "complete": True}
             else:
                 cache.prepare(overwrite=plan.overwrite)
-                for chunk, why in cache.damaged_chunks().items():
-                    rank_zero_warn(f"impression cache {cache.directory}: chunk {chunk} is made again: {why}")
-                decision = {"missing": cache.missing_chunks(), "complete": False}
+                problems = cache.chunk_problems()  # one checksum pass over the shards
+                for chunk, why in problems.items():
+                    if why != "not made yet":
+                        rank_zero_warn(f"impression cache {cache.directory}: chunk {chunk} is made again: {why}")
+                decision = {"missing": sorted(problems), "complete": False}
         except ZSKDError as err:  # every rank must learn of it, or the others hang at the next collective
             decision = {"error": str(err)}
         except OSError as err:  # read-only, full, not a folder, ...
@@ -168,14 +169,14 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
             chunk_started = time.perf_counter()
             result = synthesizer.invert(context, Chunk.of(plan.seed, chunk_index, start, stop),
                                         progress=progress.iteration_callback(chunk_index))
-            seconds = time.perf_counter() - chunk_started
+            seconds, mean_loss = time.perf_counter() - chunk_started, float(result.loss.mean())
             try:
-                cache.write_chunk(chunk_index, result.inputs, result.targets, result.labels,
-                                  float(result.loss.mean()), seconds, result.steps)
+                cache.write_chunk(chunk_index, result.inputs, result.targets, result.labels, mean_loss, seconds,
+                                  result.steps)
             except OSError as err:  # full disk, read-only folder: the finished chunks stay sound
                 raise ZSKDError(f"cannot write chunk {chunk_index} of the impression cache {cache.directory}: "
                                 f"{err.strerror or err}") from err
-            progress.chunk_done(stop - start, float(result.loss.mean()), result.steps, seconds)
+            progress.chunk_done(stop - start, mean_loss, result.steps, seconds)
 
     strategy.barrier("zskd-impressions-synthesized")
     error = None
