@@ -126,16 +126,12 @@ class ImpressionDataModule(L.LightningDataModule):
         self.synthesizer = synthesizer
         self.num_impressions = num_impressions
         self.num_val_impressions = num_val_impressions
-        self.cache_dir = os.fspath(cache_dir)
         self.eval_data = eval_data
-        self.chunk_size = chunk_size
-        self.seed = seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.augmentation = augmentation
         self.batch_augmentation = batch_augmentation
-        self.overwrite_cache = overwrite_cache
         shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
         if not shape:
             raise ZSKDError("ImpressionDataModule needs input_shape (C, H, W) or an eval_data that defines it")
@@ -144,10 +140,11 @@ class ImpressionDataModule(L.LightningDataModule):
         has_normalization = mean is not None and std is not None
         #: The teacher's input space: its one owner in an impression run (synthesis, pictures, augmentation).
         self.input_spec = InputSpec(shape, mean if has_normalization else None, std if has_normalization else None)
+        #: What to synthesize and where (cache folder, chunk size, seed, overwrite): kept here only.
         self.impression_plan = ImpressionPlan(
             synthesizer=synthesizer,
             input_spec=self.input_spec,
-            cache_dir=self.cache_dir,
+            cache_dir=os.fspath(cache_dir),
             num_train=num_impressions,
             num_val=num_val_impressions,
             chunk_size=chunk_size,
@@ -183,7 +180,7 @@ class ImpressionDataModule(L.LightningDataModule):
     def _require_cache(self) -> ImpressionCache:
         if self._cache is None:
             raise ZSKDError(
-                f"the impressions in {self.cache_dir} have not been synthesized in this run: add "
+                f"the impressions in {self.impression_plan.cache_dir} have not been synthesized in this run: add "
                 "zskd_lightning.ImpressionSynthesis() to the Trainer's callbacks, or distil with a DistillationModule "
                 "(it adds the callback itself)"
             )
