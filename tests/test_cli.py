@@ -16,11 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from helpers import tiny
 
+from zskd_lightning import DistillationModule, load_student
 from zskd_lightning.cli import main
+from zskd_lightning.models import DigitsConvNetHalf
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -189,12 +194,39 @@ def test_distill_from_cli_teacher_checkpoint(cli_runs):
     _ok(result)
     log_dirs = sorted((cli_runs["work"] / "kd_runs" / "lightning_logs").iterdir())  # test_after_fit: same one
     assert len(log_dirs) == 1
-    assert (log_dirs[0] / "student.pt").is_file()
+    assert (log_dirs[0] / "student.safetensors").is_file() and (log_dirs[0] / "student.json").is_file()
     config = yaml.safe_load((log_dirs[0] / "config.yaml").read_text())
     teacher = config["model"]["init_args"]["teacher"]
     assert teacher["class_path"] == "zskd_lightning.FrozenTeacher"
     assert teacher["init_args"]["checkpoint"] == "teacher.ckpt"
     assert "test/agreement" in result.stdout and "test/acc" in result.stdout  # test_after_fit
+
+
+def test_the_exported_student_loads_in_one_call(cli_runs):
+    """The record beside the weights names the architecture (from the config), the input and the test accuracy."""
+    log_dir = next((cli_runs["work"] / "kd_runs" / "lightning_logs").iterdir())
+    student = load_student(log_dir / "student.safetensors")
+    record = student.zskd_record
+    assert isinstance(student, DigitsConvNetHalf) and not student.training
+    assert record["init_args"] == {"in_channels": 1, "num_classes": 10}
+    assert record["input_shape"] == [1, 8, 8] and record["num_classes"] == 10
+    assert record["input_mean"] and record["input_std"]
+    assert record["teacher"]["checkpoint"] == "teacher.ckpt" and len(record["teacher"]["fingerprint"]) == 64
+    assert 0 <= record["test_accuracy"] <= 100  # test_after_fit wrote it in
+
+
+def test_a_cli_checkpoint_holds_the_teacher_by_reference_and_loads_alone(cli_runs, monkeypatch):
+    log_dir = next((cli_runs["work"] / "kd_runs" / "lightning_logs").iterdir())
+    checkpoint = next((log_dir / "checkpoints").glob("*.ckpt"))
+    content = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert not [k for k in content["state_dict"] if k.startswith("teacher.")]
+    assert content["zskd_teacher"]["checkpoint"] == "teacher.ckpt"
+    monkeypatch.chdir(cli_runs["work"])  # the teacher's path is relative to where the run ran
+    restored = DistillationModule.load_from_checkpoint(checkpoint)  # nothing else needed
+    exported = load_student(log_dir / "student.safetensors")
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(x), exported(x))  # the last epoch's checkpoint = the exported student
 
 
 def test_zskd_test_subcommand(cli_runs):
@@ -259,6 +291,20 @@ def _quickstart_error(override: str, value: str, capsys, monkeypatch) -> str:
         main(["fit", "--config", str(config), override, value])
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank, lines_printed", [(0, 1), (1, 0)])
+def test_an_error_every_rank_raises_is_printed_by_rank_zero_only(rank, lines_printed, tmp_path, capsys, monkeypatch):
+    """An unusable cache folder is found by rank 0 and raised on every rank (RankSharedError): under DDP the
+    user reads it once, not once per process; every rank still exits 2."""
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("mine")
+    err = _quickstart_error("--data.init_args.cache_dir", str(not_a_folder), capsys, monkeypatch)
+    lines = [line for line in err.splitlines() if line.startswith("zskd: error:")]
+    assert len(lines) == lines_printed, err
+    assert all("is a file, not a folder" in line for line in lines), lines
+    assert not_a_folder.read_text() == "mine"
 
 
 @pytest.mark.parametrize(("override", "value", "reason"), [
@@ -341,7 +387,7 @@ def test_network_null_with_a_checkpoint_that_records_it(cli_runs, tmp_path, monk
     monkeypatch.setattr(sys, "argv", ["zskd"])
     with tiny.torch_threads(1):
         main(["fit", "--config", str(path)])
-    assert (tmp_path / "runs" / "student.pt").is_file()
+    assert (tmp_path / "runs" / "student.safetensors").is_file()
 
 
 def test_the_quickstart_runs_from_any_folder(tmp_path):
@@ -356,4 +402,37 @@ def test_the_quickstart_runs_from_any_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/acc" in result.stdout
     assert (tmp_path / "runs" / "quickstart" / "impressions" / "manifest.json").is_file()
-    assert list((tmp_path / "runs" / "quickstart" / "lightning_logs").glob("version_*/student.pt"))
+    assert list((tmp_path / "runs" / "quickstart" / "lightning_logs").glob("version_*/student.safetensors"))
+    # The complete cache serves `validate` (nothing synthesized again); `predict` writes its predictions.
+    budget = args[3:]
+    outputs = {}
+    for subcommand in ("validate", "predict"):
+        result = subprocess.run([*_zskd(), subcommand, "--config", "zskd_lightning:configs/quickstart.yaml", *budget],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300, env=tiny.script_env(1))
+        assert result.returncode == 0, f"{subcommand}: {result.stderr[-3000:]}"
+        outputs[subcommand] = result.stdout + result.stderr
+        assert "Synthesizing" not in outputs[subcommand]
+    assert "val/agreement" in outputs["validate"]
+    written = list((tmp_path / "runs" / "quickstart" / "lightning_logs").glob("version_*/predictions.npz"))
+    assert len(written) == 1, outputs["predict"][-2000:]
+    predictions = np.load(written[0])
+    assert predictions["probabilities"].shape[1] == 10 and len(predictions["labels"]) == len(predictions["indices"])
+    assert np.allclose(predictions["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_help_says_what_zskd_does_and_stays_short(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    assert "data-free knowledge distillation" in top and "quickstart" in top.lower()
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "synthesize the missing impressions" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "DistillationModule"])
+    model_help = capsys.readouterr().out
+    assert len(model_help.splitlines()) < 200, len(model_help.splitlines())
+    assert "zskd_lightning.models" in model_help  # the library's networks are still listed
+    assert "torch.nn.Bilinear" not in model_help

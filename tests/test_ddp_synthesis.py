@@ -98,7 +98,7 @@ def test_error_on_rank_zero_reaches_every_rank(tmp_path):
     assert result.returncode not in (0, None), describe(result)
     errors = {rank: detail for rank, what, detail in log if what == "ERROR"}
     assert set(errors) == {0, 1}, describe(result)
-    assert all("ZSKDError" in e and "different teacher" in e for e in errors.values()), errors
+    assert all("RankSharedError" in e and "different teacher" in e for e in errors.values()), errors
     assert not list((tmp_path / "cache").glob("chunk-*")), "no rank should have synthesized anything"
 
 

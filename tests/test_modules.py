@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from helpers.tiny import quiet_trainer
+from safetensors.torch import load_file
 from torch import nn
 
-from zskd_lightning import ClassifierModule, DistillationModule, FrozenTeacher, ZSKDError
+from zskd_lightning import ClassifierModule, DistillationModule, FrozenTeacher, ZSKDError, load_student
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.losses import kd_loss, soft_target_kd_loss
 from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf, LeNet5, LeNet5Half
@@ -125,25 +129,35 @@ def test_student_weights_changed_and_metrics_logged(distilled):
 
 
 # --------------------------------------------------------------------------------------------- export
-def test_export_student_is_plain_student_state_dict(distilled, tmp_path):
+def test_export_student_writes_safetensors_and_a_record(distilled, tmp_path):
     module = distilled["module"]
-    path = module.export_student(tmp_path / "sub" / "student.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(state) == set(module.student.state_dict())
-    assert not any(k.startswith("teacher") for k in state)
-    fresh = DigitsConvNetHalf()
-    fresh.load_state_dict(state)  # strict
-    fresh.eval()
+    path = module.export_student(tmp_path / "sub" / "student.safetensors")
+    state = load_file(path)
+    assert set(state) == set(module.student.state_dict())  # the student alone: no teacher, no wrapping
+    record = json.loads((tmp_path / "sub" / "student.json").read_text())
+    assert record["class_path"].endswith("DigitsConvNetHalf") and record["init_args"] is None  # built in Python
+    assert record["teacher"]["fingerprint"] == module.teacher.fingerprint()
+    with pytest.raises(ZSKDError, match="pass the architecture"):
+        load_student(path)
+    fresh = load_student(path, network=DigitsConvNetHalf())
     module.student.eval()
     x = _digits_x()
     with torch.no_grad():
         assert torch.equal(fresh(x), module.student(x))
 
 
+def test_load_student_refuses_what_is_not_a_student(tmp_path):
+    (tmp_path / "student.json").write_text(json.dumps({"format": "something else"}))
+    (tmp_path / "student.safetensors").write_bytes(b"")
+    with pytest.raises(ZSKDError, match="is not a student record"):
+        load_student(tmp_path / "student.safetensors")
+    with pytest.raises(ZSKDError, match="student record not found"):
+        load_student(tmp_path / "other.safetensors")
+
+
 def test_on_train_end_writes_student_into_log_dir(distilled):
     trainer, module = distilled["trainer"], distilled["module"]
-    path = f"{trainer.log_dir}/student.pt"
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(f"{trainer.log_dir}/student.safetensors")
     assert set(state) == set(module.student.state_dict())
     for k, v in module.student.state_dict().items():
         assert torch.equal(state[k], v), k
@@ -164,6 +178,25 @@ def test_checkpoint_round_trip(distilled, tmp_path):
         assert torch.equal(restored(x), module(x))
         assert torch.equal(restored.teacher(x), module.teacher(x))
     assert all(not p.requires_grad for p in restored.teacher.parameters())
+
+
+def test_checkpoints_hold_the_teacher_by_reference(distilled, tmp_path):
+    """No teacher weights in the file; its fingerprint is checked on load; a module built in Python needs its
+    teacher and student passed (one line says so)."""
+    module, trainer = distilled["module"], distilled["trainer"]
+    path = tmp_path / "distill.ckpt"
+    trainer.save_checkpoint(path)
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    assert not [k for k in content["state_dict"] if k.startswith("teacher.")]
+    assert content["zskd_teacher"]["fingerprint"] == module.teacher.fingerprint()
+    assert os.path.getsize(path) < 3 * sum(p.numel() * 4 for p in module.student.parameters()) + 100_000
+    other_teacher = _teacher_net()
+    with torch.no_grad():
+        next(other_teacher.parameters()).add_(1.0)
+    with pytest.raises(ZSKDError, match="was distilled from teacher"):
+        DistillationModule.load_from_checkpoint(path, teacher=FrozenTeacher(other_teacher), student=DigitsConvNetHalf())
+    with pytest.raises(ZSKDError, match="pass teacher and student"):
+        DistillationModule.load_from_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------- the training loss
@@ -221,9 +254,12 @@ def test_target_source_batch_rejects_hard_labels():
 
 
 # -------------------------------------------------------------------------------------- mismatches
-def test_num_classes_mismatch_at_construction():
+def test_num_classes_mismatch_at_the_first_step():
+    """Without an input shape to probe at setup (a user's own datamodule), the first batch finds it."""
+    module = DistillationModule(FrozenTeacher(DigitsConvNet(num_classes=10)), DigitsConvNetHalf(num_classes=5))
+    module.log = lambda *args, **kw: None
     with pytest.raises(ZSKDError) as err:
-        DistillationModule(FrozenTeacher(DigitsConvNet(num_classes=10)), DigitsConvNetHalf(num_classes=5))
+        module.training_step((_digits_x(), torch.arange(16) % 10), 0)
     message = str(err.value)
     assert "10" in message and "5" in message and "num_classes" in message
 

@@ -32,7 +32,7 @@ def test_plain_lightning_example_runs(example, tmp_path, capsys):
     manifest = json.loads((out / "impressions" / "manifest.json").read_text())
     assert manifest["num_impressions"] == 400 and manifest["method"]["args"]["iterations"] == 30
     assert len(manifest["shards"]) == 2
-    assert (out / "student.pt").is_file()
+    assert (out / "student.safetensors").is_file()
 
     printed = re.search(r"student test accuracy: ([\d.]+)\s+teacher: ([\d.]+)", capsys.readouterr().out)
     assert printed, "the example should print the student's and the teacher's test accuracy"

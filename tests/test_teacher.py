@@ -54,7 +54,7 @@ def test_all_parameters_frozen_and_eval():
     assert all(not p.requires_grad for p in teacher.parameters())
     assert not teacher.training
     assert all(not m.training for m in teacher.modules())
-    assert teacher.num_classes == 10
+    assert teacher.count_classes((1, 8, 8)) == 10
 
 
 def test_train_keeps_eval_mode_and_deterministic_outputs():
@@ -121,7 +121,7 @@ def test_load_lightning_checkpoint_with_network(lightning_checkpoint):
     x = _digits_batch()
     with torch.no_grad():
         assert torch.equal(teacher(x), trained(x))
-    assert teacher.num_classes == 10
+    assert teacher.count_classes((1, 8, 8)) == 10
 
 
 def test_checkpoint_without_architecture_and_no_network(lightning_checkpoint):
@@ -160,7 +160,7 @@ def test_load_handmade_checkpoint_recording_architecture(tmp_path):
     torch.save(checkpoint, path)
     teacher = FrozenTeacher(checkpoint=str(path))
     assert type(teacher.network) is DigitsConvNet and teacher.network.width == 4
-    assert teacher.num_classes == 7
+    assert teacher.count_classes((1, 8, 8)) == 7
     source.eval()
     x = _digits_batch()
     assert torch.equal(teacher(x), source(x))

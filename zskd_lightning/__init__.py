@@ -10,6 +10,7 @@ from zskd_lightning._version import __version__
 from zskd_lightning.classifier import ClassifierModule
 from zskd_lightning.distillation import DistillationModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.export import load_student
 from zskd_lightning.impressions import ImpressionCache, ImpressionDataModule, ImpressionDataset, ImpressionSynthesis
 from zskd_lightning.losses import kd_loss
 from zskd_lightning.synthesis import ClassImpressionSynthesizer, Synthesizer, WangSynthesizer, ZSKDSynthesizer
@@ -34,4 +35,5 @@ __all__ = [
     "ZSKDSynthesizer",
     "__version__",
     "kd_loss",
+    "load_student",
 ]

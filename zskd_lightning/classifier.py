@@ -5,13 +5,15 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
 from zskd_lightning.checks import probe_num_outputs
+from zskd_lightning.losses import top1_hits
 from zskd_lightning.optim import SchedulerInterval, cli_given_spec, configure_optimization
-from zskd_lightning.teacher import classifier_layer
+from zskd_lightning.predictions import writer_unless_present
 
 
 class ClassifierModule(L.LightningModule):
@@ -22,7 +24,7 @@ class ClassifierModule(L.LightningModule):
     :class:`~zskd_lightning.FrozenTeacher` can rebuild it from the checkpoint alone.
 
     Args:
-        network: the classifier; its last ``nn.Linear`` gives ``num_classes``.
+        network: the classifier, mapping ``[B, C, H, W]`` to logits ``[B, num_classes]``.
         optimizer: optimizer factory (``class_path`` in YAML), called with the network's parameters.
         lr_scheduler: optional scheduler factory, stepped every ``scheduler_interval``.
         label_smoothing: cross-entropy label smoothing.
@@ -44,14 +46,16 @@ class ClassifierModule(L.LightningModule):
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        num_classes = classifier_layer(network).out_features
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc, self.test_acc = MeanMetric(), MeanMetric()  # means of top1_hits: no class count needed
 
     def setup(self, stage: str) -> None:
         input_shape = getattr(self.trainer.datamodule, "input_shape", None) if self._trainer else None
         if input_shape is not None:
             probe_num_outputs(self.network, tuple(input_shape), "network")
+
+    def configure_callbacks(self) -> list[Callback]:
+        """A :class:`~zskd_lightning.predictions.PredictionWriter`, unless the Trainer has a prediction writer."""
+        return writer_unless_present(self._trainer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -66,12 +70,12 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         logits = self.network(x)
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
-        self.val_acc(logits, y)
+        self.val_acc(top1_hits(logits, y))
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.test_acc(self.network(x), y)
+        self.test_acc(top1_hits(self.network(x), y))
         self.log("test/acc", self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -7,15 +7,18 @@ and distils students (:class:`~zskd_lightning.DistillationModule`) on real data 
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
 from argparse import ArgumentError
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import RankSharedError, ZSKDError
 from zskd_lightning.files import resolve_packaged
 from zskd_lightning.impressions import ImpressionDataModule, ImpressionSynthesis
 
@@ -75,19 +78,23 @@ def main(args: list[str] | None = None) -> None:
     An argument naming a packaged file (``zskd_lightning:configs/quickstart.yaml``) is resolved to the installed
     package's copy, so the quickstart runs from any folder.
     """
-    args = [_resolve_argument(arg) for arg in (sys.argv[1:] if args is None else args)]
+    if args is None:  # the console script: resolve in sys.argv itself (LightningCLI warns when given both)
+        sys.argv[1:] = [_resolve_argument(arg) for arg in sys.argv[1:]]
+    else:
+        args = [_resolve_argument(arg) for arg in args]
     try:
-        ZSKDCLI(
-            model_class=L.LightningModule,
-            datamodule_class=L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_class=ZSKDTrainer,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            parser_kwargs={"exit_on_error": False},
-            args=args,
-        )
+        with _concise_subclass_lists():
+            ZSKDCLI(
+                model_class=L.LightningModule,
+                datamodule_class=L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                trainer_class=ZSKDTrainer,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                parser_kwargs={"exit_on_error": False, "description": DESCRIPTION, **SUBCOMMAND_HELP},
+                args=args,
+            )
     except ArgumentError as err:  # unknown key, wrong type, missing file: jsonargparse's message, shortened
         print(f"zskd: error: {_one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
@@ -99,8 +106,58 @@ def main(args: list[str] | None = None) -> None:
         cause = _zskd_error_in_chain(err)
         if cause is None:
             raise
-        print(f"zskd: error: {cause}", file=sys.stderr)
+        if not (isinstance(cause, RankSharedError) and rank_zero_only.rank != 0):  # every rank has it: say it once
+            print(f"zskd: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+DESCRIPTION = (
+    "zskd-lightning: data-free knowledge distillation. Synthesize impressions from a frozen teacher and distil a "
+    "student on them (fit), or train a teacher on real data. Quickstart: "
+    "zskd fit --config zskd_lightning:configs/quickstart.yaml"
+)
+SUBCOMMAND_HELP = {
+    "fit": {"description": "Train: with an ImpressionDataModule, first synthesize the missing impressions into its "
+                           "cache (on every device), then distil the student; with real data, train the model."},
+    "validate": {"description": "One evaluation epoch on the validation data (held-out impressions of a complete "
+                                "cache, or a real validation split)."},
+    "test": {"description": "One evaluation epoch on the test split (eval_data's real test set)."},
+    "predict": {"description": "Label inputs (predict_data, else eval_data's test split) and write the "
+                               "probabilities to predictions.npz in the run's log folder."},
+}
+
+#: Modules whose classes ``--help`` lists for an ``nn.Module`` argument (torch alone has hundreds).
+_LISTED_MODULES = ("zskd_lightning.models.", "zskd_lightning.FrozenTeacher")
+
+
+@contextlib.contextmanager
+def _concise_subclass_lists() -> Iterator[None]:
+    """While the CLI runs, help for an argument typed ``nn.Module`` lists this library's classes, not every
+    ``torch.nn`` layer (1,300 of 1,400 lines of ``--model.help DistillationModule``); any class_path still works."""
+    try:
+        from jsonargparse._typehints import ActionTypeHint
+    except ImportError:  # pragma: no cover - private module moved: keep jsonargparse's full lists
+        yield
+        return
+    original = ActionTypeHint.extra_help
+    prefix = ", known subclasses: "
+
+    def extra_help(action: Any) -> str:
+        text = original(action)
+        if not text.startswith(prefix):
+            return text
+        paths = text[len(prefix):].split(", ")
+        listed = [p for p in paths if p.startswith(_LISTED_MODULES)]
+        if len(paths) - len(listed) < 20:
+            return text
+        shown = ", ".join(listed) + ", " if listed else ""
+        return f"{prefix}{shown}and {len(paths) - len(listed)} classes of torch and other packages (any class_path)"
+
+    ActionTypeHint.extra_help = extra_help
+    try:
+        yield
+    finally:
+        ActionTypeHint.extra_help = original
 
 
 def _resolve_argument(arg: str) -> str:

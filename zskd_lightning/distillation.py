@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Literal
 
 import lightning as L
@@ -11,18 +12,24 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError
-from zskd_lightning.files import write_atomic
-from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss
-from zskd_lightning.optim import SchedulerInterval, configure_optimization
-from zskd_lightning.teacher import as_frozen_teacher, classifier_layer
+from zskd_lightning.export import record_path, update_record, write_student
+from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss, top1_hits
+from zskd_lightning.optim import SchedulerInterval, cli_given_spec, configure_optimization
+from zskd_lightning.predictions import writer_unless_present
+from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint
 from zskd_lightning.weighting import SampleWeighting
 
 TargetSource = Literal["teacher", "batch"]
+
+#: Checkpoint key of the teacher's reference (file and fingerprint); its weights are not stored.
+TEACHER_REFERENCE_KEY = "zskd_teacher"
+_TEACHER_PREFIX = "teacher."
 
 
 class DistillationModule(L.LightningModule):
@@ -49,8 +56,15 @@ class DistillationModule(L.LightningModule):
         sample_weights: per-sample weights of the KD term (e.g. a method's modulating function): the loss
             becomes ``kd_weight * mean_i(w_i * l_i)`` with ``l_i`` sample ``i``'s ``T^2 * KL``. ``None``: the
             batch-mean KD loss, exactly as without the option.
-        export_filename: after ``fit``, rank 0 writes the student's plain ``state_dict`` to this file in the
-            run's log folder (``None`` disables). The teacher's weights are never part of it.
+        export_filename: after ``fit``, rank 0 writes the student's weights to this safetensors file in the run's
+            log folder, with a JSON record beside it (architecture, input shape and normalization, classes,
+            teacher fingerprint, and the test accuracy once tested); :func:`~zskd_lightning.load_student` reads
+            them back. ``None`` disables.
+
+    Checkpoints hold the teacher by reference (its file and fingerprint, key ``"zskd_teacher"``), not its
+    weights; loading one checks that the teacher given now has that fingerprint. Through the ``zskd`` CLI the
+    checkpoint also records the teacher's and the student's ``class_path``/``init_args``, so
+    ``DistillationModule.load_from_checkpoint(path)`` needs nothing else.
     """
 
     def __init__(
@@ -65,44 +79,60 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: SchedulerInterval = "epoch",
         sample_weights: SampleWeighting | None = None,
-        export_filename: str | None = "student.pt",
+        export_filename: str | None = "student.safetensors",
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise InvalidArgument(f"temperature must be > 0, got {temperature}")
-        self.save_hyperparameters(ignore=["teacher", "student", "optimizer", "lr_scheduler", "sample_weights"])
+        if export_filename is not None and not export_filename.endswith(".safetensors"):
+            raise InvalidArgument(f"export_filename must end in .safetensors, got {export_filename!r}")
+        # Specs (class_path/init_args) the CLI built teacher and student from are kept; module objects never are.
+        by_spec = [name for name in ("teacher", "student") if cli_given_spec(name) is not None]
+        ignored = ["optimizer", "lr_scheduler", "sample_weights"] + [n for n in ("teacher", "student") if n not in by_spec]
+        self.save_hyperparameters(ignore=ignored)
+        self._teacher_fingerprint: str | None = None
+        self._exported: str | None = None
         self.sample_weights = sample_weights
         self.teacher = as_frozen_teacher(teacher)
         self.student = student
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        num_classes = classifier_layer(student).out_features
-        check_same_classes(self.teacher.num_classes, num_classes)
-        metric = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc, self.val_agreement = metric.clone(), metric.clone()
-        self.test_acc, self.test_agreement, self.test_teacher_acc = metric.clone(), metric.clone(), metric.clone()
+        # Accuracies as means of (argmax == label): no class count needed before the first batch.
+        self.val_acc, self.val_agreement, self.val_real_agreement = MeanMetric(), MeanMetric(), MeanMetric()
+        self.test_acc, self.test_agreement, self.test_teacher_acc = MeanMetric(), MeanMetric(), MeanMetric()
 
     # ----------------------------------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
         input_shape = getattr(self.trainer.datamodule, "input_shape", None) if self._trainer else None
-        if input_shape is not None:
+        if input_shape is not None:  # before any long work: both must take the data and agree on the classes
             check_same_classes(
-                probe_num_outputs(self.teacher, tuple(input_shape), "teacher"),
+                self.teacher.count_classes(tuple(input_shape)),
                 probe_num_outputs(self.student, tuple(input_shape), "student"),
             )
 
     def configure_callbacks(self) -> list[Callback]:
         """The callbacks the datamodule needs (an :class:`~zskd_lightning.ImpressionDataModule` asks for its
-        synthesis callback), unless the Trainer already has one of the same type."""
+        synthesis callback), unless the Trainer already has one of the same type; and a
+        :class:`~zskd_lightning.predictions.PredictionWriter` unless it has a prediction writer."""
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         wanted = list(getattr(datamodule, "synthesis_callbacks", lambda: [])())
         present = {type(callback) for callback in trainer.callbacks} if trainer is not None else set()
-        return [callback for callback in wanted if type(callback) not in present]
+        return [callback for callback in wanted if type(callback) not in present] + writer_unless_present(trainer)
 
     # ---------------------------------------------------------------------------------------- training
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
+
+    def on_fit_start(self) -> None:
+        # Lightning warns about modules in eval mode when training starts; the frozen teacher always is. Silence
+        # exactly that count, and only when the teacher's modules are all there are (a student in eval mode still
+        # gets the warning).
+        teacher_modules = [name for name, _ in self.named_modules() if name == "teacher" or name.startswith("teacher.")]
+        others_in_eval = [name for name, m in self.named_modules() if not m.training and name not in teacher_modules]
+        if not others_in_eval:
+            message = rf"Found {len(teacher_modules)} module\(s\) in eval mode at the start of training"
+            warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
 
     def on_train_epoch_start(self) -> None:
         self.student.train()
@@ -113,6 +143,7 @@ class DistillationModule(L.LightningModule):
         if self.hparams.target_source == "teacher":
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
+            check_same_classes(teacher_logits.shape[-1], student_logits.shape[-1])
             if self.sample_weights is None:
                 distill = kd_loss(student_logits, teacher_logits, self.hparams.temperature)
             else:
@@ -137,26 +168,35 @@ class DistillationModule(L.LightningModule):
         return loss
 
     # -------------------------------------------------------------------------------------- evaluation
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """The first validation loader gives ``val/agreement`` and ``val/loss`` (and ``val/acc`` if labelled); a
+        second, labelled one (real data beside held-out impressions) gives ``val/acc`` and
+        ``val/real_agreement``: monitoring only."""
         x, y = batch
         student_logits, teacher_logits = self.student(x), self.teacher(x)
-        self.val_agreement(student_logits, teacher_logits.argmax(dim=-1))
-        self.log("val/agreement", self.val_agreement, prog_bar=True)
-        self.log(
-            "val/loss", kd_loss(student_logits, teacher_logits, self.hparams.temperature), sync_dist=True
-        )
+        check_same_classes(teacher_logits.shape[-1], student_logits.shape[-1])
+        hits = top1_hits(student_logits, teacher_logits.argmax(dim=-1))
+        if dataloader_idx == 0:
+            self.val_agreement(hits)
+            self.log("val/agreement", self.val_agreement, prog_bar=True, add_dataloader_idx=False)
+            loss = kd_loss(student_logits, teacher_logits, self.hparams.temperature)
+            self.log("val/loss", loss, sync_dist=True, add_dataloader_idx=False)
+        else:
+            self.val_real_agreement(hits)
+            self.log("val/real_agreement", self.val_real_agreement, add_dataloader_idx=False)
         if _is_hard_label(y):
-            self.val_acc(student_logits, y)
-            self.log("val/acc", self.val_acc, prog_bar=True)
+            self.val_acc(top1_hits(student_logits, y))
+            self.log("val/acc", self.val_acc, prog_bar=True, add_dataloader_idx=False)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         student_logits, teacher_logits = self.student(x), self.teacher(x)
-        self.test_agreement(student_logits, teacher_logits.argmax(dim=-1))
+        check_same_classes(teacher_logits.shape[-1], student_logits.shape[-1])
+        self.test_agreement(top1_hits(student_logits, teacher_logits.argmax(dim=-1)))
         self.log("test/agreement", self.test_agreement)
         if _is_hard_label(y):
-            self.test_acc(student_logits, y)
-            self.test_teacher_acc(teacher_logits, y)
+            self.test_acc(top1_hits(student_logits, y))
+            self.test_teacher_acc(top1_hits(teacher_logits, y))
             self.log("test/acc", self.test_acc)
             self.log("test/teacher_acc", self.test_teacher_acc)
 
@@ -170,20 +210,85 @@ class DistillationModule(L.LightningModule):
             self.student.parameters(), self.optimizer, self.lr_scheduler, self.hparams.scheduler_interval
         )
 
+    # ------------------------------------------------------------------------------------- checkpoints
+    def teacher_reference(self) -> dict[str, str | None]:
+        """``{"checkpoint": path or None, "fingerprint": sha256}`` of the teacher (computed once: it is frozen)."""
+        if self._teacher_fingerprint is None:
+            self._teacher_fingerprint = self.teacher.fingerprint()
+        return {"checkpoint": self.teacher.checkpoint, "fingerprint": self._teacher_fingerprint}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the teacher by reference: its weights leave the checkpoint, its file and fingerprint enter."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(_TEACHER_PREFIX)]:
+            del state[key]
+        checkpoint[TEACHER_REFERENCE_KEY] = self.teacher_reference()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Check that this module's teacher is the one the checkpoint was made with, and put its weights back
+        into the state to load (checkpoints that still hold the teacher's weights load as they are)."""
+        recorded = checkpoint.get(TEACHER_REFERENCE_KEY)
+        if recorded is None:
+            return
+        now = self.teacher_reference()
+        if now["fingerprint"] != recorded["fingerprint"]:
+            raise ZSKDError(
+                f"this checkpoint was distilled from teacher {recorded['checkpoint'] or '(given in Python)'} "
+                f"(fingerprint {recorded['fingerprint'][:12]}), but the teacher given now, "
+                f"{now['checkpoint'] or '(given in Python)'}, has fingerprint {now['fingerprint'][:12]}"
+            )
+        checkpoint["state_dict"].update({_TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool | None = True, **kwargs):
+        """Lightning's ``load_from_checkpoint``, loaded with ``weights_only=True``. ``teacher`` and ``student`` come
+        from the checkpoint's record (a module configured through the ``zskd`` CLI) or from ``kwargs``; a class
+        the record names must be in ``zskd_lightning``, ``torchvision.models`` or an already imported module."""
+        path = os.fspath(checkpoint_path)
+        hparams = read_checkpoint(path, what="checkpoint").get("hyper_parameters") or {}
+        missing = [name for name in ("teacher", "student")
+                   if name not in kwargs and not (isinstance(hparams.get(name), dict) and "class_path" in hparams[name])]
+        if missing:
+            raise ZSKDError(
+                f"checkpoint {path} does not record the {' and '.join(missing)} (the module was built in Python, not "
+                f"from a config): pass {' and '.join(missing)}, e.g. DistillationModule.load_from_checkpoint(path, "
+                + ", ".join(f"{name}=..." for name in missing) + ")"
+            )
+        for name in ("teacher", "student"):
+            if name not in kwargs:
+                check_class_paths(hparams[name], source=f"checkpoint {path} ({name})")
+        return super().load_from_checkpoint(path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
+
     # ------------------------------------------------------------------------------------------ export
     def export_student(self, path: str | os.PathLike) -> str:
-        """Write the student's plain ``state_dict`` (no teacher, no Lightning wrapping) to ``path``."""
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
-        write_atomic(path, lambda handle: torch.save(state, handle))
-        return path
+        """Write the student's weights (safetensors) and its JSON record beside them; returns the weights' path.
+        See :mod:`zskd_lightning.export`."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        spec = getattr(datamodule, "input_spec", None)
+        shape = spec.shape if spec is not None else getattr(datamodule, "input_shape", None)
+        mean = spec.mean if spec is not None else getattr(datamodule, "mean", None)
+        std = spec.std if spec is not None else getattr(datamodule, "std", None)
+        student_spec = self.hparams.get("student")
+        weights, _ = write_student(
+            self.student, path, spec=student_spec if isinstance(student_spec, dict) else None,
+            input_shape=shape, input_mean=mean, input_std=std,
+            num_classes=self.teacher.count_classes(shape) if shape is not None else None,
+            teacher=self.teacher_reference(),
+        )
+        return weights
 
     def on_train_end(self) -> None:
         if self.hparams.export_filename and self.trainer.is_global_zero:
             folder = self.trainer.log_dir or self.trainer.default_root_dir
-            path = self.export_student(os.path.join(folder, self.hparams.export_filename))
-            rank_zero_info(f"Student weights exported to {path}")
+            self._exported = self.export_student(os.path.join(folder, self.hparams.export_filename))
+            rank_zero_info(f"Student exported to {self._exported} (+ {os.path.basename(record_path(self._exported))})")
+
+    def on_test_end(self) -> None:
+        accuracy = self.trainer.callback_metrics.get("test/acc")
+        if self._exported and accuracy is not None and self.trainer.is_global_zero:
+            update_record(self._exported, test_accuracy=round(100 * float(accuracy), 4))
 
 
 def _is_hard_label(y: Tensor) -> bool:

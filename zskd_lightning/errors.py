@@ -11,3 +11,8 @@ class InvalidArgument(ZSKDError, ValueError):
     Raised from constructors, so a bad value in a YAML config ends in one line naming the argument, not in
     jsonargparse's instantiation traceback.
     """
+
+
+class RankSharedError(ZSKDError):
+    """A ZSKDError raised alike on every rank (a decision global rank 0 broadcast, e.g. an unusable cache folder):
+    the CLI prints it once, from global rank 0, instead of once per process."""

@@ -56,3 +56,8 @@ def soft_target_kd_loss(student_logits: Tensor, target_probs: Tensor, temperatur
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-sample cross-entropy ``-sum_c p_c log softmax(logits / T)_c``, shape ``[B]`` (no reduction)."""
     return -(target_probs * F.log_softmax(logits.float() / temperature, dim=-1)).sum(dim=-1)
+
+
+def top1_hits(logits: Tensor, labels: Tensor) -> Tensor:
+    """``[B]`` float: 1 where the argmax of ``logits [B, K]`` is ``labels [B]`` (its mean is the accuracy)."""
+    return (logits.argmax(dim=-1) == labels).float()

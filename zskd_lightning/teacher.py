@@ -11,13 +11,15 @@ import hashlib
 import importlib
 import os
 import pickle
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.checks import probe_num_outputs
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.files import resolve_packaged
 
 #: State-dict prefixes under which the library's LightningModules keep a network.
@@ -30,12 +32,12 @@ _CHECKPOINT_PREFIXES = ("network.", "student.")
 TRUSTED_NETWORK_MODULES = ("zskd_lightning.models", "torchvision.models")
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
+def read_checkpoint(path: str, what: str = "teacher checkpoint") -> dict[str, Any]:
     """Load a checkpoint file onto the CPU with ``weights_only=True`` (tensors and plain containers only: no code
-    in the file runs); any failure becomes a one-line :class:`ZSKDError` naming ``path``."""
+    in the file runs); any failure becomes a one-line :class:`ZSKDError` naming ``path`` (``what`` it is)."""
     path = resolve_packaged(os.fspath(path))
     if not os.path.isfile(path):
-        raise ZSKDError(f"teacher checkpoint not found: {path}")
+        raise ZSKDError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -97,6 +99,24 @@ def instantiate(spec: Mapping[str, Any], bases: tuple[type, ...] = (nn.Module,),
     return cls(**{k: _built(v, bases, modules, source) for k, v in (spec.get("init_args") or {}).items()})
 
 
+def check_class_paths(spec: Any, source: str, modules: Sequence[str] = ("zskd_lightning", *TRUSTED_NETWORK_MODULES)) -> None:
+    """Refuse (one line naming ``source``) any ``class_path`` in ``spec`` (nested dicts and lists too) whose module is
+    neither in ``modules`` nor already imported: building from a file must not import new code."""
+    if isinstance(spec, Mapping):
+        if "class_path" in spec:
+            module_name = str(spec["class_path"]).rpartition(".")[0]
+            if not (module_name in sys.modules or any(module_name == m or module_name.startswith(m + ".") for m in modules)):
+                raise ZSKDError(
+                    f"{source} names class_path {spec['class_path']!r}, outside the modules allowed here "
+                    f"({', '.join(modules)}) and not imported; import its module first if you trust the file"
+                )
+        for value in spec.values():
+            check_class_paths(value, source, modules)
+    elif isinstance(spec, list):
+        for value in spec:
+            check_class_paths(value, source, modules)
+
+
 def _built(value: Any, bases: tuple[type, ...], modules: Sequence[str], source: str) -> Any:
     """An ``init_args`` value with every ``class_path`` dict in it (directly or in a list) instantiated."""
     if isinstance(value, Mapping) and "class_path" in value:
@@ -139,14 +159,19 @@ class FrozenTeacher(nn.Module):
             through the ``zskd`` CLI, which records the architecture.
         checkpoint: a Lightning checkpoint (``.ckpt``) or a plain ``state_dict`` file (``.pt``). ``None``
             keeps ``network``'s current weights.
+        num_classes: the number of outputs, when it should not be found by running the network on a zero
+            input (:meth:`count_classes`).
 
     ``forward`` maps ``[B, C, H, W]`` to logits ``[B, num_classes]``.
     """
 
-    def __init__(self, network: nn.Module | None = None, checkpoint: str | None = None) -> None:
+    def __init__(self, network: nn.Module | None = None, checkpoint: str | None = None,
+                 num_classes: int | None = None) -> None:
         super().__init__()
         if network is None and checkpoint is None:
             raise ZSKDError("a teacher needs a `network`, a `checkpoint`, or both")
+        if num_classes is not None and num_classes < 2:
+            raise InvalidArgument(f"num_classes must be >= 2, got {num_classes}")
         if checkpoint is not None:
             content = read_checkpoint(checkpoint)
             if network is None:
@@ -160,6 +185,8 @@ class FrozenTeacher(nn.Module):
             load_weights(network, network_state_dict(content, checkpoint), checkpoint)
         self.network = network
         self.checkpoint = checkpoint
+        self.declared_classes = num_classes
+        self._probed_classes: int | None = None
         self.requires_grad_(False)
         super().train(False)
 
@@ -170,9 +197,22 @@ class FrozenTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
 
+    def count_classes(self, input_shape: Sequence[int]) -> int:
+        """The number of outputs: ``num_classes`` if given, else the width of the logits on a zero batch of
+        ``input_shape`` ``(C, H, W)`` (one-line error if the network cannot take it)."""
+        if self.declared_classes is not None:
+            return self.declared_classes
+        self._probed_classes = probe_num_outputs(self, tuple(input_shape), "teacher")
+        return self._probed_classes
+
     @property
     def num_classes(self) -> int:
-        return classifier_layer(self.network).out_features
+        """The declared or last counted number of classes (:meth:`count_classes` must have run otherwise)."""
+        known = self.declared_classes if self.declared_classes is not None else self._probed_classes
+        if known is None:
+            raise ZSKDError("the teacher's number of classes is not known yet: give `num_classes`, or call "
+                            "count_classes(input_shape)")
+        return known
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the network's class and weights: identifies the teacher an impression cache came from."""
@@ -184,11 +224,17 @@ def as_frozen_teacher(module: nn.Module) -> FrozenTeacher:
     return module if isinstance(module, FrozenTeacher) else FrozenTeacher(network=module)
 
 
-def classifier_layer(network: nn.Module) -> nn.Linear:
-    """The network's final classification layer: the last ``nn.Linear`` registered in it."""
+def classifier_layer(network: nn.Module, num_classes: int | None = None) -> nn.Linear:
+    """The network's classification layer, for methods that read its weights (e.g. ZSKD's class similarity):
+    the last registered ``nn.Linear`` with ``num_classes`` outputs (any width when ``None``). Registration order
+    need not be execution order, hence the width check."""
     linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    if num_classes is not None:
+        linears = [m for m in linears if m.out_features == num_classes]
     if not linears:
-        raise ZSKDError(f"{type(network).__name__} has no nn.Linear layer to use as the classifier")
+        width = f" with {num_classes} outputs" if num_classes is not None else ""
+        raise ZSKDError(f"{type(network).__name__} has no nn.Linear layer{width}, whose weights this method reads as "
+                        "the classifier's")
     return linears[-1]
 
 

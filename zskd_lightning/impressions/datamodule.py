@@ -93,6 +93,12 @@ class ImpressionDataModule(L.LightningDataModule):
         batch_augmentation: a module applied to whole pixel-space training batches on their device, e.g.
             :class:`~zskd_lightning.augment.BatchAugmentation` (per-sample random, vectorised: far cheaper).
         overwrite_cache: replace a mismatching cache instead of stopping with an error.
+        validate_on_real: also validate on ``eval_data``'s validation split (``val/acc``, ``val/real_agreement``),
+            for monitoring. Off by default: for the MNIST/CIFAR modules that split is a part of the official
+            TRAINING set, which a data-free run otherwise never reads. Never use it to choose a model or an epoch
+            unless that is what you mean to do.
+        predict_data: a DataModule whose ``predict_dataloader`` gives the inputs ``zskd predict`` labels (default:
+            ``eval_data``'s); the predictions are written by :class:`~zskd_lightning.predictions.PredictionWriter`.
     """
 
     def __init__(
@@ -113,6 +119,8 @@ class ImpressionDataModule(L.LightningDataModule):
         augmentation: Callable[[Tensor], Tensor] | None = None,
         batch_augmentation: nn.Module | None = None,
         overwrite_cache: bool = False,
+        predict_data: L.LightningDataModule | None = None,
+        validate_on_real: bool = False,
     ) -> None:
         super().__init__()
         if num_impressions < 1:
@@ -127,6 +135,10 @@ class ImpressionDataModule(L.LightningDataModule):
         self.num_impressions = num_impressions
         self.num_val_impressions = num_val_impressions
         self.eval_data = eval_data
+        self.predict_data = predict_data
+        if validate_on_real and (eval_data is None or not hasattr(eval_data, "val_dataloader")):
+            raise InvalidArgument("validate_on_real needs an eval_data with a validation split")
+        self.validate_on_real = validate_on_real
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -172,8 +184,15 @@ class ImpressionDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------ LightningDataModule
     def setup(self, stage: str) -> None:
         # Evaluation data is opened at the start of fit too: missing files end the run before any synthesis.
-        if stage in ("fit", "test", "predict") and self.eval_data is not None:
-            self.eval_data.setup("test")
+        if stage in ("fit", "test") or (stage == "predict" and self.predict_data is None):
+            if self.eval_data is not None:
+                self.eval_data.setup("test")
+        if stage == "predict" and self.predict_data is not None:
+            self.predict_data.setup("predict")
+        if stage in ("fit", "validate") and self.validate_on_real:
+            self.eval_data.setup("validate")
+        if stage == "fit" and not self._has_validation() and self.trainer is not None:
+            self.trainer.limit_val_batches = 0  # nothing held out: no validation loop (not an empty one, which warns)
         if self.input_spec.mean is None and stage == "fit":
             rank_zero_warn("ImpressionDataModule has no input_mean/input_std: impressions are not range-limited")
 
@@ -205,12 +224,19 @@ class ImpressionDataModule(L.LightningDataModule):
             drop_last=len(dataset) > self.batch_size,
         )
 
-    def val_dataloader(self) -> DataLoader | list:
-        if self.num_val_impressions == 0:
-            return []
-        cache = self._require_cache()
-        dataset = ImpressionDataset(cache, self.num_impressions, self.num_impressions + self.num_val_impressions)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+    def _has_validation(self) -> bool:
+        return self.num_val_impressions > 0 or self.validate_on_real
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """``[held-out impressions]`` (when any), then ``[eval_data's validation split]`` with ``validate_on_real``."""
+        loaders = []
+        if self.num_val_impressions > 0:
+            cache = self._require_cache()
+            dataset = ImpressionDataset(cache, self.num_impressions, self.num_impressions + self.num_val_impressions)
+            loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers))
+        if self.validate_on_real:
+            loaders.append(self.eval_data.val_dataloader())
+        return loaders
 
     def test_dataloader(self) -> DataLoader:
         if self.eval_data is None:
@@ -218,4 +244,7 @@ class ImpressionDataModule(L.LightningDataModule):
         return self.eval_data.test_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        source = self.predict_data if self.predict_data is not None else self.eval_data
+        if source is None:
+            raise ZSKDError("predict needs predict_data or eval_data (a DataModule with a predict_dataloader)")
+        return source.predict_dataloader()

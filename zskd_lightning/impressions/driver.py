@@ -25,9 +25,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError
 from zskd_lightning.impressions.cache import ImpressionCache
-from zskd_lightning.impressions.pictures import save_impression_grid
+from zskd_lightning.impressions.pictures import impression_grid, log_picture, save_picture
 from zskd_lightning.impressions.progress import SynthesisProgress
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, Synthesizer, SynthesisContext
@@ -56,7 +56,7 @@ class ImpressionPlan:
         spec = {
             "method": self.synthesizer.identity(),
             "teacher_fingerprint": frozen.fingerprint(),
-            "num_classes": frozen.num_classes,
+            "num_classes": frozen.count_classes(self.input_spec.shape),
             "input_spec": self.input_spec.describe(),
             "dtype": "float32",
             "arrays": {"inputs": "impressions", "targets": "the method's targets", "labels": "class labels"},
@@ -79,31 +79,65 @@ class ImpressionSynthesis(Callback):
     Args:
         grid_filename: a PNG of impressions per class written by rank 0 to the run's log folder (``None``: off).
         log_every_seconds: without a progress bar, rank 0 prints a progress line at most this often.
+        num_threads: torch CPU threads of each process while it synthesizes (restored afterwards). ``None``: as
+            set (Lightning's DDP gives each of P processes ``cores // P`` unless ``OMP_NUM_THREADS`` is set).
+            Processes that together ask for more threads than there are cores slow each other down many times
+            over (two 2-thread runs on 2 cores: ~9x each).
     """
 
-    def __init__(self, grid_filename: str | None = "impressions.png", log_every_seconds: float = 10.0) -> None:
+    def __init__(self, grid_filename: str | None = "impressions.png", log_every_seconds: float = 10.0,
+                 num_threads: int | None = None) -> None:
+        if num_threads is not None and num_threads < 1:
+            raise InvalidArgument(f"num_threads must be >= 1, got {num_threads}")
         self.grid_filename = grid_filename
         self.log_every_seconds = log_every_seconds
+        self.num_threads = num_threads
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """``validate`` serves the held-out impressions of the complete cache on disk (nothing is synthesized)."""
+        if stage != "validate":
+            return
+        plan, teacher = _plan_and_teacher(trainer, pl_module)
+        if plan.num_val == 0:
+            return
+        cache = plan.cache_for(teacher)
+        if not cache.is_complete():
+            raise ZSKDError(f"validate reads the impressions of a complete cache, and {cache.directory} is not one "
+                            "(run `zskd fit` or `zskd synthesize` with this config first)")
+        trainer.datamodule.use_cache(cache)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        plan, teacher = _plan_and_teacher(trainer, pl_module)
         datamodule = trainer.datamodule
-        plan = getattr(datamodule, "impression_plan", None)
-        if not isinstance(plan, ImpressionPlan):
-            raise ZSKDError(
-                f"ImpressionSynthesis needs an ImpressionDataModule as the Trainer's datamodule, got "
-                f"{type(datamodule).__name__}"
-            )
-        teacher = getattr(pl_module, "teacher", None)
-        if not isinstance(teacher, nn.Module):
-            raise ZSKDError(f"ImpressionSynthesis synthesizes from the LightningModule's `teacher`; "
-                            f"{type(pl_module).__name__} has none")
-        cache = fill_cache(trainer, plan, teacher, student=getattr(pl_module, "student", None),
-                           log_every_seconds=self.log_every_seconds)
+        threads = torch.get_num_threads()
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        try:
+            cache = fill_cache(trainer, plan, teacher, student=getattr(pl_module, "student", None),
+                               log_every_seconds=self.log_every_seconds)
+        finally:
+            torch.set_num_threads(threads)
         datamodule.use_cache(cache)
         folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.grid_filename:
-            path = save_impression_grid(cache, os.path.join(folder, self.grid_filename), plan.input_spec.valid_range())
+            picture = impression_grid(cache, plan.input_spec.valid_range())
+            path = save_picture(picture, os.path.join(folder, self.grid_filename))
+            log_picture(trainer.loggers, "impressions", picture)
             rank_zero_info(f"Impression grid written to {path}")
+
+
+def _plan_and_teacher(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[ImpressionPlan, nn.Module]:
+    plan = getattr(trainer.datamodule, "impression_plan", None)
+    if not isinstance(plan, ImpressionPlan):
+        raise ZSKDError(
+            f"ImpressionSynthesis needs an ImpressionDataModule as the Trainer's datamodule, got "
+            f"{type(trainer.datamodule).__name__}"
+        )
+    teacher = getattr(pl_module, "teacher", None)
+    if not isinstance(teacher, nn.Module):
+        raise ZSKDError(f"ImpressionSynthesis synthesizes from the LightningModule's `teacher`; "
+                        f"{type(pl_module).__name__} has none")
+    return plan, teacher
 
 
 def fill_cache(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, student: nn.Module | None = None,
@@ -139,7 +173,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
             decision = {"error": f"cannot use the impression cache {cache.directory}: {err.strerror or err}"}
     decision = strategy.broadcast(decision, src=0)
     if "error" in decision:
-        raise ZSKDError(decision["error"])
+        raise RankSharedError(decision["error"])
     if decision["complete"]:
         rank_zero_info(f"Reusing the complete impression cache at {cache.directory} ({cache.count} impressions)")
         return cache
@@ -151,7 +185,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
     context = SynthesisContext(
         teacher=teacher,
         input_spec=plan.input_spec,
-        num_classes=teacher.num_classes,
+        num_classes=teacher.count_classes(plan.input_spec.shape),
         device=teacher_device(teacher),
         autocast=trainer.precision_plugin.forward_context,
         student=student,
@@ -193,7 +227,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
             error = str(err)
     error = strategy.broadcast(error, src=0)
     if error:
-        raise ZSKDError(error)
+        raise RankSharedError(error)
     return cache
 
 

@@ -2,44 +2,89 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
-from zskd_lightning.pixels import to_pixels
+from zskd_lightning.files import write_atomic
 from zskd_lightning.impressions.cache import ImpressionCache
+from zskd_lightning.pixels import to_pixels
 
 
-def save_impression_grid(
+def impression_grid(
     cache: ImpressionCache,
-    path: str,
     input_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     per_class: int = 8,
-    upscale_to: int = 32,
-) -> str:
-    """Write a PNG grid: one row per class, ``per_class`` impressions each, mapped back to pixel values.
+    min_size: int = 64,
+) -> Image.Image:
+    """A labelled grid: one row per class (its label on the left), ``per_class`` impressions each, mapped back to
+    pixel values and enlarged (nearest neighbour, a whole factor) until each image is at least ``min_size`` px.
 
     ``input_range`` (per-channel min/max ``[C, 1, 1]`` of the teacher's input space) maps impressions back to
-    [0, 1]; without it each image is min-max scaled. Small images are upscaled (nearest) for visibility.
+    [0, 1]; without it each image is min-max scaled.
     """
     labels = np.concatenate(cache.load("labels"))
     inputs = cache.load("inputs")
-    chosen = []
+    chosen, rows = [], []
     for k in np.unique(labels):
-        for index in np.flatnonzero(labels == k)[:per_class]:
-            chunk, offset = divmod(int(index), cache.chunk_size)
-            chosen.append(torch.from_numpy(np.array(inputs[chunk][offset])))
-    images = torch.stack(chosen)
+        row = np.flatnonzero(labels == k)[:per_class]
+        rows.append(int(k))
+        for position in range(per_class):
+            if position < len(row):
+                chunk, offset = divmod(int(row[position]), cache.chunk_size)
+                chosen.append(torch.from_numpy(np.array(inputs[chunk][offset])))
+            else:  # a class with fewer impressions: a blank cell keeps the rows aligned
+                chosen.append(None)
+    shape = next(x for x in chosen if x is not None).shape
+    images = torch.stack([x if x is not None else torch.full(shape, float("nan")) for x in chosen])
     if input_range is not None:
         images = to_pixels(images, input_range)
     else:
         flat = images.flatten(1)
-        low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
-        images = (images - low) / (high - low).clamp_min(1e-12)
-    if images.shape[-1] < upscale_to:
-        images = torch.nn.functional.interpolate(images, scale_factor=upscale_to // images.shape[-1], mode="nearest")
+        low, high = flat.nan_to_num(np.inf).min(1).values, flat.nan_to_num(-np.inf).max(1).values
+        images = (images - low.view(-1, 1, 1, 1)) / (high - low).clamp_min(1e-12).view(-1, 1, 1, 1)
+    images = images.nan_to_num(0.5).clamp(0, 1)
+    factor = max(1, math.ceil(min_size / max(images.shape[-2:])))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    grid = make_grid(images, nrow=per_class, padding=2, pad_value=0.5)  # [3 or C, H, W]
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).convert("RGB")
+    margin = 72
+    labelled = Image.new("RGB", (picture.width + margin, picture.height), (255, 255, 255))
+    labelled.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(labelled)
+    cell = images.shape[-2] + 2
+    for row, label in enumerate(rows):
+        draw.text((6, row * cell + cell // 2 - 6), f"class {label}", fill=(0, 0, 0))
+    return labelled
+
+
+def save_picture(picture: Image.Image, path: str) -> str:
+    """Write ``picture`` as a PNG at ``path`` (atomically); returns the path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_image(images.clamp(0, 1), path, nrow=per_class, padding=2, pad_value=0.5)
+    write_atomic(path, lambda handle: picture.save(handle, format="PNG"))
     return path
+
+
+def save_impression_grid(cache: ImpressionCache, path: str,
+                         input_range: tuple[torch.Tensor, torch.Tensor] | None = None, per_class: int = 8) -> str:
+    """Write :func:`impression_grid` as a PNG at ``path``; returns the path."""
+    return save_picture(impression_grid(cache, input_range, per_class), path)
+
+
+def log_picture(loggers: Sequence[Any], tag: str, picture: Image.Image, step: int = 0) -> None:
+    """Send ``picture`` to every logger that takes images: TensorBoard's ``add_image``, or a ``log_image`` method
+    (Weights & Biases, Neptune, ...); others (CSV) are skipped."""
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(tag, np.asarray(picture), global_step=step, dataformats="HWC")
+        elif callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=tag, images=[picture], step=step)

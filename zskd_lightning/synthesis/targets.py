@@ -14,12 +14,13 @@ from zskd_lightning.synthesis.api import Chunk, ChunkRandomness, SynthesisContex
 from zskd_lightning.teacher import classifier_layer
 
 
-def class_similarity(teacher: nn.Module) -> Tensor:
-    """ZSKD class-similarity matrix ``[K, K]`` from the teacher's final linear layer ``W [K, D]``.
+def class_similarity(teacher: nn.Module, num_classes: int | None = None) -> Tensor:
+    """ZSKD class-similarity matrix ``[K, K]`` from the teacher's classification layer ``W [K, D]`` (its last
+    ``nn.Linear`` with ``num_classes`` outputs, see :func:`~zskd_lightning.teacher.classifier_layer`).
 
     Cosine similarity of the class weight vectors, min-max normalized to ``[0, 1]`` over the whole matrix.
     """
-    weight = classifier_layer(teacher).weight.detach().float().cpu()
+    weight = classifier_layer(teacher, num_classes).weight.detach().float().cpu()
     unit = F.normalize(weight, dim=1)
     similarity = unit @ unit.T
     low, high = similarity.min(), similarity.max()
@@ -50,7 +51,7 @@ class DirichletTargets(TargetSampler):
         self.similarity: Tensor | None = None
 
     def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
-        self.similarity = class_similarity(context.teacher)
+        self.similarity = class_similarity(context.teacher, context.num_classes)
 
     def concentrations(self, indices: Tensor, num_classes: int) -> Tensor:
         """Dirichlet concentration of each impression, ``[N, K]`` float64."""

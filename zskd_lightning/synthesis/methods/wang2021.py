@@ -146,6 +146,20 @@ class FeatureActivation(Regularizer):
         return -response.features[self._tap.key].float().abs().flatten(1).mean(1)
 
 
+class ScaledSoftTargetCrossEntropy(SoftTargetCrossEntropy):
+    """``scale * CE(y, softmax(logits / T))`` per sample, ``[N]``; ``scale = T**2`` is Hinton's convention, which
+    keeps the matching gradient's size independent of ``T`` against the activation term's."""
+
+    def __init__(self, temperature: float = 20.0, scale: float = 1.0) -> None:
+        super().__init__(temperature)
+        if scale <= 0:
+            raise InvalidArgument(f"matching_scale must be > 0, got {scale}")
+        self.scale = float(scale)
+
+    def __call__(self, response: Response, targets: Tensor) -> Tensor:
+        return self.scale * super().__call__(response, targets)
+
+
 class WangSynthesizer(Synthesizer):
     """Wang 2021 (AAAI): Gaussian feature targets, matched at temperature T, plus the activation term.
 
@@ -155,6 +169,8 @@ class WangSynthesizer(Synthesizer):
     Args:
         sigma, correlation, layer, where, eps, rectify: of :class:`GaussianFeatureTargets`.
         temperature: T of the target softmax and of the matching loss.
+        matching_scale: factor of the matching loss, ``"t_squared"`` (``T**2``) or a number. Synthesis uses Adam,
+            so only its ratio to ``activation_weight`` and the priors' weights matters.
         activation_weight: lambda_a of :class:`FeatureActivation` (0 leaves the term out).
         synthesizer_settings: the loop's settings (``iterations``, ``lr``, ``init``, ``regularizers``, ...) of
             :class:`~zskd_lightning.synthesis.inversion.Synthesizer`.
@@ -172,13 +188,18 @@ class WangSynthesizer(Synthesizer):
         temperature: float = 20.0,
         activation_weight: float = 0.05,
         rectify: bool = False,
+        matching_scale: float | Literal["t_squared"] = 1.0,
         **synthesizer_settings: Any,
     ) -> None:
+        if matching_scale == "t_squared":
+            matching_scale = float(temperature) ** 2
+        elif isinstance(matching_scale, str):
+            raise InvalidArgument(f"matching_scale must be a number or 't_squared', got {matching_scale!r}")
         extra = list(synthesizer_settings.pop("regularizers", ()))
         activation = [FeatureActivation(activation_weight, layer, where)] if activation_weight else []
         super().__init__(
             target_sampler=GaussianFeatureTargets(sigma, correlation, layer, where, eps, temperature, rectify),
-            objective=SoftTargetCrossEntropy(temperature),
+            objective=ScaledSoftTargetCrossEntropy(temperature, matching_scale),
             regularizers=activation + extra,
             **synthesizer_settings,
         )

@@ -1,0 +1,74 @@
+"""What the library itself causes is not printed as a warning: the frozen teacher's eval mode, and an empty
+validation loop when no impressions are held out. A student left in eval mode still gets Lightning's warning."""
+
+from __future__ import annotations
+
+import warnings
+
+from helpers import tiny
+
+from zskd_lightning import DistillationModule, ImpressionSynthesis
+
+
+def _fit_warnings(tmp_path, student=None) -> list[str]:
+    model = DistillationModule(teacher=tiny.make_net(0), student=student or tiny.make_net(1, width=4),
+                               export_filename=None)
+    trainer = tiny.quiet_trainer(tmp_path, callbacks=[ImpressionSynthesis(grid_filename=None)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=tiny.make_datamodule(tmp_path / "cache", num_impressions=16))
+    assert trainer.global_step > 0
+    return [str(w.message) for w in caught]
+
+
+def test_a_distillation_run_warns_of_nothing_the_library_causes(tmp_path):
+    caught = _fit_warnings(tmp_path)
+    noise = ("eval mode", "across ranks is zero", "but have no `val_dataloader`")
+    assert not [m for m in caught if any(n in m for n in noise)], caught
+
+
+def test_a_student_in_eval_mode_is_still_reported(tmp_path):
+    class EvalStudent(type(tiny.make_net(1))):
+        def train(self, mode: bool = True):
+            super().train(mode)
+            self.body[0].eval()  # one student module stays in eval mode
+            return self
+
+    student = EvalStudent(width=4)
+    caught = _fit_warnings(tmp_path, student)
+    assert [m for m in caught if "in eval mode at the start of training" in m], caught
+
+
+def test_synthesis_runs_with_the_threads_it_is_given_and_restores_them(tmp_path, monkeypatch):
+    import torch
+
+    from zskd_lightning.impressions import driver
+
+    seen = []
+    real_fill = driver.fill_cache
+
+    def fill_and_count(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_fill(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "fill_cache", fill_and_count)
+    model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
+    trainer = tiny.quiet_trainer(tmp_path, limit_train_batches=0,
+                                 callbacks=[ImpressionSynthesis(grid_filename=None, num_threads=1)])
+    with tiny.torch_threads(2):
+        trainer.fit(model, datamodule=tiny.make_datamodule(tmp_path / "cache", num_impressions=16))
+        after = torch.get_num_threads()
+    assert seen == [1] and after == 2
+
+
+def test_validate_on_real_logs_the_real_accuracy_beside_the_impressions_agreement(tmp_path):
+    from zskd_lightning.data import DigitsDataModule
+
+    model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
+    trainer = tiny.quiet_trainer(tmp_path, callbacks=[ImpressionSynthesis(grid_filename=None)])
+    data = tiny.make_datamodule(tmp_path / "cache", num_impressions=16, num_val_impressions=8,
+                                eval_data=DigitsDataModule(batch_size=64), validate_on_real=True)
+    trainer.fit(model, datamodule=data)
+    metrics = trainer.callback_metrics
+    assert {"val/agreement", "val/loss", "val/acc", "val/real_agreement"} <= set(metrics), sorted(metrics)
+    assert not [k for k in metrics if "dataloader_idx" in k]

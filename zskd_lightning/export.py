@@ -1,0 +1,128 @@
+"""The distilled student as a file a user can deploy: its weights in safetensors (no pickle, so loading runs no
+code) and, beside them, a JSON record of what the network is and what it takes.
+
+``student.safetensors`` holds the ``state_dict``; ``student.json`` holds::
+
+    {"format": "zskd-student", "version": 1,
+     "class_path": "zskd_lightning.models.LeNet5Half", "init_args": {...} or null,
+     "input_shape": [C, H, W], "input_mean": [...] or null, "input_std": [...] or null,
+     "num_classes": K, "teacher": {"checkpoint": ..., "fingerprint": ...}, "test_accuracy": null or percent,
+     "library_version": ...}
+
+``init_args`` is known when the student was configured by class path (the ``zskd`` CLI, YAML); a student built
+in Python records ``null``, and :func:`load_student` then needs the ``network``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from zskd_lightning._version import __version__
+from zskd_lightning.errors import ZSKDError
+from zskd_lightning.files import write_atomic, write_text_atomic
+from zskd_lightning.teacher import instantiate, load_weights
+
+RECORD_FORMAT, RECORD_VERSION = "zskd-student", 1
+
+
+def record_path(weights_path: str | os.PathLike) -> str:
+    """The JSON record beside ``weights_path`` (``student.safetensors`` -> ``student.json``)."""
+    return os.path.splitext(os.fspath(weights_path))[0] + ".json"
+
+
+def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[str, Any] | None,
+                  input_shape: Sequence[int] | None, input_mean: Sequence[float] | None,
+                  input_std: Sequence[float] | None, num_classes: int | None,
+                  teacher: Mapping[str, Any] | None) -> tuple[str, str]:
+    """Write ``student``'s weights to ``path`` (safetensors) and its record beside it, each atomically.
+
+    ``spec``: the student's ``{"class_path", "init_args"}`` when known (else the class is recorded alone).
+    Returns ``(weights_path, record_path)``.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}  # no shared storage
+    write_atomic(path, lambda handle: handle.write(save(state)))
+    cls = type(student)
+    record = {
+        "format": RECORD_FORMAT,
+        "version": RECORD_VERSION,
+        "class_path": spec["class_path"] if spec else f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": dict(spec.get("init_args") or {}) if spec else None,
+        "input_shape": list(input_shape) if input_shape is not None else None,
+        "input_mean": list(input_mean) if input_mean is not None else None,
+        "input_std": list(input_std) if input_std is not None else None,
+        "num_classes": num_classes,
+        "teacher": dict(teacher) if teacher else None,
+        "test_accuracy": None,
+        "library_version": __version__,
+    }
+    json_path = record_path(path)
+    write_text_atomic(json_path, json.dumps(record, indent=2) + "\n")
+    return path, json_path
+
+
+def update_record(weights_path: str | os.PathLike, **fields: Any) -> None:
+    """Set ``fields`` (e.g. ``test_accuracy``) in the record beside ``weights_path``."""
+    json_path = record_path(weights_path)
+    record = read_record(json_path)
+    record.update(fields)
+    write_text_atomic(json_path, json.dumps(record, indent=2) + "\n")
+
+
+def read_record(json_path: str | os.PathLike) -> dict[str, Any]:
+    """The student record at ``json_path``, checked to be one (one-line error otherwise)."""
+    json_path = os.fspath(json_path)
+    try:
+        with open(json_path) as handle:
+            record = json.load(handle)
+    except FileNotFoundError:
+        raise ZSKDError(f"student record not found: {json_path} (it is written beside the .safetensors file)") from None
+    except (OSError, ValueError) as err:
+        raise ZSKDError(f"could not read the student record {json_path}: {err}") from err
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise ZSKDError(f"{json_path} is not a student record (expected format {RECORD_FORMAT!r})")
+    if record.get("version") != RECORD_VERSION:
+        raise ZSKDError(f"student record {json_path} has version {record.get('version')!r}; this library reads "
+                        f"version {RECORD_VERSION}")
+    return record
+
+
+def load_student(path: str | os.PathLike, network: nn.Module | None = None,
+                 map_location: str | torch.device = "cpu") -> nn.Module:
+    """The exported student, weights loaded, in eval mode: one call.
+
+    Args:
+        path: the ``.safetensors`` file (its ``.json`` record must lie beside it) or the ``.json`` record.
+        network: the architecture to load the weights into; needed when the record's ``init_args`` is null (a
+            student built in Python), else built from the record. Only classes of ``zskd_lightning.models`` or
+            ``torchvision.models`` are built from a record; give any other as ``network``.
+        map_location: where the weights go.
+
+    The record (input shape, normalization, classes, teacher, test accuracy) is at ``model.zskd_record``.
+    """
+    path = os.fspath(path)
+    weights = os.path.splitext(path)[0] + ".safetensors" if path.endswith(".json") else path
+    record = read_record(record_path(weights))
+    if not os.path.isfile(weights):
+        raise ZSKDError(f"student weights not found: {weights}")
+    if network is None:
+        if record["init_args"] is None:
+            raise ZSKDError(f"student record {record_path(weights)} names {record['class_path']} without its "
+                            "init_args (it was built in Python): pass the architecture, load_student(path, network=...)")
+        network = instantiate({"class_path": record["class_path"], "init_args": record["init_args"]},
+                              source=f"student record {record_path(weights)}")
+    try:
+        state = load_file(weights, device=str(map_location))
+    except Exception as err:  # not a safetensors file, truncated
+        raise ZSKDError(f"could not read student weights {weights}: {type(err).__name__}: {err}") from err
+    load_weights(network, state, weights)
+    network.zskd_record = record
+    return network.to(map_location).eval()

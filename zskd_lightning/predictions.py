@@ -1,0 +1,70 @@
+"""Writing what ``trainer.predict`` / ``zskd predict`` computes: a Lightning prediction writer.
+
+Each rank writes ``predictions.npz`` (``predictions.rank<R>.npz`` when there are several) into the run's log
+folder: ``probabilities`` float32 ``[N, num_classes]``, ``labels`` int64 ``[N]`` (their argmax) and
+``indices`` int64 ``[N]`` (each row's index in the prediction dataset; under DDP a rank's sampler may repeat a
+few to even out the ranks).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from zskd_lightning.files import write_atomic
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Collect every predict batch's output (probabilities ``[B, K]``) and write them when the epoch ends.
+
+    Args:
+        filename: the file in the run's log folder (``None``: the Trainer's ``default_root_dir``).
+    """
+
+    def __init__(self, filename: str = "predictions.npz") -> None:
+        super().__init__(write_interval="batch")
+        self.filename = filename
+        self._outputs: list[torch.Tensor] = []
+        self._indices: list[torch.Tensor] = []
+        self.written: str | None = None
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._outputs, self._indices = [], []
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        probabilities = prediction.detach().float().cpu()
+        self._outputs.append(probabilities)
+        indices = torch.as_tensor(batch_indices if batch_indices is not None else [], dtype=torch.int64)
+        if len(indices) != len(probabilities):  # no sampler indices (an iterable dataset): positions in order
+            start = sum(len(o) for o in self._outputs[:-1])
+            indices = torch.arange(start, start + len(probabilities))
+        self._indices.append(indices)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._outputs:
+            return
+        probabilities = torch.cat(self._outputs).numpy()
+        name = self.filename if trainer.world_size == 1 else self.filename.replace(".npz", f".rank{trainer.global_rank}.npz")
+        folder = trainer.log_dir or trainer.default_root_dir
+        path = os.path.join(folder, name)
+        os.makedirs(folder, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, probabilities=probabilities, labels=probabilities.argmax(axis=1).astype(np.int64),
+                 indices=torch.cat(self._indices).numpy())
+        write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
+        self.written = path
+        rank_zero_info(f"Predictions for {len(probabilities)} inputs written to {path}")
+
+
+def writer_unless_present(trainer: L.Trainer | None) -> list[PredictionWriter]:
+    """``[PredictionWriter()]`` unless the Trainer already has a prediction writer (for ``configure_callbacks``)."""
+    present = trainer is not None and any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks)
+    return [] if present else [PredictionWriter()]
