@@ -298,6 +298,7 @@ def test_an_error_every_rank_raises_is_printed_by_rank_zero_only(rank, lines_pri
     """An unusable cache folder is found by rank 0 and raised on every rank (RankSharedError): under DDP the
     user reads it once, not once per process; every rank still exits 2."""
     monkeypatch.setattr(rank_zero_only, "rank", rank)
+    monkeypatch.chdir(tmp_path)
     not_a_folder = tmp_path / "notes.txt"
     not_a_folder.write_text("mine")
     err = _quickstart_error("--data.init_args.cache_dir", str(not_a_folder), capsys, monkeypatch)
@@ -305,6 +306,9 @@ def test_an_error_every_rank_raises_is_printed_by_rank_zero_only(rank, lines_pri
     assert len(lines) == lines_printed, err
     assert all("is a file, not a folder" in line for line in lines), lines
     assert not_a_folder.read_text() == "mine"
+    if rank == 0:  # the failed run leaves no log folder behind (it held only the config it started with)
+        assert not list((tmp_path / "runs" / "quickstart").glob("lightning_logs/version_*")), \
+            list((tmp_path / "runs").rglob("*"))
 
 
 @pytest.mark.parametrize(("override", "value", "reason"), [

@@ -418,3 +418,18 @@ def test_real_mnist_test_split():
     assert dm.test_dataset.images.shape == (10_000, 1, 32, 32)
     # normalized with the standard constants: the served mean over the 28x28 interior is near 0
     assert abs(float(dm.test_dataset.images[:, :, 2:30, 2:30].mean())) < 0.1
+
+
+def test_normalization_is_an_argument():
+    """A teacher trained with other statistics gets its own: served = (pixel - mean) / std."""
+    default, own = DigitsDataModule(), DigitsDataModule(mean=(0.5,), std=(0.25,))
+    default.setup("test")
+    own.setup("test")
+    x_default, x_own = default.test_dataset[0][0], own.test_dataset[0][0]
+    pixels = x_default * default.std[0] + default.mean[0]
+    assert torch.allclose(x_own, (pixels - 0.5) / 0.25, atol=1e-5)
+    assert own.input_range()[0].item() == pytest.approx(-2.0)
+    with pytest.raises(ZSKDError, match="1 mean and 1 std"):
+        DigitsDataModule(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    with pytest.raises(ZSKDError, match="go together"):
+        DigitsDataModule(mean=(0.5,))

@@ -135,9 +135,12 @@ def test_wang_impressions_reach_their_soft_targets():
     fewer.setup(context)
     start = fewer.invert(context, Chunk.of(0, 0, 0, 32))
     assert torch.equal(first.targets, start.targets)
-    # the loss is CE(target, softmax(logits / T)) = H(target) + KL(target || teacher): the KL part falls by over half
+    # the loss is T^2 * CE(target, softmax(logits / T)) = T^2 * (H(target) + KL(target || teacher)) (plus the
+    # activation term): the KL part falls by over half
+    scale = synthesizer.objective.scale
+    assert scale == 20.0**2  # matching_scale "t_squared" by default
     entropy = float(-(first.targets * first.targets.log()).sum(1).mean())
-    assert first.loss.mean() - entropy < 0.5 * (start.loss.mean() - entropy)
+    assert first.loss.mean() / scale - entropy < 0.5 * (start.loss.mean() / scale - entropy)
     with torch.no_grad():
         agreement = (teacher(first.inputs).argmax(1) == first.labels).float().mean()
         initial = (teacher(start.inputs).argmax(1) == start.labels).float().mean()

@@ -8,7 +8,9 @@ and distils students (:class:`~zskd_lightning.DistillationModule`) on real data 
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
+import re
 import sys
 from argparse import ArgumentError
 from collections.abc import Iterator
@@ -66,6 +68,16 @@ class ZSKDCLI(LightningCLI):
         if kwargs.get("weights_only", True) is None:
             kwargs["weights_only"] = True
         return kwargs
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; if it fails, remove the log folder it made when that holds only what the CLI and the logger
+        wrote at the start (config, hyper-parameters, an empty event file), so failed runs leave no version_N."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.is_global_zero:
+                _remove_if_only_startup_files(self.trainer.log_dir)
+            raise
 
     def after_fit(self) -> None:
         if self.config["fit"].get("test_after_fit"):
@@ -158,6 +170,25 @@ def _concise_subclass_lists() -> Iterator[None]:
         yield
     finally:
         ActionTypeHint.extra_help = original
+
+
+#: What a run writes into its log folder before any work: LightningCLI's config, the logger's hyper-parameters
+#: and (TensorBoard) an event file.
+_STARTUP_FILES = re.compile(r"^(config\.yaml|hparams\.yaml|events\.out\.tfevents\..*)$")
+
+
+def _remove_if_only_startup_files(folder: str | None) -> None:
+    """Delete ``folder`` if it holds nothing but small :data:`_STARTUP_FILES` (no checkpoint, metric, export or
+    event file with logged values in it)."""
+    if not folder or not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    paths = [os.path.join(folder, name) for name in names]
+    if names and all(_STARTUP_FILES.match(name) and os.path.isfile(path) and os.path.getsize(path) < 4096
+                     for name, path in zip(names, paths)):
+        for name in names:
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
 
 
 def _resolve_argument(arg: str) -> str:

@@ -13,6 +13,7 @@ gives the exact box the served (and any synthetic) inputs live in.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Callable
 
 import lightning as L
@@ -84,6 +85,8 @@ class ClassificationDataModule(L.LightningDataModule):
         augment: per-sample augmentation of the training split (never of val / test): ``True`` for the
             dataset's default, or a :class:`~zskd_lightning.augment.BatchAugmentation` of your own.
         download: allow downloading missing files (modules whose data ships locally ignore it).
+        mean / std: per-channel normalization of pixel values in [0, 1] (default: the class's, e.g. MNIST's
+            0.1307 / 0.3081); give your teacher's if it was trained with others.
     """
 
     #: number of classes.
@@ -105,6 +108,8 @@ class ClassificationDataModule(L.LightningDataModule):
         seed: int = 0,
         augment: bool | BatchAugmentation = False,
         download: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -128,6 +133,14 @@ class ClassificationDataModule(L.LightningDataModule):
                             "impressions the teacher re-labels (ImpressionDataModule.batch_augmentation)")
         self.augment = augment if isinstance(augment, BatchAugmentation) else bool(augment)
         self.download = bool(download)
+        if (mean is None) != (std is None):
+            raise InvalidArgument("mean and std go together: give both or neither")
+        if mean is not None:
+            channels = len(type(self).mean)
+            if len(mean) != channels or len(std) != channels or any(s <= 0 for s in std):
+                raise InvalidArgument(f"{type(self).__name__} needs {channels} mean and {channels} std value(s) "
+                                      f"(std > 0), got mean {list(mean)}, std {list(std)}")
+            self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.train_dataset: InMemoryImageDataset | None = None
         self.val_dataset: InMemoryImageDataset | None = None
         self.test_dataset: InMemoryImageDataset | None = None
