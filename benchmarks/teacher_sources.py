@@ -69,17 +69,22 @@ def _trainer(epochs: int, **kwargs) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
+def loader_accuracy(network: nn.Module, loader) -> float:
+    """Accuracy (%) of ``network`` (put in eval mode) on the ``(x, y)`` batches of ``loader``."""
+    network.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((network(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100 * correct / total
+
+
 def validation_accuracy(network: nn.Module) -> float:
     """Accuracy (%) of ``network`` on the MNIST validation split."""
     data = mnist(batch_size=512)
     data.setup("fit")
-    network.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in data.val_dataloader():
-            correct += int((network(x).argmax(1) == y).sum())
-            total += len(y)
-    return 100 * correct / total
+    return loader_accuracy(network, data.val_dataloader())
 
 
 def train_teacher(recipe: str, seed: int, epochs: int, path: Path) -> float:

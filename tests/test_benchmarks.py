@@ -225,3 +225,19 @@ def test_wang_readings_distils_one_student_per_reading_on_the_validation_split(t
     assert '"correlation": "incoming"' in specs["incoming_s0_16"] and '"wang2021"' in specs["outgoing_s0_16"]
     table = results.with_suffix(".md").read_text()
     assert "| outgoing | 16 | 0 |" in table and "| incoming | 16 | 0 |" in table
+
+
+def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path, monkeypatch):
+    """A one-epoch BatchNorm digits teacher; weights 0 and 0.1 at one chunk size -> two rows and their table."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
+    study = load("bn_prior")
+    results = tmp_path / "out" / "bn.csv"
+    study.main(["--weights", "0", "0.1", "--chunk-sizes", "8", "--teacher-epochs", "1", "--impressions", "16",
+                "--iterations", "2", "--student-epochs", "1", "--work-dir", str(tmp_path / "work"),
+                "--results", str(results)])
+    rows = list(csv.DictReader(results.open()))
+    assert [(r["weight"], r["chunk_size"]) for r in rows] == [("0", "8"), ("0.1", "8")]
+    assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
+    specs = {p.parent.name: p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
+    assert "BatchNormStatistics" in specs["w0.1_c8_s0"] and "BatchNormStatistics" not in specs["w0_c8_s0"]
+    assert "| 0.1 | 8 | 0 |" in results.with_suffix(".md").read_text()

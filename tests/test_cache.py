@@ -7,6 +7,7 @@ of 8, 5 iterations) through the real path: ``Trainer.fit`` with the ImpressionSy
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -107,7 +108,8 @@ def test_full_synthesis_writes_spec_manifest_and_shards(tmp_path):
     spec = json.loads((cache_dir / "spec.json").read_text())
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert {k: manifest[k] for k in spec} == spec
-    assert manifest["format_version"] == cache_module.FORMAT_VERSION == 2
+    assert "num_impressions" not in spec  # the budget is no part of the identity
+    assert manifest["format_version"] == cache_module.FORMAT_VERSION == 3
     assert manifest["method"] == json.loads(json.dumps(datamodule.synthesizer.identity()))
     assert manifest["method"]["name"] == "zskd"
     assert manifest["method"]["args"]["iterations"] == 5 and manifest["method"]["args"]["lr"] == 0.05
@@ -122,7 +124,7 @@ def test_full_synthesis_writes_spec_manifest_and_shards(tmp_path):
     assert manifest["versions"]["zskd_lightning"] == zskd_lightning.__version__
     assert manifest["wall_seconds"] > 0
     assert [s["chunk"] for s in manifest["shards"]] == [0, 1, 2]
-    assert [s["count"] for s in manifest["shards"]] == [8, 8, 4]  # the last chunk is short
+    assert [s["count"] for s in manifest["shards"]] == [8, 8, 8]  # every chunk is full; 20 are served
     for shard in manifest["shards"]:
         for kind in tiny.ARRAYS:
             path = cache_dir / f"chunk-{shard['chunk']:06d}.{kind}.npy"
@@ -131,9 +133,9 @@ def test_full_synthesis_writes_spec_manifest_and_shards(tmp_path):
     inputs = np.concatenate([np.load(cache_dir / f"chunk-{c:06d}.inputs.npy") for c in range(3)])
     targets = np.concatenate([np.load(cache_dir / f"chunk-{c:06d}.targets.npy") for c in range(3)])
     labels = np.concatenate([np.load(cache_dir / f"chunk-{c:06d}.labels.npy") for c in range(3)])
-    assert inputs.shape == (20, 1, 8, 8) and inputs.dtype == np.float32
-    assert targets.shape == (20, 10) and targets.dtype == np.float32
-    assert labels.dtype == np.int64 and np.array_equal(labels, np.arange(20) % 10)
+    assert inputs.shape == (24, 1, 8, 8) and inputs.dtype == np.float32
+    assert targets.shape == (24, 10) and targets.dtype == np.float32
+    assert labels.dtype == np.int64 and np.array_equal(labels, np.arange(24) % 10)
     low, high = tiny.digits_input_range()
     assert ((inputs >= low.item()) & (inputs <= high.item())).all()
 
@@ -147,7 +149,7 @@ def test_full_synthesis_writes_spec_manifest_and_shards(tmp_path):
 
 def test_cache_class_directly(tmp_path):
     cache = ImpressionCache(tmp_path / "c", {"num_impressions": 10, "chunk_size": 4, "anything": [1, 2]})
-    assert cache.num_chunks == 3 and cache.chunk_range(2) == (8, 10)
+    assert cache.num_chunks == 3 and cache.chunk_range(2) == (8, 12)  # full: a budget reads a prefix
     assert not cache.is_complete()
     cache.prepare()
     assert cache.missing_chunks() == [0, 1, 2]
@@ -200,11 +202,10 @@ def test_changed_teacher_is_refused(tmp_path, reference, forbid_synthesis):
     [
         ({"iterations": 6}, "iterations", 5, 6),
         ({"lr": 0.01}, "lr", 0.05, 0.01),
-        ({"num_impressions": 56}, "num_impressions", 64, 56),
         ({"seed": 1}, "seed", 0, 1),
         ({"chunk_size": 16}, "chunk_size", 8, 16),
     ],
-    ids=["iterations", "lr", "num_impressions", "seed", "chunk_size"],
+    ids=["iterations", "lr", "seed", "chunk_size"],
 )
 def test_changed_setting_is_refused_naming_the_key(tmp_path, reference, forbid_synthesis, change, key, cached, now):
     """The error names the changed key with both values (a method argument as e.g. ``method.args.lr``)."""
@@ -230,7 +231,7 @@ def test_a_cache_of_the_older_format_is_refused_in_one_line(tmp_path, reference,
     with pytest.raises(ZSKDError) as error:
         tiny.run_synthesis(cache_dir)
     message = str(error.value)
-    assert "\n" not in message and "cache format 1" in message and "format 2" in message
+    assert "\n" not in message and "cache format 1" in message and "format 3" in message
     assert "overwrite_cache" in message and str(cache_dir) in message
     assert tiny.shard_digests(cache_dir) == tiny.shard_digests(reference)  # nothing was touched
 
@@ -251,13 +252,56 @@ def test_overwrite_cache_replaces_a_mismatching_cache(tmp_path, reference, count
     tiny.run_synthesis(cache_dir, seed=1, num_impressions=24, overwrite_cache=True)
     assert count_synthesis == [0, 8, 16]
     spec = json.loads((cache_dir / "spec.json").read_text())
-    assert spec["seed"] == 1 and spec["num_impressions"] == 24
+    assert spec["seed"] == 1 and "num_impressions" not in spec
     assert sorted(p.name for p in cache_dir.glob("chunk-*.json")) == [f"chunk-{c:06d}.json" for c in range(3)]
     assert not (cache_dir / "chunk-000003.inputs.npy").exists()  # the old cache's extra chunks are gone
     old = tiny.shard_digests(reference)
     new = tiny.shard_digests(cache_dir)
     assert all(new[name] != old[name] for name in new if "inputs" in name)
-    assert ImpressionCache(cache_dir, spec).is_complete()
+    assert ImpressionCache(cache_dir, {**spec, "num_impressions": 24}).is_complete()
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+def test_a_larger_budget_adds_chunks_to_the_same_cache(tmp_path, reference, count_synthesis):
+    """64 impressions cached; 80 asked: only chunks 8 and 9 are made, and the cache equals a fresh one of 80."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    tiny.run_synthesis(cache_dir, num_impressions=80)
+    assert count_synthesis == [64, 72]
+    grown, old = tiny.shard_digests(cache_dir), tiny.shard_digests(reference)
+    assert {name: grown[name] for name in old} == old  # the cached chunks untouched
+    count_synthesis.clear()
+    tiny.run_synthesis(tmp_path / "fresh", num_impressions=80)
+    assert tiny.shard_digests(tmp_path / "fresh") == grown
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["num_impressions"] == 80 and len(manifest["shards"]) == 10
+
+
+def test_a_smaller_budget_reads_a_prefix_and_makes_nothing(tmp_path, reference, forbid_synthesis):
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    _, datamodule = tiny.run_synthesis(cache_dir, num_impressions=20, num_val_impressions=4)
+    train, val = datamodule.train_dataloader().dataset, datamodule.val_dataloader()[0].dataset
+    assert (len(train), len(val)) == (20, 4)
+    first_chunks = np.concatenate([np.load(reference / f"chunk-{c:06d}.inputs.npy") for c in range(3)])
+    assert np.array_equal(train[19][0].numpy(), first_chunks[19]) and np.array_equal(val[3][0].numpy(), first_chunks[23])
+    assert_same_cache(cache_dir, reference)
+
+
+def test_a_format_2_cache_is_upgraded_keeping_its_full_chunks(tmp_path, reference, count_synthesis):
+    """A format-2 cache (budget in its identity, last chunk partial) of the same settings: its full chunks are
+    kept, its partial one is made again, and the result is the format-3 cache."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    identity = json.loads((cache_dir / "spec.json").read_text())
+    old_spec = {**identity, "format_version": 2, "num_impressions": 60, "num_train_impressions": 60}
+    old_id = hashlib.sha256(json.dumps(old_spec, sort_keys=True).encode()).hexdigest()[:20]
+    (cache_dir / "spec.json").write_text(json.dumps(old_spec))
+    (cache_dir / "manifest.json").unlink()
+    for chunk in range(NUM_CHUNKS):
+        path = cache_dir / f"chunk-{chunk:06d}.json"
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "cache_id": old_id, "count": 4 if chunk == 7 else 8}))
+    tiny.run_synthesis(cache_dir)
+    assert count_synthesis == [56]  # only the partial chunk 7
+    assert_same_cache(cache_dir, reference)
 
 
 # ------------------------------------------------------------------------------------- corruption, resume
@@ -265,7 +309,7 @@ def test_corrupted_shard_is_detected_and_redone(tmp_path, reference, count_synth
     cache_dir = copy_cache(reference, tmp_path / "cache")
     flip_byte(cache_dir / "chunk-000005.inputs.npy")
     spec = json.loads((cache_dir / "spec.json").read_text())
-    cache = ImpressionCache(cache_dir, spec)
+    cache = ImpressionCache(cache_dir, {**spec, "num_impressions": 64})
     assert cache.missing_chunks() == [5]
     assert not cache.is_complete() and cache.is_complete(verify=False)
     tiny.run_synthesis(cache_dir)
@@ -292,7 +336,7 @@ def test_resume_after_a_crash_mid_chunk(tmp_path, reference, monkeypatch, count_
     assert (cache_dir / "chunk-000002.inputs.npy").exists() and not (cache_dir / "chunk-000002.json").exists()
     assert list(cache_dir.glob("*.tmp")) and not (cache_dir / "manifest.json").exists()
     spec = json.loads((cache_dir / "spec.json").read_text())
-    assert ImpressionCache(cache_dir, spec).missing_chunks() == [2, 3, 4, 5, 6, 7]
+    assert ImpressionCache(cache_dir, {**spec, "num_impressions": 64}).missing_chunks() == [2, 3, 4, 5, 6, 7]
 
     monkeypatch.setattr(cache_module, "write_atomic", write_atomic)
     count_synthesis.clear()
@@ -328,7 +372,7 @@ def test_resume_after_sigkill(tmp_path, reference, count_synthesis):
     assert proc.returncode == -signal.SIGKILL
     assert not (cache_dir / "manifest.json").exists()
     spec = json.loads((cache_dir / "spec.json").read_text())
-    missing = ImpressionCache(cache_dir, spec).missing_chunks()
+    missing = ImpressionCache(cache_dir, {**spec, "num_impressions": 64}).missing_chunks()
     assert 0 < len(missing) < NUM_CHUNKS
 
     tiny.run_synthesis(cache_dir)

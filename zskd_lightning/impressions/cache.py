@@ -3,8 +3,8 @@
 Layout of ``directory``::
 
     spec.json                       what defines the cache (format version, the method's identity, teacher
-                                    fingerprint, input spec, count, chunk size, seed); written once, compared on
-                                    every run
+                                    fingerprint, input spec, chunk size, seed; not the budget); written once,
+                                    compared on every run
     chunk-000012.inputs.npy         float32 [n, C, H, W]  impressions, in the teacher's input space
     chunk-000012.targets.npy        float32 [n, ...]      the method's targets they were optimized towards
     chunk-000012.labels.npy         int64   [n]           the class each was made for (apart from the targets)
@@ -20,7 +20,9 @@ a chunk of another cache (another seed, teacher or method, merged or left behind
 Nothing but the cache's own files (the names above, their temporary names and ``.lock``) is ever deleted; a
 non-empty folder that is not a cache is refused unless ``overwrite_cache`` says to use it anyway.
 
-Chunk ``c`` holds the impressions with global indices ``[c * chunk_size, min((c + 1) * chunk_size, count))``.
+Chunk ``c`` holds the impressions with global indices ``[c * chunk_size, (c + 1) * chunk_size)``: every chunk
+is full, so a budget of ``n`` impressions is the first ``ceil(n / chunk_size)`` chunks, read up to ``n``. A larger
+budget adds chunks to the same cache, a smaller one reads fewer; nothing is made twice.
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ from zskd_lightning.files import write_atomic
 #: Changes on purpose whenever a cache's layout or identity changes; a cache of another format is refused.
 #: 1: hand-written synthesizer settings named by module path. 2: the method's identity derived from its
 #: constructor arguments and named by its stable name (``method``), the teacher's input spec (``input_spec``).
-FORMAT_VERSION = 2
+#: 3: the budget is not part of the identity and every chunk is full (format-2 caches are upgraded in place:
+#: their full chunks are kept, a partial last chunk is made again).
+FORMAT_VERSION = 3
+#: Spec keys that size a run rather than define its impressions: left out of the identity.
+BUDGET_KEYS = ("num_impressions", "num_train_impressions")
 ARRAYS = ("inputs", "targets", "labels")
 #: The names of the files a cache makes (and their temporary names while written): the only files it deletes.
 OWN_FILE = re.compile(r"^(chunk-\d{6}\.(json|inputs\.npy|targets\.npy|labels\.npy)|spec\.json|manifest\.json)"
@@ -108,13 +114,18 @@ class ImpressionCache:
 
     Args:
         directory: the folder (created on :meth:`prepare`).
-        spec: JSON-serializable description; must contain ``num_impressions`` and ``chunk_size``.
+        spec: JSON-serializable description; must contain ``num_impressions`` (this run's budget, not part of the
+            cache's identity) and ``chunk_size``.
     """
 
     def __init__(self, directory: str | os.PathLike, spec: Mapping[str, Any]) -> None:
         self.directory = os.fspath(directory)
-        self.spec = _canonical({"format_version": FORMAT_VERSION, **spec})
-        self.count = int(self.spec["num_impressions"])
+        #: The identity (``spec`` without :data:`BUDGET_KEYS`): what ``spec.json`` holds and every run compares.
+        self.spec = _canonical({"format_version": FORMAT_VERSION,
+                                **{k: v for k, v in spec.items() if k not in BUDGET_KEYS}})
+        #: This run's budget (``num_impressions``, ``num_train_impressions``): recorded in the manifest only.
+        self.budget = _canonical({k: spec[k] for k in BUDGET_KEYS if k in spec})
+        self.count = int(spec["num_impressions"])
         self.chunk_size = int(self.spec["chunk_size"])
         if self.count < 1 or self.chunk_size < 1:
             raise InvalidArgument(
@@ -133,9 +144,9 @@ class ImpressionCache:
         return self.path(f"chunk-{chunk:06d}.{suffix}")
 
     def chunk_range(self, chunk: int) -> tuple[int, int]:
-        """Global impression indices ``[start, stop)`` of ``chunk``."""
+        """Global impression indices ``[start, stop)`` of ``chunk`` (always ``chunk_size`` of them)."""
         start = chunk * self.chunk_size
-        return start, min(start + self.chunk_size, self.count)
+        return start, start + self.chunk_size
 
     # ------------------------------------------------------------------------------------- spec checks
     def spec_mismatch(self) -> str | None:
@@ -154,7 +165,7 @@ class ImpressionCache:
             found = existing.get("format_version", 1) if isinstance(existing, Mapping) else "unknown"
             return (
                 f"impression cache {self.directory} was written in cache format {found}; this version of zskd-lightning "
-                f"reads format {FORMAT_VERSION} and never reuses an older cache: delete the folder, use another "
+                f"reads format {FORMAT_VERSION} (and upgrades format 2) and never reuses an older cache: delete the folder, use another "
                 "cache_dir, or set overwrite_cache: true"
             )
         old_method = (existing.get("method") or {}).get("name")
@@ -180,7 +191,9 @@ class ImpressionCache:
 
         A mismatching cache is an error unless ``overwrite``, which deletes the old cache's own files; a folder
         holding other files and no cache is an error unless ``overwrite`` (its files are kept, never deleted).
+        A format-2 cache of the same identity is upgraded first (:meth:`upgrade_format_2`).
         """
+        self.upgrade_format_2()
         mismatch = self.spec_mismatch()
         if mismatch and not overwrite:
             raise ZSKDError(mismatch)
@@ -201,6 +214,47 @@ class ImpressionCache:
                     os.remove(self.path(name))
         if not os.path.exists(self.path("spec.json")):
             _write_json(self.path("spec.json"), self.spec)
+
+    def upgrade_format_2(self) -> int | None:
+        """Adopt a format-2 cache (its identity included the budget, its last chunk could be partial) of the same
+        identity: full chunks are re-labelled with this cache's id (their shards and checksums stay), a partial
+        chunk is deleted (it is made again, full), and ``spec.json`` is rewritten; safe to interrupt and redo.
+
+        Returns the number of chunks kept, or ``None`` when the folder holds no such cache. Global rank 0.
+        """
+        try:
+            with open(self.path("spec.json")) as handle:
+                existing = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(existing, Mapping) or existing.get("format_version") != 2:
+            return None
+        identity = {k: v for k, v in existing.items() if k not in BUDGET_KEYS and k != "format_version"}
+        if identity != {k: v for k, v in self.spec.items() if k != "format_version"}:
+            return None
+        old_id = hashlib.sha256(json.dumps(existing, sort_keys=True).encode()).hexdigest()[:20]
+        kept = 0
+        for name in sorted(os.listdir(self.directory)):
+            match = re.fullmatch(r"chunk-(\d{6})\.json", name)
+            if not match:
+                continue
+            chunk = int(match.group(1))
+            try:
+                with open(self.path(name)) as handle:
+                    record = json.load(handle)
+            except (OSError, ValueError):
+                continue  # unreadable: redone like any broken chunk
+            if record.get("cache_id") in (old_id, self.cache_id) and record.get("count") == self.chunk_size:
+                _write_json(self.path(name), {**record, "cache_id": self.cache_id})
+                kept += 1
+            else:
+                for kind in ("record", *ARRAYS):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.chunk_file(chunk, kind))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path("manifest.json"))
+        _write_json(self.path("spec.json"), self.spec)
+        return kept
 
     def _make_folder(self) -> None:
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
@@ -331,6 +385,7 @@ class ImpressionCache:
         iterations = sum(record.get("impression_iterations", 0) for record in shards)
         manifest = {
             **self.spec,
+            **self.budget,
             "shards": shards,
             "versions": library_versions(),
             "synthesis_seconds_total": synthesis_seconds,
@@ -345,14 +400,15 @@ class ImpressionCache:
         return manifest
 
     def read_manifest(self) -> dict[str, Any] | None:
-        """The manifest if the cache is complete and was made with our spec, else ``None``."""
+        """The manifest if it was made with our spec and covers our budget (a larger budget's covers ours too),
+        else ``None``."""
         try:
             with open(self.path("manifest.json")) as handle:
                 manifest = json.load(handle)
         except (OSError, ValueError):
             return None
         spec_part = {k: manifest.get(k) for k in self.spec}
-        return manifest if spec_part == self.spec and len(manifest.get("shards", ())) == self.num_chunks else None
+        return manifest if spec_part == self.spec and len(manifest.get("shards", ())) >= self.num_chunks else None
 
     def is_complete(self, verify: bool = True) -> bool:
         """A manifest matching our spec exists (and, with ``verify``, every shard's checksum still matches)."""
@@ -362,7 +418,11 @@ class ImpressionCache:
         return not verify or not self.missing_chunks()
 
     def load(self, kind: str, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
-        """Memory-mapped read-only arrays of ``kind`` for the chunks covering ``[start, stop)`` (not copied)."""
+        """Memory-mapped read-only arrays of ``kind`` for the chunks covering ``[start, stop)`` (not copied): whole
+        chunks, the last one cut at ``stop`` (default: this budget's ``count``)."""
         stop = self.count if stop is None else stop
         first, last = start // self.chunk_size, -(-stop // self.chunk_size)
-        return [np.load(self.chunk_file(c, kind), mmap_mode="r") for c in range(first, last)]
+        arrays = [np.load(self.chunk_file(c, kind), mmap_mode="r") for c in range(first, last)]
+        if arrays:
+            arrays[-1] = arrays[-1][: stop - (last - 1) * self.chunk_size]
+        return arrays

@@ -79,7 +79,8 @@ class ImpressionDataModule(L.LightningDataModule):
 
     Args:
         synthesizer: how impressions are made (e.g. :class:`~zskd_lightning.ZSKDSynthesizer`).
-        num_impressions: training impressions (ZSKD MNIST: 24,000).
+        num_impressions: training impressions (ZSKD MNIST: 24,000). Not part of the cache's identity: with a
+            larger budget the cache gains the missing chunks, with a smaller one it serves a prefix.
         cache_dir: the cache folder; a matching complete cache is reused, a mismatching one is an error.
         input_shape: ``(C, H, W)`` of the teacher's inputs; default: ``eval_data.input_shape``.
         input_mean / input_std: per-channel normalization of the teacher's inputs; impressions are kept in the

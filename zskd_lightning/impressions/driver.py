@@ -158,6 +158,9 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
     if trainer.is_global_zero:
         try:
             held.enter_context(cache.locked())
+            kept = cache.upgrade_format_2()
+            if kept is not None:
+                rank_zero_info(f"Impression cache {cache.directory} upgraded from format 2: {kept} full chunk(s) kept")
             if cache.is_complete():
                 decision = {"missing": [], "complete": True}
             else:
@@ -193,8 +196,9 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
     )
     synthesizer.setup(context)
     rank_zero_info(
-        f"Synthesizing {todo} of {cache.count} impressions ({len(missing)} chunks) on {trainer.world_size} "
-        f"process(es) into {cache.directory}"
+        f"Synthesizing {todo} impressions ({len(missing)} chunks of {cache.chunk_size}) for a budget of {cache.count} "
+        f"({plan.num_train} training + {plan.num_val} validation) on {trainer.world_size} process(es) into "
+        f"{cache.directory}"
     )
     with SynthesisProgress(trainer, total=todo, iterations=synthesizer.iterations,
                            log_every_seconds=log_every_seconds) as progress:
