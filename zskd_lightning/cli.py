@@ -23,10 +23,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from zskd_lightning.errors import RankSharedError, ZSKDError
 from zskd_lightning.files import resolve_packaged
 from zskd_lightning.impressions import ImpressionDataModule, ImpressionSynthesis
+from zskd_lightning.metadata.record import ActivationRecorder
 
 
 class ZSKDTrainer(L.Trainer):
-    """A Lightning ``Trainer`` with a ``synthesize`` method (the ``zskd synthesize`` subcommand); ``fit`` is
+    """A Lightning ``Trainer`` with ``synthesize`` and ``record`` methods (the ``zskd synthesize`` and ``zskd
+    record`` subcommands); ``fit`` is
     Lightning's own (the impression data asks for its synthesis callback through the LightningModule's
     ``configure_callbacks``)."""
 
@@ -44,6 +46,14 @@ class ZSKDTrainer(L.Trainer):
         self.fit(model, datamodule=datamodule)
 
 
+    def record(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+        """Record the teacher's per-class activation statistics over the data's training split (Lopes 2017)."""
+        if not isinstance(model, ActivationRecorder):
+            raise ZSKDError(f"`zskd record` needs an ActivationRecorder as model, got {type(model).__name__}")
+        datamodule.setup("fit")
+        self.validate(model, dataloaders=datamodule.train_dataloader())
+
+
 class ZSKDCLI(LightningCLI):
     """LightningCLI plus ``synthesize`` and the ``--test_after_fit`` flag (test the last-epoch model on the test split)."""
 
@@ -51,6 +61,7 @@ class ZSKDCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
         commands["synthesize"] = {"model", "datamodule"}
+        commands["record"] = {"model", "datamodule"}
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -1,0 +1,69 @@
+"""Recording a teacher's activation metadata (Lopes et al. 2017) over its real training split: from Python with a
+plain Trainer, and through ``zskd record``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import tiny
+
+from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.errors import ZSKDError
+from zskd_lightning.metadata import read_metadata
+from zskd_lightning.metadata.record import ActivationRecorder, default_layers
+from zskd_lightning.teacher import as_frozen_teacher
+
+
+def test_recording_over_the_training_split_gives_each_classs_statistics(tmp_path):
+    teacher = tiny.make_net(0)
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    recorder = ActivationRecorder(teacher, output=str(tmp_path / "meta.safetensors"), temperature=8.0,
+                                  max_full_dim=100)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        recorder, dataloaders=data.train_dataloader())
+    metadata = read_metadata(tmp_path / "meta.safetensors", teacher_fingerprint=as_frozen_teacher(teacher).fingerprint())
+    assert list(metadata.layers) == [*default_layers(teacher), "logits"] == ["body.0", "body.4", "body.6", "logits"]
+    assert metadata.layers["body.0"].kept == "diagonal" and metadata.layers["body.0"].shape == (8, 8, 8)  # 512 > 100
+    assert metadata.layers["logits"].kept == "full"
+    # the logits' statistics equal numpy's over the same images, grouped by true class
+    images, labels = data.train_dataset.images, data.train_dataset.labels
+    with torch.no_grad():
+        logits = (as_frozen_teacher(teacher)(images) / 8.0).double().numpy()
+    record = metadata.layers["logits"]
+    assert int(record.count.sum()) == len(labels)
+    for k in range(10):
+        rows = logits[labels.numpy() == k]
+        np.testing.assert_allclose(record.mean[k].numpy(), rows.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(record.spread[k].numpy(), np.cov(rows, rowvar=False, bias=True), rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_the_teacher_lacks_is_one_line():
+    with pytest.raises(ZSKDError, match="no_such_layer"):
+        ActivationRecorder(tiny.make_net(0), layers=["no_such_layer"])
+
+
+def test_zskd_record_through_the_console(tmp_path):
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False},
+        "model": {"class_path": "zskd_lightning.metadata.record.ActivationRecorder",
+                  "init_args": {"teacher": {"class_path": "zskd_lightning.FrozenTeacher", "init_args": {
+                      "network": {"class_path": "zskd_lightning.models.DigitsConvNet",
+                                  "init_args": {"in_channels": 1, "num_classes": 10}},
+                      "checkpoint": "zskd_lightning:assets/digits_teacher.pt"}},
+                      "output": "digits.metadata.safetensors"}},
+        "data": {"class_path": "zskd_lightning.data.DigitsDataModule", "init_args": {"batch_size": 128}},
+    }
+    (tmp_path / "record.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "zskd_lightning", "record", "--config", "record.yaml"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=tiny.script_env(1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Recorded" in result.stdout + result.stderr and "MiB" in result.stdout + result.stderr
+    metadata = read_metadata(tmp_path / "digits.metadata.safetensors")
+    assert int(metadata.layers["logits"].count.sum()) > 1000

@@ -1,0 +1,117 @@
+"""The metadata file a teacher's owner ships beside the model (Lopes et al. 2017): per-class activation statistics
+in one safetensors file (no pickle: reading it runs no code), with a JSON header under the key ``"zskd"``.
+
+Tensors, per recorded layer ``L`` (a module path): ``L/count`` ``[K]``, ``L/mean`` ``[K, d]``, ``L/std`` ``[K, d]``,
+and ``L/covariance`` ``[K, d, d]`` (kept ``"full"``) or ``L/variance`` ``[K, d]`` (kept ``"diagonal"``), float64.
+Header: format and version, the teacher's fingerprint, the temperature the logits were divided by, each layer's
+activation shape and what was kept, the library version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import Tensor
+
+from zskd_lightning._version import __version__
+from zskd_lightning.errors import ZSKDError
+from zskd_lightning.files import write_atomic
+from zskd_lightning.metadata.statistics import ClassMoments
+
+FORMAT, VERSION = "zskd-activation-metadata", 1
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer's statistics: ``count [K]``, ``mean [K, d]``, ``std [K, d]``, ``spread`` (``[K, d, d]``
+    covariance when ``kept == "full"``, else ``[K, d]`` variances), and the activation ``shape`` (without batch)."""
+
+    shape: tuple[int, ...]
+    kept: str
+    count: Tensor
+    mean: Tensor
+    std: Tensor
+    spread: Tensor
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """A read metadata file: its ``header``, its ``layers`` by module path, and the file's ``sha256``."""
+
+    header: dict[str, Any]
+    layers: dict[str, LayerRecord]
+    sha256: str
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        return self.header["teacher_fingerprint"]
+
+
+def write_metadata(path: str | os.PathLike, layers: Mapping[str, ClassMoments], shapes: Mapping[str, Sequence[int]],
+                   teacher_fingerprint: str, temperature: float) -> int:
+    """Write the statistics of ``layers`` (activation ``shapes`` by layer) atomically; returns the file's size in
+    bytes. Raises :class:`ZSKDError` for a class with fewer than 2 samples."""
+    tensors: dict[str, Tensor] = {}
+    described = {}
+    for name, moments in layers.items():
+        spread = moments.covariance()
+        tensors[f"{name}/count"] = moments.count.clone()
+        tensors[f"{name}/mean"] = moments.mean.clone()
+        tensors[f"{name}/std"] = moments.std().contiguous()
+        tensors[f"{name}/{'covariance' if moments.kept == 'full' else 'variance'}"] = spread.contiguous()
+        described[name] = {"shape": [int(s) for s in shapes[name]], "dim": moments.dim, "kept": moments.kept}
+    header = {"format": FORMAT, "version": VERSION, "teacher_fingerprint": teacher_fingerprint,
+              "temperature": float(temperature), "num_classes": next(iter(layers.values())).num_classes,
+              "layers": described, "library_version": __version__}
+    payload = save(tensors, metadata={"zskd": json.dumps(header, sort_keys=True)})
+    write_atomic(path, lambda handle: handle.write(payload))
+    return len(payload)
+
+
+def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = None) -> Metadata:
+    """Read and check a metadata file; with ``teacher_fingerprint``, refuse another teacher's. One-line errors
+    for a missing, truncated, corrupt or foreign file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            payload = handle.read()
+    except FileNotFoundError:
+        raise ZSKDError(f"metadata file not found: {path}") from None
+    except OSError as err:
+        raise ZSKDError(f"cannot read metadata file {path}: {err.strerror or err}") from err
+    try:
+        tensors = load(payload)
+        header = json.loads(_safetensors_header(payload).get("__metadata__", {}).get("zskd", "null"))
+    except (SafetensorError, ValueError, KeyError, TypeError) as err:
+        raise ZSKDError(f"metadata file {path} is corrupt or truncated ({type(err).__name__}: {err})") from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ZSKDError(f"{path} is not an activation metadata file (no {FORMAT!r} header)")
+    if header.get("version") != VERSION:
+        raise ZSKDError(f"metadata file {path} has version {header.get('version')!r}; this library reads {VERSION}")
+    if teacher_fingerprint is not None and header["teacher_fingerprint"] != teacher_fingerprint:
+        raise ZSKDError(f"metadata file {path} was recorded from teacher {header['teacher_fingerprint'][:12]}, not from "
+                        f"this teacher ({teacher_fingerprint[:12]})")
+    layers = {}
+    for name, info in header["layers"].items():
+        spread = tensors.get(f"{name}/covariance", tensors.get(f"{name}/variance"))
+        missing = [k for k in ("count", "mean", "std") if f"{name}/{k}" not in tensors] + ([] if spread is not None else ["spread"])
+        if missing:
+            raise ZSKDError(f"metadata file {path} lacks {missing} of layer {name!r}")
+        layers[name] = LayerRecord(tuple(info["shape"]), info["kept"], tensors[f"{name}/count"], tensors[f"{name}/mean"],
+                                   tensors[f"{name}/std"], spread)
+    return Metadata(header, layers, hashlib.sha256(payload).hexdigest())
+
+
+def _safetensors_header(payload: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors payload (8-byte little-endian length, then the JSON)."""
+    length = int.from_bytes(payload[:8], "little")
+    if len(payload) < 8 or length > len(payload) - 8:
+        raise ValueError("header length beyond the end of the file")
+    return json.loads(payload[8 : 8 + length])

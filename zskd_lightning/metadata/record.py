@@ -1,0 +1,108 @@
+"""Recording the metadata: the teacher's owner runs the frozen teacher once over its real training data (Lopes,
+Fenu and Starner 2017, arXiv 1710.07535), grouping activations by the TRUE class.
+
+:class:`ActivationRecorder` is a LightningModule: ``trainer.validate(recorder, dataloaders=train_loader)`` (or
+``zskd record --config FILE.yaml``, which does exactly that with the datamodule's training split) feeds every
+batch through the teacher in eval mode, with no augmentation, and accumulates per class and layer. Under DDP each
+rank accumulates its share (Lightning's sampler may repeat a few samples to even out the ranks); at the end the
+ranks' moments are gathered and merged in rank order, and global rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.metadata.file import write_metadata
+from zskd_lightning.metadata.statistics import ClassMoments
+from zskd_lightning.taps import FeatureTaps, Tap, submodule
+from zskd_lightning.teacher import as_frozen_teacher
+
+#: The key under which the logits (divided by the temperature) are recorded.
+LOGITS = "logits"
+
+
+def default_layers(network: nn.Module) -> list[str]:
+    """Every ``nn.Conv2d`` and ``nn.Linear`` (their outputs, before any activation module), in registration order."""
+    return [name for name, m in network.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name]
+
+
+class ActivationRecorder(L.LightningModule):
+    """Accumulate the teacher's per-class activation statistics over the data it is validated on, then write them.
+
+    Args:
+        teacher: the trained classifier (frozen here; in eval mode throughout).
+        output: the metadata file to write (safetensors; see :mod:`zskd_lightning.metadata.file`).
+        layers: module paths in the teacher's network whose outputs are recorded (default:
+            :func:`default_layers`); the logits divided by ``temperature`` are always recorded too, as ``"logits"``.
+        temperature: what the logits are divided by (the authors': 8).
+        max_full_dim: layers wider than this keep per-unit variances, not a full covariance.
+    """
+
+    def __init__(self, teacher: nn.Module, output: str = "metadata.safetensors", layers: Sequence[str] | None = None,
+                 temperature: float = 8.0, max_full_dim: int = 512) -> None:
+        super().__init__()
+        if temperature <= 0 or max_full_dim < 1:
+            raise InvalidArgument(f"temperature must be > 0 and max_full_dim >= 1, got {temperature}, {max_full_dim}")
+        self.teacher = as_frozen_teacher(teacher)
+        network = self.teacher.network
+        self.layers = list(layers) if layers is not None else default_layers(network)
+        for name in self.layers:
+            submodule(network, name)  # one line naming the path if the teacher lacks it
+        self.output, self.temperature, self.max_full_dim = output, float(temperature), int(max_full_dim)
+        self.moments: dict[str, ClassMoments] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._started = 0.0
+
+    def on_validation_epoch_start(self) -> None:
+        self.moments, self.shapes, self._started = {}, {}, time.perf_counter()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        if y.ndim != 1 or y.is_floating_point():
+            raise ZSKDError("recording needs labelled data: batches of (inputs, int class labels [B])")
+        with torch.no_grad(), FeatureTaps(self.teacher.network, [Tap(name) for name in self.layers]) as taps:
+            logits = self.teacher(x)
+        features = {**{name: taps.features[Tap(name).key] for name in self.layers}, LOGITS: logits / self.temperature}
+        for name, value in features.items():
+            if name not in self.moments:
+                dim = value[0].numel()
+                kept = "full" if dim <= self.max_full_dim else "diagonal"
+                self.moments[name] = ClassMoments(logits.shape[1], dim, kept)
+                self.shapes[name] = tuple(value.shape[1:])
+            self.moments[name].update(value, y)
+
+    def on_validation_epoch_end(self) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            gathered: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, {k: _state(m) for k, m in self.moments.items()})
+            for name, moments in self.moments.items():
+                merged = _from_state(gathered[0][name])
+                for other in gathered[1:]:
+                    merged.merge(_from_state(other[name]))
+                self.moments[name] = merged
+        if trainer.is_global_zero:
+            os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
+            size = write_metadata(self.output, self.moments, self.shapes, self.teacher.fingerprint(), self.temperature)
+            count = int(next(iter(self.moments.values())).count.sum())
+            kept = ", ".join(f"{name} {list(self.shapes[name])} {m.kept}" for name, m in self.moments.items())
+            rank_zero_info(f"Recorded {count} samples in {time.perf_counter() - self._started:.1f} s into "
+                           f"{self.output} ({size / 2**20:.1f} MiB): {kept}")
+
+
+def _state(moments: ClassMoments) -> dict:
+    return {"kept": moments.kept, "count": moments.count, "mean": moments.mean, "m2": moments.m2}
+
+
+def _from_state(state: dict) -> ClassMoments:
+    moments = ClassMoments(state["mean"].shape[0], state["mean"].shape[1], state["kept"])
+    moments.count, moments.mean, moments.m2 = state["count"].clone(), state["mean"].clone(), state["m2"].clone()
+    return moments
