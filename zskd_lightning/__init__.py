@@ -13,7 +13,13 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.export import load_student
 from zskd_lightning.impressions import ImpressionCache, ImpressionDataModule, ImpressionDataset, ImpressionSynthesis
 from zskd_lightning.losses import kd_loss
-from zskd_lightning.synthesis import ClassImpressionSynthesizer, Synthesizer, WangSynthesizer, ZSKDSynthesizer
+from zskd_lightning.synthesis import (
+    ClassImpressionSynthesizer,
+    LopesSynthesizer,
+    Synthesizer,
+    WangSynthesizer,
+    ZSKDSynthesizer,
+)
 from zskd_lightning.teacher import FrozenTeacher
 from zskd_lightning.weighting import SampleWeighting, TeacherUncertainty
 
@@ -30,6 +36,7 @@ __all__ = [
     "SampleWeighting",
     "Synthesizer",
     "TeacherUncertainty",
+    "LopesSynthesizer",
     "WangSynthesizer",
     "ZSKDError",
     "ZSKDSynthesizer",

@@ -26,6 +26,8 @@ from zskd_lightning.files import write_atomic
 from zskd_lightning.metadata.statistics import ClassMoments
 
 FORMAT, VERSION = "zskd-activation-metadata", 1
+#: The key under which the logits (divided by the temperature) are recorded.
+LOGITS = "logits"
 
 
 @dataclass(frozen=True)

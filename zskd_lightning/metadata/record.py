@@ -20,14 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from zskd_lightning.errors import InvalidArgument, ZSKDError
-from zskd_lightning.metadata.file import write_metadata
+from zskd_lightning.metadata.file import LOGITS, write_metadata
 from zskd_lightning.metadata.statistics import ClassMoments
 from zskd_lightning.taps import FeatureTaps, Tap, submodule
 from zskd_lightning.teacher import as_frozen_teacher
-
-#: The key under which the logits (divided by the temperature) are recorded.
-LOGITS = "logits"
-
 
 def default_layers(network: nn.Module) -> list[str]:
     """Every ``nn.Conv2d`` and ``nn.Linear`` (their outputs, before any activation module), in registration order."""

@@ -18,6 +18,7 @@ from zskd_lightning.synthesis.methods import (
     ClassImpressionSynthesizer,
     FeatureActivation,
     GaussianFeatureTargets,
+    LopesSynthesizer,
     WangSynthesizer,
     ZSKDSynthesizer,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Synthesizer",
     "TargetSampler",
     "TotalVariation",
+    "LopesSynthesizer",
     "WangSynthesizer",
     "ZSKDSynthesizer",
     "class_similarity",

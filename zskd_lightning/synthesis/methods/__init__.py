@@ -1,8 +1,9 @@
 """Synthesis methods, one paper per file."""
 
 from zskd_lightning.synthesis.methods.class_impressions import ClassImpressionSynthesizer
+from zskd_lightning.synthesis.methods.lopes2017 import LopesSynthesizer
 from zskd_lightning.synthesis.methods.wang2021 import FeatureActivation, GaussianFeatureTargets, WangSynthesizer
 from zskd_lightning.synthesis.methods.zskd import ZSKDSynthesizer
 
-__all__ = ["ClassImpressionSynthesizer", "FeatureActivation", "GaussianFeatureTargets", "WangSynthesizer",
-           "ZSKDSynthesizer"]
+__all__ = ["ClassImpressionSynthesizer", "FeatureActivation", "GaussianFeatureTargets", "LopesSynthesizer",
+           "WangSynthesizer", "ZSKDSynthesizer"]

@@ -1,0 +1,79 @@
+"""Lopes et al. 2017 from recorded metadata: draws reproduce the recorded class statistics; the top-layer and
+all-layers objectives pull the teacher's activations toward their draws; the metadata's sha256 is part of the
+cache identity; another teacher's metadata is refused in one line."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from helpers import tiny
+
+from zskd_lightning import LopesSynthesizer
+from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.errors import ZSKDError
+from zskd_lightning.metadata import read_metadata
+from zskd_lightning.metadata.record import ActivationRecorder
+from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis.api import Chunk, ChunkRandomness, SynthesisContext
+from zskd_lightning.synthesis.methods.lopes2017 import RecordedActivationTargets
+from zskd_lightning.teacher import as_frozen_teacher
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Metadata of ``make_net(0)`` over the digits training split (logits at T = 8; conv kept as variances)."""
+    path = tmp_path_factory.mktemp("lopes") / "meta.safetensors"
+    data = DigitsDataModule(batch_size=128)
+    data.setup("fit")
+    recorder = ActivationRecorder(tiny.make_net(0), output=str(path), max_full_dim=64)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        recorder, dataloaders=data.train_dataloader())
+    return path
+
+
+def _context(teacher=None) -> SynthesisContext:
+    spec = InputSpec(tiny.INPUT_SHAPE, tiny.DIGITS_MEAN, tiny.DIGITS_STD)
+    return SynthesisContext(teacher=as_frozen_teacher(teacher or tiny.make_net(0)), input_spec=spec, num_classes=10)
+
+
+def test_draws_reproduce_the_recorded_class_statistics(recorded):
+    sampler = RecordedActivationTargets(str(recorded), "all_layers", layers=["body.4", "logits"])
+    sampler.setup(_context(), ChunkRandomness.for_setup(0))
+    n = 20_000
+    targets, classes = sampler.sample(Chunk.of(0, 0, 0, n), _context())
+    record = read_metadata(recorded)
+    fc = record.layers["body.4"]  # 32 units, kept full
+    assert fc.kept == "full" and targets.shape == (n, 32 + 10)
+    rows = targets[classes == 3, :32].double()
+    torch.testing.assert_close(rows.mean(0), fc.mean[3], atol=0.05 * float(fc.std[3].max()), rtol=0)
+    empirical = torch.cov(rows.T, correction=0)
+    scale = float(fc.spread[3].diagonal().max())
+    assert float((empirical - fc.spread[3]).abs().max()) < 0.05 * scale
+
+
+@pytest.mark.parametrize("objective", ["top_layer", "all_layers"])
+def test_the_objective_pulls_activations_toward_their_draws(recorded, objective):
+    context = _context()
+    runs = {}
+    for iterations in (1, 40):
+        synthesizer = LopesSynthesizer(str(recorded), objective=objective, iterations=iterations, lr=0.05)
+        synthesizer.setup(context)
+        runs[iterations] = synthesizer.invert(context, Chunk.of(0, 0, 0, 20))
+    assert runs[40].loss.mean() < 0.5 * runs[1].loss.mean()
+    assert runs[40].targets.shape == (20, 10)  # the cache keeps the drawn logits / T
+    assert torch.equal(runs[40].labels, torch.arange(20) % 10)
+
+
+def test_the_metadata_is_part_of_the_cache_identity(recorded, tmp_path):
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(recorded.read_bytes()[:-1] + b" ")  # another file (its content differs by one byte)
+    first = LopesSynthesizer(str(recorded)).identity()
+    assert first["name"] == "lopes2017" and len(first["metadata_sha256"]) == 64
+    assert LopesSynthesizer(str(other)).identity()["metadata_sha256"] != first["metadata_sha256"]
+
+
+def test_another_teachers_metadata_is_refused_in_one_line(recorded):
+    synthesizer = LopesSynthesizer(str(recorded))
+    with pytest.raises(ZSKDError, match="was recorded from teacher .*, not from this teacher"):
+        synthesizer.setup(_context(tiny.make_net(3)))
