@@ -16,7 +16,7 @@ from zskd_lightning.metadata import read_metadata
 from zskd_lightning.metadata.record import ActivationRecorder
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis.api import Chunk, ChunkRandomness, SynthesisContext
-from zskd_lightning.synthesis.methods.lopes2017 import RecordedActivationTargets
+from zskd_lightning.synthesis.methods.lopes2017 import RecordedActivationTargets, low_frequency_basis
 from zskd_lightning.teacher import as_frozen_teacher
 
 
@@ -52,7 +52,7 @@ def test_draws_reproduce_the_recorded_class_statistics(recorded):
     assert float((empirical - fc.spread[3]).abs().max()) < 0.05 * scale
 
 
-@pytest.mark.parametrize("objective", ["top_layer", "all_layers"])
+@pytest.mark.parametrize("objective", ["top_layer", "all_layers", "spectral_all_layers", "spectral_layer_pairs"])
 def test_the_objective_pulls_activations_toward_their_draws(recorded, objective):
     context = _context()
     runs = {}
@@ -77,3 +77,30 @@ def test_another_teachers_metadata_is_refused_in_one_line(recorded):
     synthesizer = LopesSynthesizer(str(recorded))
     with pytest.raises(ZSKDError, match="was recorded from teacher .*, not from this teacher"):
         synthesizer.setup(_context(tiny.make_net(3)))
+
+
+def test_the_low_frequency_basis_is_orthonormal_and_starts_constant():
+    net = tiny.make_net(0)
+    basis = low_frequency_basis([net.body[4], net.body[6]], fraction=0.25)
+    assert basis.shape == (42, 11)  # ceil(0.25 * (32 + 10))
+    torch.testing.assert_close(basis.T @ basis, torch.eye(11, dtype=torch.float64))
+    first = basis[:, 0] * torch.sign(basis[0, 0])
+    torch.testing.assert_close(first, torch.full((42,), 42 ** -0.5, dtype=torch.float64))  # the connected graph's null vector
+
+
+def test_spectral_objectives_differ_from_all_layers(recorded):
+    context = _context()
+    losses = {}
+    for objective in ("all_layers", "spectral_all_layers", "spectral_layer_pairs"):
+        synthesizer = LopesSynthesizer(str(recorded), objective=objective, iterations=1, lr=0.05)
+        synthesizer.setup(context)
+        losses[objective] = synthesizer.invert(context, Chunk.of(0, 0, 0, 20)).loss
+    ratio = losses["spectral_all_layers"] / losses["all_layers"]
+    assert float(ratio.std()) > 1e-3, "not a mere rescaling of the all-layers loss"
+    # the tiny teacher has two linear layers: one graph over all of them is its one pair's graph
+    torch.testing.assert_close(losses["spectral_all_layers"], losses["spectral_layer_pairs"])
+
+
+def test_spectral_objectives_need_a_chain_of_linear_layers(recorded):
+    with pytest.raises(ZSKDError, match="two or more recorded nn.Linear layers"):
+        LopesSynthesizer(str(recorded), objective="spectral_layer_pairs", layers=["body.0", "body.4"]).setup(_context())

@@ -7,11 +7,21 @@ Gaussian of every layer it matches, and its input is optimized until the teacher
 ``top_layer`` matches the logits divided by the recorded temperature, ``all_layers`` every recorded layer.
 Departures from the authors' public code, on purpose: draws are ``mean + L z`` with ``L`` the Cholesky factor of
 the covariance (not ``mean + Sigma z``), no ReLU on targets or outputs (negative logits are matched too).
-The spectral objectives are not built yet.
+
+The spectral objectives (the paper's idea; its definitions are not public, so these are our design): the
+recorded ``nn.Linear`` layers form a graph, neurons as nodes and the absolute weights between consecutive layers
+as edges; an activation record is a signal on that graph, and the objective matches only its lowest-frequency
+graph-Fourier coefficients (the eigenvectors of the combinatorial Laplacian ``D - A`` with the smallest
+eigenvalues, a ``spectral_fraction`` of them). ``spectral_all_layers``: one graph over every recorded linear
+layer; ``spectral_layer_pairs``: one graph per pair of consecutive layers (smaller eigendecompositions), their
+losses summed. Convolution outputs are left out (a conv layer's graph has ``C * H * W`` nodes). The targets are
+the same per-layer draws as ``all_layers`` (layers drawn independently: the record holds no cross-layer
+covariance), projected onto the same basis.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -32,16 +42,23 @@ from zskd_lightning.synthesis.api import (
 )
 from zskd_lightning.synthesis.inversion import Synthesizer
 from zskd_lightning.synthesis.targets import balanced_classes
-from zskd_lightning.taps import Tap
+from zskd_lightning.taps import Tap, submodule
 from zskd_lightning.teacher import module_fingerprint
 
-LopesObjective = Literal["top_layer", "all_layers"]
+LopesObjective = Literal["top_layer", "all_layers", "spectral_all_layers", "spectral_layer_pairs"]
+OBJECTIVES = ("top_layer", "all_layers", "spectral_all_layers", "spectral_layer_pairs")
 
 
-def matched_layers(metadata: Metadata, objective: LopesObjective, layers: Sequence[str] | None) -> list[str]:
-    """The recorded layers an objective matches, in the file's order (``top_layer``: the logits alone)."""
+def matched_layers(metadata: Metadata, objective: LopesObjective, layers: Sequence[str] | None,
+                   network: nn.Module | None = None) -> list[str]:
+    """The recorded layers an objective matches, in the file's order (``top_layer``: the logits alone; the spectral
+    ones: by default every recorded ``nn.Linear`` output of ``network``)."""
     if objective == "top_layer":
         return [LOGITS]
+    if objective.startswith("spectral") and layers is None:
+        if network is None:
+            raise ZSKDError("the spectral objectives find the recorded linear layers in the teacher's network")
+        layers = [name for name in metadata.layers if name != LOGITS and isinstance(submodule(network, name), nn.Linear)]
     chosen = list(metadata.layers) if layers is None else list(layers)
     unknown = [name for name in chosen if name not in metadata.layers]
     if unknown:
@@ -49,10 +66,38 @@ def matched_layers(metadata: Metadata, objective: LopesObjective, layers: Sequen
     return chosen
 
 
-def target_layout(metadata: Metadata, objective: LopesObjective, layers: Sequence[str] | None) -> list[str]:
+def target_layout(metadata: Metadata, objective: LopesObjective, layers: Sequence[str] | None,
+                  network: nn.Module | None = None) -> list[str]:
     """The layers drawn per impression, in target order: the matched ones, the logits always last (the cache keeps
     that last part as the method's targets)."""
-    return [name for name in matched_layers(metadata, objective, layers) if name != LOGITS] + [LOGITS]
+    return [name for name in matched_layers(metadata, objective, layers, network) if name != LOGITS] + [LOGITS]
+
+
+def linear_chain(network: nn.Module, names: Sequence[str]) -> list[nn.Linear]:
+    """The ``nn.Linear`` modules at ``names``, checked to feed one another in order (at least two)."""
+    modules = [submodule(network, name) for name in names]
+    if len(modules) < 2 or not all(isinstance(m, nn.Linear) for m in modules):
+        raise ZSKDError(f"the spectral objectives need two or more recorded nn.Linear layers in a chain, got {list(names)}")
+    for (a, first), (b, second) in zip(zip(names, modules), zip(names[1:], modules[1:])):
+        if second.in_features != first.out_features:
+            raise ZSKDError(f"spectral objectives: {a} ({first.out_features} outputs) does not feed {b} "
+                            f"({second.in_features} inputs)")
+    return modules
+
+
+def low_frequency_basis(linears: Sequence[nn.Linear], fraction: float) -> Tensor:
+    """``[n, k]`` float64: the ``k = ceil(fraction * n)`` eigenvectors of the graph Laplacian ``D - A`` with the
+    smallest eigenvalues, over the ``n`` output units of ``linears`` (edges: ``|W|`` between consecutive layers)."""
+    sizes = [m.out_features for m in linears]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    adjacency = torch.zeros(offsets[-1], offsets[-1], dtype=torch.float64)
+    for i, consumer in enumerate(linears[1:]):
+        weight = consumer.weight.detach().abs().double().cpu()  # [d_{i+1}, d_i]
+        adjacency[offsets[i + 1] : offsets[i + 2], offsets[i] : offsets[i + 1]] = weight
+        adjacency[offsets[i] : offsets[i + 1], offsets[i + 1] : offsets[i + 2]] = weight.T
+    laplacian = torch.diag(adjacency.sum(1)) - adjacency
+    _, vectors = torch.linalg.eigh(laplacian)
+    return vectors[:, : max(1, math.ceil(fraction * offsets[-1]))]
 
 
 class RecordedActivationTargets(TargetSampler):
@@ -72,7 +117,7 @@ class RecordedActivationTargets(TargetSampler):
             raise ZSKDError(f"metadata {self.metadata} has {self.record.header['num_classes']} classes; the teacher "
                             f"{context.num_classes}")
         self.factors = {}
-        for name in target_layout(self.record, self.objective, self.layers):
+        for name in target_layout(self.record, self.objective, self.layers, context.network):
             layer = self.record.layers[name]
             if layer.kept == "full":
                 eye = torch.eye(layer.spread.shape[-1], dtype=torch.float64)
@@ -111,15 +156,20 @@ class RecordedActivationMatching(Objective):
         self._layout: list[tuple[str, int, bool]] = []  # (layer, width, matched?) in target order
         self._temperature = 1.0
 
-    def _read_layout(self) -> None:
+    def _read_layout(self, network: nn.Module) -> Metadata:
         record = read_metadata(self.metadata)
         self._temperature = float(record.header["temperature"])
-        matched = set(matched_layers(record, self.objective, self.layers))
+        matched = set(matched_layers(record, self.objective, self.layers, network))
         self._layout = [(name, int(record.header["layers"][name]["dim"]), name in matched)
-                        for name in target_layout(record, self.objective, self.layers)]
+                        for name in target_layout(record, self.objective, self.layers, network)]
+        return record
+
+    def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
+        self._read_layout(context.network)
 
     def taps(self, network: nn.Module) -> Sequence[Tap]:
-        self._read_layout()
+        if not self._layout:
+            self._read_layout(network)
         return [Tap(name) for name, _, matched in self._layout if matched and name != LOGITS]
 
     def __call__(self, response: Response, targets: Tensor) -> Tensor:
@@ -132,14 +182,51 @@ class RecordedActivationMatching(Objective):
         return loss
 
 
+class SpectralMatching(RecordedActivationMatching):
+    """Per sample: for each graph (one over all recorded linear layers, or one per consecutive pair), the mean
+    squared difference of the low-frequency graph-Fourier coefficients ``U^T a`` of the teacher's activations
+    and of the drawn targets (module docstring), summed over graphs. ``[N]``."""
+
+    def __init__(self, metadata: str, objective: LopesObjective = "spectral_layer_pairs",
+                 layers: Sequence[str] | None = None, fraction: float = 0.25) -> None:
+        if not 0 < fraction <= 1:
+            raise InvalidArgument(f"spectral_fraction must be in (0, 1], got {fraction}")
+        super().__init__(metadata, objective, layers)
+        self.fraction = float(fraction)
+        self._graphs: list[tuple[list[tuple[int, int]], Tensor]] = []  # (target column ranges, basis [n, k])
+        self._names: list[list[str]] = []  # the layers of each graph
+
+    def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
+        super().setup(context, rng)
+        network = context.network
+        names = [name for name, _, matched in self._layout if matched]
+        starts = {name: sum(dim for _, dim, _ in self._layout[:i]) for i, (name, _, _) in enumerate(self._layout)}
+        dims = {name: dim for name, dim, _ in self._layout}
+        groups = [names] if self.objective == "spectral_all_layers" else [names[i : i + 2] for i in range(len(names) - 1)]
+        self._graphs = [([(starts[n], starts[n] + dims[n]) for n in group],
+                         low_frequency_basis(linear_chain(network, group), self.fraction).float()) for group in groups]
+        self._names = groups
+
+    def __call__(self, response: Response, targets: Tensor) -> Tensor:
+        loss = 0.0
+        for group, (columns, basis) in zip(self._names, self._graphs):
+            value = torch.cat([response.features[name].float().flatten(1) for name in group], dim=1)
+            target = torch.cat([targets[:, a:b] for a, b in columns], dim=1)
+            loss = loss + ((value - target) @ basis.to(value.device)).pow(2).mean(1)
+        return loss
+
+
 class LopesSynthesizer(Synthesizer):
     """Lopes et al. 2017: impressions whose activations match draws from the recorded per-class statistics.
 
     Args:
         metadata: the metadata file recorded from this teacher (``zskd record``); its sha256 is part of the
             cache's identity, so new metadata never reuses old impressions.
-        objective: ``"top_layer"`` (logits / T) or ``"all_layers"`` (every recorded layer, or ``layers``).
-        layers: the recorded layers ``all_layers`` matches (default: all of them).
+        objective: ``"top_layer"`` (logits / T), ``"all_layers"`` (every recorded layer, or ``layers``),
+            ``"spectral_all_layers"`` or ``"spectral_layer_pairs"`` (module docstring).
+        layers: the recorded layers ``all_layers`` or a spectral objective matches (default: all of them; the
+            spectral ones: every recorded ``nn.Linear``).
+        spectral_fraction: the fraction of graph-Fourier coefficients a spectral objective keeps.
         eps: added to each covariance's diagonal before its Cholesky factor.
         synthesizer_settings: the loop's settings of :class:`~zskd_lightning.synthesis.inversion.Synthesizer`.
 
@@ -150,12 +237,14 @@ class LopesSynthesizer(Synthesizer):
     identity_name = "lopes2017"
 
     def __init__(self, metadata: str, objective: LopesObjective = "all_layers", layers: Sequence[str] | None = None,
-                 eps: float = 1e-6, **synthesizer_settings: Any) -> None:
-        if objective not in ("top_layer", "all_layers"):
-            raise InvalidArgument(f"objective must be 'top_layer' or 'all_layers', got {objective!r}")
+                 eps: float = 1e-6, spectral_fraction: float = 0.25, **synthesizer_settings: Any) -> None:
+        if objective not in OBJECTIVES:
+            raise InvalidArgument(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        matching = (SpectralMatching(metadata, objective, layers, spectral_fraction) if objective.startswith("spectral")
+                    else RecordedActivationMatching(metadata, objective, layers))
         super().__init__(
             target_sampler=RecordedActivationTargets(metadata, objective, layers, eps),
-            objective=RecordedActivationMatching(metadata, objective, layers),
+            objective=matching,
             **synthesizer_settings,
         )
         self.metadata = metadata
