@@ -11,6 +11,18 @@ from zskd_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted([*(REPO / "configs").rglob("*.yaml"), *(REPO / "zskd_lightning" / "configs").glob("*.yaml")])
+#: Variant files that change one thing of a full config, given after it (``--config BASE --config VARIANT``).
+OVERLAY_BASES = {"lopes": REPO / "configs" / "mnist" / "lopes_lenet5_half.yaml"}
+
+
+def _arguments(config: Path) -> tuple[list[str], dict]:
+    """The ``--config`` arguments that run ``config`` and the merged source (base first, for overlays)."""
+    base = OVERLAY_BASES.get(config.parent.name)
+    source = yaml.safe_load(config.read_text())
+    if base is None:
+        return ["--config", str(config)], source
+    merged = yaml.safe_load(base.read_text())
+    return ["--config", str(base), "--config", str(config)], merged
 
 
 def test_configs_are_shipped():
@@ -29,20 +41,31 @@ def test_configs_are_shipped():
         "cifar10/kd_real_alexnet_half.yaml",
         "mnist/wang_lenet5_half.yaml",
         "cifar10/wang_alexnet_half.yaml",
+        "mnist/lopes_record.yaml",
+        "mnist/lopes_lenet5_half.yaml",
+        "lopes/top_layer.yaml",
+        "lopes/all_layers.yaml",
+        "lopes/spectral_all_layers.yaml",
     ):
         assert expected in names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
 def test_config_parses(config, capsys):
+    arguments, source = _arguments(config)
+    subcommand = "record" if source["model"]["class_path"].endswith("ActivationRecorder") else "fit"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main([subcommand, *arguments, "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    source = yaml.safe_load(config.read_text())
     assert printed["model"]["class_path"] == source["model"]["class_path"]
     assert printed["data"]["class_path"] == source["data"]["class_path"]
-    assert printed["seed_everything"] == source["seed_everything"]
+    if "seed_everything" in source:
+        assert printed["seed_everything"] == source["seed_everything"]
+    overlay = yaml.safe_load(config.read_text())
+    if config.parent.name in OVERLAY_BASES:  # the variant's own settings win over the base's
+        wanted = overlay["data"]["init_args"]["synthesizer"]["init_args"]
+        assert {k: printed["data"]["init_args"]["synthesizer"]["init_args"][k] for k in wanted} == wanted
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.metadata.file import LOGITS, Metadata, read_metadata
+from zskd_lightning.pixels import from_pixels
 from zskd_lightning.synthesis.api import (
     Chunk,
     ChunkRandomness,
@@ -227,6 +228,8 @@ class LopesSynthesizer(Synthesizer):
         layers: the recorded layers ``all_layers`` or a spectral objective matches (default: all of them; the
             spectral ones: every recorded ``nn.Linear``).
         spectral_fraction: the fraction of graph-Fourier coefficients a spectral objective keeps.
+        pixel_init: ``(mean, std)``: start from ``N(mean, std)`` pixel values clamped to [0, 1] (the authors' MNIST
+            start: (0.15, 0.1)); ``None``: the loop's ``init``.
         eps: added to each covariance's diagonal before its Cholesky factor.
         synthesizer_settings: the loop's settings of :class:`~zskd_lightning.synthesis.inversion.Synthesizer`.
 
@@ -237,7 +240,10 @@ class LopesSynthesizer(Synthesizer):
     identity_name = "lopes2017"
 
     def __init__(self, metadata: str, objective: LopesObjective = "all_layers", layers: Sequence[str] | None = None,
-                 eps: float = 1e-6, spectral_fraction: float = 0.25, **synthesizer_settings: Any) -> None:
+                 eps: float = 1e-6, spectral_fraction: float = 0.25, pixel_init: Sequence[float] | None = None,
+                 **synthesizer_settings: Any) -> None:
+        if pixel_init is not None and (len(pixel_init) != 2 or pixel_init[1] < 0):
+            raise InvalidArgument(f"pixel_init is (mean, std >= 0), got {pixel_init}")
         if objective not in OBJECTIVES:
             raise InvalidArgument(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         matching = (SpectralMatching(metadata, objective, layers, spectral_fraction) if objective.startswith("spectral")
@@ -248,6 +254,15 @@ class LopesSynthesizer(Synthesizer):
             **synthesizer_settings,
         )
         self.metadata = metadata
+        self.pixel_init = None if pixel_init is None else (float(pixel_init[0]), float(pixel_init[1]))
+
+    def initial_inputs(self, n: int, context: SynthesisContext, generator: torch.Generator) -> Tensor:
+        """``pixel_init`` noise in pixel space when given (and the input range is known), else the loop's."""
+        if self.pixel_init is None or context.input_range is None:
+            return super().initial_inputs(n, context, generator)
+        mean, std = self.pixel_init
+        pixels = (torch.randn((n, *context.input_spec.shape), generator=generator) * std + mean).clamp_(0.0, 1.0)
+        return from_pixels(pixels, context.input_range)
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "metadata_sha256": read_metadata(self.metadata).sha256}
