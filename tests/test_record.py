@@ -67,3 +67,33 @@ def test_zskd_record_through_the_console(tmp_path):
     assert "Recorded" in result.stdout + result.stderr and "MiB" in result.stdout + result.stderr
     metadata = read_metadata(tmp_path / "digits.metadata.safetensors")
     assert int(metadata.layers["logits"].count.sum()) > 1000
+
+
+def test_two_processes_record_what_one_does(tmp_path):
+    """``zskd record`` on 2 CPU processes (gloo): each rank accumulates its share, rank 0 merges and writes. The
+    sampler may repeat up to one sample per extra rank to even out the shares, so the counts may exceed the data
+    by that much and the statistics move by as little."""
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False},
+        "model": {"class_path": "zskd_lightning.metadata.record.ActivationRecorder",
+                  "init_args": {"teacher": {"class_path": "zskd_lightning.FrozenTeacher", "init_args": {
+                      "network": {"class_path": "zskd_lightning.models.DigitsConvNet",
+                                  "init_args": {"in_channels": 1, "num_classes": 10}},
+                      "checkpoint": "zskd_lightning:assets/digits_teacher.pt"}}, "max_full_dim": 64}},
+        "data": {"class_path": "zskd_lightning.data.DigitsDataModule", "init_args": {"batch_size": 128}},
+    }
+    (tmp_path / "record.yaml").write_text(yaml.safe_dump(config))
+    outputs = {}
+    for devices in (1, 2):
+        output = f"p{devices}.safetensors"
+        args = [sys.executable, "-m", "zskd_lightning", "record", "--config", "record.yaml", "--trainer.devices",
+                str(devices), "--model.init_args.output", output]
+        if devices > 1:
+            args += ["--trainer.strategy", "ddp"]
+        result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=tiny.script_env(1))
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[devices] = read_metadata(tmp_path / output)
+    one, two = outputs[1].layers["logits"], outputs[2].layers["logits"]
+    assert 0 <= int(two.count.sum() - one.count.sum()) <= 1
+    torch.testing.assert_close(two.mean, one.mean, atol=0.02 * float(one.std.max()), rtol=0)
+    torch.testing.assert_close(two.spread, one.spread, atol=0.02 * float(one.spread.abs().max()), rtol=0)
