@@ -22,7 +22,7 @@ import torch
 from teacher_sources import loader_accuracy
 from torch import nn
 
-from zskd_lightning import ClassifierModule, DistillationModule, ImpressionDataModule, ImpressionSynthesis, ZSKDSynthesizer
+from zskd_lightning import ClassifierModule, DistillationModule, ImpressionDataModule, ZSKDSynthesizer
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf
