@@ -76,3 +76,21 @@ def test_rerunning_a_config_overwrites_its_last_checkpoint(config):
     for callback in callbacks:
         if callback["class_path"].endswith("ModelCheckpoint") and callback["init_args"].get("save_last"):
             assert callback["init_args"].get("enable_version_counter") is False, config
+
+
+def test_data_free_configs_of_batchnorm_teachers_use_the_batchnorm_prior():
+    """CIFAR-10's AlexNet teacher has BatchNorm: its impression configs add BatchNormStatistics at the documented
+    default weight (README, "The BatchNorm prior")."""
+    from zskd_lightning.synthesis import BatchNormStatistics
+
+    default = BatchNormStatistics().weight
+    checked = 0
+    for config in CONFIGS:
+        source = yaml.safe_load(config.read_text())
+        if "cifar10" not in config.parts or not source["data"]["class_path"].endswith("ImpressionDataModule"):
+            continue
+        regularizers = source["data"]["init_args"]["synthesizer"]["init_args"].get("regularizers") or []
+        priors = [r for r in regularizers if r["class_path"].endswith("BatchNormStatistics")]
+        assert priors and (priors[0].get("init_args") or {}).get("weight", default) == default, config
+        checked += 1
+    assert checked >= 1
