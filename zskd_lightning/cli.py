@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+from torch.utils.data import DataLoader
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -51,7 +52,9 @@ class ZSKDTrainer(L.Trainer):
         if not isinstance(model, ActivationRecorder):
             raise ZSKDError(f"`zskd record` needs an ActivationRecorder as model, got {type(model).__name__}")
         datamodule.setup("fit")
-        self.validate(model, dataloaders=datamodule.train_dataloader())
+        train = datamodule.train_dataloader()  # the same data, in order: statistics need no shuffling
+        loader = DataLoader(train.dataset, batch_size=train.batch_size, num_workers=train.num_workers)
+        self.validate(model, dataloaders=loader)
 
 
 class ZSKDCLI(LightningCLI):

@@ -11,8 +11,8 @@ the covariance (not ``mean + Sigma z``), no ReLU on targets or outputs (negative
 The spectral objectives (the paper's idea; its definitions are not public, so these are our design): the
 recorded ``nn.Linear`` layers form a graph, neurons as nodes and the absolute weights between consecutive layers
 as edges; an activation record is a signal on that graph, and the objective matches only its lowest-frequency
-graph-Fourier coefficients (the eigenvectors of the combinatorial Laplacian ``D - A`` with the smallest
-eigenvalues, a ``spectral_fraction`` of them). ``spectral_all_layers``: one graph over every recorded linear
+graph-Fourier coefficients (the eigenvectors of the normalized Laplacian ``I - D^-1/2 A D^-1/2`` with the
+smallest eigenvalues, a ``spectral_fraction`` of them). ``spectral_all_layers``: one graph over every recorded linear
 layer; ``spectral_layer_pairs``: one graph per pair of consecutive layers (smaller eigendecompositions), their
 losses summed. Convolution outputs are left out (a conv layer's graph has ``C * H * W`` nodes). The targets are
 the same per-layer draws as ``all_layers`` (layers drawn independently: the record holds no cross-layer
@@ -87,8 +87,10 @@ def linear_chain(network: nn.Module, names: Sequence[str]) -> list[nn.Linear]:
 
 
 def low_frequency_basis(linears: Sequence[nn.Linear], fraction: float) -> Tensor:
-    """``[n, k]`` float64: the ``k = ceil(fraction * n)`` eigenvectors of the graph Laplacian ``D - A`` with the
-    smallest eigenvalues, over the ``n`` output units of ``linears`` (edges: ``|W|`` between consecutive layers)."""
+    """``[n, k]`` float64: the ``k = ceil(fraction * n)`` eigenvectors of the normalized graph Laplacian
+    ``I - D^-1/2 A D^-1/2`` with the smallest eigenvalues, over the ``n`` output units of ``linears`` (edges: ``|W|``
+    between consecutive layers). (The combinatorial ``D - A`` was tried first: its lowest eigenvectors sit on
+    weakly connected units and kept nothing of the MNIST record, ``benchmarks/lopes_spectral_fit.py``.)"""
     sizes = [m.out_features for m in linears]
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     adjacency = torch.zeros(offsets[-1], offsets[-1], dtype=torch.float64)
@@ -96,7 +98,9 @@ def low_frequency_basis(linears: Sequence[nn.Linear], fraction: float) -> Tensor
         weight = consumer.weight.detach().abs().double().cpu()  # [d_{i+1}, d_i]
         adjacency[offsets[i + 1] : offsets[i + 2], offsets[i] : offsets[i + 1]] = weight
         adjacency[offsets[i] : offsets[i + 1], offsets[i + 1] : offsets[i + 2]] = weight.T
-    laplacian = torch.diag(adjacency.sum(1)) - adjacency
+    degree = adjacency.sum(1).clamp_min(1e-12)
+    scale = degree.rsqrt()
+    laplacian = torch.eye(offsets[-1], dtype=torch.float64) - scale[:, None] * adjacency * scale[None, :]
     _, vectors = torch.linalg.eigh(laplacian)
     return vectors[:, : max(1, math.ceil(fraction * offsets[-1]))]
 
