@@ -49,17 +49,21 @@ def test_a_layer_the_teacher_lacks_is_one_line():
         ActivationRecorder(tiny.make_net(0), layers=["no_such_layer"])
 
 
-def test_zskd_record_through_the_console(tmp_path):
-    config = {
+def _record_config(**init_args) -> dict:
+    """A ``zskd record`` config: the shipped digits teacher over the digits training split."""
+    return {
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False},
         "model": {"class_path": "zskd_lightning.metadata.record.ActivationRecorder",
                   "init_args": {"teacher": {"class_path": "zskd_lightning.FrozenTeacher", "init_args": {
                       "network": {"class_path": "zskd_lightning.models.DigitsConvNet",
                                   "init_args": {"in_channels": 1, "num_classes": 10}},
-                      "checkpoint": "zskd_lightning:assets/digits_teacher.pt"}},
-                      "output": "digits.metadata.safetensors"}},
+                      "checkpoint": "zskd_lightning:assets/digits_teacher.pt"}}, **init_args}},
         "data": {"class_path": "zskd_lightning.data.DigitsDataModule", "init_args": {"batch_size": 128}},
     }
+
+
+def test_zskd_record_through_the_console(tmp_path):
+    config = _record_config(output="digits.metadata.safetensors")
     (tmp_path / "record.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "zskd_lightning", "record", "--config", "record.yaml"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=tiny.script_env(1))
@@ -73,15 +77,7 @@ def test_two_processes_record_what_one_does(tmp_path):
     """``zskd record`` on 2 CPU processes (gloo): each rank accumulates its share, rank 0 merges and writes. The
     sampler may repeat up to one sample per extra rank to even out the shares, so the counts may exceed the data
     by that much and the statistics move by as little."""
-    config = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False},
-        "model": {"class_path": "zskd_lightning.metadata.record.ActivationRecorder",
-                  "init_args": {"teacher": {"class_path": "zskd_lightning.FrozenTeacher", "init_args": {
-                      "network": {"class_path": "zskd_lightning.models.DigitsConvNet",
-                                  "init_args": {"in_channels": 1, "num_classes": 10}},
-                      "checkpoint": "zskd_lightning:assets/digits_teacher.pt"}}, "max_full_dim": 64}},
-        "data": {"class_path": "zskd_lightning.data.DigitsDataModule", "init_args": {"batch_size": 128}},
-    }
+    config = _record_config(max_full_dim=64)
     (tmp_path / "record.yaml").write_text(yaml.safe_dump(config))
     outputs = {}
     for devices in (1, 2):
