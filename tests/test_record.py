@@ -93,3 +93,14 @@ def test_two_processes_record_what_one_does(tmp_path):
     assert 0 <= int(two.count.sum() - one.count.sum()) <= 1
     torch.testing.assert_close(two.mean, one.mean, atol=0.02 * float(one.std.max()), rtol=0)
     torch.testing.assert_close(two.spread, one.spread, atol=0.02 * float(one.spread.abs().max()), rtol=0)
+
+
+def test_the_file_keeps_the_layers_in_recorded_order(tmp_path):
+    """Order matters to the spectral objectives' chain of layers: the file does not sort the layer names
+    (sorted, ``features.10`` would come before ``features.3``)."""
+    data = DigitsDataModule(batch_size=256)
+    data.setup("fit")
+    recorder = ActivationRecorder(tiny.make_net(0), output=str(tmp_path / "m.safetensors"), layers=["body.6", "body.0"])
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        recorder, dataloaders=data.train_dataloader())
+    assert list(read_metadata(tmp_path / "m.safetensors").layers) == ["body.6", "body.0", "logits"]

@@ -72,7 +72,7 @@ def write_metadata(path: str | os.PathLike, layers: Mapping[str, ClassMoments], 
     header = {"format": FORMAT, "version": VERSION, "teacher_fingerprint": teacher_fingerprint,
               "temperature": float(temperature), "num_classes": next(iter(layers.values())).num_classes,
               "layers": described, "library_version": __version__}
-    payload = save(tensors, metadata={"zskd": json.dumps(header, sort_keys=True)})
+    payload = save(tensors, metadata={"zskd": json.dumps(header)})  # unsorted: the layers keep their recorded order
     write_atomic(path, lambda handle: handle.write(payload))
     return len(payload)
 
