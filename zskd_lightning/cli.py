@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch.utils.data import DataLoader
 
 from zskd_lightning.errors import RankSharedError, ZSKDError
 from zskd_lightning.files import resolve_packaged
@@ -29,9 +29,8 @@ from zskd_lightning.metadata.record import ActivationRecorder
 
 class ZSKDTrainer(L.Trainer):
     """A Lightning ``Trainer`` with ``synthesize`` and ``record`` methods (the ``zskd synthesize`` and ``zskd
-    record`` subcommands); ``fit`` is
-    Lightning's own (the impression data asks for its synthesis callback through the LightningModule's
-    ``configure_callbacks``)."""
+    record`` subcommands); ``fit`` is Lightning's own (the impression data asks for its synthesis callback
+    through the LightningModule's ``configure_callbacks``)."""
 
     def synthesize(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
         """Only synthesize the datamodule's impressions into its cache, on every device of this Trainer, then stop.
@@ -46,7 +45,6 @@ class ZSKDTrainer(L.Trainer):
             self.callbacks.append(ImpressionSynthesis())  # for a model that does not ask for it itself
         self.fit(model, datamodule=datamodule)
 
-
     def record(self, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
         """Record the teacher's per-class activation statistics over the data's training split (Lopes 2017)."""
         if not isinstance(model, ActivationRecorder):
@@ -58,7 +56,7 @@ class ZSKDTrainer(L.Trainer):
 
 
 class ZSKDCLI(LightningCLI):
-    """LightningCLI plus ``synthesize`` and the ``--test_after_fit`` flag (test the last-epoch model on the test split)."""
+    """LightningCLI plus ``synthesize``, ``record`` and the ``--test_after_fit`` flag (test the last-epoch model on the test split)."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

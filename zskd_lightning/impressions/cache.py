@@ -165,8 +165,8 @@ class ImpressionCache:
             found = existing.get("format_version", 1) if isinstance(existing, Mapping) else "unknown"
             return (
                 f"impression cache {self.directory} was written in cache format {found}; this version of zskd-lightning "
-                f"reads format {FORMAT_VERSION} (and upgrades format 2) and never reuses an older cache: delete the folder, use another "
-                "cache_dir, or set overwrite_cache: true"
+                f"reads format {FORMAT_VERSION} (and upgrades format 2) and never reuses an older cache: delete the "
+                "folder, use another cache_dir, or set overwrite_cache: true"
             )
         old_method = (existing.get("method") or {}).get("name")
         new_method = (self.spec.get("method") or {}).get("name")
@@ -191,9 +191,9 @@ class ImpressionCache:
 
         A mismatching cache is an error unless ``overwrite``, which deletes the old cache's own files; a folder
         holding other files and no cache is an error unless ``overwrite`` (its files are kept, never deleted).
-        A format-2 cache of the same identity is upgraded first (:meth:`upgrade_format_2`).
+        A format-2 cache is refused here like any other; :meth:`upgrade_format_2` (which the synthesis driver
+        runs first) adopts one of the same identity.
         """
-        self.upgrade_format_2()
         mismatch = self.spec_mismatch()
         if mismatch and not overwrite:
             raise ZSKDError(mismatch)

@@ -137,7 +137,7 @@ class ImpressionDataModule(L.LightningDataModule):
         self.num_val_impressions = num_val_impressions
         self.eval_data = eval_data
         self.predict_data = predict_data
-        if validate_on_real and (eval_data is None or not hasattr(eval_data, "val_dataloader")):
+        if validate_on_real and eval_data is None:
             raise InvalidArgument("validate_on_real needs an eval_data with a validation split")
         self.validate_on_real = validate_on_real
         self.batch_size = batch_size

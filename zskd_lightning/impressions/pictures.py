@@ -31,25 +31,23 @@ def impression_grid(
     """
     labels = np.concatenate(cache.load("labels"))
     inputs = cache.load("inputs")
-    chosen, rows = [], []
-    for k in np.unique(labels):
-        row = np.flatnonzero(labels == k)[:per_class]
-        rows.append(int(k))
-        for position in range(per_class):
-            if position < len(row):
-                chunk, offset = divmod(int(row[position]), cache.chunk_size)
-                chosen.append(torch.from_numpy(np.array(inputs[chunk][offset])))
-            else:  # a class with fewer impressions: a blank cell keeps the rows aligned
-                chosen.append(None)
-    shape = next(x for x in chosen if x is not None).shape
-    images = torch.stack([x if x is not None else torch.full(shape, float("nan")) for x in chosen])
+    rows = [int(k) for k in np.unique(labels)]
+    cells: dict[int, torch.Tensor] = {}  # grid position -> impression
+    for row, k in enumerate(rows):
+        for column, index in enumerate(np.flatnonzero(labels == k)[:per_class]):
+            chunk, offset = divmod(int(index), cache.chunk_size)
+            cells[row * per_class + column] = torch.from_numpy(np.array(inputs[chunk][offset]))
+    images = torch.stack(list(cells.values()))
     if input_range is not None:
         images = to_pixels(images, input_range)
     else:
         flat = images.flatten(1)
-        low, high = flat.nan_to_num(np.inf).min(1).values, flat.nan_to_num(-np.inf).max(1).values
-        images = (images - low.view(-1, 1, 1, 1)) / (high - low).clamp_min(1e-12).view(-1, 1, 1, 1)
-    images = images.nan_to_num(0.5).clamp(0, 1)
+        low, high = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+        images = (images - low) / (high - low).clamp_min(1e-12)
+    # a class with fewer impressions leaves gray cells, which keep the rows aligned
+    grid_cells = torch.full((len(rows) * per_class, *images.shape[1:]), 0.5)
+    grid_cells[list(cells)] = images.clamp(0, 1)
+    images = grid_cells
     factor = max(1, math.ceil(min_size / max(images.shape[-2:])))
     if factor > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
