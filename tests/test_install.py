@@ -3,6 +3,7 @@ shipped config and teacher resolve from the installed package, not from the chec
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +16,22 @@ TINY_BUDGET = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "fa
                "--data.init_args.chunk_size", "16", "--data.init_args.synthesizer.init_args.iterations", "3"]
 
 
+def _setuptools_major() -> int:
+    """The installed setuptools' major version (0 when there is none); pyproject.toml needs >= 77."""
+    try:
+        return int(importlib.metadata.version("setuptools").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 0
+
+
 def test_the_quickstart_runs_from_a_non_editable_install(tmp_path):
-    """``pip install --target`` (a regular, non-editable install of this checkout, built with the setuptools
-    already here) into a folder put first on ``PYTHONPATH``, so its copy is the one imported."""
+    """``pip install --target`` (a regular, non-editable install of this checkout) into a folder put first on
+    ``PYTHONPATH``, so its copy is the one imported. Built with the setuptools already here when it is recent
+    enough for ``pyproject.toml`` (offline), else in pip's isolated build environment."""
     target = tmp_path / "installed"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                              "--no-index", "--target", str(target), str(ROOT)],
-                             capture_output=True, text=True, timeout=600)
+    build = ["--no-build-isolation", "--no-index"] if _setuptools_major() >= 77 else []
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *build,
+                              "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
     env = {**tiny.script_env(1), "PYTHONPATH": str(target)}
     where = subprocess.run([sys.executable, "-c", "import zskd_lightning; print(zskd_lightning.__file__)"],
