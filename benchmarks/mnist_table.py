@@ -1,5 +1,5 @@
-"""Regenerate the data-free MNIST table (LeNet-5 -> LeNet-5-half: ZSKD, Class Impressions, Wang 2021) with one
-command.
+"""Regenerate the data-free MNIST table (LeNet-5 -> LeNet-5-half: ZSKD, Class Impressions, Wang 2021, the online
+baseline) with one command.
 
     ZSKD_DATA_ROOT=../shared/data python benchmarks/mnist_table.py [--rows all] [--seeds 0 1 2] [--schedule fast]
 
@@ -7,7 +7,8 @@ Every row runs the ``zskd`` CLI on a shipped config with command-line overrides 
 row can be rerun by hand), reads the final (last-epoch) test accuracy from its output, and the synthesis wall
 time from the impression cache's manifest. Results accumulate in ``benchmarks/results/mnist.csv`` (rows
 already measured for the same command are skipped, so an interrupted run resumes); ``mnist.md`` and
-``mnist.png`` are rebuilt from the CSV after every row.
+``mnist.png`` (and, once online rows exist, ``mnist_time.png``: accuracy against wall time) are rebuilt from
+the CSV after every row.
 
 ``--schedule paper`` synthesizes with the paper's procedure (uniform noise, 1500 iterations at lr 0.01, no
 prior, no jitter); ``fast`` with the shipped fast config's recipe. The teacher row's seed 0 (the config's own
@@ -49,7 +50,21 @@ ABLATION = (600, 3000, 6000, 12000, 24000)  # 1%, 5%, 10%, 20%, 40% of MNIST's 6
 FIELDS = ["row", "method", "impressions", "seed", "test_acc", "teacher_acc", "synthesis_s", "total_s", "hardware", "command",
           "configs_sha", "training_s"]
 ROW_ORDER = ("teacher", "student_ce", "student_kd", "zskd", "zskd_paper", "zskd_bf16", "ci", "ci_paper", "wang",
-             "wang_paper", "ablation", "ablation_paper")
+             "wang_paper", "fast", "ssdkd", "ssdkd_no_phi", "ssdkd_uniform", "ssdkd_1pct", "ablation", "ablation_paper")
+#: Online rows: (row, method, configs, extra arguments). SSD-KD at 10% of MNIST (a 6,000-input buffer, as the
+#: baseline's), its ablations, and SSD-KD at 1% (600).
+ONLINE_ROWS = (
+    ("fast", "fast", ("configs/mnist/fast_lenet5_half.yaml",), ()),
+    ("ssdkd", "ssd_kd", ("configs/mnist/ssdkd_lenet5_half.yaml",), ()),
+    ("ssdkd_no_phi", "ssd_kd", ("configs/mnist/ssdkd_lenet5_half.yaml", "configs/mnist/ssdkd/no_phi.yaml"), ()),
+    ("ssdkd_uniform", "ssd_kd", ("configs/mnist/ssdkd_lenet5_half.yaml", "configs/mnist/ssdkd/uniform.yaml"), ()),
+    ("ssdkd_1pct", "ssd_kd", ("configs/mnist/ssdkd_lenet5_half.yaml",), ("--data.init_args.buffer_size", "600")),
+)
+#: Rows of the accuracy-against-time figure (mnist_time.png), with their legend.
+TIMED_ROWS = {"zskd": "ZSKD, 24,000 impressions", "fast": "online baseline (10%)", "ssdkd": "SSD-KD (10%)",
+              "ssdkd_1pct": "SSD-KD (1%)"}
+#: Online rows synthesize during distillation; their log line gives the inputs made and the synthesis time.
+ONLINE_LINE = re.compile(r"Online synthesis: \d+ rounds, (\d+) inputs synthesized in ([0-9.]+) s")
 TARGET_ACC = 98.5  # the time-to-accuracy goal (%), from a trained teacher to the student
 
 
@@ -104,6 +119,12 @@ def row_commands(rows: list[str], seeds: list[int], schedule: str) -> list[tuple
             plans.append(data_free("ci", "ci_lenet5_half.yaml", 24000, seed, "ci"))
         if "wang" in rows:
             plans.append(data_free("wang", "wang_lenet5_half.yaml", 24000, seed, "wang"))
+        # online rows: "impressions" becomes the number of inputs the run synthesized
+        for row, method, configs, extra in ONLINE_ROWS:
+            if row in rows:
+                plans.append((row, method, 0, seed, ["fit", *[a for c in configs for a in ("--config", c)],
+                              "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
+                              "--trainer.default_root_dir", f"runs/mnist/table/{row}_s{seed}", *extra]))
     if "ablation" in rows:
         for n in ABLATION:
             for method, config in (("zskd", "zskd_lenet5_half_fast.yaml"), ("ci", "ci_lenet5_half.yaml")):
@@ -115,7 +136,7 @@ def row_commands(rows: list[str], seeds: list[int], schedule: str) -> list[tuple
 
 
 def configs_sha(args: list[str]) -> str:
-    """Fingerprint of what a row measures: its config, the data (:data:`DATA_TAG`) and, for a row that loads the
+    """Fingerprint of what a row measures: its configs, the data (:data:`DATA_TAG`) and, for a row that loads the
     teacher, the teacher's config.
 
     Configs are hashed as parsed YAML, so editing a comment leaves every row current; a row measured with other
@@ -125,7 +146,8 @@ def configs_sha(args: list[str]) -> str:
     def parsed(path: str) -> str:
         return json.dumps(yaml.safe_load((ROOT / path).read_text()), sort_keys=True)
 
-    config = parsed(args[args.index("--config") + 1])
+    # every --config counts (a variant overlay on a base); one config hashes exactly as before overlays existed
+    config = "".join(parsed(args[i + 1]) for i, arg in enumerate(args) if arg == "--config")
     digest = hashlib.sha256(config.encode())
     digest.update(DATA_TAG.encode())
     if TEACHER_CKPT in config:
@@ -170,6 +192,13 @@ def run_row(args: list[str]) -> dict[str, float]:
         finished = json.loads(manifest_after)
         synthesis, earlier_runs = finished["wall_seconds"], finished.get("resumed_seconds", 0.0)
     cache_was_ready = manifest_before is not None and manifest_before == manifest_after
+    online = ONLINE_LINE.search(proc.stdout + proc.stderr)
+    if online is not None:  # synthesis ran during distillation: its rounds' time is the synthesis time
+        synthesis, earlier_runs = float(online.group(2)), 0.0
+        return {"test_acc": 100 * float(metrics["test/acc"]),
+                "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
+                "synthesis_s": synthesis, "total_s": total, "training_s": max(total - synthesis, 0.0),
+                "synthesized": float(online.group(1))}
     return {
         "test_acc": 100 * float(metrics["test/acc"]),
         "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
@@ -238,6 +267,8 @@ def summarize(records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
         "60,000 training images less a 10% validation split; every row also gives the ratio student / teacher.",
         "Times are wall-clock seconds on the row's hardware.",
         "Rows over several seeds give mean ± standard deviation, mean times, and one command with the seed written S.",
+        "Online rows (fast) synthesize during distillation into a 6,000-input replay buffer: their impressions are the"
+        " inputs synthesized in all, their synthesis time the generator rounds' and their training time the rest.",
         f"Ratios divide by the teacher every student loads (seed {TEACHER_SEED}); the teacher's other seeds only measure"
         " its recipe's spread (command: add `--seed_everything S --trainer.default_root_dir runs/mnist/table/teacher_sS"
         " --trainer.callbacks []`, which keeps the students' checkpoint).",
@@ -300,12 +331,41 @@ def summarize(records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
         fig.tight_layout()
         write_atomic(out_dir / "mnist.png", lambda handle: fig.savefig(handle, format="png", dpi=120))
         plt.close(fig)
+    timed = [r for r in records if r["row"] in TIMED_ROWS]
+    if any(r["row"] != "zskd" for r in timed):
+        plot_accuracy_against_time(timed, teacher_acc, out_dir / "mnist_time.png")
+
+
+def plot_accuracy_against_time(records: list[dict[str, str]], teacher_acc: float | None, path: Path) -> None:
+    """Each run of the :data:`TIMED_ROWS` as a point: test accuracy against synthesis + distillation wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for row in TIMED_ROWS:
+        runs = [r for r in records if r["row"] == row]
+        if runs:
+            minutes = [(float(r["synthesis_s"]) + float(r["training_s"])) / 60 for r in runs]
+            ax.scatter(minutes, [float(r["test_acc"]) for r in runs], label=TIMED_ROWS[row])
+    if teacher_acc:
+        ax.axhline(teacher_acc, color="grey", linestyle="--", label="teacher")
+    ax.set_xlabel("synthesis + distillation (min, wall)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=["teacher", "student_ce", "student_kd", "zskd", "ci", "wang", "ablation"],
-                        choices=["teacher", "student_ce", "student_kd", "zskd", "zskd_bf16", "ci", "wang", "ablation"])
+    parser.add_argument("--rows", nargs="+",
+                        default=["teacher", "student_ce", "student_kd", "zskd", "ci", "wang", "fast", "ssdkd",
+                                 "ssdkd_no_phi", "ssdkd_uniform", "ssdkd_1pct", "ablation"],
+                        choices=["teacher", "student_ce", "student_kd", "zskd", "zskd_bf16", "ci", "wang", "fast",
+                                 "ssdkd", "ssdkd_no_phi", "ssdkd_uniform", "ssdkd_1pct", "ablation"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--schedule", choices=["fast", "paper"], default="fast")
     parser.add_argument("--summarize", action="store_true", help="only rebuild mnist.md and mnist.png from the CSV")
@@ -328,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"train the teacher first (--rows teacher): {TEACHER_CKPT} is missing")
         print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
         result = run_row(zskd_args)
+        n = int(result.pop("synthesized", n))
         record = {"row": row, "method": method, "impressions": n, "seed": seed, "hardware": hardware(),
                   "command": command, **{k: f"{v:.4f}" if "acc" in k else f"{v:.1f}" for k, v in result.items()}}
         record["configs_sha"] = fingerprint

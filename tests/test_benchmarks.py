@@ -165,6 +165,36 @@ def test_mnist_table_times_a_resumed_row_with_the_chunks_an_earlier_run_finished
     assert resumed["training_s"] == max(resumed["total_s"] - 13.0, 0.0)
 
 
+def test_mnist_table_reads_an_online_rows_synthesis_from_its_log(tmp_path, monkeypatch):
+    """An online row (no cache): the inputs synthesized and the rounds' time come from the driver's last line."""
+    table = load("mnist_table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    row, method, _, seed, args = table.row_commands(["fast"], [1], "fast")[0]
+    assert (row, method, seed) == ("fast", "fast", 1) and "--data.init_args.cache_dir" not in args
+
+    def fake_zskd(command, cwd, capture_output, text):
+        log = "Online synthesis: 223 rounds, 57088 inputs synthesized in 468.3 s; buffer 6000/6000\n"
+        return subprocess.CompletedProcess(command, 0, "test/acc 0.95\ntest/teacher_acc 0.99\n", log)
+
+    monkeypatch.setattr(table.subprocess, "run", fake_zskd)
+    result = table.run_row(args)
+    assert result["synthesized"] == 57088 and result["synthesis_s"] == 468.3
+    assert result["training_s"] == max(result["total_s"] - 468.3, 0.0) and result["test_acc"] == 95.0
+
+
+def test_mnist_table_online_rows_fingerprint_every_config_and_plot_accuracy_against_time(tmp_path):
+    table = load("mnist_table")
+    rows = ["ssdkd", "ssdkd_no_phi", "ssdkd_1pct"]
+    plans = {row: args for row, _, _, _, args in table.row_commands(rows, [0], "fast")}
+    assert plans["ssdkd_no_phi"].count("--config") == 2
+    assert plans["ssdkd_1pct"][-2:] == ["--data.init_args.buffer_size", "600"]
+    assert table.configs_sha(plans["ssdkd_no_phi"]) != table.configs_sha(plans["ssdkd"])
+    records = [{"row": row, "test_acc": acc, "synthesis_s": "60", "training_s": "120"}
+               for row, acc in (("zskd", "95"), ("fast", "96"), ("ssdkd", "97"))]
+    table.plot_accuracy_against_time(records, 99.0, tmp_path / "time.png")
+    assert (tmp_path / "time.png").stat().st_size > 1000
+
+
 def test_mnist_table_replaces_earlier_measurements_of_a_row_also_under_an_older_command():
     table = load("mnist_table")
 
@@ -241,3 +271,11 @@ def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path, monk
     specs = {p.parent.name: p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
     assert "BatchNormStatistics" in specs["w0.1_c8_s0"] and "BatchNormStatistics" not in specs["w0_c8_s0"]
     assert "| 0.1 | 8 | 0 |" in results.with_suffix(".md").read_text()
+
+
+def test_priority_sampling_prints_every_path_with_its_ratio(capsys):
+    load("priority_sampling").main(["--size", "1000", "--batch", "32", "--repeats", "3"])
+    out = capsys.readouterr().out
+    for path in ("uniform draw", "priority draw (sum tree) + weights", "priority draw + update", "torch.multinomial"):
+        assert re.search(rf"{re.escape(path)}.*\s[0-9.]+\s+[0-9.]+$", out, re.MULTILINE), path
+    assert "goal: a priority draw under 1 ms" in out

@@ -12,7 +12,8 @@ from zskd_lightning.cli import main
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted([*(REPO / "configs").rglob("*.yaml"), *(REPO / "zskd_lightning" / "configs").glob("*.yaml")])
 #: Variant files that change one thing of a full config, given after it (``--config BASE --config VARIANT``).
-OVERLAY_BASES = {"lopes": REPO / "configs" / "mnist" / "lopes_lenet5_half.yaml"}
+OVERLAY_BASES = {"lopes": REPO / "configs" / "mnist" / "lopes_lenet5_half.yaml",
+                 "ssdkd": REPO / "configs" / "mnist" / "ssdkd_lenet5_half.yaml"}
 
 
 def _arguments(config: Path) -> tuple[list[str], dict]:
@@ -46,6 +47,11 @@ def test_configs_are_shipped():
         "lopes/top_layer.yaml",
         "lopes/all_layers.yaml",
         "lopes/spectral_all_layers.yaml",
+        "mnist/fast_lenet5_half.yaml",
+        "cifar10/fast_alexnet_half.yaml",
+        "mnist/ssdkd_lenet5_half.yaml",
+        "ssdkd/no_phi.yaml",
+        "ssdkd/uniform.yaml",
     ):
         assert expected in names
 
@@ -64,8 +70,12 @@ def test_config_parses(config, capsys):
         assert printed["seed_everything"] == source["seed_everything"]
     overlay = yaml.safe_load(config.read_text())
     if config.parent.name in OVERLAY_BASES:  # the variant's own settings win over the base's
-        wanted = overlay["data"]["init_args"]["synthesizer"]["init_args"]
+        wanted = overlay["data"]["init_args"].get("synthesizer", {}).get("init_args", {})
         assert {k: printed["data"]["init_args"]["synthesizer"]["init_args"][k] for k in wanted} == wanted
+        for key, value in overlay["data"]["init_args"].items():
+            if key != "synthesizer":
+                got = printed["data"]["init_args"][key]
+                assert (got["class_path"] == value["class_path"]) if isinstance(value, dict) else got == value
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())

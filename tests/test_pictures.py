@@ -7,7 +7,8 @@ import pytest
 from helpers import tiny
 from PIL import Image
 
-from zskd_lightning.impressions.pictures import impression_grid, log_picture
+from zskd_lightning.impressions.pictures import impression_grid
+from zskd_lightning.pictures import log_picture
 
 
 @pytest.fixture(scope="module")

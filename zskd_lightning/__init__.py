@@ -3,6 +3,7 @@
 Layers, each importing only from those above it in this list: ``_version``, ``errors``, ``files``, ``pixels``,
 ``describe`` -> ``taps``, ``teacher``, ``losses``, ``weighting``, ``augment``, ``models``, ``data`` ->
 ``synthesis`` (what and how; no Lightning, no files) -> ``impressions`` (offline cache, driver, datamodule),
+``online`` (replay buffer, round driver, datamodule),
 ``distillation``, ``classifier`` -> ``cli`` and this package face (``tests/test_layers.py`` checks it).
 """
 
@@ -13,30 +14,43 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.export import load_student
 from zskd_lightning.impressions import ImpressionCache, ImpressionDataModule, ImpressionDataset, ImpressionSynthesis
 from zskd_lightning.losses import kd_loss
+from zskd_lightning.online import OnlineDataModule, OnlineSynthesis, PrioritySampler, ReplayBuffer, UniformSampler
 from zskd_lightning.synthesis import (
     ClassImpressionSynthesizer,
+    FastSynthesizer,
+    GeneratorSynthesizer,
     LopesSynthesizer,
+    SSDKDSynthesizer,
     Synthesizer,
     WangSynthesizer,
     ZSKDSynthesizer,
 )
 from zskd_lightning.teacher import FrozenTeacher
-from zskd_lightning.weighting import SampleWeighting, TeacherUncertainty
+from zskd_lightning.weighting import ModulatingFunction, SampleWeighting, TeacherUncertainty
 
 __all__ = [
     "ClassImpressionSynthesizer",
     "ClassifierModule",
     "DistillationModule",
+    "FastSynthesizer",
     "FrozenTeacher",
+    "GeneratorSynthesizer",
     "ImpressionCache",
     "ImpressionDataModule",
     "ImpressionDataset",
     "ImpressionSynthesis",
     "InvalidArgument",
     "LopesSynthesizer",
+    "ModulatingFunction",
+    "OnlineDataModule",
+    "OnlineSynthesis",
+    "PrioritySampler",
+    "ReplayBuffer",
+    "SSDKDSynthesizer",
     "SampleWeighting",
     "Synthesizer",
     "TeacherUncertainty",
+    "UniformSampler",
     "WangSynthesizer",
     "ZSKDError",
     "ZSKDSynthesizer",

@@ -137,7 +137,9 @@ class DistillationModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.student.train()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], batch_idx: int) -> Tensor | dict:
+        if isinstance(batch, dict):
+            return self._replay_step(batch)
         x, y = batch
         student_logits = self.student(x)
         if self.hparams.target_source == "teacher":
@@ -159,13 +161,36 @@ class DistillationModule(L.LightningModule):
         loss = self.hparams.kd_weight * distill
         if self.hparams.ce_weight and _is_hard_label(y):
             loss = loss + self.hparams.ce_weight * F.cross_entropy(student_logits, y)
+        self._check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _replay_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A replay-buffer batch (:class:`~zskd_lightning.online.BufferBatches`): ``inputs [B, ...]``, ``slots [B]``
+        and optional importance ``weights [B]``. Loss ``kd_weight * mean_i(w_i * l_i)`` (``w_i``: the batch's
+        weights times ``sample_weights``, 1 without either); returns it with the per-sample ``T^2 * KL`` terms
+        ``l_i`` (``"per_sample_loss" [B]``, detached) for the buffer's sampler."""
+        x = batch["inputs"]
+        student_logits = self.student(x)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        check_same_classes(teacher_logits.shape[-1], student_logits.shape[-1])
+        per_sample = kd_loss_per_sample(student_logits, teacher_logits, self.hparams.temperature)
+        weights = batch.get("weights")
+        if self.sample_weights is not None:
+            modulation = self.sample_weights(teacher_logits, student_logits.detach())
+            weights = modulation if weights is None else weights * modulation
+        loss = self.hparams.kd_weight * (per_sample.mean() if weights is None else (weights * per_sample).mean())
+        self._check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        return {"loss": loss, "per_sample_loss": per_sample.detach()}
+
+    def _check_finite(self, loss: Tensor) -> None:
         if not torch.isfinite(loss):
             raise ZSKDError(
                 f"the distillation loss is not finite ({float(loss)}) at step {self.global_step}, epoch "
                 f"{self.current_epoch}: check that the teacher's outputs and the inputs are finite, and lower the lr"
             )
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
 
     # -------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

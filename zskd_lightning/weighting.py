@@ -40,3 +40,59 @@ class TeacherUncertainty(SampleWeighting):
         with torch.no_grad():
             confidence = torch.softmax(teacher_logits.float() / self.temperature, dim=-1).amax(dim=-1)
             return (1 - confidence).clamp_min(0).pow(self.gamma)
+
+
+class ClassDiversity(SampleWeighting):
+    """SSD-KD's diversity part (reconstructed; the paper's form is not public): with ``c_i`` the teacher's
+    argmax on sample ``i`` and ``m_c`` the number of reference samples predicted as class ``c`` (the counts given
+    to :meth:`observe`, e.g. the replay buffer's, plus the batch itself), ``d_i = (M + K) / (K (m_{c_i} + 1))``
+    with ``M = sum_c m_c``: Laplace-smoothed inverse class frequency, about 1 for a balanced reference, lower the
+    more samples share ``c_i``."""
+
+    def __init__(self) -> None:
+        self.counts: Tensor | None = None
+
+    def observe(self, counts: Tensor) -> None:
+        """Reference counts per class ``[K]`` (int), e.g. the buffer's labels."""
+        self.counts = counts.detach().long().cpu()
+
+    def __call__(self, teacher_logits: Tensor, student_logits: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            num_classes = teacher_logits.shape[-1]
+            predicted = teacher_logits.argmax(dim=-1)
+            counts = torch.bincount(predicted, minlength=num_classes).float()
+            if self.counts is not None and len(self.counts) == num_classes:
+                counts = counts + self.counts.to(counts.device).float()
+            return ((counts.sum() + num_classes) / (num_classes * (counts[predicted] + 1))).float()
+
+
+class ModulatingFunction(SampleWeighting):
+    """SSD-KD's modulating function (Liu et al., CVPR 2024) ``phi = diversity x difficulty``, reconstructed in the
+    standard forms: :class:`ClassDiversity` times :class:`TeacherUncertainty` ``(1 - p_T(y^|x))^gamma``.
+
+    ``normalize`` divides by the batch mean, so phi re-weights samples without changing the loss's scale (a
+    confident teacher would otherwise shrink every weight toward 0). ``diversity`` / ``difficulty`` switch the
+    parts off (ablations).
+    """
+
+    def __init__(self, gamma: float = 2.0, temperature: float = 1.0, diversity: bool = True, difficulty: bool = True,
+                 normalize: bool = True) -> None:
+        self.difficulty = TeacherUncertainty(gamma, temperature) if difficulty else None
+        self.diversity = ClassDiversity() if diversity else None
+        self.normalize = bool(normalize)
+
+    def observe(self, counts: Tensor) -> None:
+        """The reference class counts of the diversity part (see :class:`ClassDiversity`)."""
+        if self.diversity is not None:
+            self.diversity.observe(counts)
+
+    def __call__(self, teacher_logits: Tensor, student_logits: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            phi = torch.ones(teacher_logits.shape[0], device=teacher_logits.device)
+            if self.difficulty is not None:
+                phi = phi * self.difficulty(teacher_logits)
+            if self.diversity is not None:
+                phi = phi * self.diversity(teacher_logits)
+            if self.normalize:
+                phi = phi / phi.mean().clamp_min(1e-12)
+            return phi.float()

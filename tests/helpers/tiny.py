@@ -24,7 +24,15 @@ from torch import nn
 
 import lightning as L
 
-from zskd_lightning import DistillationModule, FrozenTeacher, ImpressionDataModule, ImpressionSynthesis, ZSKDSynthesizer
+from zskd_lightning import (
+    DistillationModule,
+    FastSynthesizer,
+    FrozenTeacher,
+    ImpressionDataModule,
+    ImpressionSynthesis,
+    OnlineDataModule,
+    ZSKDSynthesizer,
+)
 from zskd_lightning.data.digits import DigitsDataModule
 from zskd_lightning.models import DigitsConvNet
 
@@ -136,6 +144,22 @@ def manifest_shards(cache_dir: str | os.PathLike) -> list[dict]:
     """The manifest's shard list without the run-dependent fields (seconds, loss)."""
     manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
     return [{k: s[k] for k in ("chunk", "count", "sha256")} for s in manifest["shards"]]
+
+
+def online_setup(*, steps_per_epoch: int = 8, buffer_size: int = 48, round_size: int = 16, warmup_rounds: int = 2,
+                 teacher: nn.Module | None = None, synthesizer: type = FastSynthesizer, sampler=None,
+                 buffer_update: str = "ring", **synthesizer_settings) -> tuple[DistillationModule, OnlineDataModule]:
+    """A tiny online run in the digits input space: teacher ``make_net(0)``, student ``make_net(1, width=4)``, a
+    width-4 generator (``synthesizer`` class) making ``round_size`` inputs a round (1 step) into a
+    ``buffer_size`` buffer, a round every 2 training steps, batches of 8. Nothing real is read."""
+    settings = dict(batch_size=round_size, steps_per_round=1, width=4, noise_dim=8, **synthesizer_settings)
+    datamodule = OnlineDataModule(synthesizer(**settings), buffer_size=buffer_size, steps_per_epoch=steps_per_epoch,
+                                  batch_size=8, warmup_rounds=warmup_rounds, round_every_n_steps=2, sampler=sampler,
+                                  buffer_update=buffer_update, input_shape=INPUT_SHAPE, input_mean=DIGITS_MEAN,
+                                  input_std=DIGITS_STD)
+    model = DistillationModule(teacher=teacher if teacher is not None else make_net(0),
+                               student=make_net(1, width=4), export_filename=None)
+    return model, datamodule
 
 
 def quiet_trainer(root: str | os.PathLike, **overrides) -> L.Trainer:

@@ -1,7 +1,8 @@
-"""Real labelled image data (for teachers, real-data baselines and evaluation)."""
+"""Real labelled image data (for teachers, real-data baselines and evaluation), and the base of synthetic data."""
 
 from zskd_lightning.data.classification import ClassificationDataModule
 from zskd_lightning.data.digits import DigitsDataModule
+from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.data.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "MNISTDataModule",
+    "SyntheticDataModule",
 ]

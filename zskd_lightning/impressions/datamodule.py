@@ -9,15 +9,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from zskd_lightning.augment import augment_normalized
+from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.impressions.cache import ImpressionCache
 from zskd_lightning.impressions.driver import ImpressionPlan, ImpressionSynthesis
-from zskd_lightning.pixels import InputRange, InputSpec, from_pixels, to_pixels
+from zskd_lightning.pixels import InputRange, from_pixels, to_pixels
 from zskd_lightning.synthesis import Synthesizer
 
 
@@ -66,7 +65,7 @@ class ImpressionDataset(Dataset):
         return {**self.__dict__, "_chunks": {}}
 
 
-class ImpressionDataModule(L.LightningDataModule):
+class ImpressionDataModule(SyntheticDataModule):
     """Training data synthesized from a frozen teacher, cached on disk; real data only for evaluation.
 
     The impressions are made from the LightningModule's ``teacher`` (one teacher: the one that distils) by the
@@ -82,24 +81,15 @@ class ImpressionDataModule(L.LightningDataModule):
         num_impressions: training impressions (ZSKD MNIST: 24,000). Not part of the cache's identity: with a
             larger budget the cache gains the missing chunks, with a smaller one it serves a prefix.
         cache_dir: the cache folder; a matching complete cache is reused, a mismatching one is an error.
-        input_shape: ``(C, H, W)`` of the teacher's inputs; default: ``eval_data.input_shape``.
-        input_mean / input_std: per-channel normalization of the teacher's inputs; impressions are kept in the
-            valid range (:func:`zskd_lightning.pixels.valid_range`). Default: ``eval_data``'s.
-        eval_data: a labelled DataModule whose TEST split evaluates the student.
+        input_shape, input_mean, input_std, eval_data, predict_data, validate_on_real: the teacher's input space
+            and the real data that evaluates the student, see :class:`~zskd_lightning.data.SyntheticDataModule`.
         num_val_impressions: held-out impressions for validation (0: no validation loop).
         chunk_size: impressions per chunk (the unit of work, of random state and of files).
         seed: the cache's seed; chunk ``c`` draws its targets and noise from ``(seed, c)``.
         augmentation: per-sample transform on pixel-space training images (``torchvision.transforms.v2``),
             applied in the dataset (CPU, ~1 ms per image).
-        batch_augmentation: a module applied to whole pixel-space training batches on their device, e.g.
-            :class:`~zskd_lightning.augment.BatchAugmentation` (per-sample random, vectorised: far cheaper).
+        batch_augmentation: see :class:`~zskd_lightning.data.SyntheticDataModule`.
         overwrite_cache: replace a mismatching cache instead of stopping with an error.
-        validate_on_real: also validate on ``eval_data``'s validation split (``val/acc``, ``val/real_agreement``),
-            for monitoring. Off by default: for the MNIST/CIFAR modules that split is a part of the official
-            TRAINING set, which a data-free run otherwise never reads. Never use it to choose a model or an epoch
-            unless that is what you mean to do.
-        predict_data: a DataModule whose ``predict_dataloader`` gives the inputs ``zskd predict`` labels (default:
-            ``eval_data``'s); the predictions are written by :class:`~zskd_lightning.predictions.PredictionWriter`.
     """
 
     def __init__(
@@ -123,7 +113,8 @@ class ImpressionDataModule(L.LightningDataModule):
         predict_data: L.LightningDataModule | None = None,
         validate_on_real: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(input_shape, input_mean, input_std, eval_data, predict_data, validate_on_real,
+                         batch_augmentation)
         if num_impressions < 1:
             raise InvalidArgument(f"num_impressions must be >= 1, got {num_impressions}")
         if num_val_impressions < 0:
@@ -135,24 +126,10 @@ class ImpressionDataModule(L.LightningDataModule):
         self.synthesizer = synthesizer
         self.num_impressions = num_impressions
         self.num_val_impressions = num_val_impressions
-        self.eval_data = eval_data
-        self.predict_data = predict_data
-        if validate_on_real and eval_data is None:
-            raise InvalidArgument("validate_on_real needs an eval_data with a validation split")
-        self.validate_on_real = validate_on_real
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.augmentation = augmentation
-        self.batch_augmentation = batch_augmentation
-        shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
-        if not shape:
-            raise ZSKDError("ImpressionDataModule needs input_shape (C, H, W) or an eval_data that defines it")
-        mean = input_mean if input_mean is not None else getattr(eval_data, "mean", None)
-        std = input_std if input_std is not None else getattr(eval_data, "std", None)
-        has_normalization = mean is not None and std is not None
-        #: The teacher's input space: its one owner in an impression run (synthesis, pictures, augmentation).
-        self.input_spec = InputSpec(shape, mean if has_normalization else None, std if has_normalization else None)
         #: What to synthesize and where (cache folder, chunk size, seed, overwrite): kept here only.
         self.impression_plan = ImpressionPlan(
             synthesizer=synthesizer,
@@ -166,14 +143,6 @@ class ImpressionDataModule(L.LightningDataModule):
         )
         self._cache: ImpressionCache | None = None
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.input_spec.shape
-
-    def input_range(self) -> InputRange | None:
-        """Per-channel valid ``(min, max)`` of the teacher's inputs, each ``[C, 1, 1]``; ``None`` if unknown."""
-        return self.input_spec.valid_range()
-
     def synthesis_callbacks(self) -> list[Callback]:
         """The callbacks this data needs in the Trainer: the one that fills the cache at fit start."""
         return [ImpressionSynthesis()]
@@ -181,21 +150,6 @@ class ImpressionDataModule(L.LightningDataModule):
     def use_cache(self, cache: ImpressionCache) -> None:
         """Serve from ``cache`` (complete); called by the synthesis callback on every rank."""
         self._cache = cache
-
-    # ------------------------------------------------------------------------------------ LightningDataModule
-    def setup(self, stage: str) -> None:
-        # Evaluation data is opened at the start of fit too: missing files end the run before any synthesis.
-        if stage in ("fit", "test") or (stage == "predict" and self.predict_data is None):
-            if self.eval_data is not None:
-                self.eval_data.setup("test")
-        if stage == "predict" and self.predict_data is not None:
-            self.predict_data.setup("predict")
-        if stage in ("fit", "validate") and self.validate_on_real:
-            self.eval_data.setup("validate")
-        if stage == "fit" and not self._has_validation() and self.trainer is not None:
-            self.trainer.limit_val_batches = 0  # nothing held out: no validation loop (not an empty one, which warns)
-        if self.input_spec.mean is None and stage == "fit":
-            rank_zero_warn("ImpressionDataModule has no input_mean/input_std: impressions are not range-limited")
 
     def _require_cache(self) -> ImpressionCache:
         if self._cache is None:
@@ -205,13 +159,6 @@ class ImpressionDataModule(L.LightningDataModule):
                 "(it adds the callback itself)"
             )
         return self._cache
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Apply ``batch_augmentation`` to training batches, on their device."""
-        if self.batch_augmentation is not None and self.trainer is not None and self.trainer.training:
-            inputs, targets = batch
-            batch = (augment_normalized(inputs, self.batch_augmentation, self.input_range()), targets)
-        return batch
 
     def train_dataloader(self) -> DataLoader:
         cache = self._require_cache()
@@ -226,7 +173,7 @@ class ImpressionDataModule(L.LightningDataModule):
         )
 
     def _has_validation(self) -> bool:
-        return self.num_val_impressions > 0 or self.validate_on_real
+        return self.num_val_impressions > 0 or super()._has_validation()
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[held-out impressions]`` (when any), then ``[eval_data's validation split]`` with ``validate_on_real``."""
@@ -235,17 +182,4 @@ class ImpressionDataModule(L.LightningDataModule):
             cache = self._require_cache()
             dataset = ImpressionDataset(cache, self.num_impressions, self.num_impressions + self.num_val_impressions)
             loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers))
-        if self.validate_on_real:
-            loaders.append(self.eval_data.val_dataloader())
-        return loaders
-
-    def test_dataloader(self) -> DataLoader:
-        if self.eval_data is None:
-            raise ZSKDError("testing needs eval_data (a labelled DataModule whose test split evaluates the student)")
-        return self.eval_data.test_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        source = self.predict_data if self.predict_data is not None else self.eval_data
-        if source is None:
-            raise ZSKDError("predict needs predict_data or eval_data (a DataModule with a predict_dataloader)")
-        return source.predict_dataloader()
+        return loaders + self.real_val_loaders()

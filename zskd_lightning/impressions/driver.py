@@ -27,7 +27,8 @@ from torch import nn
 
 from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError
 from zskd_lightning.impressions.cache import ImpressionCache
-from zskd_lightning.impressions.pictures import impression_grid, log_picture, save_picture
+from zskd_lightning.impressions.pictures import impression_grid
+from zskd_lightning.pictures import log_picture, save_picture
 from zskd_lightning.impressions.progress import SynthesisProgress
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, Synthesizer, SynthesisContext

@@ -1,6 +1,7 @@
 """What and how of synthesis: target samplers, objectives, regularizers, the inversion engine, and the methods.
 
-No Lightning and no files here: the drivers in :mod:`zskd_lightning.impressions` run these chunk by chunk.
+No Lightning and no files here: the drivers in :mod:`zskd_lightning.impressions` run these chunk by chunk, and
+those in :mod:`zskd_lightning.online` run the generator engine round by round.
 """
 
 from zskd_lightning.synthesis.api import (
@@ -13,27 +14,45 @@ from zskd_lightning.synthesis.api import (
     SynthesisResult,
     TargetSampler,
 )
+from zskd_lightning.synthesis.generator import GeneratorSynthesizer, ImageGenerator
 from zskd_lightning.synthesis.inversion import Synthesizer
 from zskd_lightning.synthesis.methods import (
     ClassImpressionSynthesizer,
+    FastSynthesizer,
     FeatureActivation,
     GaussianFeatureTargets,
     LopesSynthesizer,
+    SSDKDSynthesizer,
     WangSynthesizer,
     ZSKDSynthesizer,
 )
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
-from zskd_lightning.synthesis.regularizers import BatchNormStatistics, L2Prior, PixelL2Prior, TotalVariation
-from zskd_lightning.synthesis.targets import DirichletTargets, OneHotTargets, class_similarity
+from zskd_lightning.synthesis.regularizers import (
+    BatchNormStatistics,
+    L2Prior,
+    PixelL2Prior,
+    TotalVariation,
+)
+from zskd_lightning.synthesis.response_terms import ClassBalance, Disagreement
+from zskd_lightning.synthesis.targets import (
+    DirichletTargets,
+    OneHotTargets,
+    class_similarity,
+)
 
 __all__ = [
     "BatchNormStatistics",
     "Chunk",
     "ChunkRandomness",
+    "ClassBalance",
     "ClassImpressionSynthesizer",
     "DirichletTargets",
+    "Disagreement",
+    "FastSynthesizer",
     "FeatureActivation",
     "GaussianFeatureTargets",
+    "GeneratorSynthesizer",
+    "ImageGenerator",
     "L2Prior",
     "LopesSynthesizer",
     "Objective",
@@ -41,6 +60,7 @@ __all__ = [
     "PixelL2Prior",
     "Regularizer",
     "Response",
+    "SSDKDSynthesizer",
     "SoftTargetCrossEntropy",
     "SynthesisContext",
     "SynthesisResult",

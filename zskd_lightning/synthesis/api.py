@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from zskd_lightning.describe import Recorded
+from zskd_lightning.describe import Recorded, describe
 from zskd_lightning.pixels import InputRange, InputSpec
 from zskd_lightning.taps import Tap
 
@@ -120,13 +120,15 @@ class Response:
 @dataclass
 class SynthesisResult:
     """A synthesized chunk, on the CPU: ``inputs [N, *shape]`` float32, ``targets [N, ...]`` float32,
-    ``labels [N]`` int64, the final per-sample ``loss [N]`` float32, and ``steps`` (impression-iterations)."""
+    ``labels [N]`` int64, the final per-sample ``loss [N]`` float32, ``steps`` (impression-iterations), and the
+    method's per-sample ``weights [N]`` at the end when it has any (``None`` otherwise)."""
 
     inputs: Tensor
     targets: Tensor
     labels: Tensor
     loss: Tensor
     steps: int
+    weights: Tensor | None = None
 
 
 class Part(Recorded):
@@ -166,3 +168,27 @@ class Regularizer(Part, ABC):
     @abstractmethod
     def __call__(self, inputs: Tensor, response: Response) -> Tensor:
         """``inputs [N, C, H, W]`` -> penalty ``[N]`` (per sample) or a scalar (a batch statistic)."""
+
+
+class Method(Recorded):
+    """What every synthesis engine shares: its parts (a target sampler, an objective, regularizers), set up once per
+    run from ``(seed, "setup")``, and an identity derived from its constructor arguments."""
+
+    target_sampler: TargetSampler
+    objective: Objective
+    regularizers: list[Regularizer]
+
+    @property
+    def parts(self) -> list[Part]:
+        return [self.target_sampler, self.objective, *self.regularizers]
+
+    def identity(self) -> dict:
+        """The method's stable name and every constructor argument (a cache refuses to mix identities)."""
+        return describe(self)
+
+    def setup_parts(self, context: SynthesisContext) -> None:
+        """Each part reads the context once (e.g. the teacher's class similarity), drawing any randomness from
+        ``(context.seed, "setup")`` so every rank computes the same."""
+        rng = ChunkRandomness.for_setup(context.seed)
+        for part in self.parts:
+            part.setup(context, rng)

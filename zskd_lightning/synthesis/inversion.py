@@ -9,19 +9,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from zskd_lightning.describe import Recorded, describe
 from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.pixels import from_pixels
 from zskd_lightning.synthesis.api import (
     Chunk,
-    ChunkRandomness,
+    Method,
     Objective,
-    Part,
     ProgressFn,
     Regularizer,
     Response,
@@ -36,7 +34,7 @@ from zskd_lightning.weighting import SampleWeighting
 SYNTHESIS_PRECISIONS = (None, "bf16-mixed", "32-true")
 
 
-class Synthesizer(Recorded):
+class Synthesizer(Method):
     """Optimize inputs from random noise with Adam until the teacher's response matches the sampled targets.
 
     Args:
@@ -122,20 +120,10 @@ class Synthesizer(Recorded):
         self.precision = precision
         self.jitter = int(jitter)
 
-    @property
-    def parts(self) -> list[Part]:
-        return [self.target_sampler, self.objective, *self.regularizers]
-
-    def identity(self) -> dict[str, Any]:
-        """The method's stable name and every constructor argument (the cache refuses to mix identities)."""
-        return describe(self)
-
     def setup(self, context: SynthesisContext) -> None:
         """Once per run, before any chunk: each part reads the context (e.g. the teacher's class similarity),
         drawing any randomness from ``(context.seed, "setup")`` so every rank computes the same."""
-        rng = ChunkRandomness.for_setup(context.seed)
-        for part in self.parts:
-            part.setup(context, rng)
+        self.setup_parts(context)
 
     def initial_inputs(self, n: int, context: SynthesisContext, generator: torch.Generator) -> Tensor:
         """Noise ``[n, *input_shape]`` (float32, CPU) drawn from ``generator``."""

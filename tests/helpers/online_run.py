@@ -1,0 +1,63 @@
+"""Standalone online-distillation run for the subprocess tests (kill -9 and resume, DDP). Lightning's DDP
+launcher re-runs this script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
+
+    python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
+
+Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--steps`` steps,
+checkpointing ``last.ckpt`` in ``DIR/checkpoints`` every 2 steps. At the end of fit every rank writes
+``DIR/rank{r}.pt``: its buffer, labels, generator weights and round count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--buffer", type=int, default=48, help="the replay buffer's capacity")
+    parser.add_argument("--slow", type=float, default=0.0, help="sleep this long after each training step")
+    parser.add_argument("--resume", action="store_true", help="resume from DIR/checkpoints/last.ckpt")
+    args = parser.parse_args()
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from helpers import tiny
+
+    torch.set_num_threads(1)
+    model, datamodule = tiny.online_setup(steps_per_epoch=args.steps, buffer_size=args.buffer)
+
+    class Slow(Callback):
+        def on_train_batch_end(self, *unused) -> None:
+            time.sleep(args.slow)
+
+    class Dump(Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            state = {"inputs": datamodule.buffer.inputs[: len(datamodule.buffer)],
+                     "labels": datamodule.buffer.labels[: len(datamodule.buffer)],
+                     "generator": datamodule.synthesizer.generator.state_dict(),
+                     "rounds": next(c for c in trainer.callbacks if type(c).__name__ == "OnlineSynthesis").rounds}
+            torch.save(state, os.path.join(args.root, f"rank{trainer.global_rank}.pt"))
+
+    checkpoints = ModelCheckpoint(dirpath=os.path.join(args.root, "checkpoints"), save_last=True,
+                                  every_n_train_steps=2, save_top_k=0)
+    trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+                                 enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump()])
+    ckpt = os.path.join(args.root, "checkpoints", "last.ckpt") if args.resume else None
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    assert isinstance(trainer, L.Trainer)
+    print(f"DONE rank={trainer.global_rank}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

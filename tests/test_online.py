@@ -1,0 +1,235 @@
+"""Online synthesis: the generator engine, the replay buffer, the round driver, checkpoints, DDP and precision."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny
+from helpers.tiny import one_torch_thread  # noqa: F401  (module fixture: one torch thread)
+from lightning.pytorch.callbacks import Callback
+
+from zskd_lightning import DistillationModule, FastSynthesizer, ImpressionDataModule, OnlineSynthesis, ReplayBuffer
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis import ImageGenerator
+from zskd_lightning.synthesis.api import Chunk, SynthesisContext
+
+ONLINE_SCRIPT = Path(__file__).resolve().parent / "helpers" / "online_run.py"
+
+
+def context(teacher=None, student=None) -> SynthesisContext:
+    return SynthesisContext(teacher=teacher or tiny.make_net(0).eval(), student=student or tiny.make_net(1, width=4),
+                            input_spec=InputSpec(tiny.INPUT_SHAPE, tiny.DIGITS_MEAN, tiny.DIGITS_STD), num_classes=10)
+
+
+# ------------------------------------------------------------------------------------------------- generator
+def test_generated_inputs_stay_in_the_valid_range_even_with_huge_weights():
+    low, high = tiny.digits_input_range()
+    generator = ImageGenerator(tiny.INPUT_SHAPE, noise_dim=8, width=4, input_range=(low, high))
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.mul_(1000)
+    with torch.no_grad():
+        x = generator(torch.randn(64, 8))
+    assert x.shape == (64, *tiny.INPUT_SHAPE)
+    assert bool((x >= low - 1e-5).all()) and bool((x <= high + 1e-5).all())
+    assert float(x.max() - x.min()) > 0.5 * float((high - low).min())  # saturates at both ends, still inside
+
+
+def test_generator_shape_errors_are_one_line():
+    with pytest.raises(InvalidArgument, match=r"divisible by 4, got \(1, 6, 6\)"):
+        ImageGenerator((1, 6, 6))
+    with pytest.raises(InvalidArgument, match="conditional"):
+        ImageGenerator(tiny.INPUT_SHAPE, num_classes=10)(torch.randn(2, 100))
+
+
+def test_batchnorm_term_on_a_teacher_without_batchnorm_is_a_one_line_error():
+    synthesizer = FastSynthesizer(batchnorm=10.0, batch_size=8, width=4, noise_dim=8)
+    with pytest.raises(InvalidArgument) as caught:
+        synthesizer.setup(context())
+    assert "BatchNorm" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_batchnorm_term_runs_on_a_batchnorm_teacher():
+    synthesizer = FastSynthesizer(batchnorm=10.0, batch_size=8, width=4, noise_dim=8, steps_per_round=2)
+    ctx = context(teacher=tiny.make_bn_teacher(0))
+    synthesizer.setup(ctx)
+    result = synthesizer.round(ctx, Chunk.of(0, 0, 0, 8))
+    assert result.inputs.shape == (8, *tiny.INPUT_SHAPE) and torch.isfinite(result.loss).all()
+    assert result.labels.tolist() == list(range(8))  # class index mod K: a round is class-balanced
+
+
+def test_a_round_lowers_the_generator_loss_and_leaves_the_student_alone():
+    student = tiny.make_net(1, width=4)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    ctx = context(student=student)
+    synthesizer = FastSynthesizer(batch_size=32, width=8, noise_dim=8, steps_per_round=30, lr=0.01)
+    synthesizer.setup(ctx)
+    first = synthesizer.round(ctx, Chunk.of(0, 0, 0, 32)).loss.mean()
+    later = synthesizer.round(ctx, Chunk.of(0, 0, 0, 32)).loss.mean()
+    assert later < first  # cross-entropy to the sampled classes falls as the generator learns
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert student.training
+
+
+def test_reptile_moves_the_meta_weights_part_of_the_way():
+    ctx = context()
+    synthesizer = FastSynthesizer(batch_size=8, width=4, noise_dim=8, steps_per_round=3, lr=0.05, reptile_lr=0.5)
+    synthesizer.setup(ctx)
+    meta_before = {k: v.clone() for k, v in synthesizer.meta_state.items()}
+    synthesizer.round(ctx, Chunk.of(0, 0, 0, 8))
+    fast = synthesizer.generator.state_dict()
+    weight = "project.weight"
+    assert torch.allclose(synthesizer.meta_state[weight], (meta_before[weight] + fast[weight]) / 2, atol=1e-6)
+    synthesizer.round(ctx, Chunk.of(0, 1, 8, 16))  # the next round starts from the meta weights
+    assert not torch.equal(synthesizer.meta_state[weight], fast[weight])
+
+
+# ---------------------------------------------------------------------------------------------------- buffer
+def test_buffer_is_a_ring_and_round_trips_its_state():
+    buffer = ReplayBuffer(5, (1, 2, 2))
+    slots = buffer.add(torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 2]))
+    assert slots.tolist() == [0, 1, 2] and len(buffer) == 3
+    slots = buffer.add(torch.ones(4, 1, 2, 2), torch.tensor([3, 4, 5, 6]))
+    assert slots.tolist() == [3, 4, 0, 1] and len(buffer) == 5  # the oldest entries go first
+    assert buffer.labels.tolist() == [5, 6, 2, 3, 4] and buffer.written == 7
+    restored = ReplayBuffer(5, (1, 2, 2))
+    restored.load_state_dict(buffer.state_dict())
+    assert torch.equal(restored.inputs, buffer.inputs) and torch.equal(restored.labels, buffer.labels)
+    assert restored.add(torch.zeros(1, 1, 2, 2), torch.tensor([9])).tolist() == [2]  # the cursor came along
+    with pytest.raises(InvalidArgument, match=r"inputs \[1, 2, 2\] with one label each; got inputs \[2, 3\]"):
+        buffer.add(torch.zeros(2, 3), torch.zeros(2))
+    with pytest.raises(ZSKDError, match="holds 5 inputs"):
+        ReplayBuffer(6, (1, 2, 2)).load_state_dict(buffer.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ online fit
+def test_a_tiny_online_fit_fills_a_balanced_buffer_and_draws_a_picture(tmp_path):
+    model, datamodule = tiny.online_setup(steps_per_epoch=6)
+    trainer = tiny.quiet_trainer(tmp_path, max_epochs=2)
+    trainer.fit(model, datamodule=datamodule)
+    online = [c for c in trainer.callbacks if isinstance(c, OnlineSynthesis)]
+    assert len(online) == 1  # asked for by the datamodule, added by DistillationModule.configure_callbacks
+    # 2 warm-up rounds, then one before every second step after the first (steps 2, 4, ..., 10)
+    assert online[0].rounds == 2 + 5 and datamodule.buffer.written == 7 * 16
+    assert len(datamodule.buffer) == 48 and datamodule.buffer.class_counts(10).tolist().count(0) == 0
+    low, high = tiny.digits_input_range()
+    held = datamodule.buffer.inputs
+    assert bool((held >= low - 1e-5).all()) and bool((held <= high + 1e-5).all())
+    assert (tmp_path / "buffer.png").exists()
+    assert trainer.callback_metrics["online/round"] == 7
+
+
+def test_online_fit_in_bf16_through_the_trainer(tmp_path):
+    model, datamodule = tiny.online_setup(steps_per_epoch=4)
+    trainer = tiny.quiet_trainer(tmp_path, precision="bf16-mixed")
+    trainer.fit(model, datamodule=datamodule)
+    assert torch.isfinite(datamodule.buffer.inputs).all() and len(datamodule.buffer) == 48
+
+
+def test_replay_batches_return_per_sample_losses_and_use_importance_weights():
+    model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
+    x = torch.randn(6, *tiny.INPUT_SHAPE)
+    plain = model.training_step({"inputs": x, "slots": torch.arange(6)}, 0)
+    assert plain["per_sample_loss"].shape == (6,)
+    assert torch.allclose(plain["loss"], plain["per_sample_loss"].mean())
+    weights = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 0.0])
+    weighted = model.training_step({"inputs": x, "slots": torch.arange(6), "weights": weights}, 0)
+    assert torch.allclose(weighted["loss"], (weights * plain["per_sample_loss"]).mean())
+
+
+def test_online_synthesis_refuses_offline_data(tmp_path):
+    model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
+    datamodule = tiny.make_datamodule(tmp_path / "cache")
+    assert isinstance(datamodule, ImpressionDataModule)
+    trainer = tiny.quiet_trainer(tmp_path, callbacks=[OnlineSynthesis()])
+    with pytest.raises(ZSKDError, match="OnlineSynthesis fills an OnlineDataModule's replay buffer; .* ImpressionDataModule"):
+        trainer.fit(model, datamodule=datamodule)
+
+
+# ------------------------------------------------------------------------------------- kill -9 and resume
+def run_online(root: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = tiny.script_env(1)
+    return subprocess.run([sys.executable, str(ONLINE_SCRIPT), "--root", str(root), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_kill_9_mid_fit_then_resume_restores_the_buffer(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, str(ONLINE_SCRIPT), "--root", str(tmp_path), "--steps", "40",
+                             "--slow", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, env=tiny.script_env(1))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not last.exists():
+        time.sleep(0.2)
+    time.sleep(1.5)  # a few more steps (and a newer checkpoint) before the kill
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), proc.stderr.read().decode()[-2000:]
+    saved = torch.load(last, weights_only=True)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("OnlineSynthesis"))
+    assert 0 < saved["global_step"] < 40
+
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # before any round of this run
+            if not seen:
+                dm = trainer.datamodule
+                seen.update(inputs=dm.buffer.inputs[: len(dm.buffer)].clone(),
+                            labels=dm.buffer.labels[: len(dm.buffer)].clone(), step=trainer.global_step,
+                            generator={k: v.clone() for k, v in dm.synthesizer.generator.state_dict().items()})
+
+    model, datamodule = tiny.online_setup(steps_per_epoch=40)
+    trainer = tiny.quiet_trainer(tmp_path, callbacks=[Probe()], enable_checkpointing=False)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last))
+    assert seen["step"] == saved["global_step"]
+    assert torch.equal(seen["inputs"], state["buffer"]["inputs"])
+    assert torch.equal(seen["labels"], state["buffer"]["labels"])
+    assert all(torch.equal(seen["generator"][k], v) for k, v in state["synthesizer"]["generator"].items())
+    rounds_at_kill = state["rounds"]
+    online = next(c for c in trainer.callbacks if isinstance(c, OnlineSynthesis))
+    assert online.rounds > rounds_at_kill  # no warm-up again, and the schedule went on: one round per 2 steps
+    assert online.rounds == 2 + (40 - 1) // 2
+
+
+# ------------------------------------------------------------------------------------------------------ DDP
+def test_two_processes_hold_one_buffer_made_of_rank_shares(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    for root, devices in ((two, "2"), (one, "1")):
+        root.mkdir()
+        proc = run_online(root, "--devices", devices, "--steps", "4", "--buffer", "96")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # the documented rule: every process holds the same buffer and the same generator
+    assert torch.equal(rank0["inputs"], rank1["inputs"]) and torch.equal(rank0["labels"], rank1["labels"])
+    assert all(torch.equal(rank0["generator"][k], rank1["generator"][k]) for k in rank0["generator"])
+    # rounds write 2 x 16 inputs (rank 0's share first); the first round's share of rank 0 is the one-process
+    # first round (same start, same (seed, chunk 0) noise and classes)
+    single = torch.load(one / "rank0.pt", weights_only=True)
+    assert rank0["rounds"] == single["rounds"] == 2 + 1
+    assert torch.equal(rank0["inputs"][:16], single["inputs"][:16])
+    assert not torch.equal(rank0["inputs"][16:32], single["inputs"][16:32])  # rank 1's share: chunk 1, untrained
+
+
+def test_replay_batches_are_augmented_on_their_device_while_training():
+    from types import SimpleNamespace
+
+    from zskd_lightning.augment import BatchAugmentation
+
+    _, datamodule = tiny.online_setup()
+    datamodule.batch_augmentation = BatchAugmentation(mix=1.0)
+    batch = {"inputs": torch.randn(8, *tiny.INPUT_SHAPE), "slots": torch.arange(8)}
+    datamodule.trainer = SimpleNamespace(training=False)
+    assert datamodule.on_after_batch_transfer(batch, 0) is batch  # evaluation: untouched
+    datamodule.trainer = SimpleNamespace(training=True)
+    augmented = datamodule.on_after_batch_transfer(batch, 0)
+    assert augmented["slots"] is batch["slots"] and augmented["inputs"].shape == batch["inputs"].shape
+    assert not torch.equal(augmented["inputs"], batch["inputs"])

@@ -1,0 +1,161 @@
+"""SSD-KD's parts: the modulating function, prioritized replay, the balanced partial update, resumed priorities."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny
+from helpers.tiny import one_torch_thread  # noqa: F401  (module fixture: one torch thread)
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from zskd_lightning import ModulatingFunction, PrioritySampler, ReplayBuffer, SSDKDSynthesizer
+from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.online import SumTree
+from zskd_lightning.weighting import ClassDiversity, TeacherUncertainty
+
+
+def logits_for(classes: list[int], num_classes: int = 2, confidence: float = 0.9) -> torch.Tensor:
+    """Logits whose softmax puts ``confidence`` on each listed class (two classes)."""
+    p = torch.full((len(classes), num_classes), (1 - confidence) / (num_classes - 1))
+    p[torch.arange(len(classes)), torch.tensor(classes)] = confidence
+    return p.log()
+
+
+# -------------------------------------------------------------------------------------------------------- phi
+def test_difficulty_by_hand():
+    # p_T = (0.9, 0.1): (1 - 0.9)^2 = 0.01; p_T = (0.5, 0.5): 0.25
+    logits = torch.tensor([[math.log(0.9), math.log(0.1)], [0.0, 0.0]])
+    assert torch.allclose(TeacherUncertainty(gamma=2.0)(logits), torch.tensor([0.01, 0.25]), atol=1e-6)
+
+
+def test_diversity_by_hand():
+    diversity = ClassDiversity()
+    # batch predicts 0, 0, 0, 1: m = (3, 1), M = 4: class 0 (4 + 2) / (2 * 4) = 0.75, class 1 6 / (2 * 2) = 1.5
+    assert torch.allclose(diversity(logits_for([0, 0, 0, 1])), torch.tensor([0.75, 0.75, 0.75, 1.5]))
+    diversity.observe(torch.tensor([1, 3]))  # the buffer leans the other way: m = (4, 4), every d = 10 / 10
+    assert torch.allclose(diversity(logits_for([0, 0, 0, 1])), torch.ones(4))
+
+
+def test_modulating_function_is_the_product_and_normalizes_to_mean_one():
+    logits = logits_for([0, 0, 0, 1]) + torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    product = TeacherUncertainty(2.0)(logits) * ClassDiversity()(logits)
+    assert torch.allclose(ModulatingFunction(2.0, normalize=False)(logits), product)
+    phi = ModulatingFunction(2.0)(logits)
+    assert torch.allclose(phi, product / product.mean()) and abs(float(phi.mean()) - 1) < 1e-6
+    assert torch.allclose(ModulatingFunction(diversity=False, normalize=False)(logits), TeacherUncertainty(2.0)(logits))
+
+
+# ------------------------------------------------------------------------------------------ priority sampling
+def test_sum_tree_finds_prefix_intervals():
+    tree = SumTree(5)
+    tree.set(np.arange(5), np.array([1.0, 0.0, 2.0, 3.0, 4.0]))
+    assert tree.total == 10.0
+    assert tree.find(np.array([0.0, 0.99, 1.0, 2.99, 3.0, 5.99, 6.0, 9.99])).tolist() == [0, 0, 2, 2, 3, 3, 4, 4]
+    tree.set(np.array([4]), np.array([0.5]))
+    assert tree.total == 6.5
+
+
+def test_sampler_frequencies_match_the_probabilities_within_3_standard_errors():
+    sampler = PrioritySampler(alpha=0.7, beta=0.4)
+    size = 50
+    sampler.setup(size)
+    losses = torch.linspace(0.0, 5.0, size) ** 2
+    sampler.update(torch.arange(size), losses)
+    expected = sampler.probabilities(size).numpy()
+    assert np.allclose(expected, (losses.double().numpy() + sampler.eps) ** 0.7
+                       / ((losses.double().numpy() + sampler.eps) ** 0.7).sum())
+    generator = torch.Generator().manual_seed(0)
+    draws = np.concatenate([sampler.draw(size, 250, generator)[0].numpy() for _ in range(400)])  # 100,000 draws
+    frequency = np.bincount(draws, minlength=size) / len(draws)
+    standard_error = np.sqrt(expected * (1 - expected) / len(draws))
+    assert np.all(np.abs(frequency - expected) <= 3 * standard_error + 1e-12)
+
+
+def test_importance_weights_by_hand():
+    sampler = PrioritySampler(alpha=1.0, beta=1.0, eps=1e-9)
+    sampler.setup(2)
+    sampler.update(torch.tensor([0, 1]), torch.tensor([1.0, 3.0]))  # P = (0.25, 0.75)
+    # (N P)^-1 = (2, 2/3), divided by the batch's largest: (1, 1/3); a batch of the likelier entry alone: (1, 1)
+    assert torch.allclose(sampler.importance_weights(torch.tensor([0, 1]), 2), torch.tensor([1.0, 1.0 / 3.0]))
+    assert torch.allclose(sampler.importance_weights(torch.tensor([1, 1]), 2), torch.ones(2))
+    sampler.beta = 0.5  # (2^0.5, (2/3)^0.5) / 2^0.5
+    assert torch.allclose(sampler.importance_weights(torch.tensor([0, 1]), 2),
+                          torch.tensor([1.0, (1 / 3) ** 0.5]), atol=1e-6)
+    slots, weights = sampler.draw(2, 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(weights, sampler.importance_weights(slots, 2))
+    annealed = PrioritySampler(beta=0.4, beta_steps=10)
+    annealed.draws = 5
+    assert annealed.current_beta == pytest.approx(0.7)
+    annealed.draws = 50
+    assert annealed.current_beta == 1.0
+
+
+def test_new_entries_get_the_largest_priority_seen():
+    sampler = PrioritySampler(alpha=1.0, eps=1e-9)
+    sampler.setup(4)
+    sampler.update(torch.tensor([0, 1]), torch.tensor([0.5, 7.0]))
+    sampler.written(torch.tensor([2]))
+    assert sampler.tree.values()[2] == pytest.approx(7.0)
+
+
+# --------------------------------------------------------------------------------------- balanced update
+def test_the_buffer_stays_class_balanced_under_the_partial_update():
+    generator = torch.Generator().manual_seed(0)
+    buffer, num_classes = ReplayBuffer(40, (1, 2, 2)), 4
+    share = math.ceil(40 / num_classes)
+    replaced = []
+    for round_index in range(30):
+        labels = torch.multinomial(torch.tensor([0.7, 0.1, 0.1, 0.1]), 16, replacement=True, generator=generator)
+        scores = torch.rand(16, generator=generator)
+        slots = buffer.write_balanced(torch.randn(16, 1, 2, 2), labels, scores, num_classes, decay=0.9)
+        counts = buffer.class_counts(num_classes)
+        assert int(counts.max()) <= share, (round_index, counts)
+        replaced.append(len(slots))
+    assert len(buffer) == 40 and buffer.class_counts(num_classes).tolist() == [share] * num_classes
+    assert min(replaced[10:]) < 16  # partial: later rounds replace only part of the buffer's entries
+    with pytest.raises(InvalidArgument):
+        buffer.write_balanced(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), torch.ones(2), num_classes)
+
+
+def test_a_higher_score_replaces_the_weakest_entry_of_its_own_class():
+    buffer = ReplayBuffer(4, (1,))
+    buffer.write_balanced(torch.tensor([[0.0], [1.0], [2.0], [3.0]]), torch.tensor([0, 0, 1, 1]),
+                          torch.tensor([0.5, 0.2, 0.9, 0.8]), num_classes=2)
+    slots = buffer.write_balanced(torch.tensor([[9.0], [8.0]]), torch.tensor([0, 1]), torch.tensor([0.3, 0.1]),
+                                  num_classes=2)
+    # the first round fills best first: slots hold inputs 2, 3, 0, 1 (scores 0.9, 0.8, 0.5, 0.2)
+    assert slots.tolist() == [3]  # 0.3 beats class 0's weakest (0.2); class 1's weakest (0.8) holds against 0.1
+    assert buffer.inputs.flatten().tolist() == [2.0, 3.0, 0.0, 9.0]
+    assert buffer.scores.tolist() == pytest.approx([0.9, 0.8, 0.5, 0.3])
+
+
+# ------------------------------------------------------------------------------------------------ resumed run
+def test_a_resumed_run_keeps_its_priorities(tmp_path):
+    def setup():
+        model, datamodule = tiny.online_setup(steps_per_epoch=6, synthesizer=SSDKDSynthesizer,
+                                              sampler=PrioritySampler(), buffer_update="balanced")
+        model.sample_weights = ModulatingFunction()
+        return model, datamodule
+
+    model, datamodule = setup()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=6, save_top_k=0)
+    tiny.quiet_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        model, datamodule=datamodule)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("OnlineSynthesis"))
+    leaves = state["sampler"]["leaves"]
+    assert torch.equal(leaves, torch.from_numpy(datamodule.sampler.tree.values()))
+    assert len(set(leaves.tolist())) > 3  # real, varied priorities from the distillation losses
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("leaves", torch.from_numpy(trainer.datamodule.sampler.tree.values()))
+
+    model, datamodule = setup()
+    tiny.quiet_trainer(tmp_path, max_steps=8, max_epochs=2, callbacks=[Probe()]).fit(
+        model, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert torch.equal(seen["leaves"], leaves)

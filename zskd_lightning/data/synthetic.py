@@ -1,0 +1,109 @@
+"""The base of datamodules whose training data a teacher synthesizes: the teacher's input space, and real data
+for evaluation only (testing, prediction, opt-in validation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from zskd_lightning.augment import augment_normalized
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.pixels import InputRange, InputSpec
+
+
+class SyntheticDataModule(L.LightningDataModule):
+    """Holds the teacher's :class:`~zskd_lightning.pixels.InputSpec` and the real data that evaluates a student.
+
+    Args:
+        input_shape: ``(C, H, W)`` of the teacher's inputs; default: ``eval_data.input_shape``.
+        input_mean / input_std: per-channel normalization of the teacher's inputs (synthetic inputs are kept in
+            the valid range, :func:`zskd_lightning.pixels.valid_range`). Default: ``eval_data``'s.
+        eval_data: a labelled DataModule whose TEST split evaluates the student.
+        predict_data: a DataModule whose ``predict_dataloader`` gives the inputs ``zskd predict`` labels (default:
+            ``eval_data``'s).
+        validate_on_real: also validate on ``eval_data``'s validation split (``val/acc``, ``val/real_agreement``),
+            for monitoring. Off by default: for the MNIST/CIFAR modules that split is a part of the official
+            TRAINING set, which a data-free run otherwise never reads. Never use it to choose a model or an epoch
+            unless that is what you mean to do.
+        batch_augmentation: a module applied to whole pixel-space training batches on their device, e.g.
+            :class:`~zskd_lightning.augment.BatchAugmentation` (per-sample random, vectorised); the teacher
+            labels the augmented batch, as the student sees it.
+    """
+
+    def __init__(self, input_shape: Sequence[int] | None = None, input_mean: Sequence[float] | None = None,
+                 input_std: Sequence[float] | None = None, eval_data: L.LightningDataModule | None = None,
+                 predict_data: L.LightningDataModule | None = None, validate_on_real: bool = False,
+                 batch_augmentation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.eval_data = eval_data
+        self.predict_data = predict_data
+        if validate_on_real and eval_data is None:
+            raise InvalidArgument("validate_on_real needs an eval_data with a validation split")
+        self.validate_on_real = validate_on_real
+        self.batch_augmentation = batch_augmentation
+        shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
+        if not shape:
+            raise ZSKDError(f"{type(self).__name__} needs input_shape (C, H, W) or an eval_data that defines it")
+        mean = input_mean if input_mean is not None else getattr(eval_data, "mean", None)
+        std = input_std if input_std is not None else getattr(eval_data, "std", None)
+        has_normalization = mean is not None and std is not None
+        #: The teacher's input space: its one owner in a run (synthesis, pictures, augmentation).
+        self.input_spec = InputSpec(shape, mean if has_normalization else None, std if has_normalization else None)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.input_spec.shape
+
+    def input_range(self) -> InputRange | None:
+        """Per-channel valid ``(min, max)`` of the teacher's inputs, each ``[C, 1, 1]``; ``None`` if unknown."""
+        return self.input_spec.valid_range()
+
+    def _has_validation(self) -> bool:
+        return self.validate_on_real
+
+    def setup(self, stage: str) -> None:
+        # Evaluation data is opened at the start of fit too: missing files end the run before any synthesis.
+        if stage in ("fit", "test") or (stage == "predict" and self.predict_data is None):
+            if self.eval_data is not None:
+                self.eval_data.setup("test")
+        if stage == "predict" and self.predict_data is not None:
+            self.predict_data.setup("predict")
+        if stage in ("fit", "validate") and self.validate_on_real:
+            self.eval_data.setup("validate")
+        if stage == "fit" and not self._has_validation() and self.trainer is not None:
+            self.trainer.limit_val_batches = 0  # nothing to validate on: no validation loop (not an empty one)
+        if self.input_spec.mean is None and stage == "fit":
+            rank_zero_warn(f"{type(self).__name__} has no input_mean/input_std: synthetic inputs are not "
+                           "range-limited")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Apply ``batch_augmentation`` to training batches on their device: ``(inputs, targets)`` tuples, or
+        the ``"inputs"`` of dict batches (replay batches)."""
+        if self.batch_augmentation is None or self.trainer is None or not self.trainer.training:
+            return batch
+        if isinstance(batch, dict):
+            return {**batch, "inputs": augment_normalized(batch["inputs"], self.batch_augmentation, self.input_range())}
+        inputs, targets = batch
+        return augment_normalized(inputs, self.batch_augmentation, self.input_range()), targets
+
+    def real_val_loaders(self) -> list[DataLoader]:
+        """``[eval_data's validation split]`` with ``validate_on_real``, else ``[]``."""
+        return [self.eval_data.val_dataloader()] if self.validate_on_real else []
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.real_val_loaders()
+
+    def test_dataloader(self) -> DataLoader:
+        if self.eval_data is None:
+            raise ZSKDError("testing needs eval_data (a labelled DataModule whose test split evaluates the student)")
+        return self.eval_data.test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        source = self.predict_data if self.predict_data is not None else self.eval_data
+        if source is None:
+            raise ZSKDError("predict needs predict_data or eval_data (a DataModule with a predict_dataloader)")
+        return source.predict_dataloader()

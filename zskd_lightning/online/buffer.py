@@ -1,0 +1,117 @@
+"""The replay buffer: a fixed number of synthesized inputs that rounds write and the student samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+
+
+class ReplayBuffer:
+    """``capacity`` inputs ``[capacity, *input_shape]`` (float32, CPU) with the class each was made for
+    (``labels [capacity]`` int64).
+
+    :meth:`add` writes a round's batch over the oldest entries (a ring: once full, every slot is rewritten once
+    before any is rewritten twice); :meth:`write_balanced` replaces only entries a new input scores higher than,
+    keeping the classes balanced (SSD-KD's partial update); :meth:`replace` writes chosen slots. ``len(buffer)``
+    is the number of filled slots, always the first ``len`` ones. Each entry keeps the score it was written with
+    (``scores [capacity]``; 0 from :meth:`add`). Identical on every process of an online run.
+    """
+
+    def __init__(self, capacity: int, input_shape: Sequence[int]) -> None:
+        if capacity < 1:
+            raise InvalidArgument(f"the buffer's capacity must be >= 1, got {capacity}")
+        self.capacity, self.input_shape = int(capacity), tuple(int(s) for s in input_shape)
+        self.inputs = torch.zeros(self.capacity, *self.input_shape)
+        self.labels = torch.full((self.capacity,), -1, dtype=torch.long)
+        self.scores = torch.zeros(self.capacity)
+        self.size = 0
+        self.cursor = 0  # the next slot add() writes
+        self.written = 0  # inputs written since the start (counts rewrites)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _check(self, inputs: Tensor, labels: Tensor) -> None:
+        if tuple(inputs.shape[1:]) != self.input_shape or labels.shape != inputs.shape[:1]:
+            raise InvalidArgument(f"the buffer holds inputs {list(self.input_shape)} with one label each; got inputs "
+                                  f"{list(inputs.shape)} and labels {list(labels.shape)}")
+
+    def add(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        """Write ``inputs [N, ...]`` and ``labels [N]`` over the oldest slots; returns the slots written ``[N]``
+        (when ``N > capacity`` only the last ``capacity`` are kept)."""
+        self._check(inputs, labels)
+        inputs, labels = inputs[-self.capacity:], labels[-self.capacity:]
+        slots = (self.cursor + torch.arange(len(inputs))) % self.capacity
+        self.replace(slots, inputs, labels)
+        self.cursor = int(slots[-1] + 1) % self.capacity if len(slots) else self.cursor
+        return slots
+
+    def write_balanced(self, inputs: Tensor, labels: Tensor, scores: Tensor, num_classes: int,
+                       decay: float = 1.0) -> Tensor:
+        """SSD-KD's partial, class-balanced update; returns the slots written ``[M]``, ``M <= N``.
+
+        The scores held are first multiplied by ``decay`` (older entries lose their claim). Then the new inputs, best
+        score first: an input of class ``c`` competes with the lowest-scored entry of class ``c`` when ``c`` holds
+        its share (``capacity / num_classes``) or more, and replaces it only with a higher score; below its share
+        it takes a free slot, or once full replaces the lowest-scored entry of the most-held class. So a round
+        updates part of the buffer, and no class ever holds more than ``ceil(capacity / num_classes)``.
+        """
+        self._check(inputs, labels)
+        self.scores[: self.size] *= decay
+        counts = self.class_counts(num_classes)
+        share = self.capacity / num_classes
+        written = []
+        for i in torch.argsort(scores, descending=True, stable=True).tolist():
+            label, score = int(labels[i]), float(scores[i])
+            if counts[label] < share and self.size < self.capacity:
+                slot = self.size
+            else:
+                victim = label if counts[label] >= share else int(counts.argmax())
+                candidates = torch.nonzero(self.labels == victim).flatten()
+                slot = int(candidates[self.scores[candidates].argmin()])
+                if victim == label and not score > float(self.scores[slot]):
+                    continue
+                counts[victim] -= 1
+            counts[label] += 1
+            self.replace(torch.tensor([slot]), inputs[i: i + 1], labels[i: i + 1])
+            self.scores[slot] = score
+            written.append(slot)
+        return torch.tensor(written, dtype=torch.long)
+
+    def replace(self, slots: Tensor, inputs: Tensor, labels: Tensor) -> None:
+        """Write ``inputs``/``labels`` into ``slots [N]`` (int64, each below ``capacity``, filled or the next free);
+        their scores become 0."""
+        self._check(inputs, labels)
+        slots = slots.long().cpu()
+        if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= self.capacity):
+            raise InvalidArgument(f"buffer slots must be in [0, {self.capacity}), got {slots.min()}..{slots.max()}")
+        self.inputs[slots] = inputs.detach().float().cpu()
+        self.labels[slots] = labels.long().cpu()
+        self.scores[slots] = 0.0
+        self.size = max(self.size, int(slots.max()) + 1) if len(slots) else self.size
+        self.written += len(slots)
+
+    def class_counts(self, num_classes: int) -> Tensor:
+        """How many filled slots hold each class, ``[num_classes]`` int64."""
+        return torch.bincount(self.labels[: self.size], minlength=num_classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inputs": self.inputs[: self.size].clone(), "labels": self.labels[: self.size].clone(),
+                "scores": self.scores[: self.size].clone(), "capacity": self.capacity, "cursor": self.cursor,
+                "written": self.written}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        inputs, labels = state["inputs"], state["labels"]
+        if state["capacity"] != self.capacity or tuple(inputs.shape[1:]) != self.input_shape:
+            raise ZSKDError(f"the checkpoint's replay buffer holds {state['capacity']} inputs "
+                            f"{list(inputs.shape[1:])}, this run's {self.capacity} inputs {list(self.input_shape)}")
+        self.size = len(inputs)
+        self.inputs[: self.size] = inputs
+        self.labels[: self.size] = labels
+        self.scores[: self.size] = state.get("scores", torch.zeros(self.size))
+        self.cursor, self.written = int(state["cursor"]), int(state["written"])

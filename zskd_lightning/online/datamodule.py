@@ -1,0 +1,158 @@
+"""OnlineDataModule: a replay buffer that a generator fills during distillation, served to the student."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from zskd_lightning.data.synthetic import SyntheticDataModule
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.online.buffer import ReplayBuffer
+from zskd_lightning.online.driver import OnlineSynthesis
+from zskd_lightning.online.sampler import UniformSampler
+from zskd_lightning.synthesis.generator import GeneratorSynthesizer
+
+
+class BufferBatches(IterableDataset):
+    """``steps`` training batches drawn from the live buffer by the sampler, each a dict: ``"inputs"
+    [B, C, H, W]``, ``"slots" [B]`` int64 (the buffer entries, for the sampler's loss feedback) and, when the
+    sampler gives importance weights, ``"weights" [B]`` float32.
+
+    Draws are made when a batch is asked for, so they see the rounds written since. Each process draws from its
+    own stream, ``(seed, epoch, rank)``. Resumable: :meth:`state_dict` holds the epoch's stream and the number of
+    batches drawn, which Lightning stores in checkpoints and gives back on resume.
+    """
+
+    def __init__(self, datamodule: OnlineDataModule) -> None:
+        self.datamodule = datamodule
+        self._generator: torch.Generator | None = None
+        self._epoch, self._drawn = -1, 0
+        self._restored: dict | None = None
+
+    def __len__(self) -> int:
+        return self.datamodule.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        state = None if self._generator is None else self._generator.get_state()
+        return {"epoch": self._epoch, "drawn": self._drawn, "generator": state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        dm = self.datamodule
+        trainer = dm.trainer
+        epoch, rank = (trainer.current_epoch, trainer.global_rank) if trainer is not None else (0, 0)
+        restored, self._restored = self._restored, None
+        self._generator, self._epoch, self._drawn = torch.Generator(), epoch, 0
+        if restored is not None and restored["epoch"] == epoch and restored["generator"] is not None:
+            self._generator.set_state(restored["generator"])
+            self._drawn = restored["drawn"]
+        else:
+            sequence = np.random.SeedSequence([dm.seed, 0xD4A, epoch, rank])
+            self._generator.manual_seed(int(sequence.generate_state(1, np.uint64)[0] >> 1))
+        while self._drawn < dm.steps_per_epoch:
+            if len(dm.buffer) == 0:
+                raise ZSKDError("the replay buffer is empty: an online run needs the OnlineSynthesis callback "
+                                "(DistillationModule adds it) and warmup_rounds >= 1")
+            slots, weights = dm.sampler.draw(len(dm.buffer), dm.batch_size, self._generator)
+            self._drawn += 1
+            batch = {"inputs": dm.buffer.inputs[slots], "slots": slots}
+            if weights is not None:
+                batch["weights"] = weights
+            yield batch
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose dataset's ``state_dict`` goes into Lightning checkpoints (Lightning asks the loader)."""
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+
+class OnlineDataModule(SyntheticDataModule):
+    """Training data made DURING distillation: a generator writes rounds into a fixed-size replay buffer and the
+    student trains on batches drawn from it; real data only for evaluation.
+
+    The :class:`~zskd_lightning.online.OnlineSynthesis` callback (which this datamodule asks for, like
+    :class:`~zskd_lightning.ImpressionDataModule`) runs ``warmup_rounds`` rounds before the first step, then one
+    round every ``round_every_n_steps`` training steps; every round writes ``synthesizer.batch_size`` inputs per
+    process over the buffer's oldest entries. Under DDP every process makes its share of a round from
+    ``(seed, round, rank)``, the shares are all-gathered in rank order, and every process holds the same buffer
+    and the same generator (its gradients are averaged): a run is reproducible for a fixed seed and world size.
+
+    Args:
+        synthesizer: the generator method (e.g. :class:`~zskd_lightning.synthesis.FastSynthesizer`).
+        buffer_size: the replay buffer's capacity (inputs).
+        steps_per_epoch: training batches per epoch (FastDFKD: 400).
+        batch_size: inputs per training batch per process.
+        warmup_rounds: rounds before the student's first step.
+        round_every_n_steps: training steps between rounds.
+        sampler: which buffer entries a batch draws (default :class:`~zskd_lightning.online.UniformSampler`;
+            SSD-KD: :class:`~zskd_lightning.online.PrioritySampler`).
+        buffer_update: ``"ring"``: every round overwrites the oldest entries; ``"balanced"``: SSD-KD's partial
+            update (:meth:`~zskd_lightning.online.ReplayBuffer.write_balanced`), new inputs ranked by the method's
+            per-sample weights, held scores multiplied by ``score_decay`` each round.
+        seed: seeds the generator's start, every round and every draw.
+        input_shape, input_mean, input_std, eval_data, predict_data, validate_on_real, batch_augmentation: see
+            :class:`~zskd_lightning.data.SyntheticDataModule`.
+    """
+
+    def __init__(
+        self,
+        synthesizer: GeneratorSynthesizer,
+        buffer_size: int,
+        steps_per_epoch: int = 400,
+        batch_size: int = 256,
+        warmup_rounds: int = 10,
+        round_every_n_steps: int = 1,
+        sampler: UniformSampler | None = None,
+        buffer_update: Literal["ring", "balanced"] = "ring",
+        score_decay: float = 0.9,
+        seed: int = 0,
+        input_shape: Sequence[int] | None = None,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+        eval_data: L.LightningDataModule | None = None,
+        predict_data: L.LightningDataModule | None = None,
+        validate_on_real: bool = False,
+        batch_augmentation: nn.Module | None = None,
+    ) -> None:
+        super().__init__(input_shape, input_mean, input_std, eval_data, predict_data, validate_on_real,
+                         batch_augmentation)
+        for name, value, least in (("buffer_size", buffer_size, 1), ("steps_per_epoch", steps_per_epoch, 1),
+                                   ("batch_size", batch_size, 1), ("warmup_rounds", warmup_rounds, 1),
+                                   ("round_every_n_steps", round_every_n_steps, 1), ("seed", seed, 0)):
+            if value < least:
+                raise InvalidArgument(f"{name} must be >= {least}, got {value}")
+        self.synthesizer = synthesizer
+        self.buffer = ReplayBuffer(buffer_size, self.input_spec.shape)
+        self.sampler = sampler if sampler is not None else UniformSampler()
+        if buffer_update not in ("ring", "balanced"):
+            raise InvalidArgument(f"buffer_update must be 'ring' or 'balanced', got {buffer_update!r}")
+        if not 0 < score_decay <= 1:
+            raise InvalidArgument(f"score_decay must be in (0, 1], got {score_decay}")
+        self.buffer_update, self.score_decay = buffer_update, float(score_decay)
+        self.sampler.setup(buffer_size)
+        self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+        self.warmup_rounds, self.round_every_n_steps, self.seed = warmup_rounds, round_every_n_steps, seed
+
+    def synthesis_callbacks(self) -> list[Callback]:
+        """The callback that fills the buffer during fit."""
+        return [OnlineSynthesis()]
+
+    def train_dataloader(self) -> DataLoader:
+        # Batches come ready-made from the live buffer, in this process (no workers: they would hold copies).
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        return ResumableLoader(BufferBatches(self), batch_size=None)

@@ -1,0 +1,191 @@
+"""OnlineSynthesis: the callback that runs generator rounds during distillation and keeps the replay buffer.
+
+Rank semantics: every process runs every round (its share, from ``(seed, round, rank)``), the generator's
+gradients are averaged and the shares all-gathered, so all processes hold the same generator, buffer and
+sampler state; checkpoints (written from rank 0) carry them through this callback's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from zskd_lightning.errors import ZSKDError
+from zskd_lightning.pictures import labelled_grid, log_picture, save_picture
+from zskd_lightning.synthesis.api import Chunk, SynthesisContext
+
+
+class OnlineSynthesis(Callback):
+    """Fill the :class:`~zskd_lightning.online.OnlineDataModule`'s replay buffer during ``fit``.
+
+    ``warmup_rounds`` rounds at the start of training (not again on resume), then one round before every
+    ``round_every_n_steps``-th training step. Before each round, weightings with an ``observe`` method (SSD-KD's
+    modulating function, in the synthesizer and in the LightningModule) get the buffer's class counts; after it,
+    the round is written by the datamodule's ``buffer_update`` rule. Feeds the sampler the per-sample
+    distillation losses when it asks for them. Shows ``round``, ``buffer`` (filled fraction) and ``gen_loss`` on
+    the progress bar and logs them (``online/...``) with the synthesis wall time; at the end of training rank 0
+    writes a picture of the buffer, one row per class (``grid_filename`` in the run's log folder; ``None``: off).
+
+    State in checkpoints: the round count, the generator, its optimizer (and Reptile's meta weights), the
+    buffer and the sampler.
+    """
+
+    def __init__(self, grid_filename: str | None = "buffer.png") -> None:
+        self.grid_filename = grid_filename
+        self.rounds = 0
+        self.synthesized = 0
+        self.synthesis_seconds = 0.0
+        self.generator_loss = math.nan
+        self._last_round_step = -1
+        self._datamodule: Any = None
+        self._module: Any = None
+        self._context: SynthesisContext | None = None
+        self._pending: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if not all(hasattr(datamodule, name) for name in ("buffer", "synthesizer", "sampler")):
+            raise ZSKDError(f"OnlineSynthesis fills an OnlineDataModule's replay buffer; the Trainer's datamodule is "
+                            f"{type(datamodule).__name__}")
+        for name in ("teacher", "student"):
+            if not hasattr(pl_module, name):
+                raise ZSKDError(f"OnlineSynthesis needs a LightningModule with a `{name}` (a DistillationModule); "
+                                f"got {type(pl_module).__name__}")
+        self._datamodule = datamodule
+        self._module = pl_module
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = self._datamodule
+        self._context = SynthesisContext(
+            teacher=pl_module.teacher, input_spec=dm.input_spec,
+            num_classes=pl_module.teacher.count_classes(dm.input_spec.shape), device=pl_module.device,
+            autocast=trainer.precision_plugin.forward_context, student=pl_module.student, seed=dm.seed,
+        )
+        dm.synthesizer.setup(self._context)
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+            rank_zero_info(f"Online synthesis resumed at round {self.rounds}, buffer {len(dm.buffer)}/"
+                           f"{dm.buffer.capacity}")
+        if self.rounds < dm.warmup_rounds:
+            rank_zero_info(f"Online synthesis: {dm.warmup_rounds - self.rounds} warm-up rounds of "
+                           f"{dm.synthesizer.batch_size * trainer.world_size} inputs")
+        while self.rounds < dm.warmup_rounds:
+            self._round(trainer)
+
+    # ------------------------------------------------------------------------------------------ rounds
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self._datamodule.round_every_n_steps == 0 and step != self._last_round_step:
+            self._round(trainer)
+            self._last_round_step = step
+
+    def _round(self, trainer: L.Trainer) -> None:
+        dm, strategy = self._datamodule, trainer.strategy
+        world, rank, size = trainer.world_size, trainer.global_rank, dm.synthesizer.batch_size
+        chunk_index = self.rounds * world + rank
+        started = time.perf_counter()
+        counts = dm.buffer.class_counts(self._context.num_classes)
+        for weighting in (dm.synthesizer.sample_weights, getattr(self._module, "sample_weights", None)):
+            if hasattr(weighting, "observe"):  # the diversity part reads how the buffer's classes stand
+                weighting.observe(counts)
+        average = None if world == 1 else (lambda tensors: _average(strategy, tensors))
+        result = dm.synthesizer.round(self._context, Chunk.of(dm.seed, chunk_index, chunk_index * size,
+                                                              (chunk_index + 1) * size), average)
+        inputs, labels, loss, scores = result.inputs, result.labels, result.loss, result.weights
+        if dm.buffer_update == "balanced" and scores is None:
+            raise ZSKDError("buffer_update='balanced' ranks new inputs by the method's per-sample weights; this "
+                            "synthesizer has no sample_weights (e.g. SSDKDSynthesizer's modulating function)")
+        if world > 1:
+            inputs, labels, loss = (_gathered(strategy, t) for t in (inputs, labels, loss))
+            scores = None if scores is None else _gathered(strategy, scores)
+        if dm.buffer_update == "balanced":
+            slots = dm.buffer.write_balanced(inputs, labels, scores, self._context.num_classes, dm.score_decay)
+        else:
+            slots = dm.buffer.add(inputs, labels)
+        dm.sampler.written(slots)
+        self.rounds += 1
+        self.synthesized += len(inputs)
+        self.generator_loss = float(loss.mean())
+        self.synthesis_seconds += time.perf_counter() - started
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        dm = self._datamodule
+        if dm.sampler.wants_losses:
+            if not (isinstance(outputs, dict) and "per_sample_loss" in outputs and isinstance(batch, dict)):
+                raise ZSKDError("this sampler learns from per-sample losses: the training step must return "
+                                "{'loss', 'per_sample_loss'} for replay batches (DistillationModule does)")
+            slots, losses = batch["slots"].detach(), outputs["per_sample_loss"].detach().float()
+            if trainer.world_size > 1:
+                slots, losses = _gathered(trainer.strategy, slots), _gathered(trainer.strategy, losses)
+            dm.sampler.update(slots.cpu(), losses.cpu())
+        metrics = {"online/round": float(self.rounds), "online/buffer": len(dm.buffer) / dm.buffer.capacity,
+                   "online/gen_loss": self.generator_loss}
+        pl_module.log_dict({k.replace("online/", ""): v for k, v in metrics.items()}, prog_bar=True, logger=False)
+        pl_module.log_dict({**metrics, "online/synthesized": float(self.synthesized),
+                            "online/synthesis_s": self.synthesis_seconds}, prog_bar=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = self._datamodule
+        rank_zero_info(f"Online synthesis: {self.rounds} rounds, {self.synthesized} inputs synthesized in "
+                       f"{self.synthesis_seconds:.1f} s; buffer {len(dm.buffer)}/{dm.buffer.capacity}")
+        folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero and self.grid_filename and len(dm.buffer):
+            picture = labelled_grid(dm.buffer.inputs[: len(dm.buffer)], dm.buffer.labels[: len(dm.buffer)],
+                                    dm.input_spec.valid_range())
+            path = save_picture(picture, os.path.join(folder, self.grid_filename))
+            log_picture(trainer.loggers, "replay_buffer", picture, step=trainer.global_step)
+            rank_zero_info(f"Replay buffer picture written to {path}")
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        dm = self._datamodule
+        if dm is None or dm.synthesizer.generator is None:
+            return dict(self._pending or {})
+        return {"rounds": self.rounds, "synthesized": self.synthesized, "synthesis_seconds": self.synthesis_seconds,
+                "last_round_step": self._last_round_step, "generator_loss": self.generator_loss,
+                "synthesizer": dm.synthesizer.state_dict(), "buffer": dm.buffer.state_dict(),
+                "sampler": dm.sampler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Kept until training starts (the generator is built then), and restored there."""
+        self._pending = dict(state_dict) if state_dict else None
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        dm = self._datamodule
+        dm.synthesizer.load_state_dict(state["synthesizer"])
+        dm.buffer.load_state_dict(state["buffer"])
+        dm.sampler.load_state_dict(state["sampler"])
+        self.rounds, self.synthesized = int(state["rounds"]), int(state["synthesized"])
+        self.synthesis_seconds, self._last_round_step = float(state["synthesis_seconds"]), int(state["last_round_step"])
+        self.generator_loss = float(state["generator_loss"])
+
+
+def _average(strategy: Any, tensors: list[Tensor]) -> None:
+    """Average ``tensors`` across processes in place (one collective over their concatenation)."""
+    if not tensors:
+        return
+    flat = strategy.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduce_op="mean")
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
+def _gathered(strategy: Any, tensor: Tensor) -> Tensor:
+    """Every process's ``tensor [N, ...]`` concatenated in rank order ``[world * N, ...]`` (on the CPU)."""
+    device = strategy.root_device
+    return strategy.all_gather(tensor.to(device)).reshape(-1, *tensor.shape[1:]).cpu()

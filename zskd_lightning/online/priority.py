@@ -1,0 +1,158 @@
+"""Prioritized replay (Schaul, Quan, Antonoglou, Silver; ICLR 2016) over the replay buffer, as SSD-KD samples it.
+
+Entry ``i`` has priority ``p_i = KL(p_T(x_i) || p_S(x_i)) + eps`` (its last per-sample distillation loss) and is
+drawn with probability ``P(i) = p_i^alpha / sum_k p_k^alpha``; a draw carries the importance weight
+``w_i = (N P(i))^-beta / max_j w_j`` (the max over the batch, as in Schaul et al.'s implementation) for the
+per-sample distillation loss, with ``beta`` annealed linearly to 1. Entries a round has just written get the
+largest priority seen so far, so each is drawn soon and gets a real one.
+
+A sum tree holds the ``p_i^alpha``: drawing ``B`` entries and updating ``B`` priorities are ``O(B log N)``,
+vectorised over the batch (``benchmarks/priority_sampling.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.online.sampler import UniformSampler
+
+
+class SumTree:
+    """A complete binary tree over ``capacity`` leaves whose internal nodes hold the sums of their children.
+
+    Leaves are float64 values ``>= 0``; ``total`` is their sum; :meth:`find` maps values in ``[0, total)`` to the
+    leaf whose prefix-sum interval holds them (vectorised).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise InvalidArgument(f"a sum tree needs capacity >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.leaves = 1 << max(0, (self.capacity - 1).bit_length())  # a power of two >= capacity
+        self.nodes = np.zeros(2 * self.leaves, dtype=np.float64)  # node 1 is the root; leaf i is node leaves + i
+
+    @property
+    def total(self) -> float:
+        return float(self.nodes[1])
+
+    def values(self) -> np.ndarray:
+        """The ``capacity`` leaf values (a copy)."""
+        return self.nodes[self.leaves: self.leaves + self.capacity].copy()
+
+    def set(self, indices: np.ndarray, values: np.ndarray) -> None:
+        """Set leaves ``indices [M]`` to ``values [M]`` (the last wins for repeated indices) and refresh sums."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size == 0:
+            return
+        nodes = indices + self.leaves
+        self.nodes[nodes] = np.asarray(values, dtype=np.float64)
+        nodes = np.unique(nodes // 2)
+        while nodes[0] >= 1:
+            self.nodes[nodes] = self.nodes[2 * nodes] + self.nodes[2 * nodes + 1]
+            if nodes[0] == 1:
+                break
+            nodes = np.unique(nodes // 2)
+
+    def find(self, targets: np.ndarray) -> np.ndarray:
+        """Leaf index for each value in ``targets [M]`` (each in ``[0, total)``): the ``i`` with
+        ``sum_{k<i} v_k <= t < sum_{k<=i} v_k``."""
+        nodes = np.ones(len(targets), dtype=np.int64)
+        remaining = np.asarray(targets, dtype=np.float64).copy()
+        while nodes[0] < self.leaves:
+            left = 2 * nodes
+            go_right = remaining >= self.nodes[left]
+            remaining -= np.where(go_right, self.nodes[left], 0.0)
+            nodes = left + go_right
+        return np.minimum(nodes - self.leaves, self.capacity - 1)
+
+
+class PrioritySampler(UniformSampler):
+    """SSD-KD's sampler: prioritized replay with importance weights (module docstring).
+
+    Args:
+        alpha: how much priorities count (0: uniform).
+        beta: the importance-weight exponent at the start, annealed linearly to 1 over ``beta_steps`` draws.
+        beta_steps: draws (training steps) over which ``beta`` reaches 1.
+        eps: added to every loss so no entry's probability is 0.
+    """
+
+    wants_losses = True
+
+    def __init__(self, alpha: float = 0.6, beta: float = 0.4, beta_steps: int = 10_000, eps: float = 1e-3) -> None:
+        if alpha < 0 or not 0 <= beta <= 1 or beta_steps < 1 or eps <= 0:
+            raise InvalidArgument(f"need alpha >= 0, 0 <= beta <= 1, beta_steps >= 1, eps > 0; got alpha={alpha}, "
+                                  f"beta={beta}, beta_steps={beta_steps}, eps={eps}")
+        self.alpha, self.beta, self.beta_steps, self.eps = float(alpha), float(beta), int(beta_steps), float(eps)
+        self.tree: SumTree | None = None
+        self.max_priority = 1.0
+        self.draws = 0
+
+    def _tree(self, capacity: int) -> SumTree:
+        if self.tree is None or self.tree.capacity < capacity:
+            old = None if self.tree is None else self.tree.values()
+            self.tree = SumTree(capacity)
+            if old is not None:
+                self.tree.set(np.arange(len(old)), old)
+        return self.tree
+
+    def setup(self, capacity: int) -> None:
+        """Size the tree for a buffer of ``capacity`` entries (empty slots have priority 0)."""
+        self._tree(capacity)
+
+    @property
+    def current_beta(self) -> float:
+        return min(1.0, self.beta + (1.0 - self.beta) * self.draws / self.beta_steps)
+
+    def probabilities(self, size: int) -> Tensor:
+        """``P(i)`` of the first ``size`` entries, ``[size]`` float64."""
+        values = self._tree(size).values()[:size]
+        return torch.from_numpy(values / values.sum())
+
+    def draw(self, size: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Stratified draw: the total mass is cut into ``batch_size`` equal segments and one entry is drawn from
+        each (Schaul et al.), so a batch spreads over the distribution; returns slots and importance weights."""
+        tree = self._tree(size)
+        total = tree.total
+        if total <= 0:  # nothing prioritized yet (a fresh buffer restored without priorities): uniform
+            return super().draw(size, batch_size, generator)
+        uniform = torch.rand(batch_size, generator=generator, dtype=torch.float64).numpy()
+        targets = (np.arange(batch_size) + uniform) * (total / batch_size)
+        slots = torch.from_numpy(np.minimum(tree.find(np.minimum(targets, np.nextafter(total, 0))), size - 1))
+        weights = self.importance_weights(slots, size)
+        self.draws += 1
+        return slots, weights
+
+    def importance_weights(self, slots: Tensor, size: int) -> Tensor:
+        """``w_i = (N P(i))^-beta / max_j w_j`` over the batch ``slots [B]`` of a buffer of ``size`` (``N``),
+        at the current ``beta``; ``[B]`` float32."""
+        tree = self._tree(size)
+        probability = tree.nodes[slots.numpy() + tree.leaves] / tree.total
+        weights = (size * np.maximum(probability, 1e-300)) ** (-self.current_beta)
+        return torch.from_numpy(weights / weights.max()).float()
+
+    def written(self, slots: Tensor) -> None:
+        """New entries start at the largest priority seen (drawn soon, then given their own)."""
+        if len(slots):
+            self._tree(int(slots.max()) + 1).set(slots.numpy(), np.full(len(slots), self.max_priority ** self.alpha))
+
+    def update(self, slots: Tensor, losses: Tensor) -> None:
+        """``p_i = loss_i + eps`` for the entries just used (losses ``[M]``, all processes)."""
+        priorities = losses.double().clamp_min(0).numpy() + self.eps
+        self.max_priority = max(self.max_priority, float(priorities.max()))
+        self._tree(int(slots.max()) + 1).set(slots.numpy(), priorities ** self.alpha)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"leaves": None if self.tree is None else torch.from_numpy(self.tree.values()),
+                "max_priority": self.max_priority, "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("leaves") is not None:
+            values = state["leaves"].numpy()
+            self.tree = SumTree(len(values))
+            self.tree.set(np.arange(len(values)), values)
+        self.max_priority, self.draws = float(state["max_priority"]), int(state["draws"])
