@@ -5,9 +5,11 @@ BatchNorm: the online baseline of the generator family.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.synthesis.api import Regularizer
 from zskd_lightning.synthesis.generator import GeneratorSynthesizer
 from zskd_lightning.synthesis.methods.wang2021 import (
     FeatureActivation,
@@ -40,7 +42,8 @@ class FastSynthesizer(GeneratorSynthesizer):
 
     def __init__(self, cross_entropy: float = 1.0, adversarial: float = 1.0, batchnorm: float = 0.0,
                  activation: float = 0.1, balance: float = 5.0, adversarial_temperature: float = 1.0,
-                 classes: Literal["sampled", "teacher"] = "sampled", **generator_settings: Any) -> None:
+                 classes: Literal["sampled", "teacher"] = "sampled", regularizers: Sequence[Regularizer] = (),
+                 **generator_settings: Any) -> None:
         if not cross_entropy > 0:
             raise InvalidArgument(f"cross_entropy must be > 0, got {cross_entropy}")
         terms = []
@@ -56,7 +59,7 @@ class FastSynthesizer(GeneratorSynthesizer):
             raise InvalidArgument(f"classes must be 'sampled' or 'teacher', got {classes!r}")
         objective = (ScaledSoftTargetCrossEntropy(temperature=1.0, scale=cross_entropy) if classes == "sampled"
                      else TeacherArgmaxCrossEntropy(cross_entropy))
-        terms += list(generator_settings.pop("regularizers", []))
+        terms += list(regularizers)  # input priors, e.g. PixelL2Prior
         super().__init__(objective=objective, labels_from_teacher=classes == "teacher", regularizers=terms,
                          **generator_settings)
 
