@@ -355,6 +355,27 @@ def test_zskd_fit_runs_wang_2021_without_the_callback_in_the_config(tmp_path, mo
     assert manifest["method"]["name"] == "wang2021" and manifest["num_impressions"] == 48
 
 
+def test_zskd_fit_runs_an_online_config_with_its_pixel_prior(tmp_path, monkeypatch):
+    """The quickstart's teacher and student with SSD-KD's online data, through ``zskd fit``: nested class_path
+    entries reach the generator's terms as objects (the regularizers, the sampler, the modulating function)."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "zskd_lightning" / "configs" / "quickstart.yaml").read_text())
+    config["trainer"].update({"max_epochs": 1, "default_root_dir": str(tmp_path / "run"), "logger": False,
+                              "enable_progress_bar": False, "enable_checkpointing": False})
+    config["model"]["init_args"]["sample_weights"] = {"class_path": "zskd_lightning.ModulatingFunction"}
+    config["data"] = {"class_path": "zskd_lightning.OnlineDataModule", "init_args": {
+        "synthesizer": {"class_path": "zskd_lightning.SSDKDSynthesizer", "init_args": {
+            "classes": "teacher", "batch_size": 16, "width": 4, "noise_dim": 8, "steps_per_round": 1,
+            "regularizers": [{"class_path": "zskd_lightning.synthesis.PixelL2Prior", "init_args": {"weight": 0.002}}]}},
+        "buffer_size": 32, "buffer_update": "balanced", "steps_per_epoch": 4, "batch_size": 8, "warmup_rounds": 2,
+        "round_every_n_steps": 2, "sampler": {"class_path": "zskd_lightning.PrioritySampler"},
+        "eval_data": config["data"]["init_args"]["eval_data"]}}
+    path = _dump(tmp_path / "online.yaml", config)
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    with tiny.torch_threads(1):
+        main(["fit", "--config", str(path)])
+    assert (tmp_path / "run" / "buffer.png").exists()
+
+
 class _Payload:
     """Pickled into a crafted checkpoint: unpickling it would create the marker file."""
 
