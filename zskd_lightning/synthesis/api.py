@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from zskd_lightning.describe import Recorded, describe
 from zskd_lightning.pixels import InputRange, InputSpec
 from zskd_lightning.taps import Tap
+from zskd_lightning.weighting import SampleWeighting
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 ProgressFn = Callable[[int, float], None]
@@ -177,10 +178,30 @@ class Method(Recorded):
     target_sampler: TargetSampler
     objective: Objective
     regularizers: list[Regularizer]
+    sample_weights: SampleWeighting | None
 
     @property
     def parts(self) -> list[Part]:
         return [self.target_sampler, self.objective, *self.regularizers]
+
+    def student_for(self, context: SynthesisContext) -> nn.Module | None:
+        """The context's student when a part or the sample weighting reads it, else ``None`` (no student pass)."""
+        parts = [*self.parts, *([self.sample_weights] if self.sample_weights is not None else [])]
+        return context.student if any(getattr(p, "needs_student", False) for p in parts) else None
+
+    def weights_for(self, response: Response) -> Tensor | None:
+        """Per-sample weights ``[N]`` of the objective for this response (``None`` without a weighting)."""
+        return None if self.sample_weights is None else self.sample_weights(response.logits, response.student_logits)
+
+    def summed_loss(self, per_sample: Tensor, weights: Tensor | None, inputs: Tensor, response: Response) -> Tensor:
+        """The method's loss over a batch of ``N`` inputs, as a SUM over samples: ``sum_i w_i l_i`` plus, per
+        regularizer, ``weight`` times its per-sample penalties summed (or ``N`` times a batch-level penalty), so
+        every term counts once per sample."""
+        loss = per_sample.sum() if weights is None else (weights * per_sample).sum()
+        for reg in self.regularizers:
+            penalty = reg(inputs, response)
+            loss = loss + reg.weight * (penalty.sum() if penalty.ndim else penalty * len(inputs))
+        return loss
 
     def identity(self) -> dict:
         """The method's stable name and every constructor argument (a cache refuses to mix identities)."""

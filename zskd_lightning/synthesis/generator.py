@@ -187,8 +187,7 @@ class GeneratorSynthesizer(Method):
         """
         generator = self._ready()
         device = torch.device(context.device)
-        parts = [*self.parts, *([self.sample_weights] if self.sample_weights is not None else [])]
-        student = context.student if any(getattr(p, "needs_student", False) for p in parts) else None
+        student = self.student_for(context)
         student_was_training = student is not None and student.training
         if self.meta_state is not None:
             generator.load_state_dict(self.meta_state)
@@ -211,12 +210,8 @@ class GeneratorSynthesizer(Method):
                     response = Response(logits.float(), taps.features,
                                         None if student_logits is None else student_logits.float())
                     per_sample = self.objective(response, device_targets)
-                    weights = (None if self.sample_weights is None
-                               else self.sample_weights(response.logits, response.student_logits))
-                    loss = (per_sample if weights is None else weights * per_sample).mean()
-                    for reg in self.regularizers:
-                        penalty = reg(inputs, response)
-                        loss = loss + reg.weight * (penalty.mean() if penalty.ndim else penalty)
+                    weights = self.weights_for(response)
+                    loss = self.summed_loss(per_sample, weights, inputs, response) / len(inputs)  # batch mean
                     grads = list(torch.autograd.grad(loss, params))
                     taps.clear()
                     if average is not None:
@@ -248,17 +243,6 @@ class GeneratorSynthesizer(Method):
                 meta.add_(fast[name].detach() - meta, alpha=self.reptile_lr)
             else:
                 meta.copy_(fast[name])
-
-    @torch.no_grad()
-    def generate(self, noise: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Inputs ``[N, C, H, W]`` from the current generator in eval mode (for pictures and checks)."""
-        generator = self._ready()
-        was_training = generator.training
-        generator.eval()
-        try:
-            return generator(noise, labels if self.conditional else None)
-        finally:
-            generator.train(was_training)
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

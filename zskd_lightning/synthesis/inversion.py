@@ -152,8 +152,7 @@ class Synthesizer(Method):
             autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
         elif self.precision == "32-true":
             autocast = contextlib.nullcontext
-        parts = [*self.parts, *([self.sample_weights] if self.sample_weights is not None else [])]
-        student = context.student if any(getattr(p, "needs_student", False) for p in parts) else None
+        student = self.student_for(context)
         indices, rng = chunk.indices, chunk.rng
         n = len(indices)
         input_range = context.input_range
@@ -184,13 +183,7 @@ class Synthesizer(Method):
                 response = Response(logits.float(), taps.features,
                                     None if student_logits is None else student_logits.float())
                 per_sample = self.objective(response, device_targets if everyone else device_targets[active])
-                if self.sample_weights is None:
-                    loss = per_sample.sum()
-                else:
-                    loss = (self.sample_weights(response.logits, response.student_logits) * per_sample).sum()
-                for reg in self.regularizers:
-                    penalty = reg(current, response)
-                    loss = loss + reg.weight * (penalty.sum() if penalty.ndim else penalty * len(current))
+                loss = self.summed_loss(per_sample, self.weights_for(response), current, response)
                 (grad,) = torch.autograd.grad(loss, current)
                 taps.clear()
                 adam.step(active, None if everyone else current.detach(), grad, everyone)
