@@ -193,19 +193,18 @@ def run_row(args: list[str]) -> dict[str, float]:
         synthesis, earlier_runs = finished["wall_seconds"], finished.get("resumed_seconds", 0.0)
     cache_was_ready = manifest_before is not None and manifest_before == manifest_after
     online = ONLINE_LINE.search(proc.stdout + proc.stderr)
-    if online is not None:  # synthesis ran during distillation: its rounds' time is the synthesis time
-        synthesis, earlier_runs = float(online.group(2)), 0.0
-        return {"test_acc": 100 * float(metrics["test/acc"]),
-                "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
-                "synthesis_s": synthesis, "total_s": total, "training_s": max(total - synthesis, 0.0),
-                "synthesized": float(online.group(1))}
-    return {
+    if online is not None:  # synthesis ran during distillation (no cache): its rounds' time is the synthesis time
+        synthesis = float(online.group(2))
+    result = {
         "test_acc": 100 * float(metrics["test/acc"]),
         "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
         "synthesis_s": synthesis + earlier_runs,
         "total_s": total,
         "training_s": total if cache_was_ready else max(total - synthesis, 0.0),
     }
+    if online is not None:
+        result["synthesized"] = float(online.group(1))
+    return result
 
 
 def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> list[dict[str, str]]:

@@ -233,3 +233,10 @@ def test_replay_batches_are_augmented_on_their_device_while_training():
     augmented = datamodule.on_after_batch_transfer(batch, 0)
     assert augmented["slots"] is batch["slots"] and augmented["inputs"].shape == batch["inputs"].shape
     assert not torch.equal(augmented["inputs"], batch["inputs"])
+
+
+def test_a_balanced_buffer_without_per_sample_weights_stops_before_any_round(tmp_path):
+    model, datamodule = tiny.online_setup(buffer_update="balanced")  # FastSynthesizer: no sample_weights
+    with pytest.raises(ZSKDError, match="buffer_update='balanced' ranks new inputs by the method's per-sample"):
+        tiny.quiet_trainer(tmp_path).fit(model, datamodule=datamodule)
+    assert len(datamodule.buffer) == 0

@@ -58,6 +58,9 @@ class OnlineSynthesis(Callback):
         if not all(hasattr(datamodule, name) for name in ("buffer", "synthesizer", "sampler")):
             raise ZSKDError(f"OnlineSynthesis fills an OnlineDataModule's replay buffer; the Trainer's datamodule is "
                             f"{type(datamodule).__name__}")
+        if datamodule.buffer_update == "balanced" and datamodule.synthesizer.sample_weights is None:
+            raise ZSKDError("buffer_update='balanced' ranks new inputs by the method's per-sample weights; this "
+                            "synthesizer has no sample_weights (e.g. SSDKDSynthesizer's modulating function)")
         for name in ("teacher", "student"):
             if not hasattr(pl_module, name):
                 raise ZSKDError(f"OnlineSynthesis needs a LightningModule with a `{name}` (a DistillationModule); "
@@ -105,9 +108,6 @@ class OnlineSynthesis(Callback):
         result = dm.synthesizer.round(self._context, Chunk.of(dm.seed, chunk_index, chunk_index * size,
                                                               (chunk_index + 1) * size), average)
         inputs, labels, loss, scores = result.inputs, result.labels, result.loss, result.weights
-        if dm.buffer_update == "balanced" and scores is None:
-            raise ZSKDError("buffer_update='balanced' ranks new inputs by the method's per-sample weights; this "
-                            "synthesizer has no sample_weights (e.g. SSDKDSynthesizer's modulating function)")
         if world > 1:
             inputs, labels, loss = (_gathered(strategy, t) for t in (inputs, labels, loss))
             scores = None if scores is None else _gathered(strategy, scores)

@@ -52,10 +52,8 @@ class SumTree:
         nodes = indices + self.leaves
         self.nodes[nodes] = np.asarray(values, dtype=np.float64)
         nodes = np.unique(nodes // 2)
-        while nodes[0] >= 1:
+        while nodes[0] >= 1:  # level by level up to the root (node 1); node 0 is unused
             self.nodes[nodes] = self.nodes[2 * nodes] + self.nodes[2 * nodes + 1]
-            if nodes[0] == 1:
-                break
             nodes = np.unique(nodes // 2)
 
     def find(self, targets: np.ndarray) -> np.ndarray:
@@ -92,17 +90,14 @@ class PrioritySampler(UniformSampler):
         self.max_priority = 1.0
         self.draws = 0
 
-    def _tree(self, capacity: int) -> SumTree:
-        if self.tree is None or self.tree.capacity < capacity:
-            old = None if self.tree is None else self.tree.values()
-            self.tree = SumTree(capacity)
-            if old is not None:
-                self.tree.set(np.arange(len(old)), old)
-        return self.tree
-
     def setup(self, capacity: int) -> None:
-        """Size the tree for a buffer of ``capacity`` entries (empty slots have priority 0)."""
-        self._tree(capacity)
+        """A tree for a buffer of ``capacity`` entries (empty slots have priority 0)."""
+        self.tree = SumTree(capacity)
+
+    def _tree(self) -> SumTree:
+        if self.tree is None:
+            raise InvalidArgument("call PrioritySampler.setup(capacity) first (OnlineDataModule does)")
+        return self.tree
 
     @property
     def current_beta(self) -> float:
@@ -110,13 +105,13 @@ class PrioritySampler(UniformSampler):
 
     def probabilities(self, size: int) -> Tensor:
         """``P(i)`` of the first ``size`` entries, ``[size]`` float64."""
-        values = self._tree(size).values()[:size]
+        values = self._tree().values()[:size]
         return torch.from_numpy(values / values.sum())
 
     def draw(self, size: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """Stratified draw: the total mass is cut into ``batch_size`` equal segments and one entry is drawn from
         each (Schaul et al.), so a batch spreads over the distribution; returns slots and importance weights."""
-        tree = self._tree(size)
+        tree = self._tree()
         total = tree.total
         if total <= 0:  # nothing prioritized yet (a fresh buffer restored without priorities): uniform
             return super().draw(size, batch_size, generator)
@@ -130,7 +125,7 @@ class PrioritySampler(UniformSampler):
     def importance_weights(self, slots: Tensor, size: int) -> Tensor:
         """``w_i = (N P(i))^-beta / max_j w_j`` over the batch ``slots [B]`` of a buffer of ``size`` (``N``),
         at the current ``beta``; ``[B]`` float32."""
-        tree = self._tree(size)
+        tree = self._tree()
         probability = tree.nodes[slots.numpy() + tree.leaves] / tree.total
         weights = (size * np.maximum(probability, 1e-300)) ** (-self.current_beta)
         return torch.from_numpy(weights / weights.max()).float()
@@ -138,13 +133,13 @@ class PrioritySampler(UniformSampler):
     def written(self, slots: Tensor) -> None:
         """New entries start at the largest priority seen (drawn soon, then given their own)."""
         if len(slots):
-            self._tree(int(slots.max()) + 1).set(slots.numpy(), np.full(len(slots), self.max_priority ** self.alpha))
+            self._tree().set(slots.numpy(), np.full(len(slots), self.max_priority ** self.alpha))
 
     def update(self, slots: Tensor, losses: Tensor) -> None:
         """``p_i = loss_i + eps`` for the entries just used (losses ``[M]``, all processes)."""
         priorities = losses.double().clamp_min(0).numpy() + self.eps
         self.max_priority = max(self.max_priority, float(priorities.max()))
-        self._tree(int(slots.max()) + 1).set(slots.numpy(), priorities ** self.alpha)
+        self._tree().set(slots.numpy(), priorities ** self.alpha)
 
     def state_dict(self) -> dict[str, Any]:
         return {"leaves": None if self.tree is None else torch.from_numpy(self.tree.values()),
