@@ -279,3 +279,22 @@ def test_priority_sampling_prints_every_path_with_its_ratio(capsys):
     for path in ("uniform draw", "priority draw (sum tree) + weights", "priority draw + update", "torch.multinomial"):
         assert re.search(rf"{re.escape(path)}.*\s[0-9.]+\s+[0-9.]+$", out, re.MULTILINE), path
     assert "goal: a priority draw under 1 ms" in out
+
+
+def test_benchmark_teacher_file_round_trip(tmp_path, cli_teacher_checkpoint):
+    from zskd_lightning import FrozenTeacher
+
+    teachers = load("teachers")
+    table = tmp_path / "table.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["row", "test_acc", "training_s", "total_s", "hardware", "command"])
+        writer.writeheader()
+        writer.writerow({"row": "teacher", "test_acc": "91.5", "training_s": "12.5", "total_s": "13",
+                         "hardware": "CPU x2", "command": "fit --config teacher.yaml"})
+    record_path = teachers.write_teacher(str(cli_teacher_checkpoint), "tiny", "teacher.yaml", table, tmp_path)
+    record = json.loads(record_path.read_text())
+    assert (record["test_accuracy"], record["training_s"], record["recipe"]) == (91.5, 12.5, "zskd fit --config teacher.yaml")
+    loaded = FrozenTeacher(checkpoint=str(tmp_path / "tiny.safetensors"), sha256=record["sha256"])
+    assert loaded.fingerprint() == FrozenTeacher(checkpoint=str(cli_teacher_checkpoint)).fingerprint() == record["fingerprint"]
+    with pytest.raises(SystemExit, match="no teacher row"):
+        teachers.write_teacher(str(cli_teacher_checkpoint), "tiny", "other.yaml", table, tmp_path)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from helpers.tiny import quiet_trainer
+from safetensors.torch import save_file
 from torch import nn
 
 from zskd_lightning import ClassifierModule, FrozenTeacher, ZSKDError
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf
+from zskd_lightning.files import file_sha256
 from zskd_lightning.teacher import as_frozen_teacher
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -333,3 +336,65 @@ def test_the_package_never_loads_with_weights_only_false():
     package = Path(__file__).resolve().parents[1] / "zskd_lightning"
     offenders = [str(p) for p in package.rglob("*.py") if "weights_only=False" in p.read_text()]
     assert not offenders
+
+
+# ------------------------------------------------------------------------------- safetensors and sha256
+def _safetensors_teacher(tmp_path: Path, record: dict | None) -> tuple[nn.Module, Path]:
+    source = DigitsConvNet()
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+    if record is not None:
+        (tmp_path / "teacher.json").write_text(json.dumps(record))
+    return source.eval(), path
+
+
+def test_safetensors_with_record_builds_its_architecture(tmp_path):
+    source, path = _safetensors_teacher(
+        tmp_path, {"class_path": "zskd_lightning.models.DigitsConvNet", "init_args": {}})
+    teacher = FrozenTeacher(checkpoint=str(path))
+    assert isinstance(teacher.network, DigitsConvNet)
+    x = _digits_batch()
+    assert torch.equal(teacher(x), source(x))
+    assert teacher.fingerprint() == FrozenTeacher(network=source).fingerprint()
+
+
+def test_safetensors_without_record_needs_the_network(tmp_path):
+    source, path = _safetensors_teacher(tmp_path, None)
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(checkpoint=str(path))
+    assert "network" in _assert_one_line_naming(err, path)
+    assert torch.equal(FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))(_digits_batch()),
+                       source(_digits_batch()))
+
+
+def test_truncated_safetensors(tmp_path):
+    _, path = _safetensors_teacher(tmp_path, None)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    _assert_one_line_naming(err, path)
+
+
+def test_sha256_checked_before_loading(tmp_path):
+    _, path = _safetensors_teacher(tmp_path, None)
+    digest = file_sha256(path)
+    FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), sha256=digest.upper())  # hex case does not matter
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), sha256=digest)
+    message = _assert_one_line_naming(err, path)
+    assert digest in message and file_sha256(path) in message and "changed" in message
+
+
+def test_benchmark_teachers_load_by_their_recorded_digest():
+    """The teachers committed under benchmarks/teachers/ match their records (sha256 of the file, fingerprint)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "teachers"
+    records = sorted(folder.glob("*.json"))
+    assert records, f"no benchmark teacher under {folder}"
+    for record_path in records:
+        record = json.loads(record_path.read_text())
+        teacher = FrozenTeacher(checkpoint=str(record_path.with_suffix(".safetensors")), sha256=record["sha256"])
+        assert teacher.fingerprint() == record["fingerprint"], record_path
+        assert 0 < record["test_accuracy"] <= 100 and record["training_s"] > 0

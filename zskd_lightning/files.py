@@ -1,8 +1,10 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never a half-written one."""
+"""Crash-safe file writes (a reader sees the old file or the new one, never a half-written one), file digests
+and packaged paths."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.resources
 import io
 import os
@@ -53,3 +55,12 @@ def resolve_packaged(path: str) -> str:
     if not isinstance(path, str) or not path.startswith(PACKAGED):
         return path
     return str(importlib.resources.files("zskd_lightning").joinpath(path[len(PACKAGED):]))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of the file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import pickle
 import sys
@@ -16,11 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError
-from zskd_lightning.files import resolve_packaged
+from zskd_lightning.files import file_sha256, resolve_packaged
 
 #: State-dict prefixes under which the library's LightningModules keep a network.
 _CHECKPOINT_PREFIXES = ("network.", "student.")
@@ -32,12 +34,26 @@ _CHECKPOINT_PREFIXES = ("network.", "student.")
 TRUSTED_NETWORK_MODULES = ("zskd_lightning.models", "torchvision.models")
 
 
-def read_checkpoint(path: str, what: str = "teacher checkpoint") -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU with ``weights_only=True`` (tensors and plain containers only: no code
-    in the file runs); any failure becomes a one-line :class:`ZSKDError` naming ``path`` (``what`` it is)."""
+def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint file onto the CPU without running code from it; any failure becomes a one-line
+    :class:`ZSKDError` naming ``path`` (``what`` it is).
+
+    A ``.safetensors`` file holds tensors only; the JSON record beside it (``student.safetensors`` ->
+    ``student.json``, as :func:`~zskd_lightning.export.write_student` and the benchmark teachers write it) gives
+    the architecture, returned as a Lightning checkpoint's ``hyper_parameters["network"]``. Any other file loads
+    with ``torch.load(weights_only=True)`` (tensors and plain containers only). ``sha256``: the file's expected
+    digest (hex); a file whose bytes differ is refused before it is read.
+    """
     path = resolve_packaged(os.fspath(path))
     if not os.path.isfile(path):
         raise ZSKDError(f"{what} not found: {path}")
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256.lower():
+            raise ZSKDError(f"{what} {path} has sha256 {actual}, expected {sha256.lower()}: the file changed since "
+                            "its digest was recorded")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path, what)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -51,6 +67,26 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint") -> dict[str, An
     if not isinstance(obj, Mapping):
         raise ZSKDError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state_dict or a Lightning checkpoint")
     return dict(obj)
+
+
+def _read_safetensors(path: str, what: str) -> dict[str, Any]:
+    """``{"state_dict": tensors}`` from a safetensors file, plus the architecture of the JSON record beside it."""
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as err:  # truncated, not a safetensors file
+        raise ZSKDError(f"could not read {what} {path}: {type(err).__name__}: {_first_line(err)}") from err
+    content: dict[str, Any] = {"state_dict": state}
+    json_path = os.path.splitext(path)[0] + ".json"
+    if os.path.isfile(json_path):
+        try:
+            with open(json_path) as handle:
+                record = json.load(handle)
+        except (OSError, ValueError) as err:
+            raise ZSKDError(f"could not read the record {json_path} beside {path}: {_first_line(err)}") from err
+        if isinstance(record, Mapping) and record.get("class_path") and record.get("init_args") is not None:
+            content["hyper_parameters"] = {"network": {"class_path": record["class_path"],
+                                                       "init_args": dict(record["init_args"])}}
+    return content
 
 
 def network_state_dict(checkpoint: Mapping[str, Any], path: str = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -157,8 +193,10 @@ class FrozenTeacher(nn.Module):
         network: the teacher architecture (``class_path``/``init_args`` in YAML). Optional when
             ``checkpoint`` is a Lightning checkpoint of :class:`~zskd_lightning.ClassifierModule` trained
             through the ``zskd`` CLI, which records the architecture.
-        checkpoint: a Lightning checkpoint (``.ckpt``) or a plain ``state_dict`` file (``.pt``). ``None``
-            keeps ``network``'s current weights.
+        checkpoint: a Lightning checkpoint (``.ckpt``), a plain ``state_dict`` file (``.pt``) or a
+            ``.safetensors`` file with its JSON record beside it (an exported student, a benchmark teacher under
+            ``benchmarks/teachers/``). ``None`` keeps ``network``'s current weights.
+        sha256: the checkpoint file's expected sha256 (hex): a file that changed is refused in one line.
         num_classes: the number of outputs, when it should not be found by running the network on a zero
             input (:meth:`count_classes`).
 
@@ -166,14 +204,16 @@ class FrozenTeacher(nn.Module):
     """
 
     def __init__(self, network: nn.Module | None = None, checkpoint: str | None = None,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, sha256: str | None = None) -> None:
         super().__init__()
         if network is None and checkpoint is None:
             raise ZSKDError("a teacher needs a `network`, a `checkpoint`, or both")
         if num_classes is not None and num_classes < 2:
             raise InvalidArgument(f"num_classes must be >= 2, got {num_classes}")
+        if sha256 is not None and checkpoint is None:
+            raise InvalidArgument("sha256 checks a teacher's checkpoint file: give `checkpoint` too")
         if checkpoint is not None:
-            content = read_checkpoint(checkpoint)
+            content = read_checkpoint(checkpoint, sha256=sha256)
             if network is None:
                 spec = network_spec(content)
                 if spec is None:

@@ -45,7 +45,7 @@ import torch
 
 from zskd_lightning._version import __version__
 from zskd_lightning.errors import InvalidArgument, ZSKDError
-from zskd_lightning.files import write_atomic
+from zskd_lightning.files import file_sha256, write_atomic
 
 #: Changes on purpose whenever a cache's layout or identity changes; a cache of another format is refused.
 #: 1: hand-written synthesizer settings named by module path. 2: the method's identity derived from its
@@ -89,14 +89,6 @@ def _npy_header(path: str) -> tuple[str, int | None]:
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(handle)
     return str(dtype), (shape[0] if shape else None)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -307,7 +299,7 @@ class ImpressionCache:
             for kind in ARRAYS:
                 if not os.path.exists(self.chunk_file(chunk, kind)):
                     return f"its {kind} shard is missing"
-                if _sha256(self.chunk_file(chunk, kind)) != record["sha256"][kind]:
+                if file_sha256(self.chunk_file(chunk, kind)) != record["sha256"][kind]:
                     return f"its {kind} shard does not match its checksum (corrupt or changed)"
                 dtype, rows = _npy_header(self.chunk_file(chunk, kind))
                 if dtype != SHARD_DTYPES[kind] or rows != stop - start:
@@ -359,7 +351,7 @@ class ImpressionCache:
             "final_loss": loss,
             "seconds": seconds,
             "impression_iterations": impression_iterations,
-            "sha256": {kind: _sha256(self.chunk_file(chunk, kind)) for kind in ARRAYS},
+            "sha256": {kind: file_sha256(self.chunk_file(chunk, kind)) for kind in ARRAYS},
         }
         _write_json(self.chunk_file(chunk, "record"), record)
 
