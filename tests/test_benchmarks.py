@@ -58,50 +58,50 @@ def test_synthesis_throughput_measures_a_paths_memory_in_a_fresh_process():
     assert memory["plain"] >= 4 * batch * 32 * 32 * 4 / 2**20
 
 
-def test_mnist_table_keeps_schedules_seeds_and_the_students_teacher_apart():
-    table = load("mnist_table")
-    config = yaml.safe_load((table.ROOT / table.TEACHER_CONFIG).read_text())
-    assert config["seed_everything"] == table.TEACHER_SEED
-    teacher = {seed: args for row, _, _, seed, args in table.row_commands(["teacher"], [0, 1, 2], "fast")}
-    assert teacher[0] == ["fit", "--config", table.TEACHER_CONFIG]  # the checkpoint every student loads
+def test_table_keeps_schedules_seeds_and_the_students_teacher_apart():
+    table = load("table")
+    config = yaml.safe_load((table.ROOT / table.MNIST.teacher_config).read_text())
+    assert config["seed_everything"] == table.MNIST.teacher_seed
+    teacher = {seed: args for row, _, _, seed, args in table.row_commands(table.MNIST, ["teacher"], [0, 1, 2], "fast")}
+    assert teacher[0] == ["fit", "--config", table.MNIST.teacher_config]  # the checkpoint every student loads
     for seed in (1, 2):  # the others must not overwrite it
         assert teacher[seed][-2:] == ["--trainer.callbacks", "[]"] and f"teacher_s{seed}" in " ".join(teacher[seed])
-    fast = table.row_commands(["zskd", "zskd_bf16"], [0], "fast")
-    paper = table.row_commands(["zskd"], [0], "paper")
+    fast = table.row_commands(table.MNIST, ["zskd", "zskd_bf16"], [0], "fast")
+    paper = table.row_commands(table.MNIST, ["zskd"], [0], "paper")
     assert [plan[0] for plan in fast] == ["zskd", "zskd_bf16"] and paper[0][0] == "zskd_paper"
     caches = {args[args.index("--data.init_args.cache_dir") + 1] for *_, args in fast + paper}
     assert len(caches) == 3  # no two rows share an impression cache
     assert "--data.init_args.synthesizer.init_args.precision" in fast[1][4]
-    group = [{"command": " ".join(table.row_commands(["zskd"], [seed], "fast")[0][4]), "seed": str(seed)} for seed in (1, 2)]
+    group = [{"command": " ".join(table.row_commands(table.MNIST, ["zskd"], [seed], "fast")[0][4]), "seed": str(seed)} for seed in (1, 2)]
     command = table.group_command(group)
     assert "--seed_everything S" in command and "_sS" in command and " 1" not in command.replace("24000", "")
 
 
-def test_mnist_table_fingerprints_settings_not_comments_and_the_teacher_only_where_loaded(tmp_path):
-    table = load("mnist_table")
+def test_table_fingerprints_settings_not_comments_and_the_teacher_only_where_loaded(tmp_path):
+    table = load("table")
     shutil.copytree(table.ROOT / "configs" / "mnist", tmp_path / "configs" / "mnist")
     table.ROOT = tmp_path
-    kd, ce = (table.row_commands([row], [0], "fast")[0][4] for row in ("student_kd", "student_ce"))
-    before = table.configs_sha(kd), table.configs_sha(ce)
-    teacher = tmp_path / table.TEACHER_CONFIG
+    kd, ce = (table.row_commands(table.MNIST, [row], [0], "fast")[0][4] for row in ("student_kd", "student_ce"))
+    before = table.configs_sha(table.MNIST, kd), table.configs_sha(table.MNIST, ce)
+    teacher = tmp_path / table.MNIST.teacher_config
     teacher.write_text("# a new comment\n" + teacher.read_text())
-    assert (table.configs_sha(kd), table.configs_sha(ce)) == before
+    assert (table.configs_sha(table.MNIST, kd), table.configs_sha(table.MNIST, ce)) == before
     teacher.write_text(teacher.read_text().replace("max_epochs: 60", "max_epochs: 61"))
-    assert table.configs_sha(kd) != before[0]  # distils from the teacher: stale
-    assert table.configs_sha(ce) == before[1]  # trains on labels alone: still current
+    assert table.configs_sha(table.MNIST, kd) != before[0]  # distils from the teacher: stale
+    assert table.configs_sha(table.MNIST, ce) == before[1]  # trains on labels alone: still current
 
 
-def test_mnist_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
-    table = load("mnist_table")
+def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
+    table = load("table")
 
     def record(row: str, seed: int, acc: float, current: bool = True) -> dict[str, str]:
-        args = table.row_commands([row], [seed], "fast")[0][4]
-        sha = table.configs_sha(args) if current else "0" * 12
+        args = table.row_commands(table.MNIST, [row], [seed], "fast")[0][4]
+        sha = table.configs_sha(table.MNIST, args) if current else "0" * 12
         return {"row": row, "method": "kd-real" if row == "student_kd" else "ce-real", "impressions": "0",
                 "seed": str(seed), "test_acc": str(acc), "teacher_acc": "99.0", "synthesis_s": "0.0", "total_s": "1.0",
                 "hardware": "CPU", "command": " ".join(args), "configs_sha": sha, "training_s": "1.0"}
 
-    table.summarize([record("teacher", 0, 99.0), record("student_kd", 0, 98.0), record("student_kd", 1, 50.0, False)],
+    table.summarize(table.MNIST, [record("teacher", 0, 99.0), record("student_kd", 0, 98.0), record("student_kd", 1, 50.0, False)],
                     out_dir=tmp_path)
     report = (tmp_path / "mnist.md").read_text()
     main_table, stale = report.split("## Stale rows")
@@ -110,12 +110,12 @@ def test_mnist_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_p
     assert "| student_kd | 0 | 1 | 50.00 |" in stale and "--seed_everything 1" in stale
 
 
-def test_mnist_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, monkeypatch):
+def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, monkeypatch):
     """Data-free rows let the CLI replace a stale cache (other settings or teacher); a reused one costs no
     synthesis time."""
-    table = load("mnist_table")
+    table = load("table")
     monkeypatch.setattr(table, "ROOT", tmp_path)
-    args = table.row_commands(["zskd"], [0], "fast")[0][4]
+    args = table.row_commands(table.MNIST, ["zskd"], [0], "fast")[0][4]
     assert "--data.init_args.overwrite_cache" not in args  # the recorded command stays the user's command
     manifest = tmp_path / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
     manifest.parent.mkdir(parents=True)
@@ -135,7 +135,7 @@ def test_mnist_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_pa
     assert synthesized["training_s"] == max(synthesized["total_s"] - 3.0, 0.0)
     assert reused["synthesis_s"] == 3.0 and reused["training_s"] == reused["total_s"]
 
-    teacher_args = table.row_commands(["teacher"], [0], "fast")[0][4]
+    teacher_args = table.row_commands(table.MNIST, ["teacher"], [0], "fast")[0][4]
     table.run_row(teacher_args)
     assert "--data.init_args.overwrite_cache" not in commands[-1]  # rows without a cache get no cache flag
 
@@ -147,11 +147,11 @@ def test_mnist_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_pa
         table.run_row(args)
 
 
-def test_mnist_table_times_a_resumed_row_with_the_chunks_an_earlier_run_finished(tmp_path, monkeypatch):
+def test_table_times_a_resumed_row_with_the_chunks_an_earlier_run_finished(tmp_path, monkeypatch):
     """An interrupted row's synthesis time adds the manifest's resumed seconds to this run's wall time."""
-    table = load("mnist_table")
+    table = load("table")
     monkeypatch.setattr(table, "ROOT", tmp_path)
-    args = table.row_commands(["zskd"], [0], "fast")[0][4]
+    args = table.row_commands(table.MNIST, ["zskd"], [0], "fast")[0][4]
     manifest = tmp_path / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
     manifest.parent.mkdir(parents=True)
 
@@ -165,11 +165,11 @@ def test_mnist_table_times_a_resumed_row_with_the_chunks_an_earlier_run_finished
     assert resumed["training_s"] == max(resumed["total_s"] - 13.0, 0.0)
 
 
-def test_mnist_table_reads_an_online_rows_synthesis_from_its_log(tmp_path, monkeypatch):
+def test_table_reads_an_online_rows_synthesis_from_its_log(tmp_path, monkeypatch):
     """An online row (no cache): the inputs synthesized and the rounds' time come from the driver's last line."""
-    table = load("mnist_table")
+    table = load("table")
     monkeypatch.setattr(table, "ROOT", tmp_path)
-    row, method, _, seed, args = table.row_commands(["fast"], [1], "fast")[0]
+    row, method, _, seed, args = table.row_commands(table.MNIST, ["fast"], [1], "fast")[0]
     assert (row, method, seed) == ("fast", "fast", 1) and "--data.init_args.cache_dir" not in args
 
     def fake_zskd(command, cwd, capture_output, text):
@@ -182,21 +182,21 @@ def test_mnist_table_reads_an_online_rows_synthesis_from_its_log(tmp_path, monke
     assert result["training_s"] == max(result["total_s"] - 468.3, 0.0) and result["test_acc"] == 95.0
 
 
-def test_mnist_table_online_rows_fingerprint_every_config_and_plot_accuracy_against_time(tmp_path):
-    table = load("mnist_table")
+def test_table_online_rows_fingerprint_every_config_and_plot_accuracy_against_time(tmp_path):
+    table = load("table")
     rows = ["ssdkd", "ssdkd_no_phi", "ssdkd_1pct"]
-    plans = {row: args for row, _, _, _, args in table.row_commands(rows, [0], "fast")}
+    plans = {row: args for row, _, _, _, args in table.row_commands(table.MNIST, rows, [0], "fast")}
     assert plans["ssdkd_no_phi"].count("--config") == 2
     assert plans["ssdkd_1pct"][-2:] == ["--data.init_args.buffer_size", "600"]
-    assert table.configs_sha(plans["ssdkd_no_phi"]) != table.configs_sha(plans["ssdkd"])
+    assert table.configs_sha(table.MNIST, plans["ssdkd_no_phi"]) != table.configs_sha(table.MNIST, plans["ssdkd"])
     records = [{"row": row, "test_acc": acc, "synthesis_s": "60", "training_s": "120"}
                for row, acc in (("zskd", "95"), ("fast", "96"), ("ssdkd", "97"))]
-    table.plot_accuracy_against_time(records, 99.0, tmp_path / "time.png")
+    table.plot_accuracy_against_time(table.MNIST.timed_rows, records, 99.0, tmp_path / "time.png")
     assert (tmp_path / "time.png").stat().st_size > 1000
 
 
-def test_mnist_table_replaces_earlier_measurements_of_a_row_also_under_an_older_command():
-    table = load("mnist_table")
+def test_table_replaces_earlier_measurements_of_a_row_also_under_an_older_command():
+    table = load("table")
 
     def record(seed, command, hardware="CPU x2", acc="90.0"):
         return {"row": "zskd_paper", "impressions": "24000", "seed": seed, "hardware": hardware,
@@ -298,3 +298,23 @@ def test_benchmark_teacher_file_round_trip(tmp_path, cli_teacher_checkpoint):
     assert loaded.fingerprint() == FrozenTeacher(checkpoint=str(cli_teacher_checkpoint)).fingerprint() == record["fingerprint"]
     with pytest.raises(SystemExit, match="no teacher row"):
         teachers.write_teacher(str(cli_teacher_checkpoint), "tiny", "other.yaml", table, tmp_path)
+
+
+def test_table_declares_every_dataset_as_data_and_regenerates_the_committed_commands(capsys):
+    table = load("table")
+    for dataset in table.DATASETS.values():
+        for row in dataset.rows:  # every row's configs exist
+            assert all((table.ROOT / config).is_file() for config in row.configs), (dataset.name, row.name)
+        plans = table.row_commands(dataset, [r.name for r in dataset.rows], [0], "fast")
+        assert {plan[0] for plan in plans} == {r.name for r in dataset.rows}
+        assert all(f"runs/{dataset.name}/" in " ".join(args) for *_, args in plans if len(args) > 3)
+    # each measured record is a command the runner still makes: a refactor of the runner re-runs nothing
+    csv_path = table.RESULTS / "mnist.csv"
+    commands = {" ".join(args) for schedule in ("fast", "paper") for *_, args in table.row_commands(
+        table.MNIST, [r.name for r in table.MNIST.rows] + ["ablation"], [0, 1, 2], schedule)}
+    with open(csv_path, newline="") as handle:
+        measured = [record["command"] for record in csv.DictReader(handle)]
+    assert measured and set(measured) <= commands
+    with pytest.raises(SystemExit):
+        table.main(["--dataset", "cifar10", "--rows", "zskd_bf16", "--summarize"])
+    assert "not a row of cifar10" in capsys.readouterr().err

@@ -1,0 +1,519 @@
+"""Regenerate a dataset's data-free table (every method on one teacher, the same budgets and hardware) with one
+command; the rows are declared as data (:data:`DATASETS`), so a method's row is one entry.
+
+    ZSKD_DATA_ROOT=../shared/data python benchmarks/table.py --dataset mnist [--rows all] [--seeds 0 1 2]
+        [--schedule fast]
+
+Every row runs the ``zskd`` CLI on shipped configs with command-line overrides (printed in the table, so each
+row can be rerun by hand), reads the final (last-epoch) test accuracy from its output, and the synthesis wall
+time from the impression cache's manifest (online rows: from the driver's last log line). Results accumulate
+in ``benchmarks/results/<dataset>.csv`` (rows already measured with the same command and configs are skipped,
+so an interrupted run resumes); ``<dataset>.md``, ``<dataset>.png`` (accuracy against budget) and
+``<dataset>_time.png`` (accuracy against wall time) are rebuilt from the CSV after every row.
+
+``--schedule paper`` synthesizes with the ZSKD paper's procedure (uniform noise, 1500 iterations at lr 0.01, no
+prior, no jitter); ``fast`` with the shipped configs' recipe. The teacher row's seed ``teacher_seed`` (its
+config's own seed) trains the teacher every other row loads; its other seeds measure the recipe's spread and
+save no checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from zskd_lightning.files import write_atomic, write_csv_atomic, write_text_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIELDS = ["row", "method", "impressions", "seed", "test_acc", "teacher_acc", "synthesis_s", "total_s", "hardware", "command",
+          "configs_sha", "training_s"]
+#: Online rows synthesize during distillation; their log line gives the inputs made and the synthesis time.
+ONLINE_LINE = re.compile(r"Online synthesis: \d+ rounds, (\d+) inputs synthesized in ([0-9.]+) s")
+#: ZSKD's paper schedule (``--schedule paper``): the synthesizer arguments it overrides.
+PAPER_SYNTHESIS = {"iterations": "1500", "lr": "0.01", "init": "uniform", "regularizers": "[]", "jitter": "0"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a table: what runs for each seed.
+
+    ``kind``: ``teacher`` (trains the teacher every other row loads), ``real`` (a student on real data),
+    ``data_free`` (impressions cached, then distillation: ``budget`` impressions) or ``online`` (synthesis during
+    distillation; the budget is read from the run). ``configs``: the ``--config`` files in order (a base, then
+    overlays); ``extra``: further CLI arguments; ``variant``: a suffix that keeps a data-free row's folders apart
+    from another row of the same method and budget. ``paper``: the published accuracy (%) to print beside it.
+    ``legend``: the row's label in the accuracy-against-time figure (``None``: not drawn). ``default``: run
+    without ``--rows``.
+    """
+
+    name: str
+    method: str
+    kind: str
+    configs: tuple[str, ...]
+    budget: int = 0
+    extra: tuple[str, ...] = ()
+    variant: str = ""
+    paper: float | None = None
+    legend: str | None = None
+    default: bool = True
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A table: its teacher, its rows and what is printed around them (``name``: file stem, ``label``: in prose).
+
+    ``data_tag`` names the training data the rows were measured on (part of every row's fingerprint).
+    ``ablation_budgets`` x ``ablation_rows``: data-free rows re-run at each budget on the first seed (the figure
+    of accuracy against budget); the row's own budget is that row itself. ``target``: (method, accuracy %) of
+    the time-to-accuracy line.
+    """
+
+    name: str
+    label: str
+    title: str
+    data_tag: str
+    teacher_config: str
+    teacher_ckpt: str
+    teacher_seed: int
+    rows: tuple[Row, ...]
+    notes: tuple[str, ...] = ()
+    references: str = ""
+    ablation_budgets: tuple[int, ...] = ()
+    ablation_rows: tuple[str, ...] = ()
+    target: tuple[str, float] | None = None
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+    @property
+    def row_order(self) -> tuple[str, ...]:
+        """Rows in table order: each declared row, then its paper-schedule twin; the ablation last."""
+        names = [n for r in self.rows for n in (r.name, f"{r.name}_paper")]
+        return (*names, "ablation", "ablation_paper")
+
+    @property
+    def timed_rows(self) -> dict[str, str]:
+        return {r.name: r.legend for r in self.rows if r.legend}
+
+
+MNIST_PAPER = {"teacher": 99.34, "student_ce": 98.92, "student_kd": 99.25, "zskd": 98.77, "lopes": 92.47}
+MNIST = Dataset(
+    name="mnist",
+    label="MNIST",
+    title="LeNet-5 -> LeNet-5-half",
+    #: Rows of the 17,435-image MNIST this machine held before carry no such tag: stale (dropped from the CSV).
+    data_tag="mnist-60000",
+    teacher_config="configs/mnist/teacher_lenet5.yaml",
+    teacher_ckpt="runs/mnist/teacher_lenet5/last.ckpt",  # written by teacher_config
+    teacher_seed=0,
+    rows=(
+        Row("teacher", "ce-real", "teacher", ("configs/mnist/teacher_lenet5.yaml",), paper=99.34),
+        Row("student_ce", "ce-real", "real", ("configs/mnist/student_ce_lenet5_half.yaml",),
+            extra=("--trainer.callbacks", "[]"), paper=98.92),
+        Row("student_kd", "kd-real", "real", ("configs/mnist/kd_real_lenet5_half.yaml",), paper=99.25),
+        Row("zskd", "zskd", "data_free", ("configs/mnist/zskd_lenet5_half_fast.yaml",), 24000, paper=98.77,
+            legend="ZSKD, 24,000 impressions"),
+        Row("zskd_bf16", "zskd", "data_free", ("configs/mnist/zskd_lenet5_half_fast.yaml",), 24000,
+            extra=("--data.init_args.synthesizer.init_args.precision", "bf16-mixed"), variant="_bf16", paper=98.77,
+            default=False),
+        Row("ci", "ci", "data_free", ("configs/mnist/ci_lenet5_half.yaml",), 24000),
+        #: Wang 2021 (AAAI), its own MNIST table: Wang 99.08, KD on real data 99.18.
+        Row("wang", "wang", "data_free", ("configs/mnist/wang_lenet5_half.yaml",), 24000, paper=99.08,
+            legend="Wang 2021, 24,000 impressions"),
+        # online rows: SSD-KD at 10% of MNIST (a 6,000-input buffer, as the baseline's), its ablations, and at 1%
+        Row("fast", "fast", "online", ("configs/mnist/fast_lenet5_half.yaml",), legend="online baseline (10%)"),
+        Row("ssdkd", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml",), legend="SSD-KD (10%)"),
+        Row("ssdkd_no_phi", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml", "configs/mnist/ssdkd/no_phi.yaml")),
+        Row("ssdkd_uniform", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml", "configs/mnist/ssdkd/uniform.yaml")),
+        Row("ssdkd_1pct", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml",),
+            extra=("--data.init_args.buffer_size", "600"), legend="SSD-KD (1%)"),
+    ),
+    notes=(
+        "MNIST test set (never used for selection). The teacher and the real-data students train on the official",
+        "60,000 training images less a 10% validation split; every row also gives the ratio student / teacher.",
+    ),
+    references=(f"Paper (Nayak et al. 2019, Table 1): teacher {MNIST_PAPER['teacher']}, Student-CE "
+                f"{MNIST_PAPER['student_ce']}, Student-KD {MNIST_PAPER['student_kd']}, Lopes et al. {MNIST_PAPER['lopes']}, "
+                f"ZSKD {MNIST_PAPER['zskd']}; target ratio {MNIST_PAPER['zskd'] / MNIST_PAPER['teacher']:.4f}. "
+                "Wang 2021 (AAAI): 99.08 against KD on real data 99.18."),
+    ablation_budgets=(600, 3000, 6000, 12000, 24000),  # 1%, 5%, 10%, 20%, 40% of MNIST's 60,000
+    ablation_rows=("zskd", "ci"),
+    target=("zskd", 98.5),  # the time-to-accuracy goal (%), from a trained teacher to the student
+)
+
+CIFAR10 = Dataset(
+    name="cifar10",
+    label="CIFAR-10",
+    title="AlexNet -> AlexNet-half",
+    data_tag="cifar10-50000",
+    teacher_config="configs/cifar10/teacher_alexnet.yaml",
+    teacher_ckpt="runs/cifar10/teacher_alexnet/last.ckpt",
+    teacher_seed=0,
+    rows=(
+        Row("teacher", "ce-real", "teacher", ("configs/cifar10/teacher_alexnet.yaml",), paper=83.03),
+        Row("student_ce", "ce-real", "real", ("configs/cifar10/student_ce_alexnet_half.yaml",),
+            extra=("--trainer.callbacks", "[]"), paper=80.04),
+        Row("student_kd", "kd-real", "real", ("configs/cifar10/kd_real_alexnet_half.yaml",), paper=80.08),
+        Row("wang", "wang", "data_free", ("configs/cifar10/wang_alexnet_half.yaml",), 10000, paper=73.91,
+            legend="Wang 2021, 10,000 impressions"),
+        Row("fast", "fast", "online", ("configs/cifar10/fast_alexnet_half.yaml",), legend="online baseline"),
+    ),
+    notes=(
+        "CIFAR-10 test set (never used for selection). The teacher and the real-data students train on the official",
+        "50,000 training images less a 10% validation split; every row also gives the ratio student / teacher.",
+    ),
+    references=("Paper (Nayak et al. 2019, Table 2): teacher 83.03, Student-CE 80.04, Student-KD 80.08, ZSKD 69.56 "
+                "(ratio 0.838). Wang 2021 (AAAI): 73.91 (ratio 0.890)."),
+)
+
+DATASETS = {d.name: d for d in (MNIST, CIFAR10)}
+
+
+def hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU x{os.cpu_count()} ({platform.machine()})"
+
+
+def row_commands(dataset: Dataset, rows: list[str], seeds: list[int], schedule: str) -> list[tuple[str, str, int, int, list[str]]]:
+    """(row, method, impressions, seed, zskd arguments) for every requested measurement, seed by seed in the
+    dataset's row order, then the ablation.
+
+    Rows of the paper schedule are named ``<row>_paper`` so they never average with the fast schedule's.
+    """
+    synth = [] if schedule == "fast" else [
+        arg for key, value in PAPER_SYNTHESIS.items() for arg in (f"--data.init_args.synthesizer.init_args.{key}", value)
+    ]
+    suffix = "" if schedule == "fast" else "_paper"
+    table = f"runs/{dataset.name}/table"
+
+    def configs(row: Row) -> list[str]:
+        return [arg for config in row.configs for arg in ("--config", config)]
+
+    def data_free(row: Row, n: int, seed: int, name: str) -> tuple[str, str, int, int, list[str]]:
+        folder = f"{row.method}{row.variant}_{schedule}_{n}_s{seed}"
+        return (name + suffix, row.method, n, seed, ["fit", *configs(row), "--seed_everything", str(seed),
+                "--data.init_args.num_impressions", str(n), "--data.init_args.seed", str(seed),
+                "--data.init_args.cache_dir", f"runs/{dataset.name}/impressions/{folder}",
+                "--trainer.default_root_dir", f"{table}/{folder}", *synth, *row.extra])
+
+    plans = []
+    for seed in seeds:
+        for row in dataset.rows:
+            if row.name not in rows:
+                continue
+            if row.kind == "teacher" and seed == dataset.teacher_seed:  # the checkpoint every student loads
+                plans.append((row.name, row.method, 0, seed, ["fit", *configs(row)]))
+            elif row.kind == "teacher":  # no checkpoint: the students' teacher stays the one of teacher_seed
+                plans.append((row.name, row.method, 0, seed, ["fit", *configs(row), "--seed_everything", str(seed),
+                              "--trainer.default_root_dir", f"{table}/{row.name}_s{seed}", "--trainer.callbacks", "[]"]))
+            elif row.kind == "real":
+                plans.append((row.name, row.method, 0, seed, ["fit", *configs(row), "--seed_everything", str(seed),
+                              "--trainer.default_root_dir", f"{table}/{row.name}_s{seed}", *row.extra]))
+            elif row.kind == "data_free":
+                plans.append(data_free(row, row.budget, seed, row.name))
+            elif row.kind == "online":  # "impressions" becomes the number of inputs the run synthesized
+                plans.append((row.name, row.method, 0, seed, ["fit", *configs(row), "--seed_everything", str(seed),
+                              "--data.init_args.seed", str(seed), "--trainer.default_root_dir",
+                              f"{table}/{row.name}_s{seed}", *row.extra]))
+            else:
+                raise ValueError(f"row {row.name!r} has kind {row.kind!r}; expected teacher, real, data_free or online")
+    if "ablation" in rows:
+        for n in dataset.ablation_budgets:
+            for row in map(dataset.row, dataset.ablation_rows):
+                # the row's own budget is the headline row itself: measured (and stored) once, as that row.
+                plan = data_free(row, n, seeds[0], row.name if n == row.budget else "ablation")
+                if plan not in plans:
+                    plans.append(plan)
+    return plans
+
+
+def configs_sha(dataset: Dataset, args: list[str]) -> str:
+    """Fingerprint of what a row measures: its configs, the data (``dataset.data_tag``) and, for a row that loads
+    the teacher, the teacher's config.
+
+    Configs are hashed as parsed YAML, so editing a comment leaves every row current; a row measured with other
+    settings (or another teacher recipe) is stale.
+    """
+
+    def parsed(path: str) -> str:
+        return json.dumps(yaml.safe_load((ROOT / path).read_text()), sort_keys=True)
+
+    # every --config counts (a variant overlay on a base); one config hashes exactly as before overlays existed
+    config = "".join(parsed(args[i + 1]) for i, arg in enumerate(args) if arg == "--config")
+    digest = hashlib.sha256(config.encode())
+    digest.update(dataset.data_tag.encode())
+    if dataset.teacher_ckpt in config:
+        digest.update(parsed(dataset.teacher_config).encode())
+    return digest.hexdigest()[:12]
+
+
+def is_current(dataset: Dataset, record: dict[str, str]) -> bool:
+    """Whether a CSV record was measured with today's configs (see :func:`configs_sha`)."""
+    return record.get("configs_sha", "") == configs_sha(dataset, record["command"].split())
+
+
+def run_row(args: list[str]) -> dict[str, float]:
+    """Run ``zskd ARGS``; return test accuracies (%) and timings read from its output and cache manifest.
+
+    Data-free rows run with ``overwrite_cache`` (not part of the row's command): a cache folder that an
+    earlier measurement filled with other settings or another teacher is replaced, one of the same settings is
+    resumed (an interrupted row) or reused. The synthesis time of a resumed row is this run's wall time plus
+    the manifest's ``resumed_seconds`` (the chunks an earlier run finished; table rows use one process).
+    """
+    manifest, overwrite = None, []
+    if "--data.init_args.cache_dir" in args:
+        manifest = ROOT / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
+        overwrite = ["--data.init_args.overwrite_cache", "true"]
+
+    def manifest_text() -> str | None:
+        return manifest.read_text() if manifest is not None and manifest.exists() else None
+
+    manifest_before = manifest_text()
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "zskd_lightning", *args, "--trainer.enable_progress_bar", "false"]
+    proc = subprocess.run(command + overwrite, cwd=ROOT, capture_output=True, text=True)
+    total = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"zskd {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    metrics = dict(re.findall(r"(test/\w+)\s+([0-9.]+)", proc.stdout))
+    # Synthesis time comes from the cache's manifest, also when an earlier run made the cache and this one
+    # reused it (a reused cache's manifest is not rewritten).
+    manifest_after = manifest_text()
+    synthesis = earlier_runs = 0.0
+    if manifest_after is not None:
+        finished = json.loads(manifest_after)
+        synthesis, earlier_runs = finished["wall_seconds"], finished.get("resumed_seconds", 0.0)
+    cache_was_ready = manifest_before is not None and manifest_before == manifest_after
+    online = ONLINE_LINE.search(proc.stdout + proc.stderr)
+    if online is not None:  # synthesis ran during distillation (no cache): its rounds' time is the synthesis time
+        synthesis = float(online.group(2))
+    result = {
+        "test_acc": 100 * float(metrics["test/acc"]),
+        "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
+        "synthesis_s": synthesis + earlier_runs,
+        "total_s": total,
+        "training_s": total if cache_was_ready else max(total - synthesis, 0.0),
+    }
+    if online is not None:
+        result["synthesized"] = float(online.group(1))
+    return result
+
+
+def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> list[dict[str, str]]:
+    """``records`` with ``new`` appended in place of earlier measurements of its row: the same command, or the
+    same row, impressions and seed on the same hardware under a command the runner has since changed."""
+    key = ("row", "impressions", "seed", "hardware")
+    return [r for r in records if r["command"] != new["command"] and any(r[k] != new[k] for k in key)] + [new]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def time_to_accuracy(dataset: Dataset, records: list[dict[str, str]]) -> str:
+    """One line: the quickest run of ``dataset.target``'s method (synthesis + distillation, from a trained teacher)
+    at its accuracy or above ("" without a target)."""
+    if dataset.target is None:
+        return ""
+    method, target = dataset.target
+    label = f"Time to {target}% ({method.upper()}, synthesis + distillation"
+    runs = [(float(r["synthesis_s"]) + float(r["training_s"]), float(r["test_acc"]), r) for r in records if r["method"] == method]
+    if not runs:
+        return f"{label}): no {method.upper()} row measured yet."
+    reached = [run for run in runs if run[1] >= target]
+    if reached:
+        seconds, acc, r = min(reached, key=lambda run: run[0])
+        return (f"{label}, from a trained teacher): {seconds / 60:.1f} min ({acc:.2f}%, {r['impressions']} impressions, "
+                f"{r['hardware']}).")
+    seconds, acc, r = max(runs, key=lambda run: run[1])
+    return (f"{label}, from a trained teacher): not reached; the most accurate {method.upper()} row is {acc:.2f}% after "
+            f"{seconds / 60:.1f} min ({r['impressions']} impressions, {r['hardware']}).")
+
+
+def group_command(group: list[dict[str, str]]) -> str:
+    """The command of a row; for a row over several seeds, with the seed written ``S`` (one command for all)."""
+    command = group[0]["command"]
+    if len(group) > 1:
+        seed = re.escape(group[0]["seed"])
+        command = re.sub(rf"(--seed_everything |--data\.init_args\.seed )({seed})\b", r"\1S", command)
+        command = re.sub(rf"_s{seed}\b", "_sS", command)
+    return command
+
+
+def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
+    """Write ``<dataset>.md``, ``<dataset>.png`` and ``<dataset>_time.png`` from the CSV records.
+
+    Records measured with other configs than today's (a changed teacher recipe, say) count for nothing: they
+    are listed under "Stale rows" with their commands, until re-measured.
+    """
+    current, stale = [], []
+    for r in records:  # one fingerprint per record (each parses its configs)
+        (current if is_current(dataset, r) else stale).append(r)
+    records = current
+    teacher = [float(r["test_acc"]) for r in records if r["row"] == "teacher" and r["seed"] == str(dataset.teacher_seed)]
+    teacher_acc = teacher[-1] if teacher else None  # the teacher the students were distilled from
+    name = dataset.name
+    lines = [
+        f"# Data-free {dataset.label} table: {dataset.title}",
+        "",
+        f"Generated by `benchmarks/table.py --dataset {name}` from `{name}.csv`. Test accuracy of the LAST epoch on the official",
+        *dataset.notes,
+        "Times are wall-clock seconds on the row's hardware.",
+        "Rows over several seeds give mean ± standard deviation, mean times, and one command with the seed written S.",
+        "Online rows synthesize during distillation into a replay buffer: their impressions are the inputs synthesized"
+        " in all, their synthesis time the generator rounds' and their training time the rest.",
+        f"Ratios divide by the teacher every student loads (seed {dataset.teacher_seed}); the teacher's other seeds only"
+        f" measure its recipe's spread (command: add `--seed_everything S --trainer.default_root_dir runs/{name}/table/"
+        "teacher_sS --trainer.callbacks []`, which keeps the students' checkpoint).",
+        "",
+        "| row | impressions | seeds | test acc. (%) | ratio to teacher | paper (%) | synthesis (s) | training (s) | hardware | command |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for r in records:
+        groups.setdefault((r["row"], r["method"], r["impressions"]), []).append(r)
+    papers = {n: r.paper for r in dataset.rows for n in (r.name, f"{r.name}_paper") if r.paper is not None}
+    order = dataset.row_order
+    for (row, method, n), group in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1], int(item[0][2]))):
+        accs = [float(g["test_acc"]) for g in group]
+        mean = statistics.mean(accs)
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        ratio = f"{mean / teacher_acc:.4f}" if teacher_acc else ""
+        paper = papers.get(row, "")
+        label = f"{row} ({method})" if row.startswith("ablation") else row
+        lines.append(
+            f"| {label} | {n if n != '0' else '-'} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread} | {ratio} | {paper} "
+            f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f} | {statistics.mean(float(g['training_s']) for g in group):.0f} "
+            f"| {group[0]['hardware']} | `zskd {group_command(group)}` |"
+        )
+    lines += ["", dataset.references, "", time_to_accuracy(dataset, records), ""]
+    if stale:
+        lines += ["## Stale rows", "",
+                  "Measured with configs that have since changed (see `configs_sha` in the runner); not counted above. "
+                  "Rerun the runner with these rows and seeds to replace them.", "",
+                  "| row | impressions | seed | test acc. (%) | command |", "| --- | ---: | --- | ---: | --- |"]
+        lines += [f"| {r['row']} | {r['impressions']} | {r['seed']} | {float(r['test_acc']):.2f} "
+                  f"| `zskd {r['command']}` |" for r in stale]
+        lines.append("")
+    write_text_atomic(out_dir / f"{name}.md", "\n".join(lines))
+    # The headline rows are the ablation's points at their own budget (the same command is measured once).
+    ablation = [r for r in records if r["row"] in ("ablation", *dataset.ablation_rows)]
+    if any(r["row"] == "ablation" for r in records):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method in sorted({r["method"] for r in ablation}):
+            by_count: dict[int, list[float]] = {}
+            for r in ablation:
+                if r["method"] == method:
+                    by_count.setdefault(int(r["impressions"]), []).append(float(r["test_acc"]))
+            points = sorted((n, statistics.mean(accs)) for n, accs in by_count.items())
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        if teacher_acc:
+            ax.axhline(teacher_acc, color="grey", linestyle="--", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel("impressions")
+        ax.set_ylabel("student test accuracy (%)")
+        ax.legend()
+        fig.tight_layout()
+        write_atomic(out_dir / f"{name}.png", lambda handle: fig.savefig(handle, format="png", dpi=120))
+        plt.close(fig)
+    timed = [r for r in records if r["row"] in dataset.timed_rows]
+    if timed:
+        plot_accuracy_against_time(dataset.timed_rows, timed, teacher_acc, out_dir / f"{name}_time.png")
+
+
+def plot_accuracy_against_time(legends: dict[str, str], records: list[dict[str, str]], teacher_acc: float | None,
+                               path: Path) -> None:
+    """Each run of the rows in ``legends`` (row -> label) as a point: test accuracy against synthesis +
+    distillation wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for row in legends:
+        runs = [r for r in records if r["row"] == row]
+        if runs:
+            minutes = [(float(r["synthesis_s"]) + float(r["training_s"])) / 60 for r in runs]
+            ax.scatter(minutes, [float(r["test_acc"]) for r in runs], label=legends[row])
+    if teacher_acc:
+        ax.axhline(teacher_acc, color="grey", linestyle="--", label="teacher")
+    ax.set_xlabel("synthesis + distillation (min, wall)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    parser.add_argument("--rows", nargs="+", help="rows to run (default: every default row of the dataset, and the "
+                        "ablation where it has one)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--schedule", choices=["fast", "paper"], default="fast")
+    parser.add_argument("--summarize", action="store_true", help="only rebuild the report and figures from the CSV")
+    args = parser.parse_args(argv)
+    dataset = DATASETS[args.dataset]
+    known = [r.name for r in dataset.rows] + (["ablation"] if dataset.ablation_budgets else [])
+    rows = args.rows or [r.name for r in dataset.rows if r.default] + (["ablation"] if dataset.ablation_budgets else [])
+    unknown = sorted(set(rows) - set(known))
+    if unknown:
+        parser.error(f"--rows {' '.join(unknown)}: not a row of {dataset.name} (its rows: {', '.join(known)})")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{dataset.name}.csv"
+    records = read_csv(path)
+    if args.summarize:
+        summarize(dataset, records)
+        return
+    # A row is done when measured with the same command AND the same config files (see configs_sha); rows of
+    # other configs are kept in the CSV only while their command is not re-measured.
+    done = {(r["command"], r.get("configs_sha", "")) for r in records}
+    for row, method, n, seed, zskd_args in row_commands(dataset, rows, args.seeds, args.schedule):
+        command = " ".join(zskd_args)
+        fingerprint = configs_sha(dataset, zskd_args)
+        if (command, fingerprint) in done:
+            continue
+        if row != "teacher" and not (ROOT / dataset.teacher_ckpt).exists():
+            raise SystemExit(f"train the teacher first (--rows teacher): {dataset.teacher_ckpt} is missing")
+        print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
+        result = run_row(zskd_args)
+        n = int(result.pop("synthesized", n))
+        record = {"row": row, "method": method, "impressions": n, "seed": seed, "hardware": hardware(),
+                  "command": command, **{k: f"{v:.4f}" if "acc" in k else f"{v:.1f}" for k, v in result.items()}}
+        record["configs_sha"] = fingerprint
+        done.add((command, fingerprint))
+        records = replace_measurement(records, {k: str(v) for k, v in record.items()})
+        write_csv_atomic(path, records, FIELDS)
+        summarize(dataset, records)
+        print(f"    test acc {result['test_acc']:.2f}% in {result['total_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
