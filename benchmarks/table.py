@@ -264,6 +264,23 @@ def configs_sha(dataset: Dataset, args: list[str]) -> str:
     return digest.hexdigest()[:12]
 
 
+def synthesis_steps(args: list[str]) -> int | None:
+    """Optimizer steps behind each synthesized input of a row: the synthesizer's ``iterations`` (impressions) or
+    ``steps_per_round`` (generator rounds), from its configs (overlays merged in order) and command-line overrides;
+    ``None`` when neither is set (rows on real data)."""
+    synthesizer: dict = {}
+    for i, arg in enumerate(args):
+        if arg == "--config":
+            config = yaml.safe_load((ROOT / args[i + 1]).read_text()) or {}
+            synthesizer.update(((config.get("data") or {}).get("init_args") or {}).get("synthesizer", {}).get("init_args") or {})
+    prefix = "--data.init_args.synthesizer.init_args."
+    synthesizer.update({arg[len(prefix):]: args[i + 1] for i, arg in enumerate(args) if arg.startswith(prefix)})
+    for key in ("iterations", "steps_per_round"):
+        if synthesizer.get(key) is not None:
+            return int(synthesizer[key])
+    return None
+
+
 def is_current(dataset: Dataset, record: dict[str, str]) -> bool:
     """Whether a CSV record was measured with today's configs (see :func:`configs_sha`)."""
     return record.get("configs_sha", "") == configs_sha(dataset, record["command"].split())
@@ -386,8 +403,12 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path = R
         f" measure its recipe's spread (command: add `--seed_everything S --trainer.default_root_dir runs/{name}/table/"
         "teacher_sS --trainer.callbacks []`, which keeps the students' checkpoint).",
         "",
-        "| row | impressions | seeds | test acc. (%) | ratio to teacher | paper (%) | synthesis (s) | training (s) | hardware | command |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "Impressions are the inputs synthesized; impression-iterations multiply them by the optimizer steps behind each"
+        " (a per-input optimization's iterations, or a generator's steps per round).",
+        "",
+        "| row | impressions | impression-iterations | seeds | test acc. (%) | ratio to teacher | paper (%) | synthesis (s) |"
+        " training (s) | hardware | command |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
     for r in records:
@@ -401,8 +422,10 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path = R
         ratio = f"{mean / teacher_acc:.4f}" if teacher_acc else ""
         paper = papers.get(row, "")
         label = f"{row} ({method})" if row.startswith("ablation") else row
+        steps = synthesis_steps(group[0]["command"].split())
+        budget = f"{int(n) * steps / 1e6:.1f}M" if steps and n != "0" else "-"
         lines.append(
-            f"| {label} | {n if n != '0' else '-'} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread} | {ratio} | {paper} "
+            f"| {label} | {n if n != '0' else '-'} | {budget} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread} | {ratio} | {paper} "
             f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f} | {statistics.mean(float(g['training_s']) for g in group):.0f} "
             f"| {group[0]['hardware']} | `zskd {group_command(group)}` |"
         )

@@ -318,3 +318,13 @@ def test_table_declares_every_dataset_as_data_and_regenerates_the_committed_comm
     with pytest.raises(SystemExit):
         table.main(["--dataset", "cifar10", "--rows", "zskd_bf16", "--summarize"])
     assert "not a row of cifar10" in capsys.readouterr().err
+
+
+def test_table_budget_in_impression_iterations_reads_configs_and_overrides():
+    table = load("table")
+    plans = {row: args for row, _, _, _, args in table.row_commands(table.MNIST, ["zskd", "fast", "ssdkd_no_phi", "teacher"],
+                                                                    [0], "fast")}
+    assert table.synthesis_steps(plans["zskd"]) == 300 and table.synthesis_steps(plans["fast"]) == 5
+    assert table.synthesis_steps(plans["ssdkd_no_phi"]) == 5 and table.synthesis_steps(plans["teacher"]) is None
+    paper = table.row_commands(table.MNIST, ["zskd"], [0], "paper")[0][4]
+    assert table.synthesis_steps(paper) == 1500  # the paper schedule's override wins over the config
