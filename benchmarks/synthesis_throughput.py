@@ -25,6 +25,13 @@ For LeNet-5 a second line compares finished impressions per second at each path'
 the paper's 1500 iterations, the library at the shipped fast MNIST config's iterations (300). Neither path
 stops early, so this is the measured impression-iteration rate divided by the iterations per impression. The
 students made at the two schedules are the zskd_paper and zskd rows of benchmarks/results/mnist.md.
+
+The online generator path (``--generator-models alexnet``, CIFAR shapes): generated image-steps per second of
+rounds of ``--generator-steps`` Adam steps on a DCGAN-like generator (the library's ``ImageGenerator``, width 64,
+a batch of 256), with FastDFKD's terms for a BatchNorm teacher (BatchNorm statistics 10, cross-entropy to the
+teacher's argmax 0.5, agreeing-only adversarial KL 1.1, as configs/cifar10/fast_alexnet_half.yaml): a plain
+hand-written loop (forward hooks, float32) beside the library's ``FastSynthesizer.round`` once per precision.
+Both include the student's forward pass, which the adversarial term needs.
 """
 
 from __future__ import annotations
@@ -44,8 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor
 import yaml
 
-from zskd_lightning.models import AlexNet, LeNet5
-from zskd_lightning.synthesis import ZSKDSynthesizer
+from zskd_lightning.models import AlexNet, AlexNetHalf, LeNet5
+from zskd_lightning.synthesis import FastSynthesizer, ZSKDSynthesizer
+from zskd_lightning.synthesis.generator import ImageGenerator
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, SynthesisContext
 from zskd_lightning.teacher import FrozenTeacher
@@ -217,6 +225,87 @@ def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int
     return figures
 
 
+GENERATOR_STUDENTS = {"alexnet": AlexNetHalf}  # teachers with BatchNorm, for FastDFKD's terms
+GENERATOR_LR = 4e-3  # configs/cifar10/fast_alexnet_half.yaml
+
+
+def plain_generator_loop(teacher, student, generator, rounds: int, steps: int, batch: int, device) -> float:
+    """Seconds for ``rounds`` x ``steps`` hand-written generator steps (see the module docstring)."""
+    norms = [m for m in teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    seen: list[tuple[torch.nn.Module, Tensor]] = []
+    hooks = [m.register_forward_hook(lambda module, args, out: seen.append((module, args[0]))) for m in norms]
+    optimizer = torch.optim.Adam(generator.parameters(), lr=GENERATOR_LR, betas=(0.5, 0.999))
+    try:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            noise = torch.randn(batch, generator.noise_dim, device=device)
+            for _ in range(steps):
+                seen.clear()
+                x = generator(noise)
+                t, s = teacher(x), student(x)
+                bn = sum(torch.linalg.vector_norm(f.mean(dims) - m.running_mean)
+                         + torch.linalg.vector_norm(f.var(dims, unbiased=False) - m.running_var)
+                         for m, f in seen for dims in [[0, 2, 3] if f.dim() == 4 else [0]])
+                log_t, log_s = F.log_softmax(t, dim=1), F.log_softmax(s, dim=1)
+                agree = (t.argmax(1) == s.argmax(1)).float()
+                kl = ((log_t.exp() * (log_t - log_s)).sum(1) * agree).mean()
+                loss = 10.0 * bn + 0.5 * F.cross_entropy(t, t.argmax(1)) - 1.1 * kl
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        sync(device)
+        return time.perf_counter() - started
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def library_generator(synthesizer: FastSynthesizer, context: SynthesisContext, rounds: int) -> float:
+    """Seconds for ``rounds`` of the library's generator rounds (as the online driver runs them)."""
+    started = time.perf_counter()
+    for index in range(rounds):
+        synthesizer.round(context, Chunk.of(0, index, index * synthesizer.batch_size, (index + 1) * synthesizer.batch_size))
+    sync(context.device)
+    return time.perf_counter() - started
+
+
+def measure_generator(name: str, rounds: int, steps: int, batch: int, device: torch.device, precisions: list[str],
+                      repeats: int) -> dict[str, float]:
+    """Generated image-steps/s of the plain loop and the library per precision (median of ``repeats``
+    interleaved rounds) and each one's ratio to the plain loop; keyed ``<path>_ips`` / ``<path>_ratio``."""
+    teacher, input_range, _ = build_teacher(name, 2, device)
+    torch.manual_seed(1)
+    student = GENERATOR_STUDENTS[name](in_channels=teacher.input_spec.shape[0], num_classes=10).to(device).eval()
+    torch.manual_seed(2)
+    plain = ImageGenerator(teacher.input_spec.shape, 100, 64, None, input_range).to(device).train()
+    synthesizers, contexts = {}, {}
+    for precision in precisions:
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16-mixed" else None
+        contexts[precision] = SynthesisContext(teacher=teacher, input_spec=teacher.input_spec, num_classes=10,
+                                               device=device, student=student, **({"autocast": autocast} if autocast else {}))
+        synthesizers[precision] = FastSynthesizer(cross_entropy=0.5, adversarial=1.1, batchnorm=10.0, activation=0.0,
+                                                  balance=0.0, classes="teacher", batch_size=batch,
+                                                  steps_per_round=steps, lr=GENERATOR_LR, width=64)
+        synthesizers[precision].setup(contexts[precision])
+
+    def run(path: str, n: int) -> float:
+        if path == "plain":
+            return plain_generator_loop(teacher, student, plain, n, steps, batch, device)
+        return library_generator(synthesizers[path], contexts[path], n)
+
+    paths = ["plain", *precisions]
+    for path in paths:  # warm-up
+        run(path, 1)
+    seconds: dict[str, list[float]] = {path: [] for path in paths}
+    for _ in range(repeats):
+        for path in paths:
+            seconds[path].append(run(path, rounds))
+    median = {path: statistics.median(times) for path, times in seconds.items()}
+    work = rounds * steps * batch
+    return {key: value for path in paths
+            for key, value in ((f"{path}_ips", work / median[path]), (f"{path}_ratio", median["plain"] / median[path]))}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -231,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--skip-memory", action="store_true", help="time the paths only (no peak-memory column)")
+    parser.add_argument("--generator-models", nargs="*", default=list(GENERATOR_STUDENTS), choices=list(GENERATOR_STUDENTS),
+                        help="teachers for the online generator path (none: skip it)")
+    parser.add_argument("--generator-rounds", type=int, default=2, help="generator rounds per measurement")
+    parser.add_argument("--generator-steps", type=int, default=5, help="generator steps per round (Fast-N)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -256,6 +349,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"lenet5 finished impressions/s: plain loop at the paper's {PAPER_ITERATIONS} iterations "
                       f"{plain_rate:.1f}, library ({precision}) at the fast config's {fast} {rate:.1f}: ratio "
                       f"{rate / plain_rate:.2f}", flush=True)
+    for name in args.generator_models:
+        r = measure_generator(name, args.generator_rounds, args.generator_steps, args.plain_batch, device,
+                              args.precisions, args.repeats)
+        for path in ["plain", *args.precisions]:
+            label = "generator plain (fp32)" if path == "plain" else f"generator lib ({path})"
+            print(f"{name:8s} {label:24s} {r[path + '_ips']:9.0f} {r[path + '_ratio']:6.2f} {'-':>9s}", flush=True)
 
 
 if __name__ == "__main__":

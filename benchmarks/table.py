@@ -139,6 +139,9 @@ MNIST = Dataset(
         Row("ssdkd", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml",), legend="SSD-KD (10%)"),
         Row("ssdkd_no_phi", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml", "configs/mnist/ssdkd/no_phi.yaml")),
         Row("ssdkd_uniform", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml", "configs/mnist/ssdkd/uniform.yaml")),
+        # both parts off: the online baseline at SSD-KD's schedule (half the rounds)
+        Row("ssdkd_off", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml", "configs/mnist/ssdkd/no_phi.yaml",
+                                            "configs/mnist/ssdkd/uniform.yaml")),
         Row("ssdkd_1pct", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml",),
             extra=("--data.init_args.buffer_size", "600"), legend="SSD-KD (1%)"),
     ),

@@ -32,10 +32,16 @@ def load(name: str):
 def test_synthesis_throughput_prints_every_path_with_its_ratio(capsys):
     throughput = load("synthesis_throughput")
     throughput.main(["--impressions", "8", "--iterations", "2", "--chunk", "4", "--plain-batch", "4", "--repeats", "2",
-                     "--device", "cpu", "--skip-memory"])
+                     "--device", "cpu", "--skip-memory", "--generator-rounds", "1", "--generator-steps", "1"])
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith(("lenet5", "alexnet")) and "finished" not in line]
+    generator = [row for row in rows if " generator " in row]
+    rows = [row for row in rows if row not in generator]
     assert len(rows) == 2 * 3  # per model: plain loop, library 32-true, library bf16-mixed
+    assert len(generator) == 3 and all(row.startswith("alexnet") for row in generator)  # the online path, CIFAR shapes
+    for row in generator:
+        ips, ratio = (float(v) for v in re.findall(r"\s(\d+(?:\.\d+)?)", row)[-2:])
+        assert ips > 0 and ratio > 0
     for row in rows:
         assert row.endswith(" -")  # no memory column under --skip-memory
         ips, ratio = (float(v) for v in re.findall(r"\s(\d+(?:\.\d+)?)", row)[-2:])

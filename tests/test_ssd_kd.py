@@ -29,6 +29,10 @@ def test_difficulty_by_hand():
     # p_T = (0.9, 0.1): (1 - 0.9)^2 = 0.01; p_T = (0.5, 0.5): 0.25
     logits = torch.tensor([[math.log(0.9), math.log(0.1)], [0.0, 0.0]])
     assert torch.allclose(TeacherUncertainty(gamma=2.0)(logits), torch.tensor([0.01, 0.25]), atol=1e-6)
+    # at T = 2, p_T = (3, 1) / 4 (square roots of 0.9 and 0.1, normalized): (1 - 0.75)^2 = 0.0625
+    assert torch.allclose(TeacherUncertainty(2.0, temperature=2.0)(logits), torch.tensor([0.0625, 0.25]), atol=1e-6)
+    phi = SSDKDSynthesizer(gamma=2.0, temperature=2.0).sample_weights
+    assert (phi.difficulty.gamma, phi.difficulty.temperature) == (2.0, 2.0)
 
 
 def test_diversity_by_hand():
