@@ -177,6 +177,7 @@ CIFAR10 = Dataset(
         Row("wang", "wang", "data_free", ("configs/cifar10/wang_alexnet_half.yaml",), 10000, paper=73.91,
             legend="Wang 2021, 10,000 impressions"),
         Row("fast", "fast", "online", ("configs/cifar10/fast_alexnet_half.yaml",), legend="online baseline"),
+        Row("ssdkd", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml",), legend="SSD-KD"),
     ),
     notes=(
         "CIFAR-10 test set (never used for selection). The teacher and the real-data students train on the official",

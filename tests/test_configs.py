@@ -51,6 +51,7 @@ def test_configs_are_shipped():
         "cifar10/fast_alexnet_half.yaml",
         "cifar10/zskd_alexnet_half.yaml",
         "cifar10/ci_alexnet_half.yaml",
+        "cifar10/ssdkd_alexnet_half.yaml",
         "mnist/ssdkd_lenet5_half.yaml",
         "ssdkd/no_phi.yaml",
         "ssdkd/uniform.yaml",
