@@ -321,6 +321,9 @@ def test_table_declares_every_dataset_as_data_and_regenerates_the_committed_comm
     with open(csv_path, newline="") as handle:
         measured = [record["command"] for record in csv.DictReader(handle)]
     assert measured and set(measured) <= commands
+    # Lopes's configs hold the authors' settings: ZSKD's paper synthesis never overrides them
+    assert table.row_commands(table.MNIST, ["lopes_top", "zskd"], [0], "paper")[0][0] == "zskd_paper"
+    assert len(table.row_commands(table.MNIST, ["lopes_top", "zskd"], [0], "paper")) == 1
     with pytest.raises(SystemExit):
         table.main(["--dataset", "cifar10", "--rows", "zskd_bf16", "--summarize"])
     assert "not a row of cifar10" in capsys.readouterr().err
