@@ -21,7 +21,7 @@ from pathlib import Path
 from safetensors.torch import save
 
 from zskd_lightning._version import __version__
-from zskd_lightning.files import file_sha256, write_atomic, write_text_atomic
+from zskd_lightning.files import file_sha256, record_path, write_atomic, write_text_atomic
 from zskd_lightning.teacher import FrozenTeacher, network_spec, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def write_teacher(checkpoint: str, name: str, config: str, table: Path, out_dir:
         "hardware": measured["hardware"],
         "library_version": __version__,
     }
-    path = weights.with_suffix(".json")
+    path = Path(record_path(weights))
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     print(f"{weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights}: {weights.stat().st_size} bytes, "
           f"sha256 {record['sha256']}, test accuracy {record['test_accuracy']:.2f}%")

@@ -26,15 +26,10 @@ from torch import nn
 
 from zskd_lightning._version import __version__
 from zskd_lightning.errors import ZSKDError
-from zskd_lightning.files import write_atomic, write_text_atomic
+from zskd_lightning.files import record_path, write_atomic, write_text_atomic
 from zskd_lightning.teacher import instantiate, load_weights
 
 RECORD_FORMAT, RECORD_VERSION = "zskd-student", 1
-
-
-def record_path(weights_path: str | os.PathLike) -> str:
-    """The JSON record beside ``weights_path`` (``student.safetensors`` -> ``student.json``)."""
-    return os.path.splitext(os.fspath(weights_path))[0] + ".json"
 
 
 def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[str, Any] | None,

@@ -1,5 +1,5 @@
 """Crash-safe file writes (a reader sees the old file or the new one, never a half-written one), file digests
-and packaged paths."""
+packaged paths, and the JSON record that sits beside a weights file."""
 
 from __future__ import annotations
 
@@ -64,3 +64,8 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def record_path(weights_path: str | os.PathLike) -> str:
+    """The JSON record beside a weights file (``student.safetensors`` -> ``student.json``)."""
+    return os.path.splitext(os.fspath(weights_path))[0] + ".json"

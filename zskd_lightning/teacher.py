@@ -22,7 +22,7 @@ from torch import nn
 
 from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError
-from zskd_lightning.files import file_sha256, resolve_packaged
+from zskd_lightning.files import file_sha256, record_path, resolve_packaged
 
 #: State-dict prefixes under which the library's LightningModules keep a network.
 _CHECKPOINT_PREFIXES = ("network.", "student.")
@@ -76,7 +76,7 @@ def _read_safetensors(path: str, what: str) -> dict[str, Any]:
     except Exception as err:  # truncated, not a safetensors file
         raise ZSKDError(f"could not read {what} {path}: {type(err).__name__}: {_first_line(err)}") from err
     content: dict[str, Any] = {"state_dict": state}
-    json_path = os.path.splitext(path)[0] + ".json"
+    json_path = record_path(path)
     if os.path.isfile(json_path):
         try:
             with open(json_path) as handle:
