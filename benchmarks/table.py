@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -79,6 +80,8 @@ class Dataset:
     """A table: its teacher, its rows and what is printed around them (``name``: file stem, ``label``: in prose).
 
     ``data_tag`` names the training data the rows were measured on (part of every row's fingerprint).
+    ``teacher_ckpt`` is what ``teacher_config`` writes; ``teacher_file``, when set, the committed copy of it
+    (``benchmarks/teachers/``) that the students' configs load.
     ``ablation_budgets`` x ``ablation_rows``: data-free rows re-run at each budget on the first seed (the figure
     of accuracy against budget); the row's own budget is that row itself. ``target``: (method, accuracy %) of
     the time-to-accuracy line.
@@ -92,6 +95,7 @@ class Dataset:
     teacher_ckpt: str
     teacher_seed: int
     rows: tuple[Row, ...]
+    teacher_file: str = ""
     notes: tuple[str, ...] = ()
     references: str = ""
     ablation_budgets: tuple[int, ...] = ()
@@ -123,6 +127,7 @@ MNIST = Dataset(
     teacher_config="configs/mnist/teacher_lenet5.yaml",
     teacher_ckpt="runs/mnist/teacher_lenet5/last.ckpt",  # written by teacher_config
     teacher_seed=0,
+    teacher_file="benchmarks/teachers/mnist_lenet5.safetensors",  # written from teacher_ckpt (benchmarks/teachers.py)
     rows=(
         Row("teacher", "ce-real", "teacher", ("configs/mnist/teacher_lenet5.yaml",), paper=99.34),
         Row("student_ce", "ce-real", "real", ("configs/mnist/student_ce_lenet5_half.yaml",),
@@ -272,11 +277,22 @@ def configs_sha(dataset: Dataset, args: list[str]) -> str:
     the teacher, the teacher's config.
 
     Configs are hashed as parsed YAML, so editing a comment leaves every row current; a row measured with other
-    settings (or another teacher recipe) is stale.
+    settings (or another teacher recipe) is stale. The committed teacher file (``dataset.teacher_file``, with its
+    sha256) hashes as the checkpoint it was written from (``dataset.teacher_ckpt``): the same weights, so rows
+    measured with either stay current.
     """
 
+    def by_recipe(node: Any) -> Any:
+        if isinstance(node, dict):
+            if dataset.teacher_file and node.get("checkpoint") == dataset.teacher_file:
+                return {"checkpoint": dataset.teacher_ckpt}
+            return {key: by_recipe(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [by_recipe(value) for value in node]
+        return node
+
     def parsed(path: str) -> str:
-        return json.dumps(yaml.safe_load((ROOT / path).read_text()), sort_keys=True)
+        return json.dumps(by_recipe(yaml.safe_load((ROOT / path).read_text())), sort_keys=True)
 
     # every --config counts (a variant overlay on a base); one config hashes exactly as before overlays existed
     config = "".join(parsed(args[i + 1]) for i, arg in enumerate(args) if arg == "--config")
@@ -546,8 +562,9 @@ def main(argv: list[str] | None = None) -> None:
         fingerprint = configs_sha(dataset, zskd_args)
         if (command, fingerprint) in done:
             continue
-        if row != "teacher" and not (ROOT / dataset.teacher_ckpt).exists():
-            raise SystemExit(f"train the teacher first (--rows teacher): {dataset.teacher_ckpt} is missing")
+        students_teacher = dataset.teacher_file or dataset.teacher_ckpt
+        if row != "teacher" and not (ROOT / students_teacher).exists():
+            raise SystemExit(f"train the teacher first (--rows teacher): {students_teacher} is missing")
         print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
         result = run_row(zskd_args)
         n = int(result.pop("synthesized", n))

