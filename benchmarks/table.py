@@ -279,7 +279,8 @@ def configs_sha(dataset: Dataset, args: list[str]) -> str:
     Configs are hashed as parsed YAML, so editing a comment leaves every row current; a row measured with other
     settings (or another teacher recipe) is stale. The committed teacher file (``dataset.teacher_file``, with its
     sha256) hashes as the checkpoint it was written from (``dataset.teacher_ckpt``): the same weights, so rows
-    measured with either stay current.
+    measured with either stay current. ``ModelCheckpoint`` callbacks are left out (when weights are saved
+    changes nothing measured).
     """
 
     def by_recipe(node: Any) -> Any:
@@ -287,8 +288,9 @@ def configs_sha(dataset: Dataset, args: list[str]) -> str:
             if dataset.teacher_file and node.get("checkpoint") == dataset.teacher_file:
                 return {"checkpoint": dataset.teacher_ckpt}
             return {key: by_recipe(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [by_recipe(value) for value in node]
+        if isinstance(node, list):  # checkpoint callbacks decide when weights are saved, never what is learned
+            return [by_recipe(value) for value in node
+                    if not (isinstance(value, dict) and str(value.get("class_path", "")).endswith("ModelCheckpoint"))]
         return node
 
     def parsed(path: str) -> str:

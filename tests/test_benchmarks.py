@@ -92,6 +92,9 @@ def test_table_fingerprints_settings_not_comments_and_the_teacher_only_where_loa
     teacher = tmp_path / table.MNIST.teacher_config
     teacher.write_text("# a new comment\n" + teacher.read_text())
     assert (table.configs_sha(table.MNIST, kd), table.configs_sha(table.MNIST, ce)) == before
+    teacher.write_text(teacher.read_text().replace("filename: last, save_top_k: 1", "save_last: true, save_top_k: 2"))
+    assert "save_top_k: 2" in teacher.read_text()  # when checkpoints are saved measures nothing: still current
+    assert (table.configs_sha(table.MNIST, kd), table.configs_sha(table.MNIST, ce)) == before
     teacher.write_text(teacher.read_text().replace("max_epochs: 60", "max_epochs: 61"))
     assert table.configs_sha(table.MNIST, kd) != before[0]  # distils from the teacher: stale
     assert table.configs_sha(table.MNIST, ce) == before[1]  # trains on labels alone: still current

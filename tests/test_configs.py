@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from zskd_lightning.cli import main
@@ -81,14 +82,59 @@ def test_config_parses(config, capsys):
                 assert (got["class_path"] == value["class_path"]) if isinstance(value, dict) else got == value
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
-def test_rerunning_a_config_overwrites_its_last_checkpoint(config):
-    """Checkpoints other configs load (``last.ckpt``) are overwritten on a re-run, never versioned to
-    ``last-v1.ckpt`` beside a stale ``last.ckpt``."""
+def _last_checkpoint_args(config: Path) -> list[dict]:
+    """``init_args`` of the config's ModelCheckpoint callbacks that write ``last.ckpt``."""
     callbacks = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("callbacks") or []
-    for callback in callbacks:
-        if callback["class_path"].endswith("ModelCheckpoint") and callback["init_args"].get("save_last"):
-            assert callback["init_args"].get("enable_version_counter") is False, config
+    return [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")
+            and (c["init_args"].get("save_last") or c["init_args"].get("filename") == "last")]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
+def test_a_configs_last_checkpoint_is_written_every_epoch_and_overwritten(config):
+    """Checkpoints other configs load (``last.ckpt``) are written after every epoch (nothing lost on a crash:
+    Lightning 2.6 writes a ``save_last`` copy only when it saves another checkpoint, so ``save_top_k: 0`` wrote
+    it at the end of fit only) and overwritten on a re-run, never versioned to ``last-v1.ckpt``."""
+    for args in _last_checkpoint_args(config):
+        assert args.get("enable_version_counter") is False, config
+        assert args.get("save_top_k", 1) != 0, config
+
+
+def test_the_teacher_configs_checkpoint_survives_a_crash_and_resumes(tmp_path):
+    """The MNIST teacher config's checkpoint callback, on a tiny digits run that dies in its second epoch: the
+    first epoch's ``last.ckpt`` is on disk, and fitting from it finishes the run."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from zskd_lightning import ClassifierModule
+    from zskd_lightning.data import DigitsDataModule
+    from zskd_lightning.models import DigitsConvNetHalf
+
+    (args,) = _last_checkpoint_args(REPO / "configs" / "mnist" / "teacher_lenet5.yaml")
+
+    class DieInSecondEpoch(Callback):
+        def on_train_batch_start(self, trainer, *_):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("the machine died")
+
+    def trainer(*callbacks) -> L.Trainer:
+        return L.Trainer(max_epochs=2, accelerator="cpu", limit_train_batches=3, limit_val_batches=2,
+                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                         logger=False, default_root_dir=tmp_path,
+                         callbacks=[ModelCheckpoint(**{**args, "dirpath": tmp_path / "ckpt"}), *callbacks])
+
+    def fit(run: L.Trainer, ckpt_path=None) -> None:
+        L.seed_everything(0)
+        run.fit(ClassifierModule(network=DigitsConvNetHalf(in_channels=1, num_classes=10)),
+                datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+
+    with pytest.raises(RuntimeError, match="the machine died"):
+        fit(trainer(DieInSecondEpoch()))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # the finished first epoch
+    resumed = trainer()
+    fit(resumed, ckpt_path=str(last))
+    assert resumed.current_epoch == 2 and torch.load(last, weights_only=True)["epoch"] == 1
 
 
 def test_data_free_configs_of_batchnorm_teachers_use_the_batchnorm_prior():
