@@ -41,7 +41,10 @@ from zskd_lightning.files import write_atomic, write_csv_atomic, write_text_atom
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIELDS = ["row", "method", "impressions", "seed", "test_acc", "teacher_acc", "synthesis_s", "total_s", "hardware", "command",
-          "configs_sha", "training_s"]
+          "configs_sha", "training_s", "commit"]
+#: The first commit whose teacher holds no subnormal weights (FrozenTeacher sets them to zero): rows measured
+#: before it (no ``commit`` recorded) timed the teacher's passes several times slower on CPU.
+SUBNORMAL_FIX = "305d75a"
 #: Online rows synthesize during distillation; their log line gives the inputs made and the synthesis time.
 ONLINE_LINE = re.compile(r"Online synthesis: \d+ rounds, (\d+) inputs synthesized in ([0-9.]+) s")
 #: ZSKD's paper schedule (``--schedule paper``): the synthesizer arguments it overrides.
@@ -206,6 +209,19 @@ CIFAR10 = Dataset(
 )
 
 DATASETS = {d.name: d for d in (MNIST, CIFAR10)}
+
+
+def code_commit() -> str:
+    """Short hash of the checked-out commit, ``+local`` when the library or configs differ from it; "" without
+    git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        local = subprocess.run(["git", "status", "--porcelain", "--", "zskd_lightning", "configs"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+local" if local else "")
 
 
 def hardware() -> str:
@@ -381,6 +397,11 @@ def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> l
     return [r for r in records if r["command"] != new["command"] and any(r[k] != new[k] for k in key)] + [new]
 
 
+def timed_with_subnormals(record: dict[str, str]) -> bool:
+    """Whether a record distilled from a teacher before :data:`SUBNORMAL_FIX` (it records no commit)."""
+    return record["method"] != "ce-real" and not record.get("commit")
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
@@ -465,11 +486,16 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path = R
         label = f"{row} ({method})" if row.startswith("ablation") else row
         steps = synthesis_steps(group[0]["command"].split())
         budget = f"{int(n) * steps / 1e6:.1f}M" if steps and n != "0" else "-"
+        slow = "†" if any(timed_with_subnormals(g) for g in group) else ""
         lines.append(
             f"| {label} | {n if n != '0' else '-'} | {budget} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread} | {ratio} | {paper} "
-            f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f} | {statistics.mean(float(g['training_s']) for g in group):.0f} "
+            f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f}{slow} | {statistics.mean(float(g['training_s']) for g in group):.0f}{slow} "
             f"| {group[0]['hardware']} | `zskd {group_command(group)}` |"
         )
+    if any(timed_with_subnormals(r) for r in records):
+        lines += ["", f"† Measured before commit {SUBNORMAL_FIX}, with the teacher's subnormal weights (left by weight decay): "
+                  "each teacher pass ran several times slower on CPU (`python benchmarks/subnormal_weights.py`), so these "
+                  "times are upper bounds; the teacher's outputs were the same (bit-identical where tested)."]
     lines += ["", dataset.references, "", time_to_accuracy(dataset, records), ""]
     if stale:
         lines += ["## Stale rows", "",
@@ -573,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
         record = {"row": row, "method": method, "impressions": n, "seed": seed, "hardware": hardware(),
                   "command": command, **{k: f"{v:.4f}" if "acc" in k else f"{v:.1f}" for k, v in result.items()}}
         record["configs_sha"] = fingerprint
+        record["commit"] = code_commit()
         done.add((command, fingerprint))
         records = replace_measurement(records, {k: str(v) for k, v in record.items()})
         write_csv_atomic(path, records, FIELDS)

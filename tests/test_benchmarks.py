@@ -138,6 +138,31 @@ def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
     assert "| student_kd | 0 | 1 | 50.00 |" in stale and "--seed_everything 1" in stale
 
 
+def test_table_records_the_commit_and_marks_times_taken_with_a_subnormal_teacher(tmp_path):
+    """Rows that distilled from the teacher before its subnormal weights were set to zero (no commit recorded)
+    have their times marked as upper bounds; rows with a commit, or without a teacher, are not marked."""
+    table = load("table")
+    assert re.fullmatch(r"[0-9a-f]{7}(\+local)?", table.code_commit())
+
+    def record(row: str, commit: str) -> dict[str, str]:
+        args = table.row_commands(table.MNIST, [row], [0], "fast")[0][4]
+        return {"row": row, "method": "kd-real" if row == "student_kd" else "ce-real", "impressions": "0",
+                "seed": "0", "test_acc": "98.0", "teacher_acc": "99.0", "synthesis_s": "0.0", "total_s": "7.0",
+                "hardware": "CPU", "command": " ".join(args), "configs_sha": table.configs_sha(table.MNIST, args),
+                "training_s": "7.0", "commit": commit}
+
+    def lines(records: list[dict[str, str]]) -> dict[str, str]:
+        table.summarize(table.MNIST, records, out_dir=tmp_path)
+        report = (tmp_path / "mnist.md").read_text()
+        return {row: next(line for line in report.splitlines() if line.startswith(f"| {row} |"))
+                for row in ("teacher", "student_kd")} | {"footnote": "† Measured before commit" in report}
+
+    before = lines([record("teacher", ""), record("student_kd", "")])
+    assert "| 7† |" in before["student_kd"] and "†" not in before["teacher"] and before["footnote"]
+    after = lines([record("teacher", ""), record("student_kd", "abc1234")])
+    assert "†" not in after["student_kd"] and not after["footnote"]
+
+
 def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, monkeypatch):
     """Data-free rows let the CLI replace a stale cache (other settings or teacher); a reused one costs no
     synthesis time."""
