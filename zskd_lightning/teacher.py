@@ -289,8 +289,9 @@ def flush_subnormals(module: nn.Module) -> int:
     teacher, Adam with weight decay 5e-4, holds 13,548 of its 61,706 weights below 1.2e-38), and x86 CPUs run
     arithmetic on subnormal operands many times slower: one forward/backward of that teacher on a chunk of 256
     took 85 ms against 18 ms with them set to zero (2 CPU cores, oneDNN). Their products are below float32's
-    resolution next to any normal sum, so outputs and input gradients do not change (bit-identical on that
-    teacher, tested); TensorFlow flushes them on CPU by default for the same reason.
+    resolution next to any normal sum, so outputs and input gradients do not change (``benchmarks/
+    subnormal_weights.py`` checks that teacher's impressions; a test, planted subnormals); TensorFlow's CPU
+    threads flush them by default for the same reason.
     """
     count = 0
     with torch.no_grad():
