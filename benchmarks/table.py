@@ -187,6 +187,7 @@ CIFAR10 = Dataset(
     teacher_config="configs/cifar10/teacher_alexnet.yaml",
     teacher_ckpt="runs/cifar10/teacher_alexnet/last.ckpt",
     teacher_seed=0,
+    teacher_file="benchmarks/teachers/cifar10_alexnet.safetensors",
     rows=(
         Row("teacher", "ce-real", "teacher", ("configs/cifar10/teacher_alexnet.yaml",), paper=83.03),
         Row("student_ce", "ce-real", "real", ("configs/cifar10/student_ce_alexnet_half.yaml",),
