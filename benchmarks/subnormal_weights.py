@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, SynthesisContext, ZSKDSynthesizer
 from zskd_lightning.synthesis.regularizers import PixelL2Prior
-from zskd_lightning.teacher import FrozenTeacher
+from zskd_lightning.teacher import FrozenTeacher, subnormal_mask
 
 WEIGHTS = Path(__file__).resolve().parent / "teachers" / "mnist_lenet5.safetensors"
 MNIST_SPEC = InputSpec((1, 32, 32), (0.1307,), (0.3081,))
@@ -33,10 +33,9 @@ def teachers() -> dict[str, FrozenTeacher]:
     flushed = FrozenTeacher(checkpoint=str(WEIGHTS))
     kept = FrozenTeacher(checkpoint=str(WEIGHTS))
     kept.network.load_state_dict(load_file(str(WEIGHTS)))  # bypasses the flush
-    tiny = torch.finfo(torch.float32).tiny
-    left = sum(int(((p.abs() < tiny) & (p != 0)).sum()) for p in kept.parameters())
+    left = sum(int(subnormal_mask(p).sum()) for p in kept.parameters())
     total = sum(p.numel() for p in kept.parameters())
-    print(f"{WEIGHTS.name}: {left:,} of {total:,} weights subnormal (|w| < {tiny:.3g}); "
+    print(f"{WEIGHTS.name}: {left:,} of {total:,} weights subnormal (|w| < {torch.finfo(torch.float32).tiny:.3g}); "
           f"FrozenTeacher set {flushed.flushed_subnormals:,} to zero")
     return {"subnormals kept": kept, "subnormals zero": flushed}
 

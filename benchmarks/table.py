@@ -185,9 +185,9 @@ CIFAR10 = Dataset(
     title="AlexNet -> AlexNet-half",
     data_tag="cifar10-50000",
     teacher_config="configs/cifar10/teacher_alexnet.yaml",
-    teacher_ckpt="runs/cifar10/teacher_alexnet/last.ckpt",
+    teacher_ckpt="runs/cifar10/teacher_alexnet/last.ckpt",  # written by teacher_config
     teacher_seed=0,
-    teacher_file="benchmarks/teachers/cifar10_alexnet.safetensors",
+    teacher_file="benchmarks/teachers/cifar10_alexnet.safetensors",  # written from teacher_ckpt (benchmarks/teachers.py)
     rows=(
         Row("teacher", "ce-real", "teacher", ("configs/cifar10/teacher_alexnet.yaml",), paper=83.03),
         Row("student_ce", "ce-real", "real", ("configs/cifar10/student_ce_alexnet_half.yaml",),
@@ -586,14 +586,17 @@ def main(argv: list[str] | None = None) -> None:
     # A row is done when measured with the same command AND the same config files (see configs_sha); rows of
     # other configs are kept in the CSV only while their command is not re-measured.
     done = {(r["command"], r.get("configs_sha", "")) for r in records}
+    students_teacher = ROOT / (dataset.teacher_file or dataset.teacher_ckpt)
+    missing_teacher = (f"{students_teacher} is missing: the committed teacher, written by benchmarks/teachers.py"
+                       if dataset.teacher_file
+                       else f"train the teacher first (--rows teacher): {students_teacher} is missing")
     for row, method, n, seed, zskd_args in row_commands(dataset, rows, args.seeds, args.schedule):
         command = " ".join(zskd_args)
         fingerprint = configs_sha(dataset, zskd_args)
         if (command, fingerprint) in done:
             continue
-        students_teacher = dataset.teacher_file or dataset.teacher_ckpt
-        if row != "teacher" and not (ROOT / students_teacher).exists():
-            raise SystemExit(f"train the teacher first (--rows teacher): {students_teacher} is missing")
+        if row != "teacher" and not students_teacher.exists():
+            raise SystemExit(missing_teacher)
         print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
         result = run_row(zskd_args)
         n = int(result.pop("synthesized", n))
