@@ -118,14 +118,16 @@ def fast_synthesizer(jitter: int) -> ZSKDSynthesizer:
 
 
 def distil_student(checkpoint: Path, impressions: int, jitter: int, epochs: int, cache_dir: Path,
-                   synthesizer: Synthesizer | None = None, seed: int = 0) -> float:
+                   synthesizer: Synthesizer | None = None, seed: int = 0,
+                   batch_augmentation: BatchAugmentation | None = None) -> float:
     """LeNet-5-half distilled from ``impressions`` impressions of the teacher (the fast config's ZSKD with
-    ``jitter`` unless ``synthesizer`` is given; impressions and student from ``seed``); validation accuracy (%)."""
+    ``jitter`` unless ``synthesizer`` is given; impressions and student from ``seed``; batches augmented by
+    ``batch_augmentation``, default the fast config's blends); validation accuracy (%)."""
     L.seed_everything(seed)
     synthesizer = synthesizer if synthesizer is not None else fast_synthesizer(jitter)
     data = ImpressionDataModule(synthesizer, num_impressions=impressions, cache_dir=str(cache_dir),
                                 chunk_size=256, seed=seed, batch_size=128, eval_data=mnist(batch_size=512),
-                                batch_augmentation=BatchAugmentation(mix=0.5))
+                                batch_augmentation=batch_augmentation or BatchAugmentation(mix=0.5))
     model = DistillationModule(FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(checkpoint)), LeNet5Half(1, 10),
                                temperature=20.0, export_filename=None, optimizer=partial(torch.optim.Adam, lr=1e-3),
                                lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))
