@@ -270,6 +270,15 @@ def fake_mnist(root: Path, monkeypatch) -> None:
     monkeypatch.setenv("ZSKD_DATA_ROOT", str(root))
 
 
+def one_epoch_mnist_teacher(tmp_path: Path, monkeypatch) -> Path:
+    """Fake MNIST files under ``tmp_path / "data"`` and a LeNet-5 teacher trained one epoch on them (its path)."""
+    fake_mnist(tmp_path / "data", monkeypatch)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
+    teacher = tmp_path / "teacher.ckpt"
+    load("teacher_sources").train_teacher("no_augmentation", 0, 1, teacher)
+    return teacher
+
+
 def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tmp_path, monkeypatch):
     """Fake MNIST files: one recipe, two jitter values -> two CSV rows and their markdown table."""
     fake_mnist(tmp_path / "data", monkeypatch)
@@ -291,11 +300,7 @@ def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tm
 
 def test_wang_readings_distils_one_student_per_reading_on_the_validation_split(tmp_path, monkeypatch):
     """Fake MNIST files and a one-epoch teacher: both readings of R -> two CSV rows and their markdown table."""
-    fake_mnist(tmp_path / "data", monkeypatch)
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
-    sources = load("teacher_sources")
-    teacher = tmp_path / "teacher.ckpt"
-    sources.train_teacher("no_augmentation", 0, 1, teacher)
+    teacher = one_epoch_mnist_teacher(tmp_path, monkeypatch)
     readings = load("wang_readings")
     results = tmp_path / "out" / "wang.csv"
     monkeypatch.chdir(tmp_path)
@@ -308,6 +313,28 @@ def test_wang_readings_distils_one_student_per_reading_on_the_validation_split(t
     assert '"correlation": "incoming"' in specs["incoming_s0_16"] and '"wang2021"' in specs["outgoing_s0_16"]
     table = results.with_suffix(".md").read_text()
     assert "| outgoing | 16 | 0 |" in table and "| incoming | 16 | 0 |" in table
+
+
+def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_path, monkeypatch):
+    """Two variants with the same synthesis changes (one also augments) -> one cache, two rows; bad variants end
+    in one line."""
+    teacher = one_epoch_mnist_teacher(tmp_path, monkeypatch)
+    trials = load("recipe_trials")
+    results = tmp_path / "out" / "trials.csv"
+    monkeypatch.chdir(tmp_path)
+    trials.main(["--impressions", "16", "--teacher", str(teacher), "--work-dir", str(tmp_path / "work"),
+                 "--results", str(results), "--variants", 'plain={"synthesizer": {"iterations": 2}, "epochs": 1}',
+                 'turned={"synthesizer": {"iterations": 2}, "augmentation": {"degrees": 30}, "epochs": 1}'])
+    rows = list(csv.DictReader(results.open()))
+    assert [r["variant"] for r in rows] == ["plain", "turned"]
+    assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
+    assert json.loads(rows[1]["changes"])["augmentation"] == {"degrees": 30}
+    specs = list((tmp_path / "work").glob("*/spec.json"))
+    assert len(specs) == 1 and '"iterations": 2' in specs[0].read_text()
+    assert "| turned |" in results.with_suffix(".md").read_text()
+    for bad in ["noname", 'x={"epoch": 1}', "x={not json"]:
+        with pytest.raises(SystemExit):
+            trials.main(["--variants", bad])
 
 
 def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path, monkeypatch):
