@@ -37,7 +37,7 @@ from zskd_lightning import (
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data import MNISTDataModule
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
-from zskd_lightning.models import LeNet5, LeNet5Half
+from zskd_lightning.models import LeNet5
 from zskd_lightning.synthesis import Regularizer
 from zskd_lightning.teacher import instantiate
 
@@ -117,22 +117,63 @@ def fast_synthesizer(jitter: int) -> ZSKDSynthesizer:
     return config_synthesizer(FAST_CONFIG, jitter=jitter)
 
 
+def config_teacher(config: Path, checkpoint: Path | None = None) -> FrozenTeacher:
+    """The frozen teacher of a shipped config (its checkpoint path read relative to the repository), or, with
+    ``checkpoint``, that checkpoint's weights in the config teacher's architecture."""
+    spec = yaml.safe_load(config.read_text())["model"]["init_args"]["teacher"]
+    args = dict(spec.get("init_args") or {})
+    if args.get("checkpoint") and not Path(args["checkpoint"]).is_absolute():
+        args["checkpoint"] = str(ROOT / args["checkpoint"])
+    teacher = instantiate({"class_path": spec["class_path"], "init_args": args}, modules=("zskd_lightning",),
+                          source=str(config))
+    return teacher if checkpoint is None else FrozenTeacher(network=teacher.network, checkpoint=str(checkpoint))
+
+
+def distil_config_student(config: Path, impressions: int, epochs: int | None, cache_dir: Path,
+                          synthesizer: Synthesizer | None = None, seed: int = 0,
+                          batch_augmentation: BatchAugmentation | None = None, teacher: Path | None = None) -> float:
+    """The student of a shipped impression ``config`` distilled from ``impressions`` impressions of its teacher
+    (``teacher`` swaps in another checkpoint of that architecture); validation accuracy (%) on the config's
+    ``eval_data``. From the config: synthesizer (unless given), student, temperature, optimizer and lr, chunk and
+    batch sizes, ``max_epochs`` (unless ``epochs``); impressions and student from ``seed``; batches augmented by
+    ``batch_augmentation``, default blends of pairs (``mix=0.5``), not the config's own; cosine schedule."""
+    spec = yaml.safe_load(config.read_text())
+    model, data = spec["model"]["init_args"], spec["data"]["init_args"]
+    epochs = int(epochs if epochs is not None else spec["trainer"]["max_epochs"])
+    build = partial(instantiate, bases=(nn.Module, L.LightningDataModule), modules=("zskd_lightning",),
+                    source=str(config))
+    L.seed_everything(seed)
+    synthesizer = synthesizer if synthesizer is not None else config_synthesizer(config)
+    eval_spec = data["eval_data"]
+    eval_data = build({"class_path": eval_spec["class_path"],
+                       "init_args": {**(eval_spec.get("init_args") or {}), "download": False, "batch_size": 512}})
+    datamodule = ImpressionDataModule(synthesizer, num_impressions=impressions, cache_dir=str(cache_dir),
+                                      chunk_size=int(data.get("chunk_size", 256)), seed=seed,
+                                      batch_size=int(data.get("batch_size", 128)), eval_data=eval_data,
+                                      batch_augmentation=batch_augmentation or BatchAugmentation(mix=0.5))
+    optimizer = model["optimizer"]
+    if not optimizer["class_path"].startswith("torch.optim."):
+        raise SystemExit(f"{config}: the trials build torch.optim optimizers, got {optimizer['class_path']}")
+    optimizer_class = getattr(torch.optim, optimizer["class_path"].rpartition(".")[2])
+    distillation = DistillationModule(config_teacher(config, teacher), build(model["student"]),
+                                      temperature=float(model.get("temperature", 20.0)), export_filename=None,
+                                      optimizer=partial(optimizer_class, **(optimizer.get("init_args") or {})),
+                                      lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))
+    _trainer(epochs, callbacks=[ImpressionSynthesis(grid_filename=None)], limit_val_batches=0).fit(distillation,
+                                                                                                  datamodule)
+    eval_data.setup("fit")
+    return loader_accuracy(distillation.student, eval_data.val_dataloader())
+
+
 def distil_student(checkpoint: Path, impressions: int, jitter: int, epochs: int, cache_dir: Path,
                    synthesizer: Synthesizer | None = None, seed: int = 0,
                    batch_augmentation: BatchAugmentation | None = None) -> float:
-    """LeNet-5-half distilled from ``impressions`` impressions of the teacher (the fast config's ZSKD with
-    ``jitter`` unless ``synthesizer`` is given; impressions and student from ``seed``; batches augmented by
-    ``batch_augmentation``, default the fast config's blends); validation accuracy (%)."""
-    L.seed_everything(seed)
-    synthesizer = synthesizer if synthesizer is not None else fast_synthesizer(jitter)
-    data = ImpressionDataModule(synthesizer, num_impressions=impressions, cache_dir=str(cache_dir),
-                                chunk_size=256, seed=seed, batch_size=128, eval_data=mnist(batch_size=512),
-                                batch_augmentation=batch_augmentation or BatchAugmentation(mix=0.5))
-    model = DistillationModule(FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(checkpoint)), LeNet5Half(1, 10),
-                               temperature=20.0, export_filename=None, optimizer=partial(torch.optim.Adam, lr=1e-3),
-                               lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))
-    _trainer(epochs, callbacks=[ImpressionSynthesis(grid_filename=None)], limit_val_batches=0).fit(model, data)
-    return validation_accuracy(model.student)
+    """LeNet-5-half distilled from ``impressions`` impressions of the MNIST LeNet-5 ``checkpoint`` (the fast
+    config's ZSKD with ``jitter`` unless ``synthesizer`` is given; :func:`distil_config_student` of the fast
+    config otherwise); validation accuracy (%)."""
+    return distil_config_student(FAST_CONFIG, impressions, epochs, cache_dir,
+                                 synthesizer if synthesizer is not None else fast_synthesizer(jitter), seed,
+                                 batch_augmentation, teacher=checkpoint)
 
 
 def summarize(records: list[dict[str, str]], path: Path) -> None:

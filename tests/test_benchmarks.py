@@ -337,6 +337,29 @@ def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_
             trials.main(["--variants", bad])
 
 
+def test_recipe_trials_take_teacher_student_and_data_from_any_config(tmp_path, monkeypatch):
+    """Without --teacher, a copy of the Wang config distils its own committed teacher; its row records the config's
+    sha256 and is marked (changed) once the config changes."""
+    fake_mnist(tmp_path / "data", monkeypatch)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    trials = load("recipe_trials")
+    results = tmp_path / "trials.csv"
+    config = tmp_path / "wang.yaml"
+    shutil.copy(BENCHMARKS.parent / "configs" / "mnist" / "wang_lenet5_half.yaml", config)
+    monkeypatch.chdir(tmp_path)
+    trials.main(["--config", str(config), "--impressions", "16", "--work-dir", str(tmp_path / "work"),
+                 "--results", str(results), "--variants", 'tiny={"synthesizer": {"iterations": 2}, "epochs": 1}'])
+    (row,) = csv.DictReader(results.open())
+    assert row["config"] == str(config) and 0 <= float(row["student_val"]) <= 100
+    assert re.fullmatch(r"[0-9a-f]{12}", row["config_sha"]) and not trials.is_stale(row)
+    (spec,) = (tmp_path / "work").glob("*/spec.json")
+    assert "wang2021" in spec.read_text()
+    assert f"| {config} |" in results.with_suffix(".md").read_text()
+    config.write_text(config.read_text().replace("sigma: 5.0", "sigma: 2.0"))
+    trials.summarize([row], results.with_suffix(".md"))
+    assert trials.is_stale(row) and f"| {config} (changed) |" in results.with_suffix(".md").read_text()
+
+
 def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path, monkeypatch):
     """A one-epoch BatchNorm digits teacher; weights 0 and 0.1 at one chunk size -> two rows and their table."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
