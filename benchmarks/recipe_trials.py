@@ -26,6 +26,8 @@ import statistics
 import time
 from pathlib import Path
 
+import yaml
+
 from teacher_sources import FAST_CONFIG, RESULTS, ROOT, config_synthesizer, distil_config_student
 
 from zskd_lightning.augment import BatchAugmentation
@@ -51,8 +53,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def config_sha(config: Path) -> str:
-    """The first 12 hex digits of the config file's sha256: which state of the config a row was measured with."""
-    return hashlib.sha256(config.read_bytes()).hexdigest()[:12]
+    """The first 12 hex digits of the sha256 of the config's parsed YAML (comments left out): which settings a row
+    was measured with."""
+    return hashlib.sha256(json.dumps(yaml.safe_load(config.read_text()), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def is_stale(record: dict[str, str]) -> bool:

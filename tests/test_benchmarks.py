@@ -339,7 +339,7 @@ def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_
 
 def test_recipe_trials_take_teacher_student_and_data_from_any_config(tmp_path, monkeypatch):
     """Without --teacher, a copy of the Wang config distils its own committed teacher; its row records the config's
-    sha256 and is marked (changed) once the config changes."""
+    sha256 and is marked (changed) once a setting of the config changes (not a comment)."""
     fake_mnist(tmp_path / "data", monkeypatch)
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     trials = load("recipe_trials")
@@ -355,6 +355,8 @@ def test_recipe_trials_take_teacher_student_and_data_from_any_config(tmp_path, m
     (spec,) = (tmp_path / "work").glob("*/spec.json")
     assert "wang2021" in spec.read_text()
     assert f"| {config} |" in results.with_suffix(".md").read_text()
+    config.write_text("# a comment changes no setting\n" + config.read_text())
+    assert not trials.is_stale(row)
     config.write_text(config.read_text().replace("sigma: 5.0", "sigma: 2.0"))
     trials.summarize([row], results.with_suffix(".md"))
     assert trials.is_stale(row) and f"| {config} (changed) |" in results.with_suffix(".md").read_text()
