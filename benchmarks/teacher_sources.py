@@ -136,7 +136,8 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
     (``teacher`` swaps in another checkpoint of that architecture); validation accuracy (%) on the config's
     ``eval_data``. From the config: synthesizer (unless given), student, temperature, optimizer and lr, chunk and
     batch sizes, ``max_epochs`` (unless ``epochs``); impressions and student from ``seed``; batches augmented by
-    ``batch_augmentation``, default blends of pairs (``mix=0.5``), not the config's own; cosine schedule."""
+    ``batch_augmentation``, default blends of pairs (``mix=0.5``), not the config's own; cosine schedule. A picture
+    of the impressions goes to ``impressions.png`` in the folder ``<cache_dir>_run`` beside the cache."""
     spec = yaml.safe_load(config.read_text())
     model, data = spec["model"]["init_args"], spec["data"]["init_args"]
     epochs = int(epochs if epochs is not None else spec["trainer"]["max_epochs"])
@@ -159,8 +160,9 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
                                       temperature=float(model.get("temperature", 20.0)), export_filename=None,
                                       optimizer=partial(optimizer_class, **(optimizer.get("init_args") or {})),
                                       lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))
-    _trainer(epochs, callbacks=[ImpressionSynthesis(grid_filename=None)], limit_val_batches=0).fit(distillation,
-                                                                                                  datamodule)
+    picture_folder = cache_dir.with_name(cache_dir.name + "_run")  # impressions.png, one row per class
+    _trainer(epochs, callbacks=[ImpressionSynthesis()], limit_val_batches=0,
+             default_root_dir=str(picture_folder)).fit(distillation, datamodule)
     eval_data.setup("fit")
     return loader_accuracy(distillation.student, eval_data.val_dataloader())
 

@@ -354,6 +354,7 @@ def test_recipe_trials_take_teacher_student_and_data_from_any_config(tmp_path, m
     assert re.fullmatch(r"[0-9a-f]{12}", row["config_sha"]) and not trials.is_stale(row)
     (spec,) = (tmp_path / "work").glob("*/spec.json")
     assert "wang2021" in spec.read_text()
+    assert (spec.parent.with_name(spec.parent.name + "_run") / "impressions.png").stat().st_size > 0
     assert f"| {config} |" in results.with_suffix(".md").read_text()
     config.write_text("# a comment changes no setting\n" + config.read_text())
     assert not trials.is_stale(row)
