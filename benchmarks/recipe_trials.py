@@ -1,19 +1,23 @@
-"""Synthesis and distillation recipes of a shipped impression config, judged on the validation split.
+"""Synthesis and distillation recipes of a shipped config (impression or online), judged on the validation split.
 
 Each variant is a name and a JSON object of changes to the recipe: ``synthesizer`` (arguments of the config's
 synthesizer), ``augmentation`` (arguments of the ``BatchAugmentation`` used while distilling; without it, blends
-of pairs, ``{"mix": 0.5}``, NOT the config's own) and ``epochs`` (distillation epochs; default the config's
-``max_epochs``). Everything else comes from the config: its teacher (``--teacher`` swaps in another checkpoint
-of the same architecture), student, temperature, learning rate, chunk and batch sizes, and ``eval_data``, whose
-VALIDATION split scores the student (the test set is never read). For each variant and seed the teacher's
-impressions are synthesized and a student distilled on them. Variants that synthesize alike share one impression
-cache. Adds rows to ``benchmarks/results/recipe_trials.csv`` (replacing earlier ones of the same config, variant,
-budget and seed) and rewrites ``recipe_trials.md`` beside it.
+of pairs, ``{"mix": 0.5}``, NOT the config's own), ``epochs`` (distillation epochs; default the config's
+``max_epochs``) and ``data`` (other arguments of the config's datamodule, e.g. an online buffer's size).
+Everything else comes from the config: its teacher (``--teacher`` swaps in another checkpoint of the same
+architecture), student, distillation settings, optimizer, datamodule, and ``eval_data``, whose VALIDATION split
+scores the student (the test set is never read). For each variant and seed the teacher's impressions are
+synthesized (``--impressions`` of them; an online config keeps its own budget) and a student distilled on them.
+Variants that synthesize alike share one impression cache. Adds rows to ``benchmarks/results/recipe_trials.csv``
+(replacing earlier ones of the same config, variant, budget and seed) and rewrites ``recipe_trials.md`` beside
+it.
 
     ZSKD_DATA_ROOT=../shared/data python benchmarks/recipe_trials.py --impressions 6000 --seeds 0 1 \\
         --variants 'base={}' 'shifts={"augmentation": {"mix": 0.5, "translate": [0.0625, 0.0625]}}'
     ZSKD_DATA_ROOT=../shared/data python benchmarks/recipe_trials.py --impressions 2000 \\
         --config configs/cifar10/zskd_alexnet_half.yaml --variants 'epochs30={"epochs": 30}'
+    ZSKD_DATA_ROOT=../shared/data python benchmarks/recipe_trials.py --config configs/mnist/fast_lenet5_half.yaml \\
+        --variants 'affine={"augmentation": {"mix": 0.5, "degrees": 30, "translate": [0.2, 0.2]}}'
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
 FIELDS = ["config", "variant", "changes", "impressions", "seed", "student_val", "seconds", "config_sha"]
-CHANGE_KEYS = {"synthesizer", "augmentation", "epochs"}
+CHANGE_KEYS = {"synthesizer", "augmentation", "epochs", "data"}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -102,8 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no config at {args.config}")
     config_name = args.config.relative_to(ROOT).as_posix() if args.config.is_relative_to(ROOT) else str(args.config)
     records = list(csv.DictReader(args.results.open())) if args.results.exists() else []
+    impression_config = "num_impressions" in yaml.safe_load(args.config.read_text())["data"]["init_args"]
     for name, changes in args.variants:
         synthesis = json.dumps(changes.get("synthesizer", {}), sort_keys=True)
+        if changes.get("data"):
+            synthesis += json.dumps(changes["data"], sort_keys=True)
         cache_key = hashlib.sha256(f"{config_name}|{synthesis}".encode()).hexdigest()[:12]
         for seed in args.seeds:
             started = time.perf_counter()
@@ -112,12 +119,13 @@ def main(argv: list[str] | None = None) -> None:
             accuracy = distil_config_student(args.config, args.impressions, changes.get("epochs"),
                                              args.work_dir / f"{cache_key}_s{seed}_{args.impressions}",
                                              synthesizer=synthesizer, seed=seed, batch_augmentation=augmentation,
-                                             teacher=args.teacher)
+                                             teacher=args.teacher, data_changes=changes.get("data"))
             record = {"config": config_name, "config_sha": config_sha(args.config), "variant": name,
                       "changes": json.dumps(changes, sort_keys=True),
-                      "impressions": str(args.impressions), "seed": str(seed), "student_val": f"{accuracy:.2f}",
+                      "impressions": str(args.impressions) if impression_config else "online", "seed": str(seed),
+                      "student_val": f"{accuracy:.2f}",
                       "seconds": f"{time.perf_counter() - started:.0f}"}
-            key = (config_name, name, str(args.impressions), str(seed))
+            key = (config_name, name, record["impressions"], str(seed))
             records = [r for r in records if (r["config"], r["variant"], r["impressions"], r["seed"]) != key] + [record]
             args.results.parent.mkdir(parents=True, exist_ok=True)
             write_csv_atomic(args.results, records, FIELDS)

@@ -25,15 +25,7 @@ import torch
 import yaml
 from torch import nn
 
-from zskd_lightning import (
-    ClassifierModule,
-    DistillationModule,
-    FrozenTeacher,
-    ImpressionDataModule,
-    ImpressionSynthesis,
-    Synthesizer,
-    ZSKDSynthesizer,
-)
+from zskd_lightning import ClassifierModule, FrozenTeacher, GeneratorSynthesizer, Synthesizer, ZSKDSynthesizer
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data import MNISTDataModule
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
@@ -105,11 +97,12 @@ def train_teacher(recipe: str, seed: int, epochs: int, path: Path) -> float:
     return validation_accuracy(FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(path)))
 
 
-def config_synthesizer(config: Path, **overrides) -> Synthesizer:
-    """The synthesizer of a shipped config, with ``overrides`` of its arguments."""
+def config_synthesizer(config: Path, **overrides) -> Synthesizer | GeneratorSynthesizer:
+    """The synthesizer (impression or online) of a shipped config, with ``overrides`` of its arguments."""
     spec = yaml.safe_load(config.read_text())["data"]["init_args"]["synthesizer"]
     return instantiate({"class_path": spec["class_path"], "init_args": {**spec["init_args"], **overrides}},
-                       bases=(Synthesizer, Regularizer), modules=("zskd_lightning",), source=str(config))
+                       bases=(Synthesizer, GeneratorSynthesizer, Regularizer), modules=("zskd_lightning",),
+                       source=str(config))
 
 
 def fast_synthesizer(jitter: int) -> ZSKDSynthesizer:
@@ -130,39 +123,48 @@ def config_teacher(config: Path, checkpoint: Path | None = None) -> FrozenTeache
 
 
 def distil_config_student(config: Path, impressions: int, epochs: int | None, cache_dir: Path,
-                          synthesizer: Synthesizer | None = None, seed: int = 0,
-                          batch_augmentation: BatchAugmentation | None = None, teacher: Path | None = None) -> float:
-    """The student of a shipped impression ``config`` distilled from ``impressions`` impressions of its teacher
-    (``teacher`` swaps in another checkpoint of that architecture); validation accuracy (%) on the config's
-    ``eval_data``. From the config: synthesizer (unless given), student, temperature, optimizer and lr, chunk and
-    batch sizes, ``max_epochs`` (unless ``epochs``); impressions and student from ``seed``; batches augmented by
-    ``batch_augmentation``, default blends of pairs (``mix=0.5``), not the config's own; cosine schedule. A picture
-    of the impressions goes to ``impressions.png`` in the folder ``<cache_dir>_run`` beside the cache."""
+                          synthesizer: Synthesizer | GeneratorSynthesizer | None = None, seed: int = 0,
+                          batch_augmentation: BatchAugmentation | None = None, teacher: Path | None = None,
+                          data_changes: dict | None = None) -> float:
+    """The student of a shipped ``config`` distilled from its teacher (``teacher`` swaps in another checkpoint of
+    that architecture); validation accuracy (%) on the config's ``eval_data``.
+
+    Everything comes from the config (its datamodule, an impression or an online one, with its synthesizer unless
+    ``synthesizer`` is given; the distillation module with its student, temperature and per-sample weights; the
+    optimizer; ``max_epochs`` unless ``epochs``) except: ``impressions`` impressions cached in ``cache_dir`` and no
+    held-out ones (impression configs; an online config keeps its own budget), ``seed`` for the synthesis and the
+    student, batches augmented by ``batch_augmentation`` (default blends of pairs, ``mix=0.5``, not the config's
+    own), ``data_changes`` (other arguments of the datamodule, e.g. an online buffer's size), a cosine schedule
+    over the epochs, no export. Pictures (impressions or the buffer) go to the folder
+    ``<cache_dir>_run``."""
     spec = yaml.safe_load(config.read_text())
     model, data = spec["model"]["init_args"], spec["data"]["init_args"]
     epochs = int(epochs if epochs is not None else spec["trainer"]["max_epochs"])
-    build = partial(instantiate, bases=(nn.Module, L.LightningDataModule), modules=("zskd_lightning",),
-                    source=str(config))
+    build = partial(instantiate, bases=(object,), modules=("zskd_lightning",), source=str(config))
     L.seed_everything(seed)
     synthesizer = synthesizer if synthesizer is not None else config_synthesizer(config)
     eval_spec = data["eval_data"]
     eval_data = build({"class_path": eval_spec["class_path"],
                        "init_args": {**(eval_spec.get("init_args") or {}), "download": False, "batch_size": 512}})
-    datamodule = ImpressionDataModule(synthesizer, num_impressions=impressions, cache_dir=str(cache_dir),
-                                      chunk_size=int(data.get("chunk_size", 256)), seed=seed,
-                                      batch_size=int(data.get("batch_size", 128)), eval_data=eval_data,
-                                      batch_augmentation=batch_augmentation or BatchAugmentation(mix=0.5))
+    data_settings = {**data, "synthesizer": synthesizer, "eval_data": eval_data, "seed": seed,
+                     "batch_augmentation": batch_augmentation or BatchAugmentation(mix=0.5)}
+    if "num_impressions" in data:
+        data_settings.update(num_impressions=impressions, cache_dir=str(cache_dir), num_val_impressions=0)
+    data_settings.update(data_changes or {})
+    datamodule = build({"class_path": spec["data"]["class_path"], "init_args": data_settings})
     optimizer = model["optimizer"]
     if not optimizer["class_path"].startswith("torch.optim."):
         raise SystemExit(f"{config}: the trials build torch.optim optimizers, got {optimizer['class_path']}")
     optimizer_class = getattr(torch.optim, optimizer["class_path"].rpartition(".")[2])
-    distillation = DistillationModule(config_teacher(config, teacher), build(model["student"]),
-                                      temperature=float(model.get("temperature", 20.0)), export_filename=None,
-                                      optimizer=partial(optimizer_class, **(optimizer.get("init_args") or {})),
-                                      lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))
-    picture_folder = cache_dir.with_name(cache_dir.name + "_run")  # impressions.png, one row per class
-    _trainer(epochs, callbacks=[ImpressionSynthesis()], limit_val_batches=0,
-             default_root_dir=str(picture_folder)).fit(distillation, datamodule)
+    frozen, student = config_teacher(config, teacher), build(model["student"])  # in this order: seeded init
+    kept = {key: value for key, value in model.items()
+            if key not in ("teacher", "student", "optimizer", "lr_scheduler")}
+    distillation = build({"class_path": spec["model"]["class_path"], "init_args": {
+        **kept, "teacher": frozen, "student": student, "export_filename": None,
+        "optimizer": partial(optimizer_class, **(optimizer.get("init_args") or {})),
+        "lr_scheduler": partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)}})
+    picture_folder = cache_dir.with_name(cache_dir.name + "_run")
+    _trainer(epochs, limit_val_batches=0, default_root_dir=str(picture_folder)).fit(distillation, datamodule)
     eval_data.setup("fit")
     return loader_accuracy(distillation.student, eval_data.val_dataloader())
 

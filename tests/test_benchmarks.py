@@ -363,6 +363,25 @@ def test_recipe_trials_take_teacher_student_and_data_from_any_config(tmp_path, m
     assert trials.is_stale(row) and f"| {config} (changed) |" in results.with_suffix(".md").read_text()
 
 
+def test_recipe_trials_run_an_online_config_with_data_changes(tmp_path, monkeypatch):
+    """The online baseline's config, shrunk through ``data`` changes: one row whose budget reads "online"."""
+    fake_mnist(tmp_path / "data", monkeypatch)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    trials = load("recipe_trials")
+    results = tmp_path / "trials.csv"
+    monkeypatch.chdir(tmp_path)
+    tiny = {"data": {"buffer_size": 32, "steps_per_epoch": 2, "warmup_rounds": 1, "round_every_n_steps": 1,
+                     "batch_size": 16},
+            "synthesizer": {"batch_size": 16, "steps_per_round": 1, "width": 8}, "epochs": 1,
+            "augmentation": {"degrees": 30}}
+    trials.main(["--config", str(BENCHMARKS.parent / "configs" / "mnist" / "fast_lenet5_half.yaml"),
+                 "--work-dir", str(tmp_path / "work"), "--results", str(results), "--variants",
+                 f"tiny={json.dumps(tiny)}"])
+    (row,) = csv.DictReader(results.open())
+    assert row["impressions"] == "online" and 0 <= float(row["student_val"]) <= 100
+    assert json.loads(row["changes"])["data"]["buffer_size"] == 32
+
+
 def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path, monkeypatch):
     """A one-epoch BatchNorm digits teacher; weights 0 and 0.1 at one chunk size -> two rows and their table."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
