@@ -172,9 +172,8 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
 def distil_student(checkpoint: Path, impressions: int, jitter: int, epochs: int, cache_dir: Path,
                    synthesizer: Synthesizer | None = None, seed: int = 0,
                    batch_augmentation: BatchAugmentation | None = None) -> float:
-    """LeNet-5-half distilled from ``impressions`` impressions of the MNIST LeNet-5 ``checkpoint`` (the fast
-    config's ZSKD with ``jitter`` unless ``synthesizer`` is given; :func:`distil_config_student` of the fast
-    config otherwise); validation accuracy (%)."""
+    """:func:`distil_config_student` of the fast MNIST config with the MNIST LeNet-5 ``checkpoint`` as teacher and
+    ``synthesizer``, default the fast config's ZSKD with ``jitter``; validation accuracy (%)."""
     return distil_config_student(FAST_CONFIG, impressions, epochs, cache_dir,
                                  synthesizer if synthesizer is not None else fast_synthesizer(jitter), seed,
                                  batch_augmentation, teacher=checkpoint)

@@ -382,6 +382,18 @@ def test_recipe_trials_run_an_online_config_with_data_changes(tmp_path, monkeypa
     assert json.loads(row["changes"])["data"]["buffer_size"] == 32
 
 
+def test_recipe_trials_refuse_a_config_they_cannot_run_in_one_line(tmp_path):
+    """A teacher's config (no synthesizer) and broken YAML each end in one line naming the file."""
+    trials = load("recipe_trials")
+    teacher_config = BENCHMARKS.parent / "configs" / "mnist" / "teacher_lenet5.yaml"
+    with pytest.raises(SystemExit, match=r"teacher_lenet5.yaml: not a distillation config .*data.init_args.synthesizer"):
+        trials.main(["--config", str(teacher_config), "--results", str(tmp_path / "trials.csv")])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(SystemExit, match=r"broken.yaml: not valid YAML"):
+        trials.main(["--config", str(broken), "--results", str(tmp_path / "trials.csv")])
+
+
 def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path, monkeypatch):
     """A one-epoch BatchNorm digits teacher; weights 0 and 0.1 at one chunk size -> two rows and their table."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
