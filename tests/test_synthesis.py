@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from zskd_lightning import ClassImpressionSynthesizer, ZSKDSynthesizer
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import (
     BatchNormStatistics,
@@ -203,7 +204,7 @@ def test_class_impressions_match_their_classes(trained_teacher):
     assert agreement >= 0.95, agreement
 
 
-@pytest.mark.parametrize("init", ["uniform", "normal"])
+@pytest.mark.parametrize("init", ["uniform", "normal", "gray"])
 def test_impressions_stay_inside_the_input_range(small_teacher, init):
     low, high = RANGE
     synthesizer = ZSKDSynthesizer(iterations=20, lr=1.0, init=init)  # a huge lr pushes far out of range
@@ -389,6 +390,17 @@ def test_normal_init_draws_pixels_from_a_clamped_standard_normal():
     pixels = (x0 - low) / (high - low)
     assert (pixels == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)  # P(z <= 0)
     assert (pixels == 1).float().mean().item() == pytest.approx(0.1587, abs=0.01)  # P(z >= 1)
+
+
+def test_gray_init_is_low_contrast_noise_around_mid_gray():
+    spec = InputSpec((1, 8, 8), mean=[0.25], std=[0.25])
+    context = SynthesisContext(teacher=None, input_spec=spec, num_classes=K)
+    x0 = ZSKDSynthesizer(init="gray").initial_inputs(4000, context, torch.Generator().manual_seed(0))
+    pixels = x0 * 0.25 + 0.25
+    assert pixels.mean().item() == pytest.approx(0.5, abs=0.005)
+    assert pixels.std().item() == pytest.approx(0.1, abs=0.005)
+    with pytest.raises(InvalidArgument, match="init must be one of"):
+        ZSKDSynthesizer(init="grey")
 
 
 def test_pixel_l2_prior_measures_pixels_through_the_input_range():

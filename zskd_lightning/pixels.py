@@ -80,3 +80,8 @@ def from_pixels(pixels: Tensor, input_range: InputRange | None) -> Tensor:
         return pixels
     low, high = _bounds(pixels, input_range)
     return low + (high - low) * pixels
+
+
+def pixel_noise(shape: Sequence[int], mean: float, std: float, generator: torch.Generator) -> Tensor:
+    """Pixel values ``[*shape]`` from ``N(mean, std)`` clamped to [0, 1] (float32, CPU), drawn from ``generator``."""
+    return (torch.randn(tuple(shape), generator=generator) * std + mean).clamp_(0.0, 1.0)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from zskd_lightning.errors import InvalidArgument
-from zskd_lightning.pixels import from_pixels
+from zskd_lightning.pixels import from_pixels, pixel_noise
 from zskd_lightning.synthesis.api import (
     Chunk,
     Method,
@@ -32,6 +32,8 @@ from zskd_lightning.taps import FeatureTaps
 from zskd_lightning.weighting import SampleWeighting
 
 SYNTHESIS_PRECISIONS = (None, "bf16-mixed", "32-true")
+#: The noise starts other than ``"uniform"``: ``(mean, std)`` of the clamped normal in pixel space.
+INITS = {"uniform": None, "normal": (0.0, 1.0), "gray": (0.5, 0.1)}
 
 
 class Synthesizer(Method):
@@ -46,7 +48,10 @@ class Synthesizer(Method):
         lr: Adam learning rate on the inputs (betas 0.9, 0.999; eps 1e-8).
         init: ``"uniform"``: pixel values uniform in [0, 1] (noise over the valid input range); ``"normal"``:
             pixel values from a standard normal, clamped to [0, 1] (about half the pixels start black, a sixth
-            white). Without a known input range, a standard normal in the teacher's input space.
+            white). ``"gray"``: low-contrast noise, pixel values from N(0.5, 0.1) clamped to [0, 1], so that what
+            the optimization draws is not buried under the starting noise (a teacher indifferent to
+            high-frequency noise leaves it in place). Without a known input range, a standard normal in the
+            teacher's input space.
         stop_tolerance: stop optimizing an impression once its loss improved by less than this many nats over
             the last ``stop_window`` iterations (a plateau); its input is then frozen and costs no more compute.
             ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure).
@@ -86,7 +91,7 @@ class Synthesizer(Method):
         sample_weights: SampleWeighting | None = None,
         iterations: int = 1500,
         lr: float = 0.01,
-        init: Literal["uniform", "normal"] = "uniform",
+        init: Literal["uniform", "normal", "gray"] = "uniform",
         stop_tolerance: float | None = None,
         stop_window: int = 50,
         channels_last: bool = True,
@@ -104,8 +109,8 @@ class Synthesizer(Method):
             raise InvalidArgument(f"precision must be one of {SYNTHESIS_PRECISIONS}, got {precision!r}")
         if jitter < 0:
             raise InvalidArgument(f"jitter must be >= 0 pixels, got {jitter}")
-        if init not in ("uniform", "normal"):
-            raise InvalidArgument(f"init must be 'uniform' or 'normal', got {init!r}")
+        if init not in INITS:
+            raise InvalidArgument(f"init must be one of {list(INITS)}, got {init!r}")
         self.target_sampler = target_sampler
         self.objective = objective
         self.regularizers = list(regularizers)
@@ -131,10 +136,10 @@ class Synthesizer(Method):
         input_range = context.input_range
         if input_range is None:
             return torch.randn(shape, generator=generator)
-        if self.init == "normal":
-            pixels = torch.randn(shape, generator=generator).clamp_(0.0, 1.0)
-        else:
+        if self.init == "uniform":
             pixels = torch.rand(shape, generator=generator)
+        else:
+            pixels = pixel_noise(shape, *INITS[self.init], generator)
         return from_pixels(pixels, input_range)
 
     def invert(self, context: SynthesisContext, chunk: Chunk, progress: ProgressFn | None = None) -> SynthesisResult:

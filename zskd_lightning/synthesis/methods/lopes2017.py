@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.metadata.file import LOGITS, Metadata, read_metadata
-from zskd_lightning.pixels import from_pixels
+from zskd_lightning.pixels import from_pixels, pixel_noise
 from zskd_lightning.synthesis.api import (
     Chunk,
     ChunkRandomness,
@@ -265,8 +265,7 @@ class LopesSynthesizer(Synthesizer):
         if self.pixel_init is None or context.input_range is None:
             return super().initial_inputs(n, context, generator)
         mean, std = self.pixel_init
-        pixels = (torch.randn((n, *context.input_spec.shape), generator=generator) * std + mean).clamp_(0.0, 1.0)
-        return from_pixels(pixels, context.input_range)
+        return from_pixels(pixel_noise((n, *context.input_spec.shape), mean, std, generator), context.input_range)
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "metadata_sha256": read_metadata(self.metadata).sha256}
