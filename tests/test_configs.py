@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted([*(REPO / "configs").rglob("*.yaml"), *(REPO / "zskd_lightning" / "configs").glob("*.yaml")])
 #: Variant files that change one thing of a full config, given after it (``--config BASE --config VARIANT``).
 OVERLAY_BASES = {"lopes": REPO / "configs" / "mnist" / "lopes_lenet5_half.yaml",
-                 "ssdkd": REPO / "configs" / "mnist" / "ssdkd_lenet5_half.yaml"}
+                 "ssdkd": REPO / "configs" / "mnist" / "ssdkd_lenet5_half.yaml",
+                 "online": REPO / "configs" / "cifar10" / "fast_alexnet_half.yaml"}
 
 
 def _arguments(config: Path) -> tuple[list[str], dict]:
@@ -56,6 +57,7 @@ def test_configs_are_shipped():
         "mnist/ssdkd_lenet5_half.yaml",
         "ssdkd/no_phi.yaml",
         "ssdkd/uniform.yaml",
+        "online/cpu_budget.yaml",
     ):
         assert expected in names
 
