@@ -1,7 +1,7 @@
 """A first look at Lopes et al. 2017's objectives on MNIST, judged on the validation split (never the test set):
 for each objective, 2,000 impressions from ``configs/mnist/lopes_lenet5_half.yaml``'s synthesizer with a short
 schedule, and a LeNet-5-half student distilled on them as ``benchmarks/teacher_sources.py`` does. Needs the
-teacher (``configs/mnist/teacher_lenet5.yaml``) and its metadata (``configs/mnist/lopes_record.yaml``).
+committed teacher's metadata (``configs/mnist/lopes_record.yaml``).
 
     ZSKD_DATA_ROOT=../shared/data python benchmarks/lopes_probe.py --objectives spectral_layer_pairs --iterations 300
 """
@@ -14,7 +14,7 @@ import time
 from teacher_sources import ROOT, config_synthesizer, distil_student
 
 CONFIG = ROOT / "configs" / "mnist" / "lopes_lenet5_half.yaml"
-TEACHER = ROOT / "runs" / "mnist" / "teacher_lenet5" / "last.ckpt"
+TEACHER = ROOT / "benchmarks" / "teachers" / "mnist_lenet5.safetensors"  # the committed table teacher
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ objective restricted to that budget would). Prints, per kept fraction, the relat
 (lower: the kept numbers say more about the record), side by side. Reads only the metadata and the teacher.
 
     python benchmarks/lopes_spectral_fit.py --metadata runs/mnist/lopes/lenet5.metadata.safetensors \\
-        --teacher runs/mnist/teacher_lenet5/last.ckpt
+        --teacher benchmarks/teachers/mnist_lenet5.safetensors
 """
 
 from __future__ import annotations
