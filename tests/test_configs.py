@@ -49,6 +49,7 @@ def test_configs_are_shipped():
         "lopes/top_layer.yaml",
         "lopes/all_layers.yaml",
         "lopes/spectral_all_layers.yaml",
+        "lopes/fast.yaml",
         "mnist/fast_lenet5_half.yaml",
         "cifar10/fast_alexnet_half.yaml",
         "cifar10/zskd_alexnet_half.yaml",
