@@ -357,6 +357,15 @@ def is_current(dataset: Dataset, record: dict[str, str]) -> bool:
     return record.get("configs_sha", "") == configs_sha(dataset, record["command"].split())
 
 
+def prepare_row(dataset: Dataset, row: str) -> None:
+    """Write the file that ``row`` (or its paper-schedule twin) reads, when it declares one that is missing."""
+    prepare = next((r.prepare for r in dataset.rows if r.prepare and row in (r.name, f"{r.name}_paper")), None)
+    if prepare and not (ROOT / prepare[0]).exists():
+        print(f"[{time.strftime('%H:%M:%S')}] zskd {prepare[1]}  (writes {prepare[0]})", flush=True)
+        subprocess.run([sys.executable, "-m", "zskd_lightning", *prepare[1].split(), "--trainer.enable_progress_bar",
+                        "false"], cwd=ROOT, check=True)
+
+
 def run_row(args: list[str]) -> dict[str, float]:
     """Run ``zskd ARGS``; return test accuracies (%) and timings read from its output and cache manifest.
 
@@ -610,10 +619,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if row != "teacher" and not students_teacher.exists():
             raise SystemExit(missing_teacher)
-        prepare = next((r.prepare for r in dataset.rows if r.prepare and row in (r.name, f"{r.name}_paper")), None)
-        if prepare and not (ROOT / prepare[0]).exists():
-            print(f"[{time.strftime('%H:%M:%S')}] zskd {prepare[1]}  (writes {prepare[0]})", flush=True)
-            subprocess.run([sys.executable, "-m", "zskd_lightning", *prepare[1].split()], cwd=ROOT, check=True)
+        prepare_row(dataset, row)
         print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
         result = run_row(zskd_args)
         n = int(result.pop("synthesized", n))

@@ -200,6 +200,27 @@ def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, mo
         table.run_row(args)
 
 
+def test_table_records_the_lopes_metadata_once_before_its_rows(tmp_path, monkeypatch):
+    """A Lopes row reads the teacher's activation metadata: the runner records it when missing, never twice."""
+    table = load("table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    metadata, record_args = table.LOPES_RECORD
+    commands = []
+
+    def fake_zskd(command, cwd, check):
+        commands.append(command)
+        (tmp_path / metadata).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / metadata).write_bytes(b"metadata")
+
+    monkeypatch.setattr(table.subprocess, "run", fake_zskd)
+    table.prepare_row(table.MNIST, "zskd")  # declares nothing
+    assert commands == []
+    table.prepare_row(table.MNIST, "lopes_top")
+    table.prepare_row(table.MNIST, "lopes_all_authors")
+    assert len(commands) == 1 and commands[0][3:5] == ["record", "--config"]
+    assert " ".join(commands[0][3:]).startswith(record_args)
+
+
 def test_table_times_a_resumed_row_with_the_chunks_an_earlier_run_finished(tmp_path, monkeypatch):
     """An interrupted row's synthesis time adds the manifest's resumed seconds to this run's wall time."""
     table = load("table")
