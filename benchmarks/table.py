@@ -110,6 +110,11 @@ class Dataset:
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
 
+    def declared(self, name: str) -> Row | None:
+        """The declared row that a table row ``name`` (or its paper-schedule twin ``<row>_paper``) measures;
+        None for rows not declared as data (the ablation)."""
+        return next((r for r in self.rows if name in (r.name, f"{r.name}_paper")), None)
+
     @property
     def row_order(self) -> tuple[str, ...]:
         """Rows in table order: each declared row, then its paper-schedule twin; the ablation last."""
@@ -359,7 +364,8 @@ def is_current(dataset: Dataset, record: dict[str, str]) -> bool:
 
 def prepare_row(dataset: Dataset, row: str) -> None:
     """Write the file that ``row`` (or its paper-schedule twin) reads, when it declares one that is missing."""
-    prepare = next((r.prepare for r in dataset.rows if r.prepare and row in (r.name, f"{r.name}_paper")), None)
+    declared = dataset.declared(row)
+    prepare = declared.prepare if declared else None
     if prepare and not (ROOT / prepare[0]).exists():
         print(f"[{time.strftime('%H:%M:%S')}] zskd {prepare[1]}  (writes {prepare[0]})", flush=True)
         subprocess.run([sys.executable, "-m", "zskd_lightning", *prepare[1].split(), "--trainer.enable_progress_bar",
@@ -498,14 +504,14 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path = R
     groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
     for r in records:
         groups.setdefault((r["row"], r["method"], r["impressions"]), []).append(r)
-    papers = {n: r.paper for r in dataset.rows for n in (r.name, f"{r.name}_paper") if r.paper is not None}
     order = dataset.row_order
     for (row, method, n), group in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1], int(item[0][2]))):
         accs = [float(g["test_acc"]) for g in group]
         mean = statistics.mean(accs)
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         ratio = f"{mean / teacher_acc:.4f}" if teacher_acc else ""
-        paper = papers.get(row, "")
+        declared = dataset.declared(row)
+        paper = declared.paper if declared and declared.paper is not None else ""
         label = f"{row} ({method})" if row.startswith("ablation") else row
         steps = synthesis_steps(group[0]["command"].split())
         budget = f"{int(n) * steps / 1e6:.1f}M" if steps and n != "0" else "-"
