@@ -362,14 +362,28 @@ def is_current(dataset: Dataset, record: dict[str, str]) -> bool:
     return record.get("configs_sha", "") == configs_sha(dataset, record["command"].split())
 
 
+class RowFailed(Exception):
+    """A ``zskd`` command of the table exited non-zero; the message is one line (command, exit code, cause)."""
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line of a command's stderr (the CLI's one-line error, or a traceback's exception)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"
+
+
 def prepare_row(dataset: Dataset, row: str) -> None:
-    """Write the file that ``row`` (or its paper-schedule twin) reads, when it declares one that is missing."""
+    """Write the file that ``row`` (or its paper-schedule twin) reads, when it declares one that is missing.
+
+    Raises :class:`RowFailed` when the writing command fails (its own error has gone to the terminal)."""
     declared = dataset.declared(row)
     prepare = declared.prepare if declared else None
     if prepare and not (ROOT / prepare[0]).exists():
         print(f"[{time.strftime('%H:%M:%S')}] zskd {prepare[1]}  (writes {prepare[0]})", flush=True)
-        subprocess.run([sys.executable, "-m", "zskd_lightning", *prepare[1].split(), "--trainer.enable_progress_bar",
-                        "false"], cwd=ROOT, check=True)
+        proc = subprocess.run([sys.executable, "-m", "zskd_lightning", *prepare[1].split(),
+                               "--trainer.enable_progress_bar", "false"], cwd=ROOT, check=False)
+        if proc.returncode != 0:
+            raise RowFailed(f"zskd {prepare[1]} exited {proc.returncode}; row {row!r} reads {prepare[0]}, which it writes")
 
 
 def run_row(args: list[str]) -> dict[str, float]:
@@ -379,6 +393,7 @@ def run_row(args: list[str]) -> dict[str, float]:
     earlier measurement filled with other settings or another teacher is replaced, one of the same settings is
     resumed (an interrupted row) or reused. The synthesis time of a resumed row is this run's wall time plus
     the manifest's ``resumed_seconds`` (the chunks an earlier run finished; table rows use one process).
+    A failed command prints the tail of its stderr and raises :class:`RowFailed`.
     """
     manifest, overwrite = None, []
     if "--data.init_args.cache_dir" in args:
@@ -394,7 +409,8 @@ def run_row(args: list[str]) -> dict[str, float]:
     proc = subprocess.run(command + overwrite, cwd=ROOT, capture_output=True, text=True)
     total = time.perf_counter() - started
     if proc.returncode != 0:
-        raise RuntimeError(f"zskd {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+        print(proc.stderr[-4000:], file=sys.stderr, flush=True)  # the context of the one line raised below
+        raise RowFailed(f"zskd {' '.join(args)} exited {proc.returncode}: {last_line(proc.stderr)}")
     metrics = dict(re.findall(r"(test/\w+)\s+([0-9.]+)", proc.stdout))
     # Synthesis time comes from the cache's manifest, also when an earlier run made the cache and this one
     # reused it (a reused cache's manifest is not rewritten).
@@ -468,12 +484,14 @@ def group_command(group: list[dict[str, str]]) -> str:
     return command
 
 
-def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path = RESULTS) -> None:
-    """Write ``<dataset>.md``, ``<dataset>.png`` and ``<dataset>_time.png`` from the CSV records.
+def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | None = None) -> None:
+    """Write ``<dataset>.md``, ``<dataset>.png`` and ``<dataset>_time.png`` from the CSV records (into
+    ``out_dir``, default :data:`RESULTS`).
 
     Records measured with other configs than today's (a changed teacher recipe, say) count for nothing: they
     are listed under "Stale rows" with their commands, until re-measured.
     """
+    out_dir = RESULTS if out_dir is None else out_dir
     current, stale = [], []
     for r in records:  # one fingerprint per record (each parses its configs)
         (current if is_current(dataset, r) else stale).append(r)
@@ -625,9 +643,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if row != "teacher" and not students_teacher.exists():
             raise SystemExit(missing_teacher)
-        prepare_row(dataset, row)
-        print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
-        result = run_row(zskd_args)
+        try:
+            prepare_row(dataset, row)
+            print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
+            result = run_row(zskd_args)
+        except RowFailed as failure:
+            raise SystemExit(f"table.py: {failure} (rows measured before it are in {path})") from None
         n = int(result.pop("synthesized", n))
         record = {"row": row, "method": method, "impressions": n, "seed": seed, "hardware": hardware(),
                   "command": command, **{k: f"{v:.4f}" if "acc" in k else f"{v:.1f}" for k, v in result.items()}}

@@ -196,7 +196,7 @@ def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, mo
         return subprocess.CompletedProcess(command, 1, "", "RuntimeError: out of memory")
 
     monkeypatch.setattr(table.subprocess, "run", other_failure)
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(table.RowFailed, match=r"exited 1: RuntimeError: out of memory$"):
         table.run_row(args)
 
 
@@ -211,6 +211,7 @@ def test_table_records_the_lopes_metadata_once_before_its_rows(tmp_path, monkeyp
         commands.append(command)
         (tmp_path / metadata).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / metadata).write_bytes(b"metadata")
+        return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(table.subprocess, "run", fake_zskd)
     table.prepare_row(table.MNIST, "zskd")  # declares nothing
@@ -219,6 +220,43 @@ def test_table_records_the_lopes_metadata_once_before_its_rows(tmp_path, monkeyp
     table.prepare_row(table.MNIST, "lopes_all_authors")
     assert len(commands) == 1 and commands[0][3:5] == ["record", "--config"]
     assert " ".join(commands[0][3:]).startswith(record_args)
+
+
+def test_table_ends_a_failed_row_in_one_line_and_keeps_the_rows_before_it(tmp_path, monkeypatch, capsys):
+    """A row whose metadata command or own command fails stops the runner with one line naming the command;
+    rows measured earlier stay in the CSV."""
+    table = load("table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    monkeypatch.setattr(table, "RESULTS", tmp_path / "results")
+    shutil.copytree(BENCHMARKS.parent / "configs", tmp_path / "configs")  # the rows' fingerprints read them
+    (tmp_path / table.MNIST.teacher_file).parent.mkdir(parents=True)
+    (tmp_path / table.MNIST.teacher_file).write_bytes(b"teacher")
+
+    def failing_record(command, cwd, check):
+        return subprocess.CompletedProcess(command, 2)
+
+    monkeypatch.setattr(table.subprocess, "run", failing_record)
+    with pytest.raises(SystemExit) as stopped:
+        table.main(["--dataset", "mnist", "--rows", "lopes_top", "--seeds", "0"])
+    message = str(stopped.value.code)
+    assert "\n" not in message and message.startswith("table.py: zskd record --config") and "exited 2" in message
+    assert table.LOPES_RECORD[0] in message
+
+    monkeypatch.setattr(table, "code_commit", lambda: "abc1234")
+
+    def measured_then_failing(command, cwd, capture_output, text):
+        if "--seed_everything 0" in " ".join(command):
+            return subprocess.CompletedProcess(command, 0, "test/acc 0.975\ntest/teacher_acc 0.99\n", "")
+        return subprocess.CompletedProcess(command, 1, "", "Traceback (most recent call last):\nValueError: bad key")
+
+    monkeypatch.setattr(table.subprocess, "run", measured_then_failing)
+    with pytest.raises(SystemExit) as stopped:
+        table.main(["--dataset", "mnist", "--rows", "zskd", "--seeds", "0", "1"])
+    message = str(stopped.value.code)
+    assert "\n" not in message and "--seed_everything 1" in message and message.count("ValueError: bad key") == 1
+    assert "Traceback" in capsys.readouterr().err  # the failed command's context, above the one line
+    records = table.read_csv(tmp_path / "results" / "mnist.csv")
+    assert [(r["row"], r["seed"], r["test_acc"]) for r in records] == [("zskd", "0", "97.5000")]
 
 
 def test_table_times_a_resumed_row_with_the_chunks_an_earlier_run_finished(tmp_path, monkeypatch):
