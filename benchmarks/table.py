@@ -437,8 +437,9 @@ def run_row(args: list[str]) -> dict[str, float]:
 
 def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> list[dict[str, str]]:
     """``records`` with ``new`` appended in place of earlier measurements of its row: the same command, or the
-    same row, impressions and seed on the same hardware under a command the runner has since changed."""
-    key = ("row", "impressions", "seed", "hardware")
+    same row, method, impressions and seed on the same hardware under a command the runner has since changed
+    (the ablation row holds one method per config at each budget: each is a measurement of its own)."""
+    key = ("row", "method", "impressions", "seed", "hardware")
     return [r for r in records if r["command"] != new["command"] and any(r[k] != new[k] for k in key)] + [new]
 
 

@@ -310,14 +310,18 @@ def test_table_online_rows_fingerprint_every_config_and_plot_accuracy_against_ti
 def test_table_replaces_earlier_measurements_of_a_row_also_under_an_older_command():
     table = load("table")
 
-    def record(seed, command, hardware="CPU x2", acc="90.0"):
-        return {"row": "zskd_paper", "impressions": "24000", "seed": seed, "hardware": hardware,
+    def record(seed, command, hardware="CPU x2", acc="90.0", row="zskd_paper", method="zskd"):
+        return {"row": row, "method": method, "impressions": "24000", "seed": seed, "hardware": hardware,
                 "command": command, "test_acc": acc}
 
     older = [record("0", "fit A"), record("0", "fit B"), record("1", "fit B"), record("0", "fit B", "H100")]
     records = table.replace_measurement(older, record("0", "fit A --jitter 0", acc="95.0"))
     assert [(r["seed"], r["command"], r["hardware"]) for r in records] == [
         ("1", "fit B", "CPU x2"), ("0", "fit B", "H100"), ("0", "fit A --jitter 0", "CPU x2")]
+    # the ablation row measures every method at each budget: another method's point is not an older command
+    ablation = [record("0", "fit zskd", row="ablation")]
+    records = table.replace_measurement(ablation, record("0", "fit ci", row="ablation", method="ci"))
+    assert [r["method"] for r in records] == ["zskd", "ci"]
 
 
 def fake_mnist(root: Path, monkeypatch) -> None:
