@@ -63,14 +63,17 @@ def _record_config(**init_args) -> dict:
 
 
 def test_zskd_record_through_the_console(tmp_path):
-    config = _record_config(output="digits.metadata.safetensors")
+    """The config has no ``default_root_dir`` and its logger is off: the config.yaml Lightning saves goes beside
+    the metadata file, not into the folder the command ran in."""
+    config = _record_config(output="meta/digits.metadata.safetensors")
     (tmp_path / "record.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "zskd_lightning", "record", "--config", "record.yaml"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=tiny.script_env(1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Recorded" in result.stdout + result.stderr and "MiB" in result.stdout + result.stderr
-    metadata = read_metadata(tmp_path / "digits.metadata.safetensors")
+    metadata = read_metadata(tmp_path / "meta" / "digits.metadata.safetensors")
     assert int(metadata.layers["logits"].count.sum()) > 1000
+    assert (tmp_path / "meta" / "config.yaml").is_file() and not (tmp_path / "config.yaml").exists()
 
 
 def test_two_processes_record_what_one_does(tmp_path):

@@ -73,6 +73,15 @@ class ZSKDCLI(LightningCLI):
             help="After `fit`, run `test` with the final (last-epoch) weights.",
         )
 
+    def before_instantiate_classes(self) -> None:
+        """``zskd record`` without ``trainer.default_root_dir`` works in the metadata file's folder, so the
+        config.yaml Lightning saves (there, when the logger is off) lands beside the metadata, not in the cwd."""
+        if self.subcommand == "record":
+            config = self.config["record"]
+            if config["trainer"].get("default_root_dir") is None:
+                output = config["model"].get("init_args", {}).get("output") or "metadata.safetensors"
+                config["trainer"]["default_root_dir"] = os.path.dirname(str(output)) or "."
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """Lightning's keyword arguments for the subcommand, with ``weights_only=True`` unless the config says
         otherwise: a ``--ckpt_path`` is loaded without running code from the file."""
