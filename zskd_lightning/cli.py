@@ -78,8 +78,8 @@ class ZSKDCLI(LightningCLI):
         config.yaml Lightning saves (there, when the logger is off) lands beside the metadata, not in the cwd."""
         if self.subcommand == "record":
             config = self.config["record"]
-            if config["trainer"].get("default_root_dir") is None:
-                output = config["model"].get("init_args", {}).get("output") or "metadata.safetensors"
+            output = config["model"].get("init_args", {}).get("output")  # the recorder's default filled in
+            if output is not None and config["trainer"].get("default_root_dir") is None:
                 config["trainer"]["default_root_dir"] = os.path.dirname(str(output)) or "."
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
