@@ -234,3 +234,21 @@ def test_wrong_input_size_fails_for_fixed_size_models():
         h, w = cls.input_size
         with pytest.raises(RuntimeError), torch.no_grad():
             model(torch.randn(2, 3, h * 2, w * 2))
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 28, 28), (4, 16, 10, 10), (2, 3, 7, 9)])
+def test_maxpool2x2_matches_max_pool2d_with_and_without_autograd(shape):
+    from zskd_lightning.models.lenet import MaxPool2x2
+
+    x = torch.randn(*shape)
+    x[0, 0, 0, 0] = float("nan")  # NaNs propagate as in max_pool2d
+    reference = nn.functional.max_pool2d(x, 2)
+    with torch.no_grad():  # the strided-maximum path (even sizes) or max_pool2d (odd)
+        assert torch.equal(MaxPool2x2()(x).nan_to_num(7.0), reference.nan_to_num(7.0))
+    leaf = x.nan_to_num(0.0).requires_grad_(True)
+    pooled = MaxPool2x2()(leaf)
+    pooled.sum().backward()
+    expected = leaf.detach().clone().requires_grad_(True)
+    nn.functional.max_pool2d(expected, 2).sum().backward()
+    assert torch.equal(pooled.detach(), nn.functional.max_pool2d(leaf.detach(), 2))
+    assert torch.equal(leaf.grad, expected.grad)

@@ -7,7 +7,27 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["LeNet5", "LeNet5Half"]
+__all__ = ["LeNet5", "LeNet5Half", "MaxPool2x2"]
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """2x2 max pooling with stride 2, ``[B, C, H, W]`` -> ``[B, C, H/2, W/2]``: ``nn.MaxPool2d(2)``, faster
+    without autograd.
+
+    When no gradient flows through it (a frozen teacher's forward in distillation, evaluation) and ``H`` and
+    ``W`` are even, it takes the elementwise maximum of the four strided views: the same values, and on 2 CPU
+    cores LeNet-5's no-grad forward at batch 256 runs 2.1x faster (``benchmarks/distillation_step.py``; CPU
+    ``max_pool2d`` is slow for few channels). With autograd it is ``max_pool2d`` itself (whose backward is faster).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(kernel_size=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() and x.requires_grad) or x.shape[-1] % 2 or x.shape[-2] % 2:
+            return super().forward(x)
+        top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+        return torch.maximum(top, torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
 
 
 class LeNet5(nn.Module):
@@ -41,10 +61,10 @@ class LeNet5(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, kernel_size=5),  # 32 -> 28
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 28 -> 14
+            MaxPool2x2(),  # 28 -> 14
             nn.Conv2d(c1, c2, kernel_size=5),  # 14 -> 10
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 10 -> 5
+            MaxPool2x2(),  # 10 -> 5
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),

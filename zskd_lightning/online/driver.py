@@ -45,6 +45,7 @@ class OnlineSynthesis(Callback):
         self.synthesis_seconds = 0.0
         self.generator_loss = math.nan
         self._last_round_step = -1
+        self._logged_rounds = -1
         self._datamodule: Any = None
         self._module: Any = None
         self._context: SynthesisContext | None = None
@@ -132,6 +133,9 @@ class OnlineSynthesis(Callback):
             if trainer.world_size > 1:
                 slots, losses = _gathered(trainer.strategy, slots), _gathered(trainer.strategy, losses)
             dm.sampler.update(slots.cpu(), losses.cpu())
+        if self.rounds == self._logged_rounds and batch_idx and trainer.global_step % trainer.log_every_n_steps:
+            return  # nothing new since the last log; each log call costs about a millisecond
+        self._logged_rounds = self.rounds
         metrics = {"online/round": float(self.rounds), "online/buffer": len(dm.buffer) / dm.buffer.capacity,
                    "online/gen_loss": self.generator_loss}
         pl_module.log_dict({k.replace("online/", ""): v for k, v in metrics.items()}, prog_bar=True, logger=False)
