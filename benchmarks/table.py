@@ -593,7 +593,7 @@ def plot_accuracy_against_time(legends: dict[str, str], records: list[dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     for row in legends:
         runs = [r for r in records if r["row"] == row]
         if runs:
@@ -603,7 +603,7 @@ def plot_accuracy_against_time(legends: dict[str, str], records: list[dict[str, 
         ax.axhline(teacher_acc, color="grey", linestyle="--", label="teacher")
     ax.set_xlabel("synthesis + distillation (min, wall)")
     ax.set_ylabel("student test accuracy (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()
     write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     plt.close(fig)
