@@ -127,6 +127,13 @@ def test_a_tiny_online_fit_fills_a_balanced_buffer_and_draws_a_picture(tmp_path)
     assert trainer.callback_metrics["online/round"] == 7
 
 
+def test_online_figures_reach_the_progress_bar_with_step_logging_off(tmp_path):
+    model, datamodule = tiny.online_setup(steps_per_epoch=6)
+    trainer = tiny.quiet_trainer(tmp_path, max_epochs=1, log_every_n_steps=0)
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.progress_bar_metrics["round"] == 2 + 2  # warm-up rounds, then before steps 2 and 4
+
+
 def test_online_fit_in_bf16_through_the_trainer(tmp_path):
     model, datamodule = tiny.online_setup(steps_per_epoch=4)
     trainer = tiny.quiet_trainer(tmp_path, precision="bf16-mixed")

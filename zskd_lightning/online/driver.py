@@ -133,7 +133,9 @@ class OnlineSynthesis(Callback):
             if trainer.world_size > 1:
                 slots, losses = _gathered(trainer.strategy, slots), _gathered(trainer.strategy, losses)
             dm.sampler.update(slots.cpu(), losses.cpu())
-        if self.rounds == self._logged_rounds and batch_idx and trainer.global_step % trainer.log_every_n_steps:
+        every = trainer.log_every_n_steps  # 0: Lightning logs no steps
+        logging_step = bool(every) and trainer.global_step % every == 0  # the step Lightning's loggers write
+        if self.rounds == self._logged_rounds and batch_idx and not logging_step:
             return  # nothing new since the last log; each log call costs about a millisecond
         self._logged_rounds = self.rounds
         metrics = {"online/round": float(self.rounds), "online/buffer": len(dm.buffer) / dm.buffer.capacity,
