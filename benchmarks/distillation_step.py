@@ -9,25 +9,14 @@ its ratio side by side.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
+from timing import seconds_per_call
+
 from zskd_lightning.models import LeNet5, LeNet5Half
 from zskd_lightning.models.lenet import MaxPool2x2
-
-
-def per_call(function, repeats: int) -> float:
-    """Median seconds per call over 5 runs of ``repeats`` calls (after a warm-up run)."""
-    function()
-    runs = []
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(repeats):
-            function()
-        runs.append((time.perf_counter() - started) / repeats)
-    return sorted(runs)[2]
 
 
 def with_plain_pooling(model: nn.Module) -> nn.Module:
@@ -66,9 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         student(inputs).logsumexp(dim=1).mean().backward()
 
     figures = {
-        "teacher forward, nn.MaxPool2d(2)": per_call(forward(plain), args.repeats),
-        "teacher forward, MaxPool2x2": per_call(forward(teacher), args.repeats),
-        "student forward + backward": per_call(student_step, args.repeats),
+        "teacher forward, nn.MaxPool2d(2)": seconds_per_call(forward(plain), args.repeats),
+        "teacher forward, MaxPool2x2": seconds_per_call(forward(teacher), args.repeats),
+        "student forward + backward": seconds_per_call(student_step, args.repeats),
     }
     base = figures["teacher forward, MaxPool2x2"]
     print(f"batch {args.batch} of [1, 32, 32], {torch.get_num_threads()} threads; same logits from both poolings")

@@ -8,23 +8,12 @@ ratio, side by side, and whether the two give the same inputs when every row is 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from timing import seconds_per_call
+
 from zskd_lightning.synthesis.inversion import _MaskedAdam
-
-
-def time_steps(step, steps: int) -> float:
-    """Seconds per call of ``step()`` (median of 3 runs of ``steps`` calls, after one warm-up run)."""
-    step()
-    runs = []
-    for _ in range(3):
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        runs.append((time.perf_counter() - started) / steps)
-    return sorted(runs)[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         masked_step()
         torch_step()
     same = torch.allclose(masked_inputs, torch_inputs.detach(), atol=1e-5)
-    t_masked, t_torch = time_steps(masked_step, args.steps), time_steps(torch_step, args.steps)
+    t_masked = seconds_per_call(masked_step, args.steps, runs=3)
+    t_torch = seconds_per_call(torch_step, args.steps, runs=3)
     print(f"rows {args.rows} x {tuple(args.shape)}, {torch.get_num_threads()} thread(s)")
     print(f"{'optimizer':<28}{'us/step':>10}{'ratio':>8}")
     print(f"{'_MaskedAdam':<28}{t_masked * 1e6:>10.1f}{t_masked / t_torch:>8.2f}")

@@ -8,23 +8,12 @@ priorities. Prints every figure and its ratio side by side.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from timing import seconds_per_call
+
 from zskd_lightning.online import PrioritySampler, UniformSampler
-
-
-def per_call(function, repeats: int) -> float:
-    """Median seconds per call over 5 runs of ``repeats`` calls (after a warm-up run)."""
-    function()
-    runs = []
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(repeats):
-            function()
-        runs.append((time.perf_counter() - started) / repeats)
-    return sorted(runs)[2]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,11 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         priority.update(slots, losses)
 
     figures = {
-        "uniform draw": per_call(lambda: uniform.draw(args.size, args.batch, generator), args.repeats),
-        "priority draw (sum tree) + weights": per_call(lambda: priority.draw(args.size, args.batch, generator),
-                                                       args.repeats),
-        "priority draw + update": per_call(draw_and_update, args.repeats),
-        "torch.multinomial over all priorities": per_call(multinomial, args.repeats),
+        "uniform draw": seconds_per_call(lambda: uniform.draw(args.size, args.batch, generator), args.repeats),
+        "priority draw (sum tree) + weights": seconds_per_call(
+            lambda: priority.draw(args.size, args.batch, generator), args.repeats),
+        "priority draw + update": seconds_per_call(draw_and_update, args.repeats),
+        "torch.multinomial over all priorities": seconds_per_call(multinomial, args.repeats),
     }
     base = figures["priority draw (sum tree) + weights"]
     print(f"buffer {args.size:,} entries, batch {args.batch}, 1 thread")

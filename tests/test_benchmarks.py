@@ -22,10 +22,16 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name: str):
+    """The benchmark script ``name`` as a module; its imports of sibling scripts (``teacher_sources``,
+    ``timing``) resolve as when it runs as a script, whose folder Python puts first on the path."""
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
     return module
 
 
@@ -336,7 +342,6 @@ def fake_mnist(root: Path, monkeypatch) -> None:
 def one_epoch_mnist_teacher(tmp_path: Path, monkeypatch) -> Path:
     """Fake MNIST files under ``tmp_path / "data"`` and a LeNet-5 teacher trained one epoch on them (its path)."""
     fake_mnist(tmp_path / "data", monkeypatch)
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
     teacher = tmp_path / "teacher.ckpt"
     load("teacher_sources").train_teacher("no_augmentation", 0, 1, teacher)
     return teacher
@@ -457,9 +462,8 @@ def test_recipe_trials_refuse_a_config_they_cannot_run_in_one_line(tmp_path):
         trials.main(["--config", str(broken), "--results", str(tmp_path / "trials.csv")])
 
 
-def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path, monkeypatch):
+def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path):
     """A one-epoch BatchNorm digits teacher; weights 0 and 0.1 at one chunk size -> two rows and their table."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: teacher_sources is importable
     study = load("bn_prior")
     results = tmp_path / "out" / "bn.csv"
     study.main(["--weights", "0", "0.1", "--chunk-sizes", "8", "--teacher-epochs", "1", "--impressions", "16",
