@@ -99,6 +99,10 @@ class OnlineDataModule(SyntheticDataModule):
         batch_size: inputs per training batch per process.
         warmup_rounds: rounds before the student's first step.
         round_every_n_steps: training steps between rounds.
+        draws_per_round: batches of ``synthesizer.batch_size`` the round's generator adds after its training
+            steps, each from fresh noise by one forward pass without a gradient step
+            (:meth:`~zskd_lightning.synthesis.GeneratorSynthesizer.draw`): ``(1 + draws_per_round) *
+            batch_size`` new inputs a round for little more than its steps' cost. 0: the round's batch only.
         sampler: which buffer entries a batch draws (default :class:`~zskd_lightning.online.UniformSampler`;
             SSD-KD: :class:`~zskd_lightning.online.PrioritySampler`).
         buffer_update: ``"ring"``: every round overwrites the oldest entries; ``"balanced"``: SSD-KD's partial
@@ -117,6 +121,7 @@ class OnlineDataModule(SyntheticDataModule):
         batch_size: int = 256,
         warmup_rounds: int = 10,
         round_every_n_steps: int = 1,
+        draws_per_round: int = 0,
         sampler: UniformSampler | None = None,
         buffer_update: Literal["ring", "balanced"] = "ring",
         score_decay: float = 0.9,
@@ -133,7 +138,8 @@ class OnlineDataModule(SyntheticDataModule):
                          batch_augmentation)
         for name, value, least in (("buffer_size", buffer_size, 1), ("steps_per_epoch", steps_per_epoch, 1),
                                    ("batch_size", batch_size, 1), ("warmup_rounds", warmup_rounds, 1),
-                                   ("round_every_n_steps", round_every_n_steps, 1), ("seed", seed, 0)):
+                                   ("round_every_n_steps", round_every_n_steps, 1),
+                                   ("draws_per_round", draws_per_round, 0), ("seed", seed, 0)):
             if value < least:
                 raise InvalidArgument(f"{name} must be >= {least}, got {value}")
         self.synthesizer = synthesizer
@@ -147,6 +153,7 @@ class OnlineDataModule(SyntheticDataModule):
         self.sampler.setup(buffer_size)
         self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
         self.warmup_rounds, self.round_every_n_steps, self.seed = warmup_rounds, round_every_n_steps, seed
+        self.draws_per_round = draws_per_round
 
     def synthesis_callbacks(self) -> list[Callback]:
         """The callback that fills the buffer during fit."""

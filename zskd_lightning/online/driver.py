@@ -84,7 +84,7 @@ class OnlineSynthesis(Callback):
                            f"{dm.buffer.capacity}")
         if self.rounds < dm.warmup_rounds:
             rank_zero_info(f"Online synthesis: {dm.warmup_rounds - self.rounds} warm-up rounds of "
-                           f"{dm.synthesizer.batch_size * trainer.world_size} inputs")
+                           f"{dm.synthesizer.batch_size * (1 + dm.draws_per_round) * trainer.world_size} inputs")
         while self.rounds < dm.warmup_rounds:
             self._round(trainer)
 
@@ -99,16 +99,22 @@ class OnlineSynthesis(Callback):
     def _round(self, trainer: L.Trainer) -> None:
         dm, strategy = self._datamodule, trainer.strategy
         world, rank, size = trainer.world_size, trainer.global_rank, dm.synthesizer.batch_size
-        chunk_index = self.rounds * world + rank
+        batches = 1 + dm.draws_per_round
         started = time.perf_counter()
         counts = dm.buffer.class_counts(self._context.num_classes)
         for weighting in (dm.synthesizer.sample_weights, getattr(self._module, "sample_weights", None)):
             if hasattr(weighting, "observe"):  # the diversity part reads how the buffer's classes stand
                 weighting.observe(counts)
         average = None if world == 1 else (lambda tensors: _average(strategy, tensors))
-        result = dm.synthesizer.round(self._context, Chunk.of(dm.seed, chunk_index, chunk_index * size,
-                                                              (chunk_index + 1) * size), average)
-        inputs, labels, loss, scores = result.inputs, result.labels, result.loss, result.weights
+
+        def chunk(batch: int) -> Chunk:  # batch 0 trains the generator, the others are draws from it
+            index = (self.rounds * batches + batch) * world + rank
+            return Chunk.of(dm.seed, index, index * size, (index + 1) * size)
+
+        results = [dm.synthesizer.round(self._context, chunk(0), average)]
+        results += [dm.synthesizer.draw(self._context, chunk(b)) for b in range(1, batches)]
+        inputs, labels, loss = (torch.cat([getattr(r, name) for r in results]) for name in ("inputs", "labels", "loss"))
+        scores = None if results[0].weights is None else torch.cat([r.weights for r in results])
         if world > 1:
             inputs, labels, loss = (_gathered(strategy, t) for t in (inputs, labels, loss))
             scores = None if scores is None else _gathered(strategy, scores)

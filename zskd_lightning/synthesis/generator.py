@@ -204,11 +204,7 @@ class GeneratorSynthesizer(Method):
                   FeatureTaps(context.network, [t for p in self.parts for t in p.taps(context.network)]) as taps):
                 for _ in range(self.steps_per_round):
                     inputs = generator(noise, device_labels if self.conditional else None)
-                    with context.autocast():
-                        logits = context.teacher(inputs)
-                        student_logits = None if student is None else student(inputs)
-                    response = Response(logits.float(), taps.features,
-                                        None if student_logits is None else student_logits.float())
+                    response = self._respond(context, inputs, taps, student)
                     per_sample = self.objective(response, device_targets)
                     weights = self.weights_for(response)
                     loss = self.summed_loss(per_sample, weights, inputs, response) / len(inputs)  # batch mean
@@ -227,11 +223,55 @@ class GeneratorSynthesizer(Method):
             average([b for b in generator.buffers() if b.is_floating_point()])
         if self.meta_state is not None:
             self._reptile_step()
+        return self._result(inputs, targets, labels, response, per_sample, weights,
+                            self.steps_per_round * len(chunk.indices))
+
+    @torch.no_grad()
+    def draw(self, context: SynthesisContext, chunk: Chunk) -> SynthesisResult:
+        """The generator's inputs for the chunk's classes and noise, without training it: one forward pass
+        (batch statistics, as in a round; its BatchNorm running statistics are left as they were), with the
+        teacher's (and student's) response for labels, per-sample objective and weights. ``steps`` is 0.
+
+        Online drivers take extra batches from a round's generator this way: more inputs per round for a
+        fraction of a training step's cost (no backward pass)."""
+        generator = self._ready()
+        device = torch.device(context.device)
+        student = self.student_for(context)
+        student_was_training = student is not None and student.training
+        targets, labels = self.target_sampler.sample(chunk, context)
+        noise = torch.randn(len(chunk.indices), self.noise_dim, generator=chunk.rng.torch).to(device)
+        running = [b.clone() for b in generator.buffers()]
+        generator.train()
+        if student is not None:
+            student.eval()
+        try:
+            with FeatureTaps(context.network, [t for p in self.parts for t in p.taps(context.network)]) as taps:
+                inputs = generator(noise, labels.to(device) if self.conditional else None)
+                response = self._respond(context, inputs, taps, student)
+                per_sample = self.objective(response, targets.to(device))
+                weights = self.weights_for(response)
+                taps.clear()
+        finally:
+            for buffer, saved in zip(generator.buffers(), running):
+                buffer.copy_(saved)
+            if student_was_training:
+                student.train()
+        return self._result(inputs, targets, labels, response, per_sample, weights, 0)
+
+    def _respond(self, context: SynthesisContext, inputs: Tensor, taps: FeatureTaps,
+                 student: nn.Module | None) -> Response:
+        """The teacher's (and, when a part reads it, the student's) response to ``inputs`` in float32."""
+        with context.autocast():
+            logits = context.teacher(inputs)
+            student_logits = None if student is None else student(inputs)
+        return Response(logits.float(), taps.features, None if student_logits is None else student_logits.float())
+
+    def _result(self, inputs: Tensor, targets: Tensor, labels: Tensor, response: Response, per_sample: Tensor,
+                weights: Tensor | None, steps: int) -> SynthesisResult:
         if self.labels_from_teacher:
             labels = response.logits.detach().argmax(dim=-1).cpu()
         return SynthesisResult(inputs=inputs.detach().float().cpu().contiguous(), targets=targets.float(),
-                               labels=labels.long(), loss=per_sample.detach().float().cpu(),
-                               steps=self.steps_per_round * len(chunk.indices),
+                               labels=labels.long(), loss=per_sample.detach().float().cpu(), steps=steps,
                                weights=None if weights is None else weights.detach().float().cpu())
 
     @torch.no_grad()
