@@ -26,12 +26,14 @@ the paper's 1500 iterations, the library at the shipped fast MNIST config's iter
 stops early, so this is the measured impression-iteration rate divided by the iterations per impression. The
 students made at the two schedules are the zskd_paper and zskd rows of benchmarks/results/mnist.md.
 
-The online generator path (``--generator-models alexnet``, CIFAR shapes): generated image-steps per second of
-rounds of ``--generator-steps`` Adam steps on a DCGAN-like generator (the library's ``ImageGenerator``, width 64,
-a batch of 256), with FastDFKD's terms for a BatchNorm teacher (BatchNorm statistics 10, cross-entropy to the
-teacher's argmax 0.5, agreeing-only adversarial KL 1.1, as configs/cifar10/fast_alexnet_half.yaml): a plain
-hand-written loop (forward hooks, float32) beside the library's ``FastSynthesizer.round`` once per precision.
-Both include the student's forward pass, which the adversarial term needs.
+The online generator path (``--generator-models alexnet lenet5``, CIFAR and MNIST shapes): generated image-steps
+per second of rounds of ``--generator-steps`` Adam steps on a DCGAN-like generator (the library's
+``ImageGenerator``, ``--generator-width`` 64 as the CIFAR configs or 32 as the MNIST ones, a batch of 256), with
+FastDFKD's terms (BatchNorm statistics 10 where the teacher has BatchNorm, cross-entropy to the teacher's argmax
+0.5, agreeing-only adversarial KL 1.1, as configs/cifar10/fast_alexnet_half.yaml): a plain hand-written loop
+(forward hooks, float32) beside the library's ``FastSynthesizer.round`` once per precision (its
+``precision`` argument: ``bf16-mixed`` runs the generator and both networks under bf16 autocast). Both include
+the student's forward pass, which the adversarial term needs.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 import yaml
 
-from zskd_lightning.models import AlexNet, AlexNetHalf, LeNet5
+from zskd_lightning.models import AlexNet, AlexNetHalf, LeNet5, LeNet5Half
 from zskd_lightning.synthesis import FastSynthesizer, ZSKDSynthesizer
 from zskd_lightning.synthesis.generator import ImageGenerator
 from zskd_lightning.pixels import InputSpec
@@ -225,7 +227,7 @@ def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int
     return figures
 
 
-GENERATOR_STUDENTS = {"alexnet": AlexNetHalf}  # teachers with BatchNorm, for FastDFKD's terms
+GENERATOR_STUDENTS = {"alexnet": AlexNetHalf, "lenet5": LeNet5Half}  # BatchNorm term only where the teacher has it
 GENERATOR_LR = 4e-3  # configs/cifar10/fast_alexnet_half.yaml
 
 
@@ -270,22 +272,24 @@ def library_generator(synthesizer: FastSynthesizer, context: SynthesisContext, r
 
 
 def measure_generator(name: str, rounds: int, steps: int, batch: int, device: torch.device, precisions: list[str],
-                      repeats: int) -> dict[str, float]:
+                      repeats: int, width: int = 64) -> dict[str, float]:
     """Generated image-steps/s of the plain loop and the library per precision (median of ``repeats``
     interleaved rounds) and each one's ratio to the plain loop; keyed ``<path>_ips`` / ``<path>_ratio``."""
     teacher, input_range, _ = build_teacher(name, 2, device)
     torch.manual_seed(1)
     student = GENERATOR_STUDENTS[name](in_channels=teacher.input_spec.shape[0], num_classes=10).to(device).eval()
     torch.manual_seed(2)
-    plain = ImageGenerator(teacher.input_spec.shape, 100, 64, None, input_range).to(device).train()
+    plain = ImageGenerator(teacher.input_spec.shape, 100, width, None, input_range).to(device).train()
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
     synthesizers, contexts = {}, {}
     for precision in precisions:
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16-mixed" else None
         contexts[precision] = SynthesisContext(teacher=teacher, input_spec=teacher.input_spec, num_classes=10,
-                                               device=device, student=student, **({"autocast": autocast} if autocast else {}))
-        synthesizers[precision] = FastSynthesizer(cross_entropy=0.5, adversarial=1.1, batchnorm=10.0, activation=0.0,
+                                               device=device, student=student)
+        synthesizers[precision] = FastSynthesizer(cross_entropy=0.5, adversarial=1.1,
+                                                  batchnorm=10.0 if has_batchnorm else 0.0, activation=0.0,
                                                   balance=0.0, classes="teacher", batch_size=batch,
-                                                  steps_per_round=steps, lr=GENERATOR_LR, width=64)
+                                                  steps_per_round=steps, lr=GENERATOR_LR, width=width,
+                                                  precision=precision)
         synthesizers[precision].setup(contexts[precision])
 
     def run(path: str, n: int) -> float:
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="teachers for the online generator path (none: skip it)")
     parser.add_argument("--generator-rounds", type=int, default=2, help="generator rounds per measurement")
     parser.add_argument("--generator-steps", type=int, default=5, help="generator steps per round (Fast-N)")
+    parser.add_argument("--generator-width", type=int, default=64,
+                        help="ImageGenerator width (the CIFAR configs' 64, the MNIST configs' 32)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -351,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{rate / plain_rate:.2f}", flush=True)
     for name in args.generator_models:
         r = measure_generator(name, args.generator_rounds, args.generator_steps, args.plain_batch, device,
-                              args.precisions, args.repeats)
+                              args.precisions, args.repeats, args.generator_width)
         for path in ["plain", *args.precisions]:
             label = "generator plain (fp32)" if path == "plain" else f"generator lib ({path})"
             print(f"{name:8s} {label:24s} {r[path + '_ips']:9.0f} {r[path + '_ratio']:6.2f} {'-':>9s}", flush=True)

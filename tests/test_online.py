@@ -92,6 +92,39 @@ def test_reptile_moves_the_meta_weights_part_of_the_way():
     assert not torch.equal(synthesizer.meta_state[weight], fast[weight])
 
 
+def test_a_draw_takes_inputs_from_the_generator_without_changing_it():
+    ctx = context()
+    synthesizer = FastSynthesizer(classes="teacher", batch_size=16, width=4, noise_dim=8, steps_per_round=2)
+    synthesizer.setup(ctx)
+    synthesizer.round(ctx, Chunk.of(0, 0, 0, 16))
+    before = {k: v.clone() for k, v in synthesizer.generator.state_dict().items()}
+    drawn = synthesizer.draw(ctx, Chunk.of(0, 1, 16, 40))
+    assert drawn.inputs.shape == (24, *tiny.INPUT_SHAPE) and drawn.steps == 0 and drawn.loss.shape == (24,)
+    after = synthesizer.generator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm running statistics
+    with torch.no_grad():
+        assert torch.equal(drawn.labels, ctx.teacher(drawn.inputs).argmax(dim=1))  # labelled by the teacher
+    again = synthesizer.draw(ctx, Chunk.of(0, 1, 16, 40))
+    assert torch.equal(again.inputs, drawn.inputs)  # the chunk's noise decides the draw
+    assert not torch.equal(synthesizer.draw(ctx, Chunk.of(0, 2, 16, 40)).inputs, drawn.inputs)
+
+
+def test_a_bf16_round_keeps_float32_inputs_and_weights_close_to_float32():
+    ctx = context()
+    made = {}
+    for precision in ("32-true", "bf16-mixed"):
+        synthesizer = FastSynthesizer(batch_size=16, width=8, noise_dim=8, steps_per_round=1, precision=precision)
+        synthesizer.setup(ctx)  # the same start: weights from (seed, "setup")
+        made[precision] = synthesizer.round(ctx, Chunk.of(0, 0, 0, 16))  # the inputs before the step
+        assert all(p.dtype == torch.float32 for p in synthesizer.generator.parameters())
+    full, half = made["32-true"].inputs, made["bf16-mixed"].inputs
+    assert half.dtype == torch.float32 and torch.isfinite(made["bf16-mixed"].loss).all()
+    scale = float(full.abs().max())
+    assert 0 < float((half - full).abs().max()) < 0.02 * scale  # bf16 arithmetic: close, not identical
+    with pytest.raises(InvalidArgument, match="precision must be one of"):
+        FastSynthesizer(precision="16-mixed")
+
+
 # ---------------------------------------------------------------------------------------------------- buffer
 def test_buffer_is_a_ring_and_round_trips_its_state():
     buffer = ReplayBuffer(5, (1, 2, 2))
@@ -125,6 +158,26 @@ def test_a_tiny_online_fit_fills_a_balanced_buffer_and_draws_a_picture(tmp_path)
     assert bool((held >= low - 1e-5).all()) and bool((held <= high + 1e-5).all())
     assert (tmp_path / "buffer.png").exists()
     assert trainer.callback_metrics["online/round"] == 7
+
+
+def test_rounds_with_draws_write_that_many_more_inputs(tmp_path):
+    model, datamodule = tiny.online_setup(steps_per_epoch=6, buffer_size=200, draws_per_round=2)
+    trainer = tiny.quiet_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, datamodule=datamodule)
+    online = next(c for c in trainer.callbacks if isinstance(c, OnlineSynthesis))
+    assert online.rounds == 2 + 2 and online.synthesized == 4 * 3 * 16 == datamodule.buffer.written
+    held = datamodule.buffer.inputs[:192]
+    assert len(torch.unique(held.flatten(1), dim=0)) == 192  # every draw is new, none repeats the round's batch
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"draws_per_round": -1}, "draws_per_round must be >= 0, got -1"),
+    ({"warmup_rounds": 0}, "warmup_rounds must be >= 1, got 0"),
+    ({"buffer_size": 0}, "buffer_size must be >= 1, got 0"),
+])
+def test_bad_online_settings_are_one_line_errors(setting, message):
+    with pytest.raises(InvalidArgument, match=message):
+        tiny.online_setup(**setting)
 
 
 def test_online_figures_reach_the_progress_bar_with_step_logging_off(tmp_path):

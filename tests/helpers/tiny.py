@@ -148,14 +148,15 @@ def manifest_shards(cache_dir: str | os.PathLike) -> list[dict]:
 
 def online_setup(*, steps_per_epoch: int = 8, buffer_size: int = 48, round_size: int = 16, warmup_rounds: int = 2,
                  teacher: nn.Module | None = None, synthesizer: type = FastSynthesizer, sampler=None,
-                 buffer_update: str = "ring", **synthesizer_settings) -> tuple[DistillationModule, OnlineDataModule]:
+                 buffer_update: str = "ring", draws_per_round: int = 0, **synthesizer_settings) -> tuple[DistillationModule, OnlineDataModule]:
     """A tiny online run in the digits input space: teacher ``make_net(0)``, student ``make_net(1, width=4)``, a
     width-4 generator (``synthesizer`` class) making ``round_size`` inputs a round (1 step) into a
     ``buffer_size`` buffer, a round every 2 training steps, batches of 8. Nothing real is read."""
     settings = dict(batch_size=round_size, steps_per_round=1, width=4, noise_dim=8, **synthesizer_settings)
     datamodule = OnlineDataModule(synthesizer(**settings), buffer_size=buffer_size, steps_per_epoch=steps_per_epoch,
                                   batch_size=8, warmup_rounds=warmup_rounds, round_every_n_steps=2, sampler=sampler,
-                                  buffer_update=buffer_update, input_shape=INPUT_SHAPE, input_mean=DIGITS_MEAN,
+                                  buffer_update=buffer_update, draws_per_round=draws_per_round,
+                                  input_shape=INPUT_SHAPE, input_mean=DIGITS_MEAN,
                                   input_std=DIGITS_STD)
     model = DistillationModule(teacher=teacher if teacher is not None else make_net(0),
                                student=make_net(1, width=4), export_filename=None)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from zskd_lightning.describe import Recorded, describe
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.pixels import InputRange, InputSpec
 from zskd_lightning.taps import Tap
 from zskd_lightning.weighting import SampleWeighting
@@ -106,6 +107,26 @@ class SynthesisContext:
     @property
     def input_range(self) -> InputRange | None:
         return self.input_spec.valid_range()
+
+    def autocast_for(self, precision: str | None) -> Autocast:
+        """The autocast a synthesizer's ``precision`` asks for (one of :data:`SYNTHESIS_PRECISIONS`): ``None``,
+        this context's (the Trainer's precision plugin's, as for distillation); ``"bf16-mixed"``, bf16 autocast on
+        the context's device; ``"32-true"``, none (float32)."""
+        check_synthesis_precision(precision)
+        if precision == "bf16-mixed":
+            device_type = torch.device(self.device).type
+            return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext if precision == "32-true" else self.autocast
+
+
+SYNTHESIS_PRECISIONS = (None, "bf16-mixed", "32-true")
+"""A synthesizer's ``precision`` choices (see :meth:`SynthesisContext.autocast_for`)."""
+
+
+def check_synthesis_precision(precision: str | None) -> None:
+    """One-line error unless ``precision`` is one of :data:`SYNTHESIS_PRECISIONS`."""
+    if precision not in SYNTHESIS_PRECISIONS:
+        raise InvalidArgument(f"precision must be one of {SYNTHESIS_PRECISIONS}, got {precision!r}")
 
 
 @dataclass

@@ -26,12 +26,12 @@ from zskd_lightning.synthesis.api import (
     SynthesisContext,
     SynthesisResult,
     TargetSampler,
+    check_synthesis_precision,
 )
 from zskd_lightning.synthesis.kernels import fast_synthesis_kernels
 from zskd_lightning.taps import FeatureTaps
 from zskd_lightning.weighting import SampleWeighting
 
-SYNTHESIS_PRECISIONS = (None, "bf16-mixed", "32-true")
 #: The noise starts other than ``"uniform"``: ``(mean, std)`` of the clamped normal in pixel space.
 INITS = {"uniform": None, "normal": (0.0, 1.0), "gray": (0.5, 0.1)}
 
@@ -105,8 +105,7 @@ class Synthesizer(Method):
             raise InvalidArgument(f"lr must be > 0, got {lr}")
         if stop_tolerance is not None and stop_tolerance <= 0:
             raise InvalidArgument(f"stop_tolerance must be > 0 or None, got {stop_tolerance}")
-        if precision not in SYNTHESIS_PRECISIONS:
-            raise InvalidArgument(f"precision must be one of {SYNTHESIS_PRECISIONS}, got {precision!r}")
+        check_synthesis_precision(precision)
         if jitter < 0:
             raise InvalidArgument(f"jitter must be >= 0 pixels, got {jitter}")
         if init not in INITS:
@@ -152,11 +151,7 @@ class Synthesizer(Method):
         if self.jitter and len(input_shape) != 3:
             raise InvalidArgument(f"jitter shifts images [C, H, W]; the teacher's input shape is {tuple(input_shape)}")
         channels_last = self.channels_last and len(input_shape) == 3
-        autocast = context.autocast
-        if self.precision == "bf16-mixed":
-            autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
-        elif self.precision == "32-true":
-            autocast = contextlib.nullcontext
+        autocast = context.autocast_for(self.precision)
         student = self.student_for(context)
         indices, rng = chunk.indices, chunk.rng
         n = len(indices)
