@@ -129,6 +129,7 @@ class Dataset:
 LOPES = "configs/mnist/lopes_lenet5_half.yaml"  # the authors' settings, spectral layer pairs (overlays: the others)
 LOPES_FAST = "configs/mnist/lopes/fast.yaml"  # the faster recipe, on top of LOPES and a variant
 LOPES_RECORD = ("runs/mnist/lopes/lenet5.metadata.safetensors", "record --config configs/mnist/lopes_record.yaml")
+BF16_SYNTHESIS = ("--data.init_args.synthesizer.init_args.precision", "bf16-mixed")
 MNIST_PAPER = {"teacher": 99.34, "student_ce": 98.92, "student_kd": 99.25, "zskd": 98.77, "lopes": 92.47}
 MNIST = Dataset(
     name="mnist",
@@ -148,7 +149,7 @@ MNIST = Dataset(
         Row("zskd", "zskd", "data_free", ("configs/mnist/zskd_lenet5_half_fast.yaml",), 24000, paper=98.77,
             legend="ZSKD, 24,000 impressions"),
         Row("zskd_bf16", "zskd", "data_free", ("configs/mnist/zskd_lenet5_half_fast.yaml",), 24000,
-            extra=("--data.init_args.synthesizer.init_args.precision", "bf16-mixed"), variant="_bf16", paper=98.77,
+            extra=BF16_SYNTHESIS, variant="_bf16", paper=98.77,
             default=False),
         Row("ci", "ci", "data_free", ("configs/mnist/ci_lenet5_half.yaml",), 24000),
         #: Wang 2021 (AAAI), its own MNIST table: Wang 99.08, KD on real data 99.18.
@@ -176,6 +177,11 @@ MNIST = Dataset(
                                             "configs/mnist/ssdkd/uniform.yaml")),
         Row("ssdkd_1pct", "ssd_kd", "online", ("configs/mnist/ssdkd_lenet5_half.yaml",),
             extra=("--data.init_args.buffer_size", "600"), legend="SSD-KD (1%)"),
+        # the two online recipes with bf16 synthesis (generator, teacher and student of each round; AMX CPUs, GPUs)
+        *(Row(f"{name}_bf16", method, "online", (config,), extra=BF16_SYNTHESIS, legend=f"{legend}, bf16 synthesis")
+          for name, method, config, legend in (
+              ("fast", "fast", "configs/mnist/fast_lenet5_half.yaml", "online baseline (10%)"),
+              ("ssdkd", "ssd_kd", "configs/mnist/ssdkd_lenet5_half.yaml", "SSD-KD (10%)"))),
     ),
     notes=(
         "MNIST test set (never used for selection). The teacher and the real-data students train on the official",
