@@ -103,6 +103,7 @@ class OnlineDataModule(SyntheticDataModule):
             steps, each from fresh noise by one forward pass without a gradient step
             (:meth:`~zskd_lightning.synthesis.GeneratorSynthesizer.draw`): ``(1 + draws_per_round) *
             batch_size`` new inputs a round for little more than its steps' cost. 0: the round's batch only.
+            (MNIST SSD-KD, validation split: no gain; README, "MNIST".)
         sampler: which buffer entries a batch draws (default :class:`~zskd_lightning.online.UniformSampler`;
             SSD-KD: :class:`~zskd_lightning.online.PrioritySampler`).
         buffer_update: ``"ring"``: every round overwrites the oldest entries; ``"balanced"``: SSD-KD's partial
