@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from zskd_lightning.describe import Recorded, describe
 from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.pixels import InputRange, InputSpec
-from zskd_lightning.taps import Tap
+from zskd_lightning.taps import FeatureTaps, Tap
 from zskd_lightning.weighting import SampleWeighting
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -204,6 +204,10 @@ class Method(Recorded):
     @property
     def parts(self) -> list[Part]:
         return [self.target_sampler, self.objective, *self.regularizers]
+
+    def feature_taps(self, context: SynthesisContext) -> FeatureTaps:
+        """Taps on the context's network for every activation the method's parts read (a context manager)."""
+        return FeatureTaps(context.network, [tap for part in self.parts for tap in part.taps(context.network)])
 
     def student_for(self, context: SynthesisContext) -> nn.Module | None:
         """The context's student when a part or the sample weighting reads it, else ``None`` (no student pass)."""

@@ -10,8 +10,9 @@ distillation; nothing here knows Lightning, ranks or files (processes agree thro
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -196,23 +197,15 @@ class GeneratorSynthesizer(Method):
         reads it, is put in eval mode for the round.
         """
         generator = self._ready()
-        device = torch.device(context.device)
-        student = self.student_for(context)
-        student_was_training = student is not None and student.training
         if self.meta_state is not None:
             generator.load_state_dict(self.meta_state)
             self.optimizer = self._new_optimizer()
         generator.train()
-        if student is not None:
-            student.eval()
-        targets, labels = self.target_sampler.sample(chunk, context)
-        device_targets, device_labels = targets.to(device), labels.to(device)
-        noise = torch.randn(len(chunk.indices), self.noise_dim, generator=chunk.rng.torch).to(device)
         params = [p for p in generator.parameters() if p.requires_grad]
         autocast = context.autocast_for(self.precision)
-        try:
-            with (torch.inference_mode(False), torch.enable_grad(),
-                  FeatureTaps(context.network, [t for p in self.parts for t in p.taps(context.network)]) as taps):
+        with self._chunk_pass(context, chunk) as (student, targets, labels, noise, taps):
+            device_targets, device_labels = targets.to(noise.device), labels.to(noise.device)
+            with torch.inference_mode(False), torch.enable_grad():
                 for _ in range(self.steps_per_round):
                     inputs, response = self._generate(autocast, context, noise, device_labels, taps, student)
                     per_sample = self.objective(response, device_targets)
@@ -226,9 +219,6 @@ class GeneratorSynthesizer(Method):
                         param.grad = grad
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-        finally:
-            if student_was_training:
-                student.train()
         if average is not None:
             average([b for b in generator.buffers() if b.is_floating_point()])
         if self.meta_state is not None:
@@ -245,28 +235,38 @@ class GeneratorSynthesizer(Method):
         Online drivers take extra batches from a round's generator this way: more inputs per round for a
         fraction of a training step's cost (no backward pass)."""
         generator = self._ready()
-        device = torch.device(context.device)
-        student = self.student_for(context)
-        student_was_training = student is not None and student.training
-        targets, labels = self.target_sampler.sample(chunk, context)
-        noise = torch.randn(len(chunk.indices), self.noise_dim, generator=chunk.rng.torch).to(device)
         running = [b.clone() for b in generator.buffers()]
         generator.train()
-        if student is not None:
-            student.eval()
         try:
-            with FeatureTaps(context.network, [t for p in self.parts for t in p.taps(context.network)]) as taps:
+            with self._chunk_pass(context, chunk) as (student, targets, labels, noise, taps):
                 inputs, response = self._generate(context.autocast_for(self.precision), context, noise,
-                                                  labels.to(device), taps, student)
-                per_sample = self.objective(response, targets.to(device))
+                                                  labels.to(noise.device), taps, student)
+                per_sample = self.objective(response, targets.to(noise.device))
                 weights = self.weights_for(response)
                 taps.clear()
         finally:
             for buffer, saved in zip(generator.buffers(), running):
                 buffer.copy_(saved)
+        return self._result(inputs, targets, labels, response, per_sample, weights, 0)
+
+    @contextlib.contextmanager
+    def _chunk_pass(self, context: SynthesisContext, chunk: Chunk
+                    ) -> Iterator[tuple[nn.Module | None, Tensor, Tensor, Tensor, FeatureTaps]]:
+        """``(student, targets, labels, noise, taps)`` for a pass over the chunk: the student when a part reads
+        it (in eval mode until the block ends), the chunk's targets and labels (CPU), its noise ``[N, noise_dim]``
+        on the context's device (drawn after the targets), and taps on every activation the parts read."""
+        student = self.student_for(context)
+        student_was_training = student is not None and student.training
+        if student is not None:
+            student.eval()
+        try:
+            targets, labels = self.target_sampler.sample(chunk, context)
+            noise = torch.randn(len(chunk.indices), self.noise_dim, generator=chunk.rng.torch)
+            with self.feature_taps(context) as taps:
+                yield student, targets, labels, noise.to(torch.device(context.device)), taps
+        finally:
             if student_was_training:
                 student.train()
-        return self._result(inputs, targets, labels, response, per_sample, weights, 0)
 
     def _generate(self, autocast: Autocast, context: SynthesisContext, noise: Tensor, labels: Tensor,
                   taps: FeatureTaps, student: nn.Module | None) -> tuple[Tensor, Response]:

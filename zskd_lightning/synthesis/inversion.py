@@ -29,7 +29,6 @@ from zskd_lightning.synthesis.api import (
     check_synthesis_precision,
 )
 from zskd_lightning.synthesis.kernels import fast_synthesis_kernels
-from zskd_lightning.taps import FeatureTaps
 from zskd_lightning.weighting import SampleWeighting
 
 #: The noise starts other than ``"uniform"``: ``(mean, std)`` of the clamped normal in pixel space.
@@ -161,7 +160,7 @@ class Synthesizer(Method):
             torch.enable_grad(),
             _memory_format(teacher, channels_last),
             fast_synthesis_kernels(teacher, self.fast_kernels),
-            FeatureTaps(context.network, [t for p in self.parts for t in p.taps(context.network)]) as taps,
+            self.feature_taps(context) as taps,
         ):
             # Made here, not above: tensors created under an outer inference_mode could never require grad.
             targets, labels = self.target_sampler.sample(chunk, context)
