@@ -3,7 +3,9 @@
 Each variant is a name and a JSON object of changes to the recipe: ``synthesizer`` (arguments of the config's
 synthesizer), ``augmentation`` (arguments of the ``BatchAugmentation`` used while distilling; without it, blends
 of pairs, ``{"mix": 0.5}``, NOT the config's own), ``epochs`` (distillation epochs; default the config's
-``max_epochs``) and ``data`` (other arguments of the config's datamodule, e.g. an online buffer's size).
+``max_epochs``), ``data`` (other arguments of the config's datamodule, e.g. an online buffer's size) and ``model``
+(other arguments of its distillation module, e.g. ``temperature``; ``{"optimizer": {"lr": 0.003}}`` changes the
+optimizer's).
 Everything else comes from the config: its teacher (``--teacher`` swaps in another checkpoint of the same
 architecture), student, distillation settings, optimizer, datamodule, and ``eval_data``, whose VALIDATION split
 scores the student (the test set is never read). For each variant and seed the teacher's impressions are
@@ -38,7 +40,7 @@ from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
 FIELDS = ["config", "variant", "changes", "impressions", "seed", "student_val", "seconds", "config_sha"]
-CHANGE_KEYS = {"synthesizer", "augmentation", "epochs", "data"}
+CHANGE_KEYS = {"synthesizer", "augmentation", "epochs", "data", "model"}
 REQUIRED_SECTIONS = [("data", "synthesizer"), ("data", "eval_data"), ("model", "teacher"), ("model", "student"),
                      ("model", "optimizer")]
 
@@ -55,6 +57,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
     if not isinstance(changes, dict) or not set(changes) <= CHANGE_KEYS:
         raise argparse.ArgumentTypeError(f"variant {name!r}: expected an object with keys among "
                                          f"{sorted(CHANGE_KEYS)}, got {body}")
+    model = changes.get("model", {})
+    if not isinstance(model, dict) or not isinstance(model.get("optimizer", {}), dict):
+        raise argparse.ArgumentTypeError(f"variant {name!r}: \"model\" is an object of the distillation module's "
+                                         f"arguments, its \"optimizer\" an object of the optimizer's, got {body}")
     return name, changes
 
 
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
             accuracy = distil_config_student(args.config, args.impressions, changes.get("epochs"),
                                              args.work_dir / f"{cache_key}_s{seed}_{args.impressions}",
                                              synthesizer=synthesizer, seed=seed, batch_augmentation=augmentation,
-                                             teacher=args.teacher, data_changes=changes.get("data"))
+                                             teacher=args.teacher, data_changes=changes.get("data"),
+                                             model_changes=changes.get("model"))
             record = {"config": config_name, "config_sha": measured_with, "variant": name,
                       "changes": json.dumps(changes, sort_keys=True),
                       "impressions": str(args.impressions) if impression_config else "online", "seed": str(seed),

@@ -125,7 +125,7 @@ def config_teacher(config: Path, checkpoint: Path | None = None) -> FrozenTeache
 def distil_config_student(config: Path, impressions: int, epochs: int | None, cache_dir: Path,
                           synthesizer: Synthesizer | GeneratorSynthesizer | None = None, seed: int = 0,
                           batch_augmentation: BatchAugmentation | None = None, teacher: Path | None = None,
-                          data_changes: dict | None = None) -> float:
+                          data_changes: dict | None = None, model_changes: dict | None = None) -> float:
     """The student of a shipped ``config`` distilled from its teacher (``teacher`` swaps in another checkpoint of
     that architecture); validation accuracy (%) on the config's ``eval_data``.
 
@@ -134,8 +134,9 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
     optimizer; ``max_epochs`` unless ``epochs``) except: ``impressions`` impressions cached in ``cache_dir`` and no
     held-out ones (impression configs; an online config keeps its own budget), ``seed`` for the synthesis and the
     student, batches augmented by ``batch_augmentation`` (default blends of pairs, ``mix=0.5``, not the config's
-    own), ``data_changes`` (other arguments of the datamodule, e.g. an online buffer's size), a cosine schedule
-    over the epochs, no export. Pictures (impressions or the buffer) go to the folder
+    own), ``data_changes`` (other arguments of the datamodule, e.g. an online buffer's size), ``model_changes``
+    (other arguments of the distillation module, e.g. its ``temperature``; its ``optimizer`` entry updates the
+    optimizer's arguments, e.g. ``{"lr": 0.003}``), a cosine schedule over the epochs, no export. Pictures (impressions or the buffer) go to the folder
     ``<cache_dir>_run``."""
     spec = yaml.safe_load(config.read_text())
     model, data = spec["model"]["init_args"], spec["data"]["init_args"]
@@ -152,16 +153,19 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
         data_settings.update(num_impressions=impressions, cache_dir=str(cache_dir), num_val_impressions=0)
     data_settings.update(data_changes or {})
     datamodule = build({"class_path": spec["data"]["class_path"], "init_args": data_settings})
+    model_changes = dict(model_changes or {})
     optimizer = model["optimizer"]
+    optimizer_settings = {**(optimizer.get("init_args") or {}), **model_changes.pop("optimizer", {})}
     if not optimizer["class_path"].startswith("torch.optim."):
         raise SystemExit(f"{config}: the trials build torch.optim optimizers, got {optimizer['class_path']}")
     optimizer_class = getattr(torch.optim, optimizer["class_path"].rpartition(".")[2])
     frozen, student = config_teacher(config, teacher), build(model["student"])  # in this order: seeded init
     kept = {key: value for key, value in model.items()
             if key not in ("teacher", "student", "optimizer", "lr_scheduler")}
+    kept.update(model_changes)
     distillation = build({"class_path": spec["model"]["class_path"], "init_args": {
         **kept, "teacher": frozen, "student": student, "export_filename": None,
-        "optimizer": partial(optimizer_class, **(optimizer.get("init_args") or {})),
+        "optimizer": partial(optimizer_class, **optimizer_settings),
         "lr_scheduler": partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)}})
     picture_folder = cache_dir.with_name(cache_dir.name + "_run")
     _trainer(epochs, limit_val_batches=0, default_root_dir=str(picture_folder)).fit(distillation, datamodule)

@@ -401,7 +401,7 @@ def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_
     specs = list((tmp_path / "work").glob("*/spec.json"))
     assert len(specs) == 1 and '"iterations": 2' in specs[0].read_text()
     assert "| turned |" in results.with_suffix(".md").read_text()
-    for bad in ["noname", 'x={"epoch": 1}', "x={not json"]:
+    for bad in ["noname", 'x={"epoch": 1}', "x={not json", 'x={"model": {"optimizer": 0.1}}']:
         with pytest.raises(SystemExit):
             trials.main(["--variants", bad])
 
@@ -442,13 +442,24 @@ def test_recipe_trials_run_an_online_config_with_data_changes(tmp_path, monkeypa
     tiny = {"data": {"buffer_size": 32, "steps_per_epoch": 2, "warmup_rounds": 1, "round_every_n_steps": 1,
                      "batch_size": 16},
             "synthesizer": {"batch_size": 16, "steps_per_round": 1, "width": 8}, "epochs": 1,
-            "augmentation": {"degrees": 30}}
+            "augmentation": {"degrees": 30}, "model": {"temperature": 4.0, "optimizer": {"lr": 0.003}}}
+    built = []
+    original = trials.distil_config_student.__globals__["instantiate"]
+
+    def spying_instantiate(spec, *args, **kwargs):
+        if isinstance(spec, dict) and spec.get("class_path") == "zskd_lightning.DistillationModule":
+            built.append(spec["init_args"])
+        return original(spec, *args, **kwargs)
+
+    monkeypatch.setitem(trials.distil_config_student.__globals__, "instantiate", spying_instantiate)
     trials.main(["--config", str(BENCHMARKS.parent / "configs" / "mnist" / "fast_lenet5_half.yaml"),
                  "--work-dir", str(tmp_path / "work"), "--results", str(results), "--variants",
                  f"tiny={json.dumps(tiny)}"])
     (row,) = csv.DictReader(results.open())
     assert row["impressions"] == "online" and 0 <= float(row["student_val"]) <= 100
     assert json.loads(row["changes"])["data"]["buffer_size"] == 32
+    (module_settings,) = built  # the model changes reach the distillation module and its optimizer
+    assert module_settings["temperature"] == 4.0 and module_settings["optimizer"].keywords == {"lr": 0.003}
 
 
 def test_recipe_trials_refuse_a_config_they_cannot_run_in_one_line(tmp_path):
