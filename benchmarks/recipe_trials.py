@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         synthesis = json.dumps(changes.get("synthesizer", {}), sort_keys=True)
         if changes.get("data"):
             synthesis += json.dumps(changes["data"], sort_keys=True)
+        if changes.get("model") and not impression_config:  # online: the student being distilled steers the generator
+            synthesis += json.dumps(changes["model"], sort_keys=True)
         cache_key = hashlib.sha256(f"{config_name}|{synthesis}".encode()).hexdigest()[:12]
         for seed in args.seeds:
             started = time.perf_counter()

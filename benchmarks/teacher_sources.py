@@ -136,8 +136,8 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
     student, batches augmented by ``batch_augmentation`` (default blends of pairs, ``mix=0.5``, not the config's
     own), ``data_changes`` (other arguments of the datamodule, e.g. an online buffer's size), ``model_changes``
     (other arguments of the distillation module, e.g. its ``temperature``; its ``optimizer`` entry updates the
-    optimizer's arguments, e.g. ``{"lr": 0.003}``), a cosine schedule over the epochs, no export. Pictures (impressions or the buffer) go to the folder
-    ``<cache_dir>_run``."""
+    optimizer's arguments, e.g. ``{"lr": 0.003}``), a cosine schedule over the epochs, no export. Pictures
+    (impressions or the buffer) go to the folder ``<cache_dir>_run``."""
     spec = yaml.safe_load(config.read_text())
     model, data = spec["model"]["init_args"], spec["data"]["init_args"]
     epochs = int(epochs if epochs is not None else spec["trainer"]["max_epochs"])
