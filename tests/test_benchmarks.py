@@ -143,6 +143,9 @@ def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
     kd_line = next(line for line in main_table.splitlines() if line.startswith("| student_kd"))
     assert "| 0 | 98.00 | 0.9899 |" in kd_line  # seed 1 (other configs) neither averaged nor listed here
     assert "| student_kd | 0 | 1 | 50.00 |" in stale and "--seed_everything 1" in stale
+    gone = record("student_kd", 2, 97.0)  # a record naming a config since removed is stale, not an error
+    gone["command"] = gone["command"].replace("kd_real_lenet5_half.yaml", "removed.yaml")
+    assert table.is_current(table.MNIST, record("student_kd", 2, 97.0)) and not table.is_current(table.MNIST, gone)
 
 
 def test_table_records_the_commit_and_marks_times_taken_with_a_subnormal_teacher(tmp_path):
@@ -303,11 +306,12 @@ def test_table_reads_an_online_rows_synthesis_from_its_log(tmp_path, monkeypatch
 
 def test_table_online_rows_fingerprint_every_config_and_plot_accuracy_against_time(tmp_path):
     table = load("table")
-    rows = ["ssdkd", "ssdkd_no_phi", "ssdkd_1pct"]
+    rows = ["ssdkd", "ssdkd_priority_no_phi", "ssdkd_1pct"]
     plans = {row: args for row, _, _, _, args in table.row_commands(table.MNIST, rows, [0], "fast")}
-    assert plans["ssdkd_no_phi"].count("--config") == 2
+    assert plans["ssdkd_priority_no_phi"].count("--config") == 3
     assert plans["ssdkd_1pct"][-2:] == ["--data.init_args.buffer_size", "600"]
-    assert table.configs_sha(table.MNIST, plans["ssdkd_no_phi"]) != table.configs_sha(table.MNIST, plans["ssdkd"])
+    assert (table.configs_sha(table.MNIST, plans["ssdkd_priority_no_phi"])
+            != table.configs_sha(table.MNIST, plans["ssdkd"]))
     records = [{"row": row, "test_acc": acc, "synthesis_s": "60", "training_s": "120"}
                for row, acc in (("zskd", "95"), ("fast", "96"), ("ssdkd", "97"))]
     table.plot_accuracy_against_time(table.MNIST.timed_rows, records, 99.0, tmp_path / "time.png")
@@ -541,9 +545,9 @@ def test_table_declares_every_dataset_as_data_and_regenerates_the_committed_comm
 
 def test_table_budget_in_impression_iterations_reads_configs_and_overrides():
     table = load("table")
-    plans = {row: args for row, _, _, _, args in table.row_commands(table.MNIST, ["zskd", "fast", "ssdkd_no_phi", "teacher"],
+    plans = {row: args for row, _, _, _, args in table.row_commands(table.MNIST, ["zskd", "fast", "ssdkd_off", "teacher"],
                                                                     [0], "fast")}
     assert table.synthesis_steps(plans["zskd"]) == 300 and table.synthesis_steps(plans["fast"]) == 5
-    assert table.synthesis_steps(plans["ssdkd_no_phi"]) == 5 and table.synthesis_steps(plans["teacher"]) is None
+    assert table.synthesis_steps(plans["ssdkd_off"]) == 5 and table.synthesis_steps(plans["teacher"]) is None
     paper = table.row_commands(table.MNIST, ["zskd"], [0], "paper")[0][4]
     assert table.synthesis_steps(paper) == 1500  # the paper schedule's override wins over the config

@@ -57,7 +57,7 @@ def test_configs_are_shipped():
         "cifar10/ssdkd_alexnet_half.yaml",
         "mnist/ssdkd_lenet5_half.yaml",
         "ssdkd/no_phi.yaml",
-        "ssdkd/uniform.yaml",
+        "ssdkd/priority.yaml",
         "online/cpu_budget.yaml",
     ):
         assert expected in names
