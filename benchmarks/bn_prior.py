@@ -33,9 +33,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 FIELDS = ["weight", "chunk_size", "seed", "teacher_val", "student_val", "seconds"]
 
 
-def _trainer(epochs: int) -> L.Trainer:
+def _trainer(epochs: int, **kwargs) -> L.Trainer:
     return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
 
 
 def validation_accuracy(network: nn.Module) -> float:
@@ -64,7 +64,7 @@ def distil(teacher: nn.Module, weight: float, chunk_size: int, seed: int, cache_
                                 seed=seed, batch_size=64, eval_data=DigitsDataModule(batch_size=512))
     model = DistillationModule(teacher, DigitsConvNetHalf(1, 10), temperature=20.0, export_filename=None,
                                optimizer=partial(torch.optim.Adam, lr=1e-3))
-    _trainer(epochs).fit(model, data)
+    _trainer(epochs, default_root_dir=str(cache_dir)).fit(model, data)  # the picture beside its cache, not in cwd
     return validation_accuracy(model.student)
 
 

@@ -41,6 +41,8 @@ from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
 FIELDS = ["config", "variant", "changes", "impressions", "seed", "student_val", "seconds", "config_sha"]
 CHANGE_KEYS = {"synthesizer", "augmentation", "epochs", "data", "model"}
+#: distillation-module arguments the runner sets itself (a variant's "model" may not)
+RUNNER_MODEL_KEYS = {"teacher", "student", "lr_scheduler", "export_filename"}
 REQUIRED_SECTIONS = [("data", "synthesizer"), ("data", "eval_data"), ("model", "teacher"), ("model", "student"),
                      ("model", "optimizer")]
 
@@ -61,6 +63,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
     if not isinstance(model, dict) or not isinstance(model.get("optimizer", {}), dict):
         raise argparse.ArgumentTypeError(f"variant {name!r}: \"model\" is an object of the distillation module's "
                                          f"arguments, its \"optimizer\" an object of the optimizer's, got {body}")
+    runner_set = sorted(set(model) & RUNNER_MODEL_KEYS)
+    if runner_set:
+        raise argparse.ArgumentTypeError(f"variant {name!r}: \"model\" cannot set {runner_set}: the runner sets "
+                                         "them (--teacher swaps the teacher, \"epochs\" the cosine schedule)")
     return name, changes
 
 

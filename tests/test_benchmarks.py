@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
@@ -405,9 +406,12 @@ def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_
     specs = list((tmp_path / "work").glob("*/spec.json"))
     assert len(specs) == 1 and '"iterations": 2' in specs[0].read_text()
     assert "| turned |" in results.with_suffix(".md").read_text()
-    for bad in ["noname", 'x={"epoch": 1}', "x={not json", 'x={"model": {"optimizer": 0.1}}']:
+    for bad in ["noname", 'x={"epoch": 1}', "x={not json", 'x={"model": {"optimizer": 0.1}}',
+                'x={"model": {"lr_scheduler": null}}']:
         with pytest.raises(SystemExit):
             trials.main(["--variants", bad])
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot set \['student'\]"):
+        trials.parse_variant('x={"model": {"student": {}}}')
 
 
 def test_recipe_trials_take_teacher_student_and_data_from_any_config(tmp_path, monkeypatch):
@@ -491,6 +495,7 @@ def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path):
     specs = {p.parent.name: p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
     assert "BatchNormStatistics" in specs["w0.1_c8_s0"] and "BatchNormStatistics" not in specs["w0_c8_s0"]
     assert "| 0.1 | 8 | 0 |" in results.with_suffix(".md").read_text()
+    assert {p.parent.name for p in (tmp_path / "work").glob("*/impressions.png")} == {"w0_c8_s0", "w0.1_c8_s0"}
 
 
 def test_priority_sampling_prints_every_path_with_its_ratio(capsys):
