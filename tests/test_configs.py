@@ -58,6 +58,7 @@ def test_configs_are_shipped():
         "mnist/ssdkd_lenet5_half.yaml",
         "ssdkd/no_phi.yaml",
         "ssdkd/priority.yaml",
+        "ssdkd/epochs60.yaml",
         "online/cpu_budget.yaml",
     ):
         assert expected in names
