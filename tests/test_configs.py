@@ -78,9 +78,11 @@ def test_config_parses(config, capsys):
         assert printed["seed_everything"] == source["seed_everything"]
     overlay = yaml.safe_load(config.read_text())
     if config.parent.name in OVERLAY_BASES:  # the variant's own settings win over the base's
-        wanted = overlay["data"]["init_args"].get("synthesizer", {}).get("init_args", {})
+        data = (overlay.get("data") or {}).get("init_args") or {}
+        wanted = data.get("synthesizer", {}).get("init_args", {})
         assert {k: printed["data"]["init_args"]["synthesizer"]["init_args"][k] for k in wanted} == wanted
-        for key, value in overlay["data"]["init_args"].items():
+        assert {k: printed["trainer"][k] for k in overlay.get("trainer") or {}} == overlay.get("trainer", {})
+        for key, value in data.items():
             if key != "synthesizer":
                 got = printed["data"]["init_args"][key]
                 assert (got["class_path"] == value["class_path"]) if isinstance(value, dict) else got == value
