@@ -15,7 +15,8 @@ CONFIGS = sorted([*(REPO / "configs").rglob("*.yaml"), *(REPO / "zskd_lightning"
 #: Variant files that change one thing of a full config, given after it (``--config BASE --config VARIANT``).
 OVERLAY_BASES = {"lopes": REPO / "configs" / "mnist" / "lopes_lenet5_half.yaml",
                  "ssdkd": REPO / "configs" / "mnist" / "ssdkd_lenet5_half.yaml",
-                 "online": REPO / "configs" / "cifar10" / "fast_alexnet_half.yaml"}
+                 "online": REPO / "configs" / "cifar10" / "fast_alexnet_half.yaml",
+                 "wang": REPO / "configs" / "mnist" / "wang_lenet5_half.yaml"}
 
 
 def _arguments(config: Path) -> tuple[list[str], dict]:
@@ -59,6 +60,7 @@ def test_configs_are_shipped():
         "ssdkd/no_phi.yaml",
         "ssdkd/priority.yaml",
         "ssdkd/epochs60.yaml",
+        "wang/iterations900.yaml",
         "online/cpu_budget.yaml",
     ):
         assert expected in names

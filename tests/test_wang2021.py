@@ -92,6 +92,53 @@ def test_targets_are_the_softened_head_of_sampled_features(lenet):
     assert torch.equal(sampler.sample(Chunk.of(0, 3, 0, 32), context_for(lenet))[0], targets)  # (seed, chunk) alone
 
 
+def test_balanced_targets_give_class_i_mod_k_as_the_heads_argmax(lenet):
+    sampler = sampler_for(lenet, temperature=20.0, balanced=True)
+    chunk = Chunk.of(0, 2, 40, 70)  # global indices 40-69: classes 0-9 three times
+    targets, labels = sampler.sample(chunk, context_for(lenet))
+    assert torch.equal(labels, torch.arange(40, 70) % 10)
+    torch.testing.assert_close(targets.sum(1), torch.ones(30))
+    assert torch.equal(sampler.sample(Chunk.of(0, 2, 40, 70), context_for(lenet))[0], targets)  # (seed, chunk)
+    unbalanced = sampler_for(lenet, temperature=20.0).sample(Chunk.of(0, 2, 40, 70), context_for(lenet))[1]
+    assert not torch.equal(unbalanced, labels)
+
+
+def test_a_list_of_sigmas_spreads_them_over_index_blocks_of_k(lenet):
+    sampler = sampler_for(lenet, sigma=[1.5, 40.0], temperature=20.0)
+    targets, _ = sampler.sample(Chunk.of(0, 3, 0, 40), context_for(lenet))
+    rng = ChunkRandomness.for_chunk(0, 3).numpy  # group 0 (indices 0-9, 20-29) draws first, then group 1
+    first, second = sampler.sample_features(20, rng, 0), sampler.sample_features(20, rng, 1)
+    with torch.no_grad():
+        head = lenet.network.classifier[-1]
+        expected = torch.softmax(torch.cat([head(first[:10]), head(second[:10]), head(first[10:]),
+                                            head(second[10:])]) / 20.0, dim=-1)
+    torch.testing.assert_close(targets, expected, rtol=1e-5, atol=1e-6)
+    spread = sampler.sample_features(20_000, ChunkRandomness.for_chunk(0, 4).numpy, 1).var(0)
+    assert 0.95 * 40.0 < spread.mean() < 1.05 * 40.0  # R has a unit diagonal
+
+
+class Unreachable(nn.Module):
+    """A head whose class 2 is never the argmax: its logit is the others' minimum minus one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        two = self.fc(x)
+        return torch.cat([two, two.min(1, keepdim=True).values - 1], dim=1)
+
+
+def test_balanced_targets_refuse_an_unreachable_class_in_one_line():
+    teacher = FrozenTeacher(network=Unreachable())
+    context = SynthesisContext(teacher=teacher, input_spec=InputSpec((4,)), num_classes=3)
+    sampler = GaussianFeatureTargets(layer="fc", where="input", correlation="outgoing", balanced=True)
+    sampler.setup(context, ChunkRandomness.for_setup(0))
+    with pytest.raises(ZSKDError, match=r"classes \[2\]") as caught:
+        sampler.sample(Chunk.of(0, 0, 0, 6), context)
+    assert "\n" not in str(caught.value)
+
+
 class Skip(nn.Module):
     """A network whose head also reads an earlier activation: a skip connection around ``fc``, whose input is
     the modelled layer."""
