@@ -32,6 +32,12 @@ def balanced_classes(indices: Tensor, num_classes: int) -> Tensor:
     return indices.long() % num_classes
 
 
+def interleaved_groups(indices: Tensor, num_classes: int, num_groups: int) -> Tensor:
+    """Group of each global impression index: ``(index // K) mod G``, so consecutive blocks of K impressions (one of
+    each class under :func:`balanced_classes`) take the G settings in turn (ZSKD's betas, Wang's sigmas)."""
+    return (indices.long() // num_classes) % num_groups
+
+
 class DirichletTargets(TargetSampler):
     """ZSKD soft targets (Nayak et al., ICML 2019): for class k and scale beta, ``y ~ Dirichlet(beta * S[k] +
     floor)``.
@@ -58,7 +64,7 @@ class DirichletTargets(TargetSampler):
         if self.similarity is None:
             raise RuntimeError("DirichletTargets.setup(context, rng) must run before sampling")
         classes = balanced_classes(indices, num_classes)
-        betas = torch.tensor(self.betas, dtype=torch.float64)[(indices.long() // num_classes) % len(self.betas)]
+        betas = torch.tensor(self.betas, dtype=torch.float64)[interleaved_groups(indices, num_classes, len(self.betas))]
         return betas[:, None] * self.similarity.double()[classes] + self.floor
 
     def sample(self, chunk: Chunk, context: SynthesisContext) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.synthesis.api import Chunk, ChunkRandomness, Regularizer, Response, SynthesisContext, TargetSampler
 from zskd_lightning.synthesis.inversion import Synthesizer
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
-from zskd_lightning.synthesis.targets import balanced_classes
+from zskd_lightning.synthesis.targets import balanced_classes, interleaved_groups
 from zskd_lightning.taps import Tap, run_from, submodule
 
 Correlation = Literal["outgoing", "incoming"]
@@ -114,7 +114,6 @@ class GaussianFeatureTargets(TargetSampler):
         self.eps, self.temperature, self.rectify = float(eps), float(temperature), bool(rectify)
         self.balanced = bool(balanced)
         self.tap: Tap | None = None
-        self.covariance: Tensor | None = None  # [d, d] float64, sigma * R of the first sigma
         self.factors: list[Tensor] = []  # Cholesky factors of sigma * R + eps * I, one per sigma
 
     def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
@@ -129,7 +128,6 @@ class GaussianFeatureTargets(TargetSampler):
                 raise InvalidArgument(f"sigma * R + eps * I is not positive definite at {tap.key!r} for sigma {sigma}; "
                                       f"raise eps (now {self.eps})")
             self.factors.append(factor)
-        self.covariance = self.sigmas[0] * correlation
 
     def sample_features(self, n: int, rng: np.random.Generator, group: int = 0) -> Tensor:
         """``n`` feature vectors ``[n, d]`` float32 from the Gaussian of ``sigma[group]``, drawn from ``rng``."""
@@ -169,7 +167,7 @@ class GaussianFeatureTargets(TargetSampler):
 
     def sample(self, chunk: Chunk, context: SynthesisContext) -> tuple[Tensor, Tensor]:
         num_classes = context.num_classes
-        groups = (chunk.indices.long() // num_classes) % len(self.sigmas)  # as ZSKD spreads its betas
+        groups = interleaved_groups(chunk.indices, num_classes, len(self.sigmas))
         logits = torch.empty(len(chunk.indices), num_classes)
         for group in range(len(self.sigmas)):
             members = (groups == group).nonzero().squeeze(1)
