@@ -174,6 +174,22 @@ def test_table_records_the_commit_and_marks_times_taken_with_a_subnormal_teacher
     assert "†" not in after["student_kd"] and not after["footnote"]
 
 
+def test_table_row_that_changes_only_the_distillation_reads_another_rows_impressions():
+    table = load("table")
+    plans = {row: args for row, _, _, _, args in table.row_commands(
+        table.MNIST, ["wang_its900", "wang_its900_240ep"], [1], "fast")}
+
+    def value(args, key):
+        return args[args.index(key) + 1]
+
+    shared, own = plans["wang_its900_240ep"], plans["wang_its900"]
+    assert value(shared, "--data.init_args.cache_dir") == value(own, "--data.init_args.cache_dir")
+    assert value(shared, "--data.init_args.cache_dir").endswith("wang_its900_fast_24000_s1")
+    # its checkpoints stay apart: a resumed run never continues the other row's training
+    assert value(shared, "--trainer.default_root_dir") != value(own, "--trainer.default_root_dir")
+    assert table.synthesis_steps(shared) == table.synthesis_steps(own) == 900
+
+
 def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, monkeypatch):
     """Data-free rows let the CLI replace a stale cache (other settings or teacher); a reused one costs no
     synthesis time."""

@@ -61,6 +61,7 @@ def test_configs_are_shipped():
         "ssdkd/priority.yaml",
         "ssdkd/epochs60.yaml",
         "wang/iterations900.yaml",
+        "wang/epochs240.yaml",
         "online/cpu_budget.yaml",
     ):
         assert expected in names
