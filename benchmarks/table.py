@@ -366,10 +366,9 @@ def configs_sha(dataset: Dataset, args: list[str]) -> str:
     return digest.hexdigest()[:12]
 
 
-def synthesis_steps(args: list[str]) -> int | None:
-    """Optimizer steps behind each synthesized input of a row: the synthesizer's ``iterations`` (impressions) or
-    ``steps_per_round`` (generator rounds), from its configs (overlays merged in order) and command-line overrides;
-    ``None`` when neither is set (rows on real data)."""
+def synthesizer_settings(args: list[str]) -> dict:
+    """The synthesizer's ``init_args`` of a row: its configs' (overlays merged in order), then command-line
+    overrides (as strings); empty for rows on real data."""
     synthesizer: dict = {}
     for i, arg in enumerate(args):
         if arg == "--config":
@@ -377,6 +376,13 @@ def synthesis_steps(args: list[str]) -> int | None:
             synthesizer.update(((config.get("data") or {}).get("init_args") or {}).get("synthesizer", {}).get("init_args") or {})
     prefix = "--data.init_args.synthesizer.init_args."
     synthesizer.update({arg[len(prefix):]: args[i + 1] for i, arg in enumerate(args) if arg.startswith(prefix)})
+    return synthesizer
+
+
+def synthesis_steps(args: list[str]) -> int | None:
+    """Optimizer steps behind each synthesized input of a row: the synthesizer's ``iterations`` (impressions) or
+    ``steps_per_round`` (generator rounds); ``None`` when neither is set (rows on real data)."""
+    synthesizer = synthesizer_settings(args)
     for key in ("iterations", "steps_per_round"):
         if synthesizer.get(key) is not None:
             return int(synthesizer[key])

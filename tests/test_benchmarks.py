@@ -188,6 +188,13 @@ def test_table_row_that_changes_only_the_distillation_reads_another_rows_impress
     # its checkpoints stay apart: a resumed run never continues the other row's training
     assert value(shared, "--trainer.default_root_dir") != value(own, "--trainer.default_root_dir")
     assert table.synthesis_steps(shared) == table.synthesis_steps(own) == 900
+    # every row that reads another row's caches synthesizes exactly like it (else the CLI would replace them)
+    for dataset in table.DATASETS.values():
+        for row in dataset.rows:
+            if row.impressions_variant is not None:
+                source = next(r for r in dataset.rows if r.method == row.method and r.variant == row.impressions_variant)
+                reader, made = (table.row_commands(dataset, [r.name], [0], "fast")[0][4] for r in (row, source))
+                assert table.synthesizer_settings(reader) == table.synthesizer_settings(made), row.name
 
 
 def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, monkeypatch):
