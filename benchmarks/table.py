@@ -8,7 +8,8 @@ Every row runs the ``zskd`` CLI on shipped configs with command-line overrides (
 row can be rerun by hand), reads the final (last-epoch) test accuracy from its output, and the synthesis wall
 time from the impression cache's manifest (online rows: from the driver's last log line). Results accumulate
 in ``benchmarks/results/<dataset>.csv`` (rows already measured with the same command and configs are skipped,
-so an interrupted run resumes); ``<dataset>.md``, ``<dataset>.png`` (accuracy against budget) and
+so an interrupted run resumes; a row killed while distilling goes on from its last epoch checkpoint,
+:mod:`interrupted_runs`); ``<dataset>.md``, ``<dataset>.png`` (accuracy against budget) and
 ``<dataset>_time.png`` (accuracy against wall time) are rebuilt from the CSV after every row.
 
 ``--schedule paper`` synthesizes with the ZSKD paper's procedure (uniform noise, 1500 iterations at lr 0.01, no
@@ -36,6 +37,8 @@ from typing import Any
 
 import yaml
 
+import interrupted_runs
+from interrupted_runs import Resumption
 from zskd_lightning.files import write_atomic, write_csv_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,19 +428,37 @@ def prepare_row(dataset: Dataset, row: str) -> None:
             raise RowFailed(f"zskd {prepare[1]} exited {proc.returncode}; row {row!r} reads {prepare[0]}, which it writes")
 
 
-def run_row(args: list[str]) -> dict[str, float]:
+def option_value(args: list[str], option: str) -> str | None:
+    """The value given to ``option`` in a row's ``zskd`` arguments (``None`` when absent)."""
+    return args[args.index(option) + 1] if option in args else None
+
+
+def cache_manifest(args: list[str]) -> Path | None:
+    """The manifest of a data-free row's impression cache (``None`` for rows without one)."""
+    cache_dir = option_value(args, "--data.init_args.cache_dir")
+    return None if cache_dir is None else ROOT / cache_dir / "manifest.json"
+
+
+def row_run_dir(args: list[str]) -> Path | None:
+    """The run folder a row's command names (``--trainer.default_root_dir``); ``None`` when it names none (the
+    teacher row, which writes where its config says and is not resumed)."""
+    run_dir = option_value(args, "--trainer.default_root_dir")
+    return None if run_dir is None else ROOT / run_dir
+
+
+def run_row(args: list[str], resume: Resumption | None = None) -> dict[str, float]:
     """Run ``zskd ARGS``; return test accuracies (%) and timings read from its output and cache manifest.
 
     Data-free rows run with ``overwrite_cache`` (not part of the row's command): a cache folder that an
     earlier measurement filled with other settings or another teacher is replaced, one of the same settings is
     resumed (an interrupted row) or reused. The synthesis time of a resumed row is this run's wall time plus
     the manifest's ``resumed_seconds`` (the chunks an earlier run finished; table rows use one process).
+    ``resume``: an interrupted run of the row to go on from (its checkpoint is loaded and its work is added
+    to the times; :mod:`interrupted_runs`).
     A failed command prints the tail of its stderr and raises :class:`RowFailed`.
     """
-    manifest, overwrite = None, []
-    if "--data.init_args.cache_dir" in args:
-        manifest = ROOT / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
-        overwrite = ["--data.init_args.overwrite_cache", "true"]
+    manifest = cache_manifest(args)
+    overwrite = [] if manifest is None else ["--data.init_args.overwrite_cache", "true"]
 
     def manifest_text() -> str | None:
         return manifest.read_text() if manifest is not None and manifest.exists() else None
@@ -445,7 +466,8 @@ def run_row(args: list[str]) -> dict[str, float]:
     manifest_before = manifest_text()
     started = time.perf_counter()
     command = [sys.executable, "-m", "zskd_lightning", *args, "--trainer.enable_progress_bar", "false"]
-    proc = subprocess.run(command + overwrite, cwd=ROOT, capture_output=True, text=True)
+    resumed = [] if resume is None else ["--ckpt_path", str(resume.checkpoint)]
+    proc = subprocess.run(command + overwrite + resumed, cwd=ROOT, capture_output=True, text=True)
     total = time.perf_counter() - started
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr, flush=True)  # the context of the one line raised below
@@ -466,8 +488,9 @@ def run_row(args: list[str]) -> dict[str, float]:
         "test_acc": 100 * float(metrics["test/acc"]),
         "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
         "synthesis_s": synthesis + earlier_runs,
-        "total_s": total,
-        "training_s": total if cache_was_ready else max(total - synthesis, 0.0),
+        "total_s": total + (resume.wall_seconds if resume else 0.0),
+        "training_s": (total if cache_was_ready else max(total - synthesis, 0.0))
+        + (resume.training_seconds if resume else 0.0),
     }
     if online is not None:
         result["synthesized"] = float(online.group(1))
@@ -686,8 +709,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(missing_teacher)
         try:
             prepare_row(dataset, row)
+            run_dir = row_run_dir(zskd_args)
+            resume = None if run_dir is None else interrupted_runs.begin(
+                run_dir, command, fingerprint, cache_manifest(zskd_args))
             print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
-            result = run_row(zskd_args)
+            if resume is not None:
+                print(f"    resuming from {resume.checkpoint.relative_to(ROOT)} ({resume.wall_seconds:.0f} s of "
+                      f"earlier work)", flush=True)
+            result = run_row(zskd_args, resume)
         except RowFailed as failure:
             raise SystemExit(f"table.py: {failure} (rows measured before it are in {path})") from None
         n = int(result.pop("synthesized", n))
@@ -699,6 +728,8 @@ def main(argv: list[str] | None = None) -> None:
         records = replace_measurement(records, {k: str(v) for k, v in record.items()})
         write_csv_atomic(path, records, FIELDS)
         summarize(dataset, records)
+        if run_dir is not None:
+            interrupted_runs.finish(run_dir)
         print(f"    test acc {result['test_acc']:.2f}% in {result['total_s']:.0f} s", flush=True)
 
 

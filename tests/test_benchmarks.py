@@ -6,6 +6,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -579,3 +580,57 @@ def test_table_budget_in_impression_iterations_reads_configs_and_overrides():
     assert table.synthesis_steps(plans["ssdkd_off"]) == 5 and table.synthesis_steps(plans["teacher"]) is None
     paper = table.row_commands(table.MNIST, ["zskd"], [0], "paper")[0][4]
     assert table.synthesis_steps(paper) == 1500  # the paper schedule's override wins over the config
+
+
+def test_table_resumes_an_interrupted_row_from_its_newest_checkpoint_and_counts_the_earlier_work(tmp_path):
+    """A row killed while distilling goes on from its last epoch checkpoint when started again with the same
+    command and configs; its times add the earlier run's work up to that checkpoint, nothing after it."""
+    runs = load("interrupted_runs")
+    run_dir, manifest = tmp_path / "runs" / "row_s0", tmp_path / "cache" / "manifest.json"
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha1", manifest, now=1000.0) is None  # first start
+
+    def written(path: Path, mtime: float) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+        return path
+
+    written(manifest, 1300.0)  # synthesis finished 300 s in; two epochs' checkpoints followed
+    written(run_dir / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=10.ckpt", 1400.0)
+    newest = written(run_dir / "lightning_logs" / "version_0" / "checkpoints" / "epoch=1-step=20.ckpt", 1500.0)
+    resumed = runs.begin(run_dir, "fit --config a.yaml", "sha1", manifest, now=2000.0)  # killed at ~1550
+    assert resumed == runs.Resumption(newest, wall_seconds=500.0, training_seconds=200.0)
+    # killed again before its first checkpoint: the same point, the same work
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha1", manifest, now=3000.0) == resumed
+    later = written(run_dir / "lightning_logs" / "version_2" / "checkpoints" / "epoch=2-step=30.ckpt", 3100.0)
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha1", manifest, now=4000.0) == runs.Resumption(
+        later, wall_seconds=600.0, training_seconds=300.0)
+    # other configs: from scratch, and the older row's checkpoints are never picked up afterwards
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha2", manifest, now=5000.0) is None
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha2", manifest, now=6000.0) is None
+    (run_dir / runs.MARKER).write_text('{"command": "fit')  # a marker cut short by the kill: from scratch
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha2", manifest, now=7000.0) is None
+    runs.finish(run_dir)
+    assert not (run_dir / runs.MARKER).exists()
+
+
+def test_table_row_resumed_loads_the_checkpoint_and_adds_the_earlier_times(tmp_path, monkeypatch):
+    table = load("table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    args = table.row_commands(table.MNIST, ["zskd"], [0], "fast")[0][4]
+    assert table.row_run_dir(args) == tmp_path / args[args.index("--trainer.default_root_dir") + 1]
+    manifest = table.cache_manifest(args)
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"wall_seconds": 300.0}')  # finished by the interrupted run
+    commands = []
+
+    def fake_zskd(command, cwd, capture_output, text):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "test/acc 0.975\n", "")
+
+    monkeypatch.setattr(table.subprocess, "run", fake_zskd)
+    checkpoint = tmp_path / "epoch=1-step=20.ckpt"
+    result = table.run_row(args, table.Resumption(checkpoint, wall_seconds=500.0, training_seconds=200.0))
+    assert commands[0][-2:] == ["--ckpt_path", str(checkpoint)]
+    assert result["synthesis_s"] == 300.0
+    assert result["total_s"] >= 500.0 and result["training_s"] == result["total_s"] - 300.0
