@@ -1,9 +1,15 @@
-"""What one distillation step of the MNIST pair costs on this machine: the frozen LeNet-5 teacher's forward with
-``nn.MaxPool2d(2)`` against :class:`~zskd_lightning.models.MaxPool2x2` (the models' pooling: the same values, a
-faster path without autograd), beside the LeNet-5-half student's forward and backward. Prints every figure and
-its ratio side by side.
+"""What one distillation step costs on this machine: the frozen teacher's forward beside the student's forward and
+backward, with the faster paths the library has for the teacher's layers. Prints every figure and its ratio side
+by side.
 
-    python benchmarks/distillation_step.py [--batch 256] [--repeats 50]
+``--pair mnist``: the LeNet-5 teacher with ``nn.MaxPool2d(2)`` against
+:class:`~zskd_lightning.models.MaxPool2x2` (the models' pooling: the same values, a faster path without autograd),
+and the LeNet-5-half student. ``--pair cifar10``: the AlexNet teacher with the stock ``nn.LocalResponseNorm``
+against the synthesis kernels (:class:`~zskd_lightning.synthesis.kernels.BandLocalResponseNorm`, alone and with
+channels-last inputs and weights: the same values up to float rounding), and the AlexNet-half student.
+
+    python benchmarks/distillation_step.py [--pair mnist] [--batch 256] [--repeats 50]
+    python benchmarks/distillation_step.py --pair cifar10 --batch 128 --repeats 5
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from torch import nn
 
 from timing import seconds_per_call
 
-from zskd_lightning.models import LeNet5, LeNet5Half
+from zskd_lightning.models import AlexNet, AlexNetHalf, LeNet5, LeNet5Half
 from zskd_lightning.models.lenet import MaxPool2x2
+from zskd_lightning.synthesis.kernels import fast_synthesis_kernels
 
 
 def with_plain_pooling(model: nn.Module) -> nn.Module:
@@ -29,40 +36,73 @@ def with_plain_pooling(model: nn.Module) -> nn.Module:
     return model
 
 
+def forward(model: nn.Module, inputs: torch.Tensor):
+    """A call that runs ``model`` on ``inputs`` without autograd."""
+    def run():
+        with torch.no_grad():
+            model(inputs)
+    return run
+
+
+def training_step(student: nn.Module, inputs: torch.Tensor):
+    """A call that runs ``student``'s forward and backward on ``inputs``."""
+    def run():
+        student.zero_grad(set_to_none=True)
+        student(inputs).logsumexp(dim=1).mean().backward()
+    return run
+
+
+def mnist_figures(batch: int, repeats: int) -> tuple[str, dict[str, float], str]:
+    """LeNet-5 teacher with either pooling, LeNet-5-half student (seconds per call)."""
+    inputs = torch.randn(batch, 1, 32, 32)
+    teacher = LeNet5().eval()
+    plain = with_plain_pooling(LeNet5().eval())
+    plain.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        if not torch.equal(teacher(inputs), plain(inputs)):
+            raise SystemExit("MaxPool2x2 and nn.MaxPool2d(2) disagree on the teacher's logits")
+    figures = {
+        "teacher forward, nn.MaxPool2d(2)": seconds_per_call(forward(plain, inputs), repeats),
+        "teacher forward, MaxPool2x2": seconds_per_call(forward(teacher, inputs), repeats),
+        "student forward + backward": seconds_per_call(training_step(LeNet5Half(), inputs), repeats),
+    }
+    return "[1, 32, 32]; same logits from both poolings", figures, "teacher forward, MaxPool2x2"
+
+
+def cifar10_figures(batch: int, repeats: int) -> tuple[str, dict[str, float], str]:
+    """AlexNet teacher with the stock LRN, the banded LRN, and the banded LRN on channels-last; AlexNet-half
+    student (seconds per call)."""
+    inputs = torch.randn(batch, 3, 32, 32)
+    teacher = AlexNet(in_channels=3, num_classes=10).eval()
+    figures = {"teacher forward, nn.LocalResponseNorm": seconds_per_call(forward(teacher, inputs), repeats)}
+    with torch.no_grad():
+        stock = teacher(inputs)
+    with fast_synthesis_kernels(teacher):
+        with torch.no_grad():
+            banded = teacher(inputs)
+        figures["teacher forward, banded LRN"] = seconds_per_call(forward(teacher, inputs), repeats)
+        teacher.to(memory_format=torch.channels_last)
+        nhwc = inputs.contiguous(memory_format=torch.channels_last)
+        figures["teacher forward, banded LRN, channels-last"] = seconds_per_call(forward(teacher, nhwc), repeats)
+    figures["student forward + backward"] = seconds_per_call(training_step(AlexNetHalf(3, 10), inputs), repeats)
+    gap = (stock - banded).abs().max().item()
+    shape = f"[3, 32, 32]; logits of both LRNs differ by at most {gap:.1e}"
+    return shape, figures, "teacher forward, nn.LocalResponseNorm"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=["mnist", "cifar10"], default="mnist")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    inputs = torch.randn(args.batch, 1, 32, 32)
-    teacher = LeNet5().eval()
-    plain = with_plain_pooling(LeNet5().eval())
-    plain.load_state_dict(teacher.state_dict())
-    student = LeNet5Half()
-    with torch.no_grad():
-        if not torch.equal(teacher(inputs), plain(inputs)):
-            raise SystemExit("MaxPool2x2 and nn.MaxPool2d(2) disagree on the teacher's logits")
-
-    def forward(model):
-        def run():
-            with torch.no_grad():
-                model(inputs)
-        return run
-
-    def student_step():
-        student.zero_grad(set_to_none=True)
-        student(inputs).logsumexp(dim=1).mean().backward()
-
-    figures = {
-        "teacher forward, nn.MaxPool2d(2)": seconds_per_call(forward(plain), args.repeats),
-        "teacher forward, MaxPool2x2": seconds_per_call(forward(teacher), args.repeats),
-        "student forward + backward": seconds_per_call(student_step, args.repeats),
-    }
-    base = figures["teacher forward, MaxPool2x2"]
-    print(f"batch {args.batch} of [1, 32, 32], {torch.get_num_threads()} threads; same logits from both poolings")
+    measure = mnist_figures if args.pair == "mnist" else cifar10_figures
+    shape, figures, base_name = measure(args.batch, args.repeats)
+    base = figures[base_name]
+    print(f"batch {args.batch} of {shape}; {torch.get_num_threads()} threads")
     for name, seconds in figures.items():
-        print(f"{name:36s} {seconds * 1e3:8.2f} ms   {seconds / base:5.2f}x MaxPool2x2's teacher forward")
+        print(f"{name:44s} {seconds * 1e3:8.2f} ms   {seconds / base:5.2f}x the {base_name}")
 
 
 if __name__ == "__main__":

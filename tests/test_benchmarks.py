@@ -634,3 +634,12 @@ def test_table_row_resumed_loads_the_checkpoint_and_adds_the_earlier_times(tmp_p
     assert commands[0][-2:] == ["--ckpt_path", str(checkpoint)]
     assert result["synthesis_s"] == 300.0
     assert result["total_s"] >= 500.0 and result["training_s"] == result["total_s"] - 300.0
+
+
+@pytest.mark.parametrize("pair", ["mnist", "cifar10"])
+def test_distillation_step_prints_the_teachers_paths_beside_the_students_step(pair, capsys):
+    load("distillation_step").main(["--pair", pair, "--batch", "2", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("batch 2 of ")
+    figures = [line for line in lines[1:] if re.search(r" ms +[0-9.]+x the teacher forward", line)]
+    assert len(figures) == (3 if pair == "mnist" else 4) and any(" 1.00x the " in line for line in figures)
