@@ -5,7 +5,8 @@ synthesizer), ``augmentation`` (arguments of the ``BatchAugmentation`` used whil
 of pairs, ``{"mix": 0.5}``, NOT the config's own), ``epochs`` (distillation epochs; default the config's
 ``max_epochs``), ``data`` (other arguments of the config's datamodule, e.g. an online buffer's size) and ``model``
 (other arguments of its distillation module, e.g. ``temperature``; ``{"optimizer": {"lr": 0.003}}`` changes the
-optimizer's).
+optimizer's) and ``ema`` (a decay per optimizer step: the student distilled is the exponential moving average of
+its weights, Lightning's ``EMAWeightAveraging``).
 Everything else comes from the config: its teacher (``--teacher`` swaps in another checkpoint of the same
 architecture), student, distillation settings, optimizer, datamodule, and ``eval_data``, whose VALIDATION split
 scores the student (the test set is never read). For each variant and seed the teacher's impressions are
@@ -40,7 +41,7 @@ from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
 FIELDS = ["config", "variant", "changes", "impressions", "seed", "student_val", "seconds", "config_sha"]
-CHANGE_KEYS = {"synthesizer", "augmentation", "epochs", "data", "model"}
+CHANGE_KEYS = {"synthesizer", "augmentation", "epochs", "data", "model", "ema"}
 #: distillation-module arguments the runner sets itself (a variant's "model" may not)
 RUNNER_MODEL_KEYS = {"teacher", "student", "lr_scheduler", "export_filename"}
 REQUIRED_SECTIONS = [("data", "synthesizer"), ("data", "eval_data"), ("model", "teacher"), ("model", "student"),
@@ -63,6 +64,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
     if not isinstance(model, dict) or not isinstance(model.get("optimizer", {}), dict):
         raise argparse.ArgumentTypeError(f"variant {name!r}: \"model\" is an object of the distillation module's "
                                          f"arguments, its \"optimizer\" an object of the optimizer's, got {body}")
+    ema = changes.get("ema", 0.5)
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1:
+        raise argparse.ArgumentTypeError(f"variant {name!r}: \"ema\" is a decay in (0, 1), got {ema!r}")
     runner_set = sorted(set(model) & RUNNER_MODEL_KEYS)
     if runner_set:
         raise argparse.ArgumentTypeError(f"variant {name!r}: \"model\" cannot set {runner_set}: the runner sets "
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                                              args.work_dir / f"{cache_key}_s{seed}_{args.impressions}",
                                              synthesizer=synthesizer, seed=seed, batch_augmentation=augmentation,
                                              teacher=args.teacher, data_changes=changes.get("data"),
-                                             model_changes=changes.get("model"))
+                                             model_changes=changes.get("model"), ema_decay=changes.get("ema"))
             record = {"config": config_name, "config_sha": measured_with, "variant": name,
                       "changes": json.dumps(changes, sort_keys=True),
                       "impressions": str(args.impressions) if impression_config else "online", "seed": str(seed),

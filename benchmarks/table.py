@@ -141,6 +141,7 @@ SSDKD_NO_PHI = "configs/mnist/ssdkd/no_phi.yaml"
 SSDKD_60_EPOCHS = "configs/mnist/ssdkd/epochs60.yaml"
 WANG_900_ITERATIONS = "configs/mnist/wang/iterations900.yaml"  # three times the synthesis steps
 WANG_240_EPOCHS = "configs/mnist/wang/epochs240.yaml"  # twice the distillation epochs
+WANG_LR_3E3 = "configs/mnist/wang/lr3e-3.yaml"  # distilled at Adam lr 3e-3
 WANG_1500_ITERATIONS = "configs/mnist/wang/iterations1500.yaml"  # five times the synthesis iterations
 BF16_SYNTHESIS = ("--data.init_args.synthesizer.init_args.precision", "bf16-mixed")
 MNIST_PAPER = {"teacher": 99.34, "student_ce": 98.92, "student_kd": 99.25, "zskd": 98.77, "lopes": 92.47}
@@ -173,6 +174,9 @@ MNIST = Dataset(
         Row("wang_its900_240ep", "wang", "data_free",
             ("configs/mnist/wang_lenet5_half.yaml", WANG_900_ITERATIONS, WANG_240_EPOCHS), 24000,
             variant="_its900_240ep", impressions_variant="_its900", paper=99.08, default=False),
+        Row("wang_its900_lr3e-3", "wang", "data_free",
+            ("configs/mnist/wang_lenet5_half.yaml", WANG_900_ITERATIONS, WANG_LR_3E3), 24000,
+            variant="_its900_lr3e-3", impressions_variant="_its900", paper=99.08, default=False),
         Row("wang_its1500", "wang", "data_free", ("configs/mnist/wang_lenet5_half.yaml", WANG_1500_ITERATIONS), 24000,
             variant="_its1500", paper=99.08, default=False),
         # Lopes et al. 2017 from the teacher's activation metadata (recorded first: LOPES_RECORD), beside the

@@ -125,7 +125,8 @@ def config_teacher(config: Path, checkpoint: Path | None = None) -> FrozenTeache
 def distil_config_student(config: Path, impressions: int, epochs: int | None, cache_dir: Path,
                           synthesizer: Synthesizer | GeneratorSynthesizer | None = None, seed: int = 0,
                           batch_augmentation: BatchAugmentation | None = None, teacher: Path | None = None,
-                          data_changes: dict | None = None, model_changes: dict | None = None) -> float:
+                          data_changes: dict | None = None, model_changes: dict | None = None,
+                          ema_decay: float | None = None) -> float:
     """The student of a shipped ``config`` distilled from its teacher (``teacher`` swaps in another checkpoint of
     that architecture); validation accuracy (%) on the config's ``eval_data``.
 
@@ -136,7 +137,8 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
     student, batches augmented by ``batch_augmentation`` (default blends of pairs, ``mix=0.5``, not the config's
     own), ``data_changes`` (other arguments of the datamodule, e.g. an online buffer's size), ``model_changes``
     (other arguments of the distillation module, e.g. its ``temperature``; its ``optimizer`` entry updates the
-    optimizer's arguments, e.g. ``{"lr": 0.003}``), a cosine schedule over the epochs, no export. Pictures
+    optimizer's arguments, e.g. ``{"lr": 0.003}``), a cosine schedule over the epochs, no export, and with an
+    ``ema_decay`` the exponential moving average of the student's weights (per optimizer step) in the end. Pictures
     (impressions or the buffer) go to the folder ``<cache_dir>_run``."""
     spec = yaml.safe_load(config.read_text())
     model, data = spec["model"]["init_args"], spec["data"]["init_args"]
@@ -168,7 +170,9 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
         "optimizer": partial(optimizer_class, **optimizer_settings),
         "lr_scheduler": partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)}})
     picture_folder = cache_dir.with_name(cache_dir.name + "_run")
-    _trainer(epochs, limit_val_batches=0, default_root_dir=str(picture_folder)).fit(distillation, datamodule)
+    callbacks = [L.pytorch.callbacks.EMAWeightAveraging(decay=ema_decay)] if ema_decay else []
+    _trainer(epochs, limit_val_batches=0, default_root_dir=str(picture_folder),
+             callbacks=callbacks).fit(distillation, datamodule)
     eval_data.setup("fit")
     return loader_accuracy(distillation.student, eval_data.val_dataloader())
 

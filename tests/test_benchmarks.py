@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -414,24 +415,35 @@ def test_wang_readings_distils_one_student_per_reading_on_the_validation_split(t
 
 
 def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_path, monkeypatch):
-    """Two variants with the same synthesis changes (one also augments) -> one cache, two rows; bad variants end
-    in one line."""
+    """Two variants with the same synthesis changes (one also augments and averages the student's weights) -> one
+    cache, two rows; bad variants end in one line."""
     teacher = one_epoch_mnist_teacher(tmp_path, monkeypatch)
     trials = load("recipe_trials")
     results = tmp_path / "out" / "trials.csv"
     monkeypatch.chdir(tmp_path)
+    averaged = []
+
+    class RecordingEMA(L.pytorch.callbacks.EMAWeightAveraging):
+        def on_train_end(self, trainer, pl_module):
+            super().on_train_end(trainer, pl_module)
+            averaged.append((self._kwargs["avg_fn"], self._latest_update_step))
+
+    monkeypatch.setattr(L.pytorch.callbacks, "EMAWeightAveraging", RecordingEMA)
     trials.main(["--impressions", "16", "--teacher", str(teacher), "--work-dir", str(tmp_path / "work"),
                  "--results", str(results), "--variants", 'plain={"synthesizer": {"iterations": 2}, "epochs": 1}',
-                 'turned={"synthesizer": {"iterations": 2}, "augmentation": {"degrees": 30}, "epochs": 1}'])
+                 'turned={"synthesizer": {"iterations": 2}, "augmentation": {"degrees": 30}, "epochs": 1, '
+                 '"ema": 0.9}'])
     rows = list(csv.DictReader(results.open()))
     assert [r["variant"] for r in rows] == ["plain", "turned"]
+    (average,) = averaged  # only the second variant averaged, after every step of its one epoch
+    assert average[1] >= 1 and torch.allclose(average[0](torch.zeros(1), torch.ones(1), 1), torch.tensor([0.1]))
     assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
     assert json.loads(rows[1]["changes"])["augmentation"] == {"degrees": 30}
     specs = list((tmp_path / "work").glob("*/spec.json"))
     assert len(specs) == 1 and '"iterations": 2' in specs[0].read_text()
     assert "| turned |" in results.with_suffix(".md").read_text()
     for bad in ["noname", 'x={"epoch": 1}', "x={not json", 'x={"model": {"optimizer": 0.1}}',
-                'x={"model": {"lr_scheduler": null}}']:
+                'x={"model": {"lr_scheduler": null}}', 'x={"ema": 1.0}', 'x={"ema": true}']:
         with pytest.raises(SystemExit):
             trials.main(["--variants", bad])
     with pytest.raises(argparse.ArgumentTypeError, match=r"cannot set \['student'\]"):

@@ -62,6 +62,7 @@ def test_configs_are_shipped():
         "ssdkd/epochs60.yaml",
         "wang/iterations900.yaml",
         "wang/epochs240.yaml",
+        "wang/lr3e-3.yaml",
         "wang/iterations1500.yaml",
         "online/cpu_budget.yaml",
     ):
