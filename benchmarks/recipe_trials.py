@@ -64,8 +64,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     if not isinstance(model, dict) or not isinstance(model.get("optimizer", {}), dict):
         raise argparse.ArgumentTypeError(f"variant {name!r}: \"model\" is an object of the distillation module's "
                                          f"arguments, its \"optimizer\" an object of the optimizer's, got {body}")
-    ema = changes.get("ema", 0.5)
-    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1:
+    ema = changes.get("ema")
+    if "ema" in changes and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
         raise argparse.ArgumentTypeError(f"variant {name!r}: \"ema\" is a decay in (0, 1), got {ema!r}")
     runner_set = sorted(set(model) & RUNNER_MODEL_KEYS)
     if runner_set:

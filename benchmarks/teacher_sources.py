@@ -170,7 +170,7 @@ def distil_config_student(config: Path, impressions: int, epochs: int | None, ca
         "optimizer": partial(optimizer_class, **optimizer_settings),
         "lr_scheduler": partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)}})
     picture_folder = cache_dir.with_name(cache_dir.name + "_run")
-    callbacks = [L.pytorch.callbacks.EMAWeightAveraging(decay=ema_decay)] if ema_decay else []
+    callbacks = [L.pytorch.callbacks.EMAWeightAveraging(decay=ema_decay)] if ema_decay is not None else []
     _trainer(epochs, limit_val_batches=0, default_root_dir=str(picture_folder),
              callbacks=callbacks).fit(distillation, datamodule)
     eval_data.setup("fit")
