@@ -4,9 +4,11 @@ by side.
 
 ``--pair mnist``: the LeNet-5 teacher with ``nn.MaxPool2d(2)`` against
 :class:`~zskd_lightning.models.MaxPool2x2` (the models' pooling: the same values, a faster path without autograd),
-and the LeNet-5-half student. ``--pair cifar10``: the AlexNet teacher with the stock ``nn.LocalResponseNorm``
-against the synthesis kernels (:class:`~zskd_lightning.synthesis.kernels.BandLocalResponseNorm`, alone and with
-channels-last inputs and weights: the same values up to float rounding), and the AlexNet-half student.
+and as a :class:`~zskd_lightning.FrozenTeacher` (channels-last layout, its default), beside the LeNet-5-half
+student. ``--pair cifar10``: the AlexNet teacher as a ``FrozenTeacher`` with the stock ``nn.LocalResponseNorm``
+(``fast_kernels=False, channels_last=False``), with the banded LRN
+(:class:`~zskd_lightning.kernels.BandLocalResponseNorm`), and with both fast paths (the default); the same logits
+up to float rounding; beside the AlexNet-half student.
 
     python benchmarks/distillation_step.py [--pair mnist] [--batch 256] [--repeats 50]
     python benchmarks/distillation_step.py --pair cifar10 --batch 128 --repeats 5
@@ -21,9 +23,9 @@ from torch import nn
 
 from timing import seconds_per_call
 
+from zskd_lightning import FrozenTeacher
 from zskd_lightning.models import AlexNet, AlexNetHalf, LeNet5, LeNet5Half
 from zskd_lightning.models.lenet import MaxPool2x2
-from zskd_lightning.synthesis.kernels import fast_synthesis_kernels
 
 
 def with_plain_pooling(model: nn.Module) -> nn.Module:
@@ -53,41 +55,46 @@ def training_step(student: nn.Module, inputs: torch.Tensor):
 
 
 def mnist_figures(batch: int, repeats: int) -> tuple[str, dict[str, float], str]:
-    """LeNet-5 teacher with either pooling, LeNet-5-half student (seconds per call)."""
+    """LeNet-5 teacher with either pooling, and as a FrozenTeacher; LeNet-5-half student (seconds per call)."""
     inputs = torch.randn(batch, 1, 32, 32)
     teacher = LeNet5().eval()
     plain = with_plain_pooling(LeNet5().eval())
     plain.load_state_dict(teacher.state_dict())
+    frozen = FrozenTeacher(network=LeNet5())
+    frozen.network.load_state_dict(teacher.state_dict())
     with torch.no_grad():
         if not torch.equal(teacher(inputs), plain(inputs)):
             raise SystemExit("MaxPool2x2 and nn.MaxPool2d(2) disagree on the teacher's logits")
+        gap = (frozen(inputs) - teacher(inputs)).abs().max().item()
     figures = {
         "teacher forward, nn.MaxPool2d(2)": seconds_per_call(forward(plain, inputs), repeats),
         "teacher forward, MaxPool2x2": seconds_per_call(forward(teacher, inputs), repeats),
+        "teacher forward, FrozenTeacher (channels-last)": seconds_per_call(forward(frozen, inputs), repeats),
         "student forward + backward": seconds_per_call(training_step(LeNet5Half(), inputs), repeats),
     }
-    return "[1, 32, 32]; same logits from both poolings", figures, "teacher forward, MaxPool2x2"
+    shape = f"[1, 32, 32]; same logits from both poolings, FrozenTeacher's within {gap:.1e}"
+    return shape, figures, "teacher forward, MaxPool2x2"
 
 
 def cifar10_figures(batch: int, repeats: int) -> tuple[str, dict[str, float], str]:
-    """AlexNet teacher with the stock LRN, the banded LRN, and the banded LRN on channels-last; AlexNet-half
-    student (seconds per call)."""
+    """AlexNet teacher with the stock LRN, the banded LRN, and the banded LRN on channels-last (the FrozenTeacher
+    default); AlexNet-half student (seconds per call)."""
     inputs = torch.randn(batch, 3, 32, 32)
-    teacher = AlexNet(in_channels=3, num_classes=10).eval()
-    figures = {"teacher forward, nn.LocalResponseNorm": seconds_per_call(forward(teacher, inputs), repeats)}
-    with torch.no_grad():
-        stock = teacher(inputs)
-    with fast_synthesis_kernels(teacher):
+    network = AlexNet(in_channels=3, num_classes=10)
+    teachers = {
+        "teacher forward, nn.LocalResponseNorm": dict(fast_kernels=False, channels_last=False),
+        "teacher forward, banded LRN": dict(fast_kernels=True, channels_last=False),
+        "teacher forward, banded LRN, channels-last": dict(fast_kernels=True, channels_last=True),
+    }
+    figures, logits = {}, []
+    for name, options in teachers.items():
+        teacher = FrozenTeacher(network=AlexNet(in_channels=3, num_classes=10), **options)
+        teacher.network.load_state_dict(network.state_dict())
         with torch.no_grad():
-            banded = teacher(inputs)
-        figures["teacher forward, banded LRN"] = seconds_per_call(forward(teacher, inputs), repeats)
-        teacher.to(memory_format=torch.channels_last)
-        nhwc = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            banded_nhwc = teacher(nhwc)
-        figures["teacher forward, banded LRN, channels-last"] = seconds_per_call(forward(teacher, nhwc), repeats)
+            logits.append(teacher(inputs))
+        figures[name] = seconds_per_call(forward(teacher, inputs), repeats)
     figures["student forward + backward"] = seconds_per_call(training_step(AlexNetHalf(3, 10), inputs), repeats)
-    gaps = [(stock - fast).abs().max().item() for fast in (banded, banded_nhwc)]
+    gaps = [(logits[0] - fast).abs().max().item() for fast in logits[1:]]
     shape = f"[3, 32, 32]; logits differ from the stock LRN's by at most {gaps[0]:.1e} (banded), {gaps[1]:.1e} " \
             "(banded, channels-last)"
     return shape, figures, "teacher forward, nn.LocalResponseNorm"

@@ -7,7 +7,7 @@ Dirichlet soft targets at T = 20, a batch of 256, ``iterations`` steps. The libr
 the same optimizer and the same number of steps per impression through ``ZSKDSynthesizer.invert``, chunk
 by chunk as the synthesis callback does on each device (its speed comes from running the teacher on
 channels-last inputs and weights, AlexNet's LocalResponseNorm as a banded 1x1 convolution:
-zskd_lightning/synthesis/kernels.py, and, with ``precision="bf16-mixed"``, bf16 autocast for the teacher's
+zskd_lightning/kernels.py, and, with ``precision="bf16-mixed"``, bf16 autocast for the teacher's
 forward/backward while the inputs and their Adam state stay float32). The library is measured once per
 ``--precisions`` entry; the plain loop is float32. Both use untrained teachers with a fixed seed (throughput
 does not depend on the weights). bf16 pays off where the hardware has native bf16 (AVX512-BF16/AMX CPUs,
@@ -133,10 +133,12 @@ def library(teacher, synthesizer, count, chunk, input_range, device) -> float:
 def build_teacher(name: str, count: int, device: torch.device
                   ) -> tuple[FrozenTeacher, tuple[Tensor, Tensor], Tensor]:
     """An untrained ``name`` teacher (seed 0) with ``input_spec`` set, its normalized input range (per-channel
-    ``[C, 1, 1]`` min and max) and Dirichlet soft targets ``[count, 10]`` for the plain loop."""
+    ``[C, 1, 1]`` min and max) and Dirichlet soft targets ``[count, 10]`` for the plain loop. The teacher keeps
+    its stock layers and layout (the plain loop's); the library's synthesizer applies its own faster paths."""
     network_cls, shape, mean, std = MODELS[name]
     torch.manual_seed(0)
-    teacher = FrozenTeacher(network=network_cls(in_channels=shape[0], num_classes=10)).to(device)
+    teacher = FrozenTeacher(network=network_cls(in_channels=shape[0], num_classes=10), fast_kernels=False,
+                            channels_last=False).to(device)
     teacher.input_spec = InputSpec(shape, mean, std)
     context = synthesis_context(teacher, device)
     sampler = ZSKDSynthesizer()

@@ -654,4 +654,4 @@ def test_distillation_step_prints_the_teachers_paths_beside_the_students_step(pa
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("batch 2 of ")
     figures = [line for line in lines[1:] if re.search(r" ms +[0-9.]+x the teacher forward", line)]
-    assert len(figures) == (3 if pair == "mnist" else 4) and any(" 1.00x the " in line for line in figures)
+    assert len(figures) == 4 and any(" 1.00x the " in line for line in figures)

@@ -1,4 +1,5 @@
-"""The faster synthesis kernels equal the stock layers they replace (values and input gradients)."""
+"""The faster teacher kernels equal the stock layers they replace (values and input gradients), in synthesis and in
+the frozen teacher's forward."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from helpers import tiny
 from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
 from torch import nn
 
-from zskd_lightning import ZSKDSynthesizer
+from zskd_lightning import DistillationModule, FrozenTeacher, ZSKDSynthesizer
+from zskd_lightning.kernels import BandLocalResponseNorm, fast_kernels_in, in_channels_last
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, SynthesisContext
-from zskd_lightning.synthesis.kernels import BandLocalResponseNorm, fast_synthesis_kernels
 
 
 @pytest.mark.parametrize("size,channels", [(5, 12), (4, 7), (3, 2), (5, 3)])
@@ -33,9 +34,10 @@ def test_band_lrn_matches_stock_values_and_input_gradients(size, channels, chann
 
 
 class LRNNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, in_channels: int = 1) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.LocalResponseNorm(5, alpha=0.1))
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 6, 3, padding=1), nn.ReLU(),
+                                      nn.LocalResponseNorm(5, alpha=0.1))
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, 10))
 
     def forward(self, x):
@@ -46,11 +48,11 @@ def test_swap_is_undone_even_on_error():
     net = LRNNet()
     original = net.features[2]
     with pytest.raises(RuntimeError, match="boom"):
-        with fast_synthesis_kernels(net):
+        with fast_kernels_in(net):
             assert isinstance(net.features[2], BandLocalResponseNorm)
             raise RuntimeError("boom")
     assert net.features[2] is original
-    with fast_synthesis_kernels(net, enabled=False):
+    with fast_kernels_in(net, enabled=False):
         assert net.features[2] is original
 
 
@@ -68,3 +70,37 @@ def test_impressions_with_fast_kernels_equal_stock_ones_up_to_rounding(channels_
 
     torch.testing.assert_close(impressions(True), impressions(False), rtol=1e-4, atol=1e-4)
     assert type(teacher.features[2]) is nn.LocalResponseNorm
+
+
+def lrn_teacher(**options) -> FrozenTeacher:
+    torch.manual_seed(0)
+    return FrozenTeacher(network=LRNNet(in_channels=3), **options)
+
+
+def test_frozen_teacher_runs_banded_lrn_on_channels_last_with_the_stock_logits():
+    fast, stock = lrn_teacher(), lrn_teacher(fast_kernels=False, channels_last=False)
+    assert isinstance(fast.network.features[2], BandLocalResponseNorm) and in_channels_last(fast.network)
+    assert type(stock.network.features[2]) is nn.LocalResponseNorm and not in_channels_last(stock.network)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), stock(x), rtol=1e-5, atol=1e-6)
+    assert fast.fingerprint() == stock.fingerprint()  # same teacher: the caches and checkpoints of either fit both
+
+
+def test_distillation_runs_the_teacher_fast_and_leaves_the_student_alone():
+    module = DistillationModule(teacher=LRNNet(in_channels=3), student=LRNNet(in_channels=3))
+    assert isinstance(module.teacher.network.features[2], BandLocalResponseNorm)
+    assert in_channels_last(module.teacher.network)
+    assert type(module.student.features[2]) is nn.LocalResponseNorm and not in_channels_last(module.student)
+
+
+@pytest.mark.parametrize("options,layout_after", [({}, True), ({"channels_last": False}, False)])
+def test_synthesis_leaves_the_teachers_layout_as_it_found_it(options, layout_after):
+    teacher = lrn_teacher(**options)
+    synthesizer = ZSKDSynthesizer(iterations=3, lr=0.05)  # channels_last during synthesis (the default)
+    context = SynthesisContext(teacher=teacher, input_spec=InputSpec((3, 8, 8), (0.5,) * 3, (0.25,) * 3),
+                               num_classes=10)
+    synthesizer.setup(context)
+    impressions = synthesizer.invert(context, Chunk.of(0, 0, 0, 4)).inputs
+    assert impressions.shape == (4, 3, 8, 8) and torch.isfinite(impressions).all()
+    assert in_channels_last(teacher.network) is layout_after

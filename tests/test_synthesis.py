@@ -436,7 +436,7 @@ def test_channels_last_gives_the_same_impressions_and_restores_the_teacher():
     from zskd_lightning.teacher import FrozenTeacher
 
     torch.manual_seed(0)
-    teacher = FrozenTeacher(network=LeNet5())
+    teacher = FrozenTeacher(network=LeNet5(), channels_last=False)  # a contiguous teacher, as a plain module is
     results = []
     for channels_last in (False, True):
         synthesizer = ZSKDSynthesizer(iterations=5, lr=0.05, channels_last=channels_last)

@@ -103,11 +103,16 @@ def test_requires_network_or_checkpoint():
 
 
 # ------------------------------------------------------------------------------------------- loading
+#: Loading checks compare the teacher's logits bit for bit with its source network's, so their teachers keep the
+#: source's contiguous layout (channels-last, the default, rounds differently; tests/test_kernels.py checks it).
+SOURCE_LAYOUT = {"channels_last": False}
+
+
 def test_load_plain_state_dict(tmp_path):
     source = DigitsConvNet()
     path = tmp_path / "teacher.pt"
     torch.save(source.state_dict(), path)
-    teacher = FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    teacher = FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), **SOURCE_LAYOUT)
     assert teacher.checkpoint == str(path)
     for k, v in source.state_dict().items():
         assert torch.equal(teacher.network.state_dict()[k], v), k
@@ -120,7 +125,7 @@ def test_load_plain_state_dict(tmp_path):
 def test_load_lightning_checkpoint_with_network(lightning_checkpoint):
     trained = ClassifierModule.load_from_checkpoint(lightning_checkpoint, network=DigitsConvNetHalf())
     trained.eval()
-    teacher = FrozenTeacher(network=DigitsConvNetHalf(), checkpoint=str(lightning_checkpoint))
+    teacher = FrozenTeacher(network=DigitsConvNetHalf(), checkpoint=str(lightning_checkpoint), **SOURCE_LAYOUT)
     x = _digits_batch()
     with torch.no_grad():
         assert torch.equal(teacher(x), trained(x))
@@ -161,7 +166,7 @@ def test_load_handmade_checkpoint_recording_architecture(tmp_path):
     }
     path = tmp_path / "handmade.ckpt"
     torch.save(checkpoint, path)
-    teacher = FrozenTeacher(checkpoint=str(path))
+    teacher = FrozenTeacher(checkpoint=str(path), **SOURCE_LAYOUT)
     assert type(teacher.network) is DigitsConvNet and teacher.network.width == 4
     assert teacher.count_classes((1, 8, 8)) == 7
     source.eval()
@@ -231,7 +236,7 @@ def test_subnormal_weights_are_flushed_without_changing_outputs(tmp_path):
     kept = DigitsConvNet()
     kept.load_state_dict(torch.load(path))
     kept.eval()
-    teacher = FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    teacher = FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), **SOURCE_LAYOUT)
     assert teacher.flushed_subnormals == planted
     weights = torch.cat([p.flatten() for p in teacher.parameters()])
     assert not ((weights.abs() < tiny) & (weights != 0)).any()
@@ -390,7 +395,7 @@ def _safetensors_teacher(tmp_path: Path, record: dict | None) -> tuple[nn.Module
 def test_safetensors_with_record_builds_its_architecture(tmp_path):
     source, path = _safetensors_teacher(
         tmp_path, {"class_path": "zskd_lightning.models.DigitsConvNet", "init_args": {}})
-    teacher = FrozenTeacher(checkpoint=str(path))
+    teacher = FrozenTeacher(checkpoint=str(path), **SOURCE_LAYOUT)
     assert isinstance(teacher.network, DigitsConvNet)
     x = _digits_batch()
     assert torch.equal(teacher(x), source(x))
@@ -402,7 +407,7 @@ def test_safetensors_without_record_needs_the_network(tmp_path):
     with pytest.raises(ZSKDError) as err:
         FrozenTeacher(checkpoint=str(path))
     assert "network" in _assert_one_line_naming(err, path)
-    assert torch.equal(FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))(_digits_batch()),
+    assert torch.equal(FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), **SOURCE_LAYOUT)(_digits_batch()),
                        source(_digits_batch()))
 
 

@@ -28,7 +28,7 @@ from zskd_lightning.synthesis.api import (
     TargetSampler,
     check_synthesis_precision,
 )
-from zskd_lightning.synthesis.kernels import fast_synthesis_kernels
+from zskd_lightning.kernels import fast_kernels_in, in_channels_last
 from zskd_lightning.weighting import SampleWeighting
 
 #: The noise starts other than ``"uniform"``: ``(mean, std)`` of the clamped normal in pixel space.
@@ -55,11 +55,11 @@ class Synthesizer(Method):
             the last ``stop_window`` iterations (a plateau); its input is then frozen and costs no more compute.
             ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure).
         stop_window: iterations between plateau checks.
-        channels_last: run the teacher on channels-last (NHWC) inputs and weights during synthesis (the teacher
-            is restored to contiguous layout afterwards). Same arithmetic, different kernels: on 2 CPU cores
+        channels_last: run the teacher on channels-last (NHWC) inputs and weights during synthesis (a teacher
+            that was contiguous is restored to it afterwards). Same arithmetic, different kernels: on 2 CPU cores
             (oneDNN) LeNet-5 synthesis ran 2.4x and AlexNet (with ``fast_kernels``) 1.4x faster with it.
         fast_kernels: while synthesizing, run the teacher's ``nn.LocalResponseNorm`` layers as an equivalent
-            banded 1x1 convolution (:mod:`zskd_lightning.synthesis.kernels`; equal up to float rounding,
+            banded 1x1 convolution (:mod:`zskd_lightning.kernels`; equal up to float rounding,
             ~1.8x faster AlexNet synthesis steps on CPU).
         precision: the arithmetic of the teacher's forward/backward during synthesis. ``None`` (default): the
             context's (the Trainer's precision plugin's autocast, as for distillation). ``"bf16-mixed"``: bf16
@@ -159,7 +159,7 @@ class Synthesizer(Method):
             torch.inference_mode(False),
             torch.enable_grad(),
             _memory_format(teacher, channels_last),
-            fast_synthesis_kernels(teacher, self.fast_kernels),
+            fast_kernels_in(teacher, self.fast_kernels),
             self.feature_taps(context) as taps,
         ):
             # Made here, not above: tensors created under an outer inference_mode could never require grad.
@@ -217,8 +217,9 @@ class Synthesizer(Method):
 
 @contextlib.contextmanager
 def _memory_format(module: nn.Module, channels_last: bool):
-    """Temporarily convert ``module``'s 4-d parameters and buffers to channels-last layout."""
-    if not channels_last:
+    """Temporarily convert ``module``'s 4-d parameters and buffers to channels-last layout (a module already in
+    it, e.g. a :class:`~zskd_lightning.FrozenTeacher` with ``channels_last``, is left as it is)."""
+    if not channels_last or in_channels_last(module):
         yield
         return
     module.to(memory_format=torch.channels_last)

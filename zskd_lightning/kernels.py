@@ -1,11 +1,12 @@
-"""Faster stand-ins for teacher layers whose stock kernels are slow under input-gradient synthesis.
+"""Faster stand-ins for teacher layers whose stock kernels are slow on CPU (synthesis and distillation).
 
 ``nn.LocalResponseNorm`` (the ZSKD AlexNet has two) computes its channel-window sum with ``avg_pool3d`` over a
 padded 5-d view; forward and backward of that take most of an AlexNet synthesis step on CPU (profiled: ~60%,
 convolutions ~25%). :class:`BandLocalResponseNorm` computes the same window sum as a 1x1 convolution of
 ``x^2`` with a fixed banded ``[C, C]`` matrix, a small matrix product that oneDNN/cuBLAS run fast, and is equal
-to the stock layer up to float rounding. :func:`fast_synthesis_kernels` swaps the teacher's LRN layers for
-it while a synthesis runs and puts the originals back afterwards.
+to the stock layer up to float rounding. :func:`use_fast_kernels` swaps a module's LRN layers for it for good
+(a :class:`~zskd_lightning.FrozenTeacher` does, by default); :func:`fast_kernels_in` swaps them only within a
+block (a synthesis run) and puts the originals back afterwards.
 """
 
 from __future__ import annotations
@@ -50,21 +51,31 @@ class BandLocalResponseNorm(nn.Module):
         return x * (self.k + (self.alpha / self.size) * window_sum).pow(-self.beta)
 
 
-@contextlib.contextmanager
-def fast_synthesis_kernels(module: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Within the block, every ``nn.LocalResponseNorm`` inside ``module`` is a :class:`BandLocalResponseNorm`.
-
-    The swap happens in place (so hooks on other layers stay valid) and is undone on exit, even on error.
-    """
+def use_fast_kernels(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every ``nn.LocalResponseNorm`` inside ``module`` by a :class:`BandLocalResponseNorm`, in place (so
+    hooks on other layers stay valid). Returns ``(parent, name, original)`` for each layer replaced."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    if enabled:
-        for parent in list(module.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.LocalResponseNorm:
-                    setattr(parent, name, BandLocalResponseNorm.like(child))
-                    swapped.append((parent, name, child))
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LocalResponseNorm:
+                setattr(parent, name, BandLocalResponseNorm.like(child))
+                swapped.append((parent, name, child))
+    return swapped
+
+
+@contextlib.contextmanager
+def fast_kernels_in(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, every ``nn.LocalResponseNorm`` inside ``module`` is a :class:`BandLocalResponseNorm`
+    (:func:`use_fast_kernels`); the swap is undone on exit, even on error."""
+    swapped = use_fast_kernels(module) if enabled else []
     try:
         yield
     finally:
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
+
+
+def in_channels_last(module: nn.Module) -> bool:
+    """Whether ``module`` has 4-d parameters or buffers and all of them are in channels-last (NHWC) layout."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.dim() == 4]
+    return bool(tensors) and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
