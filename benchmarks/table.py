@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -598,8 +599,8 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         declared = dataset.declared(row)
         paper = declared.paper if declared and declared.paper is not None else ""
         label = f"{row} ({method})" if row.startswith("ablation") else row
-        steps = synthesis_steps(group[0]["command"].split())
-        budget = f"{int(n) * steps / 1e6:.1f}M" if steps and n != "0" else "-"
+        iterations = impression_iterations(group[0])
+        budget = f"{iterations / 1e6:.1f}M" if iterations else "-"
         slow = "†" if any(timed_with_subnormals(g) for g in group) else ""
         lines.append(
             f"| {label} | {n if n != '0' else '-'} | {budget} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread} | {ratio} | {paper} "
@@ -622,19 +623,15 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
     write_text_atomic(out_dir / f"{name}.md", "\n".join(lines))
     # The headline rows are the ablation's points at their own budget (the same command is measured once).
     ablation = [r for r in records if r["row"] in ("ablation", *dataset.ablation_rows)]
-    if any(r["row"] == "ablation" for r in records):
+    has_ablation = any(r["row"] == "ablation" for r in records)
+    if has_ablation:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method in sorted({r["method"] for r in ablation}):
-            by_count: dict[int, list[float]] = {}
-            for r in ablation:
-                if r["method"] == method:
-                    by_count.setdefault(int(r["impressions"]), []).append(float(r["test_acc"]))
-            points = sorted((n, statistics.mean(accs)) for n, accs in by_count.items())
+        for method, points in ablation_curves(ablation, lambda r: int(r["impressions"])).items():
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         if teacher_acc:
             ax.axhline(teacher_acc, color="grey", linestyle="--", label="teacher")
@@ -647,28 +644,81 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         plt.close(fig)
     timed = [r for r in records if r["row"] in dataset.timed_rows]
     if timed:
-        plot_accuracy_against_time(dataset.timed_rows, timed, teacher_acc, out_dir / f"{name}_time.png")
+        curves = ablation_curves(ablation, run_minutes) if has_ablation else {}
+        plot_accuracy_against_time(dataset.timed_rows, timed, teacher_acc, out_dir / f"{name}_time.png", curves)
+        if not has_ablation:  # no ablation curve: each run at its own budget
+            plot_accuracy_against_budget(dataset.timed_rows, timed, teacher_acc, out_dir / f"{name}.png")
+
+
+def ablation_curves(records: list[dict[str, str]], x_of: Callable[[dict[str, str]], float]
+                    ) -> dict[str, list[tuple[float, float]]]:
+    """Per method of the budget ablation, ``(mean x_of, mean test accuracy)`` over the runs at each budget, in
+    budget order (seeds averaged)."""
+    curves = {}
+    for method in sorted({r["method"] for r in records}):
+        by_count: dict[int, list[dict[str, str]]] = {}
+        for r in records:
+            if r["method"] == method:
+                by_count.setdefault(int(r["impressions"]), []).append(r)
+        curves[method] = [(statistics.mean(x_of(r) for r in runs), statistics.mean(float(r["test_acc"]) for r in runs))
+                          for _, runs in sorted(by_count.items())]
+    return curves
+
+
+def run_minutes(record: dict[str, str]) -> float:
+    """A run's synthesis + distillation wall time, minutes."""
+    return (float(record["synthesis_s"]) + float(record["training_s"])) / 60
+
+
+def impression_iterations(record: dict[str, str]) -> float | None:
+    """A run's synthesis budget: inputs synthesized times the optimizer steps behind each (``None`` on real data)."""
+    steps = synthesis_steps(record["command"].split())
+    return int(record["impressions"]) * steps if steps and record["impressions"] not in ("", "0") else None
 
 
 def plot_accuracy_against_time(legends: dict[str, str], records: list[dict[str, str]], teacher_acc: float | None,
-                               path: Path) -> None:
+                               path: Path, curves: dict[str, list[tuple[float, float]]] | None = None) -> None:
     """Each run of the rows in ``legends`` (row -> label) as a point: test accuracy against synthesis +
-    distillation wall time."""
+    distillation wall time; ``curves`` (method -> ``(minutes, accuracy)`` at each budget of the ablation): the
+    time-to-accuracy curves, drawn as lines."""
+    plot_runs(legends, records, teacher_acc, path, run_minutes, "synthesis + distillation (min, wall)", curves=curves)
+
+
+def plot_accuracy_against_budget(legends: dict[str, str], records: list[dict[str, str]], teacher_acc: float | None,
+                                 path: Path) -> None:
+    """Each run of the data-free rows in ``legends`` as a point: test accuracy against impression-iterations (log
+    scale); for datasets without a budget ablation."""
+    plot_runs(legends, [r for r in records if impression_iterations(r)], teacher_acc, path, impression_iterations,
+              "impression-iterations (inputs synthesized x steps behind each)", log_x=True)
+
+
+def plot_runs(legends: dict[str, str], records: list[dict[str, str]], teacher_acc: float | None, path: Path,
+              x_of: Callable[[dict[str, str]], float | None], x_label: str, log_x: bool = False,
+              curves: dict[str, list[tuple[float, float]]] | None = None) -> None:
+    """Test accuracy of each run of the rows in ``legends`` (row -> label) against ``x_of(run)``, and each of
+    ``curves`` (label -> points) as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
+    for index, (method, points) in enumerate((curves or {}).items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], color="grey", linewidth=1, marker=".",
+                linestyle=("-", "--", ":", "-.")[index % 4], label=f"{method.upper()}, each budget of the ablation")
     for index, row in enumerate(legends):
         runs = [r for r in records if r["row"] == row]
         if runs:
-            minutes = [(float(r["synthesis_s"]) + float(r["training_s"])) / 60 for r in runs]
             marker = "os^D"[index % 4]  # with the 10 default colours: no two of up to 20 rows look alike
-            ax.scatter(minutes, [float(r["test_acc"]) for r in runs], label=legends[row], marker=marker)
+            ax.scatter([x_of(r) for r in runs], [float(r["test_acc"]) for r in runs], label=legends[row], marker=marker)
     if teacher_acc:
         ax.axhline(teacher_acc, color="grey", linestyle="--", label="teacher")
-    ax.set_xlabel("synthesis + distillation (min, wall)")
+    if curves and records:  # the runs' range: a curve's small budgets fall below it, off the axes
+        accuracies = [float(r["test_acc"]) for r in records if r["row"] in legends]
+        ax.set_ylim(min(accuracies) - 1, max([*accuracies, teacher_acc or 0]) + 0.5)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("student test accuracy (%)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()

@@ -340,8 +340,31 @@ def test_table_online_rows_fingerprint_every_config_and_plot_accuracy_against_ti
             != table.configs_sha(table.MNIST, plans["ssdkd"]))
     records = [{"row": row, "test_acc": acc, "synthesis_s": "60", "training_s": "120"}
                for row, acc in (("zskd", "95"), ("fast", "96"), ("ssdkd", "97"))]
-    table.plot_accuracy_against_time(table.MNIST.timed_rows, records, 99.0, tmp_path / "time.png")
+    curves = {"zskd": [(2.0, 90.0), (10.0, 97.0)], "ci": [(2.5, 91.0), (11.0, 96.5)]}
+    table.plot_accuracy_against_time(table.MNIST.timed_rows, records, 99.0, tmp_path / "time.png", curves)
     assert (tmp_path / "time.png").stat().st_size > 1000
+
+
+def test_table_time_to_accuracy_curves_average_the_runs_at_each_budget():
+    table = load("table")
+    records = [{"method": method, "impressions": n, "test_acc": acc, "synthesis_s": seconds, "training_s": "0"}
+               for method, n, acc, seconds in (("zskd", "600", "60", "60"), ("zskd", "24000", "97", "600"),
+                                               ("zskd", "24000", "99", "720"), ("ci", "600", "65", "30"))]
+    assert table.ablation_curves(records, table.run_minutes) == {"ci": [(0.5, 65.0)],
+                                                                  "zskd": [(1.0, 60.0), (11.0, 98.0)]}
+
+
+def test_table_plots_each_data_free_run_at_its_budget_where_there_is_no_ablation(tmp_path):
+    table = load("table")
+    plans = {row: args for row, _, _, _, args in table.row_commands(table.CIFAR10, ["student_ce", "zskd", "ssdkd"], [0],
+                                                                     "fast")}
+    records = [{"row": row, "test_acc": acc, "impressions": n, "command": " ".join(plans[row]), "synthesis_s": "60",
+                "training_s": "120"} for row, acc, n in (("student_ce", "85", "0"), ("zskd", "34", "4000"),
+                                                         ("ssdkd", "50", "40704"))]
+    zskd_iterations = table.synthesizer_settings(plans["zskd"])["iterations"]
+    assert [table.impression_iterations(r) for r in records] == [None, 4000 * zskd_iterations, 40704 * 5]
+    table.plot_accuracy_against_budget(table.CIFAR10.timed_rows, records, 86.6, tmp_path / "budget.png")
+    assert (tmp_path / "budget.png").stat().st_size > 1000
 
 
 def test_table_replaces_earlier_measurements_of_a_row_also_under_an_older_command():
