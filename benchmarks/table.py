@@ -253,6 +253,10 @@ CIFAR10 = Dataset(
             legend="online baseline"),
         Row("ssdkd", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml", CIFAR_ONLINE_BUDGET),
             legend="SSD-KD"),
+        # SSD-KD at its config's own schedule, 20 x 400 steps (5.7x the CPU budget's; about 4 hours on 2 cores,
+        # over two sessions: the runner resumes it from its last epoch checkpoint, generator and buffer included).
+        Row("ssdkd_schedule", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml",),
+            legend="SSD-KD, its config's 20 x 400 steps", default=False),
     ),
     notes=(
         "CIFAR-10 test set (never used for selection). The teacher and the real-data students train on the official",
