@@ -49,7 +49,8 @@ class DistillationModule(L.LightningModule):
     ``val/acc``, ``test/acc`` and ``test/teacher_acc`` when the evaluation data has labels.
 
     Args:
-        teacher: any classifier module; wrapped in :class:`~zskd_lightning.FrozenTeacher` (frozen in place).
+        teacher: any classifier module; wrapped in :class:`~zskd_lightning.FrozenTeacher` (frozen in place, with
+            its faster kernels and channels-last layout: the same logits up to float rounding).
         student: the module to train.
         temperature: distillation temperature ``T`` (ZSKD: 20).
         kd_weight / ce_weight: weights of the KD and hard-label cross-entropy terms.

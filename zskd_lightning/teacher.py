@@ -282,7 +282,8 @@ class FrozenTeacher(nn.Module):
 
 
 def as_frozen_teacher(module: nn.Module) -> FrozenTeacher:
-    """Wrap ``module`` in a :class:`FrozenTeacher` (freezing it in place) unless it is one already."""
+    """Wrap ``module`` in a :class:`FrozenTeacher` with its defaults (freezing it in place, its LRN layers banded and
+    its weights channels-last) unless it is one already; pass a ``FrozenTeacher`` to choose otherwise."""
     return module if isinstance(module, FrozenTeacher) else FrozenTeacher(network=module)
 
 
