@@ -678,3 +678,15 @@ def test_distillation_step_prints_the_teachers_paths_beside_the_students_step(pa
     assert lines[0].startswith("batch 2 of ")
     figures = [line for line in lines[1:] if re.search(r" ms +[0-9.]+x the teacher forward", line)]
     assert len(figures) == 4 and any(" 1.00x the " in line for line in figures)
+
+
+def test_wang_targets_prints_each_sigmas_draws_beside_the_real_images(monkeypatch, capsys):
+    script = load("wang_targets")
+    real = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 6  # stands in for the validation split
+    monkeypatch.setattr(script, "real_logits", lambda teacher, dataset: real)
+    script.main(["--dataset", "mnist", "--sigmas", "1.5", "8", "--draws", "2000"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("Gaussian", "real"))]
+    assert [line.split()[0] for line in rows] == ["Gaussian", "Gaussian", "real"]
+    spreads = [float(line.split()[-3]) for line in rows]
+    assert spreads[1] > spreads[0]  # the head is linear in the features: the logits spread grows with sigma
+    assert abs(spreads[2] - real.std(dim=1).mean().item()) < 0.01
