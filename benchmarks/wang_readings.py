@@ -61,7 +61,7 @@ def summarize(records: list[dict[str, str]], path: Path) -> None:
              "the table's LeNet-5 teacher (`configs/mnist/wang_lenet5_half.yaml`'s synthesizer, one reading of R each),",
              "300 epochs with blends of impression pairs; accuracy on the validation split (mean ± s.d. over seeds).",
              "`+relu`: the sampled features are also rectified (`rectify: true`); `+t2`: the matching loss is scaled",
-             "by T^2 (`matching_scale: t_squared`, else unscaled); `+sigmaS`: sigma S instead of the config's 1.5.", "",
+             "by T^2 (`matching_scale: t_squared`, else unscaled); `+sigmaS`: sigma S instead of the config's.", "",
              "| reading | impressions | seeds | student val. acc. (%) | seconds per run |", "| --- | ---: | --- | ---: | ---: |"]
     groups: dict[tuple[str, str], list[dict[str, str]]] = {}
     for r in records:
