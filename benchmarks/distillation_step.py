@@ -3,7 +3,7 @@ backward, with the faster paths the library has for the teacher's layers. Prints
 by side.
 
 ``--pair mnist``: the LeNet-5 teacher with ``nn.MaxPool2d(2)`` against
-:class:`~zskd_lightning.models.MaxPool2x2` (the models' pooling: the same values, a faster path without autograd),
+:class:`~zskd_lightning.models.lenet.MaxPool2x2` (the models' pooling: the same values, a faster path without autograd),
 and as a :class:`~zskd_lightning.FrozenTeacher` (channels-last layout, its default), beside the LeNet-5-half
 student. ``--pair cifar10``: the AlexNet teacher as a ``FrozenTeacher`` with the stock ``nn.LocalResponseNorm``
 (``fast_kernels=False, channels_last=False``), with the banded LRN

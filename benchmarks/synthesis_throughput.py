@@ -11,7 +11,8 @@ zskd_lightning/kernels.py, and, with ``precision="bf16-mixed"``, bf16 autocast f
 forward/backward while the inputs and their Adam state stay float32). The library is measured once per
 ``--precisions`` entry; the plain loop is float32. Both use untrained teachers with a fixed seed (throughput
 does not depend on the weights). bf16 pays off where the hardware has native bf16 (AVX512-BF16/AMX CPUs,
-GPUs); the accuracy of a student from bf16 impressions is the zskd_bf16 row of benchmarks/results/mnist.md.
+GPUs); the accuracy of a student from bf16 impressions is the table's zskd_bf16 row (not a default row, not yet
+measured: ``table.py --dataset mnist --rows zskd_bf16``).
 
 Printed per model: impression-iterations per second of each path (the median of ``--repeats`` rounds, the
 paths interleaved within each round so that a slow spell of a shared machine hits all of them), their ratio,
@@ -24,7 +25,8 @@ an earlier path's pages and seem to need nothing.
 For LeNet-5 a second line compares finished impressions per second at each path's schedule: the plain loop at
 the paper's 1500 iterations, the library at the shipped fast MNIST config's iterations (300). Neither path
 stops early, so this is the measured impression-iteration rate divided by the iterations per impression. The
-students made at the two schedules are the zskd_paper and zskd rows of benchmarks/results/mnist.md.
+students made at the two schedules are the table's zskd_paper row (``table.py --schedule paper``, not yet measured
+on the full MNIST) and its zskd row (benchmarks/results/mnist.md).
 
 The online generator path (``--generator-models alexnet lenet5``, CIFAR and MNIST shapes): generated image-steps
 per second of rounds of ``--generator-steps`` Adam steps on a DCGAN-like generator (the library's

@@ -1,7 +1,7 @@
 """Regenerate a dataset's data-free table (every method on one teacher, the same budgets and hardware) with one
 command; the rows are declared as data (:data:`DATASETS`), so a method's row is one entry.
 
-    ZSKD_DATA_ROOT=../shared/data python benchmarks/table.py --dataset mnist [--rows all] [--seeds 0 1 2]
+    ZSKD_DATA_ROOT=../shared/data python benchmarks/table.py --dataset mnist [--rows zskd ci ...] [--seeds 0 1 2]
         [--schedule fast]
 
 Every row runs the ``zskd`` CLI on shipped configs with command-line overrides (printed in the table, so each

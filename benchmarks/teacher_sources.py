@@ -39,7 +39,7 @@ FAST_CONFIG = ROOT / "configs" / "mnist" / "zskd_lenet5_half_fast.yaml"
 FIELDS = ["recipe", "seed", "jitter", "impressions", "teacher_val", "student_val", "teacher_s", "student_s"]
 
 #: The one change each recipe makes to the unaugmented teacher recipe (Adam, lr 2e-3, weight decay 5e-4,
-#: batch 64, cosine schedule; the shipped config adds light augmentation): (augmentation of the training
+#: batch 64, cosine schedule; the shipped config's recipe): (augmentation of the training
 #: batches, dropout after the hidden FC layers, EMA decay of the weights).
 RECIPES: dict[str, tuple[BatchAugmentation | None, float, float]] = {
     "no_augmentation": (None, 0.0, 0.0),

@@ -604,7 +604,8 @@ def test_a_cache_dir_that_cannot_be_made_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(error.value) and "/proc/zskd-cache" in str(error.value)
 
 
-def test_a_full_disk_ends_in_one_line_and_keeps_the_finished_chunks(tmp_path, reference, monkeypatch):
+def test_a_full_disk_ends_in_one_line_and_keeps_the_finished_chunks(tmp_path, reference, monkeypatch,
+                                                                   count_synthesis):
     written = []
     original = np.save
 
@@ -615,11 +616,15 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_finished_chunks(tmp_path, re
         return original(handle, array, *args, **kwargs)
 
     monkeypatch.setattr(cache_module.np, "save", save)
-    with pytest.raises(ZSKDError, match="cannot write chunk 2 of the impression cache .*No space left on device"):
+    full = "cannot write chunk 2 of the impression cache .*No space left on device"
+    with pytest.raises(ZSKDError, match=full) as err:
         tiny.run_synthesis(tmp_path / "cache", grid=False)
+    assert "\n" not in str(err.value)
     monkeypatch.setattr(cache_module.np, "save", original)
     assert not list((tmp_path / "cache").glob("*.tmp"))
+    count_synthesis.clear()
     tiny.run_synthesis(tmp_path / "cache", grid=False)  # resumes: chunks 0-1 kept, the rest made
+    assert count_synthesis and min(count_synthesis) == 16  # chunks of 8: chunk 2 onwards, never 0 or 1 again
     assert_same_cache(tmp_path / "cache", reference)
 
 

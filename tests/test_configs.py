@@ -100,7 +100,16 @@ def _last_checkpoint_args(config: Path) -> list[dict]:
             and (c["init_args"].get("save_last") or c["init_args"].get("filename") == "last")]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
+#: Configs whose ModelCheckpoint writes ``last.ckpt`` (the teachers every distillation config loads, among others).
+LAST_CHECKPOINT_CONFIGS = [config for config in CONFIGS if _last_checkpoint_args(config)]
+
+
+def test_every_teacher_config_writes_a_last_checkpoint():
+    teachers = [config for config in CONFIGS if config.name.startswith("teacher")]
+    assert len(teachers) >= 3 and set(teachers) <= set(LAST_CHECKPOINT_CONFIGS)
+
+
+@pytest.mark.parametrize("config", LAST_CHECKPOINT_CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
 def test_a_configs_last_checkpoint_is_written_every_epoch_and_overwritten(config):
     """Checkpoints other configs load (``last.ckpt``) are written after every epoch (nothing lost on a crash:
     Lightning 2.6 writes a ``save_last`` copy only when it saves another checkpoint, so ``save_top_k: 0`` wrote

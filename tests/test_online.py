@@ -189,9 +189,14 @@ def test_online_figures_reach_the_progress_bar_with_step_logging_off(tmp_path):
 
 def test_online_fit_in_bf16_through_the_trainer(tmp_path):
     model, datamodule = tiny.online_setup(steps_per_epoch=4)
+    seen = {"teacher": set(), "student": set()}
+    for name, network in (("teacher", model.teacher), ("student", model.student)):
+        layer = next(m for m in network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+        layer.register_forward_hook(lambda module, args, out, name=name: seen[name].add(out.dtype))
     trainer = tiny.quiet_trainer(tmp_path, precision="bf16-mixed")
     trainer.fit(model, datamodule=datamodule)
     assert torch.isfinite(datamodule.buffer.inputs).all() and len(datamodule.buffer) == 48
+    assert torch.bfloat16 in seen["teacher"] and torch.bfloat16 in seen["student"]  # the Trainer's precision
 
 
 def test_replay_batches_return_per_sample_losses_and_use_importance_weights():

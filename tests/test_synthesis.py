@@ -338,14 +338,16 @@ def bn_layers(teacher):
 def test_batchnorm_statistics_penalty_decreases_and_hooks_are_removed(bn_teacher):
     layers = bn_layers(bn_teacher)
     assert layers and all(len(m._forward_hooks) == len(m._forward_pre_hooks) == 0 for m in layers)
+    running = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
     synthesizer = ZSKDSynthesizer(iterations=30, lr=0.05, regularizers=[BatchNormStatistics(weight=10.0)])
     x0 = synthesizer.initial_inputs(16, LABELS_ONLY, ChunkRandomness.for_chunk(0, 0).torch)
     inputs = synthesize(synthesizer, bn_teacher, n=16)[0]
+    # the running statistics are read, never updated (the teacher stays in eval mode)
+    assert all(torch.equal(m.state_dict()[k], v) for m, state in zip(layers, running) for k, v in state.items())
     before, after = bn_penalty(bn_teacher, x0), bn_penalty(bn_teacher, inputs)
     assert before > 0 and after >= 0
     assert after < 0.8 * before, (before, after)
     assert all(len(m._forward_hooks) == len(m._forward_pre_hooks) == 0 for m in layers)
-    # the running statistics are read, never updated (the teacher stays in eval mode)
     assert not bn_teacher.training
 
 
