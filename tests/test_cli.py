@@ -23,9 +23,10 @@ import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from helpers import tiny
 
-from zskd_lightning import DistillationModule, load_student
+from zskd_lightning import DistillationModule, ModulatingFunction, PrioritySampler, load_student
 from zskd_lightning.cli import main
 from zskd_lightning.models import DigitsConvNetHalf
+from zskd_lightning.synthesis import PixelL2Prior
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -361,7 +362,8 @@ def test_zskd_fit_runs_an_online_config_with_its_pixel_prior(tmp_path, monkeypat
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "zskd_lightning" / "configs" / "quickstart.yaml").read_text())
     config["trainer"].update({"max_epochs": 1, "default_root_dir": str(tmp_path / "run"), "logger": False,
                               "enable_progress_bar": False, "enable_checkpointing": False})
-    config["model"]["init_args"]["sample_weights"] = {"class_path": "zskd_lightning.ModulatingFunction"}
+    config["model"]["init_args"]["sample_weights"] = {"class_path": "zskd_lightning.ModulatingFunction",
+                                                      "init_args": {"gamma": 3.0}}  # the synthesizer's own phi: 2
     config["data"] = {"class_path": "zskd_lightning.OnlineDataModule", "init_args": {
         "synthesizer": {"class_path": "zskd_lightning.SSDKDSynthesizer", "init_args": {
             "classes": "teacher", "batch_size": 16, "width": 4, "noise_dim": 8, "steps_per_round": 1,
@@ -371,9 +373,18 @@ def test_zskd_fit_runs_an_online_config_with_its_pixel_prior(tmp_path, monkeypat
         "eval_data": config["data"]["init_args"]["eval_data"]}}
     path = _dump(tmp_path / "online.yaml", config)
     monkeypatch.setattr(sys, "argv", ["zskd"])
+    used = []  # (class, instance settings) of each of the three objects when it is put to work
+    for cls, method, setting in ((PixelL2Prior, "__call__", lambda o: o.weight),
+                                 (PrioritySampler, "draw", lambda o: o.alpha),
+                                 (ModulatingFunction, "__call__", lambda o: o.difficulty.gamma)):
+        def spy(self, *args, _original=getattr(cls, method), _setting=setting, **kwargs):
+            used.append((type(self).__name__, _setting(self)))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, method, spy)
     with tiny.torch_threads(1):
         main(["fit", "--config", str(path)])
     assert (tmp_path / "run" / "buffer.png").exists()
+    assert {("PixelL2Prior", 0.002), ("PrioritySampler", 0.6), ("ModulatingFunction", 3.0)} <= set(used)
 
 
 class _Payload:

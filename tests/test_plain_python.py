@@ -50,3 +50,4 @@ def test_plain_lightning_example_is_documented(example):
         assert option in text
     assert "zskd_lightning.cli" not in text and ".yaml" not in text  # plain Python: no CLI, no YAML
     assert "ImpressionSynthesis" not in text  # the data asks for its synthesis callback itself
+    assert "examples/plain_lightning.py" in (tiny.REPO / "README.md").read_text()  # the README points to it
