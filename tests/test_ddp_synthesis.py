@@ -119,6 +119,8 @@ def test_cache_does_not_depend_on_thread_count(ddp_default, single_default):
     manifest = folder / "cache" / "manifest.json"
     assert manifest.exists(), "the default 2-process run wrote no manifest:\n" + describe(result)
     ddp_threads = sorted({detail for _, _, detail in log})
+    if ddp_threads == [f"threads={single_threads}"]:
+        pytest.skip(f"one core: 1 process and 2 both ran {single_threads} thread(s), nothing to compare")
     assert tiny.shard_digests(folder / "cache") == tiny.shard_digests(single_dir), (
         f"1 process x {single_threads} threads vs 2 processes x {ddp_threads}"
     )
