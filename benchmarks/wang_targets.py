@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from teacher_sources import ROOT, config_synthesizer, config_teacher
 
-from zskd_lightning.data import CIFAR10DataModule, MNISTDataModule
+from zskd_lightning.data import CIFAR10DataModule, ClassificationDataModule, MNISTDataModule
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis.api import SynthesisContext
 
@@ -32,9 +32,8 @@ def figures(logits: torch.Tensor, temperature: float) -> str:
     return f"{logits.std(dim=1).mean():10.2f} {largest:12.3f}  {shares.min():.1f}-{shares.max():.1f}"
 
 
-def real_logits(teacher: torch.nn.Module, dataset: str) -> torch.Tensor:
-    """The teacher's logits ``[N, K]`` on the validation split (10% of the training images, seed 0)."""
-    data = DATA[dataset](batch_size=512, val_fraction=0.1, seed=0, augment=False, download=False)
+def real_logits(teacher: torch.nn.Module, data: ClassificationDataModule) -> torch.Tensor:
+    """The teacher's logits ``[N, K]`` on ``data``'s validation split."""
     data.setup("fit")
     with torch.no_grad():
         return torch.cat([teacher(x) for x, _ in data.val_dataloader()])
@@ -49,14 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     config = CONFIGS[args.dataset]
     teacher = config_teacher(config)
-    data = DATA[args.dataset](batch_size=512, val_fraction=0.1, seed=0, download=False)
-    spec = InputSpec(data.input_shape, data.mean, data.std)
+    data = DATA[args.dataset](batch_size=512, val_fraction=0.1, seed=0, augment=False, download=False)  # 10% held out
+    context = SynthesisContext(teacher=teacher, input_spec=InputSpec(data.input_shape, data.mean, data.std),
+                               num_classes=data.num_classes, seed=0)
     print(f"{args.dataset}: the table teacher of {config.relative_to(ROOT)}; {args.draws:,} draws per sigma")
     print(f"{'source':28s} {'logit s.d.':>10s} {'max softmax':>12s}  classes (% min-max)")
     temperature = None
     for sigma in args.sigmas:
         synthesizer = config_synthesizer(config, sigma=sigma)
-        context = SynthesisContext(teacher=teacher, input_spec=spec, num_classes=10, seed=0)
         synthesizer.setup(context)
         sampler = synthesizer.target_sampler
         temperature = sampler.temperature
@@ -64,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         logits = torch.cat([sampler.head_logits(min(1000, args.draws - start), rng, context)
                             for start in range(0, args.draws, 1000)])
         print(f"{f'Gaussian features, sigma {sigma:g}':28s} {figures(logits, temperature)}")
-    print(f"{'real validation images':28s} {figures(real_logits(teacher, args.dataset), temperature)}")
-    print(f"(max softmax at T = {temperature:g}, the targets' temperature; a uniform target has {1 / 10:.3f})")
+    print(f"{'real validation images':28s} {figures(real_logits(teacher, data), temperature)}")
+    print(f"(max softmax at T = {temperature:g}, the targets' temperature; a uniform target has "
+          f"{1 / data.num_classes:.3f})")
 
 
 if __name__ == "__main__":

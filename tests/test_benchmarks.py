@@ -683,7 +683,7 @@ def test_distillation_step_prints_the_teachers_paths_beside_the_students_step(pa
 def test_wang_targets_prints_each_sigmas_draws_beside_the_real_images(monkeypatch, capsys):
     script = load("wang_targets")
     real = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 6  # stands in for the validation split
-    monkeypatch.setattr(script, "real_logits", lambda teacher, dataset: real)
+    monkeypatch.setattr(script, "real_logits", lambda teacher, data: real)
     script.main(["--dataset", "mnist", "--sigmas", "1.5", "8", "--draws", "2000"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("Gaussian", "real"))]
     assert [line.split()[0] for line in rows] == ["Gaussian", "Gaussian", "real"]
