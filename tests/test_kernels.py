@@ -9,7 +9,7 @@ from helpers import tiny
 from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
 from torch import nn
 
-from zskd_lightning import DistillationModule, FrozenTeacher, ZSKDSynthesizer
+from zskd_lightning import DistillationModule, FrozenTeacher, ZSKDError, ZSKDSynthesizer
 from zskd_lightning.kernels import BandLocalResponseNorm, fast_kernels_in, in_channels_last
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, SynthesisContext
@@ -104,3 +104,24 @@ def test_synthesis_leaves_the_teachers_layout_as_it_found_it(options, layout_aft
     impressions = synthesizer.invert(context, Chunk.of(0, 0, 0, 4)).inputs
     assert impressions.shape == (4, 3, 8, 8) and torch.isfinite(impressions).all()
     assert in_channels_last(teacher.network) is layout_after
+
+
+class ViewNet(nn.Module):
+    """Flattens its conv features with ``.view``, which a channels-last tensor cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        features = self.conv(x)
+        return self.head(features.view(features.shape[0], -1))
+
+
+def test_a_teacher_that_views_channels_last_features_is_told_how_to_fix_it_in_one_line():
+    x = torch.randn(2, 3, 8, 8)
+    fix = r"^teacher ViewNet calls \.view on a channels-last tensor: .*channels_last: false"
+    with pytest.raises(ZSKDError, match=fix) as err:
+        FrozenTeacher(network=ViewNet())(x)
+    assert "\n" not in str(err.value)
+    assert FrozenTeacher(network=ViewNet(), channels_last=False)(x).shape == (2, 10)

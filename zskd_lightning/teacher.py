@@ -255,9 +255,17 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.network(x)
+        if not (self.channels_last and x.dim() == 4):
+            return self.network(x)
+        try:
+            return self.network(x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError as err:
+            if "view size is not compatible" not in str(err):
+                raise
+            raise ZSKDError(
+                f"teacher {type(self.network).__name__} calls .view on a channels-last tensor: use .reshape in its "
+                "forward, or give the teacher channels_last: false (FrozenTeacher(..., channels_last=False))"
+            ) from err
 
     def count_classes(self, input_shape: Sequence[int]) -> int:
         """The number of outputs: ``num_classes`` if given, else the width of the logits on a zero batch of
