@@ -33,6 +33,7 @@ from zskd_lightning import (
     ZSKDError,
     ZSKDSynthesizer,
 )
+from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.impressions import cache as cache_module
 from zskd_lightning.teacher import as_frozen_teacher
 
@@ -175,6 +176,22 @@ def test_cache_class_directly(tmp_path):
     os.remove(cache.chunk_file(1, "record"))
     with pytest.raises(ZSKDError, match="lacks 1 finished chunk"):
         cache.write_manifest(wall_seconds=1.0)
+
+
+def test_a_setting_spelt_20_reuses_the_cache_made_with_20_point_0(tmp_path):
+    """``temperature=20`` and ``20.0`` are one setting: the same cache, not one made again (its chunk records
+    carry the digest of the folder's spelling); a manifest that is not a JSON object means "not complete"."""
+    spec = {"num_impressions": 8, "chunk_size": 4, "method": {"name": "m", "temperature": 20.0, "balanced": True}}
+    cache = ImpressionCache(tmp_path / "c", spec)
+    cache.prepare()
+    for chunk in range(2):
+        cache.write_chunk(chunk, torch.zeros(4, 1, 2, 2), torch.ones(4, 3) / 3, torch.zeros(4), 0.5, 0.01)
+    cache.write_manifest(wall_seconds=1.0)
+    again = ImpressionCache(tmp_path / "c", {**spec, "method": {"name": "m", "temperature": 20, "balanced": 1}})
+    assert again.cache_id == cache.cache_id and again.spec_mismatch() is None
+    assert again.is_complete() and again.missing_chunks() == []
+    (tmp_path / "c" / "manifest.json").write_text("[1, 2]")
+    assert not again.is_complete()
 
 
 # --------------------------------------------------------------------------------------------------- reuse
@@ -426,7 +443,6 @@ def test_zskd_synthesize_fills_a_cache_that_fit_reuses(tmp_path, monkeypatch):
     import lightning as L
 
     from zskd_lightning import DistillationModule
-    from zskd_lightning.data import DigitsDataModule
     from zskd_lightning.models import DigitsConvNetHalf
 
     teacher = tiny.shipped_teacher()
@@ -572,6 +588,32 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, reference):
 def test_bad_datamodule_settings_are_refused_in_one_line(tmp_path, key, value, message):
     with pytest.raises(ZSKDError, match=re.escape(message)):
         tiny.make_datamodule(tmp_path / "cache", **{key: value})
+
+
+@pytest.mark.parametrize("given", ["input_mean", "input_std"])
+def test_input_mean_or_std_alone_is_refused_in_one_line(tmp_path, given):
+    """Alone, one would be dropped (no eval_data) or paired with eval_data's other: a wrong valid range."""
+    missing = {"input_mean": "input_std", "input_std": "input_mean"}[given]
+    with pytest.raises(ZSKDError, match=f"^{given} is given without {missing}: give both"):
+        ImpressionDataModule(ZSKDSynthesizer(), 8, str(tmp_path / "cache"), input_shape=(1, 8, 8),
+                             eval_data=DigitsDataModule(), **{given: [0.5]})
+
+
+def test_evaluation_data_is_downloaded_in_prepare_data_once(tmp_path, monkeypatch):
+    """Lightning calls ``prepare_data`` on one process per node: the synthetic datamodules pass it on to their
+    real data, so DDP ranks never download into one folder side by side (``setup`` only reads)."""
+    calls = []
+    monkeypatch.setattr(DigitsDataModule, "prepare_data", lambda self: calls.append(self))
+    eval_data, predict_data = DigitsDataModule(), DigitsDataModule()
+    ImpressionDataModule(ZSKDSynthesizer(), 8, str(tmp_path / "cache"), eval_data=eval_data,
+                         predict_data=predict_data).prepare_data()
+    assert calls == [eval_data, predict_data]
+
+
+def test_a_precision_that_casts_the_teacher_is_refused_before_synthesis(tmp_path, count_synthesis):
+    with pytest.raises(ZSKDError, match="^Trainer precision 'bf16-true' casts the teacher's weights.*'bf16-mixed'"):
+        tiny.run_synthesis(tmp_path / "cache", precision="bf16-true")
+    assert count_synthesis == [] and not (tmp_path / "cache").exists()
 
 
 def test_a_negative_synthesis_lr_is_refused():

@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import lightning as L
 import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from helpers import tiny
 
 from zskd_lightning import DistillationModule, ModulatingFunction, PrioritySampler, load_student
-from zskd_lightning.cli import main
+from zskd_lightning.cli import _run_log_folder, main
 from zskd_lightning.models import DigitsConvNetHalf
 from zskd_lightning.synthesis import PixelL2Prior
 
@@ -284,12 +286,13 @@ def test_main_exits_2_with_one_line_in_process(write_yaml, tmp_path, capsys, mon
     assert len(err_lines) == 1 and "absent.ckpt" in err_lines[0], err_lines
 
 
-def _quickstart_error(override: str, value: str, capsys, monkeypatch) -> str:
-    """stderr of ``zskd fit`` on the quickstart config with one bad override; asserts exit code 2."""
+def _quickstart_error(override: str, value: str, capsys, monkeypatch, *more: str) -> str:
+    """stderr of ``zskd fit`` on the quickstart config with one bad override (and ``more`` arguments); asserts
+    exit code 2."""
     monkeypatch.setattr(sys, "argv", ["zskd"])
     config = Path(__file__).resolve().parents[1] / "zskd_lightning" / "configs" / "quickstart.yaml"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), override, value])
+        main(["fit", "--config", str(config), override, value, *more])
     assert exit_info.value.code == 2
     return capsys.readouterr().err
 
@@ -310,6 +313,25 @@ def test_an_error_every_rank_raises_is_printed_by_rank_zero_only(rank, lines_pri
     if rank == 0:  # the failed run leaves no log folder behind (it held only the config it started with)
         assert not list((tmp_path / "runs" / "quickstart").glob("lightning_logs/version_*")), \
             list((tmp_path / "runs").rglob("*"))
+
+
+def test_a_failed_run_without_a_logger_keeps_the_users_files(tmp_path, capsys, monkeypatch):
+    """Without a logger the run's folder is ``default_root_dir``, the user's own: a failed run deletes nothing
+    there, not even a config.yaml (Lightning writes the run's config over it, as it would on success). Only a
+    TensorBoard or CSV logger's version folder, which the run made, is cleaned up."""
+    work = tmp_path / "exp"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "config.yaml").write_text("trainer: {}\n")
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("mine")
+    err = _quickstart_error("--data.init_args.cache_dir", str(not_a_folder), capsys, monkeypatch,
+                            "--trainer.logger", "false", "--trainer.default_root_dir", str(work))
+    assert "is a file, not a folder" in err
+    assert (work / "config.yaml").is_file() and not_a_folder.read_text() == "mine"
+    assert _run_log_folder(L.Trainer(logger=False, default_root_dir=work)) is None
+    logged = L.Trainer(logger=TensorBoardLogger(tmp_path, name="logs"), default_root_dir=work)
+    assert _run_log_folder(logged) == str(tmp_path / "logs" / "version_0")
 
 
 @pytest.mark.parametrize(("override", "value", "reason"), [

@@ -1,5 +1,5 @@
 """Multi-process synthesis: 2-process CPU DDP (gloo) makes the same cache as 1 process, both ranks work, and an
-error on rank 0 reaches every rank instead of hanging.
+error on either rank reaches every rank instead of hanging.
 
 Each 2-process run is ``tests/helpers/synthesize_run.py`` in a subprocess (Lightning's DDP launcher re-runs the
 script for rank 1) in its own process group, killed on timeout. Three such runs in all; the 1-process
@@ -61,9 +61,9 @@ def single_default(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp_default(tmp_path_factory):
     """2 processes with all defaults: threads as Lightning sets them, the default callback (impression grid on),
-    and one epoch of training after synthesis."""
+    one epoch of training after synthesis, and the student's export."""
     folder = tmp_path_factory.mktemp("ddp_default")
-    result, log = run_ddp(folder, "--fit", threads=None, timeout=60)
+    result, log = run_ddp(folder, "--fit", "--export", threads=None, timeout=60)
     return folder, result, log
 
 
@@ -103,11 +103,26 @@ def test_error_on_rank_zero_reaches_every_rank(tmp_path):
 
 
 def test_default_ddp_run_completes(ddp_default):
-    """Everything default (impression grid on, fit after synthesis) must finish on 2 processes."""
+    """Everything default (impression grid on, fit after synthesis, the student exported: finding the log
+    folder is a collective every rank must join) must finish on 2 processes."""
     folder, result, _ = ddp_default
     assert result.returncode == 0, describe(result)
     assert "DONE rank=0" in result.stdout and "DONE rank=1" in result.stdout
     assert (folder / "impressions.png").is_file()
+    assert (folder / "student.safetensors").is_file() and (folder / "student.json").is_file()
+
+
+def test_error_on_rank_one_while_synthesizing_reaches_every_rank(tmp_path):
+    """Rank 1's chunk writes fail (a full disk): rank 1 raises its own one-line error, rank 0 (which finished its
+    share) one naming rank 1's, and the run ends instead of waiting at the barrier; rank 0's chunks stay."""
+    result, log = run_ddp(tmp_path, "--threads", "1", "--no-grid", "--fail-rank", "1", threads=1, timeout=90)
+    assert result.returncode not in (0, None), describe(result)
+    errors = {rank: detail for rank, what, detail in log if what == "ERROR"}
+    assert set(errors) == {0, 1}, describe(result)
+    assert errors[1].startswith("ZSKDError: cannot write chunk 1 of the impression cache"), errors
+    assert errors[0].startswith("RankSharedError: impression synthesis failed on rank 1: cannot write chunk 1"), errors
+    assert "No space left on device" in errors[0]
+    assert sorted(int(what) for _, what, _ in log if what.isdigit()) == [0, 2, 4, 6]  # rank 0 wrote its share
 
 
 def test_cache_does_not_depend_on_thread_count(ddp_default, single_default):

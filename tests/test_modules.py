@@ -199,6 +199,25 @@ def test_checkpoints_hold_the_teacher_by_reference(distilled, tmp_path):
         DistillationModule.load_from_checkpoint(path)
 
 
+def test_a_bf16_true_fit_records_and_resumes_the_float32_teachers_fingerprint(tmp_path):
+    """``precision: bf16-true`` casts the whole module, teacher included; the teacher's fingerprint is taken in
+    ``setup``, before the cast, so checkpoints name the teacher the user gave and a resumed fit accepts them."""
+    teacher_fingerprint = FrozenTeacher(_teacher_net()).fingerprint()
+
+    def fit(max_epochs: int, ckpt_path=None) -> L.Trainer:
+        module = DistillationModule(FrozenTeacher(_teacher_net()), _student(), export_filename=None)
+        trainer = quiet_trainer(tmp_path, precision="bf16-true", max_epochs=max_epochs, limit_train_batches=2,
+                                limit_val_batches=0)
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
+        assert next(module.teacher.parameters()).dtype == torch.bfloat16  # the cast happened
+        return trainer
+
+    trainer = fit(1)
+    trainer.save_checkpoint(tmp_path / "bf16.ckpt")
+    assert torch.load(tmp_path / "bf16.ckpt", weights_only=True)["zskd_teacher"]["fingerprint"] == teacher_fingerprint
+    assert fit(2, ckpt_path=tmp_path / "bf16.ckpt").global_step == 4
+
+
 # ------------------------------------------------------------------------------- the training loss
 def _modules(**kwargs) -> DistillationModule:
     teacher = FrozenTeacher(_teacher_net())
@@ -284,6 +303,14 @@ def test_model_that_cannot_take_the_data_shape(tmp_path, role, teacher, student,
     assert role in message and name in message
     assert "(1, 8, 8)" in message and "(32, 32)" in message
     assert trainer.global_step == 0
+
+
+def test_classifier_network_with_other_classes_than_the_data(tmp_path):
+    """Caught at setup in one line, not as cross-entropy's "target out of bounds" deep in the first step."""
+    trainer = quiet_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
+    with pytest.raises(ZSKDError, match=r"^network DigitsConvNet outputs 5 classes, and the data "
+                                        r"\(DigitsDataModule\) has 10: set the network's num_classes to 10$"):
+        trainer.fit(ClassifierModule(DigitsConvNet(num_classes=5)), datamodule=DigitsDataModule(batch_size=8))
 
 
 def test_classifier_network_that_cannot_take_the_data_shape(tmp_path):

@@ -210,6 +210,12 @@ def test_replay_batches_return_per_sample_losses_and_use_importance_weights():
     assert torch.allclose(weighted["loss"], (weights * plain["per_sample_loss"]).mean())
 
 
+def test_online_synthesis_refuses_a_precision_that_casts_the_teacher(tmp_path):
+    model, datamodule = tiny.online_setup()
+    with pytest.raises(ZSKDError, match="^Trainer precision '64-true' casts the teacher's weights"):
+        tiny.quiet_trainer(tmp_path, precision="64-true").fit(model, datamodule=datamodule)
+
+
 def test_online_synthesis_refuses_offline_data(tmp_path):
     model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
     datamodule = tiny.make_datamodule(tmp_path / "cache")
@@ -282,6 +288,23 @@ def test_two_processes_hold_one_buffer_made_of_rank_shares(tmp_path):
     assert rank0["rounds"] == single["rounds"] == 2 + 1
     assert torch.equal(rank0["inputs"][:16], single["inputs"][:16])
     assert not torch.equal(rank0["inputs"][16:32], single["inputs"][16:32])  # rank 1's share: chunk 1, untrained
+
+
+def test_two_processes_resumed_mid_epoch_end_as_if_never_stopped(tmp_path):
+    """Each rank draws its replay batches from its own stream; Lightning keeps rank 0's loader state only, so the
+    loader gathers every rank's into it. Stopped at step 4 of 8 and resumed, both ranks end with the student,
+    generator and buffer of an uninterrupted run."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for root, args in ((whole, ()), (split, ("--stop-at", "4")), (split, ("--resume",))):
+        root.mkdir(exist_ok=True)
+        proc = run_online(root, "--devices", "2", "--steps", "8", "--buffer", "96", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        expected, resumed = (torch.load(root / f"rank{rank}.pt", weights_only=True) for root in (whole, split))
+        assert resumed["rounds"] == expected["rounds"]
+        assert torch.equal(resumed["inputs"], expected["inputs"])
+        for part in ("generator", "student"):
+            assert all(torch.equal(resumed[part][k], v) for k, v in expected[part].items()), (rank, part)
 
 
 def test_replay_batches_are_augmented_on_their_device_while_training():

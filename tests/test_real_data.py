@@ -346,6 +346,17 @@ def test_missing_files_offline_error(tmp_path):
     assert os.path.join(str(tmp_path), "cifar-10-batches-py", "data_batch_1") in msg
 
 
+@pytest.mark.parametrize("content", [b"", b"\x00\x00\x08\x07not an idx file"])
+def test_an_empty_or_foreign_mnist_file_is_one_line(fake_mnist, content):
+    """MNIST's files carry no checksum: an empty or foreign file is named as unreadable, in one line."""
+    root, _, _ = fake_mnist
+    (root / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(content)
+    with pytest.raises(ZSKDError) as info:
+        MNISTDataModule(root=str(root), download=False).setup("fit")
+    msg = str(info.value)
+    assert "\n" not in msg and "files present but unreadable or corrupted" in msg and str(root) in msg
+
+
 def test_failing_download_gives_clean_error(tmp_path, monkeypatch):
     _no_network(monkeypatch)
     dm = MNISTDataModule(root=str(tmp_path), download=True)

@@ -98,6 +98,16 @@ def test_two_processes_record_what_one_does(tmp_path):
     torch.testing.assert_close(two.spread, one.spread, atol=0.02 * float(one.spread.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("bad_label", [-1, 10])
+def test_a_label_outside_the_teachers_classes_is_one_line(tmp_path, bad_label):
+    """-1 (an "ignore" label) would land in the last class's statistics, 10 would fail deep in the merge."""
+    recorder = ActivationRecorder(tiny.make_net(0), output=str(tmp_path / "m.safetensors"))
+    labels = torch.tensor([0, 3, bad_label, 9])
+    with pytest.raises(ZSKDError, match=rf"^recording needs class labels in \[0, 10\) for a teacher with 10 outputs; "
+                                        rf"this batch holds labels {min(bad_label, 0)} to {max(bad_label, 9)}$"):
+        recorder.validation_step((torch.randn(4, *tiny.INPUT_SHAPE), labels), 0)
+
+
 def test_the_file_keeps_the_layers_in_recorded_order(tmp_path):
     """Order matters to the spectral objectives' chain of layers: the file does not sort the layer names
     (sorted, ``features.10`` would come before ``features.3``)."""

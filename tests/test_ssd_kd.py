@@ -137,7 +137,7 @@ def test_a_higher_score_replaces_the_weakest_entry_of_its_own_class():
 
 
 # ------------------------------------------------------------------------------------------------ resumed run
-def test_a_resumed_run_keeps_its_priorities(tmp_path):
+def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
     def setup():
         model, datamodule = tiny.online_setup(steps_per_epoch=6, synthesizer=SSDKDSynthesizer,
                                               sampler=PrioritySampler(), buffer_update="balanced")
@@ -153,13 +153,17 @@ def test_a_resumed_run_keeps_its_priorities(tmp_path):
     leaves = state["sampler"]["leaves"]
     assert torch.equal(leaves, torch.from_numpy(datamodule.sampler.tree.values()))
     assert len(set(leaves.tolist())) > 3  # real, varied priorities from the distillation losses
+    observed = model.sample_weights.diversity.counts  # the buffer's classes at the last round (step 4)
+    assert observed is not None and torch.equal(state["observed_counts"], observed)
     seen = {}
 
     class Probe(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # before this step's round
             seen.setdefault("leaves", torch.from_numpy(trainer.datamodule.sampler.tree.values()))
+            seen.setdefault("counts", pl_module.sample_weights.diversity.counts)
 
     model, datamodule = setup()
     tiny.quiet_trainer(tmp_path, max_steps=8, max_epochs=2, callbacks=[Probe()]).fit(
         model, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(seen["leaves"], leaves)
+    assert seen["counts"] is not None and torch.equal(seen["counts"], observed)  # phi weighs as before the stop

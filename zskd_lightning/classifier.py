@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from zskd_lightning.checks import probe_num_outputs
+from zskd_lightning.errors import ZSKDError
 from zskd_lightning.losses import top1_hits
 from zskd_lightning.optim import SchedulerInterval, cli_given_spec, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
@@ -49,9 +50,15 @@ class ClassifierModule(L.LightningModule):
         self.val_acc, self.test_acc = MeanMetric(), MeanMetric()  # means of top1_hits: no class count needed
 
     def setup(self, stage: str) -> None:
-        input_shape = getattr(self.trainer.datamodule, "input_shape", None) if self._trainer else None
-        if input_shape is not None:
-            probe_num_outputs(self.network, tuple(input_shape), "network")
+        datamodule = self.trainer.datamodule if self._trainer else None
+        input_shape = getattr(datamodule, "input_shape", None)
+        if input_shape is not None:  # before any step: the network takes the data and has one output a class
+            outputs = probe_num_outputs(self.network, tuple(input_shape), "network")
+            classes = getattr(datamodule, "num_classes", None)
+            if isinstance(classes, int) and outputs != classes:
+                raise ZSKDError(f"network {type(self.network).__name__} outputs {outputs} classes, and the data "
+                                f"({type(datamodule).__name__}) has {classes}: set the network's num_classes to "
+                                f"{classes}")
 
     def configure_callbacks(self) -> list[Callback]:
         """A :class:`~zskd_lightning.predictions.PredictionWriter`, unless the Trainer has a prediction writer."""

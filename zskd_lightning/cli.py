@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -97,7 +98,7 @@ class ZSKDCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException:
             if self.trainer.is_global_zero:
-                _remove_if_only_startup_files(self.trainer.log_dir)
+                _remove_if_only_startup_files(_run_log_folder(self.trainer))
             raise
 
     def after_fit(self) -> None:
@@ -196,6 +197,14 @@ def _concise_subclass_lists() -> Iterator[None]:
 #: What a run writes into its log folder before any work: LightningCLI's config, the logger's hyper-parameters
 #: and (TensorBoard) an event file.
 _STARTUP_FILES = re.compile(r"^(config\.yaml|hparams\.yaml|events\.out\.tfevents\..*)$")
+
+
+def _run_log_folder(trainer: L.Trainer) -> str | None:
+    """The version folder (``.../version_N``) a TensorBoard or CSV logger makes for this run, as this process
+    sees it (not ``trainer.log_dir``: a collective the other ranks may never reach on a failure path); ``None``
+    without such a logger, whose folder (``default_root_dir``, a ``save_dir``) is the user's own."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    return logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else None
 
 
 def _remove_if_only_startup_files(folder: str | None) -> None:

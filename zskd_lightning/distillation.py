@@ -104,6 +104,7 @@ class DistillationModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
+        self.teacher_reference()  # fingerprinted now, before a '*-true' precision casts the weights (resume checks it)
         input_shape = getattr(self.trainer.datamodule, "input_shape", None) if self._trainer else None
         if input_shape is not None:  # before any long work: both must take the data and agree on the classes
             check_same_classes(
@@ -306,8 +307,10 @@ class DistillationModule(L.LightningModule):
         return weights
 
     def on_train_end(self) -> None:
-        if self.hparams.export_filename and self.trainer.is_global_zero:
-            folder = self.trainer.log_dir or self.trainer.default_root_dir
+        if not self.hparams.export_filename:
+            return
+        folder = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero:
             self._exported = self.export_student(os.path.join(folder, self.hparams.export_filename))
             rank_zero_info(f"Student exported to {self._exported} (+ {os.path.basename(record_path(self._exported))})")
 

@@ -16,3 +16,9 @@ class InvalidArgument(ZSKDError, ValueError):
 class RankSharedError(ZSKDError):
     """A ZSKDError raised alike on every rank (a decision global rank 0 broadcast, e.g. an unusable cache folder):
     the CLI prints it once, from global rank 0, instead of once per process."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``str(err)``, stripped (``""`` when it has none): for one-line messages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""

@@ -49,11 +49,11 @@ class PredictionWriter(BasePredictionWriter):
         self._indices.append(indices)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._outputs:
+        folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks, even one
+        if not self._outputs:  # with nothing to write (fewer inputs than processes)
             return
         probabilities = torch.cat(self._outputs).numpy()
         name = self.filename if trainer.world_size == 1 else self.filename.replace(".npz", f".rank{trainer.global_rank}.npz")
-        folder = trainer.log_dir or trainer.default_root_dir
         path = os.path.join(folder, name)
         os.makedirs(folder, exist_ok=True)
         buffer = io.BytesIO()

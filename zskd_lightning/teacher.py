@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zskd_lightning.checks import probe_num_outputs
-from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError, first_line
 from zskd_lightning.files import file_sha256, record_path, resolve_packaged
 from zskd_lightning.kernels import use_fast_kernels
 
@@ -61,11 +61,11 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     except pickle.UnpicklingError as err:
         raise ZSKDError(
             f"checkpoint {path} holds pickled Python objects, which are never loaded (they could run code): "
-            f"{_first_line(err)[:160]}; re-save only its tensors, e.g. torch.save(model.state_dict(), path), "
+            f"{first_line(err)[:160]}; re-save only its tensors, e.g. torch.save(model.state_dict(), path), "
             "and give the architecture as the teacher's `network`"
         ) from err
     except Exception as err:  # corrupt, truncated, not a torch file
-        raise ZSKDError(f"could not read checkpoint {path}: {type(err).__name__}: {_first_line(err)}") from err
+        raise ZSKDError(f"could not read checkpoint {path}: {type(err).__name__}: {first_line(err)}") from err
     if not isinstance(obj, Mapping):
         raise ZSKDError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state_dict or a Lightning checkpoint")
     return dict(obj)
@@ -76,7 +76,7 @@ def _read_safetensors(path: str, what: str) -> dict[str, Any]:
     try:
         state = load_file(path, device="cpu")
     except Exception as err:  # truncated, not a safetensors file
-        raise ZSKDError(f"could not read {what} {path}: {type(err).__name__}: {_first_line(err)}") from err
+        raise ZSKDError(f"could not read {what} {path}: {type(err).__name__}: {first_line(err)}") from err
     content: dict[str, Any] = {"state_dict": state}
     json_path = record_path(path)
     if os.path.isfile(json_path):
@@ -84,7 +84,7 @@ def _read_safetensors(path: str, what: str) -> dict[str, Any]:
             with open(json_path) as handle:
                 record = json.load(handle)
         except (OSError, ValueError) as err:
-            raise ZSKDError(f"could not read the record {json_path} beside {path}: {_first_line(err)}") from err
+            raise ZSKDError(f"could not read the record {json_path} beside {path}: {first_line(err)}") from err
         if isinstance(record, Mapping) and record.get("class_path") and record.get("init_args") is not None:
             content["hyper_parameters"] = {"network": {"class_path": record["class_path"],
                                                        "init_args": dict(record["init_args"])}}
@@ -348,7 +348,3 @@ def module_fingerprint(network: nn.Module) -> str:
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""

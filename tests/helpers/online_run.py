@@ -2,10 +2,12 @@
 launcher re-runs this script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
 
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
+                         [--stop-at STEP]
 
-Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--steps`` steps,
-checkpointing ``last.ckpt`` in ``DIR/checkpoints`` every 2 steps. At the end of fit every rank writes
-``DIR/rank{r}.pt``: its buffer, labels, generator weights and round count.
+Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--steps`` steps
+(one epoch; ``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
+``DIR/checkpoints`` every 2 steps. At the end of fit every rank writes ``DIR/rank{r}.pt``: its buffer, labels,
+generator and student weights and round count.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--buffer", type=int, default=48, help="the replay buffer's capacity")
     parser.add_argument("--slow", type=float, default=0.0, help="sleep this long after each training step")
     parser.add_argument("--resume", action="store_true", help="resume from DIR/checkpoints/last.ckpt")
+    parser.add_argument("--stop-at", type=int, default=-1, help="stop after this many steps (Trainer max_steps)")
     args = parser.parse_args()
 
     import lightning as L
@@ -46,13 +49,15 @@ def main() -> None:
             state = {"inputs": datamodule.buffer.inputs[: len(datamodule.buffer)],
                      "labels": datamodule.buffer.labels[: len(datamodule.buffer)],
                      "generator": datamodule.synthesizer.generator.state_dict(),
+                     "student": pl_module.student.state_dict(),
                      "rounds": next(c for c in trainer.callbacks if type(c).__name__ == "OnlineSynthesis").rounds}
             torch.save(state, os.path.join(args.root, f"rank{trainer.global_rank}.pt"))
 
     checkpoints = ModelCheckpoint(dirpath=os.path.join(args.root, "checkpoints"), save_last=True,
                                   every_n_train_steps=2, save_top_k=0)
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                                 enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump()])
+                                 enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump()],
+                                 max_steps=args.stop_at)
     ckpt = os.path.join(args.root, "checkpoints", "last.ckpt") if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     assert isinstance(trainer, L.Trainer)

@@ -1,16 +1,20 @@
 """Standalone synthesis run for the subprocess tests (kill/resume, DDP). Lightning's DDP launcher re-runs this
 script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
 
-    python synthesize_run.py --cache DIR [--devices 2] [--threads N] [--fit] [--no-grid] [--slow SECONDS]
+    python synthesize_run.py --cache DIR [--devices 2] [--threads N] [--fit] [--export] [--no-grid]
+                             [--slow SECONDS] [--fail-rank R]
 
 Runs ``helpers.tiny.run_synthesis`` (the standard tiny cache: teacher ``make_net(0)``, 8 chunks of 8, 5
 iterations). Every rank appends ``rank chunk threads=N`` to ``--rank-log`` for each chunk it writes, and
-``rank ERROR message`` if fit raises. Exit code 0 on success.
+``rank ERROR message`` if fit raises. ``--fail-rank R``: rank R's first chunk write fails as on a full disk.
+``--export``: the module exports its student (DistillationModule's default ``export_filename``).
+Exit code 0 on success.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -27,6 +31,8 @@ def main() -> None:
     parser.add_argument("--fit", action="store_true", help="train one epoch after synthesis (else synthesize only)")
     parser.add_argument("--no-grid", action="store_true", help="ImpressionSynthesis(grid_filename=None)")
     parser.add_argument("--slow", type=float, default=0.0, help="sleep this long after writing each chunk")
+    parser.add_argument("--fail-rank", type=int, default=None, help="this rank's chunk writes fail (ENOSPC)")
+    parser.add_argument("--export", action="store_true", help="export the student after fit (default filename)")
     args = parser.parse_args()
 
     import torch
@@ -49,6 +55,8 @@ def main() -> None:
     write_chunk = ImpressionCache.write_chunk
 
     def logged_write_chunk(self, chunk, *rest, **kwargs):
+        if rank() == args.fail_rank:
+            raise OSError(errno.ENOSPC, "No space left on device")
         write_chunk(self, chunk, *rest, **kwargs)
         log(f"{chunk} threads={torch.get_num_threads()}")
         if args.slow:
@@ -56,7 +64,8 @@ def main() -> None:
 
     ImpressionCache.write_chunk = logged_write_chunk
     try:
-        tiny.run_synthesis(args.cache, devices=args.devices, fit=args.fit, grid=not args.no_grid)
+        tiny.run_synthesis(args.cache, devices=args.devices, fit=args.fit, grid=not args.no_grid,
+                           export_filename="student.safetensors" if args.export else None)
     except Exception as err:
         log(f"ERROR {type(err).__name__}: {str(err).splitlines()[0][:300]}")
         raise

@@ -181,13 +181,14 @@ def quiet_trainer(root: str | os.PathLike, **overrides) -> L.Trainer:
 
 def run_synthesis(cache_dir: str | os.PathLike, *, devices: int = 1, fit: bool = False, grid: bool = True,
                   root: str | os.PathLike | None = None, teacher: nn.Module | None = None,
-                  precision: str = "32-true", **datamodule_kwargs) -> tuple[L.Trainer, ImpressionDataModule]:
+                  precision: str = "32-true", export_filename: str | None = None,
+                  **datamodule_kwargs) -> tuple[L.Trainer, ImpressionDataModule]:
     """The real path: ``Trainer.fit(DistillationModule, ImpressionDataModule)``; the ImpressionSynthesis callback
     is given by hand only to turn the picture off (``grid=False``), else the module asks for it itself.
     ``fit=False`` stops after synthesis (``limit_train_batches=0``, like ``zskd synthesize``)."""
     teacher = teacher if teacher is not None else make_net(0)
     datamodule = make_datamodule(cache_dir, **datamodule_kwargs)
-    model = DistillationModule(teacher=teacher, student=make_net(1, width=4), export_filename=None)
+    model = DistillationModule(teacher=teacher, student=make_net(1, width=4), export_filename=export_filename)
     trainer = quiet_trainer(
         os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(cache_dir)),
         devices=devices,

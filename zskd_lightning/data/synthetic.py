@@ -21,7 +21,7 @@ class SyntheticDataModule(L.LightningDataModule):
     Args:
         input_shape: ``(C, H, W)`` of the teacher's inputs; default: ``eval_data.input_shape``.
         input_mean / input_std: per-channel normalization of the teacher's inputs (synthetic inputs are kept in
-            the valid range, :func:`zskd_lightning.pixels.valid_range`). Default: ``eval_data``'s.
+            the valid range, :func:`zskd_lightning.pixels.valid_range`), both or neither. Default: ``eval_data``'s.
         eval_data: a labelled DataModule whose TEST split evaluates the student.
         predict_data: a DataModule whose ``predict_dataloader`` gives the inputs ``zskd predict`` labels (default:
             ``eval_data``'s).
@@ -48,6 +48,10 @@ class SyntheticDataModule(L.LightningDataModule):
         shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
         if not shape:
             raise ZSKDError(f"{type(self).__name__} needs input_shape (C, H, W) or an eval_data that defines it")
+        if (input_mean is None) != (input_std is None):
+            given, missing = ("input_mean", "input_std") if input_std is None else ("input_std", "input_mean")
+            raise InvalidArgument(f"{given} is given without {missing}: give both (the teacher's normalization) "
+                                  "or neither (eval_data's)")
         mean = input_mean if input_mean is not None else getattr(eval_data, "mean", None)
         std = input_std if input_std is not None else getattr(eval_data, "std", None)
         has_normalization = mean is not None and std is not None
@@ -64,6 +68,13 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def _has_validation(self) -> bool:
         return self.validate_on_real
+
+    def prepare_data(self) -> None:
+        """Download what ``eval_data`` and ``predict_data`` need, once per node (Lightning calls this on one
+        process per node before ``setup``; the ranks never download side by side)."""
+        for source in (self.eval_data, self.predict_data):
+            if source is not None:
+                source.prepare_data()
 
     def setup(self, stage: str) -> None:
         # Evaluation data is opened at the start of fit too: missing files end the run before any synthesis.

@@ -14,6 +14,7 @@ naming the dataset, the root and the exact files expected.
 from __future__ import annotations
 
 import os
+import pickle
 import urllib.error
 from typing import Any, ClassVar
 
@@ -34,6 +35,10 @@ __all__ = [
 
 #: choices of ``resize_to_32`` for the 28x28 datasets.
 RESIZE_MODES = ("pad", "resize", "none")
+
+#: What torchvision's readers raise on a present but truncated or foreign file (MNIST's idx files carry no
+#: checksum: an empty file is a ValueError, a wrong header an AssertionError or a KeyError).
+_UNPARSABLE = (ValueError, TypeError, AssertionError, KeyError, EOFError, pickle.UnpicklingError)
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -137,7 +142,7 @@ class TorchvisionDataModule(ClassificationDataModule):
             self._download(train)
         try:
             dataset = self._torchvision_class()(self.root, train=train, download=False)
-        except (RuntimeError, urllib.error.URLError, OSError) as exc:
+        except (RuntimeError, urllib.error.URLError, OSError, *_UNPARSABLE) as exc:
             raise self._error(train, exc, downloading=False) from exc
         images, labels = self._to_tensors(dataset)
         if tuple(images.shape[1:]) != tuple(self.native_shape):

@@ -124,6 +124,9 @@ class ImpressionCache:
                 f"num_impressions and chunk_size must be >= 1, got {self.count} and {self.chunk_size}"
             )
         self.num_chunks = -(-self.count // self.chunk_size)
+        existing = self._read_spec()
+        if existing == self.spec:  # the same identity, perhaps spelt 20.0 where we have 20: keep the folder's
+            self.spec = existing   # spelling, so that its digest (below) and its chunks stay ours
         #: Digest of the spec, written into every chunk record: a chunk of another cache is never adopted.
         self.cache_id = hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -141,6 +144,14 @@ class ImpressionCache:
         return start, start + self.chunk_size
 
     # ------------------------------------------------------------------------------------- spec checks
+    def _read_spec(self) -> Any:
+        """The folder's ``spec.json`` as parsed JSON, or ``None`` when it is absent or unreadable."""
+        try:
+            with open(self.path("spec.json")) as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
     def spec_mismatch(self) -> str | None:
         """A one-line description of how an existing cache in the folder differs from ours, else ``None``."""
         spec_path = self.path("spec.json")
@@ -398,6 +409,8 @@ class ImpressionCache:
             with open(self.path("manifest.json")) as handle:
                 manifest = json.load(handle)
         except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, Mapping):
             return None
         spec_part = {k: manifest.get(k) for k in self.spec}
         return manifest if spec_part == self.spec and len(manifest.get("shards", ())) >= self.num_chunks else None

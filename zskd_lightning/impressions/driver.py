@@ -2,7 +2,9 @@
 
 Rank semantics (``W`` = world size, over all nodes): global rank 0 checks the cache folder and broadcasts the
 list of unfinished chunks; global rank ``r`` synthesizes the ``r``-th, ``(r + W)``-th, ... of them; every
-rank writes its own chunk shards; after a barrier, global rank 0 verifies all chunks and writes the manifest;
+rank writes its own chunk shards; after a barrier (where an error on any rank reaches every rank: the failing
+rank raises it, the others a :class:`~zskd_lightning.errors.RankSharedError` naming it), global rank 0 verifies
+all chunks and writes the manifest;
 after another barrier every rank memory-maps the whole cache. A chunk's content depends only on
 ``(seed, chunk index)``, so the cache does not depend on ``W``.
 
@@ -25,13 +27,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError
+from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError, first_line
 from zskd_lightning.impressions.cache import ImpressionCache
 from zskd_lightning.impressions.pictures import impression_grid
 from zskd_lightning.pictures import log_picture, save_picture
 from zskd_lightning.impressions.progress import SynthesisProgress
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, Synthesizer, SynthesisContext
+from zskd_lightning.synthesis.api import check_trainer_precision
 from zskd_lightning.teacher import as_frozen_teacher
 
 
@@ -95,7 +98,10 @@ class ImpressionSynthesis(Callback):
         self.num_threads = num_threads
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """``validate`` serves the held-out impressions of the complete cache on disk (nothing is synthesized)."""
+        """``fit`` checks the Trainer's precision before any work; ``validate`` serves the held-out impressions of
+        the complete cache on disk (nothing is synthesized)."""
+        if stage == "fit":
+            check_trainer_precision(trainer.precision)
         if stage != "validate":
             return
         plan, teacher = _plan_and_teacher(trainer, pl_module)
@@ -156,6 +162,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
                  log_every_seconds: float) -> ImpressionCache:
     strategy = trainer.strategy
     decision: dict[str, Any] | None = None
+    failure: Exception | None = None
     if trainer.is_global_zero:
         try:
             held.enter_context(cache.locked())
@@ -175,7 +182,11 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
             decision = {"error": str(err)}
         except OSError as err:  # read-only, full, not a folder, ...
             decision = {"error": f"cannot use the impression cache {cache.directory}: {err.strerror or err}"}
+        except Exception as err:  # a bug: rank 0 raises it as it is, the others learn of it
+            failure, decision = err, {"error": f"{type(err).__name__}: {first_line(err)}"}
     decision = strategy.broadcast(decision, src=0)
+    if failure is not None:
+        raise failure
     if "error" in decision:
         raise RankSharedError(decision["error"])
     if decision["complete"]:
@@ -201,23 +212,15 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
         f"({plan.num_train} training + {plan.num_val} validation) on {trainer.world_size} process(es) into "
         f"{cache.directory}"
     )
-    with SynthesisProgress(trainer, total=todo, iterations=synthesizer.iterations,
-                           log_every_seconds=log_every_seconds) as progress:
-        for chunk_index in mine:
-            start, stop = cache.chunk_range(chunk_index)
-            chunk_started = time.perf_counter()
-            result = synthesizer.invert(context, Chunk.of(plan.seed, chunk_index, start, stop),
-                                        progress=progress.iteration_callback(chunk_index))
-            seconds, mean_loss = time.perf_counter() - chunk_started, float(result.loss.mean())
-            try:
-                cache.write_chunk(chunk_index, result.inputs, result.targets, result.labels, mean_loss, seconds,
-                                  result.steps)
-            except OSError as err:  # full disk, read-only folder: the finished chunks stay sound
-                raise ZSKDError(f"cannot write chunk {chunk_index} of the impression cache {cache.directory}: "
-                                f"{err.strerror or err}") from err
-            progress.chunk_done(stop - start, mean_loss, result.steps, seconds)
-
-    strategy.barrier("zskd-impressions-synthesized")
+    try:
+        _synthesize_chunks(synthesizer, context, plan, cache, mine, trainer, todo, log_every_seconds)
+    except Exception as err:  # every rank must learn of it, or the others wait at the next collective for ever
+        failure = err
+    shared = _first_failure(trainer, failure)  # also the barrier after synthesis
+    if failure is not None:  # the failing rank raises its own error, with its traceback
+        raise failure
+    if shared is not None:
+        raise RankSharedError(shared)
     error = None
     if trainer.is_global_zero:
         try:
@@ -234,6 +237,46 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
     if error:
         raise RankSharedError(error)
     return cache
+
+
+def _synthesize_chunks(synthesizer: Synthesizer, context: SynthesisContext, plan: ImpressionPlan,
+                       cache: ImpressionCache, chunks: list[int], trainer: L.Trainer, todo: int,
+                       log_every_seconds: float) -> None:
+    """Synthesize and write ``chunks`` (this rank's share), reporting progress (rank 0 prints it)."""
+    with SynthesisProgress(trainer, total=todo, iterations=synthesizer.iterations,
+                           log_every_seconds=log_every_seconds) as progress:
+        for chunk_index in chunks:
+            start, stop = cache.chunk_range(chunk_index)
+            chunk_started = time.perf_counter()
+            result = synthesizer.invert(context, Chunk.of(plan.seed, chunk_index, start, stop),
+                                        progress=progress.iteration_callback(chunk_index))
+            seconds, mean_loss = time.perf_counter() - chunk_started, float(result.loss.mean())
+            try:
+                cache.write_chunk(chunk_index, result.inputs, result.targets, result.labels, mean_loss, seconds,
+                                  result.steps)
+            except OSError as err:  # full disk, read-only folder: the finished chunks stay sound
+                raise ZSKDError(f"cannot write chunk {chunk_index} of the impression cache {cache.directory}: "
+                                f"{err.strerror or err}") from err
+            progress.chunk_done(stop - start, mean_loss, result.steps, seconds)
+
+
+def _first_failure(trainer: L.Trainer, failure: Exception | None) -> str | None:
+    """A collective (every rank calls it; it is also a barrier): ``None`` when no rank failed, else one line
+    naming the lowest failing rank and its error, the same on every rank."""
+    if trainer.strategy.reduce_boolean_decision(failure is None, all=True):
+        return None
+    if failure is None:
+        message = None
+    elif isinstance(failure, ZSKDError):
+        message = first_line(failure)
+    else:  # a bug or a device error: say what it was
+        message = f"{type(failure).__name__}: {first_line(failure)}"
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return message
+    messages: list = [None] * trainer.world_size
+    torch.distributed.all_gather_object(messages, message)
+    rank = next(r for r, m in enumerate(messages) if m is not None)
+    return f"impression synthesis failed on rank {rank}: {messages[rank]}"
 
 
 def teacher_device(teacher: nn.Module):

@@ -66,6 +66,10 @@ class ActivationRecorder(L.LightningModule):
             raise ZSKDError("recording needs labelled data: batches of (inputs, int class labels [B])")
         with torch.no_grad(), FeatureTaps(self.teacher.network, [Tap(name) for name in self.layers]) as taps:
             logits = self.teacher(x)
+        classes = logits.shape[1]
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise ZSKDError(f"recording needs class labels in [0, {classes}) for a teacher with {classes} outputs; "
+                            f"this batch holds labels {int(y.min())} to {int(y.max())}")
         features = {**{name: taps.features[Tap(name).key] for name in self.layers}, LOGITS: logits / self.temperature}
         for name, value in features.items():
             if name not in self.moments:

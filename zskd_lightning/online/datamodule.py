@@ -28,7 +28,9 @@ class BufferBatches(IterableDataset):
 
     Draws are made when a batch is asked for, so they see the rounds written since. Each process draws from its
     own stream, ``(seed, epoch, rank)``. Resumable: :meth:`state_dict` holds the epoch's stream and the number of
-    batches drawn, which Lightning stores in checkpoints and gives back on resume.
+    batches drawn, of every rank (Lightning stores rank 0's loader state only, so under DDP it gathers them), and
+    each rank takes its own back on resume; resumed on another number of processes, each rank starts its stream
+    for the epoch afresh.
     """
 
     def __init__(self, datamodule: OnlineDataModule) -> None:
@@ -41,8 +43,16 @@ class BufferBatches(IterableDataset):
         return self.datamodule.steps_per_epoch
 
     def state_dict(self) -> dict:
+        """``{"epoch", "drawn", "generator"}`` of this rank, and under DDP ``"ranks"``: every rank's, in rank order
+        (a collective: Lightning saves checkpoints on every rank)."""
         state = None if self._generator is None else self._generator.get_state()
-        return {"epoch": self._epoch, "drawn": self._drawn, "generator": state}
+        own = {"epoch": self._epoch, "drawn": self._drawn, "generator": state}
+        world = _world_size()
+        if world == 1:
+            return own
+        ranks: list = [None] * world
+        torch.distributed.all_gather_object(ranks, own)
+        return {**own, "ranks": ranks}
 
     def load_state_dict(self, state: dict) -> None:
         self._restored = state
@@ -53,9 +63,15 @@ class BufferBatches(IterableDataset):
         epoch, rank = (trainer.current_epoch, trainer.global_rank) if trainer is not None else (0, 0)
         restored, self._restored = self._restored, None
         self._generator, self._epoch, self._drawn = torch.Generator(), epoch, 0
+        if restored is not None and restored["epoch"] == epoch:
+            self._drawn = restored["drawn"]  # the same on every rank: each drew one batch a step
+            ranks = restored.get("ranks")
+            if ranks is not None:
+                restored = ranks[rank] if len(ranks) == _world_size() else None
+            elif _world_size() > 1:
+                restored = None  # a one-process checkpoint: its stream is rank 0's
         if restored is not None and restored["epoch"] == epoch and restored["generator"] is not None:
             self._generator.set_state(restored["generator"])
-            self._drawn = restored["drawn"]
         else:
             sequence = np.random.SeedSequence([dm.seed, 0xD4A, epoch, rank])
             self._generator.manual_seed(int(sequence.generate_state(1, np.uint64)[0] >> 1))
@@ -69,6 +85,12 @@ class BufferBatches(IterableDataset):
             if weights is not None:
                 batch["weights"] = weights
             yield batch
+
+
+def _world_size() -> int:
+    """The number of processes of the initialized process group (1 without one)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
 
 
 class ResumableLoader(DataLoader):

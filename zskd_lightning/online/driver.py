@@ -20,7 +20,7 @@ from torch import Tensor
 
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.pictures import labelled_grid, log_picture, save_picture
-from zskd_lightning.synthesis.api import Chunk, SynthesisContext
+from zskd_lightning.synthesis.api import Chunk, SynthesisContext, check_trainer_precision
 
 
 class OnlineSynthesis(Callback):
@@ -50,6 +50,7 @@ class OnlineSynthesis(Callback):
         self._module: Any = None
         self._context: SynthesisContext | None = None
         self._pending: dict[str, Any] | None = None
+        self._observed_counts: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -62,6 +63,7 @@ class OnlineSynthesis(Callback):
         if datamodule.buffer_update == "balanced" and datamodule.synthesizer.sample_weights is None:
             raise ZSKDError("buffer_update='balanced' ranks new inputs by the method's per-sample weights; this "
                             "synthesizer has no sample_weights (e.g. SSDKDSynthesizer's modulating function)")
+        check_trainer_precision(trainer.precision)
         for name in ("teacher", "student"):
             if not hasattr(pl_module, name):
                 raise ZSKDError(f"OnlineSynthesis needs a LightningModule with a `{name}` (a DistillationModule); "
@@ -101,10 +103,7 @@ class OnlineSynthesis(Callback):
         world, rank, size = trainer.world_size, trainer.global_rank, dm.synthesizer.batch_size
         batches = 1 + dm.draws_per_round
         started = time.perf_counter()
-        counts = dm.buffer.class_counts(self._context.num_classes)
-        for weighting in (dm.synthesizer.sample_weights, getattr(self._module, "sample_weights", None)):
-            if hasattr(weighting, "observe"):  # the diversity part reads how the buffer's classes stand
-                weighting.observe(counts)
+        self._observe(dm.buffer.class_counts(self._context.num_classes))
         average = None if world == 1 else (lambda tensors: _average(strategy, tensors))
 
         def chunk(batch: int) -> Chunk:  # batch 0 trains the generator, the others are draws from it
@@ -127,6 +126,14 @@ class OnlineSynthesis(Callback):
         self.synthesized += len(inputs)
         self.generator_loss = float(loss.mean())
         self.synthesis_seconds += time.perf_counter() - started
+
+    def _observe(self, counts: Tensor) -> None:
+        """Give the buffer's class counts ``[K]`` (at a round's start) to the weightings that read them (the
+        diversity part of SSD-KD's modulating function, the synthesizer's and the module's); kept for checkpoints."""
+        self._observed_counts = counts
+        for weighting in (self._datamodule.synthesizer.sample_weights, getattr(self._module, "sample_weights", None)):
+            if hasattr(weighting, "observe"):
+                weighting.observe(counts)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -170,7 +177,7 @@ class OnlineSynthesis(Callback):
         return {"rounds": self.rounds, "synthesized": self.synthesized, "synthesis_seconds": self.synthesis_seconds,
                 "last_round_step": self._last_round_step, "generator_loss": self.generator_loss,
                 "synthesizer": dm.synthesizer.state_dict(), "buffer": dm.buffer.state_dict(),
-                "sampler": dm.sampler.state_dict()}
+                "sampler": dm.sampler.state_dict(), "observed_counts": self._observed_counts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Kept until training starts (the generator is built then), and restored there."""
@@ -184,6 +191,8 @@ class OnlineSynthesis(Callback):
         self.rounds, self.synthesized = int(state["rounds"]), int(state["synthesized"])
         self.synthesis_seconds, self._last_round_step = float(state["synthesis_seconds"]), int(state["last_round_step"])
         self.generator_loss = float(state["generator_loss"])
+        if state.get("observed_counts") is not None:  # the weights between the last round and the next as before
+            self._observe(state["observed_counts"])
 
 
 def _average(strategy: Any, tensors: list[Tensor]) -> None:
