@@ -26,7 +26,9 @@ from zskd_lightning.taps import FeatureTaps, Tap, submodule
 from zskd_lightning.teacher import as_frozen_teacher
 
 def default_layers(network: nn.Module) -> list[str]:
-    """Every ``nn.Conv2d`` and ``nn.Linear`` (their outputs, before any activation module), in registration order."""
+    """Every ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Linear``, in registration order. Their outputs as the taps hold
+    them after the forward: an in-place activation right after a layer (``nn.ReLU(inplace=True)``, as in every
+    shipped model) overwrites that tensor, so those layers record activated values; out-of-place, pre-activation."""
     return [name for name, m in network.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name]
 
 
