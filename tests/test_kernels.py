@@ -125,3 +125,14 @@ def test_a_teacher_that_views_channels_last_features_is_told_how_to_fix_it_in_on
         FrozenTeacher(network=ViewNet())(x)
     assert "\n" not in str(err.value)
     assert FrozenTeacher(network=ViewNet(), channels_last=False)(x).shape == (2, 10)
+
+
+def test_synthesis_keeps_a_teacher_told_not_to_run_channels_last():
+    """The fix the message above gives holds in synthesis too (whose own default is channels-last)."""
+    teacher = FrozenTeacher(network=ViewNet(), channels_last=False)
+    context = SynthesisContext(teacher=teacher, input_spec=InputSpec((3, 8, 8), (0.5,) * 3, (0.25,) * 3),
+                               num_classes=10)
+    synthesizer = ZSKDSynthesizer(iterations=2)
+    synthesizer.setup(context)
+    impressions = synthesizer.invert(context, Chunk.of(0, 0, 0, 4)).inputs
+    assert impressions.shape == (4, 3, 8, 8) and torch.isfinite(impressions).all()

@@ -24,11 +24,14 @@ from zskd_lightning.synthesis import (
     Chunk,
     ChunkRandomness,
     DirichletTargets,
+    Disagreement,
     L2Prior,
     PixelL2Prior,
     OneHotTargets,
     Response,
+    SoftTargetCrossEntropy,
     SynthesisContext,
+    Synthesizer,
     TotalVariation,
     class_similarity,
 )
@@ -72,6 +75,20 @@ def teacher_loss(synthesizer, teacher, inputs, targets) -> float:
     """The synthesizer's objective (mean over the chunk) for ``inputs``."""
     with torch.no_grad():
         return float(synthesizer.objective(Response(teacher(inputs).float()), targets).mean())
+
+
+def test_inversion_reads_a_student_in_eval_mode_and_leaves_it_as_it_was():
+    """A part that reads the student (Disagreement) must not move its BatchNorm statistics or draw its dropout
+    from the global stream (a chunk would depend on the rank that made it); its train mode comes back after."""
+    torch.manual_seed(3)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, K))
+    statistics = {k: v.clone() for k, v in student.state_dict().items()}
+    synthesizer = Synthesizer(OneHotTargets(), SoftTargetCrossEntropy(), regularizers=[Disagreement()], iterations=3)
+    teacher = as_frozen_teacher(tiny.make_net(0))
+    first = synthesize(synthesizer, teacher, student=student)[0]
+    assert student.training and all(torch.equal(v, statistics[k]) for k, v in student.state_dict().items())
+    torch.rand(5)  # the global stream moves on: the same chunk comes out the same
+    assert torch.equal(synthesize(synthesizer, teacher, student=student)[0], first)
 
 
 # ------------------------------------------------------------------------------------------ class similarity

@@ -33,6 +33,7 @@ from zskd_lightning.synthesis.api import (
     SynthesisResult,
     TargetSampler,
     check_synthesis_precision,
+    evaluating,
 )
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.targets import OneHotTargets
@@ -256,17 +257,11 @@ class GeneratorSynthesizer(Method):
         it (in eval mode until the block ends), the chunk's targets and labels (CPU), its noise ``[N, noise_dim]``
         on the context's device (drawn after the targets), and taps on every activation the parts read."""
         student = self.student_for(context)
-        student_was_training = student is not None and student.training
-        if student is not None:
-            student.eval()
-        try:
+        with evaluating(student):
             targets, labels = self.target_sampler.sample(chunk, context)
             noise = torch.randn(len(chunk.indices), self.noise_dim, generator=chunk.rng.torch)
             with self.feature_taps(context) as taps:
                 yield student, targets, labels, noise.to(torch.device(context.device)), taps
-        finally:
-            if student_was_training:
-                student.train()
 
     def _generate(self, autocast: Autocast, context: SynthesisContext, noise: Tensor, labels: Tensor,
                   taps: FeatureTaps, student: nn.Module | None) -> tuple[Tensor, Response]:

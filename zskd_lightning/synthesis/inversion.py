@@ -27,6 +27,7 @@ from zskd_lightning.synthesis.api import (
     SynthesisResult,
     TargetSampler,
     check_synthesis_precision,
+    evaluating,
 )
 from zskd_lightning.kernels import fast_kernels_in, in_channels_last
 from zskd_lightning.weighting import SampleWeighting
@@ -149,7 +150,9 @@ class Synthesizer(Method):
         teacher, device, input_shape = context.teacher, torch.device(context.device), context.input_spec.shape
         if self.jitter and len(input_shape) != 3:
             raise InvalidArgument(f"jitter shifts images [C, H, W]; the teacher's input shape is {tuple(input_shape)}")
-        channels_last = self.channels_last and len(input_shape) == 3
+        # a FrozenTeacher(channels_last=False) keeps its layout (e.g. a network that .view()s its conv features)
+        teacher_allows = getattr(teacher, "channels_last", True) is not False
+        channels_last = self.channels_last and len(input_shape) == 3 and teacher_allows
         autocast = context.autocast_for(self.precision)
         student = self.student_for(context)
         indices, rng = chunk.indices, chunk.rng
@@ -160,6 +163,7 @@ class Synthesizer(Method):
             torch.enable_grad(),
             _memory_format(teacher, channels_last),
             fast_kernels_in(teacher, self.fast_kernels),
+            evaluating(student),
             self.feature_taps(context) as taps,
         ):
             # Made here, not above: tensors created under an outer inference_mode could never require grad.
