@@ -6,7 +6,9 @@ The teacher's owner records per-class statistics of chosen layers on the real tr
 Gaussian of every layer it matches, and its input is optimized until the teacher's activations reach them:
 ``top_layer`` matches the logits divided by the recorded temperature, ``all_layers`` every recorded layer.
 Departures from the authors' public code, on purpose: draws are ``mean + L z`` with ``L`` the Cholesky factor of
-the covariance (not ``mean + Sigma z``), no ReLU on targets or outputs (negative logits are matched too).
+the covariance (not ``mean + Sigma z``), no ReLU on targets or outputs (negative logits are matched too), and
+``all_layers`` sums each layer's mean squared error (the authors weigh each by ``1 / size`` once more, so wide
+conv layers count less there; not yet compared on a validation split).
 
 The spectral objectives (the paper's idea; its definitions are not public, so these are our design): the
 recorded ``nn.Linear`` layers form a graph, neurons as nodes and the absolute weights between consecutive layers
