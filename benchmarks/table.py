@@ -455,7 +455,7 @@ def row_run_dir(args: list[str]) -> Path | None:
     return None if run_dir is None else ROOT / run_dir
 
 
-def run_row(args: list[str], resume: Resumption | None = None) -> dict[str, float]:
+def run_row(args: list[str], resume: Resumption | None = None, online: bool = False) -> dict[str, float]:
     """Run ``zskd ARGS``; return test accuracies (%) and timings read from its output and cache manifest.
 
     Data-free rows run with ``overwrite_cache`` (not part of the row's command): a cache folder that an
@@ -463,7 +463,10 @@ def run_row(args: list[str], resume: Resumption | None = None) -> dict[str, floa
     resumed (an interrupted row) or reused. The synthesis time of a resumed row is this run's wall time plus
     the manifest's ``resumed_seconds`` (the chunks an earlier run finished; table rows use one process).
     ``resume``: an interrupted run of the row to go on from (its checkpoint is loaded and its work is added
-    to the times; :mod:`interrupted_runs`).
+    to the times; :mod:`interrupted_runs`). ``online``: the row synthesizes during distillation; its synthesis
+    time is the driver's cumulative figure (checkpoints carry it across resumed runs) and its training time the
+    rest of the cumulative wall time; a run that prints no such figure (e.g. one resumed from a checkpoint taken
+    after its last step, which trains nothing) raises :class:`RowFailed`.
     A failed command prints the tail of its stderr and raises :class:`RowFailed`.
     """
     manifest = cache_manifest(args)
@@ -482,6 +485,8 @@ def run_row(args: list[str], resume: Resumption | None = None) -> dict[str, floa
         print(proc.stderr[-4000:], file=sys.stderr, flush=True)  # the context of the one line raised below
         raise RowFailed(f"zskd {' '.join(args)} exited {proc.returncode}: {last_line(proc.stderr)}")
     metrics = dict(re.findall(r"(test/\w+)\s+([0-9.]+)", proc.stdout))
+    if "test/acc" not in metrics:
+        raise RowFailed(f"zskd {' '.join(args)} printed no 'test/acc VALUE' in its test table (another table style?)")
     # Synthesis time comes from the cache's manifest, also when an earlier run made the cache and this one
     # reused it (a reused cache's manifest is not rewritten).
     manifest_after = manifest_text()
@@ -490,9 +495,12 @@ def run_row(args: list[str], resume: Resumption | None = None) -> dict[str, floa
         finished = json.loads(manifest_after)
         synthesis, earlier_runs = finished["wall_seconds"], finished.get("resumed_seconds", 0.0)
     cache_was_ready = manifest_before is not None and manifest_before == manifest_after
-    online = ONLINE_LINE.search(proc.stdout + proc.stderr)
-    if online is not None:  # synthesis ran during distillation (no cache): its rounds' time is the synthesis time
-        synthesis = float(online.group(2))
+    online_figures = ONLINE_LINE.search(proc.stdout + proc.stderr)
+    if online and online_figures is None:
+        raise RowFailed(f"zskd {' '.join(args)} printed no 'Online synthesis: ...' line, so its synthesis time is "
+                        "unknown (resumed from a checkpoint after its last step? delete the row's run folder)")
+    if online_figures is not None:  # synthesis ran during distillation (no cache): its rounds' time (cumulative)
+        synthesis = float(online_figures.group(2))
     result = {
         "test_acc": 100 * float(metrics["test/acc"]),
         "teacher_acc": 100 * float(metrics.get("test/teacher_acc", metrics["test/acc"])),
@@ -501,8 +509,9 @@ def run_row(args: list[str], resume: Resumption | None = None) -> dict[str, floa
         "training_s": (total if cache_was_ready else max(total - synthesis, 0.0))
         + (resume.training_seconds if resume else 0.0),
     }
-    if online is not None:
-        result["synthesized"] = float(online.group(1))
+    if online_figures is not None:
+        result["synthesized"] = float(online_figures.group(1))
+        result["training_s"] = result["total_s"] - result["synthesis_s"]  # both over every run of the row
     return result
 
 
@@ -527,23 +536,32 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def time_to_accuracy(dataset: Dataset, records: list[dict[str, str]]) -> str:
-    """One line: the quickest run of ``dataset.target``'s method (synthesis + distillation, from a trained teacher)
-    at its accuracy or above ("" without a target)."""
+    """One line: the quickest row of ``dataset.target``'s method (synthesis + distillation, from a trained teacher)
+    whose MEAN accuracy over its seeds reaches the target, else its row of best mean ("" without a target). Means,
+    never the best seed: one lucky seed is not a time to accuracy."""
     if dataset.target is None:
         return ""
     method, target = dataset.target
     label = f"Time to {target}% ({method.upper()}, synthesis + distillation"
-    runs = [(float(r["synthesis_s"]) + float(r["training_s"]), float(r["test_acc"]), r) for r in records if r["method"] == method]
-    if not runs:
+    groups: dict[str, list[dict[str, str]]] = {}
+    for r in records:
+        if r["method"] == method:
+            groups.setdefault(r["row"], []).append(r)
+    if not groups:
         return f"{label}): no {method.upper()} row measured yet."
-    reached = [run for run in runs if run[1] >= target]
+    rows = [(statistics.fmean(float(r["synthesis_s"]) + float(r["training_s"]) for r in group),
+             statistics.fmean(float(r["test_acc"]) for r in group), name, group) for name, group in groups.items()]
+
+    def said(seconds: float, acc: float, name: str, group: list[dict[str, str]]) -> str:
+        hardware = ", ".join(sorted({r["hardware"] for r in group}))
+        return (f"{seconds / 60:.1f} min, row {name}: {acc:.2f}% (mean of {len(group)} seed(s)), "
+                f"{group[0]['impressions']} impressions, {hardware}")
+
+    reached = [row for row in rows if row[1] >= target]
     if reached:
-        seconds, acc, r = min(reached, key=lambda run: run[0])
-        return (f"{label}, from a trained teacher): {seconds / 60:.1f} min ({acc:.2f}%, {r['impressions']} impressions, "
-                f"{r['hardware']}).")
-    seconds, acc, r = max(runs, key=lambda run: run[1])
-    return (f"{label}, from a trained teacher): not reached; the most accurate {method.upper()} row is {acc:.2f}% after "
-            f"{seconds / 60:.1f} min ({r['impressions']} impressions, {r['hardware']}).")
+        return f"{label}, from a trained teacher): {said(*min(reached, key=lambda row: row[0]))}."
+    return (f"{label}, from a trained teacher): not reached; the {method.upper()} row of best mean accuracy: "
+            f"{said(*max(rows, key=lambda row: row[1]))}.")
 
 
 def group_command(group: list[dict[str, str]]) -> str:
@@ -774,7 +792,8 @@ def main(argv: list[str] | None = None) -> None:
             if resume is not None:
                 print(f"    resuming from {resume.checkpoint.relative_to(ROOT)} ({resume.wall_seconds:.0f} s of "
                       f"earlier work)", flush=True)
-            result = run_row(zskd_args, resume)
+            declared = dataset.declared(row)
+            result = run_row(zskd_args, resume, online=declared is not None and declared.kind == "online")
         except RowFailed as failure:
             raise SystemExit(f"table.py: {failure} (rows measured before it are in {path})") from None
         n = int(result.pop("synthesized", n))

@@ -325,9 +325,28 @@ def test_table_reads_an_online_rows_synthesis_from_its_log(tmp_path, monkeypatch
         return subprocess.CompletedProcess(command, 0, "test/acc 0.95\ntest/teacher_acc 0.99\n", log)
 
     monkeypatch.setattr(table.subprocess, "run", fake_zskd)
-    result = table.run_row(args)
+    result = table.run_row(args, online=True)
     assert result["synthesized"] == 57088 and result["synthesis_s"] == 468.3
-    assert result["training_s"] == max(result["total_s"] - 468.3, 0.0) and result["test_acc"] == 95.0
+    assert result["training_s"] == result["total_s"] - 468.3 and result["test_acc"] == 95.0
+
+
+def test_table_times_a_resumed_online_row_from_its_cumulative_figures(tmp_path, monkeypatch):
+    """The checkpoint carries the rounds' time across runs: 600 s before the stop and 400 s of rounds in all
+    leave 200 s (plus this run's) of training, not the earlier 600 s plus a clamped difference. A resumed run
+    that prints no rounds line (it trained nothing) is refused, not recorded with synthesis 0."""
+    table = load("table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    args = table.row_commands(table.MNIST, ["fast"], [1], "fast")[0][4]
+    log = "Online synthesis: 223 rounds, 57088 inputs synthesized in 400.0 s; buffer 6000/6000\n"
+    monkeypatch.setattr(table.subprocess, "run", lambda command, cwd, capture_output, text:
+                        subprocess.CompletedProcess(command, 0, "test/acc 0.95\n", log))
+    resume = table.Resumption(tmp_path / "last.ckpt", wall_seconds=600.0, training_seconds=600.0)
+    result = table.run_row(args, resume, online=True)
+    assert result["synthesis_s"] == 400.0 and 600.0 <= result["total_s"] < 610.0
+    assert result["training_s"] == pytest.approx(result["total_s"] - 400.0)
+    log = ""
+    with pytest.raises(table.RowFailed, match="printed no 'Online synthesis: ...' line"):
+        table.run_row(args, resume, online=True)
 
 
 def test_table_online_rows_fingerprint_every_config_and_plot_accuracy_against_time(tmp_path):
@@ -343,6 +362,22 @@ def test_table_online_rows_fingerprint_every_config_and_plot_accuracy_against_ti
     curves = {"zskd": [(2.0, 90.0), (10.0, 97.0)], "ci": [(2.5, 91.0), (11.0, 96.5)]}
     table.plot_accuracy_against_time(table.MNIST.timed_rows, records, 99.0, tmp_path / "time.png", curves)
     assert (tmp_path / "time.png").stat().st_size > 1000
+
+
+def test_table_time_to_accuracy_reports_row_means_not_the_best_seed():
+    table = load("table")
+    dataset = table.MNIST
+    method, target = dataset.target
+
+    def record(row, acc, seconds):
+        return {"row": row, "method": method, "test_acc": str(acc), "synthesis_s": str(seconds), "training_s": "0",
+                "impressions": "24000", "hardware": "CPU x2"}
+
+    records = [record("zskd", acc, 600.0) for acc in (target - 0.9, target + 0.2, target - 0.5)]
+    line = table.time_to_accuracy(dataset, records)  # one seed reaches the target, the row's mean does not
+    assert "not reached" in line and f"{target - 0.4:.2f}% (mean of 3 seed(s))" in line, line
+    line = table.time_to_accuracy(dataset, records + [record("zskd_long", target + 0.1, 1200.0)])
+    assert line.endswith(f"20.0 min, row zskd_long: {target + 0.1:.2f}% (mean of 1 seed(s)), 24000 impressions, CPU x2.")
 
 
 def test_table_time_to_accuracy_curves_average_the_runs_at_each_budget():
