@@ -182,7 +182,7 @@ MNIST = Dataset(
             variant="_its1500", paper=99.08, default=False),
         # Lopes et al. 2017 from the teacher's activation metadata (recorded first: LOPES_RECORD), beside the
         # authors' numbers: the faster recipe (LOPES_FAST) at the ZSKD rows' budget, and the authors' settings
-        # (64,000 impressions of 1,000 steps: hours on a GPU, days on 2 CPU cores; not in the default rows).
+        # (64,000 impressions of 1,000 steps: about 1-1.3 hours of synthesis a variant on 2 CPU cores; not default).
         *(Row(f"lopes_{name}{suffix}", "lopes", "data_free", (LOPES, *overlay, *fast), budget,
               variant=f"_{objective}", paper=paper, default=bool(fast), paper_schedule=False, prepare=LOPES_RECORD,
               legend=f"Lopes {objective.replace('_', ' ')}, 24,000 impressions" if fast and name == "all" else None)

@@ -125,6 +125,9 @@ def test_a_teacher_that_views_channels_last_features_is_told_how_to_fix_it_in_on
         FrozenTeacher(network=ViewNet())(x)
     assert "\n" not in str(err.value)
     assert FrozenTeacher(network=ViewNet(), channels_last=False)(x).shape == (2, 10)
+    # channels-last inputs too (an online generator's outputs): the fix holds whatever layout the inputs have
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert FrozenTeacher(network=ViewNet(), channels_last=False)(nhwc).shape == (2, 10)
 
 
 def test_synthesis_keeps_a_teacher_told_not_to_run_channels_last():

@@ -209,7 +209,8 @@ class FrozenTeacher(nn.Module):
         channels_last: keep the network's 4-d weights in channels-last (NHWC) layout and give it image inputs
             ``[B, C, H, W]`` in that layout: the same logits up to float rounding; oneDNN and cuDNN run wide
             convolutions faster on it (LeNet-5's forward on CPU: no faster, no slower). A network that calls
-            ``.view`` on its conv features needs ``.reshape`` (or ``False`` here).
+            ``.view`` on its conv features needs ``.reshape`` (or ``False`` here: image inputs are then made
+            contiguous, whatever layout they come in, e.g. an online generator's channels-last outputs).
 
     ``forward`` maps ``[B, C, H, W]`` to logits ``[B, num_classes]``. Subnormal weights are set to zero on
     construction (``flushed_subnormals`` counts them; :func:`flush_subnormals`), before any fingerprint is taken;
@@ -255,8 +256,10 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.channels_last and x.dim() == 4):
+        if x.dim() != 4:
             return self.network(x)
+        if not self.channels_last:  # contiguous always, e.g. for a network that .view()s its conv features
+            return self.network(x.contiguous())
         try:
             return self.network(x.contiguous(memory_format=torch.channels_last))
         except RuntimeError as err:
