@@ -225,11 +225,7 @@ class ImpressionCache:
 
         Returns the number of chunks kept, or ``None`` when the folder holds no such cache. Global rank 0.
         """
-        try:
-            with open(self.path("spec.json")) as handle:
-                existing = json.load(handle)
-        except (OSError, ValueError):
-            return None
+        existing = self._read_spec()
         if not isinstance(existing, Mapping) or existing.get("format_version") != 2:
             return None
         identity = {k: v for k, v in existing.items() if k not in BUDGET_KEYS and k != "format_version"}
