@@ -227,6 +227,8 @@ MNIST = Dataset(
 
 #: The overlay that fits a CIFAR-10 online row into a CPU session (7 epochs x 200 steps).
 CIFAR_ONLINE_BUDGET = "configs/cifar10/online/cpu_budget.yaml"
+#: A longer one, 10 epochs x 400 steps (about 1.8 hours of SSD-KD on 2 cores: one session's compute).
+CIFAR_ONLINE_SESSION = "configs/cifar10/online/cpu_session.yaml"
 
 CIFAR10 = Dataset(
     name="cifar10",
@@ -253,6 +255,8 @@ CIFAR10 = Dataset(
             legend="online baseline"),
         Row("ssdkd", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml", CIFAR_ONLINE_BUDGET),
             legend="SSD-KD"),
+        Row("ssdkd_session", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml", CIFAR_ONLINE_SESSION),
+            legend="SSD-KD, 10 x 400 steps", default=False),
         # SSD-KD at its config's own schedule, 20 x 400 steps (5.7x the CPU budget's; about 4 hours on 2 cores,
         # over two sessions: the runner resumes it from its last epoch checkpoint, generator and buffer included).
         Row("ssdkd_schedule", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml",),

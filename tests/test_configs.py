@@ -65,6 +65,7 @@ def test_configs_are_shipped():
         "wang/lr3e-3.yaml",
         "wang/iterations1500.yaml",
         "online/cpu_budget.yaml",
+        "online/cpu_session.yaml",
     ):
         assert expected in names
 

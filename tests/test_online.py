@@ -30,15 +30,16 @@ def context(teacher=None, student=None) -> SynthesisContext:
 
 
 # ------------------------------------------------------------------------------------------------- generator
-def test_generated_inputs_stay_in_the_valid_range_even_with_huge_weights():
+@pytest.mark.parametrize("autocast", [False, True])  # bf16: the map to the range is float32 (2.8215 -> 2.828)
+def test_generated_inputs_stay_in_the_valid_range_even_with_huge_weights(autocast):
     low, high = tiny.digits_input_range()
     generator = ImageGenerator(tiny.INPUT_SHAPE, noise_dim=8, width=4, input_range=(low, high))
     with torch.no_grad():
         for p in generator.parameters():
             p.mul_(1000)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         x = generator(torch.randn(64, 8))
-    assert x.shape == (64, *tiny.INPUT_SHAPE)
+    assert x.shape == (64, *tiny.INPUT_SHAPE) and x.dtype == torch.float32
     assert bool((x >= low - 1e-5).all()) and bool((x <= high + 1e-5).all())
     assert float(x.max() - x.min()) > 0.5 * float((high - low).min())  # saturates at both ends, still inside
 
@@ -290,21 +291,40 @@ def test_two_processes_hold_one_buffer_made_of_rank_shares(tmp_path):
     assert not torch.equal(rank0["inputs"][16:32], single["inputs"][16:32])  # rank 1's share: chunk 1, untrained
 
 
-def test_two_processes_resumed_mid_epoch_end_as_if_never_stopped(tmp_path):
-    """Each rank draws its replay batches from its own stream; Lightning keeps rank 0's loader state only, so the
-    loader gathers every rank's into it. Stopped at step 4 of 8 and resumed, both ranks end with the student,
-    generator and buffer of an uninterrupted run."""
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    for root, args in ((whole, ()), (split, ("--stop-at", "4")), (split, ("--resume",))):
-        root.mkdir(exist_ok=True)
-        proc = run_online(root, "--devices", "2", "--steps", "8", "--buffer", "96", *args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        expected, resumed = (torch.load(root / f"rank{rank}.pt", weights_only=True) for root in (whole, split))
+def assert_same_ends(expected_root: Path, resumed_root: Path, ranks: int = 1) -> None:
+    """Every rank of the two runs ended with the same round count, buffer, generator and student."""
+    for rank in range(ranks):
+        expected, resumed = (torch.load(root / f"rank{rank}.pt", weights_only=True)
+                             for root in (expected_root, resumed_root))
         assert resumed["rounds"] == expected["rounds"]
         assert torch.equal(resumed["inputs"], expected["inputs"])
         for part in ("generator", "student"):
             assert all(torch.equal(resumed[part][k], v) for k, v in expected[part].items()), (rank, part)
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # at the end of epoch 1 of 2, and in the middle of epoch 2
+def test_resumed_with_augmentation_and_dropout_ends_as_if_never_stopped(tmp_path, stop_at):
+    """Blends, turns and noise draw from a stream per batch, whose count checkpoints keep, and the student's
+    dropout from the global stream, which checkpoints keep too: a resumed run draws what an unstopped one did."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for root, args in ((whole, ()), (split, ("--stop-at", str(stop_at))), (split, ("--resume",))):
+        root.mkdir(exist_ok=True)
+        proc = run_online(root, "--steps", "4", "--epochs", "2", "--random", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_ends(whole, split)
+
+
+def test_two_processes_resumed_mid_epoch_end_as_if_never_stopped(tmp_path):
+    """Each rank draws its replay batches from its own stream; Lightning keeps rank 0's loader state only, so the
+    loader gathers every rank's into it (and every rank's augmentation count and global generators go into the
+    checkpoint). Stopped at step 4 of 8 and resumed, both ranks end with the student, generator and buffer of an
+    uninterrupted run, augmentation and dropout included."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for root, args in ((whole, ()), (split, ("--stop-at", "4")), (split, ("--resume",))):
+        root.mkdir(exist_ok=True)
+        proc = run_online(root, "--devices", "2", "--steps", "8", "--buffer", "96", "--random", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_ends(whole, split, ranks=2)
 
 
 def test_replay_batches_are_augmented_on_their_device_while_training():
@@ -317,10 +337,20 @@ def test_replay_batches_are_augmented_on_their_device_while_training():
     batch = {"inputs": torch.randn(8, *tiny.INPUT_SHAPE), "slots": torch.arange(8)}
     datamodule.trainer = SimpleNamespace(training=False)
     assert datamodule.on_after_batch_transfer(batch, 0) is batch  # evaluation: untouched
-    datamodule.trainer = SimpleNamespace(training=True)
+    datamodule.trainer = SimpleNamespace(training=True, global_rank=0)
+    global_stream = torch.get_rng_state()
     augmented = datamodule.on_after_batch_transfer(batch, 0)
     assert augmented["slots"] is batch["slots"] and augmented["inputs"].shape == batch["inputs"].shape
     assert not torch.equal(augmented["inputs"], batch["inputs"])
+    assert torch.equal(torch.get_rng_state(), global_stream)  # its own stream: dropout's is left alone
+    # each batch its own draws, keyed by the count of batches augmented (in checkpoints); rank 1 others
+    second = datamodule.on_after_batch_transfer(batch, 0)["inputs"]
+    assert not torch.equal(second, augmented["inputs"])
+    datamodule.load_state_dict({**datamodule.state_dict(), "augmented_batches": 0})
+    assert torch.equal(datamodule.on_after_batch_transfer(batch, 0)["inputs"], augmented["inputs"])
+    datamodule.load_state_dict({**datamodule.state_dict(), "augmented_batches": 0})
+    datamodule.trainer = SimpleNamespace(training=True, global_rank=1)
+    assert not torch.equal(datamodule.on_after_batch_transfer(batch, 0)["inputs"], augmented["inputs"])
 
 
 def test_a_balanced_buffer_without_per_sample_weights_stops_before_any_round(tmp_path):

@@ -23,7 +23,8 @@ class BatchAugmentation(nn.Module):
 
     Works in pixel space: inputs ``[B, C, H, W]`` with values in [0, 1] (0 = black); areas moved in from
     outside the image are filled with ``fill`` (pixel value). Randomness comes from the global torch RNG of the
-    batch's device (seeded by ``seed_everything``).
+    batch's device; a :class:`~zskd_lightning.data.SyntheticDataModule` seeds it per batch (and restores it)
+    around the call, so its runs resume exactly.
 
     Args:
         degrees: rotation angle drawn uniformly from ``[-degrees, degrees]``.

@@ -22,6 +22,7 @@ from zskd_lightning.export import record_path, update_record, write_student
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss, top1_hits
 from zskd_lightning.optim import SchedulerInterval, cli_given_spec, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
+from zskd_lightning.randomness import gather_states, restore_states
 from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint
 from zskd_lightning.weighting import SampleWeighting
 
@@ -29,6 +30,8 @@ TargetSource = Literal["teacher", "batch"]
 
 #: Checkpoint key of the teacher's reference (file and fingerprint); its weights are not stored.
 TEACHER_REFERENCE_KEY = "zskd_teacher"
+#: Checkpoint key of every rank's global random generators (:func:`zskd_lightning.randomness.capture_states`).
+RANDOM_STATE_KEY = "zskd_random_states"
 _TEACHER_PREFIX = "teacher."
 
 
@@ -63,7 +66,9 @@ class DistillationModule(L.LightningModule):
             them back. ``None`` disables.
 
     Checkpoints hold the teacher by reference (its file and fingerprint, key ``"zskd_teacher"``), not its
-    weights; loading one checks that the teacher given now has that fingerprint. Through the ``zskd`` CLI the
+    weights; loading one checks that the teacher given now has that fingerprint. They also hold every rank's
+    global random generators (``"zskd_random_states"``), which a resumed fit puts back at its first training
+    batch: the student's dropout goes on drawing what it would have drawn (on the same number of processes). Through the ``zskd`` CLI the
     checkpoint also records the teacher's and the student's ``class_path``/``init_args``, so
     ``DistillationModule.load_from_checkpoint(path)`` needs nothing else.
     """
@@ -93,6 +98,7 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters(ignore=ignored)
         self._teacher_fingerprint: str | None = None
         self._exported: str | None = None
+        self._saved_random_states: list[dict] | None = None  # from a checkpoint, until the first training batch
         self.sample_weights = sample_weights
         self.teacher = as_frozen_teacher(teacher)
         self.student = student
@@ -138,6 +144,11 @@ class DistillationModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.student.train()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        states, self._saved_random_states = self._saved_random_states, None
+        if states is not None and len(states) == self.trainer.world_size:  # else another world size: go on as is
+            restore_states(states[self.global_rank], self.device)
 
     def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], batch_idx: int) -> Tensor | dict:
         if isinstance(batch, dict):
@@ -250,10 +261,14 @@ class DistillationModule(L.LightningModule):
         for key in [k for k in state if k.startswith(_TEACHER_PREFIX)]:
             del state[key]
         checkpoint[TEACHER_REFERENCE_KEY] = self.teacher_reference()
+        # every rank's global random generators (a collective: Lightning saves checkpoints on every rank), which
+        # the student's dropout draws from; put back at the first training batch after a resume
+        checkpoint[RANDOM_STATE_KEY] = gather_states(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Check that this module's teacher is the one the checkpoint was made with, and put its weights back
         into the state to load (checkpoints that still hold the teacher's weights load as they are)."""
+        self._saved_random_states = checkpoint.get(RANDOM_STATE_KEY)
         recorded = checkpoint.get(TEACHER_REFERENCE_KEY)
         if recorded is None:
             return

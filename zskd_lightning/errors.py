@@ -22,3 +22,12 @@ def first_line(err: BaseException) -> str:
     """The first line of ``str(err)``, stripped (``""`` when it has none): for one-line messages."""
     text = str(err).strip()
     return text.splitlines()[0] if text else ""
+
+
+def described(err: BaseException, limit: int | None = None) -> str:
+    """``"TypeName: first line"`` of ``err`` (its type alone when it has no text), the line cut to ``limit``
+    characters with ``...`` when given: for naming an unexpected error in one line."""
+    line = first_line(err)
+    if limit is not None and len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from zskd_lightning._version import __version__
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import ZSKDError, described
 from zskd_lightning.files import record_path, write_atomic, write_text_atomic
 from zskd_lightning.teacher import instantiate, load_weights
 
@@ -117,7 +117,7 @@ def load_student(path: str | os.PathLike, network: nn.Module | None = None,
     try:
         state = load_file(weights, device=str(map_location))
     except Exception as err:  # not a safetensors file, truncated
-        raise ZSKDError(f"could not read student weights {weights}: {type(err).__name__}: {err}") from err
+        raise ZSKDError(f"could not read student weights {weights}: {described(err)}") from err
     load_weights(network, state, weights)
     network.zskd_record = record
     return network.to(map_location).eval()

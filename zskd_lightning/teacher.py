@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zskd_lightning.checks import probe_num_outputs
-from zskd_lightning.errors import InvalidArgument, ZSKDError, first_line
+from zskd_lightning.errors import InvalidArgument, ZSKDError, described, first_line
 from zskd_lightning.files import file_sha256, record_path, resolve_packaged
 from zskd_lightning.kernels import use_fast_kernels
 
@@ -65,7 +65,7 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
             "and give the architecture as the teacher's `network`"
         ) from err
     except Exception as err:  # corrupt, truncated, not a torch file
-        raise ZSKDError(f"could not read checkpoint {path}: {type(err).__name__}: {first_line(err)}") from err
+        raise ZSKDError(f"could not read checkpoint {path}: {described(err)}") from err
     if not isinstance(obj, Mapping):
         raise ZSKDError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state_dict or a Lightning checkpoint")
     return dict(obj)
@@ -76,7 +76,7 @@ def _read_safetensors(path: str, what: str) -> dict[str, Any]:
     try:
         state = load_file(path, device="cpu")
     except Exception as err:  # truncated, not a safetensors file
-        raise ZSKDError(f"could not read {what} {path}: {type(err).__name__}: {first_line(err)}") from err
+        raise ZSKDError(f"could not read {what} {path}: {described(err)}") from err
     content: dict[str, Any] = {"state_dict": state}
     json_path = record_path(path)
     if os.path.isfile(json_path):

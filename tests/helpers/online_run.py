@@ -2,12 +2,13 @@
 launcher re-runs this script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
 
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
-                         [--stop-at STEP]
+                         [--stop-at STEP] [--epochs N] [--random]
 
-Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--steps`` steps
-(one epoch; ``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
-``DIR/checkpoints`` every 2 steps. At the end of fit every rank writes ``DIR/rank{r}.pt``: its buffer, labels,
-generator and student weights and round count.
+Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--epochs`` epochs
+of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
+``DIR/checkpoints`` every 2 steps. ``--random`` adds what draws from random streams during training: blends,
+turns and noise (``batch_augmentation``) and a dropout layer before the student. At the end of fit every rank
+writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights and round count.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--slow", type=float, default=0.0, help="sleep this long after each training step")
     parser.add_argument("--resume", action="store_true", help="resume from DIR/checkpoints/last.ckpt")
     parser.add_argument("--stop-at", type=int, default=-1, help="stop after this many steps (Trainer max_steps)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--random", action="store_true", help="batch augmentation and a student with dropout")
     args = parser.parse_args()
 
     import lightning as L
@@ -38,7 +41,13 @@ def main() -> None:
     from helpers import tiny
 
     torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)  # the global stream's start (torch's own is drawn at random)
     model, datamodule = tiny.online_setup(steps_per_epoch=args.steps, buffer_size=args.buffer)
+    if args.random:
+        from zskd_lightning.augment import BatchAugmentation
+
+        datamodule.batch_augmentation = BatchAugmentation(degrees=15, mix=0.5, noise_std=0.05)
+        model.student = torch.nn.Sequential(torch.nn.Dropout(0.3), model.student)
 
     class Slow(Callback):
         def on_train_batch_end(self, *unused) -> None:
@@ -57,7 +66,7 @@ def main() -> None:
                                   every_n_train_steps=2, save_top_k=0)
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                                  enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump()],
-                                 max_steps=args.stop_at)
+                                 max_steps=args.stop_at, max_epochs=args.epochs)
     ckpt = os.path.join(args.root, "checkpoints", "last.ckpt") if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     assert isinstance(trainer, L.Trainer)

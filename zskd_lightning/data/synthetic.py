@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from zskd_lightning.augment import augment_normalized
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import InputRange, InputSpec
+from zskd_lightning.randomness import seeded_streams, stream_seed
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -31,7 +33,10 @@ class SyntheticDataModule(L.LightningDataModule):
             unless that is what you mean to do.
         batch_augmentation: a module applied to whole pixel-space training batches on their device, e.g.
             :class:`~zskd_lightning.augment.BatchAugmentation` (per-sample random, vectorised); the teacher
-            labels the augmented batch, as the student sees it.
+            labels the augmented batch, as the student sees it. Each training batch's augmentation draws from its
+            own stream, keyed by ``(run seed, training batches augmented so far, rank)`` (the run seed: torch's
+            initial seed at ``setup``, ``seed_everything``'s), and the count is in checkpoints: a resumed run
+            augments as an unstopped one would, and the global stream (the student's dropout) is left alone.
     """
 
     def __init__(self, input_shape: Sequence[int] | None = None, input_mean: Sequence[float] | None = None,
@@ -45,6 +50,8 @@ class SyntheticDataModule(L.LightningDataModule):
             raise InvalidArgument("validate_on_real needs an eval_data with a validation split")
         self.validate_on_real = validate_on_real
         self.batch_augmentation = batch_augmentation
+        self._augmentation_seed: int | None = None  # set at setup('fit'), or from a checkpoint
+        self._augmented_batches = 0
         shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
         if not shape:
             raise ZSKDError(f"{type(self).__name__} needs input_shape (C, H, W) or an eval_data that defines it")
@@ -87,6 +94,8 @@ class SyntheticDataModule(L.LightningDataModule):
             self.eval_data.setup("validate")
         if stage == "fit" and not self._has_validation() and self.trainer is not None:
             self.trainer.limit_val_batches = 0  # nothing to validate on: no validation loop (not an empty one)
+        if stage == "fit" and self._augmentation_seed is None:
+            self._augmentation_seed = torch.initial_seed()
         if self.input_spec.mean is None and stage == "fit":
             rank_zero_warn(f"{type(self).__name__} has no input_mean/input_std: synthetic inputs are not "
                            "range-limited")
@@ -96,10 +105,23 @@ class SyntheticDataModule(L.LightningDataModule):
         the ``"inputs"`` of dict batches (replay batches)."""
         if self.batch_augmentation is None or self.trainer is None or not self.trainer.training:
             return batch
-        if isinstance(batch, dict):
-            return {**batch, "inputs": augment_normalized(batch["inputs"], self.batch_augmentation, self.input_range())}
-        inputs, targets = batch
-        return augment_normalized(inputs, self.batch_augmentation, self.input_range()), targets
+        inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
+        if self._augmentation_seed is None:
+            self._augmentation_seed = torch.initial_seed()
+        seed = stream_seed(self._augmentation_seed, 0xA06, self._augmented_batches, self.trainer.global_rank)
+        self._augmented_batches += 1
+        with seeded_streams(seed, inputs.device):
+            inputs = augment_normalized(inputs, self.batch_augmentation, self.input_range())
+        return {**batch, "inputs": inputs} if isinstance(batch, dict) else (inputs, batch[1])
+
+    def state_dict(self) -> dict:
+        """``{"augmentation_seed", "augmented_batches"}``: where the training batches' augmentation streams are
+        (the same on every rank)."""
+        return {"augmentation_seed": self._augmentation_seed, "augmented_batches": self._augmented_batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._augmentation_seed = state_dict.get("augmentation_seed", self._augmentation_seed)
+        self._augmented_batches = state_dict.get("augmented_batches", 0)
 
     def real_val_loaders(self) -> list[DataLoader]:
         """``[eval_data's validation split]`` with ``validate_on_real``, else ``[]``."""

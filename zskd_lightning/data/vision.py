@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data.classification import ClassificationDataModule
-from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError, described
 
 __all__ = [
     "TorchvisionDataModule",
@@ -39,14 +39,6 @@ RESIZE_MODES = ("pad", "resize", "none")
 #: What torchvision's readers raise on a present but truncated or foreign file (MNIST's idx files carry no
 #: checksum: an empty file is a ValueError, a wrong header an AssertionError or a KeyError).
 _UNPARSABLE = (ValueError, TypeError, AssertionError, KeyError, EOFError, pickle.UnpicklingError)
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0].strip() if text else ""
-    if len(line) > limit:
-        line = line[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 class TorchvisionDataModule(ClassificationDataModule):
@@ -104,15 +96,15 @@ class TorchvisionDataModule(ClassificationDataModule):
         files = self.expected_files(train)
         missing = [p for p in files if not os.path.isfile(p)]
         if downloading:
-            what = f"download failed ({_first_line(cause)})" if cause is not None else "download failed"
+            what = f"download failed ({described(cause, limit=160)})" if cause is not None else "download failed"
         elif missing:
             what = "files not found"
             if cause is not None and not isinstance(cause, RuntimeError):
-                what += f" ({_first_line(cause)})"
+                what += f" ({described(cause, limit=160)})"
         else:
             what = "files present but unreadable or corrupted"
             if cause is not None:
-                what += f" ({_first_line(cause)})"
+                what += f" ({described(cause, limit=160)})"
         hint = (
             "download=True needs internet access"
             if self.download

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError, first_line
+from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError, described, first_line
 from zskd_lightning.impressions.cache import ImpressionCache
 from zskd_lightning.impressions.pictures import impression_grid
 from zskd_lightning.pictures import log_picture, save_picture
@@ -183,7 +183,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
         except OSError as err:  # read-only, full, not a folder, ...
             decision = {"error": f"cannot use the impression cache {cache.directory}: {err.strerror or err}"}
         except Exception as err:  # a bug: rank 0 raises it as it is, the others learn of it
-            failure, decision = err, {"error": f"{type(err).__name__}: {first_line(err)}"}
+            failure, decision = err, {"error": described(err)}
     decision = strategy.broadcast(decision, src=0)
     if failure is not None:
         raise failure
@@ -270,7 +270,7 @@ def _first_failure(trainer: L.Trainer, failure: Exception | None) -> str | None:
     elif isinstance(failure, ZSKDError):
         message = first_line(failure)
     else:  # a bug or a device error: say what it was
-        message = f"{type(failure).__name__}: {first_line(failure)}"
+        message = described(failure)
     if trainer.world_size == 1 or not torch.distributed.is_initialized():
         return message
     messages: list = [None] * trainer.world_size

@@ -21,7 +21,7 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from zskd_lightning._version import __version__
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import ZSKDError, described
 from zskd_lightning.files import write_atomic
 from zskd_lightning.metadata.statistics import ClassMoments
 
@@ -92,7 +92,7 @@ def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = Non
         tensors = load(payload)
         header = json.loads(_safetensors_header(payload).get("__metadata__", {}).get("zskd", "null"))
     except (SafetensorError, ValueError, KeyError, TypeError) as err:
-        raise ZSKDError(f"metadata file {path} is corrupt or truncated ({type(err).__name__}: {err})") from err
+        raise ZSKDError(f"metadata file {path} is corrupt or truncated ({described(err)})") from err
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ZSKDError(f"{path} is not an activation metadata file (no {FORMAT!r} header)")
     if header.get("version") != VERSION:

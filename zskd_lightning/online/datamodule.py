@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -18,6 +17,7 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.online.buffer import ReplayBuffer
 from zskd_lightning.online.driver import OnlineSynthesis
 from zskd_lightning.online.sampler import UniformSampler
+from zskd_lightning.randomness import stream_seed
 from zskd_lightning.synthesis.generator import GeneratorSynthesizer
 
 
@@ -73,8 +73,7 @@ class BufferBatches(IterableDataset):
         if restored is not None and restored["epoch"] == epoch and restored["generator"] is not None:
             self._generator.set_state(restored["generator"])
         else:
-            sequence = np.random.SeedSequence([dm.seed, 0xD4A, epoch, rank])
-            self._generator.manual_seed(int(sequence.generate_state(1, np.uint64)[0] >> 1))
+            self._generator.manual_seed(stream_seed(dm.seed, 0xD4A, epoch, rank))
         while self._drawn < dm.steps_per_epoch:
             if len(dm.buffer) == 0:
                 raise ZSKDError("the replay buffer is empty: an online run needs the OnlineSynthesis callback "
@@ -185,4 +184,6 @@ class OnlineDataModule(SyntheticDataModule):
     def train_dataloader(self) -> DataLoader:
         # Batches come ready-made from the live buffer, in this process (no workers: they would hold copies).
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-        return ResumableLoader(BufferBatches(self), batch_size=None)
+        # Its own generator: a new iterator draws its (unused) worker base seed from it, not from the global
+        # stream, which a resumed fit puts back at its first batch (DistillationModule).
+        return ResumableLoader(BufferBatches(self), batch_size=None, generator=torch.Generator().manual_seed(0))

@@ -51,8 +51,9 @@ class ImageGenerator(nn.Module):
     ``noise [N, noise_dim]`` (and, when ``num_classes`` is given, ``labels [N]`` as a one-hot appended to the
     noise) -> linear -> ``[2 width, H/4, W/4]`` -> BN -> (transposed conv 4x4 stride 2 -> BN -> LeakyReLU) twice
     -> conv3x3 -> sigmoid: pixel values in [0, 1], mapped into the teacher's input space by ``input_range``
-    (per-channel ``(low, high)`` ``[C, 1, 1]``), so every output is in the valid range by construction. Without
-    a range the output is ``tanh``, in [-1, 1]. Runs channels-last (2-3x faster steps on CPU than contiguous).
+    (per-channel ``(low, high)`` ``[C, 1, 1]``), so every output is in the valid range by construction (float32,
+    under autocast too). Without a range the output is ``tanh``, in [-1, 1]. Runs channels-last (2-3x faster steps
+    on CPU than contiguous).
     """
 
     def __init__(self, input_shape: Sequence[int], noise_dim: int = 100, width: int = 64,
@@ -90,6 +91,7 @@ class ImageGenerator(nn.Module):
                 raise InvalidArgument("this generator is conditional: pass the labels [N] of the classes to make")
             noise = torch.cat([noise, F.one_hot(labels, self.num_classes).to(noise.dtype)], dim=1)
         x = self.body(self.project(noise).view(-1, *self.start).contiguous(memory_format=torch.channels_last))
+        x = x.float()  # under bf16 autocast too: a bf16 map into the range overshoots it (2.8215 -> 2.828)
         if not self.has_range:
             return torch.tanh(x)
         return from_pixels(torch.sigmoid(x), (self.low, self.high))

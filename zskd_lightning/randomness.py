@@ -1,0 +1,85 @@
+"""Random streams that survive a resume: per-batch seeded streams, and the global generators in checkpoints.
+
+Two things make a resumed run draw what an unstopped one would:
+
+- :func:`seeded_streams` runs a block (e.g. a batch's augmentation) on the global generators seeded from a key
+  such as ``(run seed, batch count, rank)``, then gives the generators back as they were: the block draws the
+  same numbers whenever it runs, and the stream outside it does not move.
+- :func:`capture_states` / :func:`restore_states` read and set the global generators (Python, NumPy, torch's CPU
+  generator and the device's), for a checkpoint: :func:`gather_states` collects every rank's under DDP, since
+  Lightning writes rank 0's checkpoint only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer ``keys`` (e.g. ``(seed, batch, rank)``) by NumPy's ``SeedSequence``:
+    keys differing anywhere give independent streams."""
+    sequence = np.random.SeedSequence([int(k) for k in keys])
+    return int(sequence.generate_state(1, np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded_streams(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block on torch's CPU generator and ``device``'s (a CUDA device's own) seeded with ``seed``; both
+    are restored afterwards. Other devices' generators are left alone (on a device type other than CPU or CUDA,
+    ``torch.manual_seed`` seeds them all)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            if device.type == "cpu":
+                torch.default_generator.manual_seed(seed)
+            else:
+                torch.manual_seed(seed)
+            yield
+
+
+def capture_states(device: torch.device | str = "cpu") -> dict:
+    """This process's global generators: ``{"python", "numpy", "torch", "device"}`` (``device``: the CUDA
+    device's state, ``None`` elsewhere), as tensors, lists and numbers (no pickled NumPy objects)."""
+    device = torch.device(device)
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_states(states: dict, device: torch.device | str = "cpu") -> None:
+    """Set this process's global generators to ``states`` (from :func:`capture_states`)."""
+    device = torch.device(device)
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states["device"] is not None:
+        torch.cuda.set_rng_state(states["device"], device)
+
+
+def gather_states(device: torch.device | str = "cpu") -> list[dict]:
+    """Every rank's :func:`capture_states`, in rank order (a collective under an initialized process group;
+    ``[own]`` without one)."""
+    own = capture_states(device)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [own]
+    states: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, own)
+    return states
