@@ -490,7 +490,8 @@ def _plateau_teacher():
 
 def test_synthesis_follows_the_trainers_mixed_precision(tmp_path):
     """Under Trainer(precision="bf16-mixed") the teacher's forward pass in synthesis runs in bf16 autocast,
-    while the cached impressions stay float32 and finite."""
+    while the cached impressions stay float32 and finite. (Lightning turns 16-mixed into bf16-mixed on CPU: the
+    float16 path, with its loss scale, is tested on the synthesizers directly.)"""
     teacher = tiny.make_net(0)
     seen: list[torch.dtype] = []
     first_linear = next(m for m in teacher.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
@@ -532,6 +533,23 @@ def test_bf16_synthesis_reaches_the_targets_like_float32(trained_teacher):
     _, _, _, loss16 = synthesize(ZSKDSynthesizer(iterations=40, lr=0.05, precision="bf16-mixed"), trained_teacher, n=32)
     _, _, _, loss0 = synthesize(ZSKDSynthesizer(iterations=1, lr=0.05, precision="32-true"), trained_teacher, n=32)
     assert loss16 < loss0 and loss32 < loss0
+    assert abs(loss16 - loss32) < 0.1 * (loss0 - loss32)
+
+
+def test_float16_synthesis_scales_its_loss_and_reaches_the_targets_like_float32(trained_teacher, monkeypatch):
+    """Under float16 autocast (a Trainer's 16-mixed) the inversion scales its loss (synthesis.LossScale): it
+    reaches the float32 run's loss, where an unscaled float16 run would lose its small gradients."""
+    from zskd_lightning.synthesis import LossScale
+
+    made = []
+    make = LossScale.for_autocast.__func__
+    monkeypatch.setattr(LossScale, "for_autocast", classmethod(lambda cls, *a: made.append(make(cls, *a)) or made[-1]))
+    _, _, _, loss32 = synthesize(ZSKDSynthesizer(iterations=40, lr=0.05), trained_teacher, n=32)
+    inputs, _, _, loss16 = synthesize(ZSKDSynthesizer(iterations=40, lr=0.05), trained_teacher, n=32,
+                                      autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    _, _, _, loss0 = synthesize(ZSKDSynthesizer(iterations=1, lr=0.05), trained_teacher, n=32)
+    assert [m.enabled for m in made] == [False, True, False]
+    assert torch.isfinite(inputs).all() and loss16 < loss0
     assert abs(loss16 - loss32) < 0.1 * (loss0 - loss32)
 
 

@@ -16,6 +16,7 @@ from zskd_lightning.synthesis.api import (
 )
 from zskd_lightning.synthesis.generator import GeneratorSynthesizer, ImageGenerator
 from zskd_lightning.synthesis.inversion import Synthesizer
+from zskd_lightning.synthesis.loss_scale import LossScale
 from zskd_lightning.synthesis.methods import (
     ClassImpressionSynthesizer,
     FastSynthesizer,
@@ -55,6 +56,7 @@ __all__ = [
     "ImageGenerator",
     "L2Prior",
     "LopesSynthesizer",
+    "LossScale",
     "Objective",
     "OneHotTargets",
     "PixelL2Prior",

@@ -30,6 +30,7 @@ from zskd_lightning.synthesis.api import (
     evaluating,
 )
 from zskd_lightning.kernels import fast_kernels_in, in_channels_last
+from zskd_lightning.synthesis.loss_scale import LossScale
 from zskd_lightning.weighting import SampleWeighting
 
 #: The noise starts other than ``"uniform"``: ``(mean, std)`` of the clamped normal in pixel space.
@@ -63,7 +64,8 @@ class Synthesizer(Method):
             banded 1x1 convolution (:mod:`zskd_lightning.kernels`; equal up to float rounding,
             ~1.8x faster AlexNet synthesis steps on CPU).
         precision: the arithmetic of the teacher's forward/backward during synthesis. ``None`` (default): the
-            context's (the Trainer's precision plugin's autocast, as for distillation). ``"bf16-mixed"``: bf16
+            context's (the Trainer's precision plugin's autocast, as for distillation; under float16, ``16-mixed``,
+            the loss is scaled: :class:`~zskd_lightning.synthesis.LossScale`). ``"bf16-mixed"``: bf16
             autocast for synthesis only (on CPUs with native bf16, e.g. AVX512-BF16/AMX, and on GPUs); the
             inputs, their Adam moments, the objective and the regularizers stay float32. ``"32-true"``: float32.
         jitter: before every step, shift the whole chunk by a random offset of up to ``jitter`` pixels in each
@@ -176,19 +178,26 @@ class Synthesizer(Method):
             adam = _MaskedAdam(inputs, self.lr, None if input_range is None else tuple(b.to(device) for b in input_range))
             active = torch.arange(n, device=device)
             steps = 0
+            loss_scale = LossScale.for_autocast(autocast, device)  # float16 only: gradients kept from underflow
             for iteration in range(1, self.iterations + 1):
                 everyone = active.numel() == n
-                current = (inputs if everyone else inputs.index_select(0, active)).detach().requires_grad_(True)
-                shifted = self._shifted(current, rng.torch)
-                with autocast():
-                    logits = teacher(shifted)
-                    student_logits = None if student is None else student(shifted)
-                response = Response(logits.float(), taps.features,
-                                    None if student_logits is None else student_logits.float())
-                per_sample = self.objective(response, device_targets if everyone else device_targets[active])
-                loss = self.summed_loss(per_sample, self.weights_for(response), current, response)
-                (grad,) = torch.autograd.grad(loss, current)
-                taps.clear()
+                offsets = self._offsets(rng.torch)
+
+                def gradient(scale: float) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
+                    current = (inputs if everyone else inputs.index_select(0, active)).detach().requires_grad_(True)
+                    shifted = self._rolled(current, offsets)
+                    with autocast():
+                        logits = teacher(shifted)
+                        student_logits = None if student is None else student(shifted)
+                    response = Response(logits.float(), taps.features,
+                                        None if student_logits is None else student_logits.float())
+                    per_sample = self.objective(response, device_targets if everyone else device_targets[active])
+                    loss = self.summed_loss(per_sample, self.weights_for(response), current, response)
+                    grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, current)
+                    taps.clear()
+                    return list(grads), (current, per_sample)
+
+                (grad,), (current, per_sample) = loss_scale.backward(gradient)
                 adam.step(active, None if everyone else current.detach(), grad, everyone)
                 steps += active.numel()
                 per_sample = per_sample.detach()
@@ -209,12 +218,19 @@ class Synthesizer(Method):
             steps=steps,
         )
 
-    def _shifted(self, inputs: Tensor, generator: torch.Generator) -> Tensor:
-        """``inputs [N, C, H, W]`` rolled by one random ``(dy, dx)`` in ``[-jitter, jitter]`` (itself when off)."""
+    def _offsets(self, generator: torch.Generator) -> tuple[int, int] | None:
+        """One random ``(dy, dx)`` in ``[-jitter, jitter]`` for an iteration (``None`` when off)."""
         if not self.jitter:
-            return inputs
+            return None
         dy, dx = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=generator).tolist()
-        shifted = torch.roll(inputs, shifts=(dy, dx), dims=(-2, -1))
+        return dy, dx
+
+    @staticmethod
+    def _rolled(inputs: Tensor, offsets: tuple[int, int] | None) -> Tensor:
+        """``inputs [N, C, H, W]`` rolled by ``offsets`` ``(dy, dx)`` pixels (itself for ``None``)."""
+        if offsets is None:
+            return inputs
+        shifted = torch.roll(inputs, shifts=offsets, dims=(-2, -1))
         return shifted.contiguous(memory_format=torch.channels_last) if inputs.is_contiguous(
             memory_format=torch.channels_last) else shifted
 
