@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -508,6 +509,39 @@ def test_a_teacher_that_outputs_nan_stops_synthesis_in_one_line(tmp_path):
     assert not list((tmp_path / "cache").glob("chunk-*"))  # nothing of it is written
 
 
+def test_a_teacher_that_turns_nan_midway_keeps_the_chunks_finished_before(tmp_path, monkeypatch):
+    """The README's errors table: 'earlier finished chunks only, no manifest'."""
+
+    class TurnsNaN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network, self.broken = tiny.make_net(0), False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.network(x)
+            return out * float("nan") if self.broken else out
+
+    teacher = TurnsNaN()
+    write_chunk = ImpressionCache.write_chunk
+
+    def write_then_break(cache, chunk, *args, **kwargs):
+        write_chunk(cache, chunk, *args, **kwargs)
+        teacher.broken = chunk >= 1  # chunks 0 and 1 finish; chunk 2 meets a NaN teacher
+
+    monkeypatch.setattr(ImpressionCache, "write_chunk", write_then_break)
+    with pytest.raises(ZSKDError, match="chunk 2 of impression cache .* non-finite"):
+        tiny.run_synthesis(tmp_path / "cache", teacher=teacher, grid=False)
+    cache_dir = tmp_path / "cache"
+    assert not (cache_dir / "manifest.json").exists()
+    kept = {p.name: p.read_bytes() for p in cache_dir.glob("chunk-*")}
+    assert sorted(p for p in kept if p.endswith(".json")) == ["chunk-000000.json", "chunk-000001.json"]
+    monkeypatch.undo()
+    teacher.broken = False
+    _, datamodule = tiny.run_synthesis(cache_dir, teacher=teacher, grid=False)  # resumes from chunk 2
+    assert datamodule._require_cache().is_complete()
+    assert all((cache_dir / name).read_bytes() == content for name, content in kept.items())
+
+
 def test_a_non_finite_distillation_loss_stops_training_in_one_line():
     module = DistillationModule(nan_teacher(), tiny.make_net(1, width=4), export_filename=None)
     module.log = lambda *args, **kwargs: None
@@ -515,10 +549,13 @@ def test_a_non_finite_distillation_loss_stops_training_in_one_line():
         module.training_step((torch.randn(4, 1, 8, 8), torch.rand(4, 10)), 0)
 
 
-def test_a_zero_input_std_is_refused_in_one_line(tmp_path):
+def test_a_zero_or_0_255_input_std_is_refused_in_one_line(tmp_path):
     with pytest.raises(ZSKDError, match=r"input_std must be > 0 in every channel, got \[0.0\]"):
         ImpressionDataModule(ZSKDSynthesizer(), 8, str(tmp_path / "cache"), input_shape=(1, 8, 8), input_mean=[0.5],
                              input_std=[0.0])
+    with pytest.raises(ZSKDError, match=r"of pixel values in \[0, 1\].*got mean \[125.3\] and std \[63.0\]"):
+        ImpressionDataModule(ZSKDSynthesizer(), 8, str(tmp_path / "cache"), input_shape=(1, 8, 8),
+                             input_mean=[125.3], input_std=[63.0])  # 0-255 statistics
 
 
 # ------------------------------------------------------------------------------------------ no data lost
@@ -566,7 +603,8 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, reference):
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache"), str(Path(__file__).parent)],
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "locked"
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # a child stuck before it locks: fail, not hang
+        assert ready and proc.stdout.readline().strip() == "locked"
     finally:
         proc.kill()
         proc.wait()

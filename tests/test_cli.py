@@ -334,6 +334,33 @@ def test_a_failed_run_without_a_logger_keeps_the_users_files(tmp_path, capsys, m
     assert _run_log_folder(logged) == str(tmp_path / "logs" / "version_0")
 
 
+def test_the_failure_cleanup_keeps_a_folder_with_anything_of_value(tmp_path):
+    """A failed run's version folder goes only while it holds nothing but small startup files; a checkpoint,
+    metrics, an export, a large event file or a sub-folder keeps it, every file in it untouched."""
+    from zskd_lightning.cli import _remove_if_only_startup_files
+
+    def folder(name: str, **files: bytes) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for filename, content in {"config.yaml": b"trainer: {}\n", "hparams.yaml": b"{}\n", **files}.items():
+            (path / filename.replace("__", ".")).write_bytes(content)
+        return path
+
+    startup_only = folder("startup", **{"events__out__tfevents__1__host": b"x" * 100})
+    _remove_if_only_startup_files(str(startup_only))
+    assert not startup_only.exists()
+    for kept in (folder("ckpt", **{"last__ckpt": b"weights"}), folder("metrics", **{"metrics__csv": b"step\n0\n"}),
+                 folder("export", **{"student__safetensors": b"w"}),
+                 folder("events", **{"events__out__tfevents__2__host": b"x" * 10_000})):
+        before = {p.name: p.read_bytes() for p in kept.iterdir()}
+        _remove_if_only_startup_files(str(kept))
+        assert {p.name: p.read_bytes() for p in kept.iterdir()} == before, kept.name
+    nested = folder("nested")
+    (nested / "checkpoints").mkdir()
+    _remove_if_only_startup_files(str(nested))
+    assert (nested / "checkpoints").is_dir() and (nested / "config.yaml").is_file()
+
+
 @pytest.mark.parametrize(("override", "value", "reason"), [
     ("--data.init_args.synthesizer.init_args.precision", "16-mixed", "Expected a typing.Literal['bf16-mixed', '32-true']"),
     ("--data.init_args.synthesizer.init_args.iterations", "many", "Expected a <class 'int'>"),

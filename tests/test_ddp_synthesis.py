@@ -63,7 +63,7 @@ def ddp_default(tmp_path_factory):
     """2 processes with all defaults: threads as Lightning sets them, the default callback (impression grid on),
     one epoch of training after synthesis, and the student's export."""
     folder = tmp_path_factory.mktemp("ddp_default")
-    result, log = run_ddp(folder, "--fit", "--export", threads=None, timeout=60)
+    result, log = run_ddp(folder, "--fit", "--export", threads=None, timeout=2 * DDP_TIMEOUT)  # the heaviest run
     return folder, result, log
 
 

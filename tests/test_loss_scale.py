@@ -70,9 +70,13 @@ def test_an_overflowing_step_is_taken_again_at_smaller_scales(small_net):
     assert retries and scale.scale == 2.0 ** 40 / 2 ** len(retries) and torch.isfinite(grads[0]).all()
     assert relative_error(grads[0], reference[0]) < 0.02
     grower = LossScale(True, init_scale=4.0, growth_interval=2)
-    for _ in range(2):
-        grower.backward(input_gradient(small_net, x, float16, 1.0))
-    assert grower.scale == 8.0  # doubled after 2 finite steps in a row
+    for step in range(3):  # the scale doubles after 2 finite steps in a row; every step's gradients are true
+        grads, _ = grower.backward(input_gradient(small_net, x, float16, 1.0))
+        assert relative_error(grads[0], reference[0]) < 0.02, step
+    assert grower.scale == 8.0
+    restored = LossScale(True)
+    restored.load_state_dict(grower.state_dict())
+    assert restored.state_dict() == grower.state_dict() == {"scale": 8.0, "finite_steps": 1}
 
 
 def test_a_loss_that_is_not_finite_is_one_line_not_an_endless_retry():
@@ -106,5 +110,6 @@ def test_a_float16_generator_round_retried_after_an_overflow_ends_as_one_not_ret
     assert used[0].enabled and used[0].scale < 2.0 ** 60 and used[1].scale == used[0].scale
     (retried, retried_state), (plain, plain_state) = made
     assert torch.isfinite(retried.loss).all()
+    assert synthesizer.state_dict()["loss_scale"] == used[1].state_dict()  # kept across rounds, in checkpoints
     assert torch.equal(plain.inputs, retried.inputs)
     assert all(torch.equal(plain_state[k], v) for k, v in retried_state.items())

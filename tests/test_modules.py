@@ -201,11 +201,12 @@ def test_checkpoints_hold_the_teacher_by_reference(distilled, tmp_path):
 
 def test_a_bf16_true_fit_records_and_resumes_the_float32_teachers_fingerprint(tmp_path):
     """``precision: bf16-true`` casts the whole module, teacher included; the teacher's fingerprint is taken in
-    ``setup``, before the cast, so checkpoints name the teacher the user gave and a resumed fit accepts them."""
+    ``setup``, before the cast, so checkpoints name the teacher the user gave and a resumed fit accepts them; the
+    export at the end of fit probes the cast networks with inputs of their own type (it crashed before)."""
     teacher_fingerprint = FrozenTeacher(_teacher_net()).fingerprint()
 
     def fit(max_epochs: int, ckpt_path=None) -> L.Trainer:
-        module = DistillationModule(FrozenTeacher(_teacher_net()), _student(), export_filename=None)
+        module = DistillationModule(FrozenTeacher(_teacher_net()), _student())
         trainer = quiet_trainer(tmp_path, precision="bf16-true", max_epochs=max_epochs, limit_train_batches=2,
                                 limit_val_batches=0)
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
@@ -213,9 +214,57 @@ def test_a_bf16_true_fit_records_and_resumes_the_float32_teachers_fingerprint(tm
         return trainer
 
     trainer = fit(1)
+    assert load_student(tmp_path / "student.safetensors", network=_student()) is not None
     trainer.save_checkpoint(tmp_path / "bf16.ckpt")
     assert torch.load(tmp_path / "bf16.ckpt", weights_only=True)["zskd_teacher"]["fingerprint"] == teacher_fingerprint
     assert fit(2, ckpt_path=tmp_path / "bf16.ckpt").global_step == 4
+
+
+def test_global_random_generators_come_back_on_resume_only(tmp_path):
+    """Checkpoints hold the global generators (the student's dropout draws from them): a fit resumed from one
+    takes them back at its first batch; a new fit of a module loaded from it keeps its own seed's."""
+    from lightning.pytorch.callbacks import Callback
+
+    class FirstBatchState(Callback):
+        def __init__(self) -> None:
+            self.state = None
+
+        def on_train_batch_end(self, trainer, *unused) -> None:
+            if self.state is None:
+                self.state = torch.get_rng_state()
+
+    def fit(module, ckpt_path=None, max_epochs=1) -> FirstBatchState:
+        L.seed_everything(0, verbose=False)
+        seen = FirstBatchState()
+        quiet_trainer(tmp_path, max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=0,
+                      callbacks=[seen]).fit(module, datamodule=DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
+        return seen
+
+    first = DistillationModule(FrozenTeacher(_teacher_net()), _student(), export_filename=None)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    L.seed_everything(0, verbose=False)
+    trainer.fit(first, datamodule=DigitsDataModule(batch_size=16))
+    torch.rand(100)  # the stream moves on after the save
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    saved = torch.load(tmp_path / "one.ckpt", weights_only=True)["zskd_random_states"][0]["torch"]
+    loaded = DistillationModule.load_from_checkpoint(tmp_path / "one.ckpt", teacher=FrozenTeacher(_teacher_net()),
+                                                     student=_student())
+    fresh = DistillationModule(FrozenTeacher(_teacher_net()), _student(), export_filename=None)
+    assert torch.equal(fit(loaded).state, fit(fresh).state)  # a new fit: seed_everything's stream, not the file's
+    resumed = DistillationModule(FrozenTeacher(_teacher_net()), _student(), export_filename=None)
+    state = fit(resumed, ckpt_path=tmp_path / "one.ckpt", max_epochs=2).state
+    assert not torch.equal(state, fit(fresh).state)
+    # the resumed first batch drew from the saved state: one KD step of this student draws nothing, so equal
+    assert torch.equal(state, saved)
+
+
+def test_a_plateau_scheduler_without_validation_is_refused_before_training(tmp_path):
+    module = DistillationModule(FrozenTeacher(_teacher_net()), _student(), export_filename=None,
+                                lr_scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+    trainer = quiet_trainer(tmp_path, limit_train_batches=2, limit_val_batches=0)
+    with pytest.raises(ZSKDError, match="ReduceLROnPlateau follows val/loss, and this run has no validation"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    assert trainer.global_step == 0
 
 
 # ------------------------------------------------------------------------------- the training loss

@@ -161,6 +161,20 @@ def test_a_tiny_online_fit_fills_a_balanced_buffer_and_draws_a_picture(tmp_path)
     assert trainer.callback_metrics["online/round"] == 7
 
 
+def test_a_synthesis_callback_subclass_on_the_trainer_takes_the_place_of_the_default():
+    class MySynthesis(OnlineSynthesis):
+        pass
+
+    model, datamodule = tiny.online_setup()
+    mine = MySynthesis()
+    trainer = tiny.quiet_trainer(".", callbacks=[mine])
+    trainer.datamodule = datamodule  # what fit sets before it asks the module for callbacks
+    model.trainer = trainer
+    assert not [c for c in model.configure_callbacks() if isinstance(c, OnlineSynthesis)]
+    trainer.callbacks = [c for c in trainer.callbacks if c is not mine]
+    assert [type(c) for c in model.configure_callbacks() if isinstance(c, OnlineSynthesis)] == [OnlineSynthesis]
+
+
 def test_rounds_with_draws_write_that_many_more_inputs(tmp_path):
     model, datamodule = tiny.online_setup(steps_per_epoch=6, buffer_size=200, draws_per_round=2)
     trainer = tiny.quiet_trainer(tmp_path, max_epochs=1)
@@ -239,7 +253,7 @@ def test_kill_9_mid_fit_then_resume_restores_the_buffer(tmp_path):
                              "--slow", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, env=tiny.script_env(1))
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not last.exists():
+    while time.monotonic() < deadline and not last.exists() and proc.poll() is None:  # a crashed child: no wait
         time.sleep(0.2)
     time.sleep(1.5)  # a few more steps (and a newer checkpoint) before the kill
     os.killpg(proc.pid, signal.SIGKILL)

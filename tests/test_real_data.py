@@ -404,8 +404,10 @@ def test_class_config():
     assert isinstance(f, ClassificationDataModule)
     m = MNISTDataModule(num_workers=2, batch_size=64)
     assert m.eval_batch_size == 64 and m.num_workers == 2
-    for bad in (dict(val_fraction=1.0), dict(val_fraction=-0.1), dict(batch_size=0)):
-        with pytest.raises(ZSKDError):
+    for bad, says in ((dict(val_fraction=1.0), r"val_fraction must be in \[0, 1\), got 1.0"),
+                      (dict(val_fraction=-0.1), r"val_fraction must be in \[0, 1\), got -0.1"),
+                      (dict(batch_size=0), "batch_size must be >= 1, got 0")):
+        with pytest.raises(ZSKDError, match=says):
             MNISTDataModule(**bad)
 
 

@@ -181,9 +181,9 @@ def test_small_beta_gives_peakier_targets_than_large_beta(trained_teacher):
 
 
 def test_dirichlet_rejects_bad_betas():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"betas must be positive, got \(\)"):
         DirichletTargets(())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"betas must be positive, got \(1.0, 0.0\)"):
         DirichletTargets((1.0, 0.0))
 
 
@@ -537,8 +537,8 @@ def test_bf16_synthesis_reaches_the_targets_like_float32(trained_teacher):
 
 
 def test_float16_synthesis_scales_its_loss_and_reaches_the_targets_like_float32(trained_teacher, monkeypatch):
-    """Under float16 autocast (a Trainer's 16-mixed) the inversion scales its loss (synthesis.LossScale): it
-    reaches the float32 run's loss, where an unscaled float16 run would lose its small gradients."""
+    """Under float16 autocast (a Trainer's 16-mixed) the inversion scales its loss (synthesis.LossScale) and
+    reaches the float32 run's loss (tests/test_loss_scale.py shows what an unscaled float16 backward loses)."""
     from zskd_lightning.synthesis import LossScale
 
     made = []

@@ -99,7 +99,7 @@ def test_as_frozen_teacher_freezes_in_place_and_is_idempotent():
 
 
 def test_requires_network_or_checkpoint():
-    with pytest.raises(ZSKDError):
+    with pytest.raises(ZSKDError, match="a teacher needs a `network`, a `checkpoint`, or both"):
         FrozenTeacher()
 
 
@@ -301,6 +301,25 @@ def test_state_dict_with_wrong_shapes(tmp_path):
     assert "classifier.1.weight (128, 1024) vs (64, 512)" in message
 
 
+def test_weights_saved_through_a_wrapper_load_as_they_are(tmp_path):
+    """DDP / DataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``) put a prefix on every key."""
+    source = DigitsConvNet()
+    path = tmp_path / "wrapped.pt"
+    torch.save({f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}, path)
+    teacher = FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), **SOURCE_LAYOUT)
+    assert all(torch.equal(teacher.network.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_weights_of_a_network_kept_as_an_attribute_name_its_prefix(tmp_path):
+    path = tmp_path / "own_module.pt"
+    state = {f"model.{k}": v for k, v in DigitsConvNet().state_dict().items()}
+    torch.save({**state, "loss_fn.weight": torch.ones(10)}, path)  # a LightningModule's other state beside it
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    message = _assert_one_line_naming(err, path)
+    assert "its keys carry the prefix 'model.'" in message and "module.model.state_dict()" in message
+
+
 def test_state_dict_with_wrong_keys(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).state_dict(), path)
@@ -367,6 +386,21 @@ def test_a_checkpoint_naming_a_class_outside_the_allow_list_is_refused(tmp_path,
         FrozenTeacher(checkpoint=str(path))
     message = _assert_one_line_naming(err, path)
     assert reason in message and class_path in message
+
+
+def test_a_class_outside_the_allow_list_is_refused_before_its_module_is_imported(tmp_path, monkeypatch):
+    """An import alone can run code: the module a crafted checkpoint names is never imported."""
+    import sys
+
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": DigitsConvNetHalf().state_dict(),
+                "hyper_parameters": {"network": {"class_path": "planted_module.Net", "init_args": {}}}}, path)
+    with pytest.raises(ZSKDError, match="outside the modules allowed here"):
+        FrozenTeacher(checkpoint=str(path))
+    assert not marker.exists() and "planted_module" not in sys.modules
 
 
 def test_a_nested_class_path_is_checked_too(tmp_path):

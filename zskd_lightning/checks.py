@@ -16,11 +16,15 @@ def probe_num_outputs(model: nn.Module, input_shape: tuple[int, ...], role: str)
             or does not return ``[B, num_classes]`` logits.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # the weights' own float type: a model a '*-true' precision cast (bf16 weights) takes bf16 inputs
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape, device=device))
+            out = model(torch.zeros(2, *input_shape, device=device, dtype=dtype))
+    except ZSKDError:  # already one line naming its cause (e.g. FrozenTeacher's .view on channels-last features)
+        raise
     except RuntimeError as err:
         expected = getattr(model, "input_size", None) or getattr(getattr(model, "network", None), "input_size", None)
         hint = f"; it expects inputs of spatial size {tuple(expected)}" if expected else ""

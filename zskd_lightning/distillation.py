@@ -67,8 +67,14 @@ class DistillationModule(L.LightningModule):
 
     Checkpoints hold the teacher by reference (its file and fingerprint, key ``"zskd_teacher"``), not its
     weights; loading one checks that the teacher given now has that fingerprint. They also hold every rank's
-    global random generators (``"zskd_random_states"``), which a resumed fit puts back at its first training
-    batch: the student's dropout goes on drawing what it would have drawn (on the same number of processes). Through the ``zskd`` CLI the
+    global random generators (``"zskd_random_states"``; CUDA's among the devices'), which a fit resumed from the
+    checkpoint (``ckpt_path``) puts back at its first training batch: the student's dropout goes on as it would
+    have on the same number of processes. Exact for replay batches (online data); an offline or real-data loader
+    that shuffles or augments from the global stream at an epoch's start or before each batch moves it first.
+
+    A subclass overriding ``configure_callbacks``, ``setup``, ``on_fit_start``, ``on_train_batch_start``,
+    ``on_save_checkpoint`` or ``on_load_checkpoint`` must call ``super()``: the synthesis callback, the teacher
+    by reference and a resume's random streams live there. Through the ``zskd`` CLI the
     checkpoint also records the teacher's and the student's ``class_path``/``init_args``, so
     ``DistillationModule.load_from_checkpoint(path)`` needs nothing else.
     """
@@ -120,19 +126,21 @@ class DistillationModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """The callbacks the datamodule needs (an :class:`~zskd_lightning.ImpressionDataModule` asks for its
-        synthesis callback), unless the Trainer already has one of the same type; and a
-        :class:`~zskd_lightning.predictions.PredictionWriter` unless it has a prediction writer."""
+        synthesis callback), unless the Trainer already has one of that type (or a subclass); and a
+        :class:`~zskd_lightning.predictions.PredictionWriter` unless it has a prediction writer. A subclass that
+        overrides this must return ``super().configure_callbacks()`` too."""
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         wanted = list(getattr(datamodule, "synthesis_callbacks", lambda: [])())
-        present = {type(callback) for callback in trainer.callbacks} if trainer is not None else set()
-        return [callback for callback in wanted if type(callback) not in present] + writer_unless_present(trainer)
+        given = list(trainer.callbacks) if trainer is not None else []
+        missing = [callback for callback in wanted if not any(isinstance(c, type(callback)) for c in given)]
+        return missing + writer_unless_present(trainer)
 
     # ---------------------------------------------------------------------------------------- training
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
 
-    def on_fit_start(self) -> None:
+    def _silence_the_teachers_eval_mode_warning(self) -> None:
         # Lightning warns about modules in eval mode when training starts; the frozen teacher always is. Silence
         # exactly that count, and only when the teacher's modules are all there are (a student in eval mode still
         # gets the warning).
@@ -144,6 +152,11 @@ class DistillationModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.student.train()
+
+    def on_fit_start(self) -> None:
+        if self.trainer.ckpt_path is None:  # a new fit (e.g. of a module from load_from_checkpoint): its own seed
+            self._saved_random_states = None
+        self._silence_the_teachers_eval_mode_warning()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         states, self._saved_random_states = self._saved_random_states, None
@@ -244,8 +257,9 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self):
         # Only the student is optimized; the teacher has no trainable parameters.
+        validates = self._trainer is None or self.trainer.limit_val_batches != 0  # 0: set by data with no validation
         return configure_optimization(
-            self.student.parameters(), self.optimizer, self.lr_scheduler, self.hparams.scheduler_interval
+            self.student.parameters(), self.optimizer, self.lr_scheduler, self.hparams.scheduler_interval, validates
         )
 
     # ------------------------------------------------------------------------------------- checkpoints

@@ -8,6 +8,8 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from zskd_lightning.errors import InvalidArgument
+
 SchedulerInterval = Literal["epoch", "step"]
 
 
@@ -16,10 +18,12 @@ def configure_optimization(
     optimizer: OptimizerCallable,
     lr_scheduler: LRSchedulerCallable | None,
     interval: SchedulerInterval,
+    validates: bool = True,
 ) -> Any:
     """Return what ``LightningModule.configure_optimizers`` expects: an optimizer, or an optimizer+scheduler dict.
 
-    ``ReduceLROnPlateau`` monitors ``val/loss``.
+    ``ReduceLROnPlateau`` monitors ``val/loss``; ``validates=False`` (a run with no validation loop) refuses it in
+    one line instead of Lightning's error after the first epoch.
     """
     opt = optimizer(params)
     if lr_scheduler is None:
@@ -27,6 +31,10 @@ def configure_optimization(
     scheduler = lr_scheduler(opt)
     config: dict[str, Any] = {"scheduler": scheduler, "interval": interval}
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if not validates:
+            raise InvalidArgument("lr_scheduler ReduceLROnPlateau follows val/loss, and this run has no validation: "
+                                  "give the data held-out impressions (num_val_impressions) or validate_on_real, "
+                                  "or choose another scheduler")
         config["monitor"] = "val/loss"
     return {"optimizer": opt, "lr_scheduler": config}
 

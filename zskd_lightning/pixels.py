@@ -50,6 +50,11 @@ class InputSpec:
                 )
             if any(s <= 0 for s in self.std):
                 raise InvalidArgument(f"input_std must be > 0 in every channel, got {list(self.std)}")
+            if any(not 0.0 <= m <= 1.0 for m in self.mean) or any(s > 1.0 for s in self.std):
+                raise InvalidArgument(
+                    f"input_mean/input_std are of pixel values in [0, 1] (e.g. CIFAR-10's mean 0.4914, 0.4822, "
+                    f"0.4465), got mean {list(self.mean)} and std {list(self.std)}: divide 0-255 statistics by 255"
+                )
 
     def valid_range(self) -> InputRange | None:
         """The per-channel ``(low, high)`` of :func:`valid_range`, or ``None`` without a normalization."""

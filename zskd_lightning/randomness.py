@@ -29,28 +29,30 @@ def stream_seed(*keys: int) -> int:
 
 @contextlib.contextmanager
 def seeded_streams(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run the block on torch's CPU generator and ``device``'s (a CUDA device's own) seeded with ``seed``; both
-    are restored afterwards. Other devices' generators are left alone (on a device type other than CPU or CUDA,
-    ``torch.manual_seed`` seeds them all)."""
+    """Run the block on torch's CPU generator and ``device``'s own (CUDA, MPS, ...) seeded with ``seed``; both
+    are restored afterwards, and other devices' generators are left alone."""
     device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[index], device_type="cuda"):
-            torch.default_generator.manual_seed(seed)
-            torch.cuda.default_generators[index].manual_seed(seed)
-            yield
-    else:
+    if device.type == "cpu":
         with torch.random.fork_rng(devices=[]):
-            if device.type == "cpu":
-                torch.default_generator.manual_seed(seed)
-            else:
-                torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             yield
+        return
+    backend = getattr(torch, device.type)  # torch.cuda, torch.mps, torch.xpu, ...
+    index = device.index if device.index is not None else (backend.current_device() if hasattr(
+        backend, "current_device") else 0)
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.default_generators[index].manual_seed(seed)
+        else:
+            backend.manual_seed(seed)  # the current device of its type (MPS has one)
+        yield
 
 
 def capture_states(device: torch.device | str = "cpu") -> dict:
     """This process's global generators: ``{"python", "numpy", "torch", "device"}`` (``device``: the CUDA
-    device's state, ``None`` elsewhere), as tensors, lists and numbers (no pickled NumPy objects)."""
+    device's state, ``None`` on other devices, whose generators are not kept), as tensors, lists and numbers (no
+    pickled NumPy objects)."""
     device = torch.device(device)
     version, internal, gauss = random.getstate()
     kind, keys, position, has_gauss, cached = np.random.get_state()
@@ -68,10 +70,10 @@ def restore_states(states: dict, device: torch.device | str = "cpu") -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"].cpu())  # a checkpoint loaded with map_location="cuda" moved them
     if device.type == "cuda" and states["device"] is not None:
-        torch.cuda.set_rng_state(states["device"], device)
+        torch.cuda.set_rng_state(states["device"].cpu(), device)
 
 
 def gather_states(device: torch.device | str = "cpu") -> list[dict]:

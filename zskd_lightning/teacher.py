@@ -28,6 +28,8 @@ from zskd_lightning.kernels import use_fast_kernels
 
 #: State-dict prefixes under which the library's LightningModules keep a network.
 _CHECKPOINT_PREFIXES = ("network.", "student.")
+#: Prefixes wrappers put on every key of the network they wrap: DDP / DataParallel, ``torch.compile``.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 #: Modules whose ``nn.Module`` classes a checkpoint may name as its recorded architecture. Any other class a
@@ -99,8 +101,20 @@ def network_state_dict(checkpoint: Mapping[str, Any], path: str = "<checkpoint>"
     for prefix in _CHECKPOINT_PREFIXES:
         stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if stripped:
-            return stripped
-    return dict(state)
+            state = stripped
+            break
+    return _unwrapped(dict(state))
+
+
+def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the prefixes a wrapper puts on EVERY key (``module.`` of DDP, ``_orig_mod.`` of
+    ``torch.compile``), however nested."""
+    while state:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
 
 
 def network_spec(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -175,7 +189,7 @@ def load_weights(network: nn.Module, state: Mapping[str, torch.Tensor], path: st
         if own[k].shape != state[k].shape
     ]
     if missing or unexpected or mis_shaped:
-        parts = []
+        parts = [_prefix_hint(missing, unexpected)] if missing and unexpected else []
         if missing:
             parts.append(f"missing keys {missing[:4]}{'...' if len(missing) > 4 else ''}")
         if unexpected:
@@ -183,9 +197,23 @@ def load_weights(network: nn.Module, state: Mapping[str, torch.Tensor], path: st
         if mis_shaped:
             parts.append(f"shape mismatch (checkpoint vs model) {mis_shaped[:3]}")
         raise ZSKDError(
-            f"checkpoint {path} does not fit {type(network).__name__}: " + "; ".join(parts)
+            f"checkpoint {path} does not fit {type(network).__name__}: " + "; ".join(p for p in parts if p)
         )
     network.load_state_dict(state)
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """``"its keys carry the prefix 'model.' the network's lack ..."`` when every missing key is among the
+    unexpected ones under one prefix (a network kept as an attribute of the user's own LightningModule), else
+    ``""``."""
+    key = missing[0]
+    prefixes = {u[: -len(key)] for u in unexpected if u.endswith("." + key)}
+    for prefix in sorted(prefixes):
+        if {prefix + m for m in missing} <= set(unexpected):
+            return (f"its keys carry the prefix {prefix!r} the network's lack (a network kept as an attribute of a "
+                    f"LightningModule?): re-save that attribute's state_dict(), e.g. torch.save(module."
+                    f"{prefix.rstrip('.')}.state_dict(), path)")
+    return ""
 
 
 class FrozenTeacher(nn.Module):

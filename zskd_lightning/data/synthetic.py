@@ -27,7 +27,8 @@ class SyntheticDataModule(L.LightningDataModule):
         eval_data: a labelled DataModule whose TEST split evaluates the student.
         predict_data: a DataModule whose ``predict_dataloader`` gives the inputs ``zskd predict`` labels (default:
             ``eval_data``'s).
-        validate_on_real: also validate on ``eval_data``'s validation split (``val/acc``, ``val/real_agreement``),
+        validate_on_real: also validate on ``eval_data``'s validation split (``val/acc``, and
+            ``val/real_agreement`` beside held-out impressions; alone, it gives ``val/agreement`` and ``val/loss``),
             for monitoring. Off by default: for the MNIST/CIFAR modules that split is a part of the official
             TRAINING set, which a data-free run otherwise never reads. Never use it to choose a model or an epoch
             unless that is what you mean to do.
@@ -94,8 +95,8 @@ class SyntheticDataModule(L.LightningDataModule):
             self.eval_data.setup("validate")
         if stage == "fit" and not self._has_validation() and self.trainer is not None:
             self.trainer.limit_val_batches = 0  # nothing to validate on: no validation loop (not an empty one)
-        if stage == "fit" and self._augmentation_seed is None:
-            self._augmentation_seed = torch.initial_seed()
+        if stage == "fit":  # a new fit's streams (a resumed fit's come from its checkpoint, restored after setup)
+            self._augmentation_seed, self._augmented_batches = torch.initial_seed(), 0
         if self.input_spec.mean is None and stage == "fit":
             rank_zero_warn(f"{type(self).__name__} has no input_mean/input_std: synthetic inputs are not "
                            "range-limited")

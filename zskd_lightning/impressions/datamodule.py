@@ -156,7 +156,7 @@ class ImpressionDataModule(SyntheticDataModule):
             raise ZSKDError(
                 f"the impressions in {self.impression_plan.cache_dir} have not been synthesized in this run: add "
                 "zskd_lightning.ImpressionSynthesis() to the Trainer's callbacks, or distil with a DistillationModule "
-                "(it adds the callback itself)"
+                "(it adds the callback itself; a subclass overriding configure_callbacks must call super())"
             )
         return self._cache
 

@@ -168,6 +168,7 @@ class GeneratorSynthesizer(Method):
         self.generator: ImageGenerator | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.meta_state: dict[str, Tensor] | None = None
+        self.loss_scale: LossScale | None = None  # float16 rounds only; kept across rounds, in checkpoints
 
     def setup(self, context: SynthesisContext) -> None:
         """Build the generator (weights from ``(seed, "setup")``, so every rank starts alike) on the context's
@@ -183,6 +184,7 @@ class GeneratorSynthesizer(Method):
         self.generator = generator.to(context.device)
         self.optimizer = self._new_optimizer()
         self.meta_state = None if self.reptile_lr is None else copy.deepcopy(self.generator.state_dict())
+        self.loss_scale = LossScale.for_autocast(context.autocast_for(self.precision), context.device)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
@@ -208,7 +210,7 @@ class GeneratorSynthesizer(Method):
         generator.train()
         params = [p for p in generator.parameters() if p.requires_grad]
         autocast = context.autocast_for(self.precision)
-        loss_scale = LossScale.for_autocast(autocast, context.device)  # float16 only: gradients kept from underflow
+        loss_scale = self.loss_scale  # float16 only: gradients kept from underflow
         with self._chunk_pass(context, chunk) as (student, targets, labels, noise, taps):
             device_targets, device_labels = targets.to(noise.device), labels.to(noise.device)
             with torch.inference_mode(False), torch.enable_grad():
@@ -310,16 +312,19 @@ class GeneratorSynthesizer(Method):
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The generator's weights, its optimizer's state, and the meta weights (Reptile), for checkpoints."""
+        """The generator's weights, its optimizer's state, the meta weights (Reptile) and the loss scale (float16),
+        for checkpoints."""
         generator = self._ready()
         return {"generator": generator.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "meta": self.meta_state}
+                "meta": self.meta_state, "loss_scale": self.loss_scale.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after :meth:`setup`, on the setup device)."""
         generator = self._ready()
         generator.load_state_dict(state["generator"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("loss_scale") is not None:
+            self.loss_scale.load_state_dict(state["loss_scale"])
         if state.get("meta") is not None:
             device = next(generator.parameters()).device
             self.meta_state = {k: v.to(device) for k, v in state["meta"].items()}

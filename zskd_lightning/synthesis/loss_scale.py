@@ -77,8 +77,17 @@ class LossScale:
                                 "the loss itself is not finite (try precision '32-true' or 'bf16-mixed')")
             if before_retry is not None:
                 before_retry()
+        used = self.scale
         self._finite_steps += 1
-        if self._finite_steps >= self.growth_interval:
+        if self._finite_steps >= self.growth_interval:  # for the next step
             self.scale *= 2.0
             self._finite_steps = 0
-        return [g / self.scale for g in grads], extra
+        return [g / used for g in grads], extra
+
+    def state_dict(self) -> dict:
+        """``{"scale", "finite_steps"}``: where the scale is (for a run's checkpoints)."""
+        return {"scale": self.scale, "finite_steps": self._finite_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.enabled:
+            self.scale, self._finite_steps = float(state["scale"]), int(state["finite_steps"])
