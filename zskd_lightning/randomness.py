@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from zskd_lightning.ranks import every_rank
+
 
 def stream_seed(*keys: int) -> int:
     """A 63-bit seed derived from integer ``keys`` (e.g. ``(seed, batch, rank)``) by NumPy's ``SeedSequence``:
@@ -79,9 +81,4 @@ def restore_states(states: dict, device: torch.device | str = "cpu") -> None:
 def gather_states(device: torch.device | str = "cpu") -> list[dict]:
     """Every rank's :func:`capture_states`, in rank order (a collective under an initialized process group;
     ``[own]`` without one)."""
-    own = capture_states(device)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [own]
-    states: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, own)
-    return states
+    return every_rank(capture_states(device))

@@ -99,11 +99,16 @@ def network_state_dict(checkpoint: Mapping[str, Any], path: str = "<checkpoint>"
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ZSKDError(f"checkpoint {path} has no tensor state_dict (keys: {sorted(state)[:5]}...)")
     for prefix in _CHECKPOINT_PREFIXES:
-        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        stripped = _under(state, prefix)
         if stripped:
             state = stripped
             break
     return _unwrapped(dict(state))
+
+
+def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` whose keys start with ``prefix``, the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,7 +118,7 @@ def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
         if prefix is None:
             return state
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = _under(state, prefix)
     return state
 
 
@@ -189,7 +194,8 @@ def load_weights(network: nn.Module, state: Mapping[str, torch.Tensor], path: st
         if own[k].shape != state[k].shape
     ]
     if missing or unexpected or mis_shaped:
-        parts = [_prefix_hint(missing, unexpected)] if missing and unexpected else []
+        hint = _prefix_hint(missing, unexpected) if missing and unexpected else ""
+        parts = [hint] if hint else []
         if missing:
             parts.append(f"missing keys {missing[:4]}{'...' if len(missing) > 4 else ''}")
         if unexpected:
@@ -197,7 +203,7 @@ def load_weights(network: nn.Module, state: Mapping[str, torch.Tensor], path: st
         if mis_shaped:
             parts.append(f"shape mismatch (checkpoint vs model) {mis_shaped[:3]}")
         raise ZSKDError(
-            f"checkpoint {path} does not fit {type(network).__name__}: " + "; ".join(p for p in parts if p)
+            f"checkpoint {path} does not fit {type(network).__name__}: " + "; ".join(parts)
         )
     network.load_state_dict(state)
 

@@ -31,6 +31,7 @@ from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError, d
 from zskd_lightning.impressions.cache import ImpressionCache
 from zskd_lightning.impressions.pictures import impression_grid
 from zskd_lightning.pictures import log_picture, save_picture
+from zskd_lightning.ranks import every_rank
 from zskd_lightning.impressions.progress import SynthesisProgress
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, Synthesizer, SynthesisContext
@@ -271,10 +272,9 @@ def _first_failure(trainer: L.Trainer, failure: Exception | None) -> str | None:
         message = first_line(failure)
     else:  # a bug or a device error: say what it was
         message = described(failure)
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+    messages = every_rank(message)
+    if len(messages) == 1:
         return message
-    messages: list = [None] * trainer.world_size
-    torch.distributed.all_gather_object(messages, message)
     rank = next(r for r, m in enumerate(messages) if m is not None)
     return f"impression synthesis failed on rank {rank}: {messages[rank]}"
 

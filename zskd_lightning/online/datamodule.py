@@ -18,6 +18,7 @@ from zskd_lightning.online.buffer import ReplayBuffer
 from zskd_lightning.online.driver import OnlineSynthesis
 from zskd_lightning.online.sampler import UniformSampler
 from zskd_lightning.randomness import stream_seed
+from zskd_lightning.ranks import every_rank, world_size
 from zskd_lightning.synthesis.generator import GeneratorSynthesizer
 
 
@@ -47,12 +48,8 @@ class BufferBatches(IterableDataset):
         (a collective: Lightning saves checkpoints on every rank)."""
         state = None if self._generator is None else self._generator.get_state()
         own = {"epoch": self._epoch, "drawn": self._drawn, "generator": state}
-        world = _world_size()
-        if world == 1:
-            return own
-        ranks: list = [None] * world
-        torch.distributed.all_gather_object(ranks, own)
-        return {**own, "ranks": ranks}
+        ranks = every_rank(own)
+        return own if len(ranks) == 1 else {**own, "ranks": ranks}
 
     def load_state_dict(self, state: dict) -> None:
         self._restored = state
@@ -67,8 +64,8 @@ class BufferBatches(IterableDataset):
             self._drawn = restored["drawn"]  # the same on every rank: each drew one batch a step
             ranks = restored.get("ranks")
             if ranks is not None:
-                restored = ranks[rank] if len(ranks) == _world_size() else None
-            elif _world_size() > 1:
+                restored = ranks[rank] if len(ranks) == world_size() else None
+            elif world_size() > 1:
                 restored = None  # a one-process checkpoint: its stream is rank 0's
         if restored is not None and restored["epoch"] == epoch and restored["generator"] is not None:
             self._generator.set_state(restored["generator"])
@@ -84,12 +81,6 @@ class BufferBatches(IterableDataset):
             if weights is not None:
                 batch["weights"] = weights
             yield batch
-
-
-def _world_size() -> int:
-    """The number of processes of the initialized process group (1 without one)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
 
 
 class ResumableLoader(DataLoader):
