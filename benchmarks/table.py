@@ -287,11 +287,23 @@ def code_commit() -> str:
 
 
 def hardware() -> str:
+    """The device a row ran on: the GPU's name, or the CPU's core count and model (Linux names the model in
+    ``/proc/cpuinfo``; elsewhere the architecture stands in)."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU x{os.cpu_count()} ({platform.machine()})"
+    return f"CPU x{os.cpu_count()} ({cpu_model() or platform.machine()})"
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The first ``model name`` of ``cpuinfo`` ("AMD EPYC", "Intel(R) Xeon(R) ..."), or "" without one."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return ""
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name") and ":" in line]
+    return names[0].replace(",", " ") if names else ""
 
 
 def row_commands(dataset: Dataset, rows: list[str], seeds: list[int], schedule: str) -> list[tuple[str, str, int, int, list[str]]]:

@@ -74,6 +74,17 @@ def test_synthesis_throughput_measures_a_paths_memory_in_a_fresh_process():
     assert memory["plain"] >= 4 * batch * 32 * 32 * 4 / 2**20
 
 
+def test_table_names_the_cpu_model_a_row_ran_on(tmp_path):
+    table = load("table")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654, 96-Core\nflags\t: avx2\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9654, 96-Core\n")
+    assert table.cpu_model(cpuinfo) == "AMD EPYC 9654  96-Core"  # no comma to split a CSV column by hand
+    cpuinfo.write_text("processor\t: 0\nflags\t: neon\n")
+    assert table.cpu_model(cpuinfo) == ""
+    assert table.cpu_model(tmp_path / "missing") == ""
+
+
 def test_table_keeps_schedules_seeds_and_the_students_teacher_apart():
     table = load("table")
     config = yaml.safe_load((table.ROOT / table.MNIST.teacher_config).read_text())
