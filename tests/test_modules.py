@@ -383,3 +383,72 @@ def test_classifier_learns_digits(tmp_path):
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     assert results[0]["test/acc"] > 0.8, results
     assert "test/acc" in trainer.callback_metrics
+
+
+# ------------------------------------------------------------------------------------------- module modes
+def test_a_submodule_the_user_froze_in_eval_mode_stays_frozen_through_a_fit(tmp_path):
+    """A student whose first BatchNorm its owner keeps in eval mode (frozen statistics): the setup probe, the
+    validation loop, each epoch's start and SSD-KD's synthesis (which reads the student) all leave it so."""
+    from helpers import tiny
+
+    from zskd_lightning import SSDKDSynthesizer
+
+    def frozen_student() -> nn.Module:
+        student = nn.Sequential(nn.BatchNorm2d(1), tiny.make_net(1, width=4))
+        student[0].running_mean.fill_(0.25)
+        student[0].eval()
+        return student
+
+    offline = DistillationModule(tiny.make_net(0), frozen_student(), export_filename=None)
+    data = tiny.make_datamodule(tmp_path / "cache", num_impressions=32, num_val_impressions=8)
+    quiet_trainer(tmp_path, max_epochs=2).fit(offline, datamodule=data)
+    model, online = tiny.online_setup(steps_per_epoch=4, synthesizer=SSDKDSynthesizer)
+    model.student = frozen_student()
+    quiet_trainer(tmp_path, max_epochs=2).fit(model, datamodule=online)
+    for student in (offline.student, model.student):
+        assert not student[0].training and student[1].training
+        assert torch.equal(student[0].running_mean, torch.full((1,), 0.25))
+    # a student handed over in eval mode as a whole (load_student returns one so) is trained in train mode
+    whole_eval = DistillationModule(tiny.make_net(0), tiny.make_net(1, width=4).eval(), export_filename=None)
+    quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(whole_eval, datamodule=data)
+    assert whole_eval.student.training and all(m.training for m in whole_eval.student.modules())
+
+
+def test_evaluating_gives_every_submodule_its_own_mode_back():
+    from zskd_lightning.modes import evaluating
+
+    net = nn.Sequential(nn.BatchNorm1d(2), nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2)))
+    net[1][1].eval()
+    before = [m.training for m in net.modules()]
+    with evaluating(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == before
+    with pytest.raises(RuntimeError), evaluating(net):
+        raise RuntimeError("synthesis failed")
+    assert [m.training for m in net.modules()] == before
+    with evaluating(None):
+        pass
+
+
+def test_a_subclass_own_network_arguments_stay_out_of_the_hyperparameters(tmp_path):
+    """save_hyperparameters collects a subclass's init arguments too: networks among them would be pickled into
+    checkpoints (which then need weights_only=False); they are left out, other values kept."""
+
+    class WithAuxiliary(DistillationModule):
+        def __init__(self, teacher: nn.Module, student: nn.Module, auxiliary: nn.Module, alpha: float = 0.5):
+            super().__init__(teacher, student, export_filename=None)
+            self.auxiliary = auxiliary
+
+    class WithProbe(ClassifierModule):
+        def __init__(self, network: nn.Module, probe: nn.Module, beta: int = 3):
+            super().__init__(network)
+            self.probe = probe
+
+    for model in (WithAuxiliary(_teacher_net(), _student(), nn.Linear(2, 2)), WithProbe(_student(), nn.Linear(2, 2))):
+        assert not any(isinstance(v, nn.Module) for v in model.hparams.values())
+        assert model.hparams.get("alpha", model.hparams.get("beta")) in (0.5, 3)
+        trainer = quiet_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+        trainer.save_checkpoint(tmp_path / "sub.ckpt")
+        saved = torch.load(tmp_path / "sub.ckpt", weights_only=True)  # no pickled network in it
+        assert set(saved["hyper_parameters"]) & {"auxiliary", "probe", "teacher", "student", "network"} == set()

@@ -152,7 +152,7 @@ def test_digits_augment_only_affects_training_batches():
     x, y = aug.on_after_batch_transfer((images, labels), 0)
     assert torch.equal(x, images) and torch.equal(y, labels)
 
-    aug.trainer = plain.trainer = SimpleNamespace(training=True)
+    aug.trainer = plain.trainer = SimpleNamespace(training=True, global_rank=0)
     torch.manual_seed(0)
     x, y = aug.on_after_batch_transfer((images, labels), 0)
     assert x.shape == images.shape and x.dtype == torch.float32 and torch.equal(y, labels)
@@ -169,7 +169,7 @@ def test_augment_accepts_a_batch_augmentation_of_your_own():
 
     dm = DigitsDataModule(augment=BatchAugmentation(noise_std=0.5))
     dm.setup("fit")
-    dm.trainer = SimpleNamespace(training=True)
+    dm.trainer = SimpleNamespace(training=True, global_rank=0)
     images = torch.full((8, 1, 8, 8), float(dm.input_range()[0].min()))  # all black: the default shift keeps it
     x, _ = dm.on_after_batch_transfer((images, torch.zeros(8, dtype=torch.long)), 0)
     assert (x - images).abs().amax() > 0.1  # only the given augmentation (noise) changes a black image
@@ -197,10 +197,12 @@ def test_digits_dataloaders():
         second = [b[1] for b in loader]
         assert all(torch.equal(p, q) for p, q in zip(first, second))
         assert torch.equal(torch.cat(first), loader.dataset.labels)  # dataset order, no shuffling
-    torch.manual_seed(0)
-    order1 = torch.cat([b[1] for b in dm.train_dataloader()])
-    order2 = torch.cat([b[1] for b in dm.train_dataloader()])
-    assert not torch.equal(order1, order2)  # training loader shuffles
+    loader = dm.train_dataloader()
+    order = torch.cat([b[1] for b in loader])
+    assert torch.equal(torch.cat([b[1] for b in loader]), order)  # an epoch's order: (fit seed, epoch)
+    assert not torch.equal(order, dm.train_dataset.labels)  # shuffled
+    loader.sampler.set_epoch(1)  # Lightning, at the next epoch's start
+    assert not torch.equal(torch.cat([b[1] for b in loader]), order)
     assert DigitsDataModule(batch_size=16).eval_batch_size == 16
 
 
@@ -273,7 +275,7 @@ def test_mnist_augment_train_only_with_black_fill(fake_mnist):
     assert torch.equal(plain.train_dataset.images, aug.train_dataset.images)  # items are never augmented
     images = torch.stack([aug.train_dataset[i][0] for i in range(len(aug.train_dataset))])
     labels = torch.stack([aug.train_dataset[i][1] for i in range(len(aug.train_dataset))])
-    aug.trainer = SimpleNamespace(training=True)
+    aug.trainer = SimpleNamespace(training=True, global_rank=0)
     torch.manual_seed(0)
     x, y = aug.on_after_batch_transfer((images, labels), 0)
     lo, hi = aug.input_range()

@@ -15,6 +15,7 @@ from zskd_lightning.export import load_student
 from zskd_lightning.impressions import ImpressionCache, ImpressionDataModule, ImpressionDataset, ImpressionSynthesis
 from zskd_lightning.losses import kd_loss
 from zskd_lightning.online import OnlineDataModule, OnlineSynthesis, PrioritySampler, ReplayBuffer, UniformSampler
+from zskd_lightning.random_resume import ResumedRandomStreams
 from zskd_lightning.synthesis import (
     ClassImpressionSynthesizer,
     FastSynthesizer,
@@ -46,6 +47,7 @@ __all__ = [
     "OnlineSynthesis",
     "PrioritySampler",
     "ReplayBuffer",
+    "ResumedRandomStreams",
     "SSDKDSynthesizer",
     "SampleWeighting",
     "Synthesizer",

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from zskd_lightning.errors import ZSKDError
+from zskd_lightning.modes import evaluating
 
 
 def probe_num_outputs(model: nn.Module, input_shape: tuple[int, ...], role: str) -> int:
@@ -18,10 +19,8 @@ def probe_num_outputs(model: nn.Module, input_shape: tuple[int, ...], role: str)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # the weights' own float type: a model a '*-true' precision cast (bf16 weights) takes bf16 inputs
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             out = model(torch.zeros(2, *input_shape, device=device, dtype=dtype))
     except ZSKDError:  # already one line naming its cause (e.g. FrozenTeacher's .view on channels-last features)
         raise
@@ -33,8 +32,6 @@ def probe_num_outputs(model: nn.Module, input_shape: tuple[int, ...], role: str)
             f"{role} {_name(model)} cannot take inputs of shape {tuple(input_shape)} (C, H, W) from the data{hint}: "
             f"{first}"
         ) from err
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ZSKDError(f"{role} {_name(model)} must return logits [B, num_classes], got {shape}")

@@ -12,9 +12,11 @@ from torchmetrics import MeanMetric
 
 from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import ZSKDError
+from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import top1_hits
-from zskd_lightning.optim import SchedulerInterval, cli_given_spec, configure_optimization
+from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
+from zskd_lightning.random_resume import unless_present as randomness_unless_present
 
 
 class ClassifierModule(L.LightningModule):
@@ -41,7 +43,9 @@ class ClassifierModule(L.LightningModule):
     ) -> None:
         super().__init__()
         spec = cli_given_spec("network")
-        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler"])
+        # a subclass's own networks, unless the CLI built them from a spec (kept, as the network's is)
+        modules = [n for n in module_valued_init_args() if n != "network" and cli_given_spec(n) is None]
+        self.save_hyperparameters(ignore=["network", "optimizer", "lr_scheduler", *modules])
         if spec is not None:
             self.hparams["network"] = spec
         self.network = network
@@ -61,8 +65,10 @@ class ClassifierModule(L.LightningModule):
                                 f"{classes}")
 
     def configure_callbacks(self) -> list[Callback]:
-        """A :class:`~zskd_lightning.predictions.PredictionWriter`, unless the Trainer has a prediction writer."""
-        return writer_unless_present(self._trainer)
+        """A :class:`~zskd_lightning.predictions.PredictionWriter` unless the Trainer has a prediction writer, and
+        a :class:`~zskd_lightning.random_resume.ResumedRandomStreams` (checkpoints keep every rank's global
+        generators: a resumed fit's dropout goes on as an unstopped one's) unless it has one."""
+        return writer_unless_present(self._trainer) + randomness_unless_present(self._trainer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)

@@ -19,10 +19,11 @@ from torchmetrics import MeanMetric
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.export import record_path, update_record, write_student
+from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss, top1_hits
-from zskd_lightning.optim import SchedulerInterval, cli_given_spec, configure_optimization
+from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
-from zskd_lightning.randomness import gather_states, restore_states
+from zskd_lightning.random_resume import unless_present as randomness_unless_present
 from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint
 from zskd_lightning.weighting import SampleWeighting
 
@@ -30,8 +31,6 @@ TargetSource = Literal["teacher", "batch"]
 
 #: Checkpoint key of the teacher's reference (file and fingerprint); its weights are not stored.
 TEACHER_REFERENCE_KEY = "zskd_teacher"
-#: Checkpoint key of every rank's global random generators (:func:`zskd_lightning.randomness.capture_states`).
-RANDOM_STATE_KEY = "zskd_random_states"
 _TEACHER_PREFIX = "teacher."
 
 
@@ -67,14 +66,15 @@ class DistillationModule(L.LightningModule):
 
     Checkpoints hold the teacher by reference (its file and fingerprint, key ``"zskd_teacher"``), not its
     weights; loading one checks that the teacher given now has that fingerprint. They also hold every rank's
-    global random generators (``"zskd_random_states"``; CUDA's among the devices'), which a fit resumed from the
-    checkpoint (``ckpt_path``) puts back at its first training batch: the student's dropout goes on as it would
-    have on the same number of processes. Exact for replay batches (online data); an offline or real-data loader
-    that shuffles or augments from the global stream at an epoch's start or before each batch moves it first.
+    global random generators (:class:`~zskd_lightning.random_resume.ResumedRandomStreams`, a callback this module
+    adds), which a fit resumed from the checkpoint (``ckpt_path``) puts back at its first training batch: the
+    student's dropout goes on as it would have on the same number of processes. The package's loaders draw their
+    order and augmentation from keyed streams, not the global one, and resume mid-epoch, so a resumed fit ends as
+    an unstopped one would.
 
-    A subclass overriding ``configure_callbacks``, ``setup``, ``on_fit_start``, ``on_train_batch_start``,
-    ``on_save_checkpoint`` or ``on_load_checkpoint`` must call ``super()``: the synthesis callback, the teacher
-    by reference and a resume's random streams live there. Through the ``zskd`` CLI the
+    A subclass overriding ``configure_callbacks``, ``setup``, ``on_fit_start``, ``on_save_checkpoint`` or
+    ``on_load_checkpoint`` must call ``super()``: the synthesis callback, the random streams' callback and the
+    teacher by reference live there. Through the ``zskd`` CLI the
     checkpoint also records the teacher's and the student's ``class_path``/``init_args``, so
     ``DistillationModule.load_from_checkpoint(path)`` needs nothing else.
     """
@@ -98,13 +98,13 @@ class DistillationModule(L.LightningModule):
             raise InvalidArgument(f"temperature must be > 0, got {temperature}")
         if export_filename is not None and not export_filename.endswith(".safetensors"):
             raise InvalidArgument(f"export_filename must end in .safetensors, got {export_filename!r}")
-        # Specs (class_path/init_args) the CLI built teacher and student from are kept; module objects never are.
-        by_spec = [name for name in ("teacher", "student") if cli_given_spec(name) is not None]
-        ignored = ["optimizer", "lr_scheduler", "sample_weights"] + [n for n in ("teacher", "student") if n not in by_spec]
+        # Specs (class_path/init_args) the CLI built teacher and student from are kept; module objects never are
+        # (a subclass's own module-valued arguments included).
+        modules = [n for n in ["teacher", "student", *module_valued_init_args()] if cli_given_spec(n) is None]
+        ignored = ["optimizer", "lr_scheduler", "sample_weights", *dict.fromkeys(modules)]
         self.save_hyperparameters(ignore=ignored)
         self._teacher_fingerprint: str | None = None
         self._exported: str | None = None
-        self._saved_random_states: list[dict] | None = None  # from a checkpoint, until the first training batch
         self.sample_weights = sample_weights
         self.teacher = as_frozen_teacher(teacher)
         self.student = student
@@ -126,15 +126,16 @@ class DistillationModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """The callbacks the datamodule needs (an :class:`~zskd_lightning.ImpressionDataModule` asks for its
-        synthesis callback), unless the Trainer already has one of that type (or a subclass); and a
-        :class:`~zskd_lightning.predictions.PredictionWriter` unless it has a prediction writer. A subclass that
+        synthesis callback), unless the Trainer already has one of that type (or a subclass); a
+        :class:`~zskd_lightning.predictions.PredictionWriter` unless it has a prediction writer; and a
+        :class:`~zskd_lightning.random_resume.ResumedRandomStreams` unless it has one. A subclass that
         overrides this must return ``super().configure_callbacks()`` too."""
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         wanted = list(getattr(datamodule, "synthesis_callbacks", lambda: [])())
         given = list(trainer.callbacks) if trainer is not None else []
         missing = [callback for callback in wanted if not any(isinstance(c, type(callback)) for c in given)]
-        return missing + writer_unless_present(trainer)
+        return missing + writer_unless_present(trainer) + randomness_unless_present(trainer)
 
     # ---------------------------------------------------------------------------------------- training
     def forward(self, x: Tensor) -> Tensor:
@@ -150,18 +151,10 @@ class DistillationModule(L.LightningModule):
             message = rf"Found {len(teacher_modules)} module\(s\) in eval mode at the start of training"
             warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
 
-    def on_train_epoch_start(self) -> None:
-        self.student.train()
-
     def on_fit_start(self) -> None:
-        if self.trainer.ckpt_path is None:  # a new fit (e.g. of a module from load_from_checkpoint): its own seed
-            self._saved_random_states = None
+        if not self.student.training:  # e.g. from load_student, which returns it in eval mode for inference
+            self.student.train()  # submodules a user keeps in eval mode under a training student stay so
         self._silence_the_teachers_eval_mode_warning()
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        states, self._saved_random_states = self._saved_random_states, None
-        if states is not None and len(states) == self.trainer.world_size:  # else another world size: go on as is
-            restore_states(states[self.global_rank], self.device)
 
     def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], batch_idx: int) -> Tensor | dict:
         if isinstance(batch, dict):
@@ -275,14 +268,10 @@ class DistillationModule(L.LightningModule):
         for key in [k for k in state if k.startswith(_TEACHER_PREFIX)]:
             del state[key]
         checkpoint[TEACHER_REFERENCE_KEY] = self.teacher_reference()
-        # every rank's global random generators (a collective: Lightning saves checkpoints on every rank), which
-        # the student's dropout draws from; put back at the first training batch after a resume
-        checkpoint[RANDOM_STATE_KEY] = gather_states(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Check that this module's teacher is the one the checkpoint was made with, and put its weights back
         into the state to load (checkpoints that still hold the teacher's weights load as they are)."""
-        self._saved_random_states = checkpoint.get(RANDOM_STATE_KEY)
         recorded = checkpoint.get(TEACHER_REFERENCE_KEY)
         if recorded is None:
             return

@@ -37,17 +37,3 @@ def configure_optimization(
                                   "or choose another scheduler")
         config["monitor"] = "val/loss"
     return {"optimizer": opt, "lr_scheduler": config}
-
-
-def cli_given_spec(name: str) -> dict[str, Any] | None:
-    """The ``class_path``/``init_args`` the ``zskd`` CLI used for init argument ``name`` of the module being built.
-
-    LightningCLI hands a module's YAML config to ``save_hyperparameters``; recording a network's spec lets a
-    checkpoint rebuild its architecture later. ``None`` outside the CLI (plain Python construction).
-    """
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - private API moved
-        return None
-    spec = (_given_hyperparameters.get() or {}).get(name)
-    return dict(spec) if isinstance(spec, dict) and "class_path" in spec else None

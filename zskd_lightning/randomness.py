@@ -1,10 +1,12 @@
 """Random streams that survive a resume: per-batch seeded streams, and the global generators in checkpoints.
 
-Two things make a resumed run draw what an unstopped one would:
+Three things make a resumed run draw what an unstopped one would:
 
 - :func:`seeded_streams` runs a block (e.g. a batch's augmentation) on the global generators seeded from a key
   such as ``(run seed, batch count, rank)``, then gives the generators back as they were: the block draws the
   same numbers whenever it runs, and the stream outside it does not move.
+- :class:`TrainingStreams` holds a fit's seed and its count of batches drawn for, the keys of those blocks, for a
+  datamodule's ``state_dict``.
 - :func:`capture_states` / :func:`restore_states` read and set the global generators (Python, NumPy, torch's CPU
   generator and the device's), for a checkpoint: :func:`gather_states` collects every rank's under DDP, since
   Lightning writes rank 0's checkpoint only.
@@ -49,6 +51,44 @@ def seeded_streams(seed: int, device: torch.device | str = "cpu") -> Iterator[No
         else:
             backend.manual_seed(seed)  # the current device of its type (MPS has one)
         yield
+
+
+class TrainingStreams:
+    """A fit's random keys: its seed (rank 0's torch initial seed at the fit's start, ``seed_everything``'s) and
+    how many training batches have drawn from per-batch streams so far. Batch ``n`` of rank ``r`` draws from
+    ``stream_seed(seed, 0xA06, n, r)`` (the same count on every rank); the state goes into checkpoints."""
+
+    BATCH = 0xA06  # the key that sets per-batch streams apart from other uses of the seed
+
+    def __init__(self) -> None:
+        self.seed: int | None = None
+        self.batches = 0
+
+    def start(self) -> None:
+        """A new fit: rank 0's global seed now, no batches yet (a resumed fit loads its state after this). A
+        collective under an initialized process group: every rank calls it (a datamodule's ``setup("fit")``)
+        and keys its streams from one seed, whatever seeds the ranks were given."""
+        self.seed, self.batches = every_rank(torch.initial_seed())[0], 0
+
+    def run_seed(self) -> int:
+        """The fit's seed (taken now if no fit has started: a loader used outside a Trainer)."""
+        if self.seed is None:
+            self.seed = torch.initial_seed()
+        return self.seed
+
+    def next_batch_seed(self, rank: int) -> int:
+        """The seed of the next training batch's stream on ``rank``; counts the batch."""
+        seed = stream_seed(self.run_seed(), self.BATCH, self.batches, rank)
+        self.batches += 1
+        return seed
+
+    def state_dict(self) -> dict:
+        """``{"augmentation_seed", "augmented_batches"}`` (the names checkpoints have held them under)."""
+        return {"augmentation_seed": self.seed, "augmented_batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seed = state_dict.get("augmentation_seed", self.seed)
+        self.batches = state_dict.get("augmented_batches", 0)
 
 
 def capture_states(device: torch.device | str = "cpu") -> dict:

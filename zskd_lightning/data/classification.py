@@ -21,8 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
+from zskd_lightning.data.epoch_order import epoch_keyed_loader
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import valid_range
+from zskd_lightning.randomness import TrainingStreams, seeded_streams
 
 __all__ = ["ClassificationDataModule", "InMemoryImageDataset", "DATA_ROOT_ENV"]
 
@@ -81,7 +83,10 @@ class ClassificationDataModule(L.LightningDataModule):
         eval_batch_size: batch size of the val / test / predict loaders; default: ``batch_size``.
         num_workers: DataLoader workers (``persistent_workers`` is on only when this is > 0).
         val_fraction: fraction of the official training set held out for validation, in ``[0, 1)``.
-        seed: seeds the train / val split only (not shuffling, not augmentation).
+        seed: seeds the train / val split only. The training order and augmentation draw from the fit's seed
+            (``seed_everything``'s), keyed by epoch and batch, not from the global stream: a fit resumed at an
+            epoch's end or in its middle reads and augments what an unstopped one would
+            (:mod:`zskd_lightning.data.epoch_order`, :class:`~zskd_lightning.randomness.TrainingStreams`).
         augment: per-sample augmentation of the training split (never of val / test): ``True`` for the
             dataset's default, or a :class:`~zskd_lightning.augment.BatchAugmentation` of your own.
         download: allow downloading missing files (modules whose data ships locally ignore it).
@@ -144,6 +149,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_dataset: InMemoryImageDataset | None = None
         self.val_dataset: InMemoryImageDataset | None = None
         self.test_dataset: InMemoryImageDataset | None = None
+        self.training_streams = TrainingStreams()  # keys of the training order and augmentation; in checkpoints
 
     # ------------------------------------------------------------------ subclass hooks
     @property
@@ -196,8 +202,16 @@ class ClassificationDataModule(L.LightningDataModule):
             augmentation = self.augment if isinstance(self.augment, BatchAugmentation) else self._augmentation()
             if augmentation is not None:
                 images, labels = batch
-                batch = (augment_normalized(images, augmentation, self.input_range()), labels)
+                with seeded_streams(self.training_streams.next_batch_seed(trainer.global_rank), images.device):
+                    batch = (augment_normalized(images, augmentation, self.input_range()), labels)
         return batch
+
+    def state_dict(self) -> dict:
+        """Where the training order's and augmentation's streams are (the same on every rank)."""
+        return self.training_streams.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.training_streams.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ splits
     def _split_sizes(self, n: int) -> tuple[int, int]:
@@ -228,33 +242,49 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ZSKDError(f"unknown stage {stage!r}; expected fit, validate, test or predict")
         if stage in (None, "fit", "validate") and (self.train_dataset is None or self.val_dataset is None):
             self._setup_fit()
+        if stage == "fit":  # a new fit's streams (a resumed fit's come from its checkpoint, restored after setup)
+            self.training_streams.start()
         if stage in (None, "test", "predict") and self.test_dataset is None:
             self._setup_test()
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset | None, what: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _require(self, dataset: Dataset | None, what: str) -> Dataset:
         if dataset is None:
             stage = {"train": "fit", "val": "fit' or 'validate", "test": "test", "predict": "predict"}[what]
             raise ZSKDError(
                 f"{type(self).__name__}: call setup('{stage}') before asking for the {what} loader"
             )
+        return dataset
+
+    def _loader(self, dataset: Dataset | None, what: str, batch_size: int) -> DataLoader:
+        """An evaluation loader, in order."""
         return DataLoader(
-            dataset,
+            self._require(dataset, what),
             batch_size=batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", self.batch_size, shuffle=True)
+        """Shuffled by ``(fit seed, epoch)`` (:func:`~zskd_lightning.data.epoch_order.epoch_keyed_loader`)."""
+        dataset = self._require(self.train_dataset, "train")
+        return epoch_keyed_loader(
+            dataset,
+            seed=self.training_streams.run_seed(),
+            trainer=self.trainer,
+            batch_size=self.batch_size,
+            random_items=getattr(dataset, "transform", None) is not None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val", self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_dataset, "val", self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test", self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_dataset, "test", self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "predict", self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_dataset, "predict", self.eval_batch_size)

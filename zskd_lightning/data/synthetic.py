@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader
 from zskd_lightning.augment import augment_normalized
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import InputRange, InputSpec
-from zskd_lightning.randomness import seeded_streams, stream_seed
+from zskd_lightning.randomness import TrainingStreams, seeded_streams
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -51,8 +50,7 @@ class SyntheticDataModule(L.LightningDataModule):
             raise InvalidArgument("validate_on_real needs an eval_data with a validation split")
         self.validate_on_real = validate_on_real
         self.batch_augmentation = batch_augmentation
-        self._augmentation_seed: int | None = None  # set at setup('fit'), or from a checkpoint
-        self._augmented_batches = 0
+        self.training_streams = TrainingStreams()  # keys of the training batches' random draws; in checkpoints
         shape = tuple(input_shape) if input_shape else tuple(getattr(eval_data, "input_shape", ()) or ())
         if not shape:
             raise ZSKDError(f"{type(self).__name__} needs input_shape (C, H, W) or an eval_data that defines it")
@@ -96,7 +94,7 @@ class SyntheticDataModule(L.LightningDataModule):
         if stage == "fit" and not self._has_validation() and self.trainer is not None:
             self.trainer.limit_val_batches = 0  # nothing to validate on: no validation loop (not an empty one)
         if stage == "fit":  # a new fit's streams (a resumed fit's come from its checkpoint, restored after setup)
-            self._augmentation_seed, self._augmented_batches = torch.initial_seed(), 0
+            self.training_streams.start()
         if self.input_spec.mean is None and stage == "fit":
             rank_zero_warn(f"{type(self).__name__} has no input_mean/input_std: synthetic inputs are not "
                            "range-limited")
@@ -107,22 +105,17 @@ class SyntheticDataModule(L.LightningDataModule):
         if self.batch_augmentation is None or self.trainer is None or not self.trainer.training:
             return batch
         inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
-        if self._augmentation_seed is None:
-            self._augmentation_seed = torch.initial_seed()
-        seed = stream_seed(self._augmentation_seed, 0xA06, self._augmented_batches, self.trainer.global_rank)
-        self._augmented_batches += 1
-        with seeded_streams(seed, inputs.device):
+        with seeded_streams(self.training_streams.next_batch_seed(self.trainer.global_rank), inputs.device):
             inputs = augment_normalized(inputs, self.batch_augmentation, self.input_range())
         return {**batch, "inputs": inputs} if isinstance(batch, dict) else (inputs, batch[1])
 
     def state_dict(self) -> dict:
-        """``{"augmentation_seed", "augmented_batches"}``: where the training batches' augmentation streams are
-        (the same on every rank)."""
-        return {"augmentation_seed": self._augmentation_seed, "augmented_batches": self._augmented_batches}
+        """Where the training batches' random streams are (:class:`~zskd_lightning.randomness.TrainingStreams`;
+        the same on every rank)."""
+        return self.training_streams.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._augmentation_seed = state_dict.get("augmentation_seed", self._augmentation_seed)
-        self._augmented_batches = state_dict.get("augmented_batches", 0)
+        self.training_streams.load_state_dict(state_dict)
 
     def real_val_loaders(self) -> list[DataLoader]:
         """``[eval_data's validation split]`` with ``validate_on_real``, else ``[]``."""

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from zskd_lightning.data.epoch_order import epoch_keyed_loader
 from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.impressions.cache import ImpressionCache
@@ -87,7 +88,10 @@ class ImpressionDataModule(SyntheticDataModule):
         chunk_size: impressions per chunk (the unit of work, of random state and of files).
         seed: the cache's seed; chunk ``c`` draws its targets and noise from ``(seed, c)``.
         augmentation: per-sample transform on pixel-space training images (``torchvision.transforms.v2``),
-            applied in the dataset (CPU, ~1 ms per image).
+            applied in the dataset (CPU, ~1 ms per image), drawing from a stream keyed by ``(fit seed, epoch,
+            index)``. The training order is shuffled by ``(fit seed, epoch)``
+            (:mod:`zskd_lightning.data.epoch_order`): a fit resumed at an epoch's end reads what an unstopped
+            one would.
         batch_augmentation: see :class:`~zskd_lightning.data.SyntheticDataModule`.
         overwrite_cache: replace a mismatching cache instead of stopping with an error.
     """
@@ -163,10 +167,12 @@ class ImpressionDataModule(SyntheticDataModule):
     def train_dataloader(self) -> DataLoader:
         cache = self._require_cache()
         dataset = ImpressionDataset(cache, 0, self.num_impressions, self.augmentation, self.input_range())
-        return DataLoader(
+        return epoch_keyed_loader(
             dataset,
+            seed=self.training_streams.run_seed(),
+            trainer=self.trainer,
             batch_size=self.batch_size,
-            shuffle=True,
+            random_items=self.augmentation is not None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=len(dataset) > self.batch_size,

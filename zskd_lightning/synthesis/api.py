@@ -129,20 +129,6 @@ def check_synthesis_precision(precision: str | None) -> None:
         raise InvalidArgument(f"precision must be one of {SYNTHESIS_PRECISIONS}, got {precision!r}")
 
 
-@contextlib.contextmanager
-def evaluating(module: nn.Module | None):
-    """``module`` (``None``: nothing) in eval mode for the block, train mode restored after if it was in it:
-    synthesis reads a student without moving its BatchNorm statistics or drawing its dropout."""
-    was_training = module is not None and module.training
-    if module is not None:
-        module.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            module.train()
-
-
 def check_trainer_precision(precision: str) -> None:
     """One-line error for a Trainer precision that casts the models' weights (``"bf16-true"``, ``"16-true"``,
     ``"64-true"``): synthesis optimizes float32 inputs through the float32 teacher (the ``-mixed`` precisions

@@ -33,8 +33,8 @@ from zskd_lightning.synthesis.api import (
     SynthesisResult,
     TargetSampler,
     check_synthesis_precision,
-    evaluating,
 )
+from zskd_lightning.modes import evaluating
 from zskd_lightning.synthesis.loss_scale import LossScale
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.targets import OneHotTargets

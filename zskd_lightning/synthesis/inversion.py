@@ -27,9 +27,9 @@ from zskd_lightning.synthesis.api import (
     SynthesisResult,
     TargetSampler,
     check_synthesis_precision,
-    evaluating,
 )
 from zskd_lightning.kernels import fast_kernels_in, in_channels_last
+from zskd_lightning.modes import evaluating
 from zskd_lightning.synthesis.loss_scale import LossScale
 from zskd_lightning.weighting import SampleWeighting
 

@@ -1,0 +1,63 @@
+"""Standalone offline-distillation run for the subprocess tests (resume under DDP). Lightning's DDP launcher
+re-runs this script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
+
+    python offline_run.py --root DIR [--devices 2] [--stop-at STEP] [--resume]
+
+Distils from a tiny impression cache (``DIR/cache``: 48 impressions; teacher ``make_net(0)``) for 3 epochs of
+3 batches per process (8 inputs a batch), with what draws from random streams: a per-sample random affine
+transform, batch blends and noise, and a dropout layer before the student. ``--stop-at`` ends it after that
+many steps (Trainer max_steps), as an interruption would; ``last.ckpt`` in ``DIR/checkpoints`` is written every
+step. At the end of fit every rank writes ``DIR/rank{r}.pt``: its student's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--resume", action="store_true", help="resume from DIR/checkpoints/last.ckpt")
+    parser.add_argument("--stop-at", type=int, default=-1, help="stop after this many steps (Trainer max_steps)")
+    args = parser.parse_args()
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from torch import nn
+    from torchvision.transforms import v2
+
+    from helpers import tiny
+    from zskd_lightning import DistillationModule
+    from zskd_lightning.augment import BatchAugmentation
+
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    datamodule = tiny.make_datamodule(os.path.join(args.root, "cache"), num_impressions=48, batch_size=8,
+                                      augmentation=v2.RandomAffine(degrees=20),
+                                      batch_augmentation=BatchAugmentation(mix=0.5, noise_std=0.05))
+    model = DistillationModule(tiny.make_net(0), nn.Sequential(nn.Dropout(0.3), tiny.make_net(1, width=4)),
+                               export_filename=None)
+
+    class Dump(Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            torch.save(pl_module.student.state_dict(), os.path.join(args.root, f"rank{trainer.global_rank}.pt"))
+
+    checkpoints = ModelCheckpoint(dirpath=os.path.join(args.root, "checkpoints"), save_last=True,
+                                  every_n_train_steps=1, save_top_k=0)
+    trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+                                 enable_checkpointing=True, callbacks=[checkpoints, Dump()], max_steps=args.stop_at,
+                                 max_epochs=3)
+    ckpt = os.path.join(args.root, "checkpoints", "last.ckpt") if args.resume else None
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    print(f"DONE rank={trainer.global_rank} steps={trainer.global_step}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

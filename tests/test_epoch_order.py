@@ -1,0 +1,214 @@
+"""Training order and per-sample draws keyed by (fit seed, epoch, index): resumes at an epoch's end are exact
+for offline impressions and real data, as for replay batches (tests/test_online.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import tiny
+from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchvision.transforms import v2
+
+from zskd_lightning import ClassifierModule, DistillationModule, ResumedRandomStreams
+from zskd_lightning.augment import BatchAugmentation
+from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.data.epoch_order import (
+    EpochKeyedDataset,
+    EpochKeyedLoader,
+    EpochKeyedSampler,
+    epoch_keyed_loader,
+)
+
+
+class NoisyItems(torch.utils.data.Dataset):
+    """Item i: ``i`` plus fresh noise from torch's global stream (a random per-sample transform)."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return index + torch.rand(())
+
+
+def test_an_epochs_order_is_a_function_of_seed_and_epoch_and_ranks_share_it():
+    data = TensorDataset(torch.arange(10))
+    keys = lambda **kw: list(EpochKeyedSampler(data, seed=7, **kw))  # noqa: E731
+    assert keys(epoch=3) == keys(epoch=3)
+    assert all(epoch == 3 for epoch, _ in keys(epoch=3))
+    assert sorted(i for _, i in keys(epoch=3)) == list(range(10))  # a permutation
+    assert [i for _, i in keys(epoch=3)] != [i for _, i in keys(epoch=4)]
+    assert [i for _, i in keys(epoch=3)] != [i for _, i in list(EpochKeyedSampler(data, seed=8, epoch=3))]
+    sampler = EpochKeyedSampler(data, seed=7)
+    sampler.set_epoch(3)  # what Lightning does at an epoch's start
+    assert list(sampler) == keys(epoch=3)
+    # two ranks split the epoch's permutation between them
+    shares = [keys(epoch=3, rank=r, world_size=2) for r in (0, 1)]
+    assert sorted(i for share in shares for _, i in share) == list(range(10))
+    interleaved = [key for pair in zip(*shares) for key in pair]
+    assert interleaved == keys(epoch=3)
+    assert len(list(EpochKeyedSampler(data, seed=2**64 - 1, epoch=5))) == 10  # torch.initial_seed is 64-bit
+
+
+def test_random_items_are_keyed_and_leave_the_global_stream_alone():
+    keyed = EpochKeyedDataset(NoisyItems(), seed=7, random_items=True)
+    stream = torch.get_rng_state()
+    first = keyed[(0, 4)]
+    assert torch.equal(torch.get_rng_state(), stream)
+    torch.rand(5)
+    assert torch.equal(keyed[(0, 4)], first)  # whenever it is computed
+    assert not torch.equal(keyed[(1, 4)], first) and not torch.equal(keyed[(0, 5)] - 1, first)
+    assert int(keyed[(0, 4)]) == 4 and len(keyed) == 10
+    plain = EpochKeyedDataset(NoisyItems(), seed=7, random_items=False)
+    torch.manual_seed(0)
+    a = plain[(0, 4)]
+    torch.manual_seed(0)
+    assert torch.equal(plain[(9, 4)], a)  # not reseeded: draws as the dataset would
+    assert int(keyed[3]) == 3  # a plain index (an evaluation loader over the same dataset)
+    assert int(keyed[np.int64(3)]) == 3 and int(keyed[torch.tensor(3)]) == 3
+
+
+def test_loader_workers_change_nothing():
+    def batches(workers: int) -> list[torch.Tensor]:
+        loader = epoch_keyed_loader(NoisyItems(), seed=11, trainer=None, batch_size=4, random_items=True,
+                                    num_workers=workers)
+        return list(loader)
+
+    stream = torch.get_rng_state()
+    in_process = batches(0)
+    assert torch.equal(torch.get_rng_state(), stream)  # no draw from the global stream, not even a worker seed
+    in_workers = batches(2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, in_workers, strict=True))
+
+
+def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
+    data = TensorDataset(torch.arange(10))
+
+    def loader(done=None) -> EpochKeyedLoader:
+        sampler = EpochKeyedSampler(data, seed=3, epoch=2)
+        return EpochKeyedLoader(EpochKeyedDataset(data, 3, False), batch_size=3, sampler=sampler, batches_done=done)
+
+    whole = [b[0] for b in loader()]
+    stopped = loader()
+    iterator = iter(stopped)
+    next(iterator), next(iterator)
+    state = stopped.state_dict()
+    assert state == {"epoch": 2, "batches": 2}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b[0]) for a, b in zip(whole[2:], resumed, strict=True))
+    resumed = loader(done=lambda: 1)  # a checkpoint saved inside step 2: the Trainer redoes that batch
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b[0]) for a, b in zip(whole[1:], resumed, strict=True))
+    other_epoch = loader()
+    other_epoch.load_state_dict({"epoch": 1, "batches": 2})  # the state of an epoch that has ended
+    assert len(list(other_epoch)) == 4
+
+
+def test_lightning_rebuilding_the_loader_around_its_own_sampler_still_trains(tmp_path):
+    model = ClassifierModule(tiny.make_net(1))
+    trainer = tiny.quiet_trainer(tmp_path, overfit_batches=2, max_epochs=2)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert trainer.global_step == 4
+
+
+# where a run is stopped: after epoch 1 by max_epochs (checkpoint at the epoch's end), after step 3 by max_steps
+# (checkpoint at the epoch's last batch), after step 4 (mid-epoch); 3 batches an epoch, 3 epochs in all
+STOPS = [("epochs", 1), ("steps", 3), ("steps", 4)]
+
+
+def _stopped_and_resumed(fit, root, stop: tuple[str, int]) -> dict[str, torch.Tensor]:
+    """The student's weights after 3 epochs, run whole (``stop`` None) or stopped at ``stop`` and resumed from
+    its last checkpoint in a new Trainer (new module and data, as a new process would)."""
+    if stop is None:
+        return fit(root, {"max_epochs": 3}, None, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=0))
+    kind, at = stop
+    every = {"every_n_epochs": 1} if kind == "epochs" else {"every_n_train_steps": 1}
+    checkpoint = lambda: ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0, **every)  # noqa: E731
+    fit(root, {"max_epochs": at} if kind == "epochs" else {"max_epochs": 3, "max_steps": at}, None, checkpoint())
+    return fit(root, {"max_epochs": 3}, root / "ckpt" / "last.ckpt", checkpoint())
+
+
+@pytest.mark.parametrize("stop, workers", [(stop, 0) for stop in STOPS] + [(("steps", 4), 2)],
+                         ids=["epochs1", "steps3", "steps4", "steps4-workers2"])
+def test_real_data_resumed_trains_as_if_never_stopped(tmp_path, stop, workers):
+    """Digits with augmentation, a dropout network: the training order, the augmentation and the dropout all
+    draw from streams that a resume restores or re-derives; the weights end equal, bit for bit."""
+
+    def fit(root, limits, ckpt_path, checkpoint):
+        L.seed_everything(0, verbose=False)
+        model = ClassifierModule(nn.Sequential(nn.Dropout(0.3), tiny.make_net(1)))
+        trainer = tiny.quiet_trainer(root, limit_train_batches=3, limit_val_batches=0, enable_checkpointing=True,
+                                     callbacks=[checkpoint], **limits)
+        data = DigitsDataModule(batch_size=16, augment=True, num_workers=workers)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        assert trainer.global_step == limits.get("max_steps", 3 * limits["max_epochs"])
+        return {k: v.clone() for k, v in model.network.state_dict().items()}
+
+    whole = _stopped_and_resumed(fit, tmp_path / "whole", None)
+    split = _stopped_and_resumed(fit, tmp_path / "split", stop)
+    assert all(torch.equal(split[k], v) for k, v in whole.items())
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=lambda s: f"{s[0]}{s[1]}")
+def test_impressions_resumed_distil_as_if_never_stopped(tmp_path, stop):
+    """Offline impressions with a per-sample transform, batch blends and a dropout student (one cache, made by
+    the first fit and reused): stopped and resumed, the student ends as the unstopped one."""
+    cache = tmp_path / "cache"
+
+    def fit(root, limits, ckpt_path, checkpoint):
+        L.seed_everything(0, verbose=False)
+        datamodule = tiny.make_datamodule(cache, num_impressions=48, augmentation=v2.RandomAffine(degrees=20),
+                                          batch_augmentation=BatchAugmentation(mix=0.5, noise_std=0.05))
+        model = DistillationModule(tiny.make_net(0), nn.Sequential(nn.Dropout(0.3), tiny.make_net(1, width=4)),
+                                   export_filename=None)
+        trainer = tiny.quiet_trainer(root, enable_checkpointing=True, callbacks=[checkpoint], **limits)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        assert trainer.global_step == limits.get("max_steps", 3 * limits["max_epochs"])
+        return {k: v.clone() for k, v in model.student.state_dict().items()}
+
+    whole = _stopped_and_resumed(fit, tmp_path / "whole", None)
+    split = _stopped_and_resumed(fit, tmp_path / "split", stop)
+    assert all(torch.equal(split[k], v) for k, v in whole.items())
+
+
+def test_a_trainer_with_its_own_random_streams_callback_gets_no_second_one(tmp_path):
+    own = ResumedRandomStreams()
+    model = ClassifierModule(tiny.make_net(1))
+    trainer = tiny.quiet_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0, callbacks=[own])
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert [c for c in trainer.callbacks if isinstance(c, ResumedRandomStreams)] == [own]
+
+
+@pytest.mark.parametrize("module", ["classifier", "distillation"])
+def test_modules_add_the_random_streams_callback(tmp_path, module):
+    model = (ClassifierModule(tiny.make_net(1)) if module == "classifier" else
+             DistillationModule(tiny.make_net(0), tiny.make_net(1, width=4), export_filename=None))
+    trainer = tiny.quiet_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert sum(isinstance(c, ResumedRandomStreams) for c in trainer.callbacks) == 1
+
+
+def test_two_processes_resumed_mid_epoch_distil_as_if_never_stopped(tmp_path):
+    """Under DDP each rank reads its share of the epoch's keyed order; the loader's state (epoch, batches served)
+    is the same on every rank, so rank 0's, the one Lightning saves, resumes both. Stopped at step 5 of 9 (the
+    second epoch's second batch) and resumed, both ranks end with the unstopped run's student."""
+    script = Path(__file__).parent / "helpers" / "offline_run.py"
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for root, args in ((whole, ()), (split, ("--stop-at", "5")), (split, ("--resume",))):
+        root.mkdir(exist_ok=True)
+        proc = subprocess.run([sys.executable, str(script), "--root", str(root), "--devices", "2", *args],
+                              capture_output=True, text=True, timeout=240, env=tiny.script_env(1))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps=9" in proc.stdout
+    for rank in (0, 1):
+        expected, resumed = (torch.load(root / f"rank{rank}.pt", weights_only=True) for root in (whole, split))
+        assert all(torch.equal(resumed[k], v) for k, v in expected.items()), rank

@@ -1,0 +1,49 @@
+"""A callback that keeps every rank's global random generators in checkpoints and puts them back when a fit
+resumes, so that what draws from them during training (dropout, a user's own ``torch.rand``) goes on as it would
+have in an unstopped run on the same number of processes."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from zskd_lightning.randomness import gather_states, restore_states
+
+#: Checkpoint key of the states: a list, one :func:`~zskd_lightning.randomness.capture_states` dict per rank.
+RANDOM_STATE_KEY = "zskd_random_states"
+
+
+class ResumedRandomStreams(Callback):
+    """Saves every rank's global generators (Python, NumPy, torch's CPU generator and CUDA's) under
+    ``"zskd_random_states"`` and restores them at the first training batch of a fit resumed with ``ckpt_path``.
+
+    Rank semantics: saving is a collective (Lightning saves checkpoints on every rank and writes rank 0's file,
+    so the states are gathered into it); rank ``r`` restores entry ``r``. A checkpoint from another world size is
+    not restored (the run goes on from its own seed). A new fit of a module loaded with ``load_from_checkpoint``
+    keeps its own seed's streams. :class:`~zskd_lightning.DistillationModule` and
+    :class:`~zskd_lightning.ClassifierModule` add it themselves (``configure_callbacks``).
+    """
+
+    def __init__(self) -> None:
+        self._saved: list[dict] | None = None  # from a checkpoint, until the first training batch
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RANDOM_STATE_KEY] = gather_states(pl_module.device)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._saved = checkpoint.get(RANDOM_STATE_KEY)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:  # a new fit (e.g. of a module from load_from_checkpoint): its own seed
+            self._saved = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        states, self._saved = self._saved, None
+        if states is not None and len(states) == trainer.world_size:  # else another world size: go on as is
+            restore_states(states[trainer.global_rank], pl_module.device)
+
+
+def unless_present(trainer: L.Trainer | None) -> list[Callback]:
+    """``[ResumedRandomStreams()]`` unless ``trainer`` already has one (for ``configure_callbacks``)."""
+    given = list(trainer.callbacks) if trainer is not None else []
+    return [] if any(isinstance(c, ResumedRandomStreams) for c in given) else [ResumedRandomStreams()]
