@@ -630,6 +630,7 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         groups.setdefault((r["row"], r["method"], r["impressions"]), []).append(r)
     order = dataset.row_order
     for (row, method, n), group in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1], int(item[0][2]))):
+        group = sorted(group, key=lambda r: int(r["seed"]))  # seeds in order, whatever order they ran in
         accs = [float(g["test_acc"]) for g in group]
         mean = statistics.mean(accs)
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""

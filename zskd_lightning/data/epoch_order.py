@@ -62,7 +62,7 @@ class EpochKeyedDataset(Dataset):
         seed: the fit's seed.
         random_items: whether ``dataset[index]`` draws random numbers (a random per-sample transform): each
             item is then computed on torch's CPU generator seeded from ``(seed, epoch, index)``, which is given
-            back afterwards. ``False`` skips the reseeding (about 20 us an item).
+            back afterwards. ``False`` skips the reseeding.
     """
 
     def __init__(self, dataset: Dataset, seed: int, random_items: bool) -> None:
