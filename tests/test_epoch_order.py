@@ -111,6 +111,9 @@ def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
     other_epoch = loader()
     other_epoch.load_state_dict({"epoch": 1, "batches": 2})  # the state of an epoch that has ended
     assert len(list(other_epoch)) == 4
+    old_checkpoint = loader(done=lambda: 2)  # mid-epoch by the Trainer's count, no loader state: said so
+    with pytest.warns(UserWarning, match="resumed 2 batches into epoch 2 from a checkpoint without this loader's"):
+        assert len(list(old_checkpoint)) == 4
 
 
 def test_lightning_rebuilding_the_loader_around_its_own_sampler_still_trains(tmp_path):

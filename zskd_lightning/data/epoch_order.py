@@ -20,6 +20,7 @@ first iterator before a checkpoint's generators are back, so it reads another or
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -113,8 +114,12 @@ class EpochKeyedLoader(DataLoader):
         # runs at the first batch asked for: after Lightning has loaded the state and restarted its counts
         resume, self._resume = self._resume, None
         served = resume["batches"] if resume is not None and resume.get("epoch") == sampler.epoch else 0
-        if served and self._batches_done is not None:
-            served = min(served, self._batches_done())
+        done = self._batches_done() if self._batches_done is not None else 0
+        if served:
+            served = min(served, done) if self._batches_done is not None else served
+        elif done and resume is None:
+            warnings.warn(f"resumed {done} batches into epoch {sampler.epoch} from a checkpoint without this loader's "
+                          "position (written before loaders kept it): the epoch's order starts again", stacklevel=2)
         sampler.skip = served * self.batch_size
         self._epoch, self._served = sampler.epoch, served
         for batch in super().__iter__():
