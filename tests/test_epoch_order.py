@@ -128,16 +128,19 @@ def test_lightning_rebuilding_the_loader_around_its_own_sampler_still_trains(tmp
 STOPS = [("epochs", 1), ("steps", 3), ("steps", 4)]
 
 
-def _stopped_and_resumed(fit, root, stop: tuple[str, int]) -> dict[str, torch.Tensor]:
-    """The student's weights after 3 epochs, run whole (``stop`` None) or stopped at ``stop`` and resumed from
-    its last checkpoint in a new Trainer (new module and data, as a new process would)."""
-    if stop is None:
-        return fit(root, {"max_epochs": 3}, None, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=0))
+def assert_resumed_ends_as_whole(fit, tmp_path, stop: tuple[str, int]) -> None:
+    """``fit(root, limits, ckpt_path, checkpoint)`` (a new module and data, as a new process would make; returns
+    the student's weights and checks the steps it took) run whole for 3 epochs, and stopped at ``stop`` then
+    resumed from its last checkpoint in a new Trainer: the weights end equal, bit for bit."""
+    root = tmp_path / "whole"
+    whole = fit(root, {"max_epochs": 3}, None, ModelCheckpoint(dirpath=root / "ckpt", save_top_k=0))
+    root = tmp_path / "split"
     kind, at = stop
     every = {"every_n_epochs": 1} if kind == "epochs" else {"every_n_train_steps": 1}
     checkpoint = lambda: ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0, **every)  # noqa: E731
     fit(root, {"max_epochs": at} if kind == "epochs" else {"max_epochs": 3, "max_steps": at}, None, checkpoint())
-    return fit(root, {"max_epochs": 3}, root / "ckpt" / "last.ckpt", checkpoint())
+    split = fit(root, {"max_epochs": 3}, root / "ckpt" / "last.ckpt", checkpoint())
+    assert all(torch.equal(split[k], v) for k, v in whole.items())
 
 
 @pytest.mark.parametrize("stop, workers", [(stop, 0) for stop in STOPS] + [(("steps", 4), 2)],
@@ -156,9 +159,7 @@ def test_real_data_resumed_trains_as_if_never_stopped(tmp_path, stop, workers):
         assert trainer.global_step == limits.get("max_steps", 3 * limits["max_epochs"])
         return {k: v.clone() for k, v in model.network.state_dict().items()}
 
-    whole = _stopped_and_resumed(fit, tmp_path / "whole", None)
-    split = _stopped_and_resumed(fit, tmp_path / "split", stop)
-    assert all(torch.equal(split[k], v) for k, v in whole.items())
+    assert_resumed_ends_as_whole(fit, tmp_path, stop)
 
 
 @pytest.mark.parametrize("stop", STOPS, ids=lambda s: f"{s[0]}{s[1]}")
@@ -178,9 +179,7 @@ def test_impressions_resumed_distil_as_if_never_stopped(tmp_path, stop):
         assert trainer.global_step == limits.get("max_steps", 3 * limits["max_epochs"])
         return {k: v.clone() for k, v in model.student.state_dict().items()}
 
-    whole = _stopped_and_resumed(fit, tmp_path / "whole", None)
-    split = _stopped_and_resumed(fit, tmp_path / "split", stop)
-    assert all(torch.equal(split[k], v) for k, v in whole.items())
+    assert_resumed_ends_as_whole(fit, tmp_path, stop)
 
 
 def test_a_trainer_with_its_own_random_streams_callback_gets_no_second_one(tmp_path):

@@ -5,7 +5,7 @@ Layers (a module may import from its own layer's package or from lower layers, n
 0. ``_version``, ``errors``, ``files``, ``pixels``, ``describe``, ``randomness``, ``ranks``, ``modes``: leaves
 1. ``taps``, ``kernels``, ``teacher``, ``losses``, ``checks``, ``optim``, ``weighting``, ``augment``, ``models``,
    ``data``, ``export``, ``predictions``, ``metadata``, ``pictures``, ``random_resume``,
-   ``hparams``
+   ``hparams``, ``callbacks``
 2. ``synthesis``: what and how (no Lightning, no files)
 3. ``impressions`` (offline drivers), ``online`` (online drivers), ``distillation``, ``classifier``
 4. ``cli``, and the package face ``zskd_lightning/__init__.py``
@@ -24,7 +24,7 @@ LAYERS = {
     "_version": 0, "errors": 0, "files": 0, "pixels": 0, "describe": 0, "randomness": 0, "ranks": 0, "modes": 0,
     "taps": 1, "kernels": 1, "teacher": 1, "losses": 1, "checks": 1, "optim": 1, "weighting": 1, "augment": 1,
     "models": 1, "data": 1, "export": 1, "predictions": 1, "metadata": 1, "pictures": 1, "random_resume": 1,
-    "hparams": 1,
+    "hparams": 1, "callbacks": 1,
     "synthesis": 2,
     "impressions": 3, "online": 3, "distillation": 3, "classifier": 3,
     "cli": 4, "__main__": 4, "": 4,

@@ -10,13 +10,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
+from zskd_lightning.callbacks import missing_callbacks
 from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import top1_hits
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
-from zskd_lightning.random_resume import unless_present as randomness_unless_present
+from zskd_lightning.random_resume import ResumedRandomStreams
 
 
 class ClassifierModule(L.LightningModule):
@@ -68,7 +69,7 @@ class ClassifierModule(L.LightningModule):
         """A :class:`~zskd_lightning.predictions.PredictionWriter` unless the Trainer has a prediction writer, and
         a :class:`~zskd_lightning.random_resume.ResumedRandomStreams` (checkpoints keep every rank's global
         generators: a resumed fit's dropout goes on as an unstopped one's) unless it has one."""
-        return writer_unless_present(self._trainer) + randomness_unless_present(self._trainer)
+        return writer_unless_present(self._trainer) + missing_callbacks(self._trainer, [ResumedRandomStreams()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)

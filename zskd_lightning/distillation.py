@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from zskd_lightning.callbacks import missing_callbacks
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.export import record_path, update_record, write_student
@@ -23,7 +24,7 @@ from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss, top1_hits
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
-from zskd_lightning.random_resume import unless_present as randomness_unless_present
+from zskd_lightning.random_resume import ResumedRandomStreams
 from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint
 from zskd_lightning.weighting import SampleWeighting
 
@@ -132,10 +133,8 @@ class DistillationModule(L.LightningModule):
         overrides this must return ``super().configure_callbacks()`` too."""
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        wanted = list(getattr(datamodule, "synthesis_callbacks", lambda: [])())
-        given = list(trainer.callbacks) if trainer is not None else []
-        missing = [callback for callback in wanted if not any(isinstance(c, type(callback)) for c in given)]
-        return missing + writer_unless_present(trainer) + randomness_unless_present(trainer)
+        wanted = [*getattr(datamodule, "synthesis_callbacks", lambda: [])(), ResumedRandomStreams()]
+        return missing_callbacks(trainer, wanted) + writer_unless_present(trainer)
 
     # ---------------------------------------------------------------------------------------- training
     def forward(self, x: Tensor) -> Tensor:

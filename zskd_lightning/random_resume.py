@@ -41,9 +41,3 @@ class ResumedRandomStreams(Callback):
         states, self._saved = self._saved, None
         if states is not None and len(states) == trainer.world_size:  # else another world size: go on as is
             restore_states(states[trainer.global_rank], pl_module.device)
-
-
-def unless_present(trainer: L.Trainer | None) -> list[Callback]:
-    """``[ResumedRandomStreams()]`` unless ``trainer`` already has one (for ``configure_callbacks``)."""
-    given = list(trainer.callbacks) if trainer is not None else []
-    return [] if any(isinstance(c, ResumedRandomStreams) for c in given) else [ResumedRandomStreams()]

@@ -114,9 +114,9 @@ class EpochKeyedLoader(DataLoader):
         # runs at the first batch asked for: after Lightning has loaded the state and restarted its counts
         resume, self._resume = self._resume, None
         served = resume["batches"] if resume is not None and resume.get("epoch") == sampler.epoch else 0
-        done = self._batches_done() if self._batches_done is not None else 0
-        if served:
-            served = min(served, done) if self._batches_done is not None else served
+        done = self._batches_done() if self._batches_done is not None else None
+        if served and done is not None:
+            served = min(served, done)
         elif done and resume is None:
             warnings.warn(f"resumed {done} batches into epoch {sampler.epoch} from a checkpoint without this loader's "
                           "position (written before loaders kept it): the epoch's order starts again", stacklevel=2)

@@ -90,8 +90,8 @@ class ImpressionDataModule(SyntheticDataModule):
         augmentation: per-sample transform on pixel-space training images (``torchvision.transforms.v2``),
             applied in the dataset (CPU, ~1 ms per image), drawing from a stream keyed by ``(fit seed, epoch,
             index)``. The training order is shuffled by ``(fit seed, epoch)``
-            (:mod:`zskd_lightning.data.epoch_order`): a fit resumed at an epoch's end reads what an unstopped
-            one would.
+            (:mod:`zskd_lightning.data.epoch_order`): a fit resumed at an epoch's end or in its middle reads
+            what an unstopped one would.
         batch_augmentation: see :class:`~zskd_lightning.data.SyntheticDataModule`.
         overwrite_cache: replace a mismatching cache instead of stopping with an error.
     """

@@ -30,10 +30,10 @@ from torch import nn
 from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError, described, first_line
 from zskd_lightning.impressions.cache import ImpressionCache
 from zskd_lightning.impressions.pictures import impression_grid
-from zskd_lightning.pictures import log_picture, save_picture
-from zskd_lightning.ranks import every_rank
 from zskd_lightning.impressions.progress import SynthesisProgress
+from zskd_lightning.pictures import log_picture, save_picture
 from zskd_lightning.pixels import InputSpec
+from zskd_lightning.ranks import every_rank
 from zskd_lightning.synthesis import Chunk, Synthesizer, SynthesisContext
 from zskd_lightning.synthesis.api import check_trainer_precision
 from zskd_lightning.teacher import as_frozen_teacher
