@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -49,6 +50,10 @@ FIELDS = ["row", "method", "impressions", "seed", "test_acc", "teacher_acc", "sy
 #: The first commit whose teacher holds no subnormal weights (FrozenTeacher sets them to zero): rows measured
 #: before it (no ``commit`` recorded) timed the teacher's passes several times slower on CPU.
 SUBNORMAL_FIX = "305d75a"
+#: The first commit whose offline and real-data training loaders draw their order and per-sample transforms from
+#: keys ``(seed, epoch, index)`` (``zskd_lightning.data.epoch_order``): rows of those kinds measured before it
+#: read torch's shuffled order, which a re-run of their command no longer draws (online rows are unaffected).
+KEYED_ORDER = "06914e4"
 #: Online rows synthesize during distillation; their log line gives the inputs made and the synthesis time.
 ONLINE_LINE = re.compile(r"Online synthesis: \d+ rounds, (\d+) inputs synthesized in ([0-9.]+) s")
 #: ZSKD's paper schedule (``--schedule paper``): the synthesizer arguments it overrides.
@@ -544,6 +549,30 @@ def timed_with_subnormals(record: dict[str, str]) -> bool:
     return record["method"] != "ce-real" and not record.get("commit")
 
 
+@functools.lru_cache(maxsize=None)
+def contains_commit(commit: str, ancestor: str) -> bool | None:
+    """Whether ``commit`` (a record's, ``+local`` allowed) has ``ancestor`` in its history: ``False`` for no commit,
+    ``None`` where git cannot tell (no repository, an unknown commit)."""
+    if not commit:
+        return False
+    try:
+        code = subprocess.call(["git", "merge-base", "--is-ancestor", ancestor, commit.removesuffix("+local")],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    return {0: True, 1: False}.get(code)
+
+
+def drawn_in_torch_order(dataset: Dataset, record: dict[str, str],
+                         contains: Callable[[str, str], bool | None] = contains_commit) -> bool:
+    """Whether a record trained on a loader shuffled by torch (an offline or real-data row measured before
+    :data:`KEYED_ORDER`): its numbers are not what its command draws today (another order of the same data)."""
+    declared = dataset.declared(record["row"])
+    if declared is not None and declared.kind == "online":
+        return False
+    return contains(record.get("commit", ""), KEYED_ORDER) is False
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
@@ -590,12 +619,14 @@ def group_command(group: list[dict[str, str]]) -> str:
     return command
 
 
-def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | None = None) -> None:
+def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | None = None,
+              contains: Callable[[str, str], bool | None] = contains_commit) -> None:
     """Write ``<dataset>.md``, ``<dataset>.png`` and ``<dataset>_time.png`` from the CSV records (into
     ``out_dir``, default :data:`RESULTS`).
 
     Records measured with other configs than today's (a changed teacher recipe, say) count for nothing: they
-    are listed under "Stale rows" with their commands, until re-measured.
+    are listed under "Stale rows" with their commands, until re-measured. ``contains(commit, ancestor)`` tells
+    which commits a record's code held (git's history; :func:`drawn_in_torch_order`).
     """
     out_dir = RESULTS if out_dir is None else out_dir
     current, stale = [], []
@@ -641,8 +672,9 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         iterations = impression_iterations(group[0])
         budget = f"{iterations / 1e6:.1f}M" if iterations else "-"
         slow = "†" if any(timed_with_subnormals(g) for g in group) else ""
+        shuffled = "‡" if any(drawn_in_torch_order(dataset, g, contains) for g in group) else ""
         lines.append(
-            f"| {label} | {n if n != '0' else '-'} | {budget} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread} | {ratio} | {paper} "
+            f"| {label} | {n if n != '0' else '-'} | {budget} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread}{shuffled} | {ratio} | {paper} "
             f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f}{slow} | {statistics.mean(float(g['training_s']) for g in group):.0f}{slow} "
             f"| {group[0]['hardware']} | `zskd {group_command(group)}` |"
         )
@@ -650,6 +682,10 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         lines += ["", f"† Measured before commit {SUBNORMAL_FIX}, with the teacher's subnormal weights (left by weight decay): "
                   "each teacher pass ran several times slower on CPU (`python benchmarks/subnormal_weights.py`), so these "
                   "times are upper bounds; the teacher's outputs were the same (bit-identical where tested)."]
+    if any(drawn_in_torch_order(dataset, r, contains) for r in records):
+        lines += ["", f"‡ Measured before commit {KEYED_ORDER}, on a training order shuffled by torch: its command now "
+                  "draws a keyed order (exact on resume), so a re-run gives another draw of the same recipe, not these "
+                  "digits."]
     lines += ["", dataset.references, "", time_to_accuracy(dataset, records), ""]
     if stale:
         lines += ["## Stale rows", "",

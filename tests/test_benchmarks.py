@@ -151,7 +151,7 @@ def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
                 "hardware": "CPU", "command": " ".join(args), "configs_sha": sha, "training_s": "1.0"}
 
     table.summarize(table.MNIST, [record("teacher", 0, 99.0), record("student_kd", 0, 98.0), record("student_kd", 1, 50.0, False)],
-                    out_dir=tmp_path)
+                    out_dir=tmp_path, contains=lambda commit, ancestor: None)  # order marks: their own test
     report = (tmp_path / "mnist.md").read_text()
     main_table, stale = report.split("## Stale rows")
     kd_line = next(line for line in main_table.splitlines() if line.startswith("| student_kd"))
@@ -188,6 +188,55 @@ def test_table_records_the_commit_and_marks_times_taken_with_a_subnormal_teacher
     assert "| 7† |" in before["student_kd"] and "†" not in before["teacher"] and before["footnote"]
     after = lines([record("teacher", ""), record("student_kd", "abc1234")])
     assert "†" not in after["student_kd"] and not after["footnote"]
+
+
+def test_table_marks_offline_rows_measured_in_torchs_shuffled_order(tmp_path):
+    """Offline and real-data rows measured before the keyed training order (their command now draws another order)
+    carry a mark and its footnote; online rows, and rows measured after it, do not."""
+    table = load("table")
+
+    def record(row: str, commit: str) -> dict[str, str]:
+        args = table.row_commands(table.MNIST, [row], [0], "fast")[0][4]
+        return {"row": row, "method": row, "impressions": "0", "seed": "0", "test_acc": "97.0", "teacher_acc": "99.0",
+                "synthesis_s": "1.0", "total_s": "2.0", "hardware": "CPU", "command": " ".join(args),
+                "configs_sha": table.configs_sha(table.MNIST, args), "training_s": "1.0", "commit": commit}
+
+    def contains(commit: str, ancestor: str) -> bool | None:
+        assert ancestor == table.KEYED_ORDER
+        return {"old1234": False, "new1234": True}.get(commit, False if not commit else None)
+
+    def lines(records: list[dict[str, str]]) -> tuple[dict[str, str], bool]:
+        table.summarize(table.MNIST, records, out_dir=tmp_path, contains=contains)
+        report = (tmp_path / "mnist.md").read_text()
+        rows = {r["row"]: next(line for line in report.splitlines() if line.startswith(f"| {r['row']} |")) for r in records}
+        return rows, f"‡ Measured before commit {table.KEYED_ORDER}" in report
+
+    rows, footnote = lines([record("teacher", "new1234"), record("zskd", "old1234"), record("student_ce", ""),
+                            record("ssdkd", "old1234"), record("wang", "unknown")])
+    assert "97.00‡ |" in rows["zskd"] and "97.00‡ |" in rows["student_ce"] and footnote
+    assert "‡" not in rows["teacher"] and "‡" not in rows["ssdkd"]  # measured after it; online (no loader order)
+    assert "‡" not in rows["wang"]  # git cannot tell: no claim either way
+    _, footnote = lines([record("teacher", "new1234"), record("zskd", "new1234")])
+    assert not footnote
+
+
+def test_contains_commit_reads_git_history(tmp_path, monkeypatch):
+    table = load("table")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "first")
+    first = git("rev-parse", "--short=7", "HEAD")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "second")
+    second = git("rev-parse", "--short=7", "HEAD")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    assert table.contains_commit(second + "+local", first) is True
+    assert table.contains_commit(first, second) is False
+    assert table.contains_commit("", first) is False
+    assert table.contains_commit("0000000", first) is None  # not in this history
 
 
 def test_table_row_that_changes_only_the_distillation_reads_another_rows_impressions():
