@@ -563,14 +563,13 @@ def contains_commit(commit: str, ancestor: str) -> bool | None:
     return {0: True, 1: False}.get(code)
 
 
-def drawn_in_torch_order(dataset: Dataset, record: dict[str, str],
-                         contains: Callable[[str, str], bool | None] = contains_commit) -> bool:
+def drawn_in_torch_order(dataset: Dataset, record: dict[str, str]) -> bool:
     """Whether a record trained on a loader shuffled by torch (an offline or real-data row measured before
     :data:`KEYED_ORDER`): its numbers are not what its command draws today (another order of the same data)."""
     declared = dataset.declared(record["row"])
     if declared is not None and declared.kind == "online":
         return False
-    return contains(record.get("commit", ""), KEYED_ORDER) is False
+    return contains_commit(record.get("commit", ""), KEYED_ORDER) is False
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -619,14 +618,13 @@ def group_command(group: list[dict[str, str]]) -> str:
     return command
 
 
-def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | None = None,
-              contains: Callable[[str, str], bool | None] = contains_commit) -> None:
+def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | None = None) -> None:
     """Write ``<dataset>.md``, ``<dataset>.png`` and ``<dataset>_time.png`` from the CSV records (into
     ``out_dir``, default :data:`RESULTS`).
 
     Records measured with other configs than today's (a changed teacher recipe, say) count for nothing: they
-    are listed under "Stale rows" with their commands, until re-measured. ``contains(commit, ancestor)`` tells
-    which commits a record's code held (git's history; :func:`drawn_in_torch_order`).
+    are listed under "Stale rows" with their commands, until re-measured; rows drawn in an order their commands
+    no longer draw are marked (:func:`drawn_in_torch_order`).
     """
     out_dir = RESULTS if out_dir is None else out_dir
     current, stale = [], []
@@ -672,7 +670,7 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         iterations = impression_iterations(group[0])
         budget = f"{iterations / 1e6:.1f}M" if iterations else "-"
         slow = "†" if any(timed_with_subnormals(g) for g in group) else ""
-        shuffled = "‡" if any(drawn_in_torch_order(dataset, g, contains) for g in group) else ""
+        shuffled = "‡" if any(drawn_in_torch_order(dataset, g) for g in group) else ""
         lines.append(
             f"| {label} | {n if n != '0' else '-'} | {budget} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread}{shuffled} | {ratio} | {paper} "
             f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f}{slow} | {statistics.mean(float(g['training_s']) for g in group):.0f}{slow} "
@@ -682,7 +680,7 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         lines += ["", f"† Measured before commit {SUBNORMAL_FIX}, with the teacher's subnormal weights (left by weight decay): "
                   "each teacher pass ran several times slower on CPU (`python benchmarks/subnormal_weights.py`), so these "
                   "times are upper bounds; the teacher's outputs were the same (bit-identical where tested)."]
-    if any(drawn_in_torch_order(dataset, r, contains) for r in records):
+    if any(drawn_in_torch_order(dataset, r) for r in records):
         lines += ["", f"‡ Measured before commit {KEYED_ORDER}, on a training order shuffled by torch: its command now "
                   "draws a keyed order (exact on resume), so a re-run gives another draw of the same recipe, not these "
                   "digits."]

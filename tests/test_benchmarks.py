@@ -140,8 +140,9 @@ def test_table_counts_the_committed_teacher_file_as_the_checkpoint_it_was_writte
     assert table.configs_sha(table.MNIST, kd) != sha_committed
 
 
-def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
+def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path, monkeypatch):
     table = load("table")
+    monkeypatch.setattr(table, "contains_commit", lambda commit, ancestor: None)  # order marks: their own test
 
     def record(row: str, seed: int, acc: float, current: bool = True) -> dict[str, str]:
         args = table.row_commands(table.MNIST, [row], [seed], "fast")[0][4]
@@ -151,7 +152,7 @@ def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path):
                 "hardware": "CPU", "command": " ".join(args), "configs_sha": sha, "training_s": "1.0"}
 
     table.summarize(table.MNIST, [record("teacher", 0, 99.0), record("student_kd", 0, 98.0), record("student_kd", 1, 50.0, False)],
-                    out_dir=tmp_path, contains=lambda commit, ancestor: None)  # order marks: their own test
+                    out_dir=tmp_path)
     report = (tmp_path / "mnist.md").read_text()
     main_table, stale = report.split("## Stale rows")
     kd_line = next(line for line in main_table.splitlines() if line.startswith("| student_kd"))
@@ -190,7 +191,7 @@ def test_table_records_the_commit_and_marks_times_taken_with_a_subnormal_teacher
     assert "†" not in after["student_kd"] and not after["footnote"]
 
 
-def test_table_marks_offline_rows_measured_in_torchs_shuffled_order(tmp_path):
+def test_table_marks_offline_rows_measured_in_torchs_shuffled_order(tmp_path, monkeypatch):
     """Offline and real-data rows measured before the keyed training order (their command now draws another order)
     carry a mark and its footnote; online rows, and rows measured after it, do not."""
     table = load("table")
@@ -205,8 +206,10 @@ def test_table_marks_offline_rows_measured_in_torchs_shuffled_order(tmp_path):
         assert ancestor == table.KEYED_ORDER
         return {"old1234": False, "new1234": True}.get(commit, False if not commit else None)
 
+    monkeypatch.setattr(table, "contains_commit", contains)
+
     def lines(records: list[dict[str, str]]) -> tuple[dict[str, str], bool]:
-        table.summarize(table.MNIST, records, out_dir=tmp_path, contains=contains)
+        table.summarize(table.MNIST, records, out_dir=tmp_path)
         report = (tmp_path / "mnist.md").read_text()
         rows = {r["row"]: next(line for line in report.splitlines() if line.startswith(f"| {r['row']} |")) for r in records}
         return rows, f"‡ Measured before commit {table.KEYED_ORDER}" in report
