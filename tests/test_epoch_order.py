@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import tiny
 from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from torch import nn
 from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
@@ -21,11 +21,13 @@ from torchvision.transforms import v2
 from zskd_lightning import ClassifierModule, DistillationModule, ResumedRandomStreams
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.data.classification import InMemoryImageDataset, draws_per_item
 from zskd_lightning.data.epoch_order import (
     EpochKeyedDataset,
     EpochKeyedLoader,
     EpochKeyedSampler,
     epoch_keyed_loader,
+    process_share,
 )
 
 
@@ -116,6 +118,39 @@ def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
         assert len(list(old_checkpoint)) == 4
 
 
+@pytest.mark.parametrize("use_distributed_sampler, share", [(True, (0, 2)), (False, (0, 1))])
+def test_a_ddp_trainer_shards_the_keyed_loader_as_lightning_would(use_distributed_sampler, share):
+    """Rank 0 of two reads half of each epoch; with ``use_distributed_sampler=False`` (Lightning then leaves a
+    plain loader whole on every rank) it reads all of it."""
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=use_distributed_sampler,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert process_share(trainer) == share
+    loader = epoch_keyed_loader(TensorDataset(torch.arange(10)), seed=1, trainer=trainer, batch_size=1,
+                                random_items=False)
+    assert len(list(loader)) == 10 // share[1]
+
+
+def test_a_loader_made_without_a_trainer_takes_the_process_groups_share(monkeypatch):
+    assert process_share(None) == (0, 1)  # no process group
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    assert process_share(None) == (1, 2)
+    loader = epoch_keyed_loader(TensorDataset(torch.arange(10)), seed=1, trainer=None, batch_size=10,
+                                random_items=False)
+    (indices,) = next(iter(loader))
+    assert indices.tolist() == [i for _, i in EpochKeyedSampler(TensorDataset(torch.arange(10)), seed=1, rank=1,
+                                                                 world_size=2)]
+
+
+def test_only_datasets_known_not_to_draw_skip_the_per_item_seeding():
+    images, labels = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.int64)
+    assert not draws_per_item(InMemoryImageDataset(images, labels))
+    assert draws_per_item(InMemoryImageDataset(images, labels, transform=v2.RandomHorizontalFlip()))
+    assert draws_per_item(NoisyItems())  # draws in __getitem__, no .transform
+    assert draws_per_item(torch.utils.data.Subset(InMemoryImageDataset(images, labels), [0, 1]))
+
+
 def test_lightning_rebuilding_the_loader_around_its_own_sampler_still_trains(tmp_path):
     model = ClassifierModule(tiny.make_net(1))
     trainer = tiny.quiet_trainer(tmp_path, overfit_batches=2, max_epochs=2)
@@ -180,6 +215,59 @@ def test_impressions_resumed_distil_as_if_never_stopped(tmp_path, stop):
         return {k: v.clone() for k, v in model.student.state_dict().items()}
 
     assert_resumed_ends_as_whole(fit, tmp_path, stop)
+
+
+class FailsOnce:
+    """Mixin: the training step of global step ``fail_at`` raises after its forward pass has drawn (dropout)."""
+
+    fail_at: int | None = None
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == self.fail_at:
+            raise RuntimeError("the step failed")
+        return loss
+
+
+class FailingClassifier(FailsOnce, ClassifierModule):
+    pass
+
+
+class FailingDistillation(FailsOnce, DistillationModule):
+    pass
+
+
+@pytest.mark.parametrize("data", ["real", "impressions"])
+def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp_path, data):
+    """``OnExceptionCheckpoint`` saves inside step 4 (the second epoch's second batch), after that batch's
+    augmentation and dropout have drawn. The resumed fit redoes the batch with the draws the unstopped run made
+    (the augmentation count and global streams of the batch's start, not of the failed step): the weights end
+    equal, bit for bit."""
+    cache = tmp_path / "cache"
+
+    def fit(root, fail_at, ckpt_path):
+        L.seed_everything(0, verbose=False)
+        if data == "real":
+            model = FailingClassifier(nn.Sequential(nn.Dropout(0.3), tiny.make_net(1)))
+            datamodule = DigitsDataModule(batch_size=16, augment=True)
+        else:
+            model = FailingDistillation(tiny.make_net(0), nn.Sequential(nn.Dropout(0.3), tiny.make_net(1, width=4)),
+                                        export_filename=None)
+            datamodule = tiny.make_datamodule(cache, num_impressions=48, augmentation=v2.RandomAffine(degrees=20),
+                                              batch_augmentation=BatchAugmentation(mix=0.5, noise_std=0.05))
+        model.fail_at = fail_at
+        trainer = tiny.quiet_trainer(root, limit_train_batches=3, limit_val_batches=0, max_epochs=3,
+                                     enable_checkpointing=True, callbacks=[OnExceptionCheckpoint(root)])
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        assert trainer.global_step == 9
+        network = model.network if data == "real" else model.student
+        return {k: v.clone() for k, v in network.state_dict().items()}
+
+    whole = fit(tmp_path / "whole", None, None)
+    with pytest.raises(RuntimeError, match="the step failed"):
+        fit(tmp_path / "split", 4, None)
+    split = fit(tmp_path / "split", None, tmp_path / "split" / "on_exception.ckpt")
+    assert all(torch.equal(split[k], v) for k, v in whole.items())
 
 
 def test_a_trainer_with_its_own_random_streams_callback_gets_no_second_one(tmp_path):

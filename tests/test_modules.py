@@ -430,6 +430,31 @@ def test_evaluating_gives_every_submodule_its_own_mode_back():
         pass
 
 
+def test_evaluating_restores_modes_through_train_overrides():
+    """A module whose ``train`` does more than set ``.training`` (here: a stage it keeps frozen, and a switch
+    it derives from the mode) has it run on the way back, and still ends in its recorded modes."""
+    from zskd_lightning.modes import evaluating
+
+    class FrozenStem(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.head = nn.BatchNorm1d(2), nn.Dropout()
+            self.cached = False  # derived from the mode in train()
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            self.stem.eval()  # kept frozen
+            self.cached = not mode
+            return self
+
+    net = nn.Sequential(FrozenStem(), nn.Linear(2, 2)).train()
+    before = [m.training for m in net.modules()]
+    assert before == [True, True, False, True, True] and not net[0].cached
+    with evaluating(net):
+        assert net[0].cached and not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == before and not net[0].cached
+
+
 def test_a_subclass_own_network_arguments_stay_out_of_the_hyperparameters(tmp_path):
     """save_hyperparameters collects a subclass's init arguments too: networks among them would be pickled into
     checkpoints (which then need weights_only=False); they are left out, other values kept."""

@@ -11,7 +11,11 @@ from torch import nn
 @contextlib.contextmanager
 def evaluating(module: nn.Module | None) -> Iterator[None]:
     """``module`` (``None``: nothing) in eval mode for the block; afterwards every submodule is back in the mode
-    it had (``module.train()`` would put a submodule its owner keeps in eval mode into train mode)."""
+    it had (``module.train()`` would put a submodule its owner keeps in eval mode into train mode).
+
+    Modes are restored through ``train(mode)``, parents before children, so a module whose ``train`` override
+    does more than set ``.training`` (freezes a stage, switches a cache) runs it; each submodule's own call
+    comes last and leaves it in its recorded mode."""
     if module is None:
         yield
         return
@@ -20,5 +24,5 @@ def evaluating(module: nn.Module | None) -> Iterator[None]:
     try:
         yield
     finally:
-        for submodule, training in modes:
-            submodule.training = training
+        for submodule, training in modes:  # modules() is pre-order: parents first
+            submodule.train(training)

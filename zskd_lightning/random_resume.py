@@ -7,7 +7,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from zskd_lightning.randomness import gather_states, restore_states
+from zskd_lightning.batch_progress import unfinished_batch
+from zskd_lightning.randomness import capture_states, gather_states, restore_states
 
 #: Checkpoint key of the states: a list, one :func:`~zskd_lightning.randomness.capture_states` dict per rank.
 RANDOM_STATE_KEY = "zskd_random_states"
@@ -22,13 +23,18 @@ class ResumedRandomStreams(Callback):
     not restored (the run goes on from its own seed). A new fit of a module loaded with ``load_from_checkpoint``
     keeps its own seed's streams. :class:`~zskd_lightning.DistillationModule` and
     :class:`~zskd_lightning.ClassifierModule` add it themselves (``configure_callbacks``).
+
+    A checkpoint saved inside a step (``OnExceptionCheckpoint``; the resumed fit redoes the batch) holds the
+    states at that batch's start, not those the failed step left.
     """
 
     def __init__(self) -> None:
         self._saved: list[dict] | None = None  # from a checkpoint, until the first training batch
+        self._batch_start: dict | None = None  # this rank's states at the current training batch's start
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[RANDOM_STATE_KEY] = gather_states(pl_module.device)
+        redone = unfinished_batch(trainer) is not None and self._batch_start is not None
+        checkpoint[RANDOM_STATE_KEY] = gather_states(pl_module.device, self._batch_start if redone else None)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._saved = checkpoint.get(RANDOM_STATE_KEY)
@@ -41,3 +47,4 @@ class ResumedRandomStreams(Callback):
         states, self._saved = self._saved, None
         if states is not None and len(states) == trainer.world_size:  # else another world size: go on as is
             restore_states(states[trainer.global_rank], pl_module.device)
+        self._batch_start = capture_states(pl_module.device)

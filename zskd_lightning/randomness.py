@@ -8,8 +8,8 @@ Three things make a resumed run draw what an unstopped one would:
 - :class:`TrainingStreams` holds a fit's seed and its count of batches drawn for, the keys of those blocks, for a
   datamodule's ``state_dict``.
 - :func:`capture_states` / :func:`restore_states` read and set the global generators (Python, NumPy, torch's CPU
-  generator and the device's), for a checkpoint: :func:`gather_states` collects every rank's under DDP, since
-  Lightning writes rank 0's checkpoint only.
+  generator and the device's), for a checkpoint: :func:`gather_states` collects every rank's (given ones, or
+  captured now) under DDP, since Lightning writes rank 0's checkpoint only.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class TrainingStreams:
     def __init__(self) -> None:
         self.seed: int | None = None
         self.batches = 0
+        self._last_key: object = None  # the key of the batch that drew last (next_batch_seed's ``key``)
 
     def start(self) -> None:
         """A new fit: rank 0's global seed now, no batches yet (a resumed fit loads its state after this). A
@@ -76,15 +77,20 @@ class TrainingStreams:
             self.seed = torch.initial_seed()
         return self.seed
 
-    def next_batch_seed(self, rank: int) -> int:
-        """The seed of the next training batch's stream on ``rank``; counts the batch."""
+    def next_batch_seed(self, rank: int, key: object = None) -> int:
+        """The seed of the next training batch's stream on ``rank``; counts the batch. ``key`` names the batch
+        (e.g. the Trainer's ``(epoch, index)``) for :meth:`state_dict`'s ``unfinished``."""
         seed = stream_seed(self.run_seed(), self.BATCH, self.batches, rank)
         self.batches += 1
+        self._last_key = key
         return seed
 
-    def state_dict(self) -> dict:
-        """``{"augmentation_seed", "augmented_batches"}`` (the names checkpoints have held them under)."""
-        return {"augmentation_seed": self.seed, "augmented_batches": self.batches}
+    def state_dict(self, unfinished: object = None) -> dict:
+        """``{"augmentation_seed", "augmented_batches"}`` (the names checkpoints have held them under).
+        ``unfinished``: the key of a batch begun and not finished, which a fit resumed from this state redoes:
+        if it was the last to draw, its draw is not counted, so the redone batch draws the same."""
+        spent = unfinished is not None and unfinished == self._last_key
+        return {"augmentation_seed": self.seed, "augmented_batches": self.batches - int(spent)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.seed = state_dict.get("augmentation_seed", self.seed)
@@ -118,7 +124,7 @@ def restore_states(states: dict, device: torch.device | str = "cpu") -> None:
         torch.cuda.set_rng_state(states["device"].cpu(), device)
 
 
-def gather_states(device: torch.device | str = "cpu") -> list[dict]:
-    """Every rank's :func:`capture_states`, in rank order (a collective under an initialized process group;
-    ``[own]`` without one)."""
-    return every_rank(capture_states(device))
+def gather_states(device: torch.device | str = "cpu", states: dict | None = None) -> list[dict]:
+    """Every rank's ``states`` (``None``: its :func:`capture_states` now), in rank order (a collective under an
+    initialized process group; ``[own]`` without one)."""
+    return every_rank(capture_states(device) if states is None else states)

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
+from zskd_lightning.batch_progress import fetched_batch, unfinished_batch
 from zskd_lightning.data.epoch_order import epoch_keyed_loader
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import valid_range
@@ -64,6 +65,14 @@ class InMemoryImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
+
+
+def draws_per_item(dataset: Dataset) -> bool:
+    """Whether reading an item of ``dataset`` may draw random numbers, so that a keyed training loader must
+    seed each item: ``False`` only for this module's own :class:`InMemoryImageDataset` without a transform; any
+    other dataset (a subclass's, a ``Subset``, one drawing in ``__getitem__`` rather than a ``.transform``) is
+    taken to draw (reseeding an item that does not costs a few microseconds)."""
+    return not (type(dataset) is InMemoryImageDataset and dataset.transform is None)
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -202,13 +211,14 @@ class ClassificationDataModule(L.LightningDataModule):
             augmentation = self.augment if isinstance(self.augment, BatchAugmentation) else self._augmentation()
             if augmentation is not None:
                 images, labels = batch
-                with seeded_streams(self.training_streams.next_batch_seed(trainer.global_rank), images.device):
+                seed = self.training_streams.next_batch_seed(trainer.global_rank, fetched_batch(trainer))
+                with seeded_streams(seed, images.device):
                     batch = (augment_normalized(images, augmentation, self.input_range()), labels)
         return batch
 
     def state_dict(self) -> dict:
         """Where the training order's and augmentation's streams are (the same on every rank)."""
-        return self.training_streams.state_dict()
+        return self.training_streams.state_dict(unfinished_batch(self.trainer))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.training_streams.load_state_dict(state_dict)
@@ -274,7 +284,7 @@ class ClassificationDataModule(L.LightningDataModule):
             seed=self.training_streams.run_seed(),
             trainer=self.trainer,
             batch_size=self.batch_size,
-            random_items=getattr(dataset, "transform", None) is not None,
+            random_items=draws_per_item(dataset),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -127,18 +127,34 @@ class EpochKeyedLoader(DataLoader):
             yield batch
 
 
+def process_share(trainer) -> tuple[int, int]:
+    """``(rank, world_size)`` of the share of every epoch this process reads, as Lightning would shard a plain
+    loader: the Trainer's DDP share (``distributed_sampler_kwargs``); all of it (``(0, 1)``) where the Trainer is
+    not distributed or has ``use_distributed_sampler=False`` (every process then reads the whole epoch, in the
+    same order). Without a Trainer (a loader made outside ``fit``), the default process group's rank and size
+    when one is initialized, else ``(0, 1)``."""
+    if trainer is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if connector is not None and not getattr(connector, "use_distributed_sampler", True):
+        return 0, 1
+    shard = trainer.distributed_sampler_kwargs or {}
+    return shard.get("rank", 0), shard.get("num_replicas", 1)
+
+
 def epoch_keyed_loader(dataset: Dataset, *, seed: int, trainer, batch_size: int, random_items: bool,
                        **loader_args) -> EpochKeyedLoader:
     """A shuffled, resumable training loader over ``dataset`` whose order and per-sample draws are keyed by
     ``(seed, epoch, index)`` (:class:`EpochKeyedSampler`, :class:`EpochKeyedDataset`, :class:`EpochKeyedLoader`),
-    for ``trainer``'s current epoch and its share of the data (``trainer.distributed_sampler_kwargs``: DDP's rank
-    and world size; ``None``: epoch 0 of one process); its workers' seeds come from ``seed`` too, not the global
-    stream. For ``fit``: it shards itself, so Lightning's sampler settings do not apply. ``loader_args`` go to
-    ``DataLoader`` (``num_workers``, ``drop_last``, ...)."""
-    epoch, rank, world_size, batches_done = 0, 0, 1, None
+    for ``trainer``'s current epoch (``None``: epoch 0) and this process's share of the data
+    (:func:`process_share`); its workers' seeds come from ``seed`` too, not the global stream. ``loader_args`` go
+    to ``DataLoader`` (``num_workers``, ``drop_last``, ...)."""
+    epoch, batches_done = 0, None
+    rank, world_size = process_share(trainer)
     if trainer is not None:
-        shard = trainer.distributed_sampler_kwargs or {}
-        epoch, rank, world_size = trainer.current_epoch, shard.get("rank", 0), shard.get("num_replicas", 1)
+        epoch = trainer.current_epoch
         batches_done = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready  # noqa: E731
     sampler = EpochKeyedSampler(dataset, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     return EpochKeyedLoader(EpochKeyedDataset(dataset, seed, random_items), batch_size=batch_size, sampler=sampler,

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from zskd_lightning.augment import augment_normalized
+from zskd_lightning.batch_progress import fetched_batch, unfinished_batch
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import InputRange, InputSpec
 from zskd_lightning.randomness import TrainingStreams, seeded_streams
@@ -105,14 +106,15 @@ class SyntheticDataModule(L.LightningDataModule):
         if self.batch_augmentation is None or self.trainer is None or not self.trainer.training:
             return batch
         inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
-        with seeded_streams(self.training_streams.next_batch_seed(self.trainer.global_rank), inputs.device):
+        seed = self.training_streams.next_batch_seed(self.trainer.global_rank, fetched_batch(self.trainer))
+        with seeded_streams(seed, inputs.device):
             inputs = augment_normalized(inputs, self.batch_augmentation, self.input_range())
         return {**batch, "inputs": inputs} if isinstance(batch, dict) else (inputs, batch[1])
 
     def state_dict(self) -> dict:
         """Where the training batches' random streams are (:class:`~zskd_lightning.randomness.TrainingStreams`;
         the same on every rank)."""
-        return self.training_streams.state_dict()
+        return self.training_streams.state_dict(unfinished_batch(self.trainer))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.training_streams.load_state_dict(state_dict)
