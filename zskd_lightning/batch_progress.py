@@ -11,9 +11,9 @@ from __future__ import annotations
 BatchKey = tuple[int, int]
 
 
-def _progress(trainer):
-    """The fit loop's counts of the current epoch's batches, or ``None`` (no Trainer, or an object without
-    Lightning's fit loop)."""
+def epoch_progress(trainer):
+    """The fit loop's counts (``ready``, ``processed``, ...) of the current epoch's batches, or ``None`` (no
+    Trainer, or an object without Lightning's fit loop)."""
     batch_progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
     return getattr(batch_progress, "current", None)
 
@@ -21,14 +21,14 @@ def _progress(trainer):
 def fetched_batch(trainer) -> BatchKey | None:
     """Key of the training batch being fetched (from its transfer hooks; Lightning has not counted it yet), or
     ``None`` without a Lightning Trainer."""
-    progress = _progress(trainer)
+    progress = epoch_progress(trainer)
     return None if progress is None else (trainer.current_epoch, progress.ready)
 
 
 def unfinished_batch(trainer) -> BatchKey | None:
     """Key of the training batch whose step has begun and not ended (counted ready, not processed): a checkpoint
     saved now makes the resumed fit redo it. ``None`` between steps, outside ``fit`` or without a Trainer."""
-    progress = _progress(trainer)
+    progress = epoch_progress(trainer)
     if progress is not None and progress.ready > progress.processed:
         return trainer.current_epoch, progress.ready - 1
     return None

@@ -25,7 +25,8 @@ class ResumedRandomStreams(Callback):
     :class:`~zskd_lightning.ClassifierModule` add it themselves (``configure_callbacks``).
 
     A checkpoint saved inside a step (``OnExceptionCheckpoint``; the resumed fit redoes the batch) holds the
-    states at that batch's start, not those the failed step left.
+    states at that batch's start, not those the failed step left: they are captured at every training batch's
+    start (about 50 us on a 2-core CPU, most of it NumPy's ``get_state``).
     """
 
     def __init__(self) -> None:
@@ -42,6 +43,7 @@ class ResumedRandomStreams(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path is None:  # a new fit (e.g. of a module from load_from_checkpoint): its own seed
             self._saved = None
+
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         states, self._saved = self._saved, None

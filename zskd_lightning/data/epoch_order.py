@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from zskd_lightning.batch_progress import epoch_progress
 from zskd_lightning.randomness import seeded_streams, stream_seed
 
 ORDER, ITEMS, WORKERS = 0x0D3, 0x17E, 0x3C7  # keys setting the three uses of a fit's seed apart
@@ -155,7 +156,7 @@ def epoch_keyed_loader(dataset: Dataset, *, seed: int, trainer, batch_size: int,
     rank, world_size = process_share(trainer)
     if trainer is not None:
         epoch = trainer.current_epoch
-        batches_done = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready  # noqa: E731
+        batches_done = lambda: epoch_progress(trainer).ready  # noqa: E731
     sampler = EpochKeyedSampler(dataset, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     return EpochKeyedLoader(EpochKeyedDataset(dataset, seed, random_items), batch_size=batch_size, sampler=sampler,
                             generator=torch.Generator().manual_seed(stream_seed(seed, WORKERS)),
