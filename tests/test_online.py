@@ -328,6 +328,22 @@ def test_resumed_with_augmentation_and_dropout_ends_as_if_never_stopped(tmp_path
     assert_same_ends(whole, split)
 
 
+def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp_path):
+    """Step 4 raises after its round has written to the buffer and its forward pass has drawn (dropout); the
+    replay batch it was given was drawn before that round. ``OnExceptionCheckpoint`` saves there and the resumed
+    fit redoes the step with that same batch (not one drawn again from the buffer the round changed): student,
+    generator and buffer end as the unstopped run's."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for root in (whole, split):
+        root.mkdir()
+    assert run_online(whole, "--steps", "8", "--random").returncode == 0
+    failed = run_online(split, "--steps", "8", "--random", "--fail-at", "4")
+    assert failed.returncode != 0 and "the step failed" in failed.stderr
+    resumed = run_online(split, "--steps", "8", "--random", "--resume", "--resume-from", "on_exception.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_ends(whole, split)
+
+
 def test_two_processes_resumed_mid_epoch_end_as_if_never_stopped(tmp_path):
     """Each rank draws its replay batches from its own stream; Lightning keeps rank 0's loader state only, so the
     loader gathers every rank's into it (and every rank's augmentation count and global generators go into the

@@ -2,12 +2,14 @@
 launcher re-runs this script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
 
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
-                         [--stop-at STEP] [--epochs N] [--random]
+                         [--stop-at STEP] [--epochs N] [--random] [--fail-at STEP] [--resume-from FILE]
 
 Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--epochs`` epochs
 of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
 ``DIR/checkpoints`` every 2 steps. ``--random`` adds what draws from random streams during training: blends,
-turns and noise (``batch_augmentation``) and a dropout layer before the student. At the end of fit every rank
+turns and noise (``batch_augmentation``) and a dropout layer before the student. ``--fail-at`` raises inside
+that global step (after its round and its forward pass), where ``OnExceptionCheckpoint`` writes
+``DIR/checkpoints/on_exception.ckpt``; ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of fit every rank
 writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights and round count.
 """
 
@@ -32,11 +34,13 @@ def main() -> None:
     parser.add_argument("--stop-at", type=int, default=-1, help="stop after this many steps (Trainer max_steps)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--random", action="store_true", help="batch augmentation and a student with dropout")
+    parser.add_argument("--fail-at", type=int, default=-1, help="raise inside this global step's training step")
+    parser.add_argument("--resume-from", default="last.ckpt", help="the checkpoint (in DIR/checkpoints) to resume")
     args = parser.parse_args()
 
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 
     from helpers import tiny
 
@@ -53,6 +57,11 @@ def main() -> None:
         def on_train_batch_end(self, *unused) -> None:
             time.sleep(args.slow)
 
+    class FailOnce(Callback):
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            if trainer.global_step == args.fail_at:
+                raise RuntimeError("the step failed")
+
     class Dump(Callback):
         def on_train_end(self, trainer, pl_module) -> None:
             state = {"inputs": datamodule.buffer.inputs[: len(datamodule.buffer)],
@@ -62,12 +71,13 @@ def main() -> None:
                      "rounds": next(c for c in trainer.callbacks if type(c).__name__ == "OnlineSynthesis").rounds}
             torch.save(state, os.path.join(args.root, f"rank{trainer.global_rank}.pt"))
 
-    checkpoints = ModelCheckpoint(dirpath=os.path.join(args.root, "checkpoints"), save_last=True,
-                                  every_n_train_steps=2, save_top_k=0)
+    folder = os.path.join(args.root, "checkpoints")
+    checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)
+    failing = [FailOnce(), OnExceptionCheckpoint(folder)] if args.fail_at >= 0 else []
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                                 enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump()],
+                                 enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump(), *failing],
                                  max_steps=args.stop_at, max_epochs=args.epochs)
-    ckpt = os.path.join(args.root, "checkpoints", "last.ckpt") if args.resume else None
+    ckpt = os.path.join(folder, args.resume_from) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     assert isinstance(trainer, L.Trainer)
     print(f"DONE rank={trainer.global_rank}", flush=True)

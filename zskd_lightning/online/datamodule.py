@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from zskd_lightning.batch_progress import unfinished_batch
 from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.online.buffer import ReplayBuffer
@@ -31,23 +32,29 @@ class BufferBatches(IterableDataset):
     own stream, ``(seed, epoch, rank)``. Resumable: :meth:`state_dict` holds the epoch's stream and the number of
     batches drawn, of every rank (Lightning stores rank 0's loader state only, so under DDP it gathers them), and
     each rank takes its own back on resume; resumed on another number of processes, each rank starts its stream
-    for the epoch afresh.
+    for the epoch afresh. A state saved inside a step (``OnExceptionCheckpoint``) also holds that step's batch:
+    it was drawn before the step's round wrote to the buffer, so the resumed fit, which redoes the step, is given
+    it again rather than a draw from the changed buffer.
     """
 
     def __init__(self, datamodule: OnlineDataModule) -> None:
         self.datamodule = datamodule
         self._generator: torch.Generator | None = None
         self._epoch, self._drawn = -1, 0
+        self._last_batch: dict[str, torch.Tensor] | None = None  # the latest batch drawn (batch ``_drawn - 1``)
         self._restored: dict | None = None
 
     def __len__(self) -> int:
         return self.datamodule.steps_per_epoch
 
     def state_dict(self) -> dict:
-        """``{"epoch", "drawn", "generator"}`` of this rank, and under DDP ``"ranks"``: every rank's, in rank order
-        (a collective: Lightning saves checkpoints on every rank)."""
+        """``{"epoch", "drawn", "generator"}`` of this rank, ``"unfinished"``: the batch of a step begun and not
+        ended (saved inside it), and under DDP ``"ranks"``: every rank's, in rank order (a collective: Lightning
+        saves checkpoints on every rank)."""
         state = None if self._generator is None else self._generator.get_state()
         own = {"epoch": self._epoch, "drawn": self._drawn, "generator": state}
+        if self._last_batch is not None and unfinished_batch(self.datamodule.trainer) == (self._epoch, self._drawn - 1):
+            own["unfinished"] = self._last_batch
         ranks = every_rank(own)
         return own if len(ranks) == 1 else {**own, "ranks": ranks}
 
@@ -59,9 +66,10 @@ class BufferBatches(IterableDataset):
         trainer = dm.trainer
         epoch, rank = (trainer.current_epoch, trainer.global_rank) if trainer is not None else (0, 0)
         restored, self._restored = self._restored, None
-        self._generator, self._epoch, self._drawn = torch.Generator(), epoch, 0
+        self._generator, self._epoch, self._drawn, self._last_batch = torch.Generator(), epoch, 0, None
         if restored is not None and restored["epoch"] == epoch:
-            self._drawn = restored["drawn"]  # the same on every rank: each drew one batch a step
+            # the same on every rank: each drew one batch a step; a batch to redo is served, not counted, again
+            self._drawn = restored["drawn"] - ("unfinished" in restored)
             ranks = restored.get("ranks")
             if ranks is not None:
                 restored = ranks[rank] if len(ranks) == world_size() else None
@@ -69,6 +77,10 @@ class BufferBatches(IterableDataset):
                 restored = None  # a one-process checkpoint: its stream is rank 0's
         if restored is not None and restored["epoch"] == epoch and restored["generator"] is not None:
             self._generator.set_state(restored["generator"])
+            if "unfinished" in restored:
+                self._drawn += 1
+                self._last_batch = restored["unfinished"]
+                yield restored["unfinished"]
         else:
             self._generator.manual_seed(stream_seed(dm.seed, 0xD4A, epoch, rank))
         while self._drawn < dm.steps_per_epoch:
@@ -80,6 +92,7 @@ class BufferBatches(IterableDataset):
             batch = {"inputs": dm.buffer.inputs[slots], "slots": slots}
             if weights is not None:
                 batch["weights"] = weights
+            self._last_batch = dict(batch)
             yield batch
 
 
