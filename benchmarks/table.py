@@ -853,7 +853,8 @@ def main(argv: list[str] | None = None) -> None:
         record["configs_sha"] = fingerprint
         record["commit"] = code_commit()
         done.add((command, fingerprint))
-        records = replace_measurement(records, {k: str(v) for k, v in record.items()})
+        # the CSV as it is now, not as read at the start: rows deleted (to re-measure) or added meanwhile stay so
+        records = replace_measurement(read_csv(path), {k: str(v) for k, v in record.items()})
         write_csv_atomic(path, records, FIELDS)
         summarize(dataset, records)
         if run_dir is not None:

@@ -791,3 +791,27 @@ def test_wang_targets_prints_each_sigmas_draws_beside_the_real_images(monkeypatc
     spreads = [float(line.split()[-3]) for line in rows]
     assert spreads[1] > spreads[0]  # the head is linear in the features: the logits spread grows with sigma
     assert abs(spreads[2] - real.std(dim=1).mean().item()) < 0.01
+
+
+def test_table_writes_each_row_into_the_csv_as_it_is_then(tmp_path, monkeypatch):
+    """A row deleted from the CSV while the runner measures another (to have it measured again) stays deleted: each
+    finished row is written into the file as it is at that moment, not into the copy read at the start."""
+    table = load("table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    monkeypatch.setattr(table, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(table, "summarize", lambda dataset, records: None)
+    shutil.copytree(BENCHMARKS.parent / "configs", tmp_path / "configs")  # the rows' fingerprints read them
+    (tmp_path / table.MNIST.teacher_file).parent.mkdir(parents=True)
+    (tmp_path / table.MNIST.teacher_file).write_bytes(b"teacher")
+    path = tmp_path / "results" / "mnist.csv"
+    path.parent.mkdir()
+    old = {field: "" for field in table.FIELDS} | {"row": "student_kd", "command": "fit --config old.yaml"}
+    table.write_csv_atomic(path, [old], table.FIELDS)
+
+    def measure_while_the_old_row_is_deleted(args, resume=None, online=False):
+        table.write_csv_atomic(path, [], table.FIELDS)
+        return {"test_acc": 99.0, "teacher_acc": 99.2, "synthesis_s": 0.0, "total_s": 1.0, "training_s": 1.0}
+
+    monkeypatch.setattr(table, "run_row", measure_while_the_old_row_is_deleted)
+    table.main(["--dataset", "mnist", "--rows", "student_ce", "--seeds", "0"])
+    assert [r["row"] for r in table.read_csv(path)] == ["student_ce"]
