@@ -44,7 +44,6 @@ class ResumedRandomStreams(Callback):
         if trainer.ckpt_path is None:  # a new fit (e.g. of a module from load_from_checkpoint): its own seed
             self._saved = None
 
-
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         states, self._saved = self._saved, None
         if states is not None and len(states) == trainer.world_size:  # else another world size: go on as is
