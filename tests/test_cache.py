@@ -35,6 +35,7 @@ from zskd_lightning import (
     ZSKDSynthesizer,
 )
 from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.impressions import cache as cache_module
 from zskd_lightning.teacher import as_frozen_teacher
 
@@ -263,6 +264,53 @@ def test_a_cache_of_another_method_is_refused_in_one_line(tmp_path, reference, f
     message = str(error.value)
     assert "\n" not in message and "'zskd' impressions, not 'class_impressions'" in message
     assert_same_cache(cache_dir, reference)
+
+
+def test_a_cache_made_in_float32_is_not_reused_under_a_mixed_trainer_precision(tmp_path, reference,
+                                                                               forbid_synthesis):
+    """A synthesizer without a precision of its own runs under the Trainer's: bf16 chunks must not join (or stand
+    in for) float32 ones. Float32 caches keep the identity they had before the precision was recorded."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    with pytest.raises(ZSKDError) as error:
+        tiny.run_synthesis(cache_dir, precision="bf16-mixed")
+    assert "autocast: cached None vs now 'bf16-mixed'" in str(error.value)
+    assert_same_cache(cache_dir, reference)
+    own = ZSKDSynthesizer(iterations=5, lr=0.05, precision="32-true")  # its own arithmetic: the Trainer's is moot
+    plan = tiny.make_datamodule(cache_dir, synthesizer=own).impression_plan
+    assert "autocast" not in plan.cache_for(tiny.make_net(0), "bf16-mixed").spec
+
+
+def test_a_method_that_reads_the_student_is_refused_for_a_cache_in_one_line(tmp_path):
+    """Its impressions would depend on the student's weights when synthesis ran, which no cache records."""
+    from zskd_lightning.synthesis import Disagreement
+
+    synthesizer = ZSKDSynthesizer(iterations=5, regularizers=[Disagreement()])
+    with pytest.raises(InvalidArgument, match=r"reads the student.*online method") as error:
+        tiny.make_datamodule(tmp_path / "cache", synthesizer=synthesizer)
+    assert "\n" not in str(error.value)
+
+
+def test_a_manifest_that_cannot_be_written_is_a_one_line_error_shared_by_every_rank(tmp_path, monkeypatch):
+    """Rank 0 writes the manifest after the others finished: its OSError (a full disk) must reach them through the
+    broadcast that follows, not leave them waiting there; the finished chunks stay for the next run."""
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ImpressionCache, "write_manifest", full_disk)
+    with pytest.raises(ZSKDError, match=r"cannot write the manifest of the impression cache .*No space left") as error:
+        tiny.run_synthesis(tmp_path / "cache", num_impressions=16)
+    assert "\n" not in str(error.value) and len(list((tmp_path / "cache").glob("chunk-*.json"))) == 2
+
+
+def test_a_rank_on_a_node_without_rank_0s_folder_writes_its_chunks_into_its_own(tmp_path):
+    """Nodes without a shared folder (README, multi-node synthesis): only global rank 0 prepares the folder, so a
+    rank on another node makes it when it writes its first chunk; the chunks are merged into one folder later."""
+    cache = tiny.make_datamodule(tmp_path / "node1" / "cache").impression_plan.cache_for(tiny.make_net(0))
+    start, stop = cache.chunk_range(3)
+    inputs = torch.zeros(stop - start, *tiny.INPUT_SHAPE)
+    cache.write_chunk(3, inputs, torch.zeros(stop - start, 10), torch.zeros(stop - start, dtype=torch.long), 0.0, 1.0)
+    assert sorted(p.name for p in (tmp_path / "node1" / "cache").glob("chunk-000003.*")) == [
+        "chunk-000003.inputs.npy", "chunk-000003.json", "chunk-000003.labels.npy", "chunk-000003.targets.npy"]
 
 
 def test_overwrite_cache_replaces_a_mismatching_cache(tmp_path, reference, count_synthesis):

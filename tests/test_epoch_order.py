@@ -118,6 +118,15 @@ def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
         assert len(list(old_checkpoint)) == 4
 
 
+def test_impressions_of_a_ddp_rank_fill_one_batch_when_its_share_is_under_a_batch(tmp_path):
+    """24 impressions over 2 processes: 12 a rank, under a batch of 16. The partial batch is kept (``drop_last``
+    judges the rank's share, not the whole set, which would leave each rank no batch at all)."""
+    _, datamodule = tiny.run_synthesis(tmp_path / "cache", num_impressions=24, grid=False)
+    datamodule.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                                   enable_checkpointing=False, enable_progress_bar=False)
+    assert [len(batch[0]) for batch in datamodule.train_dataloader()] == [12]
+
+
 @pytest.mark.parametrize("use_distributed_sampler, share", [(True, (0, 2)), (False, (0, 1))])
 def test_a_ddp_trainer_shards_the_keyed_loader_as_lightning_would(use_distributed_sampler, share):
     """Rank 0 of two reads half of each epoch; with ``use_distributed_sampler=False`` (Lightning then leaves a

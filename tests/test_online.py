@@ -134,10 +134,17 @@ def test_buffer_is_a_ring_and_round_trips_its_state():
     slots = buffer.add(torch.ones(4, 1, 2, 2), torch.tensor([3, 4, 5, 6]))
     assert slots.tolist() == [3, 4, 0, 1] and len(buffer) == 5  # the oldest entries go first
     assert buffer.labels.tolist() == [5, 6, 2, 3, 4] and buffer.written == 7
+    assert buffer.stamps.tolist() == [6, 7, 3, 4, 5]  # each write's own stamp
     restored = ReplayBuffer(5, (1, 2, 2))
     restored.load_state_dict(buffer.state_dict())
     assert torch.equal(restored.inputs, buffer.inputs) and torch.equal(restored.labels, buffer.labels)
+    assert torch.equal(restored.stamps, buffer.stamps)
     assert restored.add(torch.zeros(1, 1, 2, 2), torch.tensor([9])).tolist() == [2]  # the cursor came along
+    smaller = ReplayBuffer(5, (1, 2, 2))
+    smaller.add(torch.ones(2, 1, 2, 2), torch.tensor([7, 8]))
+    restored.load_state_dict(smaller.state_dict())  # a used buffer takes a state of fewer entries: no stale rows
+    assert len(restored) == 2 and restored.labels.tolist() == [7, 8, -1, -1, -1]
+    assert restored.stamps.tolist() == [1, 2, 0, 0, 0] and not restored.inputs[2:].any()
     with pytest.raises(InvalidArgument, match=r"inputs \[1, 2, 2\] with one label each; got inputs \[2, 3\]"):
         buffer.add(torch.zeros(2, 3), torch.zeros(2))
     with pytest.raises(ZSKDError, match="holds 5 inputs"):
@@ -328,20 +335,61 @@ def test_resumed_with_augmentation_and_dropout_ends_as_if_never_stopped(tmp_path
     assert_same_ends(whole, split)
 
 
-def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp_path):
-    """Step 4 raises after its round has written to the buffer and its forward pass has drawn (dropout); the
-    replay batch it was given was drawn before that round. ``OnExceptionCheckpoint`` saves there and the resumed
-    fit redoes the step with that same batch (not one drawn again from the buffer the round changed): student,
-    generator and buffer end as the unstopped run's."""
+@pytest.mark.parametrize("fail, message", [("--fail-at", "the step failed"), ("--fail-in-round", "the round failed")])
+def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp_path, fail, message):
+    """Step 4 raises after its round has written to the buffer and its forward pass has drawn (dropout), or inside
+    that round, after the generator's update; the replay batch it was given was drawn before that round.
+    ``OnExceptionCheckpoint`` saves there and the resumed fit redoes the step with that same batch (not one drawn
+    again from the buffer the round changed), and a round cut short from the generator as the round found it:
+    student, generator and buffer end as the unstopped run's."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     for root in (whole, split):
         root.mkdir()
     assert run_online(whole, "--steps", "8", "--random").returncode == 0
-    failed = run_online(split, "--steps", "8", "--random", "--fail-at", "4")
-    assert failed.returncode != 0 and "the step failed" in failed.stderr
+    failed = run_online(split, "--steps", "8", "--random", fail, "4")
+    assert failed.returncode != 0 and message in failed.stderr
     resumed = run_online(split, "--steps", "8", "--random", "--resume", "--resume-from", "on_exception.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_ends(whole, split)
+
+
+def same_state(a, b) -> bool:
+    """Nested checkpoint states (dicts, lists, tuples, tensors, NumPy arrays) equal leaf by leaf."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if hasattr(a, "shape"):  # NumPy
+        return bool((a == b).all())
+    return a == b
+
+
+def test_a_checkpoint_saved_before_the_first_batch_of_a_resumed_fit_holds_what_was_loaded(tmp_path):
+    """E.g. an error in ``on_train_start`` that ``OnExceptionCheckpoint`` saves: the replay loader's streams and
+    the global random generators in it are those of the checkpoint resumed from, not fresh ones."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model, datamodule = tiny.online_setup(steps_per_epoch=6)
+    every3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=3, save_top_k=0)
+    tiny.quiet_trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[every3]).fit(
+        model, datamodule=datamodule)
+
+    class SaveAtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            torch.manual_seed(7)  # the global streams a new process would start from
+            trainer.save_checkpoint(tmp_path / "again.ckpt")
+
+    model, datamodule = tiny.online_setup(steps_per_epoch=6)
+    tiny.quiet_trainer(tmp_path, max_steps=4, callbacks=[SaveAtStart()]).fit(
+        model, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    loaded, again = (torch.load(path, weights_only=False) for path in (tmp_path / "ckpt" / "last.ckpt",
+                                                                        tmp_path / "again.ckpt"))
+    loader = loaded["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader[0]["drawn"] == 3  # the replay loader's state, 3 batches into the epoch
+    assert same_state(loader, again["loops"]["fit_loop"]["state_dict"]["combined_loader"])
+    assert same_state(loaded["zskd_random_states"], again["zskd_random_states"])
 
 
 def test_two_processes_resumed_mid_epoch_end_as_if_never_stopped(tmp_path):

@@ -167,3 +167,29 @@ def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
         model, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(seen["leaves"], leaves)
     assert seen["counts"] is not None and torch.equal(seen["counts"], observed)  # phi weighs as before the stop
+
+
+def test_loss_feedback_skips_entries_a_round_rewrote_after_the_batch_was_drawn(tmp_path):
+    """A batch is drawn before its step's round (and, through Lightning's prefetch, the one before): the losses
+    of entries rewritten since belong to inputs the buffer no longer holds, so they must not set the new inputs'
+    priorities (which stay the largest seen until the new inputs are drawn themselves)."""
+    drawn, fed, rewritten = {}, [], []
+
+    class RecordingSampler(PrioritySampler):
+        def update(self, slots, losses):
+            buffer = datamodule.buffer
+            step = len(fed)
+            held = buffer.inputs[drawn[step]["slots"]]
+            same = torch.tensor([torch.equal(a, b) for a, b in zip(held, drawn[step]["inputs"])])
+            rewritten.append(int((~same).sum()))
+            fed.append(sorted(slots.tolist()))
+            assert sorted(drawn[step]["slots"][same].tolist()) == fed[-1]  # the inputs the batch saw, only
+            super().update(slots, losses)
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # before this step's round
+            drawn[trainer.global_step] = {"slots": batch["slots"].clone(), "inputs": batch["inputs"].clone()}
+
+    model, datamodule = tiny.online_setup(steps_per_epoch=12, buffer_size=24, sampler=RecordingSampler())
+    tiny.quiet_trainer(tmp_path, callbacks=[Probe()]).fit(model, datamodule=datamodule)
+    assert len(fed) == 12 and sum(rewritten) > 0  # the case arose: rounds rewrote entries of drawn batches

@@ -133,7 +133,8 @@ class DistillationModule(L.LightningModule):
         overrides this must return ``super().configure_callbacks()`` too."""
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        wanted = [*getattr(datamodule, "synthesis_callbacks", lambda: [])(), ResumedRandomStreams()]
+        # the random streams first: their state at a batch's start is taken before that step's online round
+        wanted = [ResumedRandomStreams(), *getattr(datamodule, "synthesis_callbacks", lambda: [])()]
         return missing_callbacks(trainer, wanted) + writer_unless_present(trainer)
 
     # ---------------------------------------------------------------------------------------- training

@@ -34,6 +34,9 @@ class ResumedRandomStreams(Callback):
         self._batch_start: dict | None = None  # this rank's states at the current training batch's start
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._saved is not None:  # resumed, no batch yet (saved in on_train_start, say): what was loaded
+            checkpoint[RANDOM_STATE_KEY] = self._saved  # (every rank alike: no collective on any)
+            return
         redone = unfinished_batch(trainer) is not None and self._batch_start is not None
         checkpoint[RANDOM_STATE_KEY] = gather_states(pl_module.device, self._batch_start if redone else None)
 

@@ -2,15 +2,18 @@
 launcher re-runs this script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
 
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
-                         [--stop-at STEP] [--epochs N] [--random] [--fail-at STEP] [--resume-from FILE]
+                         [--stop-at STEP] [--epochs N] [--random] [--fail-at STEP] [--fail-in-round STEP]
+                         [--resume-from FILE]
 
 Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--epochs`` epochs
 of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
 ``DIR/checkpoints`` every 2 steps. ``--random`` adds what draws from random streams during training: blends,
 turns and noise (``batch_augmentation``) and a dropout layer before the student. ``--fail-at`` raises inside
 that global step (after its round and its forward pass), where ``OnExceptionCheckpoint`` writes
-``DIR/checkpoints/on_exception.ckpt``; ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of fit every rank
-writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights and round count.
+``DIR/checkpoints/on_exception.ckpt``; ``--fail-in-round`` raises inside the round of that global step (an even
+one: a round every 2 steps), after the generator's update and before the buffer is written; ``--resume-from``
+names the checkpoint ``--resume`` reads. At the end of fit every rank writes ``DIR/rank{r}.pt``: its buffer,
+labels, generator and student weights and round count.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--random", action="store_true", help="batch augmentation and a student with dropout")
     parser.add_argument("--fail-at", type=int, default=-1, help="raise inside this global step's training step")
+    parser.add_argument("--fail-in-round", type=int, default=-1, help="raise inside this global step's round")
     parser.add_argument("--resume-from", default="last.ckpt", help="the checkpoint (in DIR/checkpoints) to resume")
     args = parser.parse_args()
 
@@ -71,9 +75,20 @@ def main() -> None:
                      "rounds": next(c for c in trainer.callbacks if type(c).__name__ == "OnlineSynthesis").rounds}
             torch.save(state, os.path.join(args.root, f"rank{trainer.global_rank}.pt"))
 
+    if args.fail_in_round >= 0:
+        make_round = datamodule.synthesizer.round
+
+        def failing_round(*round_args, **round_kwargs):
+            result = make_round(*round_args, **round_kwargs)
+            if trainer.global_step == args.fail_in_round:
+                raise RuntimeError("the round failed")
+            return result
+
+        datamodule.synthesizer.round = failing_round
+
     folder = os.path.join(args.root, "checkpoints")
     checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)
-    failing = [FailOnce(), OnExceptionCheckpoint(folder)] if args.fail_at >= 0 else []
+    failing = [FailOnce(), OnExceptionCheckpoint(folder)] if max(args.fail_at, args.fail_in_round) >= 0 else []
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                                  enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump(), *failing],
                                  max_steps=args.stop_at, max_epochs=args.epochs)

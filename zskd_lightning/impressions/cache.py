@@ -349,6 +349,7 @@ class ImpressionCache:
                     "(NaN or inf), so nothing of it is written; check that the teacher's outputs are finite and lower "
                     "the synthesis lr"
                 )
+        self._make_folder()  # a node that does not share rank 0's folder writes its chunks into its own
         for kind, array in arrays.items():
             write_atomic(self.chunk_file(chunk, kind), lambda h, a=array: np.save(h, np.ascontiguousarray(a)))
         record = {

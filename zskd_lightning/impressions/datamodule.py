@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from zskd_lightning.data.epoch_order import epoch_keyed_loader
+from zskd_lightning.data.epoch_order import epoch_keyed_loader, process_share
 from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.impressions.cache import ImpressionCache
@@ -167,6 +167,7 @@ class ImpressionDataModule(SyntheticDataModule):
     def train_dataloader(self) -> DataLoader:
         cache = self._require_cache()
         dataset = ImpressionDataset(cache, 0, self.num_impressions, self.augmentation, self.input_range())
+        share = -(-len(dataset) // process_share(self.trainer)[1])  # this process's impressions an epoch
         return epoch_keyed_loader(
             dataset,
             seed=self.training_streams.run_seed(),
@@ -175,7 +176,7 @@ class ImpressionDataModule(SyntheticDataModule):
             random_items=self.augmentation is not None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=len(dataset) > self.batch_size,
+            drop_last=share > self.batch_size,  # a partial last batch, unless it would be the only one
         )
 
     def _has_validation(self) -> bool:

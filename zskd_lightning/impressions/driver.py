@@ -55,9 +55,20 @@ class ImpressionPlan:
     seed: int = 0
     overwrite: bool = False
 
-    def cache_for(self, teacher: nn.Module) -> ImpressionCache:
-        """The cache this plan and ``teacher`` define (nothing is read or written yet)."""
+    def __post_init__(self) -> None:
+        if self.synthesizer.reads_student:
+            raise InvalidArgument(
+                f"{type(self.synthesizer).__name__} has a part that reads the student, whose weights change as it "
+                "trains, and an impression cache is made once, before training: use that part in an online method "
+                "(OnlineDataModule)"
+            )
+
+    def cache_for(self, teacher: nn.Module, trainer_precision: str = "32-true") -> ImpressionCache:
+        """The cache this plan and ``teacher`` define (nothing is read or written yet). A synthesizer without a
+        ``precision`` of its own runs under the Trainer's (``trainer_precision``): a mixed one is then part of the
+        cache's identity (``"autocast"``; absent for float32, as in caches made before it was recorded)."""
         frozen = as_frozen_teacher(teacher)
+        autocast = trainer_precision if self.synthesizer.precision is None and trainer_precision != "32-true" else None
         spec = {
             "method": self.synthesizer.identity(),
             "teacher_fingerprint": frozen.fingerprint(),
@@ -69,6 +80,7 @@ class ImpressionPlan:
             "num_train_impressions": self.num_train,
             "chunk_size": self.chunk_size,
             "seed": self.seed,
+            **({"autocast": autocast} if autocast else {}),
         }
         return ImpressionCache(self.cache_dir, spec)
 
@@ -108,7 +120,7 @@ class ImpressionSynthesis(Callback):
         plan, teacher = _plan_and_teacher(trainer, pl_module)
         if plan.num_val == 0:
             return
-        cache = plan.cache_for(teacher)
+        cache = plan.cache_for(teacher, trainer.precision)
         if not cache.is_complete():
             raise ZSKDError(f"validate reads the impressions of a complete cache, and {cache.directory} is not one "
                             "(run `zskd fit` or `zskd synthesize` with this config first)")
@@ -121,8 +133,7 @@ class ImpressionSynthesis(Callback):
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
         try:
-            cache = fill_cache(trainer, plan, teacher, student=getattr(pl_module, "student", None),
-                               log_every_seconds=self.log_every_seconds)
+            cache = fill_cache(trainer, plan, teacher, log_every_seconds=self.log_every_seconds)
         finally:
             torch.set_num_threads(threads)
         datamodule.use_cache(cache)
@@ -148,17 +159,18 @@ def _plan_and_teacher(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple
     return plan, teacher
 
 
-def fill_cache(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, student: nn.Module | None = None,
+def fill_cache(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
                log_every_seconds: float = 10.0) -> ImpressionCache:
-    """Make every missing chunk of ``plan``'s cache from ``teacher`` across all ranks; return the complete cache."""
+    """Make every missing chunk of ``plan``'s cache from ``teacher`` across all ranks, under the Trainer's
+    precision; return the complete cache."""
     started = time.perf_counter()
     teacher = as_frozen_teacher(teacher)
-    cache = plan.cache_for(teacher)
+    cache = plan.cache_for(teacher, trainer.precision)
     with contextlib.ExitStack() as held:  # rank 0 holds the cache's lock until the manifest is written
-        return _fill_locked(trainer, plan, teacher, student, cache, held, started, log_every_seconds)
+        return _fill_locked(trainer, plan, teacher, cache, held, started, log_every_seconds)
 
 
-def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, student: nn.Module | None,
+def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
                  cache: ImpressionCache, held: contextlib.ExitStack, started: float,
                  log_every_seconds: float) -> ImpressionCache:
     strategy = trainer.strategy
@@ -204,16 +216,15 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
         num_classes=teacher.count_classes(plan.input_spec.shape),
         device=teacher_device(teacher),
         autocast=trainer.precision_plugin.forward_context,
-        student=student,
         seed=plan.seed,
     )
-    synthesizer.setup(context)
-    rank_zero_info(
-        f"Synthesizing {todo} impressions ({len(missing)} chunks of {cache.chunk_size}) for a budget of {cache.count} "
-        f"({plan.num_train} training + {plan.num_val} validation) on {trainer.world_size} process(es) into "
-        f"{cache.directory}"
-    )
-    try:
+    try:  # setup too: it may read files (a Lopes record) that one node lacks
+        synthesizer.setup(context)
+        rank_zero_info(
+            f"Synthesizing {todo} impressions ({len(missing)} chunks of {cache.chunk_size}) for a budget of "
+            f"{cache.count} ({plan.num_train} training + {plan.num_val} validation) on {trainer.world_size} "
+            f"process(es) into {cache.directory}"
+        )
         _synthesize_chunks(synthesizer, context, plan, cache, mine, trainer, todo, log_every_seconds)
     except Exception as err:  # every rank must learn of it, or the others wait at the next collective for ever
         failure = err
@@ -234,6 +245,8 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module, s
             )
         except ZSKDError as err:
             error = str(err)
+        except OSError as err:  # full disk, read-only folder: the other ranks wait at the broadcast below
+            error = f"cannot write the manifest of the impression cache {cache.directory}: {err.strerror or err}"
     error = strategy.broadcast(error, src=0)
     if error:
         raise RankSharedError(error)

@@ -16,10 +16,12 @@ class ReplayBuffer:
     (``labels [capacity]`` int64).
 
     :meth:`add` writes a round's batch over the oldest entries (a ring: once full, every slot is rewritten once
-    before any is rewritten twice); :meth:`write_balanced` replaces only entries a new input scores higher than,
-    keeping the classes balanced (SSD-KD's partial update); :meth:`replace` writes chosen slots. ``len(buffer)``
-    is the number of filled slots, always the first ``len`` ones. Each entry keeps the score it was written with
-    (``scores [capacity]``; 0 from :meth:`add`). Identical on every process of an online run.
+    before any is rewritten twice); :meth:`write_balanced` keeps the classes balanced and, within a class at its
+    share, replaces only entries a new input scores higher than (SSD-KD's partial update); :meth:`replace`
+    writes chosen slots. ``len(buffer)`` is the number of filled slots, always the first ``len`` ones. Each entry
+    keeps the score it was written with (``scores [capacity]``; 0 from :meth:`add`) and a stamp of that write
+    (``stamps [capacity]`` int64, unique over the run), so a batch drawn before a round can tell the entries the
+    round rewrote since. Identical on every process of an online run.
     """
 
     def __init__(self, capacity: int, input_shape: Sequence[int]) -> None:
@@ -29,6 +31,7 @@ class ReplayBuffer:
         self.inputs = torch.zeros(self.capacity, *self.input_shape)
         self.labels = torch.full((self.capacity,), -1, dtype=torch.long)
         self.scores = torch.zeros(self.capacity)
+        self.stamps = torch.zeros(self.capacity, dtype=torch.long)  # 0: unfilled (or restored without stamps)
         self.size = 0
         self.cursor = 0  # the next slot add() writes
         self.written = 0  # inputs written since the start (counts rewrites)
@@ -93,6 +96,7 @@ class ReplayBuffer:
         self.inputs[slots] = inputs.detach().float().cpu()
         self.labels[slots] = labels.long().cpu()
         self.scores[slots] = 0.0
+        self.stamps[slots] = self.written + 1 + torch.arange(len(slots))
         self.size = max(self.size, int(slots.max()) + 1) if len(slots) else self.size
         self.written += len(slots)
 
@@ -102,8 +106,8 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs[: self.size].clone(), "labels": self.labels[: self.size].clone(),
-                "scores": self.scores[: self.size].clone(), "capacity": self.capacity, "cursor": self.cursor,
-                "written": self.written}
+                "scores": self.scores[: self.size].clone(), "stamps": self.stamps[: self.size].clone(),
+                "capacity": self.capacity, "cursor": self.cursor, "written": self.written}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         inputs, labels = state["inputs"], state["labels"]
@@ -114,4 +118,7 @@ class ReplayBuffer:
         self.inputs[: self.size] = inputs
         self.labels[: self.size] = labels
         self.scores[: self.size] = state.get("scores", torch.zeros(self.size))
+        self.stamps[: self.size] = state.get("stamps", torch.zeros(self.size, dtype=torch.long))
+        self.inputs[self.size :], self.labels[self.size :], self.scores[self.size :] = 0.0, -1, 0.0  # unfilled
+        self.stamps[self.size :] = 0
         self.cursor, self.written = int(state["cursor"]), int(state["written"])

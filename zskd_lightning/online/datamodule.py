@@ -25,8 +25,9 @@ from zskd_lightning.synthesis.generator import GeneratorSynthesizer
 
 class BufferBatches(IterableDataset):
     """``steps`` training batches drawn from the live buffer by the sampler, each a dict: ``"inputs"
-    [B, C, H, W]``, ``"slots" [B]`` int64 (the buffer entries, for the sampler's loss feedback) and, when the
-    sampler gives importance weights, ``"weights" [B]`` float32.
+    [B, C, H, W]``, ``"slots" [B]`` int64 (the buffer entries, for the sampler's loss feedback), ``"stamps" [B]``
+    int64 (their write stamps when drawn: the feedback skips entries rewritten since) and, when the sampler gives
+    importance weights, ``"weights" [B]`` float32.
 
     Draws are made when a batch is asked for, so they see the rounds written since. Each process draws from its
     own stream, ``(seed, epoch, rank)``. Resumable: :meth:`state_dict` holds the epoch's stream and the number of
@@ -50,7 +51,9 @@ class BufferBatches(IterableDataset):
     def state_dict(self) -> dict:
         """``{"epoch", "drawn", "generator"}`` of this rank, ``"unfinished"``: the batch of a step begun and not
         ended (saved inside it), and under DDP ``"ranks"``: every rank's, in rank order (a collective: Lightning
-        saves checkpoints on every rank)."""
+        saves checkpoints on every rank). Resumed and not iterated yet: the state it was given."""
+        if self._restored is not None:  # every rank alike (all loaded one checkpoint): no collective on any
+            return self._restored
         state = None if self._generator is None else self._generator.get_state()
         own = {"epoch": self._epoch, "drawn": self._drawn, "generator": state}
         if self._last_batch is not None and unfinished_batch(self.datamodule.trainer) == (self._epoch, self._drawn - 1):
@@ -89,7 +92,7 @@ class BufferBatches(IterableDataset):
                                 "(DistillationModule adds it) and warmup_rounds >= 1")
             slots, weights = dm.sampler.draw(len(dm.buffer), dm.batch_size, self._generator)
             self._drawn += 1
-            batch = {"inputs": dm.buffer.inputs[slots], "slots": slots}
+            batch = {"inputs": dm.buffer.inputs[slots], "slots": slots, "stamps": dm.buffer.stamps[slots]}
             if weights is not None:
                 batch["weights"] = weights
             self._last_batch = dict(batch)
@@ -112,10 +115,12 @@ class OnlineDataModule(SyntheticDataModule):
 
     The :class:`~zskd_lightning.online.OnlineSynthesis` callback (which this datamodule asks for, like
     :class:`~zskd_lightning.ImpressionDataModule`) runs ``warmup_rounds`` rounds before the first step, then one
-    round every ``round_every_n_steps`` training steps; every round writes ``synthesizer.batch_size`` inputs per
-    process over the buffer's oldest entries. Under DDP every process makes its share of a round from
-    ``(seed, round, rank)``, the shares are all-gathered in rank order, and every process holds the same buffer
-    and the same generator (its gradients are averaged): a run is reproducible for a fixed seed and world size.
+    round every ``round_every_n_steps`` training steps; every round makes ``(1 + draws_per_round) *
+    synthesizer.batch_size`` inputs per process and writes them over the buffer's oldest entries (``"ring"``) or
+    over its lowest-scored ones, class by class (``"balanced"``). Under DDP every process makes its share of a
+    round from ``(seed, round, rank)``, the shares are all-gathered in rank order, and every process holds the
+    same buffer and the same generator (its gradients are averaged): a run is reproducible for a fixed seed and
+    world size.
 
     Args:
         synthesizer: the generator method (e.g. :class:`~zskd_lightning.synthesis.FastSynthesizer`).

@@ -7,6 +7,7 @@ sampler state; checkpoints (written from rank 0) carry them through this callbac
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -35,7 +36,8 @@ class OnlineSynthesis(Callback):
     writes a picture of the buffer, one row per class (``grid_filename`` in the run's log folder; ``None``: off).
 
     State in checkpoints: the round count, the generator, its optimizer (and Reptile's meta weights), the
-    buffer and the sampler.
+    buffer and the sampler; saved inside a round (``OnExceptionCheckpoint``), the generator and its optimizer as
+    the round found them (the resumed fit redoes that round).
     """
 
     def __init__(self, grid_filename: str | None = "buffer.png") -> None:
@@ -51,6 +53,7 @@ class OnlineSynthesis(Callback):
         self._context: SynthesisContext | None = None
         self._pending: dict[str, Any] | None = None
         self._observed_counts: Tensor | None = None
+        self._round_start: dict[str, Any] | None = None  # the synthesizer's state while a round is under way
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -103,6 +106,9 @@ class OnlineSynthesis(Callback):
         world, rank, size = trainer.world_size, trainer.global_rank, dm.synthesizer.batch_size
         batches = 1 + dm.draws_per_round
         started = time.perf_counter()
+        # a checkpoint saved inside the round (OnExceptionCheckpoint) holds the generator as the round found it:
+        # the resumed fit redoes the whole round (its count has not moved), as the unstopped run made it
+        self._round_start = copy.deepcopy(dm.synthesizer.state_dict())
         self._observe(dm.buffer.class_counts(self._context.num_classes))
         average = None if world == 1 else (lambda tensors: _average(strategy, tensors))
 
@@ -123,6 +129,7 @@ class OnlineSynthesis(Callback):
             slots = dm.buffer.add(inputs, labels)
         dm.sampler.written(slots)
         self.rounds += 1
+        self._round_start = None
         self.synthesized += len(inputs)
         self.generator_loss = float(loss.mean())
         self.synthesis_seconds += time.perf_counter() - started
@@ -142,10 +149,14 @@ class OnlineSynthesis(Callback):
             if not (isinstance(outputs, dict) and "per_sample_loss" in outputs and isinstance(batch, dict)):
                 raise ZSKDError("this sampler learns from per-sample losses: the training step must return "
                                 "{'loss', 'per_sample_loss'} for replay batches (DistillationModule does)")
-            slots, losses = batch["slots"].detach(), outputs["per_sample_loss"].detach().float()
+            slots, losses = batch["slots"].detach().cpu(), outputs["per_sample_loss"].detach().float().cpu()
+            stamps = batch.get("stamps", dm.buffer.stamps[slots]).cpu()  # none: saved inside a step by older code
             if trainer.world_size > 1:
-                slots, losses = _gathered(trainer.strategy, slots), _gathered(trainer.strategy, losses)
-            dm.sampler.update(slots.cpu(), losses.cpu())
+                slots, losses, stamps = (_gathered(trainer.strategy, t) for t in (slots, losses, stamps))
+            # The batch was drawn before this step's round (and, through Lightning's prefetch, the one before): an
+            # entry a round rewrote since holds a new input, which keeps its first priority until drawn itself.
+            kept = dm.buffer.stamps[slots] == stamps
+            dm.sampler.update(slots[kept], losses[kept])
         every = trainer.log_every_n_steps  # 0: Lightning logs no steps
         logging_step = bool(every) and trainer.global_step % every == 0  # the step Lightning's loggers write
         if self.rounds == self._logged_rounds and batch_idx and not logging_step:
@@ -176,7 +187,7 @@ class OnlineSynthesis(Callback):
             return dict(self._pending or {})
         return {"rounds": self.rounds, "synthesized": self.synthesized, "synthesis_seconds": self.synthesis_seconds,
                 "last_round_step": self._last_round_step, "generator_loss": self.generator_loss,
-                "synthesizer": dm.synthesizer.state_dict(), "buffer": dm.buffer.state_dict(),
+                "synthesizer": self._round_start or dm.synthesizer.state_dict(), "buffer": dm.buffer.state_dict(),
                 "sampler": dm.sampler.state_dict(), "observed_counts": self._observed_counts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -75,7 +75,8 @@ class PrioritySampler(UniformSampler):
     Args:
         alpha: how much priorities count (0: uniform).
         beta: the importance-weight exponent at the start, annealed linearly to 1 over ``beta_steps`` draws.
-        beta_steps: draws (training steps) over which ``beta`` reaches 1.
+        beta_steps: draws (training batches, not optimizer steps under gradient accumulation) over which
+            ``beta`` reaches 1.
         eps: added to every loss so no entry's probability is 0.
     """
 
@@ -136,7 +137,9 @@ class PrioritySampler(UniformSampler):
             self._tree().set(slots.numpy(), np.full(len(slots), self.max_priority ** self.alpha))
 
     def update(self, slots: Tensor, losses: Tensor) -> None:
-        """``p_i = loss_i + eps`` for the entries just used (losses ``[M]``, all processes)."""
+        """``p_i = loss_i + eps`` for the entries just used (losses ``[M]``, all processes; ``M`` may be 0)."""
+        if not len(slots):
+            return
         priorities = losses.double().clamp_min(0).numpy() + self.eps
         self.max_priority = max(self.max_priority, float(priorities.max()))
         self._tree().set(slots.numpy(), priorities ** self.alpha)

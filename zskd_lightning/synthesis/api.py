@@ -220,10 +220,15 @@ class Method(Recorded):
         """Taps on the context's network for every activation the method's parts read (a context manager)."""
         return FeatureTaps(context.network, [tap for part in self.parts for tap in part.taps(context.network)])
 
+    @property
+    def reads_student(self) -> bool:
+        """Whether a part or the sample weighting reads the student's logits."""
+        parts = [*self.parts, *([self.sample_weights] if self.sample_weights is not None else [])]
+        return any(getattr(p, "needs_student", False) for p in parts)
+
     def student_for(self, context: SynthesisContext) -> nn.Module | None:
         """The context's student when a part or the sample weighting reads it, else ``None`` (no student pass)."""
-        parts = [*self.parts, *([self.sample_weights] if self.sample_weights is not None else [])]
-        return context.student if any(getattr(p, "needs_student", False) for p in parts) else None
+        return context.student if self.reads_student else None
 
     def weights_for(self, response: Response) -> Tensor | None:
         """Per-sample weights ``[N]`` of the objective for this response (``None`` without a weighting)."""
