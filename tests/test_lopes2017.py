@@ -103,6 +103,7 @@ def test_spectral_objectives_differ_from_all_layers(recorded):
     torch.testing.assert_close(losses["spectral_all_layers"], losses["spectral_layer_pairs"])
 
 
-def test_spectral_objectives_need_a_chain_of_linear_layers(recorded):
+@pytest.mark.parametrize("layers", [["body.0", "body.4"], ["body.4"]], ids=["a conv layer", "one layer"])
+def test_spectral_objectives_need_a_chain_of_linear_layers(recorded, layers):
     with pytest.raises(ZSKDError, match="two or more recorded nn.Linear layers"):
-        LopesSynthesizer(str(recorded), objective="spectral_layer_pairs", layers=["body.0", "body.4"]).setup(_context())
+        LopesSynthesizer(str(recorded), objective="spectral_layer_pairs", layers=layers).setup(_context())

@@ -59,8 +59,10 @@ class ChunkRandomness:
 
     @classmethod
     def for_setup(cls, seed: int) -> ChunkRandomness:
-        """The streams of a run's ``setup`` (apart from every chunk's: keyed by ``(seed, "setup")``)."""
-        numpy_seq, torch_seq = np.random.SeedSequence([int(seed), 0x5E7]).spawn(3)[1:]
+        """The streams of a run's ``setup``, apart from every chunk's. Their key ``[seed, 0x5E7]`` is also chunk
+        1511's, whose streams are its children 0 and 1: setup takes children 3 (NumPy) and 2 (torch)."""
+        children = np.random.SeedSequence([int(seed), 0x5E7]).spawn(4)
+        numpy_seq, torch_seq = children[3], children[2]
         return cls(numpy=np.random.default_rng(numpy_seq), torch=_torch_generator(torch_seq))
 
 
@@ -153,8 +155,9 @@ class Response:
 @dataclass
 class SynthesisResult:
     """A synthesized chunk, on the CPU: ``inputs [N, *shape]`` float32, ``targets [N, ...]`` float32,
-    ``labels [N]`` int64, the final per-sample ``loss [N]`` float32, ``steps`` (impression-iterations), and the
-    method's per-sample ``weights [N]`` at the end when it has any (``None`` otherwise)."""
+    ``labels [N]`` int64, the per-sample ``loss [N]`` float32 of the last step taken (measured before that
+    step's update), ``steps`` (impression-iterations), and the method's per-sample ``weights [N]`` where the
+    engine returns them (a generator's rounds; ``None`` otherwise, and from per-input inversion)."""
 
     inputs: Tensor
     targets: Tensor

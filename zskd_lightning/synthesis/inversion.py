@@ -53,8 +53,10 @@ class Synthesizer(Method):
             the optimization draws is not buried under the starting noise (a teacher indifferent to
             high-frequency noise leaves it in place). Without a known input range, a standard normal in the
             teacher's input space.
-        stop_tolerance: stop optimizing an impression once its loss improved by less than this many nats over
-            the last ``stop_window`` iterations (a plateau); its input is then frozen and costs no more compute.
+        stop_tolerance: stop optimizing an impression once its loss improved by less than this over the last
+            ``stop_window`` iterations (a plateau); its input is then frozen and costs no more compute. In the
+            units of the method's per-sample loss: nats for ZSKD's cross-entropy, T^2 nats for a loss scaled by
+            T^2 (Wang's ``matching_scale: t_squared``), plus its regularizers.
             ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure).
         stop_window: iterations between plateau checks.
         channels_last: run the teacher on channels-last (NHWC) inputs and weights during synthesis (a teacher

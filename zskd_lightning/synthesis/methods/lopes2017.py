@@ -209,7 +209,8 @@ class SpectralMatching(RecordedActivationMatching):
         names = [name for name, _, matched in self._layout if matched]
         starts = {name: sum(dim for _, dim, _ in self._layout[:i]) for i, (name, _, _) in enumerate(self._layout)}
         dims = {name: dim for name, dim, _ in self._layout}
-        groups = [names] if self.objective == "spectral_all_layers" else [names[i : i + 2] for i in range(len(names) - 1)]
+        pairs = [names[i : i + 2] for i in range(len(names) - 1)]
+        groups = [names] if self.objective == "spectral_all_layers" or not pairs else pairs  # one layer: refused
         self._graphs = [([(starts[n], starts[n] + dims[n]) for n in group],
                          low_frequency_basis(linear_chain(network, group), self.fraction).float()) for group in groups]
         self._names = groups
