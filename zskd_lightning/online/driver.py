@@ -76,6 +76,7 @@ class OnlineSynthesis(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = self._datamodule
+        self._round_start = None  # a round an earlier fit of this callback left unfinished is over
         self._context = SynthesisContext(
             teacher=pl_module.teacher, input_spec=dm.input_spec,
             num_classes=pl_module.teacher.count_classes(dm.input_spec.shape), device=pl_module.device,
