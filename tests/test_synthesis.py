@@ -598,3 +598,17 @@ def test_jitter_refuses_inputs_that_are_not_images():
     with pytest.raises(ValueError, match=r"jitter shifts images \[C, H, W\].*\(5,\)"):
         context = SynthesisContext(teacher=teacher, input_spec=InputSpec((5,)), num_classes=K)
         ZSKDSynthesizer(iterations=1, jitter=1).invert(context, Chunk.of(0, 0, 0, 4))
+
+
+def test_a_32_true_synthesizer_runs_in_float32_under_an_enclosing_autocast():
+    """``precision: "32-true"`` is float32 whatever autocast a caller holds (a no-op context would not turn
+    a bf16 one off); ``"bf16-mixed"`` is bf16, ``None`` the context's own (here none)."""
+    context = SynthesisContext(teacher=None, input_spec=InputSpec((1, 4, 4)), num_classes=K)
+    ones = torch.ones(2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with context.autocast_for("32-true")():
+            assert (ones @ ones).dtype == torch.float32
+    with context.autocast_for("bf16-mixed")():
+        assert (ones @ ones).dtype == torch.bfloat16
+    with context.autocast_for(None)():
+        assert (ones @ ones).dtype == torch.float32

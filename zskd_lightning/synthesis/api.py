@@ -113,12 +113,12 @@ class SynthesisContext:
     def autocast_for(self, precision: str | None) -> Autocast:
         """The autocast a synthesizer's ``precision`` asks for (one of :data:`SYNTHESIS_PRECISIONS`): ``None``,
         this context's (the Trainer's precision plugin's, as for distillation); ``"bf16-mixed"``, bf16 autocast on
-        the context's device; ``"32-true"``, none (float32)."""
+        the context's device; ``"32-true"``, float32 (an enclosing autocast turned off)."""
         check_synthesis_precision(precision)
+        device_type = torch.device(self.device).type
         if precision == "bf16-mixed":
-            device_type = torch.device(self.device).type
             return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext if precision == "32-true" else self.autocast
+        return (lambda: torch.autocast(device_type, enabled=False)) if precision == "32-true" else self.autocast
 
 
 SYNTHESIS_PRECISIONS = (None, "bf16-mixed", "32-true")
