@@ -151,7 +151,8 @@ class OnlineSynthesis(Callback):
                 raise ZSKDError("this sampler learns from per-sample losses: the training step must return "
                                 "{'loss', 'per_sample_loss'} for replay batches (DistillationModule does)")
             slots, losses = batch["slots"].detach().cpu(), outputs["per_sample_loss"].detach().float().cpu()
-            stamps = batch.get("stamps", dm.buffer.stamps[slots]).cpu()  # none: saved inside a step by older code
+            # a batch without stamps was saved inside a step by older code: its entries count as unchanged
+            stamps = batch["stamps"].cpu() if "stamps" in batch else dm.buffer.stamps[slots]
             if trainer.world_size > 1:
                 slots, losses, stamps = (_gathered(trainer.strategy, t) for t in (slots, losses, stamps))
             # The batch was drawn before this step's round (and, through Lightning's prefetch, the one before): an
