@@ -53,6 +53,7 @@ class ClassifierModule(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.val_acc, self.test_acc = MeanMetric(), MeanMetric()  # means of top1_hits: no class count needed
+        self.val_loss = MeanMetric()  # mean per sample
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer else None
@@ -83,7 +84,8 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self.network(x)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+        self.val_loss(F.cross_entropy(logits, y), weight=len(y))  # gathered as sum and count: exact under DDP
+        self.log("val/loss", self.val_loss, prog_bar=True)
         self.val_acc(top1_hits(logits, y))
         self.log("val/acc", self.val_acc, prog_bar=True)
 

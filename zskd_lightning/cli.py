@@ -20,8 +20,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader
 
+from zskd_lightning.data.evaluation import evaluation_loader
 from zskd_lightning.errors import RankSharedError, ZSKDError
 from zskd_lightning.files import resolve_packaged
 from zskd_lightning.impressions import ImpressionDataModule, ImpressionSynthesis
@@ -52,7 +52,8 @@ class ZSKDTrainer(L.Trainer):
             raise ZSKDError(f"`zskd record` needs an ActivationRecorder as model, got {type(model).__name__}")
         datamodule.setup("fit")
         train = datamodule.train_dataloader()  # the same data, in order: statistics need no shuffling
-        loader = DataLoader(train.dataset, batch_size=train.batch_size, num_workers=train.num_workers)
+        loader = evaluation_loader(train.dataset, trainer=self, batch_size=train.batch_size,
+                                   num_workers=train.num_workers)  # under DDP each sample once, on one rank
         self.validate(model, dataloaders=loader)
 
 

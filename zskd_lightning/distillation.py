@@ -114,6 +114,7 @@ class DistillationModule(L.LightningModule):
         # Accuracies as means of (argmax == label): no class count needed before the first batch.
         self.val_acc, self.val_agreement, self.val_real_agreement = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc, self.test_agreement, self.test_teacher_acc = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_loss = MeanMetric()  # KD loss, mean per sample
 
     # ----------------------------------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
@@ -224,7 +225,8 @@ class DistillationModule(L.LightningModule):
             self.val_agreement(hits)
             self.log("val/agreement", self.val_agreement, prog_bar=True, add_dataloader_idx=False)
             loss = kd_loss(student_logits, teacher_logits, self.hparams.temperature)
-            self.log("val/loss", loss, sync_dist=True, add_dataloader_idx=False)
+            self.val_loss(loss, weight=len(x))  # gathered as sum and count: exact under DDP's uneven shares
+            self.log("val/loss", self.val_loss, add_dataloader_idx=False)
         else:
             self.val_real_agreement(hits)
             self.log("val/real_agreement", self.val_real_agreement, add_dataloader_idx=False)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
 from zskd_lightning.batch_progress import fetched_batch, unfinished_batch
 from zskd_lightning.data.epoch_order import epoch_keyed_loader
+from zskd_lightning.data.evaluation import evaluation_loader
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import valid_range
 from zskd_lightning.randomness import TrainingStreams, seeded_streams
@@ -267,14 +268,14 @@ class ClassificationDataModule(L.LightningDataModule):
         return dataset
 
     def _loader(self, dataset: Dataset | None, what: str, batch_size: int) -> DataLoader:
-        """An evaluation loader, in order."""
-        return DataLoader(
-            self._require(dataset, what),
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        """An evaluation loader, in order: under DDP this rank's unpadded share (:func:`~zskd_lightning.data.
+        evaluation.evaluation_loader`), except for ``predict``, which Lightning shards without repeats itself."""
+        dataset = self._require(dataset, what)
+        args = dict(batch_size=batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                    pin_memory=torch.cuda.is_available())
+        if what == "predict":
+            return DataLoader(dataset, **args)
+        return evaluation_loader(dataset, trainer=self.trainer, **args)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by ``(fit seed, epoch)`` (:func:`~zskd_lightning.data.epoch_order.epoch_keyed_loader`)."""

@@ -85,6 +85,9 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         # Evaluation data is opened at the start of fit too: missing files end the run before any synthesis.
+        for source in (self.eval_data, self.predict_data):  # their loaders take this Trainer's share of the data
+            if isinstance(source, L.LightningDataModule):
+                source.trainer = self.trainer
         if stage in ("fit", "test") or (stage == "predict" and self.predict_data is None):
             if self.eval_data is not None:
                 self.eval_data.setup("test")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.data.epoch_order import epoch_keyed_loader, process_share
+from zskd_lightning.data.evaluation import evaluation_loader
 from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.impressions.cache import ImpressionCache
@@ -188,5 +189,6 @@ class ImpressionDataModule(SyntheticDataModule):
         if self.num_val_impressions > 0:
             cache = self._require_cache()
             dataset = ImpressionDataset(cache, self.num_impressions, self.num_impressions + self.num_val_impressions)
-            loaders.append(DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers))
+            loaders.append(evaluation_loader(dataset, trainer=self.trainer, batch_size=self.eval_batch_size,
+                                             num_workers=self.num_workers))
         return loaders + self.real_val_loaders()

@@ -1,0 +1,77 @@
+"""Validation and test under DDP read every sample exactly once (zskd_lightning/data/evaluation.py): the figures
+of two CPU processes (gloo) equal one process's on splits that two ranks cannot halve."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import tiny
+from torch.utils.data import TensorDataset
+
+from zskd_lightning.data.evaluation import evaluation_loader
+
+SCRIPT = Path(__file__).parent / "helpers" / "evaluate_run.py"
+
+
+def ddp_trainer(**overrides) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, **overrides)
+
+
+def served(loader) -> list[int]:
+    return [int(i) for (batch,) in loader for i in batch]
+
+
+def test_ranks_share_an_odd_set_without_repeats(monkeypatch):
+    """11 samples on 2 ranks: 6 + 5, together each sample once (a padded sampler serves 12)."""
+    dataset, trainer = TensorDataset(torch.arange(11)), ddp_trainer()
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(type(trainer), "distributed_sampler_kwargs", {"num_replicas": 2, "rank": rank})
+        shares.append(served(evaluation_loader(dataset, trainer=trainer, batch_size=4)))
+    assert [len(s) for s in shares] == [6, 5]
+    assert sorted(shares[0] + shares[1]) == list(range(11))
+
+
+def test_one_process_and_use_distributed_sampler_off_read_everything_in_order():
+    dataset = TensorDataset(torch.arange(11))
+    assert served(evaluation_loader(dataset, trainer=None, batch_size=4)) == list(range(11))
+    trainer = ddp_trainer(use_distributed_sampler=False)
+    assert served(evaluation_loader(dataset, trainer=trainer, batch_size=4)) == list(range(11))
+
+
+def test_a_set_smaller_than_the_ranks_is_padded_with_a_warning(monkeypatch):
+    """A rank with no batch could not join the epoch-end gathering of the metrics: one sample on two ranks is
+    served to both, and the user is told."""
+    trainer = ddp_trainer()
+    monkeypatch.setattr(type(trainer), "distributed_sampler_kwargs", {"num_replicas": 2, "rank": 1})
+    with pytest.warns(UserWarning, match="1 samples on 2 ranks"):
+        loader = evaluation_loader(TensorDataset(torch.arange(1)), trainer=trainer, batch_size=4)
+    assert served(loader) == [0]
+
+
+def test_two_processes_report_the_figures_of_one(tmp_path):
+    """Validation (143 images, alone and inside fit) and test (359) of a classifier, and a distillation
+    module's test through its impressions module's ``eval_data``, in batches of one (rank 0 runs one batch more):
+    2 processes give 1 process's figures, losses included (a padded share counts one image twice and moves each
+    accuracy; Lightning's ``sync_dist`` mean of a loss divides by a truncated count)."""
+    figures = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}" / "figures.json"
+        out.parent.mkdir()
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--devices", str(devices)],
+                              capture_output=True, text=True, timeout=240, env=tiny.script_env(1))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        figures[devices] = json.loads(out.read_text())
+    assert figures[1].keys() == figures[2].keys() >= {
+        "classifier_validate_val_acc", "classifier_validate_val_loss", "classifier_fit_val_acc",
+        "classifier_fit_val_loss", "classifier_test_acc", "distillation_test_acc", "distillation_test_teacher_acc"}
+    for key, value in figures[1].items():
+        assert figures[2][key] == pytest.approx(value, abs=1e-6), key
+    assert 0.0 < figures[1]["classifier_test_acc"] < 1.0  # a repeated image would move it

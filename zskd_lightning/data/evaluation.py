@@ -1,0 +1,47 @@
+"""Evaluation loaders that read every sample exactly once across DDP ranks.
+
+Lightning shards a plain validation or test loader with ``DistributedSampler``, which pads every rank's share to
+the same length by repeating samples: with ``N`` samples on ``W`` ranks, ``W * ceil(N / W) - N`` samples are
+counted twice, so a DDP run reports another accuracy than one process on the same network. :func:`evaluation_loader`
+gives each rank the strided share ``dataset[rank::W]`` instead (Lightning's ``UnrepeatedDistributedSampler``, which
+Lightning leaves in place); shares differ by at most one sample (so ranks may run one batch more or fewer: this library's
+modules have no collective per evaluation batch; a module of yours that has one, ``self.log(..., on_step=True,
+sync_dist=True)`` in ``validation_step``, needs loaders padded as Lightning pads them), and the metrics (torchmetrics means, logged per epoch, losses too) gather sums and
+counts, so the epoch's figure is the mean over the ``N`` samples exactly. Lightning's own ``sync_dist`` mean
+would not be: it averages the ranks' sample counts as an integer tensor, which truncates when they differ.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from zskd_lightning.data.epoch_order import process_share
+
+__all__ = ["evaluation_loader"]
+
+
+def evaluation_loader(dataset: Dataset, *, trainer, batch_size: int, **loader_args) -> DataLoader:
+    """An in-order loader over this process's share of ``dataset`` (:func:`~zskd_lightning.data.epoch_order.
+    process_share`): all of it on one process, ``dataset[rank::world_size]`` under DDP. Padded as Lightning would
+    pad it (each rank the same count) where unpadded shares could fail: a dataset with fewer samples than ranks
+    (a rank without a batch could not join the metrics' gathering; with a warning), and a Trainer that evaluates a
+    fraction of its loaders (``limit_val_batches`` or ``limit_test_batches`` a float under 1: Lightning takes the
+    fraction of each rank's own batch count, which could round to none on one rank only). ``loader_args`` go to
+    ``DataLoader``."""
+    rank, world_size = process_share(trainer)
+    sampler = None
+    if world_size > 1:
+        fractional = any(isinstance(limit, float) and 0.0 < limit < 1.0
+                         for limit in (getattr(trainer, "limit_val_batches", 1.0),
+                                       getattr(trainer, "limit_test_batches", 1.0)))
+        if len(dataset) == 0 or (len(dataset) >= world_size and not fractional):
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        else:
+            if not fractional:
+                warnings.warn(f"an evaluation set of {len(dataset)} samples on {world_size} ranks: samples are "
+                              "repeated so that every rank has one", stacklevel=2)
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_args)
