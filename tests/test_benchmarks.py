@@ -435,15 +435,19 @@ def test_table_time_to_accuracy_reports_row_means_not_the_best_seed():
     dataset = table.MNIST
     method, target = dataset.target
 
-    def record(row, acc, seconds):
+    def record(row, acc, seconds, impressions="24000"):
         return {"row": row, "method": method, "test_acc": str(acc), "synthesis_s": str(seconds), "training_s": "0",
-                "impressions": "24000", "hardware": "CPU x2"}
+                "impressions": impressions, "hardware": "CPU x2"}
 
     records = [record("zskd", acc, 600.0) for acc in (target - 0.9, target + 0.2, target - 0.5)]
     line = table.time_to_accuracy(dataset, records)  # one seed reaches the target, the row's mean does not
     assert "not reached" in line and f"{target - 0.4:.2f}% (mean of 3 seed(s))" in line, line
     line = table.time_to_accuracy(dataset, records + [record("zskd_long", target + 0.1, 1200.0)])
     assert line.endswith(f"20.0 min, row zskd_long: {target + 0.1:.2f}% (mean of 1 seed(s)), 24000 impressions, CPU x2.")
+    # one row at several budgets (the ablation): each budget is judged on its own
+    ablation = [record("ablation", target - 20, 60.0, "600"), record("ablation", target + 0.3, 900.0, "12000")]
+    line = table.time_to_accuracy(dataset, records + ablation)
+    assert line.endswith(f"15.0 min, row ablation: {target + 0.3:.2f}% (mean of 1 seed(s)), 12000 impressions, CPU x2.")
 
 
 def test_table_time_to_accuracy_curves_average_the_runs_at_each_budget():

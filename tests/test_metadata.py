@@ -3,6 +3,8 @@ split over processes and merged; the metadata file round-trips and refuses what 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,8 @@ def test_bad_metadata_files_end_in_one_line(tmp_path):
         read_metadata(other)
     with pytest.raises(ZSKDError, match="metadata file not found"):
         read_metadata(tmp_path / "absent.safetensors")
+    header = json.dumps({"format": "zskd-activation-metadata", "version": 1, "teacher_fingerprint": "a" * 64})
+    headless = tmp_path / "headless.safetensors"
+    save_file({"x": torch.zeros(2)}, str(headless), metadata={"zskd": header})
+    with pytest.raises(ZSKDError, match="lacks layers in its header"):
+        read_metadata(headless)

@@ -153,6 +153,9 @@ def test_load_student_refuses_what_is_not_a_student(tmp_path):
         load_student(tmp_path / "student.safetensors")
     with pytest.raises(ZSKDError, match="student record not found"):
         load_student(tmp_path / "other.safetensors")
+    (tmp_path / "student.json").write_text(json.dumps({"format": "zskd-student", "version": 1, "class_path": "x"}))
+    with pytest.raises(ZSKDError, match="student.json lacks init_args$"):
+        load_student(tmp_path / "student.safetensors")
 
 
 def test_on_train_end_writes_student_into_log_dir(distilled):

@@ -268,7 +268,16 @@ def test_corrupt_file(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ZSKDError) as err:
         FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
-    _assert_one_line_naming(err, path)
+    assert "pickled" not in _assert_one_line_naming(err, path)  # bytes that are no pickle hold no Python objects
+
+
+def test_a_safetensors_file_under_another_name_is_not_called_pickled(tmp_path):
+    """Its first bytes are no pickle opcode: torch's unpickler fails on them before any object."""
+    path = tmp_path / "teacher.pt"
+    save_file(DigitsConvNet().state_dict(), str(path))
+    with pytest.raises(ZSKDError) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path))
+    assert "*.safetensors" in _assert_one_line_naming(err, path)
 
 
 def test_truncated_checkpoint(tmp_path):
@@ -307,6 +316,21 @@ def test_weights_saved_through_a_wrapper_load_as_they_are(tmp_path):
     path = tmp_path / "wrapped.pt"
     torch.save({f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}, path)
     teacher = FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), **SOURCE_LAYOUT)
+    assert all(torch.equal(teacher.network.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_a_plain_state_dict_whose_child_is_named_network_loads_as_it_is(tmp_path):
+    """Only a checkpoint's weights are looked for under ``network.`` / ``student.``: a network of one's own with
+    a child named ``network`` beside a ``head`` keeps every key."""
+    source = nn.Sequential()
+    source.add_module("network", nn.Sequential(nn.Flatten(), nn.Linear(64, 16)))
+    source.add_module("head", nn.Linear(16, 10))
+    path = tmp_path / "own.pt"
+    torch.save(source.state_dict(), path)
+    fresh = nn.Sequential()
+    fresh.add_module("network", nn.Sequential(nn.Flatten(), nn.Linear(64, 16)))
+    fresh.add_module("head", nn.Linear(16, 10))
+    teacher = FrozenTeacher(network=fresh, checkpoint=str(path), **SOURCE_LAYOUT)
     assert all(torch.equal(teacher.network.state_dict()[k], v) for k, v in source.state_dict().items())
 
 

@@ -87,6 +87,9 @@ def read_record(json_path: str | os.PathLike) -> dict[str, Any]:
     if record.get("version") != RECORD_VERSION:
         raise ZSKDError(f"student record {json_path} has version {record.get('version')!r}; this library reads "
                         f"version {RECORD_VERSION}")
+    missing = [key for key in ("class_path", "init_args") if key not in record]
+    if missing:
+        raise ZSKDError(f"student record {json_path} lacks {', '.join(missing)}")
     return record
 
 

@@ -2,8 +2,8 @@
 
 Each rank writes ``predictions.npz`` (``predictions.rank<R>.npz`` when there are several) into the run's log
 folder: ``probabilities`` float32 ``[N, num_classes]``, ``labels`` int64 ``[N]`` (their argmax) and
-``indices`` int64 ``[N]`` (each row's index in the prediction dataset; under DDP a rank's sampler may repeat a
-few to even out the ranks).
+``indices`` int64 ``[N]`` (each row's index in the prediction dataset; under DDP Lightning gives each rank an
+unrepeated share, so the ranks' files together hold every row once; a rank may hold one row fewer, or none).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class PredictionWriter(BasePredictionWriter):
     """Collect every predict batch's output (probabilities ``[B, K]``) and write them when the epoch ends.
 
     Args:
-        filename: the file in the run's log folder (``None``: the Trainer's ``default_root_dir``).
+        filename: the file's name in the run's log folder (the Trainer's ``log_dir``, else its
+            ``default_root_dir``); under DDP rank R writes ``<stem>.rankR<extension>``.
     """
 
     def __init__(self, filename: str = "predictions.npz") -> None:
@@ -53,7 +54,8 @@ class PredictionWriter(BasePredictionWriter):
         if not self._outputs:  # with nothing to write (fewer inputs than processes)
             return
         probabilities = torch.cat(self._outputs).numpy()
-        name = self.filename if trainer.world_size == 1 else self.filename.replace(".npz", f".rank{trainer.global_rank}.npz")
+        stem, extension = os.path.splitext(self.filename)
+        name = self.filename if trainer.world_size == 1 else f"{stem}.rank{trainer.global_rank}{extension}"
         path = os.path.join(folder, name)
         os.makedirs(folder, exist_ok=True)
         buffer = io.BytesIO()

@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,7 +47,8 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     ``student.json``, as :func:`~zskd_lightning.export.write_student` and the benchmark teachers write it) gives
     the architecture, returned as a Lightning checkpoint's ``hyper_parameters["network"]``. Any other file loads
     with ``torch.load(weights_only=True)`` (tensors and plain containers only). ``sha256``: the file's expected
-    digest (hex); a file whose bytes differ is refused before it is read.
+    digest (hex); a file whose bytes differ is refused before it is read (the weights file's bytes only: a
+    ``.safetensors`` file's JSON record is not covered; give ``network`` to fix the architecture).
     """
     path = resolve_packaged(os.fspath(path))
     if not os.path.isfile(path):
@@ -61,10 +63,14 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        pickled = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", str(err))
+        if pickled is None:  # not a pickle of tensors at all: another format, or bytes that are no file of torch's
+            raise ZSKDError(f"could not read checkpoint {path}: not a torch.save file (a state_dict or a Lightning "
+                            "checkpoint); a safetensors file must be named *.safetensors") from err
         raise ZSKDError(
-            f"checkpoint {path} holds pickled Python objects, which are never loaded (they could run code): "
-            f"{first_line(err)[:160]}; re-save only its tensors, e.g. torch.save(model.state_dict(), path), "
-            "and give the architecture as the teacher's `network`"
+            f"checkpoint {path} holds pickled Python objects ({pickled.group(1)}), which are "
+            "never loaded (they could run code); re-save only its tensors, e.g. torch.save(model.state_dict(), "
+            "path), and give the architecture as the teacher's `network`"
         ) from err
     except Exception as err:  # corrupt, truncated, not a torch file
         raise ZSKDError(f"could not read checkpoint {path}: {described(err)}") from err
@@ -98,7 +104,9 @@ def network_state_dict(checkpoint: Mapping[str, Any], path: str = "<checkpoint>"
     state = checkpoint.get("state_dict", checkpoint)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ZSKDError(f"checkpoint {path} has no tensor state_dict (keys: {sorted(state)[:5]}...)")
-    for prefix in _CHECKPOINT_PREFIXES:
+    # Only a checkpoint (weights under "state_dict") holds a module's networks under their attribute names; a plain
+    # state_dict is the network's own, even where a child of it is named like one (``network`` beside a ``head``).
+    for prefix in _CHECKPOINT_PREFIXES if "state_dict" in checkpoint else ():
         stripped = _under(state, prefix)
         if stripped:
             state = stripped
@@ -232,7 +240,8 @@ class FrozenTeacher(nn.Module):
         checkpoint: a Lightning checkpoint (``.ckpt``), a plain ``state_dict`` file (``.pt``) or a
             ``.safetensors`` file with its JSON record beside it (an exported student, a benchmark teacher under
             ``benchmarks/teachers/``). ``None`` keeps ``network``'s current weights.
-        sha256: the checkpoint file's expected sha256 (hex): a file that changed is refused in one line.
+        sha256: the checkpoint file's expected sha256 (hex): a file that changed is refused in one line (the
+            weights file only, not the JSON record beside a ``.safetensors`` file).
         num_classes: the number of outputs, when it should not be found by running the network on a zero
             input (:meth:`count_classes`).
         fast_kernels: run the network's ``nn.LocalResponseNorm`` layers as the equivalent banded 1x1 convolution

@@ -97,6 +97,9 @@ def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = Non
         raise ZSKDError(f"{path} is not an activation metadata file (no {FORMAT!r} header)")
     if header.get("version") != VERSION:
         raise ZSKDError(f"metadata file {path} has version {header.get('version')!r}; this library reads {VERSION}")
+    missing = [key for key in ("teacher_fingerprint", "layers") if key not in header]
+    if missing:
+        raise ZSKDError(f"metadata file {path} lacks {', '.join(missing)} in its header")
     if teacher_fingerprint is not None and header["teacher_fingerprint"] != teacher_fingerprint:
         raise ZSKDError(f"metadata file {path} was recorded from teacher {header['teacher_fingerprint'][:12]}, not from "
                         f"this teacher ({teacher_fingerprint[:12]})")
@@ -104,6 +107,7 @@ def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = Non
     for name, info in header["layers"].items():
         spread = tensors.get(f"{name}/covariance", tensors.get(f"{name}/variance"))
         missing = [k for k in ("count", "mean", "std") if f"{name}/{k}" not in tensors] + ([] if spread is not None else ["spread"])
+        missing += [k for k in ("shape", "kept") if not isinstance(info, dict) or k not in info]
         if missing:
             raise ZSKDError(f"metadata file {path} lacks {missing} of layer {name!r}")
         layers[name] = LayerRecord(tuple(info["shape"]), info["kept"], tensors[f"{name}/count"], tensors[f"{name}/mean"],

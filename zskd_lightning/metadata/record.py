@@ -4,7 +4,8 @@ Fenu and Starner 2017, arXiv 1710.07535), grouping activations by the TRUE class
 :class:`ActivationRecorder` is a LightningModule: ``trainer.validate(recorder, dataloaders=train_loader)`` (or
 ``zskd record --config FILE.yaml``, which does exactly that with the datamodule's training split) feeds every
 batch through the teacher in eval mode, with no augmentation, and accumulates per class and layer. Under DDP each
-rank accumulates its share (Lightning's sampler may repeat a few samples to even out the ranks); at the end the
+rank accumulates its share (``zskd record`` gives each sample to one rank; a plain loader given to
+``trainer.validate`` is sharded by Lightning, which may repeat a few samples to even out the ranks); at the end the
 ranks' moments are gathered and merged in rank order, and global rank 0 writes the file.
 """
 
@@ -72,6 +73,11 @@ class ActivationRecorder(L.LightningModule):
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
             raise ZSKDError(f"recording needs class labels in [0, {classes}) for a teacher with {classes} outputs; "
                             f"this batch holds labels {int(y.min())} to {int(y.max())}")
+        silent = [name for name in self.layers if Tap(name).key not in taps.features]
+        if silent:
+            raise ZSKDError(f"layer(s) {', '.join(silent)} of {type(self.teacher.network).__name__} produced no "
+                            "activation in the forward pass (a module called through its weights, or a branch that "
+                            "runs only in training): leave them out of the recorder's `layers`")
         features = {**{name: taps.features[Tap(name).key] for name in self.layers}, LOGITS: logits / self.temperature}
         for name, value in features.items():
             if name not in self.moments:
