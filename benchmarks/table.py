@@ -587,14 +587,14 @@ def time_to_accuracy(dataset: Dataset, records: list[dict[str, str]]) -> str:
         return ""
     method, target = dataset.target
     label = f"Time to {target}% ({method.upper()}, synthesis + distillation"
-    groups: dict[str, list[dict[str, str]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, str]]] = {}  # by row and budget (the ablation row has several)
     for r in records:
         if r["method"] == method:
-            groups.setdefault(r["row"], []).append(r)
+            groups.setdefault((r["row"], r["impressions"]), []).append(r)
     if not groups:
         return f"{label}): no {method.upper()} row measured yet."
     rows = [(statistics.fmean(float(r["synthesis_s"]) + float(r["training_s"]) for r in group),
-             statistics.fmean(float(r["test_acc"]) for r in group), name, group) for name, group in groups.items()]
+             statistics.fmean(float(r["test_acc"]) for r in group), row, group) for (row, _), group in groups.items()]
 
     def said(seconds: float, acc: float, name: str, group: list[dict[str, str]]) -> str:
         hardware = ", ".join(sorted({r["hardware"] for r in group}))
@@ -658,7 +658,10 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
     for r in records:
         groups.setdefault((r["row"], r["method"], r["impressions"]), []).append(r)
     order = dataset.row_order
-    for (row, method, n), group in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), item[0][1], int(item[0][2]))):
+    def position(row: str) -> int:  # a row no longer declared (renamed) goes last
+        return order.index(row) if row in order else len(order)
+
+    for (row, method, n), group in sorted(groups.items(), key=lambda item: (position(item[0][0]), item[0][1], int(item[0][2]))):
         group = sorted(group, key=lambda r: int(r["seed"]))  # seeds in order, whatever order they ran in
         accs = [float(g["test_acc"]) for g in group]
         mean = statistics.mean(accs)
