@@ -70,3 +70,38 @@ def test_without_geometry_or_mix_or_noise_the_batch_is_unchanged():
 def test_mix_out_of_range_is_refused():
     with pytest.raises(ValueError, match="mix"):
         BatchAugmentation(mix=1.5)
+
+
+@pytest.mark.parametrize("augmentation", [BatchAugmentation(mix=0.5), BatchAugmentation(noise_std=0.1),
+                                          BatchAugmentation(degrees=10)], ids=["mix", "noise", "geometry"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_batch_keeps_its_floating_dtype(augmentation, dtype):
+    """A '-true' precision converts the batch before the datamodule's transfer hook: float32 out of a bf16 batch
+    would meet bf16 weights in the first layer."""
+    torch.manual_seed(0)
+    assert augmentation(torch.rand(4, 1, 8, 8, dtype=dtype)).dtype == dtype
+
+
+def test_noise_leaves_inputs_of_unknown_range_unclipped():
+    """Without an input range the batch is augmented as it is: its values are not pixels in [0, 1]."""
+    torch.manual_seed(0)
+    x = torch.full((4, 1, 8, 8), 5.0)
+    out = augment_normalized(x, BatchAugmentation(noise_std=0.1), None)
+    assert (out - 5.0).abs().max() < 1.0 and out.std() > 0.05
+
+
+def test_rotation_keeps_distances_on_a_wide_image():
+    """A bright square 12 pixels right of the centre of a 32 x 64 image stays 12 pixels from it under any
+    rotation (affine_grid's coordinates scale x and y apart: unscaled, the spot would move onto an ellipse)."""
+    torch.manual_seed(0)
+    image = torch.zeros(64, 1, 32, 64)
+    image[..., 15:18, 43:46] = 1.0  # centred at (16, 44): the image's centre is (15.5, 31.5)
+    out = BatchAugmentation(degrees=90)(image)
+    rows = torch.arange(32, dtype=torch.float32).view(1, 1, 32, 1)
+    cols = torch.arange(64, dtype=torch.float32).view(1, 1, 1, 64)
+    mass = out.sum(dim=(1, 2, 3))
+    row = (out * rows).sum(dim=(1, 2, 3)) / mass
+    col = (out * cols).sum(dim=(1, 2, 3)) / mass
+    distance = torch.hypot(row - 15.5, col - 31.5)
+    original = float(torch.hypot(torch.tensor(16.0 - 15.5), torch.tensor(44.0 - 31.5)))
+    assert (distance - original).abs().max() < 0.5, distance

@@ -11,7 +11,13 @@ from helpers import tiny
 from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fixture)
 from torch import nn
 
-from zskd_lightning import DistillationModule, ImpressionSynthesis, TeacherUncertainty, ZSKDSynthesizer
+from zskd_lightning import (
+    DistillationModule,
+    ImpressionSynthesis,
+    ModulatingFunction,
+    TeacherUncertainty,
+    ZSKDSynthesizer,
+)
 from zskd_lightning.describe import Recorded, describe
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample
@@ -56,6 +62,17 @@ def test_teacher_uncertainty_on_hand_computed_cases():
     torch.testing.assert_close(TeacherUncertainty(gamma=0.0)(logits), torch.ones(2))
     with pytest.raises(InvalidArgument):
         TeacherUncertainty(gamma=-1)
+
+
+def test_a_batch_the_teacher_is_sure_of_keeps_its_loss():
+    """Margins of 30 logits: every difficulty rounds to 0 in float32; normalized, the batch is weighed
+    uniformly (a batch of zero weights would train nothing)."""
+    logits = torch.zeros(4, 10)
+    logits[torch.arange(4), torch.tensor([0, 3, 3, 7])] = 30.0
+    assert not TeacherUncertainty()(logits).any()
+    torch.testing.assert_close(ModulatingFunction(diversity=False)(logits), torch.ones(4))
+    mixed = torch.cat([logits, torch.zeros(1, 10)])  # one unsure sample: it takes all the weight
+    torch.testing.assert_close(ModulatingFunction(diversity=False)(mixed), torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0]))
 
 
 class FirstOnly(TeacherUncertainty):
