@@ -33,6 +33,17 @@ def test_band_lrn_matches_stock_values_and_input_gradients(size, channels, chann
     torch.testing.assert_close(x_band.grad, x_stock.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_a_band_first_built_in_inference_mode_still_takes_gradients():
+    """A validation step (Lightning's inference mode) may be the first to run the layer; synthesis after it
+    needs input gradients through the same cached band."""
+    band = BandLocalResponseNorm.like(nn.LocalResponseNorm(3))
+    with torch.inference_mode():
+        band(torch.randn(2, 4, 3, 3))
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    band(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 class LRNNet(nn.Module):
     def __init__(self, in_channels: int = 1) -> None:
         super().__init__()

@@ -101,6 +101,17 @@ def test_inversion_applies_per_sample_weights():
         "name": "TeacherUncertainty", "args": {"gamma": 1.0, "temperature": 1.0}}
 
 
+def test_a_subclass_is_another_method_to_the_cache():
+    """A subclass that keeps its parent's arguments but changes what it computes must not reuse the parent's
+    impressions: without a name of its own it is named by its class."""
+
+    class SharperZSKD(ZSKDSynthesizer):
+        pass
+
+    assert ZSKDSynthesizer().identity()["name"] == "zskd"
+    assert SharperZSKD().identity()["name"] == "SharperZSKD"
+
+
 def test_distillation_applies_per_sample_weights():
     torch.manual_seed(0)
     teacher, student = tiny.make_net(0), tiny.make_net(1, width=4)

@@ -66,7 +66,7 @@ class Recorded:
 
     @property
     def stable_name(self) -> str:
-        return type(self).identity_name or type(self).__name__
+        return type(self).__dict__.get("identity_name") or type(self).__name__  # a subclass is another method
 
 
 def describe(value: Any, where: str = "") -> Any:

@@ -25,9 +25,24 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)
+        _sync_folder(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def _sync_folder(folder: str) -> None:
+    """Make a rename into ``folder`` survive a power loss (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -38,11 +38,18 @@ class BandLocalResponseNorm(nn.Module):
 
     def band(self, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (channels, device, dtype)
+        # Built outside inference mode: a band first built under it (a validation step) would be an inference
+        # tensor, which autograd refuses to save when a later forward needs gradients (synthesis).
         if key not in self._bands:
-            offset = torch.arange(channels).view(1, -1) - torch.arange(channels).view(-1, 1)  # c_in - c_out
-            inside = (offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)
-            self._bands[key] = inside.to(device=device, dtype=dtype).view(channels, channels, 1, 1)
+            with torch.inference_mode(False):
+                self._bands[key] = self._built(channels, device, dtype)
         return self._bands[key]
+
+    def _built(self, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The 0/1 matrix ``[C, C, 1, 1]`` whose 1s mark, for each output channel, the input channels of its window."""
+        offset = torch.arange(channels).view(1, -1) - torch.arange(channels).view(-1, 1)  # c_in - c_out
+        inside = (offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)
+        return inside.to(device=device, dtype=dtype).view(channels, channels, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:  # the band trick is written for images; other ranks keep the stock computation
