@@ -7,14 +7,19 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from helpers import tiny
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import TensorDataset
 
+from zskd_lightning import ClassifierModule
+from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.data.evaluation import evaluation_loader
+from zskd_lightning.metrics import mean_metric
 
 SCRIPT = Path(__file__).parent / "helpers" / "evaluate_run.py"
 
@@ -54,6 +59,42 @@ def test_a_set_smaller_than_the_ranks_is_padded_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="1 samples on 2 ranks"):
         loader = evaluation_loader(TensorDataset(torch.arange(1)), trainer=trainer, batch_size=4)
     assert served(loader) == [0]
+
+
+def lockstep_share(strategy, **limits) -> list[int]:
+    """Rank 1's share of 11 samples on 2 ranks under ``strategy`` (a stand-in Trainer)."""
+    trainer = SimpleNamespace(strategy=strategy, distributed_sampler_kwargs={"num_replicas": 2, "rank": 1},
+                              limit_val_batches=limits.get("val", 1.0), limit_test_batches=limits.get("test", 1.0))
+    return served(evaluation_loader(TensorDataset(torch.arange(11)), trainer=trainer, batch_size=4))
+
+
+def test_strategies_whose_forward_is_collective_and_fractional_limits_get_even_shares():
+    """FSDP and DeepSpeed gather parameters in every forward: every rank must run as many batches. A fraction of
+    each rank's batches could round to none on one rank only. Both get Lightning's padded shares."""
+    assert lockstep_share(DDPStrategy()) == [1, 3, 5, 7, 9]
+    assert lockstep_share(object()) == [1, 3, 5, 7, 9, 0]  # not DDP: padded with sample 0
+    assert lockstep_share(DDPStrategy(), val=0.5) == [1, 3, 5, 7, 9, 0]
+
+
+def test_an_impression_modules_eval_data_shards_by_its_trainer(tmp_path):
+    """The nested module's loaders take the Trainer's share (rank 0 of 2: 180 of the 360 test images), made
+    before any process group exists (where a loader without a Trainer would read all of them)."""
+    datamodule = tiny.make_datamodule(tmp_path / "cache", eval_data=DigitsDataModule())
+    datamodule.trainer = ddp_trainer()
+    datamodule.setup("test")
+    assert datamodule.eval_data.trainer is datamodule.trainer
+    assert len(list(datamodule.test_dataloader().sampler)) == 180
+
+
+def test_evaluation_means_stay_float32_and_keep_nan(tmp_path):
+    """A '-true' precision casts the module, its metrics' states too; they are float32 again for each loop. A NaN
+    loss makes the mean NaN instead of vanishing with a warning."""
+    module = ClassifierModule(tiny.make_net(0))
+    tiny.quiet_trainer(tmp_path, precision="bf16-true").validate(module, datamodule=DigitsDataModule(), verbose=False)
+    assert {module.val_loss.mean_value.dtype, module.val_acc.mean_value.dtype} == {torch.float32}
+    mean = mean_metric()
+    mean.update(torch.tensor([1.0, float("nan")]))
+    assert torch.isnan(mean.compute())
 
 
 def test_two_processes_report_the_figures_of_one(tmp_path):

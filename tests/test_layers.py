@@ -6,7 +6,7 @@ Layers (a module may import from its own layer's package or from lower layers, n
    ``batch_progress``: leaves
 1. ``taps``, ``kernels``, ``teacher``, ``losses``, ``checks``, ``optim``, ``weighting``, ``augment``, ``models``,
    ``data``, ``export``, ``predictions``, ``metadata``, ``pictures``, ``random_resume``,
-   ``hparams``, ``callbacks``
+   ``hparams``, ``callbacks``, ``metrics``
 2. ``synthesis``: what and how (no Lightning, no files)
 3. ``impressions`` (offline drivers), ``online`` (online drivers), ``distillation``, ``classifier``
 4. ``cli``, and the package face ``zskd_lightning/__init__.py``
@@ -26,7 +26,7 @@ LAYERS = {
     "batch_progress": 0,
     "taps": 1, "kernels": 1, "teacher": 1, "losses": 1, "checks": 1, "optim": 1, "weighting": 1, "augment": 1,
     "models": 1, "data": 1, "export": 1, "predictions": 1, "metadata": 1, "pictures": 1, "random_resume": 1,
-    "hparams": 1, "callbacks": 1,
+    "hparams": 1, "callbacks": 1, "metrics": 1,
     "synthesis": 2,
     "impressions": 3, "online": 3, "distillation": 3, "classifier": 3,
     "cli": 4, "__main__": 4, "": 4,

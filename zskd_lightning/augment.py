@@ -31,11 +31,11 @@ class BatchAugmentation(nn.Module):
         translate: maximal shift as a fraction of width and height.
         scale: zoom factor range ``(min, max)``.
         hflip: flip half of the images horizontally.
-        noise_std: standard deviation of additive Gaussian pixel noise (0: none); the result is clamped to [0, 1]
-            (not when the inputs' range is unknown: ``forward(..., bounded=False)``).
+        noise_std: standard deviation of additive Gaussian pixel noise (0: none); the result is clamped to [0, 1].
         fill: pixel value for areas outside the source image.
         mix: blend every image with a random partner of the same batch (a random permutation's: itself with
-            probability ``1 / B``), ``(1 - w) * x + w * x_other`` with ``w`` uniform in ``[0, mix]`` per image (0: off). The labels no longer fit the blend, so only for batches
+            probability ``1 / B``), ``(1 - w) * x + w * x_other`` with ``w`` uniform in ``[0, mix]`` per image
+            (0: off). The labels no longer fit the blend, so only for batches
             the teacher re-labels (distillation with ``target_source="teacher"``); labelled real-data modules
             refuse it. On MNIST impressions, ``mix=0.5`` added 2-3 points to the student (validation split).
     """
@@ -66,18 +66,16 @@ class BatchAugmentation(nn.Module):
         """Whether the geometric part (rotation, shift, zoom, flip) does anything."""
         return self.degrees > 0 or self.translate != (0.0, 0.0) or self.scale != (1.0, 1.0) or self.hflip
 
-    def forward(self, pixels: Tensor, bounded: bool = True) -> Tensor:
+    def forward(self, pixels: Tensor) -> Tensor:
         """``pixels [B, C, H, W]`` in [0, 1] -> augmented ``[B, C, H, W]``, in the input's floating dtype (float32
-        for integer pixels; a '-true' precision's batch stays in its dtype). ``bounded=False``: values outside
-        [0, 1] are not clipped after the noise (inputs of unknown range)."""
+        for integer pixels; a '-true' precision's batch stays in its dtype)."""
         out = self._move(pixels) if self.moves_pixels else pixels if pixels.is_floating_point() else pixels.float()
         if self.mix > 0:
             weight = self.mix * torch.rand(out.shape[0], 1, 1, 1, device=out.device, dtype=out.dtype)
             partner = torch.randperm(out.shape[0], device=out.device)
             out = (1 - weight) * out + weight * out[partner]
         if self.noise_std > 0:
-            out = out + self.noise_std * torch.randn_like(out)
-            out = out.clamp_(0.0, 1.0) if bounded else out
+            out = (out + self.noise_std * torch.randn_like(out)).clamp_(0.0, 1.0)
         return out
 
     def _move(self, pixels: Tensor) -> Tensor:
@@ -108,10 +106,7 @@ def augment_normalized(
     batch: Tensor, augmentation: nn.Module, input_range: tuple[Tensor, Tensor] | None
 ) -> Tensor:
     """Apply a pixel-space ``augmentation`` (moved to the batch's device) to a normalized batch whose per-channel
-    valid range is ``input_range``; with ``input_range=None`` the batch is augmented as it is (and a
-    :class:`BatchAugmentation` leaves its values unclipped)."""
+    valid range is ``input_range``; with ``input_range=None`` the batch is augmented as it is, as pixels in [0, 1]
+    (noise is clipped to that range, moved-in areas take ``fill``)."""
     augmentation = augmentation.to(batch.device)
-    pixels = to_pixels(batch, input_range)
-    if input_range is None and isinstance(augmentation, BatchAugmentation):
-        return augmentation(pixels, bounded=False)
-    return from_pixels(augmentation(pixels), input_range)
+    return from_pixels(augmentation(to_pixels(batch, input_range)), input_range)

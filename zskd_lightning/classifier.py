@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric
 
 from zskd_lightning.callbacks import missing_callbacks
 from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import top1_hits
+from zskd_lightning.metrics import mean_metric, metrics_in_float32
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
@@ -52,8 +52,8 @@ class ClassifierModule(L.LightningModule):
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.val_acc, self.test_acc = MeanMetric(), MeanMetric()  # means of top1_hits: no class count needed
-        self.val_loss = MeanMetric()  # mean per sample
+        self.val_acc, self.test_acc = mean_metric(), mean_metric()  # means of top1_hits: no class count needed
+        self.val_loss = mean_metric()  # mean per sample
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer else None
@@ -80,6 +80,12 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(self.network(x), y, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_validation_start(self) -> None:
+        metrics_in_float32(self)
+
+    def on_test_start(self) -> None:
+        metrics_in_float32(self)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

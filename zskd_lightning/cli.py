@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from zskd_lightning.data.evaluation import evaluation_loader
+from zskd_lightning.data.evaluation import EvaluationData
 from zskd_lightning.errors import RankSharedError, ZSKDError
 from zskd_lightning.files import resolve_packaged
 from zskd_lightning.impressions import ImpressionDataModule, ImpressionSynthesis
@@ -52,9 +52,8 @@ class ZSKDTrainer(L.Trainer):
             raise ZSKDError(f"`zskd record` needs an ActivationRecorder as model, got {type(model).__name__}")
         datamodule.setup("fit")
         train = datamodule.train_dataloader()  # the same data, in order: statistics need no shuffling
-        loader = evaluation_loader(train.dataset, trainer=self, batch_size=train.batch_size,
-                                   num_workers=train.num_workers)  # under DDP each sample once, on one rank
-        self.validate(model, dataloaders=loader)
+        # in order, each sample on one rank; the loader is made in each rank's process (spawning launchers too)
+        self.validate(model, datamodule=EvaluationData(train.dataset, train.batch_size, train.num_workers))
 
 
 class ZSKDCLI(LightningCLI):

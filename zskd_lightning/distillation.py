@@ -14,7 +14,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from zskd_lightning.callbacks import missing_callbacks
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
@@ -22,6 +21,7 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.export import record_path, update_record, write_student
 from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss, top1_hits
+from zskd_lightning.metrics import mean_metric, metrics_in_float32
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
@@ -112,9 +112,9 @@ class DistillationModule(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         # Accuracies as means of (argmax == label): no class count needed before the first batch.
-        self.val_acc, self.val_agreement, self.val_real_agreement = MeanMetric(), MeanMetric(), MeanMetric()
-        self.test_acc, self.test_agreement, self.test_teacher_acc = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_loss = MeanMetric()  # KD loss, mean per sample
+        self.val_acc, self.val_agreement, self.val_real_agreement = mean_metric(), mean_metric(), mean_metric()
+        self.test_acc, self.test_agreement, self.test_teacher_acc = mean_metric(), mean_metric(), mean_metric()
+        self.val_loss = mean_metric()  # KD loss, mean per sample
 
     # ----------------------------------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
@@ -213,6 +213,12 @@ class DistillationModule(L.LightningModule):
             )
 
     # -------------------------------------------------------------------------------------- evaluation
+    def on_validation_start(self) -> None:
+        metrics_in_float32(self)
+
+    def on_test_start(self) -> None:
+        metrics_in_float32(self)
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """The first validation loader gives ``val/agreement`` and ``val/loss`` (and ``val/acc`` if labelled); a
         second, labelled one (real data beside held-out impressions) gives ``val/acc`` and

@@ -3,7 +3,7 @@
 Each rank writes ``predictions.npz`` (``predictions.rank<R>.npz`` when there are several) into the run's log
 folder: ``probabilities`` float32 ``[N, num_classes]``, ``labels`` int64 ``[N]`` (their argmax) and
 ``indices`` int64 ``[N]`` (each row's index in the prediction dataset; under DDP Lightning gives each rank an
-unrepeated share, so the ranks' files together hold every row once; a rank may hold one row fewer, or none).
+unrepeated share, so the ranks' files together hold every row once; a rank may hold one row fewer).
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     except pickle.UnpicklingError as err:
         pickled = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", str(err))
         if pickled is None:  # not a pickle of tensors at all: another format, or bytes that are no file of torch's
-            raise ZSKDError(f"could not read checkpoint {path}: not a torch.save file (a state_dict or a Lightning "
-                            "checkpoint); a safetensors file must be named *.safetensors") from err
+            raise ZSKDError(f"could not read checkpoint {path}: not a torch.save file of tensors (a state_dict or a "
+                            "Lightning checkpoint; a safetensors file must be named *.safetensors): "
+                            f"{first_line(err)[:200]}") from err
         raise ZSKDError(
             f"checkpoint {path} holds pickled Python objects ({pickled.group(1)}), which are "
             "never loaded (they could run code); re-save only its tensors, e.g. torch.save(model.state_dict(), "
@@ -99,14 +100,17 @@ def _read_safetensors(path: str, what: str) -> dict[str, Any]:
     return content
 
 
-def network_state_dict(checkpoint: Mapping[str, Any], path: str = "<checkpoint>") -> dict[str, torch.Tensor]:
-    """The network's weights from a plain ``state_dict`` or a Lightning checkpoint of this library's modules."""
+def network_state_dict(checkpoint: Mapping[str, Any], path: str = "<checkpoint>",
+                       network_keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The network's weights from a plain ``state_dict`` or a Lightning checkpoint of this library's modules.
+    ``network_keys``: the loading network's ``state_dict`` keys; weights whose keys are exactly those are the
+    network's as they are (a child of it named ``network`` or ``student`` is not a module's attribute)."""
     state = checkpoint.get("state_dict", checkpoint)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ZSKDError(f"checkpoint {path} has no tensor state_dict (keys: {sorted(state)[:5]}...)")
-    # Only a checkpoint (weights under "state_dict") holds a module's networks under their attribute names; a plain
-    # state_dict is the network's own, even where a child of it is named like one (``network`` beside a ``head``).
-    for prefix in _CHECKPOINT_PREFIXES if "state_dict" in checkpoint else ():
+    if network_keys is not None and set(state) == network_keys:
+        return dict(state)
+    for prefix in _CHECKPOINT_PREFIXES:
         stripped = _under(state, prefix)
         if stripped:
             state = stripped
@@ -280,7 +284,7 @@ class FrozenTeacher(nn.Module):
                         "(class_path and init_args) too"
                     )
                 network = instantiate(spec, source=f"checkpoint {checkpoint}")
-            load_weights(network, network_state_dict(content, checkpoint), checkpoint)
+            load_weights(network, network_state_dict(content, checkpoint, set(network.state_dict())), checkpoint)
         self.network = network
         self.checkpoint = checkpoint
         self.flushed_subnormals = flush_subnormals(network)

@@ -71,8 +71,9 @@ class ModulatingFunction(SampleWeighting):
     standard forms: :class:`ClassDiversity` times :class:`TeacherUncertainty` ``(1 - p_T(y^|x))^gamma``.
 
     ``normalize`` divides by the batch mean, so phi re-weights samples without changing the loss's scale (a
-    confident teacher would otherwise shrink every weight toward 0); a batch whose every difficulty rounds to 0
-    in float32 (margins of about 17 logits at ``temperature`` 1) is weighed uniformly, not dropped. ``diversity`` / ``difficulty`` switch the
+    confident teacher would otherwise shrink every weight toward 0), however small the mean; a batch whose every
+    difficulty rounds to 0 in float32 (margins of about 17 logits at ``temperature`` 1) is weighed uniformly,
+    not dropped. ``diversity`` / ``difficulty`` switch the
     parts off (ablations).
     """
 
@@ -96,5 +97,5 @@ class ModulatingFunction(SampleWeighting):
                 phi = phi * self.diversity(teacher_logits)
             if self.normalize:
                 mean = phi.mean()
-                phi = torch.where(mean > 0, phi / mean.clamp_min(1e-12), torch.ones_like(phi))
+                phi = torch.where(mean > 0, phi / mean, torch.ones_like(phi))
             return phi.float()

@@ -15,33 +15,53 @@ from __future__ import annotations
 
 import warnings
 
+import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zskd_lightning.data.epoch_order import process_share
 
-__all__ = ["evaluation_loader"]
+__all__ = ["EvaluationData", "evaluation_loader"]
 
 
 def evaluation_loader(dataset: Dataset, *, trainer, batch_size: int, **loader_args) -> DataLoader:
     """An in-order loader over this process's share of ``dataset`` (:func:`~zskd_lightning.data.epoch_order.
-    process_share`): all of it on one process, ``dataset[rank::world_size]`` under DDP. Padded as Lightning would
-    pad it (each rank the same count) where unpadded shares could fail: a dataset with fewer samples than ranks
-    (a rank without a batch could not join the metrics' gathering; with a warning), and a Trainer that evaluates a
-    fraction of its loaders (``limit_val_batches`` or ``limit_test_batches`` a float under 1: Lightning takes the
-    fraction of each rank's own batch count, which could round to none on one rank only). ``loader_args`` go to
-    ``DataLoader``."""
+    process_share`): all of it on one process, ``dataset[rank::world_size]`` under DDP. Made in the process that
+    reads it (a ``*_dataloader`` hook: a loader made before a spawning launcher starts the ranks would carry rank
+    0's share to every rank). Padded as Lightning would pad it (each rank the same count) where unpadded shares
+    could fail: a strategy other than DDP (FSDP, DeepSpeed: their forward passes are collectives, so every rank
+    must run as many), a dataset with fewer samples than ranks (a rank without a batch could not join the
+    metrics' gathering; with a warning), and a Trainer that evaluates a fraction of its loaders
+    (``limit_val_batches`` or ``limit_test_batches`` a float under 1: Lightning takes the fraction of each rank's
+    own batch count, which could round to none on one rank only). ``loader_args`` go to ``DataLoader``."""
     rank, world_size = process_share(trainer)
     sampler = None
     if world_size > 1:
         fractional = any(isinstance(limit, float) and 0.0 < limit < 1.0
                          for limit in (getattr(trainer, "limit_val_batches", 1.0),
                                        getattr(trainer, "limit_test_batches", 1.0)))
-        if len(dataset) == 0 or (len(dataset) >= world_size and not fractional):
+        strategy = getattr(trainer, "strategy", None)
+        lockstep = strategy is not None and (not isinstance(strategy, DDPStrategy)
+                                             or isinstance(strategy, DeepSpeedStrategy))
+        if len(dataset) == 0 or (len(dataset) >= world_size and not fractional and not lockstep):
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         else:
-            if not fractional:
+            if len(dataset) < world_size:
                 warnings.warn(f"an evaluation set of {len(dataset)} samples on {world_size} ranks: samples are "
                               "repeated so that every rank has one", stacklevel=2)
             sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_args)
+
+
+class EvaluationData(L.LightningDataModule):
+    """``dataset`` served in order as the validation set (``trainer.validate(module, datamodule=...)``): under DDP
+    each sample on one rank, the loader made in each rank's process (:func:`evaluation_loader`)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0) -> None:
+        super().__init__()
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+
+    def val_dataloader(self) -> DataLoader:
+        return evaluation_loader(self.dataset, trainer=self.trainer, batch_size=self.batch_size,
+                                 num_workers=self.num_workers)
