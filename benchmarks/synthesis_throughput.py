@@ -41,6 +41,7 @@ the student's forward pass, which the adversarial term needs.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import re
 import resource
@@ -48,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -136,12 +138,14 @@ def build_teacher(name: str, count: int, device: torch.device
                   ) -> tuple[FrozenTeacher, tuple[Tensor, Tensor], Tensor]:
     """An untrained ``name`` teacher (seed 0) with ``input_spec`` set, its normalized input range (per-channel
     ``[C, 1, 1]`` min and max) and Dirichlet soft targets ``[count, 10]`` for the plain loop. The teacher keeps
-    its stock layers and layout (the plain loop's); the library's synthesizer applies its own faster paths."""
+    its stock layers and layout (the plain loop's); the library runs a copy held as shipped configs hold it
+    (:func:`shipped_teacher`) and applies its own faster paths."""
     network_cls, shape, mean, std = MODELS[name]
     torch.manual_seed(0)
     teacher = FrozenTeacher(network=network_cls(in_channels=shape[0], num_classes=10), fast_kernels=False,
                             channels_last=False).to(device)
     teacher.input_spec = InputSpec(shape, mean, std)
+    shipped_teacher(teacher)
     context = synthesis_context(teacher, device)
     sampler = ZSKDSynthesizer()
     sampler.setup(context)
@@ -149,9 +153,25 @@ def build_teacher(name: str, count: int, device: torch.device
     return teacher, teacher.input_spec.valid_range(), targets
 
 
-def synthesis_context(teacher: FrozenTeacher, device: torch.device) -> SynthesisContext:
-    """What the library's synthesis runs with for ``teacher`` (its ``input_spec`` set by :func:`build_teacher`)."""
-    return SynthesisContext(teacher=teacher, input_spec=teacher.input_spec, num_classes=10, device=device)
+def synthesis_context(teacher: FrozenTeacher, device: torch.device, student=None) -> SynthesisContext:
+    """What the library's synthesis runs with for ``teacher`` (its ``input_spec`` set by :func:`build_teacher`):
+    its weights held as a shipped config holds them (:func:`shipped_teacher`)."""
+    return SynthesisContext(teacher=shipped_teacher(teacher), input_spec=teacher.input_spec, num_classes=10,
+                            device=device, student=student)
+
+
+_SHIPPED: weakref.WeakKeyDictionary[FrozenTeacher, FrozenTeacher] = weakref.WeakKeyDictionary()
+
+
+def shipped_teacher(teacher: FrozenTeacher) -> FrozenTeacher:
+    """A copy of ``teacher``'s network in a default ``FrozenTeacher`` (channels-last weights, as the shipped
+    configs run it; ``teacher`` keeps the stock layout for the plain loop). Made once per teacher, by
+    :func:`build_teacher`, so that it is in memory before any path's peak is measured."""
+    if teacher not in _SHIPPED:
+        shipped = FrozenTeacher(network=copy.deepcopy(teacher.network), fast_kernels=False)
+        shipped.input_spec = teacher.input_spec
+        _SHIPPED[teacher] = shipped
+    return _SHIPPED[teacher]
 
 
 def run_path(path: str, teacher, input_range, targets, iterations: int, plain_batch: int, chunk: int,
@@ -287,8 +307,7 @@ def measure_generator(name: str, rounds: int, steps: int, batch: int, device: to
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
     synthesizers, contexts = {}, {}
     for precision in precisions:
-        contexts[precision] = SynthesisContext(teacher=teacher, input_spec=teacher.input_spec, num_classes=10,
-                                               device=device, student=student)
+        contexts[precision] = synthesis_context(teacher, device, student)
         synthesizers[precision] = FastSynthesizer(cross_entropy=0.5, adversarial=1.1,
                                                   batchnorm=10.0 if has_batchnorm else 0.0, activation=0.0,
                                                   balance=0.0, classes="teacher", batch_size=batch,

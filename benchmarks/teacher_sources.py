@@ -4,6 +4,8 @@ For each recipe and seed: train a LeNet-5 teacher on the MNIST training split (t
 configs/mnist/teacher_lenet5.yaml without augmentation, plus one change), then distil a LeNet-5-half student
 from a few thousand ZSKD impressions of it (the synthesizer of configs/mnist/zskd_lenet5_half_fast.yaml,
 optionally with ``jitter``) and report both accuracies on the VALIDATION split (the test set is never read).
+The seed varies the teacher only: every student's impressions and initialization use seed 0, so a recipe's
+spread over seeds is its teachers' spread.
 Adds its rows to benchmarks/results/teacher_sources.csv (replacing earlier ones of the same recipe, seed and
 jitter) and rewrites teacher_sources.md beside it.
 
