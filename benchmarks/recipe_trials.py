@@ -82,7 +82,7 @@ def config_sha(config: Path) -> str:
 
 def is_stale(record: dict[str, str]) -> bool:
     """Whether the row's config has changed since it was measured (rows from before ``config_sha``: no)."""
-    config = ROOT / record["config"]
+    config = ROOT / record["config"].split(" (teacher ")[0]
     return bool(record.get("config_sha")) and config.exists() and config_sha(config) != record["config_sha"]
 
 
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.config.exists():
         raise SystemExit(f"no config at {args.config}")
     config_name = args.config.relative_to(ROOT).as_posix() if args.config.is_relative_to(ROOT) else str(args.config)
+    if args.teacher is not None:  # another teacher: other impressions and other rows than the config's teacher's
+        config_name += f" (teacher {args.teacher.as_posix()})"
     records = list(csv.DictReader(args.results.open())) if args.results.exists() else []
     try:
         settings = yaml.safe_load(args.config.read_text())
