@@ -24,5 +24,5 @@ def mean_metric() -> MeanMetric:
 def metrics_in_float32(module: nn.Module) -> None:
     """Every torchmetrics state under ``module`` in float32 (call at the start of an evaluation loop)."""
     for metric in module.modules():
-        if isinstance(metric, Metric) and metric.dtype != torch.float32:
+        if isinstance(metric, Metric):  # its ``dtype`` still says float32 after a cast by ``module.to(dtype)``
             metric.set_dtype(torch.float32)
