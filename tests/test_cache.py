@@ -169,6 +169,8 @@ def test_cache_class_directly(tmp_path):
     assert cache.is_complete() and cache.read_manifest() == manifest
     assert np.concatenate(cache.load("labels")).tolist() == list(range(10))
     assert [a.shape[0] for a in cache.load("inputs", 4, 10)] == [4, 2]
+    assert np.concatenate(cache.load("labels", 5, 10)).tolist() == [5, 6, 7, 8, 9]  # rows, not whole chunks
+    assert np.concatenate(cache.load("labels", 5, 7)).tolist() == [5, 6]  # within one chunk
     # the same folder under another spec is refused, and is not "complete" for it
     other = ImpressionCache(tmp_path / "c", {"num_impressions": 10, "chunk_size": 4, "anything": [1, 3]})
     assert not other.is_complete()
@@ -641,6 +643,63 @@ def test_a_cache_being_filled_by_another_run_is_refused_in_one_line(tmp_path, co
     assert count_synthesis == []
     tiny.run_synthesis(tmp_path / "cache", grid=False)  # released: the next run proceeds
     assert (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_a_grid_that_cannot_be_written_is_a_warning_not_a_failed_fit(tmp_path, reference, monkeypatch):
+    """Rank 0 alone draws it: an error there would leave the other ranks of a DDP fit waiting."""
+    from zskd_lightning.impressions import driver
+
+    def disk_full(picture, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(driver, "save_picture", disk_full)
+    with pytest.warns(UserWarning, match=r"the impression grid was not written to .*: OSError: .*No space left"):
+        tiny.run_synthesis(copy_cache(reference, tmp_path / "cache"), fit=True)
+
+
+def test_a_complete_cache_is_reused_while_another_run_holds_its_lock(tmp_path, reference, count_synthesis):
+    """A complete cache is only read: runs sharing one (a sweep of students) need not wait for its lock."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    cache = tiny.make_datamodule(cache_dir).impression_plan.cache_for(tiny.make_net(0))
+    with cache.locked():
+        tiny.run_synthesis(cache_dir, grid=False)
+    assert count_synthesis == [] and tiny.shard_digests(cache_dir) == tiny.shard_digests(reference)
+
+
+def test_a_rank_that_does_not_see_the_cache_fails_in_one_line(tmp_path, reference, monkeypatch):
+    """Rank 1 of a fake 2-process run whose ``cache_dir`` is its node's own (empty) folder."""
+    from types import SimpleNamespace
+
+    from zskd_lightning.errors import RankSharedError
+    from zskd_lightning.impressions import driver
+
+    trainer = SimpleNamespace(world_size=2, global_rank=1,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
+    monkeypatch.setattr(driver, "every_rank", lambda message: [None, message])
+    unseen = tiny.make_datamodule(tmp_path / "node1").impression_plan.cache_for(tiny.make_net(0))
+    with pytest.raises(RankSharedError, match=r"^impression synthesis failed on rank 1: rank 1 on .* does not see the "
+                                              r"complete impression cache .*: cache_dir must be a folder every node "
+                                              r"shares$"):
+        driver._check_every_rank_sees(trainer, unseen)
+    seen = tiny.make_datamodule(reference).impression_plan.cache_for(tiny.make_net(0))
+    driver._check_every_rank_sees(trainer, seen)  # its manifest is there: nothing raised
+
+
+def test_validate_says_why_a_cache_is_not_complete(tmp_path):
+    tiny.run_synthesis(tmp_path / "cache", grid=False, num_impressions=16, num_val_impressions=8)
+
+    def validate(**settings):
+        model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
+        datamodule = tiny.make_datamodule(tmp_path / "cache", num_impressions=16, num_val_impressions=8, **settings)
+        with pytest.raises(ZSKDError) as error:
+            tiny.quiet_trainer(tmp_path).validate(model, datamodule=datamodule)
+        message = str(error.value)
+        assert "\n" not in message and message.startswith("validate reads the impressions of a complete cache")
+        return message
+
+    assert "has other settings (seed: cached 0 vs now 1)" in validate(seed=1)
+    (tmp_path / "cache" / "manifest.json").unlink()
+    assert "(its synthesis has not finished): run `zskd fit`" in validate()
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, reference):

@@ -420,11 +420,12 @@ class ImpressionCache:
         return not verify or not self.missing_chunks()
 
     def load(self, kind: str, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
-        """Memory-mapped read-only arrays of ``kind`` for the chunks covering ``[start, stop)`` (not copied): whole
-        chunks, the last one cut at ``stop`` (default: this budget's ``count``)."""
+        """Memory-mapped read-only arrays of ``kind`` holding rows ``[start, stop)`` (not copied), one per chunk:
+        the first cut at ``start``, the last at ``stop`` (default: this budget's ``count``)."""
         stop = self.count if stop is None else stop
         first, last = start // self.chunk_size, -(-stop // self.chunk_size)
         arrays = [np.load(self.chunk_file(c, kind), mmap_mode="r") for c in range(first, last)]
         if arrays:
             arrays[-1] = arrays[-1][: stop - (last - 1) * self.chunk_size]
+            arrays[0] = arrays[0][start - first * self.chunk_size :]
         return arrays

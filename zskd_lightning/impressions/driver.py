@@ -4,9 +4,10 @@ Rank semantics (``W`` = world size, over all nodes): global rank 0 checks the ca
 list of unfinished chunks; global rank ``r`` synthesizes the ``r``-th, ``(r + W)``-th, ... of them; every
 rank writes its own chunk shards; after a barrier (where an error on any rank reaches every rank: the failing
 rank raises it, the others a :class:`~zskd_lightning.errors.RankSharedError` naming it), global rank 0 verifies
-all chunks and writes the manifest;
-after another barrier every rank memory-maps the whole cache. A chunk's content depends only on
-``(seed, chunk index)``, so the cache does not depend on ``W``.
+all chunks and writes the manifest; then every rank checks that it sees that manifest (``cache_dir`` must be a
+folder every node shares) and reads the chunks, memory-mapped, as its loaders need them. A complete cache is
+reused as it is (rank 0 verifies its checksums, without taking its lock: runs may share one). A chunk's content
+depends only on ``(seed, chunk index)``, so the cache does not depend on ``W``.
 
 Ranks that finish early wait at the barrier for the others: the work is balanced to within one chunk, but a
 synthesis far longer than the process-group timeout (30 min by default) should raise it, e.g.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -122,8 +124,15 @@ class ImpressionSynthesis(Callback):
             return
         cache = plan.cache_for(teacher, trainer.precision)
         if not cache.is_complete():
+            mismatch = cache.spec_mismatch()
+            if mismatch:
+                why = mismatch.split(";")[0]  # what differs; the remedies after it are the synthesis run's
+            elif cache.read_manifest() is None:
+                why = "its synthesis has not finished"
+            else:
+                why = f"chunk(s) {cache.missing_chunks()[:5]} are missing or fail their checksums"
             raise ZSKDError(f"validate reads the impressions of a complete cache, and {cache.directory} is not one "
-                            "(run `zskd fit` or `zskd synthesize` with this config first)")
+                            f"({why}): run `zskd fit` or `zskd synthesize` with this config first")
         trainer.datamodule.use_cache(cache)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -139,10 +148,14 @@ class ImpressionSynthesis(Callback):
         datamodule.use_cache(cache)
         folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.grid_filename:
-            picture = impression_grid(cache, plan.input_spec.valid_range())
-            path = save_picture(picture, os.path.join(folder, self.grid_filename))
-            log_picture(trainer.loggers, "impressions", picture)
-            rank_zero_info(f"Impression grid written to {path}")
+            try:
+                picture = impression_grid(cache, plan.input_spec.valid_range())
+                path = save_picture(picture, os.path.join(folder, self.grid_filename))
+                log_picture(trainer.loggers, "impressions", picture)
+            except Exception as err:  # rank 0 alone: raising would leave the other ranks waiting in training
+                rank_zero_warn(f"the impression grid was not written to {folder}: {described(err)}")
+            else:
+                rank_zero_info(f"Impression grid written to {path}")
 
 
 def _plan_and_teacher(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[ImpressionPlan, nn.Module]:
@@ -178,11 +191,17 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
     failure: Exception | None = None
     if trainer.is_global_zero:
         try:
-            held.enter_context(cache.locked())
-            kept = cache.upgrade_format_2()
-            if kept is not None:
-                rank_zero_info(f"Impression cache {cache.directory} upgraded from format 2: {kept} full chunk(s) kept")
-            if cache.is_complete():
+            # a complete cache is only read: reused without its lock, so runs sharing one (a sweep of students, a
+            # read-only folder) need not wait for each other; a cache with chunks to make is filled under the lock
+            complete = cache.is_complete()
+            if not complete:
+                held.enter_context(cache.locked())
+                kept = cache.upgrade_format_2()
+                if kept is not None:
+                    rank_zero_info(f"Impression cache {cache.directory} upgraded from format 2: {kept} full chunk(s) "
+                                   "kept")
+                complete = cache.is_complete()  # another run may have finished it while we checked
+            if complete:
                 decision = {"missing": [], "complete": True}
             else:
                 cache.prepare(overwrite=plan.overwrite)
@@ -204,6 +223,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
         raise RankSharedError(decision["error"])
     if decision["complete"]:
         rank_zero_info(f"Reusing the complete impression cache at {cache.directory} ({cache.count} impressions)")
+        _check_every_rank_sees(trainer, cache)
         return cache
 
     missing = decision["missing"]
@@ -250,7 +270,23 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
     error = strategy.broadcast(error, src=0)
     if error:
         raise RankSharedError(error)
+    _check_every_rank_sees(trainer, cache)
     return cache
+
+
+def _check_every_rank_sees(trainer: L.Trainer, cache: ImpressionCache) -> None:
+    """A collective: every rank reads the manifest global rank 0 found or wrote (one small file, no checksums),
+    so a node whose ``cache_dir`` is its own disk (empty, or another cache at that path) fails here in one line
+    instead of training on what its folder holds."""
+    if trainer.world_size == 1:
+        return
+    failure = None
+    if cache.read_manifest() is None:
+        failure = ZSKDError(f"rank {trainer.global_rank} on {platform.node()} does not see the complete impression "
+                            f"cache rank 0 holds at {cache.directory}: cache_dir must be a folder every node shares")
+    shared = _first_failure(trainer, failure)
+    if shared is not None:
+        raise RankSharedError(shared)
 
 
 def _synthesize_chunks(synthesizer: Synthesizer, context: SynthesisContext, plan: ImpressionPlan,

@@ -3,8 +3,9 @@
 Global rank 0 shows a bar while the Trainer has a progress bar (tqdm, which Lightning's own bar uses), else
 prints a line at most every ``log_every_seconds``; after each of its chunks it logs the chunk's mean loss and
 speed to the Trainer's logger (``synthesis/loss``, ``synthesis/impressions_per_second``,
-``synthesis/impression_iterations_per_second``). Other ranks stay silent: they advance in lockstep with rank 0
-to within one chunk, so rank 0 counts every rank's share.
+``synthesis/impression_iterations_per_second``). Other ranks stay silent: rank 0 counts each of its chunks
+``world_size`` times, as if every rank kept its pace (exact when ranks run alike; with ``stop_tolerance`` chunks
+take unequal times, so the count is an estimate until the end).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Lightning, ranks or files: drivers (:mod:`zskd_lightning.impressions`) call it c
 
 Work comes in chunks of global impression indices. Everything random about a chunk is drawn from a
 :class:`ChunkRandomness` made from ``(seed, chunk)`` alone, and everything a part precomputes in ``setup`` from
-``(seed, "setup")`` alone, so the result is identical whichever rank or device made which chunk.
+``(seed, "setup")`` alone, so the result is identical whichever rank made which chunk (on one kind of device
+and its kernels: a CPU and a GPU round differently in the last bits).
 
 Shapes: ``indices [N]``; ``targets [N, ...]`` (soft labels ``[N, num_classes]`` for the label-matching
 methods); ``labels [N]`` int64, the class an impression was made for (stored apart from the targets);

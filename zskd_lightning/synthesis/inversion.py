@@ -55,8 +55,9 @@ class Synthesizer(Method):
             teacher's input space.
         stop_tolerance: stop optimizing an impression once its loss improved by less than this over the last
             ``stop_window`` iterations (a plateau); its input is then frozen and costs no more compute. In the
-            units of the method's per-sample loss: nats for ZSKD's cross-entropy, T^2 nats for a loss scaled by
-            T^2 (Wang's ``matching_scale: t_squared``), plus its regularizers.
+            units of the method's per-sample objective alone (its regularizers and sample weights are not in it,
+            so an impression whose objective has flattened stops even while a prior term still falls): nats for
+            ZSKD's cross-entropy, T^2 nats for a loss scaled by T^2 (Wang's ``matching_scale: t_squared``).
             ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure).
         stop_window: iterations between plateau checks.
         channels_last: run the teacher on channels-last (NHWC) inputs and weights during synthesis (a teacher
