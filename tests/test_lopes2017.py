@@ -16,7 +16,11 @@ from zskd_lightning.metadata import read_metadata
 from zskd_lightning.metadata.record import ActivationRecorder
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis.api import Chunk, ChunkRandomness, SynthesisContext
-from zskd_lightning.synthesis.methods.lopes2017 import RecordedActivationTargets, low_frequency_basis
+from zskd_lightning.synthesis.methods.lopes2017 import (
+    RecordedActivationTargets,
+    low_frequency_basis,
+    matched_layers,
+)
 from zskd_lightning.teacher import as_frozen_teacher
 
 
@@ -50,6 +54,12 @@ def test_draws_reproduce_the_recorded_class_statistics(recorded):
     empirical = torch.cov(rows.T, correction=0)
     scale = float(fc.spread[3].diagonal().max())
     assert float((empirical - fc.spread[3]).abs().max()) < 0.05 * scale
+
+
+def test_layers_given_to_the_top_layer_objective_are_refused_in_one_line(recorded):
+    metadata = read_metadata(recorded)
+    with pytest.raises(ZSKDError, match=r"^the top_layer objective matches the logits alone; `layers` \['body.5'\]"):
+        matched_layers(metadata, "top_layer", ["body.5"])
 
 
 @pytest.mark.parametrize("objective", ["top_layer", "all_layers", "spectral_all_layers", "spectral_layer_pairs"])

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.metadata import ClassMoments, read_metadata, write_metadata
@@ -97,5 +97,12 @@ def test_bad_metadata_files_end_in_one_line(tmp_path):
     header = json.dumps({"format": "zskd-activation-metadata", "version": 1, "teacher_fingerprint": "a" * 64})
     headless = tmp_path / "headless.safetensors"
     save_file({"x": torch.zeros(2)}, str(headless), metadata={"zskd": header})
-    with pytest.raises(ZSKDError, match="lacks layers in its header"):
+    with pytest.raises(ZSKDError, match="lacks layers, num_classes, temperature in its header"):
         read_metadata(headless)
+    header = read_metadata(path).header
+    header["layers"]["network.fc"]["dim"] = 4  # the tensors hold 5 units
+    misshapen = tmp_path / "misshapen.safetensors"
+    save_file(load_file(str(path)), str(misshapen), metadata={"zskd": json.dumps(header)})
+    with pytest.raises(ZSKDError, match=r"layer 'network.fc' has mean \[3, 5\], std \[3, 5\], spread \[3, 5, 5\], "
+                                        r"expected \[num_classes, dim\] = \[3, 4\] first$"):
+        read_metadata(misshapen)

@@ -23,7 +23,7 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, SynthesisContext
-from zskd_lightning.taps import FeatureTaps, Tap, replacing
+from zskd_lightning.taps import FeatureTaps, Tap, replacing, run_from
 
 
 # ------------------------------------------------------------------------------------------------ taps
@@ -53,6 +53,35 @@ def test_replacing_substitutes_an_activation_and_is_undone():
         out = net(torch.randn(3, 1, 8, 8))
     torch.testing.assert_close(out, net.body[6](value))
     assert not net.body[6]._forward_pre_hooks
+
+
+class ReusedActivation(nn.Module):
+    """One ReLU module called at two places in a forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.act(x))))
+
+
+def test_a_module_that_runs_twice_a_pass_is_refused_as_a_tap_in_one_line():
+    net = ReusedActivation()
+    with FeatureTaps(net, [Tap("fc1"), Tap("act")]) as taps:
+        with pytest.raises(ZSKDError, match=r"^the tapped activation 'act' ran twice in one forward pass of "
+                                            r"ReusedActivation \(one module used at two places\)"):
+            net(torch.randn(2, 4))
+        taps.clear()
+        net.act(torch.randn(2, 4))  # called on its own, outside a pass of the model: recorded as it is
+        assert set(taps.features) == {"act"}
+    assert not net._forward_hooks and not net._forward_pre_hooks and not net.act._forward_hooks
+    with FeatureTaps(net, [Tap("fc1"), Tap("fc2", "input")]) as taps:  # modules that run once: fine, pass after pass
+        for _ in range(2):
+            net(torch.randn(2, 4))
+        assert set(taps.features) == {"fc1", "fc2:input"}
+    with pytest.raises(ZSKDError, match=r"^ReusedActivation runs 'act' 2 times a forward pass"):
+        run_from(net, Tap("act"), torch.zeros(2, 4), (4,))
 
 
 # ------------------------------------------------------------------------------------------ weights

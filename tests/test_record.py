@@ -49,6 +49,15 @@ def test_a_layer_the_teacher_lacks_is_one_line():
         ActivationRecorder(tiny.make_net(0), layers=["no_such_layer"])
 
 
+def test_a_layer_named_logits_is_refused_in_one_line():
+    """The file keeps the logits / T under "logits": a layer of that name would be silently replaced."""
+    network = torch.nn.Sequential()
+    network.add_module("body", torch.nn.Flatten())
+    network.add_module("logits", torch.nn.Linear(64, 10))
+    with pytest.raises(ZSKDError, match=r"^layer 'logits' of Sequential cannot be recorded under its name"):
+        ActivationRecorder(network)  # the default layers take every Linear
+
+
 def test_a_layer_that_never_runs_is_one_line(tmp_path):
     """A module the forward never calls (a branch run only in training, or weights used through the functional
     form, as ``nn.MultiheadAttention`` does with its ``out_proj``) has no activation to record."""

@@ -333,6 +333,8 @@ def test_synthesis_under_bfloat16_autocast_gives_finite_float32(trained_teacher)
     assert torch.isfinite(inputs).all() and np.isfinite(loss)
     x0 = ZSKDSynthesizer().initial_inputs(8, LABELS_ONLY, ChunkRandomness.for_chunk(0, 0).torch)
     assert not torch.equal(inputs, x0)
+    in_float32, *_ = synthesize(ZSKDSynthesizer(iterations=10, lr=0.05), trained_teacher)
+    assert not torch.equal(inputs, in_float32)  # bf16 ran (the same draws in float32 end elsewhere)
 
 
 # ---------------------------------------------------------------------------------------------- regularizers
@@ -398,6 +400,15 @@ def test_total_variation():
     stripes = torch.zeros(1, 1, 8, 8)
     stripes[..., ::2] = 1.0  # vertical stripes: only horizontal differences, each of size 1
     assert tv(stripes).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ((4,), r"normalize images of shape \(C, H, W\); the input shape is \(4,\): give neither"),
+    ((2, 8, 8), r"need one value per channel: 2 channels, got 1 and 1"),
+])
+def test_an_input_spec_that_cannot_hold_its_normalization_is_one_line(shape, message):
+    with pytest.raises(InvalidArgument, match=message):
+        InputSpec(shape, mean=[0.5], std=[0.25])
 
 
 def test_normal_init_draws_pixels_from_a_clamped_standard_normal():

@@ -164,6 +164,13 @@ def test_a_head_that_reads_earlier_layers_is_refused_in_one_line():
     assert "\n" not in str(caught.value)
 
 
+def test_where_without_a_layer_is_refused_in_one_line(lenet):
+    """Without ``layer`` the modelled features are the last linear's input: an ``output`` asked for is not there."""
+    assert feature_layer(lenet.network, None, "input")[0] == Tap("classifier.5", "input")
+    with pytest.raises(ZSKDError, match=r"^where='output' needs a `layer`"):
+        feature_layer(lenet.network, None, "output")
+
+
 def test_a_layer_that_is_not_linear_is_refused(lenet):
     with pytest.raises(ZSKDError, match="nn.Linear"):
         sampler_for(lenet, layer="features.0")

@@ -40,6 +40,9 @@ class InputSpec:
         if (self.mean is None) != (self.std is None):
             raise InvalidArgument("input mean and std go together: give both or neither")
         if self.mean is not None:
+            if len(self.shape) != 3:
+                raise InvalidArgument(f"input_mean/input_std normalize images of shape (C, H, W); the input shape is "
+                                      f"{self.shape}: give neither for inputs that are not images")
             object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
             object.__setattr__(self, "std", tuple(float(s) for s in self.std))
             channels = self.shape[0] if self.shape else None

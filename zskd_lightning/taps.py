@@ -50,23 +50,29 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
 
 class FeatureTaps:
     """Within ``with FeatureTaps(model, taps) as taps:`` every forward pass of ``model`` fills ``taps.features``
-    (``{tap.key: tensor}``, in the order the hooks fired; a later pass overwrites). Tensors keep their graph."""
+    (``{tap.key: tensor}``, in the order the hooks fired; a later pass overwrites). Tensors keep their graph.
+
+    A tapped module that runs twice in one forward pass of ``model`` (one module reused, e.g. a ResNet block's
+    ReLU) is a one-line error: its activation would be whichever call came last."""
 
     def __init__(self, model: nn.Module, taps: Iterable[Tap]) -> None:
         self.model = model
         self.taps = list(dict.fromkeys(taps))
         self.features: dict[str, Tensor] = {}
+        self._pass = _ForwardPass(type(model).__name__)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> FeatureTaps:
         try:
+            self._handles.append(self.model.register_forward_pre_hook(self._pass.begin, prepend=True))
+            self._handles.append(self.model.register_forward_hook(self._pass.end, always_call=True))
             for tap in self.taps:
                 module = submodule(self.model, tap.path)
                 if tap.where == "output":
-                    hook = _output_recorder(self.features, tap.key)
+                    hook = _output_recorder(self.features, tap.key, self._pass)
                     self._handles.append(module.register_forward_hook(hook))
                 else:
-                    hook = _input_recorder(self.features, tap.key)
+                    hook = _input_recorder(self.features, tap.key, self._pass)
                     self._handles.append(module.register_forward_pre_hook(hook))
         except BaseException:
             self.close()
@@ -85,15 +91,46 @@ class FeatureTaps:
         self.features.clear()
 
 
-def _output_recorder(store: dict[str, Tensor], key: str):
+class _ForwardPass:
+    """Which taps fired during the current forward pass of the tapped model (none outside one: a module called
+    on its own, or recomputed by activation checkpointing during backward, is recorded unchecked)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.running = False
+        self.fired: set[str] = set()
+
+    def begin(self, module: nn.Module, inputs: tuple) -> None:
+        self.running = True
+        self.fired.clear()
+
+    def end(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        self.running = False
+
+    def fire(self, key: str) -> None:
+        if not self.running:
+            return
+        if key in self.fired:
+            self.running = False
+            raise ZSKDError(f"the tapped activation {key!r} ran twice in one forward pass of {self.model_name} (one "
+                            "module used at two places): tap a module that runs once, or give each use its own")
+        self.fired.add(key)
+
+
+def _output_recorder(store: dict[str, Tensor], key: str, forward: _ForwardPass):
     def record_output(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        forward.fire(key)
         store[key] = output
 
     return record_output
 
 
-def _input_recorder(store: dict[str, Tensor], key: str):
+def _input_recorder(store: dict[str, Tensor], key: str, forward: _ForwardPass):
     def record_input(module: nn.Module, inputs: tuple) -> None:
+        if not inputs:
+            raise ZSKDError(f"the tapped module {key!r} was called with keyword arguments only: its input cannot be "
+                            "tapped; tap its output or a module before it")
+        forward.fire(key)
         store[key] = inputs[0]
 
     return record_input
@@ -118,13 +155,22 @@ def run_from(model: nn.Module, tap: Tap, value: Tensor, input_shape: tuple[int, 
 
     The layers before ``tap`` still run, on a zero input ``[N, *input_shape]``, and are overridden there. To
     check that nothing after ``tap`` reads them too (a skip connection around it), the pass is repeated on a
-    second, non-zero input; different outputs end in a one-line error.
+    second input (standard normal, fixed seed); different outputs end in a one-line error, and so does a tapped
+    module that runs more than once a pass (each call would be given ``value``).
     """
     device = value.device
-    outputs = []
-    with replacing(model, tap, value):
-        for fill in (0.0, 1.0):
-            outputs.append(model(torch.full((len(value), *input_shape), fill, device=device)))
+    second = torch.randn((len(value), *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    outputs, calls = [], []
+    counting = submodule(model, tap.path).register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    try:
+        with replacing(model, tap, value):
+            for inputs in (torch.zeros((len(value), *input_shape), device=device), second):
+                outputs.append(model(inputs))
+    finally:
+        counting.remove()
+    if len(calls) != len(outputs):
+        raise ZSKDError(f"{type(model).__name__} runs {tap.path!r} {len(calls) / len(outputs):g} times a forward pass "
+                        "(one module used at two places): model a layer that runs once")
     if not torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5):
         raise ZSKDError(
             f"{type(model).__name__}'s layers after {tap.key!r} also read earlier activations (the output changed "

@@ -97,7 +97,7 @@ def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = Non
         raise ZSKDError(f"{path} is not an activation metadata file (no {FORMAT!r} header)")
     if header.get("version") != VERSION:
         raise ZSKDError(f"metadata file {path} has version {header.get('version')!r}; this library reads {VERSION}")
-    missing = [key for key in ("teacher_fingerprint", "layers") if key not in header]
+    missing = [key for key in ("teacher_fingerprint", "layers", "num_classes", "temperature") if key not in header]
     if missing:
         raise ZSKDError(f"metadata file {path} lacks {', '.join(missing)} in its header")
     if teacher_fingerprint is not None and header["teacher_fingerprint"] != teacher_fingerprint:
@@ -107,9 +107,16 @@ def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = Non
     for name, info in header["layers"].items():
         spread = tensors.get(f"{name}/covariance", tensors.get(f"{name}/variance"))
         missing = [k for k in ("count", "mean", "std") if f"{name}/{k}" not in tensors] + ([] if spread is not None else ["spread"])
-        missing += [k for k in ("shape", "kept") if not isinstance(info, dict) or k not in info]
+        missing += [k for k in ("shape", "dim", "kept") if not isinstance(info, dict) or k not in info]
         if missing:
             raise ZSKDError(f"metadata file {path} lacks {missing} of layer {name!r}")
+        expected = (int(header["num_classes"]), int(info["dim"]))  # [K, dim]: one row per class
+        shapes = {k: tuple(tensors[f"{name}/{k}"].shape) for k in ("mean", "std")}
+        shapes["spread"] = tuple(spread.shape)
+        wrong = {k: v for k, v in shapes.items() if v[:2] != expected}
+        if wrong:
+            raise ZSKDError(f"metadata file {path}: layer {name!r} has {', '.join(f'{k} {list(v)}' for k, v in wrong.items())}"
+                            f", expected [num_classes, dim] = {list(expected)} first")
         layers[name] = LayerRecord(tuple(info["shape"]), info["kept"], tensors[f"{name}/count"], tensors[f"{name}/mean"],
                                    tensors[f"{name}/std"], spread)
     return Metadata(header, layers, hashlib.sha256(payload).hexdigest())

@@ -55,6 +55,9 @@ class ActivationRecorder(L.LightningModule):
         self.layers = list(layers) if layers is not None else default_layers(network)
         for name in self.layers:
             submodule(network, name)  # one line naming the path if the teacher lacks it
+        if LOGITS in self.layers:
+            raise InvalidArgument(f"layer {LOGITS!r} of {type(network).__name__} cannot be recorded under its name: "
+                                  f"{LOGITS!r} is where the logits / temperature are kept; record the layers around it")
         self.output, self.temperature, self.max_full_dim = output, float(temperature), int(max_full_dim)
         self.moments: dict[str, ClassMoments] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}

@@ -14,7 +14,8 @@ from zskd_lightning.taps import Tap
 
 
 class TotalVariation(Regularizer):
-    """Anisotropic total variation per sample, ``[N]``: mean absolute difference of neighbouring pixels."""
+    """Anisotropic total variation per sample, ``[N]``: the mean absolute difference of vertical neighbours plus
+    that of horizontal neighbours (in the teacher's input space)."""
 
     def __init__(self, weight: float = 1e-3) -> None:
         self.weight = float(weight)

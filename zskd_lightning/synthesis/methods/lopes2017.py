@@ -57,6 +57,9 @@ def matched_layers(metadata: Metadata, objective: LopesObjective, layers: Sequen
     """The recorded layers an objective matches, in the file's order (``top_layer``: the logits alone; the spectral
     ones: by default every recorded ``nn.Linear`` output of ``network``)."""
     if objective == "top_layer":
+        if layers is not None:
+            raise InvalidArgument(f"the top_layer objective matches the logits alone; `layers` {list(layers)} apply to "
+                                  "all_layers and the spectral objectives")
         return [LOGITS]
     if objective.startswith("spectral") and layers is None:
         if network is None:

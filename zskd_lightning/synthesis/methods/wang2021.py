@@ -49,7 +49,10 @@ def feature_layer(network: nn.Module, layer: str | None, where: str) -> tuple[Ta
     if not linears:
         raise ZSKDError(f"{type(network).__name__} has no nn.Linear layer whose features Wang 2021 could model")
     if layer is None:
-        layer, where = linears[-1][0], "input"
+        if where != "input":
+            raise InvalidArgument(f"where={where!r} needs a `layer`: without one, Wang 2021 models the input of the "
+                                  "last nn.Linear")
+        layer = linears[-1][0]
     module = submodule(network, layer)
     if not isinstance(module, nn.Linear):
         raise ZSKDError(f"Wang 2021 models the features at an nn.Linear; {layer!r} is a {type(module).__name__}")
