@@ -322,6 +322,9 @@ def test_target_source_batch_uses_the_soft_targets():
 def test_target_source_batch_rejects_hard_labels():
     with pytest.raises(ZSKDError, match="soft targets"):
         _modules(target_source="batch").training_step((_digits_x(), torch.arange(16) % 10), 0)
+    logits = torch.randn(16, 10, generator=torch.Generator().manual_seed(0))  # e.g. a Lopes cache's logits / T
+    with pytest.raises(ZSKDError, match=r"^target_source='batch' needs soft targets that are probabilities; .*Lopes"):
+        _modules(target_source="batch").training_step((_digits_x(), logits), 0)
 
 
 # -------------------------------------------------------------------------------------- mismatches

@@ -80,6 +80,16 @@ def test_a_round_lowers_the_generator_loss_and_leaves_the_student_alone():
     assert student.training
 
 
+def test_generator_setup_leaves_the_cuda_generators_alone(monkeypatch):
+    """The generator's initial weights come from the data seed; a GPU fit's own CUDA stream is not reseeded."""
+    ctx, reseeded = context(), []  # the tiny networks are made with torch.manual_seed: before the watch
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    cpu_state = torch.get_rng_state()
+    FastSynthesizer(batch_size=4, width=8, noise_dim=8).setup(ctx)
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), cpu_state)
+
+
 def test_reptile_moves_the_meta_weights_part_of_the_way():
     ctx = context()
     synthesizer = FastSynthesizer(batch_size=8, width=4, noise_dim=8, steps_per_round=3, lr=0.05, reptile_lr=0.5)
@@ -230,6 +240,13 @@ def test_replay_batches_return_per_sample_losses_and_use_importance_weights():
     weights = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 0.0])
     weighted = model.training_step({"inputs": x, "slots": torch.arange(6), "weights": weights}, 0)
     assert torch.allclose(weighted["loss"], (weights * plain["per_sample_loss"]).mean())
+
+
+def test_replay_batches_refuse_batch_targets_in_one_line():
+    model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None,
+                               target_source="batch")
+    with pytest.raises(ZSKDError, match=r"^target_source='batch' .* replay-buffer batches .* carry none"):
+        model.training_step({"inputs": torch.randn(2, *tiny.INPUT_SHAPE), "slots": torch.arange(2)}, 0)
 
 
 def test_online_synthesis_refuses_a_precision_that_casts_the_teacher(tmp_path):

@@ -12,7 +12,7 @@ from helpers.tiny import one_torch_thread  # noqa: F401  (module fixture: one to
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from zskd_lightning import ModulatingFunction, PrioritySampler, ReplayBuffer, SSDKDSynthesizer
-from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.online import SumTree
 from zskd_lightning.weighting import ClassDiversity, TeacherUncertainty
 
@@ -169,9 +169,18 @@ def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
     assert seen["counts"] is not None and torch.equal(seen["counts"], observed)  # phi weighs as before the stop
 
 
+def test_a_priority_sampler_refuses_the_state_of_a_uniform_one_in_one_line():
+    from zskd_lightning.online import UniformSampler
+
+    sampler = PrioritySampler()
+    sampler.setup(16)
+    with pytest.raises(ZSKDError, match=r"^the checkpoint's replay buffer has no priorities .*UniformSampler"):
+        sampler.load_state_dict(UniformSampler().state_dict())
+
+
 def test_loss_feedback_skips_entries_a_round_rewrote_after_the_batch_was_drawn(tmp_path):
-    """A batch is drawn before its step's round (and, through Lightning's prefetch, the one before): the losses
-    of entries rewritten since belong to inputs the buffer no longer holds, so they must not set the new inputs'
+    """A batch is drawn before its step's round (Lightning fetches a sized loader's batches without prefetch): the
+    losses of entries rewritten since belong to inputs the buffer no longer holds, so they must not set the new inputs'
     priorities (which stay the largest seen until the new inputs are drawn themselves)."""
     drawn, fed, rewritten = {}, [], []
 

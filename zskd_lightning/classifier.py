@@ -14,13 +14,13 @@ from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import top1_hits
-from zskd_lightning.metrics import mean_metric, metrics_in_float32
+from zskd_lightning.metrics import Float32EvaluationMetrics, mean_metric
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(Float32EvaluationMetrics, L.LightningModule):
     """Cross-entropy training of ``network`` on ``(image [B, C, H, W], label [B])`` batches.
 
     Logs ``train/loss``, ``val/loss``, ``val/acc`` and ``test/acc`` (top-1 accuracy, torchmetrics). Through
@@ -80,12 +80,6 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(self.network(x), y, label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def on_validation_start(self) -> None:
-        metrics_in_float32(self)
-
-    def on_test_start(self) -> None:
-        metrics_in_float32(self)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

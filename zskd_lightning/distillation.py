@@ -21,7 +21,7 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.export import record_path, update_record, write_student
 from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss, top1_hits
-from zskd_lightning.metrics import mean_metric, metrics_in_float32
+from zskd_lightning.metrics import Float32EvaluationMetrics, mean_metric
 from zskd_lightning.optim import SchedulerInterval, configure_optimization
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
@@ -35,13 +35,14 @@ TEACHER_REFERENCE_KEY = "zskd_teacher"
 _TEACHER_PREFIX = "teacher."
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
     """Train ``student`` to match a frozen ``teacher``.
 
     Loss per batch ``(x [B, C, H, W], y)``:
     ``kd_weight * T^2 * KL(softmax(teacher(x)/T) || softmax(student(x)/T))`` (batch-mean), plus
     ``ce_weight * CE(student(x), y)`` when ``y`` holds hard labels (int ``[B]``). Batches of impressions carry
-    soft targets (float ``[B, num_classes]``) instead, which never count as labels.
+    soft targets (float ``[B, num_classes]``) instead, which never count as labels; replay-buffer batches (dicts,
+    :class:`~zskd_lightning.online.OnlineDataModule`) carry no labels either.
 
     The teacher is queried on exactly the batch the student sees, so augmentation applied by the data
     (e.g. :class:`~zskd_lightning.ImpressionDataModule`'s ``augmentation``) is re-labelled by the teacher, as in
@@ -177,6 +178,8 @@ class DistillationModule(L.LightningModule):
                 raise ZSKDError("target_source='batch' needs batches of soft targets [B, num_classes]")
             if self.sample_weights is not None:
                 raise ZSKDError("sample_weights need the teacher's logits: use target_source='teacher'")
+            if batch_idx == 0:  # once an epoch (a check costs a device sync)
+                _check_probabilities(y)
             distill = soft_target_kd_loss(student_logits, y, self.hparams.temperature)
         loss = self.hparams.kd_weight * distill
         if self.hparams.ce_weight and _is_hard_label(y):
@@ -190,6 +193,9 @@ class DistillationModule(L.LightningModule):
         and optional importance ``weights [B]``. Loss ``kd_weight * mean_i(w_i * l_i)`` (``w_i``: the batch's
         weights times ``sample_weights``, 1 without either); returns it with the per-sample ``T^2 * KL`` terms
         ``l_i`` (``"per_sample_loss" [B]``, detached) for the buffer's sampler."""
+        if self.hparams.target_source != "teacher":
+            raise ZSKDError("target_source='batch' distils to the soft targets a batch carries; replay-buffer "
+                            "batches (OnlineDataModule) carry none: use target_source='teacher'")
         x = batch["inputs"]
         student_logits = self.student(x)
         with torch.no_grad():
@@ -213,12 +219,6 @@ class DistillationModule(L.LightningModule):
             )
 
     # -------------------------------------------------------------------------------------- evaluation
-    def on_validation_start(self) -> None:
-        metrics_in_float32(self)
-
-    def on_test_start(self) -> None:
-        metrics_in_float32(self)
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """The first validation loader gives ``val/agreement`` and ``val/loss`` (and ``val/acc`` if labelled); a
         second, labelled one (real data beside held-out impressions) gives ``val/acc`` and
@@ -352,3 +352,13 @@ def _is_hard_label(y: Tensor) -> bool:
 
 def _is_soft_target(y: Tensor) -> bool:
     return isinstance(y, Tensor) and y.ndim == 2 and y.is_floating_point()
+
+
+def _check_probabilities(y: Tensor) -> None:
+    """One line unless every row of ``y [B, K]`` is a distribution (>= 0, summing to 1 within 1e-3)."""
+    sums = y.detach().float().sum(dim=-1)
+    lowest, low_sum, high_sum = float(y.min()), float(sums.min()), float(sums.max())
+    if lowest < 0 or abs(low_sum - 1) > 1e-3 or abs(high_sum - 1) > 1e-3:
+        raise ZSKDError(f"target_source='batch' needs soft targets that are probabilities; this batch's targets reach "
+                        f"{lowest:.3g} and its rows sum to {low_sum:.4g}..{high_sum:.4g} (a cache of logits, as Lopes' "
+                        "caches hold, needs target_source='teacher')")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
-__all__ = ["mean_metric", "metrics_in_float32"]
+__all__ = ["Float32EvaluationMetrics", "mean_metric", "metrics_in_float32"]
 
 
 def mean_metric() -> MeanMetric:
@@ -26,3 +26,14 @@ def metrics_in_float32(module: nn.Module) -> None:
     for metric in module.modules():
         if isinstance(metric, Metric):  # its ``dtype`` still says float32 after a cast by ``module.to(dtype)``
             metric.set_dtype(torch.float32)
+
+
+class Float32EvaluationMetrics:
+    """LightningModule mixin (list it before ``L.LightningModule``): its metrics float32 at the start of every
+    validation and test loop. An override of either hook calls ``super()`` to keep it."""
+
+    def on_validation_start(self) -> None:
+        metrics_in_float32(self)
+
+    def on_test_start(self) -> None:
+        metrics_in_float32(self)

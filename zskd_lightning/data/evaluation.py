@@ -2,13 +2,14 @@
 
 Lightning shards a plain validation or test loader with ``DistributedSampler``, which pads every rank's share to
 the same length by repeating samples: with ``N`` samples on ``W`` ranks, ``W * ceil(N / W) - N`` samples are
-counted twice, so a DDP run reports another accuracy than one process on the same network. :func:`evaluation_loader`
-gives each rank the strided share ``dataset[rank::W]`` instead (Lightning's ``UnrepeatedDistributedSampler``, which
-Lightning leaves in place); shares differ by at most one sample (so ranks may run one batch more or fewer: this library's
-modules have no collective per evaluation batch; a module of yours that has one, ``self.log(..., on_step=True,
-sync_dist=True)`` in ``validation_step``, needs loaders padded as Lightning pads them), and the metrics (torchmetrics means, logged per epoch, losses too) gather sums and
-counts, so the epoch's figure is the mean over the ``N`` samples exactly. Lightning's own ``sync_dist`` mean
-would not be: it averages the ranks' sample counts as an integer tensor, which truncates when they differ.
+counted twice, so a DDP run reports another accuracy than one process on the same network.
+:func:`evaluation_loader` gives each rank the strided share ``dataset[rank::W]`` instead (Lightning's
+``UnrepeatedDistributedSampler``, which Lightning leaves in place). Shares differ by at most one sample, so ranks
+may run one batch more or fewer: this library's modules have no collective per evaluation batch (a module of yours
+that has one, ``self.log(..., on_step=True, sync_dist=True)`` in ``validation_step``, needs loaders padded as
+Lightning pads them). The metrics (torchmetrics means, logged per epoch, losses too) gather sums and counts, so the
+epoch's figure is the mean over the ``N`` samples exactly. Lightning's own ``sync_dist`` mean would not be: it
+averages the ranks' sample counts as an integer tensor, which truncates when they differ.
 """
 
 from __future__ import annotations

@@ -155,8 +155,9 @@ class OnlineSynthesis(Callback):
             stamps = batch["stamps"].cpu() if "stamps" in batch else dm.buffer.stamps[slots]
             if trainer.world_size > 1:
                 slots, losses, stamps = (_gathered(trainer.strategy, t) for t in (slots, losses, stamps))
-            # The batch was drawn before this step's round (and, through Lightning's prefetch, the one before): an
-            # entry a round rewrote since holds a new input, which keeps its first priority until drawn itself.
+            # The batch was drawn before this step's round (Lightning fetches a sized loader's batch at the step,
+            # not ahead): an entry the round rewrote since holds a new input, which keeps its first priority until
+            # drawn itself.
             kept = dm.buffer.stamps[slots] == stamps
             dm.sampler.update(slots[kept], losses[kept])
         every = trainer.log_every_n_steps  # 0: Lightning logs no steps

@@ -1,9 +1,11 @@
 """Prioritized replay (Schaul, Quan, Antonoglou, Silver; ICLR 2016) over the replay buffer, as SSD-KD samples it.
 
-Entry ``i`` has priority ``p_i = KL(p_T(x_i) || p_S(x_i)) + eps`` (its last per-sample distillation loss) and is
-drawn with probability ``P(i) = p_i^alpha / sum_k p_k^alpha``; a draw carries the importance weight
-``w_i = (N P(i))^-beta / max_j w_j`` (the max over the batch, as in Schaul et al.'s implementation) for the
-per-sample distillation loss, with ``beta`` annealed linearly to 1. Entries a round has just written get the
+Entry ``i`` has priority ``p_i = l_i + eps``, ``l_i`` its last per-sample distillation loss: ``T^2 *
+KL(p_T(x) || p_S(x))`` (T^2 nats) on the input as the student saw it, i.e. after the data's batch augmentation
+(a blend with another entry under ``mix``), not on the stored entry alone. It is drawn with probability
+``P(i) = p_i^alpha / sum_k p_k^alpha``; a draw carries the importance weight ``w_i = (N P(i))^-beta / max_j w_j``
+for the per-sample distillation loss (the max over the batch this rank drew: under DDP each rank normalizes its
+own), with ``beta`` annealed linearly to 1. Entries a round has just written get the
 largest priority seen so far, so each is drawn soon and gets a real one.
 
 A sum tree holds the ``p_i^alpha``: drawing ``B`` entries and updating ``B`` priorities are ``O(B log N)``,
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.online.sampler import UniformSampler
 
 
@@ -77,7 +79,7 @@ class PrioritySampler(UniformSampler):
         beta: the importance-weight exponent at the start, annealed linearly to 1 over ``beta_steps`` draws.
         beta_steps: draws (training batches, not optimizer steps under gradient accumulation) over which
             ``beta`` reaches 1.
-        eps: added to every loss so no entry's probability is 0.
+        eps: added to every loss (T^2 nats, the loss's units) so no entry's probability is 0.
     """
 
     wants_losses = True
@@ -149,6 +151,10 @@ class PrioritySampler(UniformSampler):
                 "max_priority": self.max_priority, "draws": self.draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "max_priority" not in state:
+            raise ZSKDError(
+                "the checkpoint's replay buffer has no priorities (it was drawn by another sampler, e.g. "
+                "UniformSampler): resume it with the sampler it was saved with, or start a new fit")
         if state.get("leaves") is not None:
             values = state["leaves"].numpy()
             self.tree = SumTree(len(values))

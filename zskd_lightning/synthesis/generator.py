@@ -178,7 +178,9 @@ class GeneratorSynthesizer(Method):
             part.taps(context.network)  # a term the teacher cannot serve (BatchNorm statistics) fails here
         rng = ChunkRandomness.for_setup(context.seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng.torch)))
+            # the CPU stream only: torch.manual_seed would also reseed every CUDA generator, outside fork_rng's
+            # restore (devices=[]), so a GPU fit's own CUDA stream would restart from data.seed
+            torch.default_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng.torch)))
             generator = ImageGenerator(context.input_spec.shape, self.noise_dim, self.width,
                                        context.num_classes if self.conditional else None, context.input_range)
         self.generator = generator.to(context.device)
