@@ -518,10 +518,10 @@ def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tm
     assert [(r["recipe"], r["jitter"]) for r in rows] == [("shifts", "0"), ("shifts", "1")]
     assert all(0 <= float(r["teacher_val"]) <= 100 and 0 <= float(r["student_val"]) <= 100 for r in rows)
     assert rows[0]["teacher_val"] == rows[1]["teacher_val"]  # one teacher, two syntheses
-    cache_specs = sorted((tmp_path / "work" / "shifts_s0").glob("impressions_j*/spec.json"))
+    cache_specs = sorted((tmp_path / "work" / "shifts_t1_s0").glob("impressions_j*/spec.json"))
     assert len(cache_specs) == 2 and '"jitter": 1' in cache_specs[1].read_text()
     table = results.with_suffix(".md").read_text()
-    assert "| shifts | 0 | 16 | 0 |" in table and "| shifts | 1 | 16 | 0 |" in table
+    assert "| shifts | 0 | 16 | 1 | 1 | 0 |" in table and "| shifts | 1 | 16 | 1 | 1 | 0 |" in table
     assert not list(tmp_path.glob("*.pt"))  # the students are measured, not exported
 
 
@@ -657,9 +657,18 @@ def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path):
     assert [(r["weight"], r["chunk_size"]) for r in rows] == [("0", "8"), ("0.1", "8")]
     assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
     specs = {p.parent.name: p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
-    assert "BatchNormStatistics" in specs["w0.1_c8_s0"] and "BatchNormStatistics" not in specs["w0_c8_s0"]
-    assert "| 0.1 | 8 | 0 |" in results.with_suffix(".md").read_text()
-    assert {p.parent.name for p in (tmp_path / "work").glob("*/impressions.png")} == {"w0_c8_s0", "w0.1_c8_s0"}
+    assert "BatchNormStatistics" in specs["w0.1_c8_n16_i2_t1_s0"]
+    assert "BatchNormStatistics" not in specs["w0_c8_n16_i2_t1_s0"]
+    assert "| 0.1 | 8 | 0 | 16 | 2 | 1 | 1 |" in results.with_suffix(".md").read_text()
+    assert {p.parent.name for p in (tmp_path / "work").glob("*/impressions.png")} == {"w0_c8_n16_i2_t1_s0",
+                                                                                      "w0.1_c8_n16_i2_t1_s0"}
+    # another budget is another row (and cache), not a replacement of the first run's
+    study.main(["--weights", "0", "--chunk-sizes", "8", "--teacher-epochs", "1", "--impressions", "8",
+                "--iterations", "2", "--student-epochs", "1", "--work-dir", str(tmp_path / "work"),
+                "--results", str(results)])
+    rows = list(csv.DictReader(results.open()))
+    assert [(r["weight"], r["impressions"]) for r in rows] == [("0", "16"), ("0.1", "16"), ("0", "8")]
+    assert (tmp_path / "work" / "w0_c8_n8_i2_t1_s0" / "spec.json").exists()
 
 
 def test_priority_sampling_prints_every_path_with_its_ratio(capsys):
