@@ -180,6 +180,14 @@ def test_cache_class_directly(tmp_path):
     os.remove(cache.chunk_file(1, "record"))
     with pytest.raises(ZSKDError, match="lacks 1 finished chunk"):
         cache.write_manifest(wall_seconds=1.0)
+    # chunks an earlier run finished were verified when this run started: only the others are checksummed again
+    checked = []
+    original = ImpressionCache.chunk_problem
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ImpressionCache, "chunk_problem", lambda self, c: checked.append(c) or original(self, c))
+        with pytest.raises(ZSKDError, match="lacks 1 finished chunk"):
+            cache.write_manifest(wall_seconds=1.0, resumed_chunks=[0, 2])
+    assert checked == [1]
 
 
 def test_a_setting_spelt_20_reuses_the_cache_made_with_20_point_0(tmp_path):

@@ -4,9 +4,12 @@ cache identity; another teacher's metadata is refused in one line."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import lightning as L
 import pytest
 import torch
+from torch import nn
 from helpers import tiny
 
 from zskd_lightning import LopesSynthesizer
@@ -16,11 +19,14 @@ from zskd_lightning.metadata import read_metadata
 from zskd_lightning.metadata.record import ActivationRecorder
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis.api import Chunk, ChunkRandomness, SynthesisContext
+from zskd_lightning.synthesis.api import Response
 from zskd_lightning.synthesis.methods.lopes2017 import (
     RecordedActivationTargets,
+    SpectralMatching,
     low_frequency_basis,
     matched_layers,
 )
+from zskd_lightning.taps import FeatureTaps
 from zskd_lightning.teacher import as_frozen_teacher
 
 
@@ -111,6 +117,37 @@ def test_spectral_objectives_differ_from_all_layers(recorded):
     assert float(ratio.std()) > 1e-3, "not a mere rescaling of the all-layers loss"
     # the tiny teacher has two linear layers: one graph over all of them is its one pair's graph
     torch.testing.assert_close(losses["spectral_all_layers"], losses["spectral_layer_pairs"])
+
+
+def test_layer_pairs_over_three_linear_layers_sum_two_graphs_at_their_target_columns(tmp_path):
+    """Three recorded linear layers: the pairs objective is the (fc1, fc2) graph's loss plus the (fc2, fc3) one's,
+    each on its layers' own target columns (fc1 0-16, fc2 16-28, fc3 28-38; the logits / T last)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(OrderedDict(flat=nn.Flatten(), fc1=nn.Linear(64, 16), relu1=nn.ReLU(), fc2=nn.Linear(16, 12),
+                                    relu2=nn.ReLU(), fc3=nn.Linear(12, 10)))
+    path = tmp_path / "meta.safetensors"
+    data = DigitsDataModule(batch_size=256)
+    data.setup("fit")
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        ActivationRecorder(net, output=str(path)), dataloaders=data.train_dataloader())
+    context = _context(net)
+    x, targets = torch.randn(5, 1, 8, 8), torch.randn(5, 16 + 12 + 10 + 10)
+    losses = {}
+    for objective in ("spectral_layer_pairs", "spectral_all_layers"):
+        matching = SpectralMatching(str(path), objective, fraction=0.5)
+        matching.setup(context, ChunkRandomness.for_setup(0))
+        with FeatureTaps(net, matching.taps(net)) as taps:
+            logits = net(x)
+        losses[objective] = matching(Response(logits, taps.features), targets)
+    columns = {"fc1": (0, 16), "fc2": (16, 28), "fc3": (28, 38)}
+    expected = 0.0
+    for pair in (("fc1", "fc2"), ("fc2", "fc3")):
+        basis = low_frequency_basis([getattr(net, name) for name in pair], 0.5).float()
+        value = torch.cat([taps.features[name] for name in pair], dim=1)  # the activations of x, tapped above
+        target = torch.cat([targets[:, slice(*columns[name])] for name in pair], dim=1)
+        expected = expected + ((value - target) @ basis).pow(2).mean(1)
+    torch.testing.assert_close(losses["spectral_layer_pairs"], expected)
+    assert not torch.allclose(losses["spectral_layer_pairs"], losses["spectral_all_layers"])
 
 
 @pytest.mark.parametrize("layers", [["body.0", "body.4"], ["body.4"]], ids=["a conv layer", "one layer"])

@@ -365,12 +365,14 @@ class ImpressionCache:
 
     # ---------------------------------------------------------------------------------------- manifest
     def write_manifest(self, wall_seconds: float, resumed_chunks: Sequence[int] = ()) -> dict[str, Any]:
-        """Verify every chunk and write ``manifest.json``. Global rank 0, after all ranks finished.
+        """Verify the chunks and write ``manifest.json``. Global rank 0, after all ranks finished.
 
         ``wall_seconds`` is this run's wall time; ``resumed_chunks`` are the chunks an earlier, interrupted run
-        finished, whose summed synthesis seconds the manifest records as ``resumed_seconds``.
+        finished, whose summed synthesis seconds the manifest records as ``resumed_seconds``: this run verified
+        them when it started (under the cache's lock), so only the other chunks are checksummed here.
         """
-        missing = self.missing_chunks()
+        resumed = set(resumed_chunks)
+        missing = [c for c in range(self.num_chunks) if c not in resumed and self.chunk_problem(c) is not None]
         if missing:
             raise ZSKDError(
                 f"impression cache {self.directory} lacks {len(missing)} finished chunk(s) (first: {missing[:5]}); "
