@@ -698,7 +698,8 @@ def test_validate_says_why_a_cache_is_not_complete(tmp_path):
 
     def validate(**settings):
         model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
-        datamodule = tiny.make_datamodule(tmp_path / "cache", num_impressions=16, num_val_impressions=8, **settings)
+        datamodule = tiny.make_datamodule(tmp_path / "cache", **{"num_impressions": 16, "num_val_impressions": 8,
+                                                                 **settings})
         with pytest.raises(ZSKDError) as error:
             tiny.quiet_trainer(tmp_path).validate(model, datamodule=datamodule)
         message = str(error.value)
@@ -706,8 +707,25 @@ def test_validate_says_why_a_cache_is_not_complete(tmp_path):
         return message
 
     assert "has other settings (seed: cached 0 vs now 1)" in validate(seed=1)
+    assert "(it holds 3 chunk(s) of 8; this budget needs 5)" in validate(num_impressions=32)
     (tmp_path / "cache" / "manifest.json").unlink()
     assert "(its synthesis has not finished): run `zskd fit`" in validate()
+
+
+def test_a_file_system_without_locks_is_a_warning(tmp_path, monkeypatch):
+    import errno
+
+    from types import SimpleNamespace
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    fcntl = cache_module.fcntl  # the cache module's own reference only: nothing else in the process is touched
+    monkeypatch.setattr(cache_module, "fcntl", SimpleNamespace(flock=no_flock, LOCK_EX=fcntl.LOCK_EX,
+                                                               LOCK_NB=fcntl.LOCK_NB))
+    with pytest.warns(UserWarning, match=r"has no file locks \(Function not implemented\): nothing stops two runs"):
+        tiny.run_synthesis(tmp_path / "cache", grid=False)
+    assert (tmp_path / "cache" / "manifest.json").exists()
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, reference):

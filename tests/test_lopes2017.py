@@ -66,6 +66,8 @@ def test_layers_given_to_the_top_layer_objective_are_refused_in_one_line(recorde
     metadata = read_metadata(recorded)
     with pytest.raises(ZSKDError, match=r"^the top_layer objective matches the logits alone; `layers` \['body.5'\]"):
         matched_layers(metadata, "top_layer", ["body.5"])
+    with pytest.raises(ZSKDError, match=r"^the top_layer objective matches the logits alone"):
+        LopesSynthesizer(str(recorded), objective="top_layer", layers=["body.5"])  # at construction
 
 
 @pytest.mark.parametrize("objective", ["top_layer", "all_layers", "spectral_all_layers", "spectral_layer_pairs"])

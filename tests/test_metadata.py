@@ -103,6 +103,15 @@ def test_bad_metadata_files_end_in_one_line(tmp_path):
     header["layers"]["network.fc"]["dim"] = 4  # the tensors hold 5 units
     misshapen = tmp_path / "misshapen.safetensors"
     save_file(load_file(str(path)), str(misshapen), metadata={"zskd": json.dumps(header)})
-    with pytest.raises(ZSKDError, match=r"layer 'network.fc' has mean \[3, 5\], std \[3, 5\], spread \[3, 5, 5\], "
-                                        r"expected \[num_classes, dim\] = \[3, 4\] first$"):
+    with pytest.raises(ZSKDError, match=r"layer 'network.fc' has mean \[3, 5\], std \[3, 5\], covariance \[3, 5, 5\]; "
+                                        r"expected mean \[3, 4\], std \[3, 4\], covariance \[3, 4, 4\] "
+                                        r"\(num_classes 3, dim 4, kept 'full'\)$"):
+        read_metadata(misshapen)
+    header["layers"]["network.fc"].update(dim=5, kept="diagonal")  # a full covariance filed as a diagonal layer
+    save_file(load_file(str(path)), str(misshapen), metadata={"zskd": json.dumps(header)})
+    with pytest.raises(ZSKDError, match=r"lacks \['variance'\] of layer 'network.fc'$"):
+        read_metadata(misshapen)
+    header["num_classes"] = "3"
+    save_file(load_file(str(path)), str(misshapen), metadata={"zskd": json.dumps(header)})
+    with pytest.raises(ZSKDError, match=r"has num_classes '3' \(a positive integer expected\)"):
         read_metadata(misshapen)

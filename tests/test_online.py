@@ -242,11 +242,14 @@ def test_replay_batches_return_per_sample_losses_and_use_importance_weights():
     assert torch.allclose(weighted["loss"], (weights * plain["per_sample_loss"]).mean())
 
 
-def test_replay_batches_refuse_batch_targets_in_one_line():
+def test_replay_batches_refuse_batch_targets_in_one_line(tmp_path):
     model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None,
                                target_source="batch")
     with pytest.raises(ZSKDError, match=r"^target_source='batch' .* replay-buffer batches .* carry none"):
         model.training_step({"inputs": torch.randn(2, *tiny.INPUT_SHAPE), "slots": torch.arange(2)}, 0)
+    _, datamodule = tiny.online_setup()
+    with pytest.raises(ZSKDError, match=r"^target_source='batch' .* replay-buffer batches .* carry none"):
+        tiny.quiet_trainer(tmp_path).fit(model, datamodule=datamodule)  # at setup, before any warm-up round
 
 
 def test_online_synthesis_refuses_a_precision_that_casts_the_teacher(tmp_path):

@@ -50,12 +50,14 @@ def test_a_layer_the_teacher_lacks_is_one_line():
 
 
 def test_a_layer_named_logits_is_refused_in_one_line():
-    """The file keeps the logits / T under "logits": a layer of that name would be silently replaced."""
+    """The file keeps the logits / T under "logits": a layer of that name, asked for, would be silently replaced;
+    the default layers leave it out."""
     network = torch.nn.Sequential()
     network.add_module("body", torch.nn.Flatten())
     network.add_module("logits", torch.nn.Linear(64, 10))
+    assert default_layers(network) == []  # its output is the logits, recorded anyway
     with pytest.raises(ZSKDError, match=r"^layer 'logits' of Sequential cannot be recorded under its name"):
-        ActivationRecorder(network)  # the default layers take every Linear
+        ActivationRecorder(network, layers=["logits"])
 
 
 def test_a_layer_that_never_runs_is_one_line(tmp_path):

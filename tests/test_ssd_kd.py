@@ -169,13 +169,17 @@ def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
     assert seen["counts"] is not None and torch.equal(seen["counts"], observed)  # phi weighs as before the stop
 
 
-def test_a_priority_sampler_refuses_the_state_of_a_uniform_one_in_one_line():
+def test_samplers_refuse_each_others_states_in_one_line():
     from zskd_lightning.online import UniformSampler
 
     sampler = PrioritySampler()
     sampler.setup(16)
     with pytest.raises(ZSKDError, match=r"^the checkpoint's replay buffer has no priorities .*UniformSampler"):
         sampler.load_state_dict(UniformSampler().state_dict())
+    sampler.written(torch.arange(4))
+    with pytest.raises(ZSKDError, match=r"^the checkpoint's replay buffer was drawn by a sampler with a state "
+                                        r"\(\['draws', 'leaves', 'max_priority'\].*not UniformSampler$"):
+        UniformSampler().load_state_dict(sampler.state_dict())  # its priorities would be dropped
 
 
 def test_loss_feedback_skips_entries_a_round_rewrote_after_the_batch_was_drawn(tmp_path):

@@ -403,7 +403,8 @@ def test_total_variation():
 
 
 @pytest.mark.parametrize(("shape", "message"), [
-    ((4,), r"normalize images of shape \(C, H, W\); the input shape is \(4,\): give neither"),
+    ((4,), r"normalize images of shape \(C, H, W\); the input shape is \(4,\): for inputs that are not images "
+           r"give neither"),
     ((2, 8, 8), r"need one value per channel: 2 channels, got 1 and 1"),
 ])
 def test_an_input_spec_that_cannot_hold_its_normalization_is_one_line(shape, message):

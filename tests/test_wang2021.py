@@ -165,10 +165,14 @@ def test_a_head_that_reads_earlier_layers_is_refused_in_one_line():
 
 
 def test_where_without_a_layer_is_refused_in_one_line(lenet):
-    """Without ``layer`` the modelled features are the last linear's input: an ``output`` asked for is not there."""
+    """Without ``layer`` the modelled features are the last linear's input: an ``output`` asked for is not there
+    (refused when the method is made, not at synthesis, whose cache folder would already name the setting)."""
     assert feature_layer(lenet.network, None, "input")[0] == Tap("classifier.5", "input")
     with pytest.raises(ZSKDError, match=r"^where='output' needs a `layer`"):
         feature_layer(lenet.network, None, "output")
+    for make in (lambda: WangSynthesizer(where="output"), lambda: GaussianFeatureTargets(where="output")):
+        with pytest.raises(ZSKDError, match=r"^where='output' needs a `layer`"):
+            make()  # at construction: before a cache folder is written with the setting
 
 
 def test_a_layer_that_is_not_linear_is_refused(lenet):

@@ -42,7 +42,8 @@ class InputSpec:
         if self.mean is not None:
             if len(self.shape) != 3:
                 raise InvalidArgument(f"input_mean/input_std normalize images of shape (C, H, W); the input shape is "
-                                      f"{self.shape}: give neither for inputs that are not images")
+                                      f"{self.shape}: for inputs that are not images give neither (nor eval_data "
+                                      "with a normalization, which the datamodule would take them from)")
             object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
             object.__setattr__(self, "std", tuple(float(s) for s in self.std))
             channels = self.shape[0] if self.shape else None

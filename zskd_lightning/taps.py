@@ -168,6 +168,9 @@ def run_from(model: nn.Module, tap: Tap, value: Tensor, input_shape: tuple[int, 
                 outputs.append(model(inputs))
     finally:
         counting.remove()
+    if not calls:
+        raise ZSKDError(f"{type(model).__name__} never runs {tap.path!r} in a forward pass (a branch that runs only in "
+                        "training, or a module called through its weights): model a layer the forward pass runs")
     if len(calls) != len(outputs):
         raise ZSKDError(f"{type(model).__name__} runs {tap.path!r} {len(calls) / len(outputs):g} times a forward pass "
                         "(one module used at two places): model a layer that runs once")

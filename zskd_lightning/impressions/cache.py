@@ -28,6 +28,7 @@ budget adds chunks to the same cache, a smaller one reads fewer; nothing is made
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -35,6 +36,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -263,7 +265,9 @@ class ImpressionCache:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the cache's OS file lock (``.lock``; released by the OS if the process dies). Global rank 0 of a
-        run takes it for the whole synthesis, so two runs never fill one folder at once.
+        run takes it for the whole synthesis, so two runs never fill one folder at once: as far as the file
+        system's ``flock`` reaches (across nodes on NFS v4 and most parallel file systems; a Lustre mount with
+        ``localflock`` locks per node). A file system without ``flock`` gets a warning and no lock.
 
         Raises:
             ZSKDError: another process holds it (named by its process id).
@@ -273,6 +277,7 @@ class ImpressionCache:
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locking = True
             except BlockingIOError:
                 handle.seek(0)
                 holder = handle.read().strip() or "unknown"
@@ -280,10 +285,17 @@ class ImpressionCache:
                     f"impression cache {self.directory} is being filled by another run (process {holder}); wait for "
                     "it to finish, or use another cache_dir"
                 ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()} on {platform.node()}")
-            handle.flush()
+            except OSError as err:  # a file system without flock (some Lustre mounts): ENOSYS, EOPNOTSUPP, ENOLCK
+                if err.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                    raise
+                warnings.warn(f"the file system of {self.directory} has no file locks ({err.strerror}): nothing stops "
+                              "two runs from filling this cache at once; start one at a time")
+                locking = False
+            if locking:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()} on {platform.node()}")
+                handle.flush()
             yield
         finally:
             handle.close()  # releases the lock

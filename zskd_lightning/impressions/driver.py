@@ -17,6 +17,7 @@ synthesis far longer than the process-group timeout (30 min by default) should r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import time
@@ -123,16 +124,16 @@ class ImpressionSynthesis(Callback):
         if plan.num_val == 0:
             return
         cache = plan.cache_for(teacher, trainer.precision)
-        if not cache.is_complete():
-            mismatch = cache.spec_mismatch()
-            if mismatch:
-                why = mismatch.split(";")[0]  # what differs; the remedies after it are the synthesis run's
-            elif cache.read_manifest() is None:
-                why = "its synthesis has not finished"
-            else:
-                why = f"chunk(s) {cache.missing_chunks()[:5]} are missing or fail their checksums"
-            raise ZSKDError(f"validate reads the impressions of a complete cache, and {cache.directory} is not one "
-                            f"({why}): run `zskd fit` or `zskd synthesize` with this config first")
+        failure = None
+        if not cache.is_complete(verify=trainer.is_global_zero):  # rank 0 checksums; each rank must see it
+            failure = ZSKDError(f"validate reads the impressions of a complete cache, and {cache.directory} is not "
+                                f"one ({_why_incomplete(cache)}): run `zskd fit` or `zskd synthesize` with this "
+                                "config first")
+        shared = _first_failure(trainer, failure) if trainer.world_size > 1 else None  # no rank raises alone
+        if failure is not None:
+            raise failure
+        if shared is not None:
+            raise RankSharedError(shared)
         trainer.datamodule.use_cache(cache)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -156,6 +157,21 @@ class ImpressionSynthesis(Callback):
                 rank_zero_warn(f"the impression grid was not written to {folder}: {described(err)}")
             else:
                 rank_zero_info(f"Impression grid written to {path}")
+
+
+def _why_incomplete(cache: ImpressionCache) -> str:
+    """Why ``cache`` is not complete for its spec and budget, in a few words."""
+    mismatch = cache.spec_mismatch()
+    if mismatch:
+        return mismatch.split(";")[0]  # what differs; the remedies after it are a synthesis run's
+    try:
+        with open(cache.path("manifest.json")) as handle:
+            shards = len(json.load(handle).get("shards", ()))
+    except (OSError, ValueError, AttributeError):
+        return "its synthesis has not finished"
+    if shards < cache.num_chunks:
+        return f"it holds {shards} chunk(s) of {cache.chunk_size}; this budget needs {cache.num_chunks}"
+    return f"chunk(s) {cache.missing_chunks()[:5]} are missing or fail their checksums"
 
 
 def _plan_and_teacher(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[ImpressionPlan, nn.Module]:

@@ -103,23 +103,38 @@ def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = Non
     if teacher_fingerprint is not None and header["teacher_fingerprint"] != teacher_fingerprint:
         raise ZSKDError(f"metadata file {path} was recorded from teacher {header['teacher_fingerprint'][:12]}, not from "
                         f"this teacher ({teacher_fingerprint[:12]})")
+    classes = header["num_classes"]
+    if not _is_positive_int(classes) or not isinstance(header["layers"], dict):
+        raise ZSKDError(f"metadata file {path} has num_classes {classes!r} (a positive integer expected) or layers "
+                        "that are not a mapping")
     layers = {}
     for name, info in header["layers"].items():
-        spread = tensors.get(f"{name}/covariance", tensors.get(f"{name}/variance"))
-        missing = [k for k in ("count", "mean", "std") if f"{name}/{k}" not in tensors] + ([] if spread is not None else ["spread"])
-        missing += [k for k in ("shape", "dim", "kept") if not isinstance(info, dict) or k not in info]
+        missing = [k for k in ("shape", "dim", "kept") if not isinstance(info, dict) or k not in info]
         if missing:
             raise ZSKDError(f"metadata file {path} lacks {missing} of layer {name!r}")
-        expected = (int(header["num_classes"]), int(info["dim"]))  # [K, dim]: one row per class
-        shapes = {k: tuple(tensors[f"{name}/{k}"].shape) for k in ("mean", "std")}
-        shapes["spread"] = tuple(spread.shape)
-        wrong = {k: v for k, v in shapes.items() if v[:2] != expected}
+        dim, kept = info["dim"], info["kept"]
+        if not _is_positive_int(dim) or kept not in ("full", "diagonal"):
+            raise ZSKDError(f"metadata file {path}: layer {name!r} has dim {dim!r} and kept {kept!r}; expected a "
+                            "positive integer and 'full' or 'diagonal'")
+        spread_key = "covariance" if kept == "full" else "variance"
+        expected = {"count": (classes,), "mean": (classes, dim), "std": (classes, dim),
+                    spread_key: (classes, dim, dim) if kept == "full" else (classes, dim)}
+        missing = [k for k in expected if f"{name}/{k}" not in tensors]
+        if missing:
+            raise ZSKDError(f"metadata file {path} lacks {missing} of layer {name!r}")
+        wrong = [k for k, shape in expected.items() if tuple(tensors[f"{name}/{k}"].shape) != shape]
         if wrong:
-            raise ZSKDError(f"metadata file {path}: layer {name!r} has {', '.join(f'{k} {list(v)}' for k, v in wrong.items())}"
-                            f", expected [num_classes, dim] = {list(expected)} first")
-        layers[name] = LayerRecord(tuple(info["shape"]), info["kept"], tensors[f"{name}/count"], tensors[f"{name}/mean"],
-                                   tensors[f"{name}/std"], spread)
+            has = ", ".join(f"{k} {list(tensors[f'{name}/{k}'].shape)}" for k in wrong)
+            want = ", ".join(f"{k} {list(expected[k])}" for k in wrong)
+            raise ZSKDError(f"metadata file {path}: layer {name!r} has {has}; expected {want} (num_classes "
+                            f"{classes}, dim {dim}, kept {kept!r})")
+        layers[name] = LayerRecord(tuple(info["shape"]), kept, tensors[f"{name}/count"], tensors[f"{name}/mean"],
+                                   tensors[f"{name}/std"], tensors[f"{name}/{spread_key}"])
     return Metadata(header, layers, hashlib.sha256(payload).hexdigest())
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _safetensors_header(payload: bytes) -> dict[str, Any]:

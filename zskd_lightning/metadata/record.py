@@ -29,8 +29,10 @@ from zskd_lightning.teacher import as_frozen_teacher
 def default_layers(network: nn.Module) -> list[str]:
     """Every ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Linear``, in registration order. Their outputs as the taps hold
     them after the forward: an in-place activation right after a layer (``nn.ReLU(inplace=True)``, as in every
-    shipped model) overwrites that tensor, so those layers record activated values; out-of-place, pre-activation."""
-    return [name for name, m in network.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name]
+    shipped model) overwrites that tensor, so those layers record activated values; out-of-place, pre-activation.
+    A module named ``logits`` is left out: the logits (divided by the temperature) are recorded under that name."""
+    return [name for name, m in network.named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name and name != LOGITS]
 
 
 class ActivationRecorder(L.LightningModule):

@@ -71,6 +71,9 @@ class OnlineSynthesis(Callback):
             if not hasattr(pl_module, name):
                 raise ZSKDError(f"OnlineSynthesis needs a LightningModule with a `{name}` (a DistillationModule); "
                                 f"got {type(pl_module).__name__}")
+        if getattr(getattr(pl_module, "hparams", None), "target_source", "teacher") != "teacher":
+            raise ZSKDError("target_source='batch' distils to the soft targets a batch carries; replay-buffer "
+                            "batches (OnlineDataModule) carry none: use target_source='teacher'")
         self._datamodule = datamodule
         self._module = pl_module
 
@@ -199,9 +202,9 @@ class OnlineSynthesis(Callback):
 
     def _restore(self, state: dict[str, Any]) -> None:
         dm = self._datamodule
+        dm.sampler.load_state_dict(state["sampler"])  # first: a sampler of another kind refuses the state
         dm.synthesizer.load_state_dict(state["synthesizer"])
         dm.buffer.load_state_dict(state["buffer"])
-        dm.sampler.load_state_dict(state["sampler"])
         self.rounds, self.synthesized = int(state["rounds"]), int(state["synthesized"])
         self.synthesis_seconds, self._last_round_step = float(state["synthesis_seconds"]), int(state["last_round_step"])
         self.generator_loss = float(state["generator_loss"])

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from zskd_lightning.describe import Recorded
+from zskd_lightning.errors import ZSKDError
 
 
 class UniformSampler(Recorded):
@@ -42,5 +43,7 @@ class UniformSampler(Recorded):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if state:  # a subclass's state (priorities): this sampler would drop it
+            raise ZSKDError(f"the checkpoint's replay buffer was drawn by a sampler with a state ({sorted(state)}, "
+                            f"e.g. PrioritySampler's priorities): resume it with that sampler, not {type(self).__name__}")
 

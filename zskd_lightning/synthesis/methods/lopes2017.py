@@ -52,14 +52,21 @@ LopesObjective = Literal["top_layer", "all_layers", "spectral_all_layers", "spec
 OBJECTIVES = ("top_layer", "all_layers", "spectral_all_layers", "spectral_layer_pairs")
 
 
+def check_objective(objective: str, layers: Sequence[str] | None) -> None:
+    """One line unless ``objective`` is one of :data:`OBJECTIVES` and takes the ``layers`` given."""
+    if objective not in OBJECTIVES:
+        raise InvalidArgument(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    if objective == "top_layer" and layers is not None:
+        raise InvalidArgument(f"the top_layer objective matches the logits alone; `layers` {list(layers)} apply to "
+                              "all_layers and the spectral objectives")
+
+
 def matched_layers(metadata: Metadata, objective: LopesObjective, layers: Sequence[str] | None,
                    network: nn.Module | None = None) -> list[str]:
     """The recorded layers an objective matches, in the file's order (``top_layer``: the logits alone; the spectral
     ones: by default every recorded ``nn.Linear`` output of ``network``)."""
+    check_objective(objective, layers)
     if objective == "top_layer":
-        if layers is not None:
-            raise InvalidArgument(f"the top_layer objective matches the logits alone; `layers` {list(layers)} apply to "
-                                  "all_layers and the spectral objectives")
         return [LOGITS]
     if objective.startswith("spectral") and layers is None:
         if network is None:
@@ -117,6 +124,7 @@ class RecordedActivationTargets(TargetSampler):
 
     def __init__(self, metadata: str, objective: LopesObjective = "all_layers", layers: Sequence[str] | None = None,
                  eps: float = 1e-6) -> None:
+        check_objective(objective, layers)
         self.metadata, self.objective, self.layers, self.eps = metadata, objective, layers, float(eps)
         self.record: Metadata | None = None
         self.factors: dict[str, tuple[Tensor, Tensor, bool]] = {}  # name -> (mean [K, d], factor, full?)
@@ -162,6 +170,7 @@ class RecordedActivationMatching(Objective):
 
     def __init__(self, metadata: str, objective: LopesObjective = "all_layers",
                  layers: Sequence[str] | None = None) -> None:
+        check_objective(objective, layers)
         self.metadata, self.objective, self.layers = metadata, objective, layers
         self._layout: list[tuple[str, int, bool]] = []  # (layer, width, matched?) in target order
         self._temperature = 1.0
@@ -254,8 +263,7 @@ class LopesSynthesizer(Synthesizer):
                  **synthesizer_settings: Any) -> None:
         if pixel_init is not None and (len(pixel_init) != 2 or pixel_init[1] < 0):
             raise InvalidArgument(f"pixel_init is (mean, std >= 0), got {pixel_init}")
-        if objective not in OBJECTIVES:
-            raise InvalidArgument(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        check_objective(objective, layers)
         matching = (SpectralMatching(metadata, objective, layers, spectral_fraction) if objective.startswith("spectral")
                     else RecordedActivationMatching(metadata, objective, layers))
         super().__init__(

@@ -38,6 +38,15 @@ from zskd_lightning.taps import Tap, run_from, submodule
 Correlation = Literal["outgoing", "incoming"]
 
 
+def check_where(layer: str | None, where: str) -> None:
+    """One line unless ``where`` is ``"input"`` or ``"output"`` and, without a ``layer``, ``"input"``."""
+    if where not in ("input", "output"):
+        raise InvalidArgument(f"where must be 'input' or 'output', got {where!r}")
+    if layer is None and where != "input":
+        raise InvalidArgument(f"where={where!r} needs a `layer`: without one, Wang 2021 models the input of the "
+                              "last nn.Linear")
+
+
 def feature_layer(network: nn.Module, layer: str | None, where: str) -> tuple[Tap, int, nn.Linear | None, nn.Linear | None]:
     """The modelled features of ``network``: ``(tap, width d, consuming nn.Linear, producing nn.Linear)``.
 
@@ -48,10 +57,8 @@ def feature_layer(network: nn.Module, layer: str | None, where: str) -> tuple[Ta
     linears = [(name, m) for name, m in network.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ZSKDError(f"{type(network).__name__} has no nn.Linear layer whose features Wang 2021 could model")
+    check_where(layer, where)
     if layer is None:
-        if where != "input":
-            raise InvalidArgument(f"where={where!r} needs a `layer`: without one, Wang 2021 models the input of the "
-                                  "last nn.Linear")
         layer = linears[-1][0]
     module = submodule(network, layer)
     if not isinstance(module, nn.Linear):
@@ -113,6 +120,7 @@ class GaussianFeatureTargets(TargetSampler):
             raise InvalidArgument(f"sigma and temperature must be > 0 and eps >= 0, got {sigma}, {temperature}, {eps}")
         if correlation not in ("outgoing", "incoming"):
             raise InvalidArgument(f"correlation must be 'outgoing' or 'incoming', got {correlation!r}")
+        check_where(layer, where)
         self.sigmas, self.correlation, self.layer, self.where = sigmas, correlation, layer, where
         self.eps, self.temperature, self.rectify = float(eps), float(temperature), bool(rectify)
         self.balanced = bool(balanced)
@@ -190,6 +198,7 @@ class FeatureActivation(Regularizer):
     modelled layer (default: the classifier's input), ``[N]``: rewards inputs that excite the features strongly."""
 
     def __init__(self, weight: float = 0.05, layer: str | None = None, where: Literal["input", "output"] = "input") -> None:
+        check_where(layer, where)
         self.weight, self.layer, self.where = float(weight), layer, where
         self._tap: Tap | None = None
 
