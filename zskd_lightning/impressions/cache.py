@@ -413,15 +413,20 @@ class ImpressionCache:
         _write_json(self.path("manifest.json"), manifest)
         return manifest
 
-    def read_manifest(self) -> dict[str, Any] | None:
-        """The manifest if it was made with our spec and covers our budget (a larger budget's covers ours too),
-        else ``None``."""
+    def stored_manifest(self) -> Mapping[str, Any] | None:
+        """The folder's ``manifest.json`` as written, whatever its spec and budget (``None``: absent, unreadable)."""
         try:
             with open(self.path("manifest.json")) as handle:
                 manifest = json.load(handle)
         except (OSError, ValueError):
             return None
-        if not isinstance(manifest, Mapping):
+        return manifest if isinstance(manifest, Mapping) else None
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest if it was made with our spec and covers our budget (a larger budget's covers ours too),
+        else ``None``."""
+        manifest = self.stored_manifest()
+        if manifest is None:
             return None
         spec_part = {k: manifest.get(k) for k in self.spec}
         return manifest if spec_part == self.spec and len(manifest.get("shards", ())) >= self.num_chunks else None

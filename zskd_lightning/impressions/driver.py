@@ -17,7 +17,6 @@ synthesis far longer than the process-group timeout (30 min by default) should r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import time
@@ -164,11 +163,10 @@ def _why_incomplete(cache: ImpressionCache) -> str:
     mismatch = cache.spec_mismatch()
     if mismatch:
         return mismatch.split(";")[0]  # what differs; the remedies after it are a synthesis run's
-    try:
-        with open(cache.path("manifest.json")) as handle:
-            shards = len(json.load(handle).get("shards", ()))
-    except (OSError, ValueError, AttributeError):
+    manifest = cache.stored_manifest()
+    if manifest is None:
         return "its synthesis has not finished"
+    shards = len(manifest.get("shards", ()))
     if shards < cache.num_chunks:
         return f"it holds {shards} chunk(s) of {cache.chunk_size}; this budget needs {cache.num_chunks}"
     return f"chunk(s) {cache.missing_chunks()[:5]} are missing or fail their checksums"
@@ -209,6 +207,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
         try:
             # a complete cache is only read: reused without its lock, so runs sharing one (a sweep of students, a
             # read-only folder) need not wait for each other; a cache with chunks to make is filled under the lock
+            problems: dict[int, str] = {}
             complete = cache.is_complete()
             if not complete:
                 held.enter_context(cache.locked())
@@ -216,12 +215,13 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
                 if kept is not None:
                     rank_zero_info(f"Impression cache {cache.directory} upgraded from format 2: {kept} full chunk(s) "
                                    "kept")
-                complete = cache.is_complete()  # another run may have finished it while we checked
+                cache.prepare(overwrite=plan.overwrite)
+                problems = cache.chunk_problems()  # the one checksum pass under the lock
+                # another run may have finished it while we checked: every chunk sound and its manifest written
+                complete = not problems and cache.read_manifest() is not None
             if complete:
                 decision = {"missing": [], "complete": True}
             else:
-                cache.prepare(overwrite=plan.overwrite)
-                problems = cache.chunk_problems()  # one checksum pass over the shards
                 for chunk, why in problems.items():
                     if why != "not made yet":
                         rank_zero_warn(f"impression cache {cache.directory}: chunk {chunk} is made again: {why}")
