@@ -36,6 +36,7 @@ from zskd_lightning import (
 )
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.files import partial_path
 from zskd_lightning.impressions import cache as cache_module
 from zskd_lightning.teacher import as_frozen_teacher
 
@@ -402,7 +403,7 @@ def test_resume_after_a_crash_mid_chunk(tmp_path, reference, monkeypatch, count_
     def failing(path, write):
         if path.endswith("chunk-000002.targets.npy"):
             # what a hard crash (kill -9) mid-write leaves behind
-            Path(f"{path}.{os.getpid()}.tmp").write_bytes(b"half a file")
+            Path(partial_path(path)).write_bytes(b"half a file")
             raise OSError("disk full (simulated)")
         write_atomic(path, write)
 

@@ -8,6 +8,7 @@ import hashlib
 import importlib.resources
 import io
 import os
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import BinaryIO
 
@@ -15,12 +16,14 @@ from typing import BinaryIO
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, sync it, then rename it over ``path``.
 
-    The temporary name carries the process id, so ranks writing different files into one folder never collide.
+    The temporary name (:func:`partial_path`) is new for every write, so processes (on one node or several
+    sharing a file system) and threads writing into one folder, even the same file, never write into each
+    other's temporary file: the last rename wins whole.
     """
     path = os.fspath(path)
-    partial = f"{path}.{os.getpid()}.tmp"
+    partial = partial_path(path)
     try:
-        with open(partial, "wb") as handle:
+        with open(partial, "xb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -29,6 +32,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+#: What :func:`partial_path` appends to a name (and what releases before it appended, ``.<pid>.tmp``): a regular
+#: expression, for code that recognizes the half-written files a crash leaves behind.
+PARTIAL_SUFFIX = r"\.\d+(-[0-9a-f]{8})?\.tmp"
+
+
+def partial_path(path: str) -> str:
+    """``path`` + ``.<pid>-<8 random hex digits>.tmp``: the temporary name of one :func:`write_atomic` call."""
+    return f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
 def _sync_folder(folder: str) -> None:

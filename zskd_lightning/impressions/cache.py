@@ -47,7 +47,7 @@ import torch
 
 from zskd_lightning._version import __version__
 from zskd_lightning.errors import InvalidArgument, ZSKDError
-from zskd_lightning.files import file_sha256, write_atomic
+from zskd_lightning.files import PARTIAL_SUFFIX, file_sha256, write_atomic
 
 #: Changes on purpose whenever a cache's layout or identity changes; a cache of another format is refused.
 #: 1: hand-written synthesizer settings named by module path. 2: the method's identity derived from its
@@ -60,7 +60,7 @@ BUDGET_KEYS = ("num_impressions", "num_train_impressions")
 ARRAYS = ("inputs", "targets", "labels")
 #: The names of the files a cache makes (and their temporary names while written): the only files it deletes.
 OWN_FILE = re.compile(r"^(chunk-\d{6}\.(json|inputs\.npy|targets\.npy|labels\.npy)|spec\.json|manifest\.json)"
-                      r"(\.\d+\.tmp)?$")
+                      rf"({PARTIAL_SUFFIX})?$")
 LOCK_FILE = ".lock"
 SHARD_DTYPES = {"inputs": "float32", "targets": "float32", "labels": "int64"}
 
