@@ -335,9 +335,20 @@ def test_a_failed_run_without_a_logger_keeps_the_users_files(tmp_path, capsys, m
 
 
 def test_the_failure_cleanup_keeps_a_folder_with_anything_of_value(tmp_path):
-    """A failed run's version folder goes only while it holds nothing but small startup files; a checkpoint,
-    metrics, an export, a large event file or a sub-folder keeps it, every file in it untouched."""
+    """A failed run's version folder goes only while it holds nothing but startup files with nothing logged in
+    them; a checkpoint, metrics, an export, an event file holding values (however small) or one that does not
+    read whole, or a sub-folder keeps it, every file in it untouched."""
     from zskd_lightning.cli import _remove_if_only_startup_files
+
+    def events(name: str, values: int = 0) -> bytes:
+        """A real TensorBoard event file: a logger's startup (hyper-parameters), then ``values`` scalars."""
+        logger = TensorBoardLogger(tmp_path / "tb", name=name)
+        logger.log_hyperparams({"lr": 0.001, "student": "LeNet5Half"})
+        for step in range(values):
+            logger.log_metrics({"synthesis/loss": 1.0 / (step + 1)}, step=step)
+        logger.experiment.close()
+        (path,) = (tmp_path / "tb" / name / "version_0").glob("events.out.tfevents.*")
+        return path.read_bytes()
 
     def folder(name: str, **files: bytes) -> Path:
         path = tmp_path / name
@@ -346,12 +357,17 @@ def test_the_failure_cleanup_keeps_a_folder_with_anything_of_value(tmp_path):
             (path / filename.replace("__", ".")).write_bytes(content)
         return path
 
-    startup_only = folder("startup", **{"events__out__tfevents__1__host": b"x" * 100})
+    startup = events("startup")
+    startup_only = folder("startup", **{"events__out__tfevents__1__host": startup})
     _remove_if_only_startup_files(str(startup_only))
     assert not startup_only.exists()
+    three_values = events("logged", values=3)
+    assert len(three_values) < 4096  # smaller than the size rule that once judged event files
     for kept in (folder("ckpt", **{"last__ckpt": b"weights"}), folder("metrics", **{"metrics__csv": b"step\n0\n"}),
                  folder("export", **{"student__safetensors": b"w"}),
-                 folder("events", **{"events__out__tfevents__2__host": b"x" * 10_000})):
+                 folder("events", **{"events__out__tfevents__2__host": three_values}),
+                 folder("cut", **{"events__out__tfevents__3__host": startup[:-5]}),
+                 folder("garbage", **{"events__out__tfevents__4__host": b"x" * 100})):
         before = {p.name: p.read_bytes() for p in kept.iterdir()}
         _remove_if_only_startup_files(str(kept))
         assert {p.name: p.read_bytes() for p in kept.iterdir()} == before, kept.name

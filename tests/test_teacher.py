@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zskd_lightning import ClassifierModule, FrozenTeacher, ZSKDError
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf
 from zskd_lightning.files import file_sha256
@@ -489,6 +490,18 @@ def test_sha256_checked_before_loading(tmp_path):
         FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), sha256=digest)
     message = _assert_one_line_naming(err, path)
     assert digest in message and file_sha256(path) in message and "changed" in message
+
+
+@pytest.mark.parametrize("given", ["2e0669d7bc33", "SHA256:abc", lambda d: f"{d}  teacher.safetensors"])
+def test_a_malformed_sha256_is_refused_as_such_not_blamed_on_the_file(tmp_path, given):
+    """A teacher fingerprint's prefix, or `sha256sum`'s line with the file name, is not a digest of the file:
+    refused in one line that says what the value must be (the file is unchanged)."""
+    _, path = _safetensors_teacher(tmp_path, None)
+    value = given(file_sha256(path)) if callable(given) else given
+    with pytest.raises(InvalidArgument) as err:
+        FrozenTeacher(network=DigitsConvNet(), checkpoint=str(path), sha256=value)
+    message = str(err.value)
+    assert "\n" not in message and "64 hex digits" in message and repr(value) in message and "changed" not in message
 
 
 def test_benchmark_teachers_load_by_their_recorded_digest():

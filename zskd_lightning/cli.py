@@ -20,6 +20,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
 
 from zskd_lightning.data.evaluation import EvaluationData
 from zskd_lightning.errors import RankSharedError, ZSKDError
@@ -71,7 +73,8 @@ class ZSKDCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=False,
-            help="After `fit`, run `test` with the final (last-epoch) weights.",
+            help="After `fit`, run `test` with the final (last-epoch) weights. Read by `fit` only; the other "
+                 "subcommands accept and ignore it, so that one config serves them all.",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -208,17 +211,45 @@ def _run_log_folder(trainer: L.Trainer) -> str | None:
 
 
 def _remove_if_only_startup_files(folder: str | None) -> None:
-    """Delete ``folder`` if it holds nothing but small :data:`_STARTUP_FILES` (no checkpoint, metric, export or
-    event file with logged values in it)."""
+    """Delete ``folder`` if it holds nothing but :data:`_STARTUP_FILES` with nothing logged in them: no
+    checkpoint, metric, export, or event file holding a value (:func:`_event_file_holds_values`)."""
     if not folder or not os.path.isdir(folder):
         return
     names = os.listdir(folder)
     paths = [os.path.join(folder, name) for name in names]
-    if names and all(_STARTUP_FILES.match(name) and os.path.isfile(path) and os.path.getsize(path) < 4096
+    if names and all(_STARTUP_FILES.match(name) and os.path.isfile(path)
+                     and not (name.startswith("events.") and _event_file_holds_values(path))
                      for name, path in zip(names, paths)):
         for name in names:
             os.remove(os.path.join(folder, name))
         os.rmdir(folder)
+
+
+#: What a TensorBoard logger writes at a run's start: Lightning's placeholder metric, and hyper-parameters.
+_STARTUP_TAGS = {"hp_metric"}
+
+
+def _event_file_holds_values(path: str) -> bool:
+    """Whether the TensorBoard event file at ``path`` holds anything a run logged (a scalar, an image, ...),
+    beyond its version record, the hyper-parameters and Lightning's ``hp_metric`` placeholder. ``True`` for a
+    file that does not read whole as event records (e.g. cut by a crash): what cannot be judged is kept."""
+    size = os.path.getsize(path)
+    if size > 1 << 20:
+        return True
+    read = 0
+    try:
+        for record in RawEventFileLoader(path).Load():
+            read += len(record) + 16  # TFRecord framing: length (8), its CRC (4), the record, its CRC (4)
+            event = Event.FromString(record)
+            if event.HasField("file_version"):
+                continue
+            if not event.HasField("summary") or any(
+                    value.tag not in _STARTUP_TAGS and value.metadata.plugin_data.plugin_name != "hparams"
+                    for value in event.summary.value):
+                return True
+    except Exception:  # noqa: BLE001 - an unreadable file is kept
+        return True
+    return read != size
 
 
 def _resolve_argument(arg: str) -> str:

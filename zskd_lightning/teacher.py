@@ -50,6 +50,9 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     digest (hex); a file whose bytes differ is refused before it is read (the weights file's bytes only: a
     ``.safetensors`` file's JSON record is not covered; give ``network`` to fix the architecture).
     """
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha256)):
+        raise InvalidArgument(f"sha256 of the {what} must be the 64 hex digits of the file's bytes (as `sha256sum` "
+                              f"prints them, without the file name; not a teacher fingerprint), got {sha256!r}")
     path = resolve_packaged(os.fspath(path))
     if not os.path.isfile(path):
         raise ZSKDError(f"{what} not found: {path}")
