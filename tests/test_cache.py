@@ -804,7 +804,7 @@ def test_a_cache_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
 def test_missing_evaluation_data_is_reported_before_any_synthesis(tmp_path, count_synthesis):
     from zskd_lightning.data import MNISTDataModule
 
-    datamodule = tiny.make_datamodule(tmp_path / "cache",
+    datamodule = ImpressionDataModule(ZSKDSynthesizer(iterations=5), 64, str(tmp_path / "cache"), chunk_size=8,
                                       eval_data=MNISTDataModule(root=str(tmp_path / "no-data"), download=False))
     model = DistillationModule(tiny.make_net(0), tiny.make_net(1, width=4), export_filename=None)
     with pytest.raises(ZSKDError, match="files not found"):

@@ -51,6 +51,21 @@ def test_one_process_and_use_distributed_sampler_off_read_everything_in_order():
     assert served(evaluation_loader(dataset, trainer=trainer, batch_size=4)) == list(range(11))
 
 
+def test_evaluating_and_predicting_leave_the_global_random_stream_alone(tmp_path):
+    """A new DataLoader iterator draws a base seed from its generator (the global CPU stream by default), so each
+    validation moved the training's dropout draws, and a resumed fit (whose persistent workers' iterator is made
+    at another time than the unbroken fit's) drew them elsewhere: evaluation and predict loaders have their own."""
+    digits = DigitsDataModule(batch_size=64)
+    digits.setup("fit"), digits.setup("test"), digits.setup("predict")
+    loaders = [evaluation_loader(TensorDataset(torch.arange(11)), trainer=None, batch_size=4),
+               digits.val_dataloader(), digits.test_dataloader(), digits.predict_dataloader()]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for loader in loaders:
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_set_smaller_than_the_ranks_is_padded_with_a_warning(monkeypatch):
     """A rank with no batch could not join the epoch-end gathering of the metrics: one sample on two ranks is
     served to both, and the user is told."""

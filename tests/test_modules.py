@@ -270,6 +270,23 @@ def test_a_plateau_scheduler_without_validation_is_refused_before_training(tmp_p
     assert trainer.global_step == 0
 
 
+def test_a_plateau_scheduler_is_refused_where_val_loss_would_be_missing(tmp_path):
+    """A classifier on data with no validation split (val_fraction 0), or a plateau stepped every training step,
+    is refused before training; the data's no-validation fit leaves the Trainer's own setting as it was."""
+    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)  # noqa: E731
+    trainer = quiet_trainer(tmp_path, limit_train_batches=2)
+    with pytest.raises(ZSKDError, match="this run has no validation"):
+        trainer.fit(ClassifierModule(DigitsConvNet(), lr_scheduler=plateau),
+                    datamodule=DigitsDataModule(batch_size=16, val_fraction=0.0))
+    assert trainer.global_step == 0
+    trainer.fit(ClassifierModule(DigitsConvNet()), datamodule=DigitsDataModule(batch_size=16, val_fraction=0.0))
+    assert trainer.limit_val_batches == 1.0 and "val/acc" not in trainer.callback_metrics
+    with pytest.raises(ZSKDError, match="not every step: use scheduler_interval: epoch"):
+        quiet_trainer(tmp_path, limit_train_batches=2).fit(
+            ClassifierModule(DigitsConvNet(), lr_scheduler=plateau, scheduler_interval="step"),
+            datamodule=DigitsDataModule(batch_size=16))
+
+
 # ------------------------------------------------------------------------------- the training loss
 def _modules(**kwargs) -> DistillationModule:
     teacher = FrozenTeacher(_teacher_net())

@@ -22,3 +22,19 @@ def test_each_rank_writes_its_own_file(tmp_path, filename, written):
     assert writer.written == str(tmp_path / written)
     with np.load(tmp_path / written) as saved:
         assert saved["indices"].tolist() == [3, 5] and saved["labels"].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(("world_size", "expected"), [(1, [0, 1, 2]), (2, [-1, -1, -1])])
+def test_rows_without_sampler_indices_are_positions_on_one_process_and_unknown_under_ddp(tmp_path, world_size,
+                                                                                           expected):
+    """An iterable dataset gives no indices: one process reads it in order; under DDP it shards itself, so the
+    rows' places are unknown (-1), never positions that every rank's file would claim alike."""
+    writer = PredictionWriter()
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), world_size=world_size,
+                              global_rank=0)
+    writer.on_predict_epoch_start(trainer, None)
+    writer.write_on_batch_end(trainer, None, torch.tensor([[0.25, 0.75], [0.9, 0.1]]), None, None, 0, 0)
+    writer.write_on_batch_end(trainer, None, torch.tensor([[0.5, 0.5]]), None, None, 1, 0)
+    writer.on_predict_epoch_end(trainer, None)
+    with np.load(writer.written) as saved:
+        assert saved["indices"].tolist() == expected

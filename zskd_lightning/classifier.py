@@ -15,7 +15,7 @@ from zskd_lightning.errors import ZSKDError
 from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import top1_hits
 from zskd_lightning.metrics import Float32EvaluationMetrics, mean_metric
-from zskd_lightning.optim import SchedulerInterval, configure_optimization
+from zskd_lightning.optim import SchedulerInterval, configure_optimization, validation_runs
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
 
@@ -99,6 +99,5 @@ class ClassifierModule(Float32EvaluationMetrics, L.LightningModule):
         return self.network(x).softmax(dim=-1)
 
     def configure_optimizers(self):
-        return configure_optimization(
-            self.network.parameters(), self.optimizer, self.lr_scheduler, self.hparams.scheduler_interval
-        )
+        return configure_optimization(self.network.parameters(), self.optimizer, self.lr_scheduler,
+                                      self.hparams.scheduler_interval, validation_runs(self))

@@ -17,12 +17,12 @@ from torch import Tensor, nn
 
 from zskd_lightning.callbacks import missing_callbacks
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
-from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.errors import REPLAY_NEEDS_TEACHER_TARGETS, InvalidArgument, ZSKDError
 from zskd_lightning.export import record_path, update_record, write_student
 from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss, top1_hits
 from zskd_lightning.metrics import Float32EvaluationMetrics, mean_metric
-from zskd_lightning.optim import SchedulerInterval, configure_optimization
+from zskd_lightning.optim import SchedulerInterval, configure_optimization, validation_runs
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
 from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint
@@ -194,8 +194,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         weights times ``sample_weights``, 1 without either); returns it with the per-sample ``T^2 * KL`` terms
         ``l_i`` (``"per_sample_loss" [B]``, detached) for the buffer's sampler."""
         if self.hparams.target_source != "teacher":
-            raise ZSKDError("target_source='batch' distils to the soft targets a batch carries; replay-buffer "
-                            "batches (OnlineDataModule) carry none: use target_source='teacher'")
+            raise ZSKDError(REPLAY_NEEDS_TEACHER_TARGETS)
         x = batch["inputs"]
         student_logits = self.student(x)
         with torch.no_grad():
@@ -258,10 +257,8 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
 
     def configure_optimizers(self):
         # Only the student is optimized; the teacher has no trainable parameters.
-        validates = self._trainer is None or self.trainer.limit_val_batches != 0  # 0: set by data with no validation
-        return configure_optimization(
-            self.student.parameters(), self.optimizer, self.lr_scheduler, self.hparams.scheduler_interval, validates
-        )
+        return configure_optimization(self.student.parameters(), self.optimizer, self.lr_scheduler,
+                                      self.hparams.scheduler_interval, validation_runs(self))
 
     # ------------------------------------------------------------------------------------- checkpoints
     def teacher_reference(self) -> dict[str, str | None]:

@@ -18,6 +18,12 @@ class RankSharedError(ZSKDError):
     the CLI prints it once, from global rank 0, instead of once per process."""
 
 
+#: Why an online fit refuses ``target_source='batch'`` (its replay-buffer batches hold inputs and no soft targets):
+#: said by ``DistillationModule`` at a replay step and, earlier, by ``OnlineSynthesis`` at setup.
+REPLAY_NEEDS_TEACHER_TARGETS = ("target_source='batch' distils to the soft targets a batch carries; replay-buffer "
+                                "batches (OnlineDataModule) carry none: use target_source='teacher'")
+
+
 def first_line(err: BaseException) -> str:
     """The first line of ``str(err)``, stripped (``""`` when it has none): for one-line messages."""
     text = str(err).strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
@@ -22,8 +23,9 @@ def configure_optimization(
 ) -> Any:
     """Return what ``LightningModule.configure_optimizers`` expects: an optimizer, or an optimizer+scheduler dict.
 
-    ``ReduceLROnPlateau`` monitors ``val/loss``; ``validates=False`` (a run with no validation loop) refuses it in
-    one line instead of Lightning's error after the first epoch.
+    ``ReduceLROnPlateau`` monitors ``val/loss``, once an epoch: ``interval="step"`` or ``validates=False`` (a run
+    with no validation loop, :func:`validation_runs`) refuses it in one line instead of Lightning's error after the
+    first step or epoch.
     """
     opt = optimizer(params)
     if lr_scheduler is None:
@@ -31,9 +33,19 @@ def configure_optimization(
     scheduler = lr_scheduler(opt)
     config: dict[str, Any] = {"scheduler": scheduler, "interval": interval}
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if interval == "step":
+            raise InvalidArgument("lr_scheduler ReduceLROnPlateau follows val/loss, which is logged once a validation, "
+                                  "not every step: use scheduler_interval: epoch")
         if not validates:
             raise InvalidArgument("lr_scheduler ReduceLROnPlateau follows val/loss, and this run has no validation: "
                                   "give the data held-out impressions (num_val_impressions) or validate_on_real, "
                                   "or choose another scheduler")
         config["monitor"] = "val/loss"
     return {"optimizer": opt, "lr_scheduler": config}
+
+
+def validation_runs(module: L.LightningModule) -> bool:
+    """Whether ``module``'s fit has a validation loop: ``False`` when its Trainer's ``limit_val_batches`` is 0 (set
+    so by data with nothing to validate on, :class:`~zskd_lightning.data.evaluation.ValidationSwitch`); ``True``
+    outside a Trainer."""
+    return module._trainer is None or module.trainer.limit_val_batches != 0

@@ -3,7 +3,9 @@
 Each rank writes ``predictions.npz`` (``predictions.rank<R>.npz`` when there are several) into the run's log
 folder: ``probabilities`` float32 ``[N, num_classes]``, ``labels`` int64 ``[N]`` (their argmax) and
 ``indices`` int64 ``[N]`` (each row's index in the prediction dataset; under DDP Lightning gives each rank an
-unrepeated share, so the ranks' files together hold every row once; a rank may hold one row fewer).
+unrepeated share, so the ranks' files together hold every row once; a rank may hold one row fewer). A dataset
+without sampler indices (an iterable one) gets positions in order on one process, and ``-1`` under DDP, where
+it shards itself.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ class PredictionWriter(BasePredictionWriter):
         probabilities = prediction.detach().float().cpu()
         self._outputs.append(probabilities)
         indices = torch.as_tensor(batch_indices if batch_indices is not None else [], dtype=torch.int64)
-        if len(indices) != len(probabilities):  # no sampler indices (an iterable dataset): positions in order
-            start = sum(len(o) for o in self._outputs[:-1])
-            indices = torch.arange(start, start + len(probabilities))
+        if len(indices) != len(probabilities):  # no sampler indices (an iterable dataset)
+            if trainer.world_size > 1:  # the dataset shards itself: which rows this rank got is unknown
+                indices = torch.full((len(probabilities),), -1, dtype=torch.int64)
+            else:  # one process reads it in order: positions
+                start = sum(len(o) for o in self._outputs[:-1])
+                indices = torch.arange(start, start + len(probabilities))
         self._indices.append(indices)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -63,7 +68,11 @@ class PredictionWriter(BasePredictionWriter):
                  indices=torch.cat(self._indices).numpy())
         write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
         self.written = path
-        rank_zero_info(f"Predictions for {len(probabilities)} inputs written to {path}")
+        if trainer.world_size == 1:
+            rank_zero_info(f"Predictions for {len(probabilities)} inputs written to {path}")
+        else:
+            rank_zero_info(f"Predictions written by each of {trainer.world_size} ranks to its own file, "
+                           f"{os.path.join(folder, f'{stem}.rank*{extension}')} (rank 0: {len(probabilities)} inputs)")
 
 
 def writer_unless_present(trainer: L.Trainer | None) -> list[PredictionWriter]:

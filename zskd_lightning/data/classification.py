@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
 from zskd_lightning.batch_progress import fetched_batch, unfinished_batch
 from zskd_lightning.data.epoch_order import epoch_keyed_loader
-from zskd_lightning.data.evaluation import evaluation_loader
+from zskd_lightning.data.evaluation import ValidationSwitch, evaluation_loader, own_generator
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import valid_range
 from zskd_lightning.randomness import TrainingStreams, seeded_streams
@@ -76,7 +76,7 @@ def draws_per_item(dataset: Dataset) -> bool:
     return not (type(dataset) is InMemoryImageDataset and dataset.transform is None)
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(ValidationSwitch, L.LightningDataModule):
     """Base ``LightningDataModule`` for real labelled images (teachers, real-data baselines, evaluation).
 
     Subclasses set the class attributes ``num_classes``, ``mean``, ``std``, ``input_shape`` (or override
@@ -255,6 +255,8 @@ class ClassificationDataModule(L.LightningDataModule):
             self._setup_fit()
         if stage == "fit":  # a new fit's streams (a resumed fit's come from its checkpoint, restored after setup)
             self.training_streams.start()
+            if not len(self.val_dataset):  # val_fraction 0
+                self._no_validation_this_fit()
         if stage in (None, "test", "predict") and self.test_dataset is None:
             self._setup_test()
 
@@ -274,7 +276,7 @@ class ClassificationDataModule(L.LightningDataModule):
         args = dict(batch_size=batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                     pin_memory=torch.cuda.is_available())
         if what == "predict":
-            return DataLoader(dataset, **args)
+            return DataLoader(dataset, generator=own_generator(), **args)
         return evaluation_loader(dataset, trainer=self.trainer, **args)
 
     def train_dataloader(self) -> DataLoader:

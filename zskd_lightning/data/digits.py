@@ -44,8 +44,8 @@ class DigitsDataModule(ClassificationDataModule):
     per class in test). ``seed`` splits the 1,437 training images into train / val; with the default
     ``val_fraction=0.1`` that is **1,293 train / 144 val**.
 
-    ``augment=True`` applies a random integer shift of up to 1 pixel (``RandomAffine`` translate 1/8) to
-    training items. ``root`` and ``download`` are accepted for a uniform interface and ignored (the data
+    ``augment=True`` shifts training batches by up to 1 pixel each way (uniform, sub-pixel: bilinear resampling,
+    black beyond the border; ``BatchAugmentation(translate=1/8)``). ``root`` and ``download`` are accepted for a uniform interface and ignored (the data
     ships inside scikit-learn). Constructor arguments: see :class:`ClassificationDataModule`.
     """
 
@@ -67,5 +67,5 @@ class DigitsDataModule(ClassificationDataModule):
         return torch.from_numpy(images[idx]).unsqueeze(1).contiguous(), torch.from_numpy(labels[idx])
 
     def _augmentation(self) -> BatchAugmentation:
-        # Shifts of up to 1 px (1/8 of 8 px).
+        # Shifts of up to 1 px (1/8 of 8 px), sub-pixel.
         return BatchAugmentation(translate=(0.125, 0.125))

@@ -17,13 +17,21 @@ from __future__ import annotations
 import warnings
 
 import lightning as L
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zskd_lightning.data.epoch_order import process_share
 
-__all__ = ["EvaluationData", "evaluation_loader"]
+__all__ = ["EvaluationData", "ValidationSwitch", "evaluation_loader", "own_generator"]
+
+
+def own_generator() -> torch.Generator:
+    """A CPU generator for an in-order loader: each new iterator of a ``DataLoader`` draws a (worker) base seed from
+    its ``generator``, by default from the global CPU stream; with its own, evaluating and predicting leave that
+    stream, hence a resumed fit's dropout and augmentation draws, where they were."""
+    return torch.Generator().manual_seed(0)
 
 
 def evaluation_loader(dataset: Dataset, *, trainer, batch_size: int, **loader_args) -> DataLoader:
@@ -52,6 +60,7 @@ def evaluation_loader(dataset: Dataset, *, trainer, batch_size: int, **loader_ar
                 warnings.warn(f"an evaluation set of {len(dataset)} samples on {world_size} ranks: samples are "
                               "repeated so that every rank has one", stacklevel=2)
             sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    loader_args.setdefault("generator", own_generator())
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_args)
 
 
@@ -66,3 +75,34 @@ class EvaluationData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return evaluation_loader(self.dataset, trainer=self.trainer, batch_size=self.batch_size,
                                  num_workers=self.num_workers)
+
+
+class ValidationSwitch:
+    """Mixin of a LightningDataModule with nothing to validate on in some fits (no held-out data): there,
+    :meth:`_no_validation_this_fit` (from ``setup("fit")``) sets the Trainer's ``limit_val_batches`` to 0 (no
+    validation loop rather than an empty one; ``ReduceLROnPlateau`` is then refused in one line at
+    ``configure_optimizers``), and ``teardown("fit")`` (or ``on_exception``) puts the Trainer's own value back, so a later
+    ``trainer.validate`` or ``fit`` on the same Trainer validates as its settings say."""
+
+    _limit_val_batches: int | float | None = None  # the Trainer's, while a fit without validation runs
+
+    def _no_validation_this_fit(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self._limit_val_batches = trainer.limit_val_batches
+            trainer.limit_val_batches = 0
+
+    def _restore_validation(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if self._limit_val_batches is not None and trainer is not None:
+            trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._restore_validation()
+        super().teardown(stage)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A failed fit gets no ``teardown``: the Trainer's setting is put back here."""
+        self._restore_validation()
+        super().on_exception(exception)

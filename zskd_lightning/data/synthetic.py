@@ -12,18 +12,36 @@ from torch.utils.data import DataLoader
 
 from zskd_lightning.augment import augment_normalized
 from zskd_lightning.batch_progress import fetched_batch, unfinished_batch
+from zskd_lightning.data.evaluation import ValidationSwitch
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import InputRange, InputSpec
 from zskd_lightning.randomness import TrainingStreams, seeded_streams
 
 
-class SyntheticDataModule(L.LightningDataModule):
+def _check_same_space(eval_data: L.LightningDataModule | None, **given: Sequence[float] | None) -> None:
+    """Refuse an ``input_shape`` / ``input_mean`` / ``input_std`` that differs from ``eval_data``'s own (which
+    serves the test images so): the student would learn in one input space and be tested in another."""
+    for name, value in given.items():
+        served = getattr(eval_data, "input_shape" if name == "shape" else name, None)
+        if value is None or served is None:
+            continue
+        kind = int if name == "shape" else float
+        value, served = [kind(v) for v in value], [kind(v) for v in served]
+        if len(value) != len(served) or any(abs(a - b) > 5e-4 for a, b in zip(value, served)):  # 4 decimals agree
+            raise InvalidArgument(f"input_{name} {value} differs from eval_data's ({type(eval_data).__name__}) "
+                                  f"{served}, which it tests the student on: give eval_data the teacher's "
+                                  f"input space, or leave input_{name} out")
+
+
+class SyntheticDataModule(ValidationSwitch, L.LightningDataModule):
     """Holds the teacher's :class:`~zskd_lightning.pixels.InputSpec` and the real data that evaluates a student.
 
     Args:
         input_shape: ``(C, H, W)`` of the teacher's inputs; default: ``eval_data.input_shape``.
         input_mean / input_std: per-channel normalization of the teacher's inputs (synthetic inputs are kept in
-            the valid range, :func:`zskd_lightning.pixels.valid_range`), both or neither. Default: ``eval_data``'s.
+            the valid range, :func:`zskd_lightning.pixels.valid_range`), both or neither. Default: ``eval_data``'s;
+            given with an ``eval_data`` that has its own (and ``input_shape`` alike), they must equal it to about
+            4 decimals, since ``eval_data`` serves the test images in that space.
         eval_data: a labelled DataModule whose TEST split evaluates the student.
         predict_data: a DataModule whose ``predict_dataloader`` gives the inputs ``zskd predict`` labels (default:
             ``eval_data``'s).
@@ -59,6 +77,7 @@ class SyntheticDataModule(L.LightningDataModule):
             given, missing = ("input_mean", "input_std") if input_std is None else ("input_std", "input_mean")
             raise InvalidArgument(f"{given} is given without {missing}: give both (the teacher's normalization) "
                                   "or neither (eval_data's)")
+        _check_same_space(eval_data, shape=input_shape, mean=input_mean, std=input_std)
         mean = input_mean if input_mean is not None else getattr(eval_data, "mean", None)
         std = input_std if input_std is not None else getattr(eval_data, "std", None)
         has_normalization = mean is not None and std is not None
@@ -95,8 +114,8 @@ class SyntheticDataModule(L.LightningDataModule):
             self.predict_data.setup("predict")
         if stage in ("fit", "validate") and self.validate_on_real:
             self.eval_data.setup("validate")
-        if stage == "fit" and not self._has_validation() and self.trainer is not None:
-            self.trainer.limit_val_batches = 0  # nothing to validate on: no validation loop (not an empty one)
+        if stage == "fit" and not self._has_validation():
+            self._no_validation_this_fit()
         if stage == "fit":  # a new fit's streams (a resumed fit's come from its checkpoint, restored after setup)
             self.training_streams.start()
         if self.input_spec.mean is None and stage == "fit":

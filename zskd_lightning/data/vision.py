@@ -193,8 +193,9 @@ class MNISTDataModule(_MNISTFamilyDataModule):
 
     Served as ``[1, 32, 32]`` (2-pixel black padding, ``resize_to_32="pad"``), ``[1, 32, 32]`` resized
     (``"resize"``) or ``[1, 28, 28]`` (``"none"``). Files: ``<root>/MNIST/raw/{train,t10k}-{images-idx3,
-    labels-idx1}-ubyte``. ``augment=True``: ``RandomAffine(degrees=10, translate=0.1, scale=0.9..1.1)``,
-    black fill, on training items only. Other arguments: see :class:`ClassificationDataModule`.
+    labels-idx1}-ubyte``. ``augment=True``: rotations up to 10 degrees, shifts up to 10%
+    of the served size (3.2 px at 32) and zooms 0.9-1.1, as ``RandomAffine`` but sub-pixel (bilinear), black fill,
+    on training batches only (``BatchAugmentation``). Other arguments: see :class:`ClassificationDataModule`.
     """
 
     dataset_name = "MNIST"
@@ -235,8 +236,9 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     Normalized with mean ``(0.4914, 0.4822, 0.4465)``, std ``(0.2470, 0.2435, 0.2616)``. Files:
     ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` (torchvision checks their
-    md5 sums). ``augment=True``: ``RandomCrop(32, padding=4)`` (black padding) + ``RandomHorizontalFlip()``
-    on training items only. Arguments: see :class:`ClassificationDataModule`.
+    md5 sums). ``augment=True``: shifts of up to 4 px each way (the range of
+    ``RandomCrop(32, padding=4)``, but uniform and sub-pixel: bilinear, black beyond the border) and horizontal
+    flips, on training batches only (``BatchAugmentation``). Arguments: see :class:`ClassificationDataModule`.
     """
 
     dataset_name = "CIFAR-10"
@@ -262,5 +264,5 @@ class CIFAR10DataModule(TorchvisionDataModule):
         return [os.path.join(folder, n) for n in names]
 
     def _augmentation(self) -> BatchAugmentation:
-        # Shifts of up to 4 px (as RandomCrop(32, padding=4)) and horizontal flips.
+        # Shifts of up to 4 px (RandomCrop(32, padding=4)'s range, sub-pixel) and horizontal flips.
         return BatchAugmentation(translate=(0.125, 0.125), hflip=True)

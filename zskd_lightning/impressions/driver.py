@@ -114,10 +114,11 @@ class ImpressionSynthesis(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """``fit`` checks the Trainer's precision before any work; ``validate`` serves the held-out impressions of
-        the complete cache on disk (nothing is synthesized)."""
+        the complete cache on disk (nothing is synthesized), or nothing when the data validated is not an
+        ImpressionDataModule (e.g. real images, on the Trainer of a finished fit)."""
         if stage == "fit":
             check_trainer_precision(trainer.precision)
-        if stage != "validate":
+        if stage != "validate" or not isinstance(getattr(trainer.datamodule, "impression_plan", None), ImpressionPlan):
             return
         plan, teacher = _plan_and_teacher(trainer, pl_module)
         if plan.num_val == 0:

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import REPLAY_NEEDS_TEACHER_TARGETS, ZSKDError
 from zskd_lightning.pictures import labelled_grid, log_picture, save_picture
 from zskd_lightning.synthesis.api import Chunk, SynthesisContext, check_trainer_precision
 
@@ -72,8 +72,7 @@ class OnlineSynthesis(Callback):
                 raise ZSKDError(f"OnlineSynthesis needs a LightningModule with a `{name}` (a DistillationModule); "
                                 f"got {type(pl_module).__name__}")
         if getattr(getattr(pl_module, "hparams", None), "target_source", "teacher") != "teacher":
-            raise ZSKDError("target_source='batch' distils to the soft targets a batch carries; replay-buffer "
-                            "batches (OnlineDataModule) carry none: use target_source='teacher'")
+            raise ZSKDError(REPLAY_NEEDS_TEACHER_TARGETS)
         self._datamodule = datamodule
         self._module = pl_module
 
