@@ -33,6 +33,16 @@ def test_band_lrn_matches_stock_values_and_input_gradients(size, channels, chann
     torch.testing.assert_close(x_band.grad, x_stock.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_band_lrn_in_float16_overflows_only_where_the_stock_layer_would():
+    """Five neighbouring channels at 150: each square (22,500) fits in float16, their sum (112,500) does not; the
+    band averages, as the stock layer does, so the output stays finite and equal to float32's."""
+    x = torch.full((1, 5, 2, 2), 150.0)
+    stock = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+    y = BandLocalResponseNorm.like(stock)(x.half())
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), stock(x), rtol=2e-3, atol=0.0)
+
+
 def test_a_band_first_built_in_inference_mode_still_takes_gradients():
     """A validation step (Lightning's inference mode) may be the first to run the layer; synthesis after it
     needs input gradients through the same cached band."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from zskd_lightning.losses import kd_loss, soft_cross_entropy, soft_target_kd_loss
+from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_cross_entropy, soft_target_kd_loss
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -88,9 +88,12 @@ def test_kd_loss_gradient_is_analytic(temperature):
     assert t.grad is None  # the teacher is a constant target
 
 
-def test_kd_loss_rejects_non_positive_temperature():
-    with pytest.raises(ValueError, match="temperature"):
-        kd_loss(STUDENT, TEACHER, 0.0)
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_every_kd_loss_rejects_a_temperature_that_is_not_positive(temperature):
+    soft = torch.softmax(TEACHER, dim=-1)
+    for loss, target in ((kd_loss, TEACHER), (kd_loss_per_sample, TEACHER), (soft_target_kd_loss, soft)):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            loss(STUDENT, target, temperature)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 5.0])

@@ -16,6 +16,7 @@ from helpers import tiny
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.metadata import read_metadata
+from zskd_lightning.metadata.statistics import ClassMoments
 from zskd_lightning.metadata.record import ActivationRecorder, default_layers
 from zskd_lightning.teacher import as_frozen_teacher
 
@@ -130,6 +131,26 @@ def test_a_label_outside_the_teachers_classes_is_one_line(tmp_path, bad_label):
     with pytest.raises(ZSKDError, match=rf"^recording needs class labels in \[0, 10\) for a teacher with 10 outputs; "
                                         rf"this batch holds labels {min(bad_label, 0)} to {max(bad_label, 9)}$"):
         recorder.validation_step((torch.randn(4, *tiny.INPUT_SHAPE), labels), 0)
+
+
+@pytest.mark.parametrize("bad_label", [-1, 10])
+def test_class_moments_refuse_a_label_outside_their_classes(bad_label):
+    """The public statistics object on its own: -1 would have indexed the last class's rows."""
+    moments = ClassMoments(10, 3, "full")
+    with pytest.raises(ZSKDError, match=rf"^label {bad_label} outside the statistics' classes 0..9"):
+        moments.update(torch.randn(3, 3), torch.tensor([0, bad_label, 2]))
+    assert int(moments.count.sum()) == 0
+
+
+def test_recording_over_no_batch_is_one_line_not_a_silent_exit(tmp_path):
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    recorder = ActivationRecorder(tiny.make_net(0), output=str(tmp_path / "meta.safetensors"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    with pytest.raises(ZSKDError, match=r"^nothing was recorded into .*meta.safetensors: the data gave no batch"):
+        trainer.validate(recorder, dataloaders=data.train_dataloader())
+    assert not (tmp_path / "meta.safetensors").exists()
 
 
 def test_the_file_keeps_the_layers_in_recorded_order(tmp_path):

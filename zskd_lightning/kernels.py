@@ -1,10 +1,11 @@
 """Faster stand-ins for teacher layers whose stock kernels are slow on CPU (synthesis and distillation).
 
-``nn.LocalResponseNorm`` (the ZSKD AlexNet has two) computes its channel-window sum with ``avg_pool3d`` over a
+``nn.LocalResponseNorm`` (the ZSKD AlexNet has two) computes its channel-window mean with ``avg_pool3d`` over a
 padded 5-d view; forward and backward of that take most of an AlexNet synthesis step on CPU (profiled: ~60%,
-convolutions ~25%). :class:`BandLocalResponseNorm` computes the same window sum as a 1x1 convolution of
+convolutions ~25%). :class:`BandLocalResponseNorm` computes the same window mean as a 1x1 convolution of
 ``x^2`` with a fixed banded ``[C, C]`` matrix, a small matrix product that oneDNN/cuBLAS run fast, and is equal
-to the stock layer up to float rounding. :func:`use_fast_kernels` swaps a module's LRN layers for it for good
+to the stock layer up to float rounding (on CUDA in float32, cuDNN may run that convolution in TF32, as
+``torch.backends.cudnn.allow_tf32`` says: the window mean is then rounded to about 1e-3 relative). :func:`use_fast_kernels` swaps a module's LRN layers for it for good
 (a :class:`~zskd_lightning.FrozenTeacher` does, by default); :func:`fast_kernels_in` swaps them only within a
 block (a synthesis run) and puts the originals back afterwards.
 """
@@ -20,11 +21,12 @@ from torch import Tensor, nn
 
 
 class BandLocalResponseNorm(nn.Module):
-    """``nn.LocalResponseNorm(size, alpha, beta, k)`` as ``x * (k + alpha / size * band(x^2)) ** -beta``.
+    """``nn.LocalResponseNorm(size, alpha, beta, k)`` as ``x * (k + alpha * band(x^2)) ** -beta``.
 
-    ``band`` sums each channel's window ``[c - size // 2, c + (size - 1) // 2]`` (zero beyond the edges, as the
-    stock layer pads): a 1x1 convolution with a ``[C, C, 1, 1]`` 0/1 weight, built once per channel count,
-    device and dtype. Input ``[N, C, H, W]``; output the same shape.
+    ``band`` averages each channel's window ``[c - size // 2, c + (size - 1) // 2]`` over ``size`` (zero beyond
+    the edges, as the stock layer pads): a 1x1 convolution with a ``[C, C, 1, 1]`` weight of ``1 / size`` inside
+    the window, built once per channel count, device and dtype. The mean, not the sum, so that in float16 it
+    overflows only where the stock layer's does. Input ``[N, C, H, W]``; output the same shape.
     """
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
@@ -46,16 +48,17 @@ class BandLocalResponseNorm(nn.Module):
         return self._bands[key]
 
     def _built(self, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The 0/1 matrix ``[C, C, 1, 1]`` whose 1s mark, for each output channel, the input channels of its window."""
+        """The matrix ``[C, C, 1, 1]`` holding ``1 / size`` where, for each output channel, the input channels of its
+        window are, 0 elsewhere."""
         offset = torch.arange(channels).view(1, -1) - torch.arange(channels).view(-1, 1)  # c_in - c_out
         inside = (offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)
-        return inside.to(device=device, dtype=dtype).view(channels, channels, 1, 1)
+        return (inside.double() / self.size).to(device=device, dtype=dtype).view(channels, channels, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:  # the band trick is written for images; other ranks keep the stock computation
             return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
-        window_sum = F.conv2d(x * x, self.band(x.shape[1], x.device, x.dtype))
-        return x * (self.k + (self.alpha / self.size) * window_sum).pow(-self.beta)
+        window_mean = F.conv2d(x * x, self.band(x.shape[1], x.device, x.dtype))
+        return x * (self.k + self.alpha * window_mean).pow(-self.beta)
 
 
 def use_fast_kernels(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

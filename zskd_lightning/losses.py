@@ -12,6 +12,11 @@ from torch import Tensor
 from zskd_lightning.errors import InvalidArgument
 
 
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise InvalidArgument(f"temperature must be > 0, got {temperature}")
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton's distillation loss ``T^2 * KL(softmax(t / T) || softmax(s / T))``, batch-mean.
 
@@ -23,8 +28,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     Returns:
         Scalar: the KL divergence summed over classes, averaged over the ``B`` samples, times ``T^2``.
     """
-    if temperature <= 0:
-        raise InvalidArgument(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
@@ -34,8 +38,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
 def kd_loss_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Each sample's ``T^2 * KL(softmax(t / T) || softmax(s / T))``, shape ``[B]`` (the terms :func:`kd_loss`
     averages; its batch mean equals :func:`kd_loss` up to float summation order)."""
-    if temperature <= 0:
-        raise InvalidArgument(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=-1)
@@ -48,6 +51,7 @@ def soft_target_kd_loss(student_logits: Tensor, target_probs: Tensor, temperatur
     Used when a batch carries its own soft targets (e.g. the impressions' sampled targets) instead of
     re-querying the teacher.
     """
+    _check_temperature(temperature)
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, target_probs.detach().float(), reduction="batchmean", log_target=False)
     return kl * temperature**2

@@ -59,7 +59,9 @@ class Metadata:
 def write_metadata(path: str | os.PathLike, layers: Mapping[str, ClassMoments], shapes: Mapping[str, Sequence[int]],
                    teacher_fingerprint: str, temperature: float) -> int:
     """Write the statistics of ``layers`` (activation ``shapes`` by layer) atomically; returns the file's size in
-    bytes. Raises :class:`ZSKDError` for a class with fewer than 2 samples."""
+    bytes. Raises :class:`ZSKDError` for a class with fewer than 2 samples, or no layer at all."""
+    if not layers:
+        raise ZSKDError(f"no statistics to write to {os.fspath(path)}: nothing was recorded")
     tensors: dict[str, Tensor] = {}
     described = {}
     for name, moments in layers.items():

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError
 from zskd_lightning.metadata.file import LOGITS, write_metadata
 from zskd_lightning.metadata.statistics import ClassMoments
 from zskd_lightning.taps import FeatureTaps, Tap, submodule
@@ -64,9 +64,18 @@ class ActivationRecorder(L.LightningModule):
         self.moments: dict[str, ClassMoments] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._started = 0.0
+        self._recorded = False  # this run's statistics reached the file (every rank knows)
 
     def on_validation_epoch_start(self) -> None:
         self.moments, self.shapes, self._started = {}, {}, time.perf_counter()
+
+    def teardown(self, stage: str) -> None:
+        """A run that gave no batch at all (``limit_val_batches: 0``, an empty split: Lightning then skips the
+        whole loop) ends in one line instead of exiting cleanly without a file."""
+        recorded, self._recorded = self._recorded, False  # a later run of this recorder reports its own
+        if stage == "validate" and not recorded:  # every rank alike (the loop is skipped on all): printed once
+            raise RankSharedError(f"nothing was recorded into {self.output}: the data gave no batch (an empty "
+                                  "split, or the Trainer's limit_val_batches 0)")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -94,6 +103,7 @@ class ActivationRecorder(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         trainer = self.trainer
+        self._recorded = True
         if trainer.world_size > 1:
             gathered: list = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, {k: _state(m) for k, m in self.moments.items()})

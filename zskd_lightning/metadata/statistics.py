@@ -44,6 +44,12 @@ class ClassMoments:
         if values.shape[1] != self.dim:
             raise ZSKDError(f"activations of width {values.shape[1]} given to statistics of width {self.dim}")
         labels = labels.detach().to("cpu", torch.int64)
+        if len(labels) != len(values):
+            raise ZSKDError(f"{len(labels)} labels given with {len(values)} activation rows")
+        outside = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(outside):
+            raise ZSKDError(f"label {int(outside[0])} outside the statistics' classes 0..{self.num_classes - 1} "
+                            "(e.g. -1 for unlabelled samples, or data of another class count)")
         for k in labels.unique().tolist():
             x = values[labels == k]
             mean = x.mean(0)

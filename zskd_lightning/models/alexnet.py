@@ -9,8 +9,11 @@ from torch import nn
 
 __all__ = ["AlexNet", "AlexNetHalf"]
 
-# LocalResponseNorm settings: size 5 with the classic AlexNet alpha/beta/k
-# (alpha=1e-4, beta=0.75, k=2), i.e. PyTorch's defaults apart from k.
+# LocalResponseNorm settings, in PyTorch's convention (alpha multiplies the MEAN of the squares over the window):
+# size 5, alpha 1e-4, beta 0.75, k 2, PyTorch's defaults apart from k. Krizhevsky et al.'s alpha 1e-4 multiplies
+# the SUM (so theirs is alpha 5e-4 here), and the ZSKD authors' TensorFlow AlexNet uses depth radius 2, alpha
+# 1e-4 on the sum and bias 1 (here: size 5, alpha 5e-4, k 1). The benchmark CIFAR-10 teacher was trained with
+# these values, which stay.
 _LRN_SIZE = 5
 _LRN_ALPHA = 1e-4
 _LRN_BETA = 0.75
@@ -31,7 +34,9 @@ class AlexNet(nn.Module):
     For 32x32 input the spatial size goes 32 -> 15 -> 7 -> 3, so the flatten size is
     ``conv_widths[4] * 3 * 3`` (computed from ``input_size``).
 
-    LRN: size 5, alpha 1e-4, beta 0.75, k 2 (the original AlexNet settings).
+    LRN: ``nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2)``, a weaker normalization than the ZSKD authors'
+    (``size 5, alpha 5e-4, k 1`` in PyTorch's convention; see the module's constants): weights trained with
+    theirs do not carry over unchanged.
 
     Input ``[B, in_channels, 32, 32]``, output logits ``[B, num_classes]``.
     Needs batch >= 2 in train mode (BatchNorm1d).
