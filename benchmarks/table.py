@@ -175,6 +175,8 @@ MNIST = Dataset(
         #: Wang 2021 (AAAI), its own MNIST table: Wang 99.08, KD on real data 99.18.
         Row("wang", "wang", "data_free", ("configs/mnist/wang_lenet5_half.yaml",), 24000, paper=99.08,
             legend="Wang 2021, 24,000 impressions"),
+        Row("wang_240ep", "wang", "data_free", ("configs/mnist/wang_lenet5_half.yaml", WANG_240_EPOCHS), 24000,
+            variant="_240ep", impressions_variant="", paper=99.08, default=False),
         Row("wang_its900", "wang", "data_free", ("configs/mnist/wang_lenet5_half.yaml", WANG_900_ITERATIONS), 24000,
             variant="_its900", paper=99.08, legend="Wang 2021, 900 iterations"),
         Row("wang_its900_240ep", "wang", "data_free",
