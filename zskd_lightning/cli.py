@@ -20,8 +20,6 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-from tensorboard.compat.proto.event_pb2 import Event
 
 from zskd_lightning.data.evaluation import EvaluationData
 from zskd_lightning.errors import RankSharedError, ZSKDError
@@ -233,6 +231,10 @@ def _event_file_holds_values(path: str) -> bool:
     """Whether the TensorBoard event file at ``path`` holds anything a run logged (a scalar, an image, ...),
     beyond its version record, the hyper-parameters and Lightning's ``hp_metric`` placeholder. ``True`` for a
     file that does not read whole as event records (e.g. cut by a crash): what cannot be judged is kept."""
+    # Imported here, on the failure path only: the reader costs every `zskd` call about 0.1 s at start-up.
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
     size = os.path.getsize(path)
     if size > 1 << 20:
         return True

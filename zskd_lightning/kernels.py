@@ -5,7 +5,8 @@ padded 5-d view; forward and backward of that take most of an AlexNet synthesis 
 convolutions ~25%). :class:`BandLocalResponseNorm` computes the same window mean as a 1x1 convolution of
 ``x^2`` with a fixed banded ``[C, C]`` matrix, a small matrix product that oneDNN/cuBLAS run fast, and is equal
 to the stock layer up to float rounding (on CUDA in float32, cuDNN may run that convolution in TF32, as
-``torch.backends.cudnn.allow_tf32`` says: the window mean is then rounded to about 1e-3 relative). :func:`use_fast_kernels` swaps a module's LRN layers for it for good
+``torch.backends.cudnn.allow_tf32`` says: the window mean is then rounded to about 1e-3 relative).
+:func:`use_fast_kernels` swaps a module's LRN layers for it for good
 (a :class:`~zskd_lightning.FrozenTeacher` does, by default); :func:`fast_kernels_in` swaps them only within a
 block (a synthesis run) and puts the originals back afterwards.
 """

@@ -45,8 +45,8 @@ class DigitsDataModule(ClassificationDataModule):
     ``val_fraction=0.1`` that is **1,293 train / 144 val**.
 
     ``augment=True`` shifts training batches by up to 1 pixel each way (uniform, sub-pixel: bilinear resampling,
-    black beyond the border; ``BatchAugmentation(translate=1/8)``). ``root`` and ``download`` are accepted for a uniform interface and ignored (the data
-    ships inside scikit-learn). Constructor arguments: see :class:`ClassificationDataModule`.
+    black beyond the border; ``BatchAugmentation(translate=1/8)``). ``root`` and ``download`` are accepted for a
+    uniform interface and ignored (the data ships inside scikit-learn). Constructor arguments: see :class:`ClassificationDataModule`.
     """
 
     num_classes = 10

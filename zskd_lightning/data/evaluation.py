@@ -28,9 +28,10 @@ __all__ = ["EvaluationData", "ValidationSwitch", "evaluation_loader", "own_gener
 
 
 def own_generator() -> torch.Generator:
-    """A CPU generator for an in-order loader: each new iterator of a ``DataLoader`` draws a (worker) base seed from
-    its ``generator``, by default from the global CPU stream; with its own, evaluating and predicting leave that
-    stream, hence a resumed fit's dropout and augmentation draws, where they were."""
+    """A CPU generator for a loader that needs none of its own draws (in-order, or batches made elsewhere): each
+    new iterator of a ``DataLoader`` draws a (worker) base seed from its ``generator``, by default from the global
+    CPU stream; with its own, evaluating, predicting and new replay iterators leave that stream, hence a resumed
+    fit's dropout and augmentation draws, where they were."""
     return torch.Generator().manual_seed(0)
 
 
@@ -81,8 +82,8 @@ class ValidationSwitch:
     """Mixin of a LightningDataModule with nothing to validate on in some fits (no held-out data): there,
     :meth:`_no_validation_this_fit` (from ``setup("fit")``) sets the Trainer's ``limit_val_batches`` to 0 (no
     validation loop rather than an empty one; ``ReduceLROnPlateau`` is then refused in one line at
-    ``configure_optimizers``), and ``teardown("fit")`` (or ``on_exception``) puts the Trainer's own value back, so a later
-    ``trainer.validate`` or ``fit`` on the same Trainer validates as its settings say."""
+    ``configure_optimizers``), and ``teardown("fit")`` (or ``on_exception``) puts the Trainer's own value back, so
+    a later ``trainer.validate`` or ``fit`` on the same Trainer validates as its settings say."""
 
     _limit_val_batches: int | float | None = None  # the Trainer's, while a fit without validation runs
 

@@ -118,7 +118,7 @@ class ImpressionSynthesis(Callback):
         ImpressionDataModule (e.g. real images, on the Trainer of a finished fit)."""
         if stage == "fit":
             check_trainer_precision(trainer.precision)
-        if stage != "validate" or not isinstance(getattr(trainer.datamodule, "impression_plan", None), ImpressionPlan):
+        if stage != "validate" or _impression_plan(trainer) is None:
             return
         plan, teacher = _plan_and_teacher(trainer, pl_module)
         if plan.num_val == 0:
@@ -173,9 +173,15 @@ def _why_incomplete(cache: ImpressionCache) -> str:
     return f"chunk(s) {cache.missing_chunks()[:5]} are missing or fail their checksums"
 
 
-def _plan_and_teacher(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[ImpressionPlan, nn.Module]:
+def _impression_plan(trainer: L.Trainer) -> ImpressionPlan | None:
+    """The Trainer's datamodule's impression plan; ``None`` when it is not an ImpressionDataModule."""
     plan = getattr(trainer.datamodule, "impression_plan", None)
-    if not isinstance(plan, ImpressionPlan):
+    return plan if isinstance(plan, ImpressionPlan) else None
+
+
+def _plan_and_teacher(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[ImpressionPlan, nn.Module]:
+    plan = _impression_plan(trainer)
+    if plan is None:
         raise ZSKDError(
             f"ImpressionSynthesis needs an ImpressionDataModule as the Trainer's datamodule, got "
             f"{type(trainer.datamodule).__name__}"

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from zskd_lightning.batch_progress import unfinished_batch
+from zskd_lightning.data.evaluation import own_generator
 from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.online.buffer import ReplayBuffer
@@ -195,4 +196,4 @@ class OnlineDataModule(SyntheticDataModule):
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         # Its own generator: a new iterator draws its (unused) worker base seed from it, not from the global
         # stream, which a resumed fit puts back at its first batch (DistillationModule).
-        return ResumableLoader(BufferBatches(self), batch_size=None, generator=torch.Generator().manual_seed(0))
+        return ResumableLoader(BufferBatches(self), batch_size=None, generator=own_generator())
