@@ -656,13 +656,14 @@ def test_a_cache_being_filled_by_another_run_is_refused_in_one_line(tmp_path, co
 
 def test_a_grid_that_cannot_be_written_is_a_warning_not_a_failed_fit(tmp_path, reference, monkeypatch):
     """Rank 0 alone draws it: an error there would leave the other ranks of a DDP fit waiting."""
-    from zskd_lightning.impressions import driver
+    from zskd_lightning import pictures
 
     def disk_full(picture, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(driver, "save_picture", disk_full)
-    with pytest.warns(UserWarning, match=r"the impression grid was not written to .*: OSError: .*No space left"):
+    monkeypatch.setattr(pictures, "save_picture", disk_full)
+    with pytest.warns(UserWarning, match=r"the impressions picture was not written to .*impressions.png: OSError: .*No "
+                                         r"space left"):
         tiny.run_synthesis(copy_cache(reference, tmp_path / "cache"), fit=True)
 
 

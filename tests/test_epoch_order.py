@@ -311,3 +311,15 @@ def test_two_processes_resumed_mid_epoch_distil_as_if_never_stopped(tmp_path):
     for rank in (0, 1):
         expected, resumed = (torch.load(root / f"rank{rank}.pt", weights_only=True) for root in (whole, split))
         assert all(torch.equal(resumed[k], v) for k, v in expected.items()), rank
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank_in_one_line(tmp_path):
+    """Rank 1's student outputs NaN: both ranks decide together at the same step and raise (rank 1 why, rank 0
+    that another rank stopped), instead of rank 0 waiting in the gradient all-reduce for a rank that left (with
+    NCCL, until the process group's timeout)."""
+    script = Path(__file__).parent / "helpers" / "offline_run.py"
+    proc = subprocess.run([sys.executable, str(script), "--root", str(tmp_path), "--devices", "2", "--nan-on-rank", "1"],
+                          capture_output=True, text=True, timeout=240, env=tiny.script_env(1))
+    assert proc.returncode != 0 and "DONE" not in proc.stdout
+    assert "ZSKDError: the distillation loss is not finite (nan) at step 0, epoch 0" in proc.stderr
+    assert "ZSKDError: the distillation loss is not finite on another rank at step 0, epoch 0" in proc.stderr

@@ -70,6 +70,17 @@ def test_layers_given_to_the_top_layer_objective_are_refused_in_one_line(recorde
         LopesSynthesizer(str(recorded), objective="top_layer", layers=["body.5"])  # at construction
 
 
+@pytest.mark.parametrize("objective, layers, message", [
+    ("all_layers", [], r"^layers must name each matched layer once .*got \[\]"),
+    ("all_layers", ["body.5", "body.5"], r"^layers must name each matched layer once .*got \['body.5', 'body.5'\]"),
+    ("spectral_all_layers", ["body.5", "logits"], r"^the spectral objectives match recorded nn.Linear outputs; "
+                                                   r"'logits' in layers"),
+], ids=["empty", "repeated", "logits in a spectral objective"])
+def test_bad_layer_lists_are_refused_in_one_line_at_construction(recorded, objective, layers, message):
+    with pytest.raises(ZSKDError, match=message):
+        LopesSynthesizer(str(recorded), objective=objective, layers=layers)
+
+
 @pytest.mark.parametrize("objective", ["top_layer", "all_layers", "spectral_all_layers", "spectral_layer_pairs"])
 def test_the_objective_pulls_activations_toward_their_draws(recorded, objective):
     context = _context()

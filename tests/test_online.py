@@ -67,6 +67,56 @@ def test_batchnorm_term_runs_on_a_batchnorm_teacher():
     assert result.labels.tolist() == list(range(8))  # class index mod K: a round is class-balanced
 
 
+def test_a_round_averages_the_saved_statistics_across_processes_not_the_output_range():
+    """``average`` sees the gradients and the BatchNorm running statistics; the output range (``low``/``high``,
+    buffers that are not saved) is the same on every rank: averaging it could move it by an ulp a round."""
+    ctx = context()
+    synthesizer = FastSynthesizer(batch_size=8, width=4, noise_dim=8, steps_per_round=1)
+    synthesizer.setup(ctx)
+    averaged = []
+    synthesizer.round(ctx, Chunk.of(0, 0, 0, 8), average=averaged.append)
+    generator = synthesizer.generator
+    statistics = [b for name, b in generator.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    buffers_seen = averaged[-1]
+    assert statistics and {id(b) for b in buffers_seen} == {id(b) for b in statistics}
+    assert not {id(generator.low), id(generator.high)} & {id(b) for b in buffers_seen}
+
+
+def test_setup_and_rounds_run_inside_a_callers_inference_mode():
+    """Weights, targets and noise are made where autograd may save them, whatever mode the caller is in."""
+    ctx = context()
+    synthesizer = FastSynthesizer(batch_size=8, width=4, noise_dim=8, steps_per_round=2)
+    with torch.inference_mode():
+        synthesizer.setup(ctx)
+        result = synthesizer.round(ctx, Chunk.of(0, 0, 0, 8))
+    assert torch.isfinite(result.loss).all()
+    assert not any(p.is_inference() for p in synthesizer.generator.parameters())
+
+
+def test_a_student_that_views_its_conv_features_reads_the_generators_channels_last_inputs():
+    """The generator makes channels-last inputs; the student gets them in the layout it trains on."""
+
+    class ViewingStudent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            features = self.conv(x)
+            return self.head(features.view(len(features), -1))
+
+    ctx = context(student=ViewingStudent())
+    synthesizer = FastSynthesizer(adversarial=1.0, batch_size=8, width=4, noise_dim=8, steps_per_round=1)
+    synthesizer.setup(ctx)
+    assert torch.isfinite(synthesizer.round(ctx, Chunk.of(0, 0, 0, 8)).loss).all()
+
+
+def test_a_zero_adversarial_temperature_is_refused_under_its_own_name():
+    """SSD-KD's phi has a ``temperature`` of its own: the error names the one given."""
+    with pytest.raises(InvalidArgument, match=r"^adversarial_temperature must be > 0, got 0"):
+        FastSynthesizer(adversarial_temperature=0)
+
+
 def test_a_round_lowers_the_generator_loss_and_leaves_the_student_alone():
     student = tiny.make_net(1, width=4)
     before = {k: v.clone() for k, v in student.state_dict().items()}
@@ -176,6 +226,23 @@ def test_a_tiny_online_fit_fills_a_balanced_buffer_and_draws_a_picture(tmp_path)
     assert bool((held >= low - 1e-5).all()) and bool((held <= high + 1e-5).all())
     assert (tmp_path / "buffer.png").exists()
     assert trainer.callback_metrics["online/round"] == 7
+
+
+def test_a_buffer_picture_that_cannot_be_written_is_a_warning_not_a_failed_fit(tmp_path, monkeypatch):
+    """Rank 0 alone draws it at the end of training, while the other ranks of a DDP fit go on to the export's
+    collectives: an error there would leave them waiting."""
+    from zskd_lightning import pictures
+
+    def disk_full(picture, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pictures, "save_picture", disk_full)
+    model, datamodule = tiny.online_setup(steps_per_epoch=2)
+    trainer = tiny.quiet_trainer(tmp_path, max_epochs=1)
+    with pytest.warns(UserWarning, match=r"the replay_buffer picture was not written to .*buffer.png: OSError: .*No "
+                                         r"space left"):
+        trainer.fit(model, datamodule=datamodule)
+    assert trainer.state.finished and not (tmp_path / "buffer.png").exists()
 
 
 def test_a_synthesis_callback_subclass_on_the_trainer_takes_the_place_of_the_default():

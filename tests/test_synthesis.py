@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from zskd_lightning import ClassImpressionSynthesizer, ZSKDSynthesizer
-from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import InputSpec
+from zskd_lightning.synthesis.methods import FeatureActivation
 from zskd_lightning.synthesis import (
     BatchNormStatistics,
     Chunk,
@@ -89,6 +90,24 @@ def test_inversion_reads_a_student_in_eval_mode_and_leaves_it_as_it_was():
     assert student.training and all(torch.equal(v, statistics[k]) for k, v in student.state_dict().items())
     torch.rand(5)  # the global stream moves on: the same chunk comes out the same
     assert torch.equal(synthesize(synthesizer, teacher, student=student)[0], first)
+
+
+def test_inversion_gives_the_student_the_layout_it_trains_on():
+    """The teacher runs on channels-last inputs; a student that .view()s its conv features would fail on them."""
+
+    class ViewingStudent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 8 * 8, K)
+
+        def forward(self, x):
+            features = self.conv(x)
+            return self.head(features.view(len(features), -1))
+
+    synthesizer = Synthesizer(OneHotTargets(), SoftTargetCrossEntropy(), regularizers=[Disagreement()], iterations=2,
+                              channels_last=True)
+    inputs = synthesize(synthesizer, as_frozen_teacher(tiny.make_net(0)), student=ViewingStudent())[0]
+    assert torch.isfinite(inputs).all()
 
 
 # ------------------------------------------------------------------------------------------ class similarity
@@ -185,6 +204,29 @@ def test_dirichlet_rejects_bad_betas():
         DirichletTargets(())
     with pytest.raises(ValueError, match=r"betas must be positive, got \(1.0, 0.0\)"):
         DirichletTargets((1.0, 0.0))
+
+
+def test_dirichlet_targets_with_two_classes_are_one_hot_with_a_warning():
+    """Min-max normalization maps any 2x2 cosine matrix to the identity: ZSKD becomes Class Impressions."""
+    two_class = tiny.make_net(0, num_classes=2)
+    sampler = DirichletTargets()
+    spec = InputSpec(tiny.INPUT_SHAPE, tiny.DIGITS_MEAN, tiny.DIGITS_STD)
+    with pytest.warns(UserWarning, match="ZSKD's targets with 2 classes are one-hot"):
+        sampler.setup(SynthesisContext(teacher=two_class, input_spec=spec, num_classes=2), ChunkRandomness.for_setup(0))
+    torch.testing.assert_close(sampler.similarity, torch.eye(2))
+
+
+def test_a_stop_window_under_one_iteration_is_refused():
+    with pytest.raises(InvalidArgument, match=r"^stop_window must be >= 1 iterations, got 0"):
+        ZSKDSynthesizer(stop_tolerance=1e-3, stop_window=0)
+
+
+def test_the_activation_term_on_a_network_without_a_linear_layer_names_itself():
+    """FastDFKD and SSD-KD add it by default: the error names the term and how to leave it out, not Wang 2021."""
+    conv_head = nn.Sequential(nn.Conv2d(1, K, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ZSKDError, match=r"^Sequential has no nn.Linear layer whose features the activation term "
+                                        r"\(FeatureActivation; a weight of 0 leaves it out\) could read"):
+        FeatureActivation(0.1).taps(conv_head)
 
 
 def test_one_hot_targets():

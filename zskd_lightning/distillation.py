@@ -179,7 +179,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
             if self.sample_weights is not None:
                 raise ZSKDError("sample_weights need the teacher's logits: use target_source='teacher'")
             if batch_idx == 0:  # once an epoch (a check costs a device sync)
-                _check_probabilities(y)
+                self._stop_together(_probability_problem(y), "the batch's targets are not probabilities")
             distill = soft_target_kd_loss(student_logits, y, self.hparams.temperature)
         loss = self.hparams.kd_weight * distill
         if self.hparams.ce_weight and _is_hard_label(y):
@@ -211,11 +211,23 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         return {"loss": loss, "per_sample_loss": per_sample.detach()}
 
     def _check_finite(self, loss: Tensor) -> None:
+        problem = None
         if not torch.isfinite(loss):
-            raise ZSKDError(
-                f"the distillation loss is not finite ({float(loss)}) at step {self.global_step}, epoch "
-                f"{self.current_epoch}: check that the teacher's outputs and the inputs are finite, and lower the lr"
-            )
+            problem = (f"the distillation loss is not finite ({float(loss)}) at step {self.global_step}, epoch "
+                       f"{self.current_epoch}: check that the teacher's outputs and the inputs are finite, and lower "
+                       "the lr")
+        self._stop_together(problem, "the distillation loss is not finite")
+
+    def _stop_together(self, problem: str | None, what: str) -> None:
+        """Raise ``problem`` (one line) if this rank has one, and a line naming ``what`` on every other rank: a
+        collective under DDP (every rank calls it at the same step), so that no rank is left waiting in the
+        gradient all-reduce for one that stopped. Without a Trainer, this rank alone decides."""
+        fine = problem is None
+        if self._trainer is not None:
+            fine = self.trainer.strategy.reduce_boolean_decision(fine, all=True)
+        if not fine:
+            raise ZSKDError(problem or f"{what} on another rank at step {self.global_step}, epoch "
+                                       f"{self.current_epoch}: that rank's error says why")
 
     # -------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -351,11 +363,13 @@ def _is_soft_target(y: Tensor) -> bool:
     return isinstance(y, Tensor) and y.ndim == 2 and y.is_floating_point()
 
 
-def _check_probabilities(y: Tensor) -> None:
-    """One line unless every row of ``y [B, K]`` is a distribution (>= 0, summing to 1 within 1e-3)."""
+def _probability_problem(y: Tensor) -> str | None:
+    """Why ``y [B, K]`` is not a batch of distributions (each row >= 0, summing to 1 within 1e-3), in one line;
+    ``None`` if it is."""
     sums = y.detach().float().sum(dim=-1)
     lowest, low_sum, high_sum = float(y.min()), float(sums.min()), float(sums.max())
     if lowest < 0 or abs(low_sum - 1) > 1e-3 or abs(high_sum - 1) > 1e-3:
-        raise ZSKDError(f"target_source='batch' needs soft targets that are probabilities; this batch's targets reach "
-                        f"{lowest:.3g} and its rows sum to {low_sum:.4g}..{high_sum:.4g} (a cache of logits, as Lopes' "
-                        "caches hold, needs target_source='teacher')")
+        return (f"target_source='batch' needs soft targets that are probabilities; this batch's targets reach "
+                f"{lowest:.3g} and its rows sum to {low_sum:.4g}..{high_sum:.4g} (a cache of logits, as Lopes' "
+                "caches hold, needs target_source='teacher')")
+    return None

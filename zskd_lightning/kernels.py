@@ -90,3 +90,14 @@ def in_channels_last(module: nn.Module) -> bool:
     """Whether ``module`` has 4-d parameters or buffers and all of them are in channels-last (NHWC) layout."""
     tensors = [t for t in (*module.parameters(), *module.buffers()) if t.dim() == 4]
     return bool(tensors) and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+
+
+def default_layout(x: Tensor) -> Tensor:
+    """``x`` with row-major (NCHW) strides: a copy of a 4-d tensor that is channels-last, including the ambiguous
+    one-channel case (``[N, 1, H, W]`` whose strides fit both layouts, where a convolution would follow the
+    channels-last strides and a ``.view`` of its output fail); any other tensor as it is. For a network fed
+    channels-last inputs that it was not written for (the student during synthesis)."""
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    standard = x.clone(memory_format=torch.contiguous_format)
+    return standard if standard.stride() != x.stride() else x

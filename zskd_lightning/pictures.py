@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from zskd_lightning.errors import described
 from zskd_lightning.files import write_atomic
 from zskd_lightning.pixels import to_pixels
 
@@ -80,3 +82,18 @@ def log_picture(loggers: Sequence[Any], tag: str, picture: Image.Image, step: in
             experiment.add_image(tag, np.asarray(picture), global_step=step, dataformats="HWC")
         elif callable(getattr(logger, "log_image", None)):
             logger.log_image(key=tag, images=[picture], step=step)
+
+
+def publish_picture(make: Callable[[], Image.Image], path: str, loggers: Sequence[Any], tag: str,
+                    step: int = 0) -> str | None:
+    """Draw ``make()``, write it as a PNG at ``path`` and send it to ``loggers`` under ``tag``; returns the path,
+    or ``None`` with a warning when any of that fails (a full disk, a logger's upload). For global rank 0 alone,
+    while the other ranks go on: an error raised there would leave them waiting in their next collective."""
+    try:
+        picture = make()
+        save_picture(picture, path)
+        log_picture(loggers, tag, picture, step=step)
+    except Exception as err:
+        warnings.warn(f"the {tag} picture was not written to {path}: {described(err)}", stacklevel=2)
+        return None
+    return path

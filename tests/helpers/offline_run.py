@@ -1,13 +1,14 @@
 """Standalone offline-distillation run for the subprocess tests (resume under DDP). Lightning's DDP launcher
 re-runs this script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
 
-    python offline_run.py --root DIR [--devices 2] [--stop-at STEP] [--resume]
+    python offline_run.py --root DIR [--devices 2] [--stop-at STEP] [--resume] [--nan-on-rank R]
 
 Distils from a tiny impression cache (``DIR/cache``: 48 impressions; teacher ``make_net(0)``) for 3 epochs of
 3 batches per process (8 inputs a batch), with what draws from random streams: a per-sample random affine
 transform, batch blends and noise, and a dropout layer before the student. ``--stop-at`` ends it after that
 many steps (Trainer max_steps), as an interruption would; ``last.ckpt`` in ``DIR/checkpoints`` is written every
-step. At the end of fit every rank writes ``DIR/rank{r}.pt``: its student's weights.
+step. At the end of fit every rank writes ``DIR/rank{r}.pt``: its student's weights. ``--nan-on-rank R``: rank
+R's student outputs NaN (its loss is not finite from the first step).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--resume", action="store_true", help="resume from DIR/checkpoints/last.ckpt")
     parser.add_argument("--stop-at", type=int, default=-1, help="stop after this many steps (Trainer max_steps)")
+    parser.add_argument("--nan-on-rank", type=int, default=None, help="this rank's student outputs NaN")
     args = parser.parse_args()
 
     import lightning as L
@@ -42,7 +44,12 @@ def main() -> None:
     datamodule = tiny.make_datamodule(os.path.join(args.root, "cache"), num_impressions=48, batch_size=8,
                                       augmentation=v2.RandomAffine(degrees=20),
                                       batch_augmentation=BatchAugmentation(mix=0.5, noise_std=0.05))
-    model = DistillationModule(tiny.make_net(0), nn.Sequential(nn.Dropout(0.3), tiny.make_net(1, width=4)),
+    class NanOnRank(nn.Module):
+        def forward(self, x):
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            return x * float("nan") if rank == args.nan_on_rank else x
+
+    model = DistillationModule(tiny.make_net(0), nn.Sequential(NanOnRank(), nn.Dropout(0.3), tiny.make_net(1, width=4)),
                                export_filename=None)
 
     class Dump(Callback):

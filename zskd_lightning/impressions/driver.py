@@ -33,7 +33,7 @@ from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError, d
 from zskd_lightning.impressions.cache import ImpressionCache
 from zskd_lightning.impressions.pictures import impression_grid
 from zskd_lightning.impressions.progress import SynthesisProgress
-from zskd_lightning.pictures import log_picture, save_picture
+from zskd_lightning.pictures import publish_picture
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.ranks import every_rank
 from zskd_lightning.synthesis import Chunk, Synthesizer, SynthesisContext
@@ -149,13 +149,9 @@ class ImpressionSynthesis(Callback):
         datamodule.use_cache(cache)
         folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.grid_filename:
-            try:
-                picture = impression_grid(cache, plan.input_spec.valid_range())
-                path = save_picture(picture, os.path.join(folder, self.grid_filename))
-                log_picture(trainer.loggers, "impressions", picture)
-            except Exception as err:  # rank 0 alone: raising would leave the other ranks waiting in training
-                rank_zero_warn(f"the impression grid was not written to {folder}: {described(err)}")
-            else:
+            path = publish_picture(lambda: impression_grid(cache, plan.input_spec.valid_range()),
+                                   os.path.join(folder, self.grid_filename), trainer.loggers, "impressions")
+            if path is not None:
                 rank_zero_info(f"Impression grid written to {path}")
 
 

@@ -139,7 +139,9 @@ class OnlineDataModule(SyntheticDataModule):
             SSD-KD: :class:`~zskd_lightning.online.PrioritySampler`).
         buffer_update: ``"ring"``: every round overwrites the oldest entries; ``"balanced"``: SSD-KD's partial
             update (:meth:`~zskd_lightning.online.ReplayBuffer.write_balanced`), new inputs ranked by the method's
-            per-sample weights, held scores multiplied by ``score_decay`` each round.
+            per-sample weights, held scores multiplied by ``score_decay`` each round. SSD-KD's weights are
+            normalized per batch (mean 1), so a score says how hard an input was next to its own batch, not in
+            absolute terms: a round of easy inputs competes for slots as well as a round of hard ones.
         seed: seeds the generator's start, every round and every draw.
         input_shape, input_mean, input_std, eval_data, predict_data, validate_on_real, batch_augmentation: see
             :class:`~zskd_lightning.data.SyntheticDataModule`.

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from zskd_lightning.errors import REPLAY_NEEDS_TEACHER_TARGETS, ZSKDError
-from zskd_lightning.pictures import labelled_grid, log_picture, save_picture
+from zskd_lightning.pictures import labelled_grid, publish_picture
 from zskd_lightning.synthesis.api import Chunk, SynthesisContext, check_trainer_precision
 
 
@@ -179,11 +179,12 @@ class OnlineSynthesis(Callback):
                        f"{self.synthesis_seconds:.1f} s; buffer {len(dm.buffer)}/{dm.buffer.capacity}")
         folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.grid_filename and len(dm.buffer):
-            picture = labelled_grid(dm.buffer.inputs[: len(dm.buffer)], dm.buffer.labels[: len(dm.buffer)],
-                                    dm.input_spec.valid_range())
-            path = save_picture(picture, os.path.join(folder, self.grid_filename))
-            log_picture(trainer.loggers, "replay_buffer", picture, step=trainer.global_step)
-            rank_zero_info(f"Replay buffer picture written to {path}")
+            held = len(dm.buffer)
+            path = publish_picture(
+                lambda: labelled_grid(dm.buffer.inputs[:held], dm.buffer.labels[:held], dm.input_spec.valid_range()),
+                os.path.join(folder, self.grid_filename), trainer.loggers, "replay_buffer", step=trainer.global_step)
+            if path is not None:
+                rank_zero_info(f"Replay buffer picture written to {path}")
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

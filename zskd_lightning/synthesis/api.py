@@ -256,5 +256,6 @@ class Method(Recorded):
         """Each part reads the context once (e.g. the teacher's class similarity), drawing any randomness from
         ``(context.seed, "setup")`` so every rank computes the same."""
         rng = ChunkRandomness.for_setup(context.seed)
-        for part in self.parts:
-            part.setup(context, rng)
+        with torch.inference_mode(False):  # what parts make here (a basis, a covariance) is used with gradients
+            for part in self.parts:
+                part.setup(context, rng)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.kernels import default_layout
 from zskd_lightning.pixels import InputRange, from_pixels
 from zskd_lightning.synthesis.api import (
     Autocast,
@@ -170,6 +171,7 @@ class GeneratorSynthesizer(Method):
         self.meta_state: dict[str, Tensor] | None = None
         self.loss_scale: LossScale | None = None  # float16 rounds only; kept across rounds, in checkpoints
 
+    @torch.inference_mode(False)  # the generator's weights are trained: they cannot be inference tensors
     def setup(self, context: SynthesisContext) -> None:
         """Build the generator (weights from ``(seed, "setup")``, so every rank starts alike) on the context's
         device, its optimizer, and the parts."""
@@ -213,35 +215,37 @@ class GeneratorSynthesizer(Method):
         params = [p for p in generator.parameters() if p.requires_grad]
         autocast = context.autocast_for(self.precision)
         loss_scale = self.loss_scale  # float16 only: gradients kept from underflow
-        with self._chunk_pass(context, chunk) as (student, targets, labels, noise, taps):
+        # the chunk's targets and noise too: made under a caller's inference_mode, autograd could not save them
+        with torch.inference_mode(False), torch.enable_grad(), \
+                self._chunk_pass(context, chunk) as (student, targets, labels, noise, taps):
             device_targets, device_labels = targets.to(noise.device), labels.to(noise.device)
-            with torch.inference_mode(False), torch.enable_grad():
-                for _ in range(self.steps_per_round):
-                    # a retried step (float16 overflow) starts from the BatchNorm statistics it first saw
-                    running = [b.clone() for b in generator.buffers()] if loss_scale.enabled else []
+            for _ in range(self.steps_per_round):
+                # a retried step (float16 overflow) starts from the BatchNorm statistics it first saw
+                running = [b.clone() for b in generator.buffers()] if loss_scale.enabled else []
 
-                    def restore_running() -> None:
-                        for buffer, saved in zip(generator.buffers(), running):
-                            buffer.copy_(saved)
+                def restore_running() -> None:
+                    for buffer, saved in zip(generator.buffers(), running):
+                        buffer.copy_(saved)
 
-                    def gradients(scale: float) -> tuple[list[Tensor], tuple]:
-                        inputs, response = self._generate(autocast, context, noise, device_labels, taps, student)
-                        per_sample = self.objective(response, device_targets)
-                        weights = self.weights_for(response)
-                        loss = self.summed_loss(per_sample, weights, inputs, response) / len(inputs)  # batch mean
-                        grads = list(torch.autograd.grad(loss * scale if scale != 1.0 else loss, params))
-                        taps.clear()
-                        if average is not None:  # before the finiteness check: every rank retries alike
-                            average(grads)
-                        return grads, (inputs, response, per_sample, weights)
+                def gradients(scale: float) -> tuple[list[Tensor], tuple]:
+                    inputs, response = self._generate(autocast, context, noise, device_labels, taps, student)
+                    per_sample = self.objective(response, device_targets)
+                    weights = self.weights_for(response)
+                    loss = self.summed_loss(per_sample, weights, inputs, response) / len(inputs)  # batch mean
+                    grads = list(torch.autograd.grad(loss * scale if scale != 1.0 else loss, params))
+                    taps.clear()
+                    if average is not None:  # before the finiteness check: every rank retries alike
+                        average(grads)
+                    return grads, (inputs, response, per_sample, weights)
 
-                    grads, (inputs, response, per_sample, weights) = loss_scale.backward(gradients, restore_running)
-                    for param, grad in zip(params, grads):
-                        param.grad = grad
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-        if average is not None:
-            average([b for b in generator.buffers() if b.is_floating_point()])
+                grads, (inputs, response, per_sample, weights) = loss_scale.backward(gradients, restore_running)
+                for param, grad in zip(params, grads):
+                    param.grad = grad
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if average is not None:  # the saved statistics (BatchNorm's); the output range is the same on every rank
+            saved = generator.state_dict(keep_vars=True)
+            average([b for name, b in generator.named_buffers() if name in saved and b.is_floating_point()])
         if self.meta_state is not None:
             self._reptile_step()
         return self._result(inputs, targets, labels, response, per_sample, weights,
@@ -290,7 +294,8 @@ class GeneratorSynthesizer(Method):
         with autocast():
             inputs = self.generator(noise, labels if self.conditional else None).float()
             logits = context.teacher(inputs)
-            student_logits = None if student is None else student(inputs)
+            # the student gets the layout it trains on (a .view() of its features would fail on channels-last)
+            student_logits = None if student is None else student(default_layout(inputs))
         return inputs, Response(logits.float(), taps.features,
                                 None if student_logits is None else student_logits.float())
 

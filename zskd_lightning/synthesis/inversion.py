@@ -28,7 +28,7 @@ from zskd_lightning.synthesis.api import (
     TargetSampler,
     check_synthesis_precision,
 )
-from zskd_lightning.kernels import fast_kernels_in, in_channels_last
+from zskd_lightning.kernels import default_layout, fast_kernels_in, in_channels_last
 from zskd_lightning.modes import evaluating
 from zskd_lightning.synthesis.loss_scale import LossScale
 from zskd_lightning.weighting import SampleWeighting
@@ -44,7 +44,9 @@ class Synthesizer(Method):
         target_sampler: what each impression should make the teacher output.
         objective: per-sample loss to those targets.
         regularizers: input priors added to the loss (each has a ``weight``).
-        sample_weights: per-sample weights of the objective (``None``: every impression counts once).
+        sample_weights: per-sample weights of the objective (``None``: every impression counts once). Each
+            impression is its own Adam variable and Adam's step is invariant to a constant gradient scale, so a
+            weight here moves only the balance between that impression's objective and its regularizers.
         iterations: the most Adam steps an impression gets.
         lr: Adam learning rate on the inputs (betas 0.9, 0.999; eps 1e-8).
         init: ``"uniform"``: pixel values uniform in [0, 1] (noise over the valid input range); ``"normal"``:
@@ -110,6 +112,8 @@ class Synthesizer(Method):
             raise InvalidArgument(f"lr must be > 0, got {lr}")
         if stop_tolerance is not None and stop_tolerance <= 0:
             raise InvalidArgument(f"stop_tolerance must be > 0 or None, got {stop_tolerance}")
+        if stop_window < 1:
+            raise InvalidArgument(f"stop_window must be >= 1 iterations, got {stop_window}")
         check_synthesis_precision(precision)
         if jitter < 0:
             raise InvalidArgument(f"jitter must be >= 0 pixels, got {jitter}")
@@ -191,7 +195,8 @@ class Synthesizer(Method):
                     shifted = self._rolled(current, offsets)
                     with autocast():
                         logits = teacher(shifted)
-                        student_logits = None if student is None else student(shifted)
+                        # the student gets the layout it trains on (a .view() of its features would fail)
+                        student_logits = None if student is None else student(default_layout(shifted))
                     response = Response(logits.float(), taps.features,
                                         None if student_logits is None else student_logits.float())
                     per_sample = self.objective(response, device_targets if everyone else device_targets[active])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,6 +59,10 @@ class DirichletTargets(TargetSampler):
 
     def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
         self.similarity = class_similarity(context.teacher, context.num_classes)
+        if len(self.similarity) == 2:
+            warnings.warn("ZSKD's targets with 2 classes are one-hot: min-max normalization maps the 2x2 class "
+                          "similarity to the identity, so every Dirichlet draw is its own class (Class Impressions' "
+                          "targets); the paper's method needs 3 or more classes to give soft targets", stacklevel=2)
 
     def concentrations(self, indices: Tensor, num_classes: int) -> Tensor:
         """Dirichlet concentration of each impression, ``[N, K]`` float64."""

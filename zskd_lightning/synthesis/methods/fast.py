@@ -46,6 +46,8 @@ class FastSynthesizer(GeneratorSynthesizer):
                  **generator_settings: Any) -> None:
         if not cross_entropy > 0:
             raise InvalidArgument(f"cross_entropy must be > 0, got {cross_entropy}")
+        if not adversarial_temperature > 0:
+            raise InvalidArgument(f"adversarial_temperature must be > 0, got {adversarial_temperature}")
         terms = []
         if batchnorm:
             terms.append(BatchNormStatistics(batchnorm))

@@ -59,6 +59,14 @@ def check_objective(objective: str, layers: Sequence[str] | None) -> None:
     if objective == "top_layer" and layers is not None:
         raise InvalidArgument(f"the top_layer objective matches the logits alone; `layers` {list(layers)} apply to "
                               "all_layers and the spectral objectives")
+    if layers is None:
+        return
+    if not len(layers) or len(set(layers)) != len(layers):
+        raise InvalidArgument(f"layers must name each matched layer once (or be left out: every recorded one), got "
+                              f"{list(layers)}")
+    if objective.startswith("spectral") and LOGITS in layers:
+        raise InvalidArgument(f"the spectral objectives match recorded nn.Linear outputs; {LOGITS!r} in layers "
+                              f"{list(layers)} is not one (the logits are matched by top_layer and all_layers)")
 
 
 def matched_layers(metadata: Metadata, objective: LopesObjective, layers: Sequence[str] | None,

@@ -4,7 +4,8 @@ the online generator family with a modulating function phi = diversity x difficu
 The authors' code is not public; the forms here are the standard ones the paper's description points to, and
 each choice is documented where it is made:
 
-- phi (:class:`~zskd_lightning.weighting.ModulatingFunction`) weights each input's generator loss (here), decides
+- phi (:class:`~zskd_lightning.weighting.ModulatingFunction`) weights each input's generator objective (the
+  cross-entropy; the adversarial, activation and balance terms are not weighted) (here), decides
   which buffer entries a round replaces (``OnlineDataModule(buffer_update="balanced")``), and weights each
   sample's distillation loss (``DistillationModule(sample_weights=ModulatingFunction())``);
 - the student samples the buffer by priority (:class:`~zskd_lightning.online.PrioritySampler`).
@@ -19,8 +20,8 @@ from zskd_lightning.weighting import ModulatingFunction
 
 
 class SSDKDSynthesizer(FastSynthesizer):
-    """:class:`~zskd_lightning.synthesis.FastSynthesizer`'s generator and terms, each input's loss weighted by
-    phi (``gamma``: the difficulty's focal exponent; ``temperature``: the one that softens the teacher's
+    """:class:`~zskd_lightning.synthesis.FastSynthesizer`'s generator and terms, each input's objective (the
+    cross-entropy) weighted by phi (``gamma``: the difficulty's focal exponent; ``temperature``: the one that softens the teacher's
     probabilities in it; ``diversity`` / ``difficulty``: the parts, for ablations). ``fast_settings``:
     FastSynthesizer's and the generator engine's arguments."""
 

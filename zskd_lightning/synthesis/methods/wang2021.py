@@ -47,22 +47,24 @@ def check_where(layer: str | None, where: str) -> None:
                               "last nn.Linear")
 
 
-def feature_layer(network: nn.Module, layer: str | None, where: str) -> tuple[Tap, int, nn.Linear | None, nn.Linear | None]:
+def feature_layer(network: nn.Module, layer: str | None, where: str,
+                  user: str = "Wang 2021") -> tuple[Tap, int, nn.Linear | None, nn.Linear | None]:
     """The modelled features of ``network``: ``(tap, width d, consuming nn.Linear, producing nn.Linear)``.
 
     ``layer`` names an ``nn.Linear``; ``where="input"`` models its input (it consumes the features; the producer
     is the last earlier ``nn.Linear`` with ``d`` outputs), ``"output"`` its output (it produces them; the consumer
-    is the first later ``nn.Linear`` with ``d`` inputs). ``None``: the input of the last ``nn.Linear``.
+    is the first later ``nn.Linear`` with ``d`` inputs). ``None``: the input of the last ``nn.Linear``. ``user``
+    names what reads the features in the errors (a method or a term).
     """
     linears = [(name, m) for name, m in network.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ZSKDError(f"{type(network).__name__} has no nn.Linear layer whose features Wang 2021 could model")
+        raise ZSKDError(f"{type(network).__name__} has no nn.Linear layer whose features {user} could read")
     check_where(layer, where)
     if layer is None:
         layer = linears[-1][0]
     module = submodule(network, layer)
     if not isinstance(module, nn.Linear):
-        raise ZSKDError(f"Wang 2021 models the features at an nn.Linear; {layer!r} is a {type(module).__name__}")
+        raise ZSKDError(f"{user} reads the features at an nn.Linear; {layer!r} is a {type(module).__name__}")
     position = [name for name, _ in linears].index(layer)
     if where == "input":
         width, consumer = module.in_features, module
@@ -203,7 +205,8 @@ class FeatureActivation(Regularizer):
         self._tap: Tap | None = None
 
     def taps(self, network: nn.Module) -> Sequence[Tap]:
-        self._tap = feature_layer(network, self.layer, self.where)[0]
+        self._tap = feature_layer(network, self.layer, self.where,
+                                  user="the activation term (FeatureActivation; a weight of 0 leaves it out)")[0]
         return [self._tap]
 
     def __call__(self, inputs: Tensor, response: Response) -> Tensor:
