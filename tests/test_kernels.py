@@ -10,7 +10,7 @@ from helpers.tiny import one_torch_thread  # noqa: F401  (module-wide autouse fi
 from torch import nn
 
 from zskd_lightning import DistillationModule, FrozenTeacher, ZSKDError, ZSKDSynthesizer
-from zskd_lightning.kernels import BandLocalResponseNorm, fast_kernels_in, in_channels_last
+from zskd_lightning.kernels import BandLocalResponseNorm, default_layout, fast_kernels_in, in_channels_last
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, SynthesisContext
 
@@ -149,6 +149,26 @@ def test_a_teacher_that_views_channels_last_features_is_told_how_to_fix_it_in_on
     # channels-last inputs too (an online generator's outputs): the fix holds whatever layout the inputs have
     nhwc = x.contiguous(memory_format=torch.channels_last)
     assert FrozenTeacher(network=ViewNet(), channels_last=False)(nhwc).shape == (2, 10)
+    # one channel (an MNIST generator's outputs): channels-last strides that .contiguous() takes as row-major
+    gray = ViewNet()
+    gray.conv = nn.Conv2d(1, 4, 3)
+    one_channel = torch.randn(2, 1, 8, 8).to(memory_format=torch.channels_last)
+    assert one_channel.is_contiguous() and one_channel.stride() == (64, 1, 8, 1)
+    assert FrozenTeacher(network=gray, channels_last=False)(one_channel).shape == (2, 10)
+
+
+@pytest.mark.parametrize("shape, layout", [((2, 3, 4, 4), "rows"), ((2, 3, 4, 4), "nhwc"), ((2, 1, 4, 4), "nhwc"),
+                                           ((2, 3, 4, 8), "slice")])
+def test_default_layout_gives_row_major_strides_and_the_same_values(shape, layout):
+    x = torch.randn(shape)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "slice":
+        x = x[..., ::2]
+    standard = default_layout(x)
+    _, c, h, w = standard.shape
+    assert standard.stride() == (c * h * w, h * w, w, 1) and torch.equal(standard, x)
+    assert (standard is x) == (layout == "rows")  # no copy where none is needed
 
 
 def test_synthesis_keeps_a_teacher_told_not_to_run_channels_last():

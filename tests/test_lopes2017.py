@@ -163,6 +163,17 @@ def test_layer_pairs_over_three_linear_layers_sum_two_graphs_at_their_target_col
     assert not torch.allclose(losses["spectral_layer_pairs"], losses["spectral_all_layers"])
 
 
+def test_a_spectral_synthesis_set_up_and_run_inside_inference_mode_keeps_its_gradients(recorded):
+    """The basis and the draws' factors made at setup are used with gradients: a caller's inference_mode (a
+    predict or test hook) must not make them inference tensors that autograd cannot save."""
+    synthesizer = LopesSynthesizer(str(recorded), objective="spectral_all_layers", iterations=2)
+    context = _context()
+    with torch.inference_mode():
+        synthesizer.setup(context)
+        inputs = synthesizer.invert(context, Chunk.of(0, 0, 0, 4)).inputs
+    assert inputs.shape == (4, *tiny.INPUT_SHAPE) and torch.isfinite(inputs).all()
+
+
 @pytest.mark.parametrize("layers", [["body.0", "body.4"], ["body.4"]], ids=["a conv layer", "one layer"])
 def test_spectral_objectives_need_a_chain_of_linear_layers(recorded, layers):
     with pytest.raises(ZSKDError, match="two or more recorded nn.Linear layers"):

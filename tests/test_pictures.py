@@ -8,7 +8,7 @@ from helpers import tiny
 from PIL import Image
 
 from zskd_lightning.impressions.pictures import impression_grid
-from zskd_lightning.pictures import log_picture
+from zskd_lightning.pictures import log_picture, publish_picture
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,19 @@ def test_the_grid_goes_to_loggers_that_take_images():
 
     log_picture([TensorBoardLike(), ImageLogger(), CSVLike()], "impressions", picture)
     assert calls == [("tb", "impressions", (6, 10, 3), "HWC"), ("log_image", "impressions", 1)]
+
+
+def test_a_logger_that_fails_leaves_the_written_picture_and_a_warning(tmp_path):
+    """Rank 0 alone publishes pictures: a failed upload is a warning naming what happened, the PNG stays."""
+
+    class FailingUpload:
+        experiment = None
+
+        def log_image(self, key, images, step):
+            raise ConnectionError("upload refused")
+
+    path = str(tmp_path / "grid.png")
+    with pytest.warns(UserWarning, match=r"the impressions picture \(.*grid.png\) did not reach the loggers: "
+                                         r"ConnectionError: upload refused"):
+        assert publish_picture(lambda: Image.new("RGB", (10, 6)), path, [FailingUpload()], "impressions") == path
+    assert Image.open(path).size == (10, 6)

@@ -93,11 +93,14 @@ def in_channels_last(module: nn.Module) -> bool:
 
 
 def default_layout(x: Tensor) -> Tensor:
-    """``x`` with row-major (NCHW) strides: a copy of a 4-d tensor that is channels-last, including the ambiguous
-    one-channel case (``[N, 1, H, W]`` whose strides fit both layouts, where a convolution would follow the
-    channels-last strides and a ``.view`` of its output fail); any other tensor as it is. For a network fed
-    channels-last inputs that it was not written for (the student during synthesis)."""
-    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+    """``x [N, C, H, W]`` with row-major (NCHW) strides: as it is when it has them, else a copy. ``.contiguous()``
+    is not enough: a one-channel channels-last tensor (strides ``(HW, 1, W, 1)``) counts as contiguous, a
+    convolution follows its channels-last strides, and a ``.view`` of the output fails. For a network fed inputs
+    in a layout it was not written for (the student during synthesis, a teacher with ``channels_last=False``).
+    Tensors of other ranks are returned as they are."""
+    if x.dim() != 4:
         return x
-    standard = x.clone(memory_format=torch.contiguous_format)
-    return standard if standard.stride() != x.stride() else x
+    _, channels, height, width = x.shape
+    if x.stride() == (channels * height * width, height * width, width, 1):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)

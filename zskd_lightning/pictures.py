@@ -86,14 +86,18 @@ def log_picture(loggers: Sequence[Any], tag: str, picture: Image.Image, step: in
 
 def publish_picture(make: Callable[[], Image.Image], path: str, loggers: Sequence[Any], tag: str,
                     step: int = 0) -> str | None:
-    """Draw ``make()``, write it as a PNG at ``path`` and send it to ``loggers`` under ``tag``; returns the path,
-    or ``None`` with a warning when any of that fails (a full disk, a logger's upload). For global rank 0 alone,
-    while the other ranks go on: an error raised there would leave them waiting in their next collective."""
+    """Draw ``make()``, write it as a PNG at ``path`` and send it to ``loggers`` under ``tag``; returns the path
+    (``None`` if it was not written). Each failure (a full disk, a logger's upload) is a warning, not an error:
+    this runs on global rank 0 alone while the other ranks go on, and an error raised there would leave them
+    waiting in their next collective."""
     try:
         picture = make()
         save_picture(picture, path)
-        log_picture(loggers, tag, picture, step=step)
     except Exception as err:
         warnings.warn(f"the {tag} picture was not written to {path}: {described(err)}", stacklevel=2)
         return None
+    try:
+        log_picture(loggers, tag, picture, step=step)
+    except Exception as err:
+        warnings.warn(f"the {tag} picture ({path}) did not reach the loggers: {described(err)}", stacklevel=2)
     return path

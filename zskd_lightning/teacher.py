@@ -25,7 +25,7 @@ from torch import nn
 from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError, described, first_line
 from zskd_lightning.files import file_sha256, record_path, resolve_packaged
-from zskd_lightning.kernels import use_fast_kernels
+from zskd_lightning.kernels import default_layout, use_fast_kernels
 
 #: State-dict prefixes under which the library's LightningModules keep a network.
 _CHECKPOINT_PREFIXES = ("network.", "student.")
@@ -308,8 +308,8 @@ class FrozenTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             return self.network(x)
-        if not self.channels_last:  # contiguous always, e.g. for a network that .view()s its conv features
-            return self.network(x.contiguous())
+        if not self.channels_last:  # row-major always, e.g. for a network that .view()s its conv features
+            return self.network(default_layout(x))
         try:
             return self.network(x.contiguous(memory_format=torch.channels_last))
         except RuntimeError as err:
