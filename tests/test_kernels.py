@@ -127,34 +127,20 @@ def test_synthesis_leaves_the_teachers_layout_as_it_found_it(options, layout_aft
     assert in_channels_last(teacher.network) is layout_after
 
 
-class ViewNet(nn.Module):
-    """Flattens its conv features with ``.view``, which a channels-last tensor cannot take."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 10)
-
-    def forward(self, x):
-        features = self.conv(x)
-        return self.head(features.view(features.shape[0], -1))
-
-
 def test_a_teacher_that_views_channels_last_features_is_told_how_to_fix_it_in_one_line():
     x = torch.randn(2, 3, 8, 8)
     fix = r"^teacher ViewNet calls \.view on a channels-last tensor: .*channels_last: false"
     with pytest.raises(ZSKDError, match=fix) as err:
-        FrozenTeacher(network=ViewNet())(x)
+        FrozenTeacher(network=tiny.ViewNet(in_channels=3))(x)
     assert "\n" not in str(err.value)
-    assert FrozenTeacher(network=ViewNet(), channels_last=False)(x).shape == (2, 10)
+    assert FrozenTeacher(network=tiny.ViewNet(in_channels=3), channels_last=False)(x).shape == (2, 10)
     # channels-last inputs too (an online generator's outputs): the fix holds whatever layout the inputs have
     nhwc = x.contiguous(memory_format=torch.channels_last)
-    assert FrozenTeacher(network=ViewNet(), channels_last=False)(nhwc).shape == (2, 10)
+    assert FrozenTeacher(network=tiny.ViewNet(in_channels=3), channels_last=False)(nhwc).shape == (2, 10)
     # one channel (an MNIST generator's outputs): channels-last strides that .contiguous() takes as row-major
-    gray = ViewNet()
-    gray.conv = nn.Conv2d(1, 4, 3)
     one_channel = torch.randn(2, 1, 8, 8).to(memory_format=torch.channels_last)
     assert one_channel.is_contiguous() and one_channel.stride() == (64, 1, 8, 1)
-    assert FrozenTeacher(network=gray, channels_last=False)(one_channel).shape == (2, 10)
+    assert FrozenTeacher(network=tiny.ViewNet(in_channels=1), channels_last=False)(one_channel).shape == (2, 10)
 
 
 @pytest.mark.parametrize("shape, layout", [((2, 3, 4, 4), "rows"), ((2, 3, 4, 4), "nhwc"), ((2, 1, 4, 4), "nhwc"),
@@ -173,7 +159,7 @@ def test_default_layout_gives_row_major_strides_and_the_same_values(shape, layou
 
 def test_synthesis_keeps_a_teacher_told_not_to_run_channels_last():
     """The fix the message above gives holds in synthesis too (whose own default is channels-last)."""
-    teacher = FrozenTeacher(network=ViewNet(), channels_last=False)
+    teacher = FrozenTeacher(network=tiny.ViewNet(in_channels=3), channels_last=False)
     context = SynthesisContext(teacher=teacher, input_spec=InputSpec((3, 8, 8), (0.5,) * 3, (0.25,) * 3),
                                num_classes=10)
     synthesizer = ZSKDSynthesizer(iterations=2)

@@ -15,7 +15,8 @@ from helpers import tiny
 from helpers.tiny import one_torch_thread  # noqa: F401  (module fixture: one torch thread)
 from lightning.pytorch.callbacks import Callback
 
-from zskd_lightning import DistillationModule, FastSynthesizer, ImpressionDataModule, OnlineSynthesis, ReplayBuffer
+from zskd_lightning import (DistillationModule, FastSynthesizer, FrozenTeacher, ImpressionDataModule, OnlineSynthesis,
+                            ReplayBuffer)
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import ImageGenerator
@@ -94,18 +95,11 @@ def test_setup_and_rounds_run_inside_a_callers_inference_mode():
 
 
 def test_a_student_that_views_its_conv_features_reads_the_generators_channels_last_inputs():
-    """The generator makes channels-last inputs; the student gets them in the layout it trains on."""
-
-    class ViewingStudent(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.head = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 10)
-
-        def forward(self, x):
-            features = self.conv(x)
-            return self.head(features.view(len(features), -1))
-
-    ctx = context(student=ViewingStudent())
+    """The generator makes channels-last inputs (three channels here: one-channel outputs come out row-major);
+    the student gets them in the layout it trains on. The teacher is told the same (``channels_last=False``)."""
+    ctx = SynthesisContext(teacher=FrozenTeacher(network=tiny.ViewNet(in_channels=3), channels_last=False),
+                           student=tiny.ViewNet(in_channels=3), input_spec=InputSpec((3, 8, 8), (0.5,) * 3, (0.25,) * 3),
+                           num_classes=10)
     synthesizer = FastSynthesizer(adversarial=1.0, batch_size=8, width=4, noise_dim=8, steps_per_round=1)
     synthesizer.setup(ctx)
     assert torch.isfinite(synthesizer.round(ctx, Chunk.of(0, 0, 0, 8)).loss).all()

@@ -94,19 +94,9 @@ def test_inversion_reads_a_student_in_eval_mode_and_leaves_it_as_it_was():
 
 def test_inversion_gives_the_student_the_layout_it_trains_on():
     """The teacher runs on channels-last inputs; a student that .view()s its conv features would fail on them."""
-
-    class ViewingStudent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 8 * 8, K)
-
-        def forward(self, x):
-            features = self.conv(x)
-            return self.head(features.view(len(features), -1))
-
     synthesizer = Synthesizer(OneHotTargets(), SoftTargetCrossEntropy(), regularizers=[Disagreement()], iterations=2,
                               channels_last=True)
-    inputs = synthesize(synthesizer, as_frozen_teacher(tiny.make_net(0)), student=ViewingStudent())[0]
+    inputs = synthesize(synthesizer, as_frozen_teacher(tiny.make_net(0)), student=tiny.ViewNet())[0]
     assert torch.isfinite(inputs).all()
 
 

@@ -64,6 +64,19 @@ def digits_input_range() -> tuple[torch.Tensor, torch.Tensor]:
     return (0 - mean) / std, (1 - mean) / std
 
 
+class ViewNet(nn.Module):
+    """``[N, in_channels, 8, 8]`` -> 10 logits, flattening its conv features with ``.view``, which a channels-last
+    tensor cannot take (as networks written for row-major inputs do)."""
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(in_channels, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        features = self.conv(x)
+        return self.head(features.view(len(features), -1))
+
+
 class TinyNet(nn.Module):
     """conv3x3(width) [-> BN] -> ReLU -> maxpool2 -> FC 32 -> ReLU -> FC 10, on ``[B, 1, 8, 8]``."""
 
