@@ -645,7 +645,8 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         "Rows over several seeds give mean ± standard deviation, mean times, and one command with the seed written S.",
         "Online rows synthesize during distillation into a replay buffer: their impressions are the inputs synthesized"
         " in all, their synthesis time the generator rounds' and their training time the rest.",
-        f"Ratios divide by the teacher every student loads (seed {dataset.teacher_seed}); the teacher's other seeds only"
+        f"Ratios divide by the accuracy each run recorded for the teacher it loaded (seed {dataset.teacher_seed}; Student-CE:"
+        " the table's teacher); the teacher's other seeds only"
         f" measure its recipe's spread (command: add `--seed_everything S --trainer.default_root_dir runs/{name}/table/"
         "teacher_sS --trainer.callbacks []`, which keeps the students' checkpoint).",
         "",
@@ -663,12 +664,15 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
     def position(row: str) -> int:  # a row no longer declared (renamed) goes last
         return order.index(row) if row in order else len(order)
 
+    any_other_teacher = False
     for (row, method, n), group in sorted(groups.items(), key=lambda item: (position(item[0][0]), item[0][1], int(item[0][2]))):
         group = sorted(group, key=lambda r: int(r["seed"]))  # seeds in order, whatever order they ran in
         accs = [float(g["test_acc"]) for g in group]
         mean = statistics.mean(accs)
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        ratio = f"{mean / teacher_acc:.4f}" if teacher_acc else ""
+        ratio, other_teacher = row_ratio(group, mean, teacher_acc)
+        ratio += "§" if other_teacher else ""
+        any_other_teacher = any_other_teacher or other_teacher
         declared = dataset.declared(row)
         paper = declared.paper if declared and declared.paper is not None else ""
         label = f"{row} ({method})" if row.startswith("ablation") else row
@@ -685,6 +689,9 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         lines += ["", f"† Measured before commit {SUBNORMAL_FIX}, with the teacher's subnormal weights (left by weight decay): "
                   "each teacher pass ran several times slower on CPU (`python benchmarks/subnormal_weights.py`), so these "
                   "times are upper bounds; the teacher's outputs were the same (bit-identical where tested)."]
+    if any_other_teacher:
+        lines += ["", f"§ Distilled from a teacher of another accuracy than the table's ({teacher_acc:.2f}%): the ratio "
+                  "divides by the accuracy the row's runs recorded for their own teacher."]
     if any(drawn_in_torch_order(dataset, r) for r in records):
         lines += ["", f"‡ Measured before commit {KEYED_ORDER}, on a training order shuffled by torch: its command now "
                   "draws a keyed order (exact on resume), so a re-run gives another draw of the same recipe, not these "
@@ -746,6 +753,17 @@ def ablation_curves(records: list[dict[str, str]], x_of: Callable[[dict[str, str
 def run_minutes(record: dict[str, str]) -> float:
     """A run's synthesis + distillation wall time, minutes."""
     return (float(record["synthesis_s"]) + float(record["training_s"])) / 60
+
+
+def row_ratio(group: list[dict[str, str]], mean: float, table_teacher: float | None) -> tuple[str, bool]:
+    """A row's ratio student / teacher (4 decimals) and whether its teacher differs from the table's: a row
+    trained from a teacher (every method but ``ce-real``) divides by the mean accuracy its runs recorded for
+    that teacher (``teacher_acc``), so a record distilled from an older teacher keeps its own ratio; ``ce-real``
+    rows (the teacher, Student-CE) divide by the table's teacher."""
+    if group[0]["method"] == "ce-real" or not all(g.get("teacher_acc") for g in group):
+        return (f"{mean / table_teacher:.4f}" if table_teacher else ""), False
+    own = statistics.mean(float(g["teacher_acc"]) for g in group)
+    return f"{mean / own:.4f}", table_teacher is not None and abs(own - table_teacher) > 0.005
 
 
 def impression_iterations(record: dict[str, str]) -> float | None:

@@ -223,6 +223,33 @@ def test_table_marks_offline_rows_measured_in_torchs_shuffled_order(tmp_path, mo
     assert not footnote
 
 
+def test_table_divides_each_row_by_the_teacher_its_runs_recorded(tmp_path, monkeypatch):
+    """A distilled row's ratio uses the teacher accuracy its runs recorded (marked when it is not the table's
+    teacher); Student-CE, which records its own accuracy there, divides by the table's teacher."""
+    table = load("table")
+    monkeypatch.setattr(table, "contains_commit", lambda commit, ancestor: None)
+
+    def record(row: str, seed: int, acc: float, teacher: float) -> dict[str, str]:
+        args = table.row_commands(table.MNIST, [row], [seed], "fast")[0][4]
+        return {"row": row, "method": {"student_kd": "kd-real", "zskd": "zskd"}.get(row, "ce-real"), "impressions": "0",
+                "seed": str(seed), "test_acc": str(acc), "teacher_acc": str(teacher), "synthesis_s": "0.0",
+                "total_s": "1.0", "hardware": "CPU", "command": " ".join(args),
+                "configs_sha": table.configs_sha(table.MNIST, args), "training_s": "1.0", "commit": "abc1234"}
+
+    def lines(records: list[dict[str, str]]) -> tuple[dict[str, str], str]:
+        table.summarize(table.MNIST, records, out_dir=tmp_path)
+        report = (tmp_path / "mnist.md").read_text()
+        return {r["row"]: next(line for line in report.splitlines() if line.startswith(f"| {r['row']} |"))
+                for r in records}, report
+
+    rows, report = lines([record("teacher", 0, 99.0, 99.0), record("student_ce", 0, 98.5, 98.5),
+                          record("student_kd", 0, 98.0, 99.0), record("zskd", 0, 97.0, 98.0)])
+    assert "| 0.9949 |" in rows["student_ce"] and "| 0.9899 |" in rows["student_kd"]
+    assert "| 0.9898§ |" in rows["zskd"] and "§ Distilled from a teacher of another accuracy than the table's (99.00%)" in report
+    _, report = lines([record("teacher", 0, 99.0, 99.0), record("zskd", 0, 97.0, 99.0)])
+    assert "§" not in report
+
+
 def test_contains_commit_reads_git_history(tmp_path, monkeypatch):
     table = load("table")
 
