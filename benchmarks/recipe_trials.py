@@ -40,7 +40,7 @@ from teacher_sources import FAST_CONFIG, RESULTS, ROOT, config_synthesizer, dist
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
-FIELDS = ["config", "variant", "changes", "impressions", "seed", "student_val", "seconds", "config_sha"]
+FIELDS = ["config", "variant", "changes", "impressions", "seed", "student_val", "seconds", "config_sha", "cache"]
 CHANGE_KEYS = {"synthesizer", "augmentation", "epochs", "data", "model", "ema"}
 #: distillation-module arguments the runner sets itself (a variant's "model" may not)
 RUNNER_MODEL_KEYS = {"teacher", "student", "lr_scheduler", "export_filename"}
@@ -104,19 +104,23 @@ def summarize(records: list[dict[str, str]], path: Path) -> None:
              "teacher: the config's synthesizer, student and schedule, distilled on blends of pairs (not the config's",
              "own augmentation), plus the variant's changes; accuracy on the validation split of the config's data",
              "(mean ± s.d. over seeds; the test set is never read). A config marked (changed) has changed since the",
-             "row was measured: its changes then applied to the config as it was.", "",
+             "row was measured: its changes then applied to the config as it was; runs of one variant measured",
+             "before and after a change are listed apart. Seconds marked * include runs that reused the impressions",
+             "another variant (or an earlier run) had made: those runs' seconds are distillation only.", "",
              "| config | variant | changes | impressions | seeds | student val. acc. (%) | seconds per run |",
              "| --- | --- | --- | ---: | --- | ---: | ---: |"]
-    groups: dict[tuple[str, str, str, str], list[dict[str, str]]] = {}
+    groups: dict[tuple[str, str, str, str, str], list[dict[str, str]]] = {}
     for r in records:
-        groups.setdefault((r["config"], r["variant"], r["changes"], r["impressions"]), []).append(r)
-    for (config, variant, changes, n), group in groups.items():
+        key = (r["config"], r["variant"], r["changes"], r["impressions"], r.get("config_sha") or "")
+        groups.setdefault(key, []).append(r)
+    for (config, variant, changes, n, _), group in groups.items():
         config += " (changed)" if any(is_stale(g) for g in group) else ""
         accs = [float(g["student_val"]) for g in group]
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         seconds = statistics.mean(float(g["seconds"]) for g in group)
+        reused = "*" if any(g.get("cache") == "reused" for g in group) else ""
         lines.append(f"| {config} | {variant} | `{changes}` | {n} | {','.join(g['seed'] for g in group)} "
-                     f"| {statistics.mean(accs):.2f}{spread} | {seconds:.0f} |")
+                     f"| {statistics.mean(accs):.2f}{spread} | {seconds:.0f}{reused} |")
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
@@ -155,11 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         cache_key = hashlib.sha256(f"{config_name}|{synthesis}".encode()).hexdigest()[:12]
         for seed in args.seeds:
             started = time.perf_counter()
+            cache_dir = args.work_dir / f"{cache_key}_s{seed}_{args.impressions}"
+            cache = "reused" if (cache_dir / "manifest.json").exists() else "made"  # chunks left by a crash: made
             measured_with = config_sha(args.config)  # the settings this seed's run reads
             synthesizer = config_synthesizer(args.config, **changes.get("synthesizer", {}))
             augmentation = BatchAugmentation(**changes["augmentation"]) if "augmentation" in changes else None
             accuracy = distil_config_student(args.config, args.impressions, changes.get("epochs"),
-                                             args.work_dir / f"{cache_key}_s{seed}_{args.impressions}",
+                                             cache_dir,
                                              synthesizer=synthesizer, seed=seed, batch_augmentation=augmentation,
                                              teacher=args.teacher, data_changes=changes.get("data"),
                                              model_changes=changes.get("model"), ema_decay=changes.get("ema"))
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                       "changes": json.dumps(changes, sort_keys=True),
                       "impressions": str(args.impressions) if impression_config else "online", "seed": str(seed),
                       "student_val": f"{accuracy:.2f}",
-                      "seconds": f"{time.perf_counter() - started:.0f}"}
+                      "seconds": f"{time.perf_counter() - started:.0f}",
+                      "cache": cache if impression_config else "online"}
             key = (config_name, name, record["impressions"], str(seed))
             records = [r for r in records if (r["config"], r["variant"], r["impressions"], r["seed"]) != key] + [record]
             args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -596,7 +596,9 @@ def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_
     assert json.loads(rows[1]["changes"])["augmentation"] == {"degrees": 30}
     specs = list((tmp_path / "work").glob("*/spec.json"))
     assert len(specs) == 1 and '"iterations": 2' in specs[0].read_text()
-    assert "| turned |" in results.with_suffix(".md").read_text()
+    assert [r["cache"] for r in rows] == ["made", "reused"]  # the second read the first's impressions
+    report = results.with_suffix(".md").read_text()
+    assert re.search(r"\| turned \|.*\| \d+\* \|", report) and not re.search(r"\| plain \|.*\*", report)
     for bad in ["noname", 'x={"epoch": 1}', "x={not json", 'x={"model": {"optimizer": 0.1}}',
                 'x={"model": {"lr_scheduler": null}}', 'x={"ema": 1.0}', 'x={"ema": true}']:
         with pytest.raises(SystemExit):
