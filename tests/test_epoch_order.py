@@ -323,3 +323,14 @@ def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank_in_one_line(tmp_
     assert proc.returncode != 0 and "DONE" not in proc.stdout
     assert "ZSKDError: the distillation loss is not finite (nan) at step 0, epoch 0" in proc.stderr
     assert "ZSKDError: the distillation loss is not finite on another rank at step 0, epoch 0" in proc.stderr
+
+
+def test_a_failed_export_on_rank_0_ends_every_rank(tmp_path):
+    """Global rank 0 alone exports the student at the end of fit; when that fails (a full disk), the other ranks
+    stop too (one line saying so) instead of going on to the next collective, e.g. a test after fit."""
+    script = Path(__file__).parent / "helpers" / "offline_run.py"
+    proc = subprocess.run([sys.executable, str(script), "--root", str(tmp_path), "--devices", "2", "--export-fails"],
+                          capture_output=True, text=True, timeout=240, env=tiny.script_env(1))
+    assert proc.returncode != 0 and "DONE" not in proc.stdout
+    assert "No space left on device" in proc.stderr
+    assert "ZSKDError: the student's export failed on global rank 0 at the end of fit (step 9)" in proc.stderr

@@ -158,6 +158,47 @@ def test_load_student_refuses_what_is_not_a_student(tmp_path):
         load_student(tmp_path / "student.safetensors")
 
 
+def test_an_export_that_fails_leaves_no_record_beside_other_weights(distilled, tmp_path, monkeypatch):
+    """The earlier export's record goes before the new weights are written: a crash between the two writes leaves
+    weights without a record (refused on load), never a record describing other weights."""
+    module = distilled["module"]
+    path = module.export_student(tmp_path / "student.safetensors")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("zskd_lightning.export.write_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        module.export_student(path)
+    assert not (tmp_path / "student.json").exists()
+    with pytest.raises(ZSKDError, match="student record not found"):
+        load_student(path, network=DigitsConvNetHalf())
+
+
+def test_a_record_naming_a_class_outside_the_trusted_modules_says_to_pass_the_network(tmp_path, distilled):
+    path = distilled["module"].export_student(tmp_path / "student.safetensors")
+    record = json.loads((tmp_path / "student.json").read_text())
+    (tmp_path / "student.json").write_text(json.dumps({**record, "class_path": "mypkg.TinyNet", "init_args": {}}))
+    with pytest.raises(ZSKDError, match=r"outside the modules allowed here .*; build the architecture yourself and "
+                                        r"pass it: load_student\(path, network=\.\.\.\)$"):
+        load_student(path)
+
+
+def test_the_record_takes_the_test_accuracy_of_the_exported_weights_only(tmp_path):
+    """A test of the weights in memory (the ones exported at the end of fit) writes its accuracy into the record;
+    a test of a checkpoint (``ckpt_path``: other weights) does not."""
+    module = DistillationModule(FrozenTeacher(_teacher_net()), _student())
+    trainer = quiet_trainer(tmp_path, limit_train_batches=2, limit_val_batches=0, limit_test_batches=2)
+    data = DigitsDataModule(batch_size=16)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "other.ckpt")
+    record = tmp_path / "student.json"
+    trainer.test(module, datamodule=data, ckpt_path=tmp_path / "other.ckpt", weights_only=True)
+    assert json.loads(record.read_text())["test_accuracy"] is None
+    trainer.test(module, datamodule=data)
+    assert 0 <= json.loads(record.read_text())["test_accuracy"] <= 100
+
+
 def test_on_train_end_writes_student_into_log_dir(distilled):
     trainer, module = distilled["trainer"], distilled["module"]
     state = load_file(f"{trainer.log_dir}/student.safetensors")

@@ -13,7 +13,10 @@ import torch
 import yaml
 from helpers import tiny
 
+from zskd_lightning.cli import ZSKDTrainer
+from zskd_lightning import FrozenTeacher
 from zskd_lightning.data import DigitsDataModule
+from zskd_lightning.models import DigitsConvNet
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.metadata import read_metadata
 from zskd_lightning.metadata.statistics import ClassMoments
@@ -69,7 +72,13 @@ def test_a_layer_that_never_runs_is_one_line(tmp_path):
     recorder = ActivationRecorder(teacher, output=str(tmp_path / "m.safetensors"))
     assert "unused" in recorder.layers
     with pytest.raises(ZSKDError, match=r"^layer\(s\) unused of TinyNet produced no activation in the forward pass"):
-        recorder.validation_step((torch.randn(4, *tiny.INPUT_SHAPE), torch.tensor([0, 1, 2, 3])), 0)
+        _validate(tmp_path, recorder, torch.randn(4, *tiny.INPUT_SHAPE), torch.tensor([0, 1, 2, 3]))
+
+
+def _validate(tmp_path, recorder: ActivationRecorder, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Record over batches of 4 of ``inputs`` / ``labels`` with a one-process Trainer."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=4)
+    tiny.quiet_trainer(tmp_path).validate(recorder, dataloaders=loader)
 
 
 def _record_config(**init_args) -> dict:
@@ -83,6 +92,28 @@ def _record_config(**init_args) -> dict:
                       "checkpoint": "zskd_lightning:assets/digits_teacher.pt"}}, **init_args}},
         "data": {"class_path": "zskd_lightning.data.DigitsDataModule", "init_args": {"batch_size": 128}},
     }
+
+
+def test_record_prepares_the_data_before_reading_its_training_split(tmp_path):
+    """``ZSKDTrainer.record`` lets Lightning run the datamodule's ``prepare_data`` (downloads: one process per
+    node, the others waiting) before ``setup`` reads the files, as fit does."""
+    calls = []
+
+    class Digits(DigitsDataModule):
+        def prepare_data(self) -> None:
+            calls.append("prepare_data")
+
+        def setup(self, stage: str) -> None:
+            calls.append(f"setup {stage}")
+            super().setup(stage)
+
+    output = tmp_path / "digits.metadata.safetensors"
+    trainer = ZSKDTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=tmp_path)
+    teacher = FrozenTeacher(DigitsConvNet(), checkpoint=str(tiny.SHIPPED_TEACHER))
+    trainer.record(ActivationRecorder(teacher, output=str(output)), Digits(batch_size=256))
+    assert calls == ["prepare_data", "setup fit"]
+    assert int(read_metadata(output).layers["logits"].count.sum()) > 1000
 
 
 def test_zskd_record_through_the_console(tmp_path):
@@ -127,10 +158,11 @@ def test_two_processes_record_what_one_does(tmp_path):
 def test_a_label_outside_the_teachers_classes_is_one_line(tmp_path, bad_label):
     """-1 (an "ignore" label) would land in the last class's statistics, 10 would fail deep in the merge."""
     recorder = ActivationRecorder(tiny.make_net(0), output=str(tmp_path / "m.safetensors"))
-    labels = torch.tensor([0, 3, bad_label, 9])
+    labels = torch.tensor([1, 2, 4, 5, 0, 3, bad_label, 9])  # the second batch is bad: raised after the last one
     with pytest.raises(ZSKDError, match=rf"^recording needs class labels in \[0, 10\) for a teacher with 10 outputs; "
-                                        rf"this batch holds labels {min(bad_label, 0)} to {max(bad_label, 9)}$"):
-        recorder.validation_step((torch.randn(4, *tiny.INPUT_SHAPE), labels), 0)
+                                        rf"a batch holds labels {min(bad_label, 0)} to {max(bad_label, 9)}$"):
+        _validate(tmp_path, recorder, torch.randn(8, *tiny.INPUT_SHAPE), labels)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.parametrize("bad_label", [-1, 10])

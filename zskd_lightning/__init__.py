@@ -1,10 +1,12 @@
 """zskd-lightning: data-free knowledge distillation (Zero-Shot KD and friends) for PyTorch Lightning.
 
-Layers, each importing only from those above it in this list: ``_version``, ``errors``, ``files``, ``pixels``,
-``describe`` -> ``taps``, ``teacher``, ``losses``, ``weighting``, ``augment``, ``models``, ``data`` ->
-``synthesis`` (what and how; no Lightning, no files) -> ``impressions`` (offline cache, driver, datamodule),
-``online`` (replay buffer, round driver, datamodule),
-``distillation``, ``classifier`` -> ``cli`` and this package face (``tests/test_layers.py`` checks it).
+Layers, each importing only from its own and those above it (``tests/test_layers.py`` checks it):
+0, leaves: ``_version``, ``errors``, ``files``, ``pixels``, ``describe``, ``randomness``, ``ranks``, ``modes``,
+``batch_progress`` -> 1, building blocks: ``taps``, ``kernels``, ``teacher``, ``losses``, ``checks``, ``optim``,
+``weighting``, ``augment``, ``models``, ``data``, ``export``, ``predictions``, ``metadata``, ``pictures``,
+``random_resume``, ``hparams``, ``callbacks``, ``metrics`` -> 2, ``synthesis`` (what and how; no Lightning, no
+files) -> 3, none importing another: ``impressions`` (offline cache, driver, datamodule), ``online`` (replay
+buffer, round driver, datamodule), ``distillation``, ``classifier`` -> 4, ``cli`` and this package face.
 """
 
 from zskd_lightning._version import __version__

@@ -1,6 +1,6 @@
-"""The ``zskd`` command: LightningCLI with a ``synthesize`` subcommand.
+"""The ``zskd`` command: LightningCLI with ``synthesize`` and ``record`` subcommands.
 
-``zskd fit|validate|test|predict|synthesize --config FILE.yaml``. Model and data are given in subclass
+``zskd fit|validate|test|predict|synthesize|record --config FILE.yaml``. Model and data are given in subclass
 mode (``class_path``/``init_args``), so one CLI trains teachers (:class:`~zskd_lightning.ClassifierModule`)
 and distils students (:class:`~zskd_lightning.DistillationModule`) on real data or on impressions.
 """
@@ -50,10 +50,25 @@ class ZSKDTrainer(L.Trainer):
         """Record the teacher's per-class activation statistics over the data's training split (Lopes 2017)."""
         if not isinstance(model, ActivationRecorder):
             raise ZSKDError(f"`zskd record` needs an ActivationRecorder as model, got {type(model).__name__}")
-        datamodule.setup("fit")
-        train = datamodule.train_dataloader()  # the same data, in order: statistics need no shuffling
-        # in order, each sample on one rank; the loader is made in each rank's process (spawning launchers too)
-        self.validate(model, datamodule=EvaluationData(train.dataset, train.batch_size, train.num_workers))
+        self.validate(model, datamodule=TrainingSplitInOrder(datamodule))
+
+
+class TrainingSplitInOrder(EvaluationData):
+    """A datamodule's training split served as validation data, in order (statistics need no shuffling), each
+    sample on one rank. Lightning runs the wrapped datamodule's ``prepare_data`` (downloads: on one process per
+    node, the others wait) before ``setup`` reads the files in every process."""
+
+    def __init__(self, datamodule: L.LightningDataModule) -> None:
+        super().__init__(dataset=None, batch_size=1)
+        self.inner = datamodule
+
+    def prepare_data(self) -> None:
+        self.inner.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.inner.setup("fit")  # not attached to the Trainer: its fit-time switches (validation off) stay out
+        train = self.inner.train_dataloader()
+        self.dataset, self.batch_size, self.num_workers = train.dataset, train.batch_size, train.num_workers
 
 
 class ZSKDCLI(LightningCLI):

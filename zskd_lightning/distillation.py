@@ -49,8 +49,9 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
     the ZSKD authors' training. ``target_source="batch"`` instead distils to the soft targets the batch carries
     (no teacher query).
 
-    Logs ``train/loss``; ``val/agreement`` and ``test/agreement`` (student argmax == teacher argmax) always;
-    ``val/acc``, ``test/acc`` and ``test/teacher_acc`` when the evaluation data has labels.
+    Logs ``train/loss``; ``val/agreement``, ``val/loss`` (the KD loss on held-out data) and ``test/agreement``
+    (student argmax == teacher argmax) always; ``val/acc``, ``test/acc`` and ``test/teacher_acc`` when the
+    evaluation data has labels; ``val/real_agreement`` beside ``val/acc`` when real data validates too.
 
     Args:
         teacher: any classifier module; wrapped in :class:`~zskd_lightning.FrozenTeacher` (frozen in place, with
@@ -74,9 +75,11 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
     order and augmentation from keyed streams, not the global one, and resume mid-epoch, so a resumed fit ends as
     an unstopped one would.
 
-    A subclass overriding ``configure_callbacks``, ``setup``, ``on_fit_start``, ``on_save_checkpoint`` or
-    ``on_load_checkpoint`` must call ``super()``: the synthesis callback, the random streams' callback and the
-    teacher by reference live there. Through the ``zskd`` CLI the
+    A subclass overriding ``configure_callbacks``, ``setup``, ``on_fit_start``, ``on_save_checkpoint``,
+    ``on_load_checkpoint``, ``on_validation_start``, ``on_test_start``, ``on_train_end`` or ``on_test_end`` must
+    call ``super()``: the synthesis callback, the random streams' callback, the teacher's fingerprint (taken
+    before a ``-true`` precision casts it) and class count, the teacher by reference, the metrics' float32
+    states, the student's export and its record's test accuracy live there. Through the ``zskd`` CLI the
     checkpoint also records the teacher's and the student's ``class_path``/``init_args``, so
     ``DistillationModule.load_from_checkpoint(path)`` needs nothing else.
     """
@@ -345,13 +348,28 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         if not self.hparams.export_filename:
             return
         folder = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
+        failure = None
         if self.trainer.is_global_zero:
-            self._exported = self.export_student(os.path.join(folder, self.hparams.export_filename))
+            try:
+                self._exported = self.export_student(os.path.join(folder, self.hparams.export_filename))
+            except Exception as err:  # a full disk, a read-only folder: every rank learns of it below
+                failure = err
+        # Decided together: rank 0 failing alone would leave the others in the next collective (a test after
+        # fit) until the process group's timeout.
+        if not self.trainer.strategy.reduce_boolean_decision(failure is None, all=True):
+            if failure is not None:
+                raise failure
+            raise ZSKDError(f"the student's export failed on global rank 0 at the end of fit (step "
+                            f"{self.global_step}): that rank's error says why")
+        if self.trainer.is_global_zero:
             rank_zero_info(f"Student exported to {self._exported} (+ {os.path.basename(record_path(self._exported))})")
 
     def on_test_end(self) -> None:
+        """The test accuracy goes into the exported student's record when the weights tested are the ones
+        exported (not a checkpoint the test loaded, ``trainer.test(ckpt_path=...)``)."""
         accuracy = self.trainer.callback_metrics.get("test/acc")
-        if self._exported and accuracy is not None and self.trainer.is_global_zero:
+        tested_in_memory = self.trainer.ckpt_path is None
+        if self._exported and accuracy is not None and tested_in_memory and self.trainer.is_global_zero:
             update_record(self._exported, test_accuracy=round(100 * float(accuracy), 4))
 
 

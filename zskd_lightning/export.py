@@ -15,6 +15,7 @@ in Python records ``null``, and :func:`load_student` then needs the ``network``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,11 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}  # no shared storage
+    json_path = record_path(path)
+    # An earlier export's record goes first: a crash between the two writes leaves new weights without a record
+    # (refused on load), never beside a record that describes other weights.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(json_path)
     write_atomic(path, lambda handle: handle.write(save(state)))
     cls = type(student)
     record = {
@@ -59,7 +65,6 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
         "test_accuracy": None,
         "library_version": __version__,
     }
-    json_path = record_path(path)
     write_text_atomic(json_path, json.dumps(record, indent=2) + "\n")
     return path, json_path
 
@@ -116,7 +121,8 @@ def load_student(path: str | os.PathLike, network: nn.Module | None = None,
             raise ZSKDError(f"student record {record_path(weights)} names {record['class_path']} without its "
                             "init_args (it was built in Python): pass the architecture, load_student(path, network=...)")
         network = instantiate({"class_path": record["class_path"], "init_args": record["init_args"]},
-                              source=f"student record {record_path(weights)}")
+                              source=f"student record {record_path(weights)}",
+                              remedy="build the architecture yourself and pass it: load_student(path, network=...)")
     try:
         state = load_file(weights, device=str(map_location))
     except Exception as err:  # not a safetensors file, truncated

@@ -147,9 +147,11 @@ def network_spec(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def instantiate(spec: Mapping[str, Any], bases: tuple[type, ...] = (nn.Module,),
-                modules: Sequence[str] = TRUSTED_NETWORK_MODULES, source: str = "checkpoint") -> Any:
+                modules: Sequence[str] = TRUSTED_NETWORK_MODULES, source: str = "checkpoint",
+                remedy: str = "give the teacher's `network` (class_path and init_args) in your config instead") -> Any:
     """Build ``class_path(**init_args)``, ``class_path`` dicts in ``init_args`` (also inside lists) too, but only
     classes that live in one of ``modules`` (checked BEFORE importing anything) and derive from ``bases``.
+    ``remedy``: what the caller can do instead when a class lies outside ``modules`` (ends that line).
 
     Raises:
         ZSKDError: one line naming ``source``, the class path and why it is refused.
@@ -159,7 +161,7 @@ def instantiate(spec: Mapping[str, Any], bases: tuple[type, ...] = (nn.Module,),
     if not any(module_name == m or module_name.startswith(m + ".") for m in modules):
         raise ZSKDError(
             f"{source} names class_path {class_path!r}, outside the modules allowed here ({', '.join(modules)}); "
-            "give the teacher's `network` (class_path and init_args) in your config instead"
+            f"{remedy}"
         )
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -168,7 +170,7 @@ def instantiate(spec: Mapping[str, Any], bases: tuple[type, ...] = (nn.Module,),
     if not (isinstance(cls, type) and issubclass(cls, bases)):
         names = " or ".join(base.__name__ for base in bases)
         raise ZSKDError(f"{source} names class_path {class_path!r}, which is not a {names} class")
-    return cls(**{k: _built(v, bases, modules, source) for k, v in (spec.get("init_args") or {}).items()})
+    return cls(**{k: _built(v, bases, modules, source, remedy) for k, v in (spec.get("init_args") or {}).items()})
 
 
 def check_class_paths(spec: Any, source: str, modules: Sequence[str] = ("zskd_lightning", *TRUSTED_NETWORK_MODULES)) -> None:
@@ -189,12 +191,12 @@ def check_class_paths(spec: Any, source: str, modules: Sequence[str] = ("zskd_li
             check_class_paths(value, source, modules)
 
 
-def _built(value: Any, bases: tuple[type, ...], modules: Sequence[str], source: str) -> Any:
+def _built(value: Any, bases: tuple[type, ...], modules: Sequence[str], source: str, remedy: str) -> Any:
     """An ``init_args`` value with every ``class_path`` dict in it (directly or in a list) instantiated."""
     if isinstance(value, Mapping) and "class_path" in value:
-        return instantiate(value, bases, modules, source)
+        return instantiate(value, bases, modules, source, remedy)
     if isinstance(value, list):
-        return [_built(item, bases, modules, source) for item in value]
+        return [_built(item, bases, modules, source, remedy) for item in value]
     return value
 
 

@@ -1,14 +1,15 @@
 """Standalone offline-distillation run for the subprocess tests (resume under DDP). Lightning's DDP launcher
 re-runs this script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
 
-    python offline_run.py --root DIR [--devices 2] [--stop-at STEP] [--resume] [--nan-on-rank R]
+    python offline_run.py --root DIR [--devices 2] [--stop-at STEP] [--resume] [--nan-on-rank R] [--export-fails]
 
 Distils from a tiny impression cache (``DIR/cache``: 48 impressions; teacher ``make_net(0)``) for 3 epochs of
 3 batches per process (8 inputs a batch), with what draws from random streams: a per-sample random affine
 transform, batch blends and noise, and a dropout layer before the student. ``--stop-at`` ends it after that
 many steps (Trainer max_steps), as an interruption would; ``last.ckpt`` in ``DIR/checkpoints`` is written every
 step. At the end of fit every rank writes ``DIR/rank{r}.pt``: its student's weights. ``--nan-on-rank R``: rank
-R's student outputs NaN (its loss is not finite from the first step).
+R's student outputs NaN (its loss is not finite from the first step). ``--export-fails``: the student's export at
+the end of fit (global rank 0's alone) fails as on a full disk.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="resume from DIR/checkpoints/last.ckpt")
     parser.add_argument("--stop-at", type=int, default=-1, help="stop after this many steps (Trainer max_steps)")
     parser.add_argument("--nan-on-rank", type=int, default=None, help="this rank's student outputs NaN")
+    parser.add_argument("--export-fails", action="store_true", help="the export at the end of fit fails")
     args = parser.parse_args()
 
     import lightning as L
@@ -49,8 +51,14 @@ def main() -> None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             return x * float("nan") if rank == args.nan_on_rank else x
 
-    model = DistillationModule(tiny.make_net(0), nn.Sequential(NanOnRank(), nn.Dropout(0.3), tiny.make_net(1, width=4)),
-                               export_filename=None)
+    class Distillation(DistillationModule):
+        def export_student(self, path):
+            if args.export_fails:
+                raise OSError(28, "No space left on device")
+            return super().export_student(path)
+
+    model = Distillation(tiny.make_net(0), nn.Sequential(NanOnRank(), nn.Dropout(0.3), tiny.make_net(1, width=4)),
+                         export_filename="student.safetensors" if args.export_fails else None)
 
     class Dump(Callback):
         def on_train_end(self, trainer, pl_module) -> None:

@@ -85,7 +85,8 @@ class ImpressionDataModule(SyntheticDataModule):
         cache_dir: the cache folder; a matching complete cache is reused, a mismatching one is an error.
         input_shape, input_mean, input_std, eval_data, predict_data, validate_on_real: the teacher's input space
             and the real data that evaluates the student, see :class:`~zskd_lightning.data.SyntheticDataModule`.
-        num_val_impressions: held-out impressions for validation (0: no validation loop).
+        num_val_impressions: held-out impressions for validation (0: no validation loop, unless
+            ``validate_on_real``).
         chunk_size: impressions per chunk (the unit of work, of random state and of files).
         seed: the cache's seed; chunk ``c`` draws its targets and noise from ``(seed, c)``.
         augmentation: per-sample transform on pixel-space training images (``torchvision.transforms.v2``),

@@ -68,6 +68,7 @@ class ActivationRecorder(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.moments, self.shapes, self._started = {}, {}, time.perf_counter()
+        self._problem: str | None = None  # this rank's first bad batch: raised at the epoch's end, on every rank
 
     def teardown(self, stage: str) -> None:
         """A run that gave no batch at all (``limit_val_batches: 0``, an empty split: Lightning then skips the
@@ -78,20 +79,26 @@ class ActivationRecorder(L.LightningModule):
                                   "split, or the Trainer's limit_val_batches 0)")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+        """Add a batch's statistics. A bad batch (no int labels, labels out of range, a layer that gave no
+        activation) is kept as this rank's problem and the rest of its batches skipped; the epoch's end raises it
+        (a batch's labels differ between ranks, and a rank raising alone would leave the others in the gather)."""
+        if self._problem is None:
+            self._problem = self._record(*batch)
+
+    def _record(self, x: Tensor, y: Tensor) -> str | None:
         if y.ndim != 1 or y.is_floating_point():
-            raise ZSKDError("recording needs labelled data: batches of (inputs, int class labels [B])")
+            return "recording needs labelled data: batches of (inputs, int class labels [B])"
         with torch.no_grad(), FeatureTaps(self.teacher.network, [Tap(name) for name in self.layers]) as taps:
             logits = self.teacher(x)
         classes = logits.shape[1]
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-            raise ZSKDError(f"recording needs class labels in [0, {classes}) for a teacher with {classes} outputs; "
-                            f"this batch holds labels {int(y.min())} to {int(y.max())}")
+            return (f"recording needs class labels in [0, {classes}) for a teacher with {classes} outputs; "
+                    f"a batch holds labels {int(y.min())} to {int(y.max())}")
         silent = [name for name in self.layers if Tap(name).key not in taps.features]
         if silent:
-            raise ZSKDError(f"layer(s) {', '.join(silent)} of {type(self.teacher.network).__name__} produced no "
-                            "activation in the forward pass (a module called through its weights, or a branch that "
-                            "runs only in training): leave them out of the recorder's `layers`")
+            return (f"layer(s) {', '.join(silent)} of {type(self.teacher.network).__name__} produced no "
+                    "activation in the forward pass (a module called through its weights, or a branch that "
+                    "runs only in training): leave them out of the recorder's `layers`")
         features = {**{name: taps.features[Tap(name).key] for name in self.layers}, LOGITS: logits / self.temperature}
         for name, value in features.items():
             if name not in self.moments:
@@ -100,9 +107,13 @@ class ActivationRecorder(L.LightningModule):
                 self.moments[name] = ClassMoments(logits.shape[1], dim, kept)
                 self.shapes[name] = tuple(value.shape[1:])
             self.moments[name].update(value, y)
+        return None
 
     def on_validation_epoch_end(self) -> None:
         trainer = self.trainer
+        if not trainer.strategy.reduce_boolean_decision(self._problem is None, all=True):
+            raise ZSKDError(self._problem or "recording stopped: another rank's batches were unusable (that rank's "
+                                             "error says why)")
         self._recorded = True
         if trainer.world_size > 1:
             gathered: list = [None] * trainer.world_size
