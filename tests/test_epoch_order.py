@@ -118,6 +118,29 @@ def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
         assert len(list(old_checkpoint)) == 4
 
 
+def test_a_checkpoint_saved_after_a_resume_and_before_a_batch_keeps_the_position():
+    """A resumed fit may save before it reads a training batch (the end of a mid-epoch validation it re-runs
+    first): that checkpoint holds the restored position (capped at the Trainer's count), so resuming from it
+    again starts where the first resume would have, not at the epoch's start."""
+    data = TensorDataset(torch.arange(10))
+
+    def loader(done=None) -> EpochKeyedLoader:
+        sampler = EpochKeyedSampler(data, seed=3, epoch=2)
+        return EpochKeyedLoader(EpochKeyedDataset(data, 3, False), batch_size=3, sampler=sampler, batches_done=done)
+
+    whole = [b[0] for b in loader()]
+    first_resume = loader(done=lambda: 2)
+    first_resume.load_state_dict({"epoch": 2, "batches": 2})
+    saved = first_resume.state_dict()  # no batch read yet
+    assert saved == {"epoch": 2, "batches": 2}
+    second_resume = loader(done=lambda: 2)
+    second_resume.load_state_dict(saved)
+    assert all(torch.equal(a, b[0]) for a, b in zip(whole[2:], second_resume, strict=True))
+    inside_a_step = loader(done=lambda: 1)  # saved inside step 2: the Trainer counts 1 done and redoes the other
+    inside_a_step.load_state_dict({"epoch": 2, "batches": 2})
+    assert inside_a_step.state_dict() == {"epoch": 2, "batches": 1}
+
+
 def test_impressions_of_a_ddp_rank_fill_one_batch_when_its_share_is_under_a_batch(tmp_path):
     """24 impressions over 2 processes: 12 a rank, under a batch of 16. The partial batch is kept (``drop_last``
     judges the rank's share, not the whole set, which would leave each rank no batch at all)."""
@@ -302,12 +325,16 @@ def test_two_processes_resumed_mid_epoch_distil_as_if_never_stopped(tmp_path):
     second epoch's second batch) and resumed, both ranks end with the unstopped run's student."""
     script = Path(__file__).parent / "helpers" / "offline_run.py"
     whole, split = tmp_path / "whole", tmp_path / "split"
+    outputs = []
     for root, args in ((whole, ()), (split, ("--stop-at", "5")), (split, ("--resume",))):
         root.mkdir(exist_ok=True)
         proc = subprocess.run([sys.executable, str(script), "--root", str(root), "--devices", "2", *args],
                               capture_output=True, text=True, timeout=240, env=tiny.script_env(1))
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "steps=9" in proc.stdout
+        outputs.append(proc.stdout)
+    assert "DONE rank=0 steps=5" in outputs[1] and "DONE rank=1 steps=5" in outputs[1]  # it did stop there
+    assert "START rank=0 steps=5" in outputs[2] and "START rank=1 steps=5" in outputs[2]  # and resumed there
+    assert "DONE rank=0 steps=9" in outputs[2]
     for rank in (0, 1):
         expected, resumed = (torch.load(root / f"rank{rank}.pt", weights_only=True) for root in (whole, split))
         assert all(torch.equal(resumed[k], v) for k, v in expected.items()), rank

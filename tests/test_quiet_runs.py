@@ -70,6 +70,15 @@ def test_validate_on_real_logs_the_real_accuracy_beside_the_impressions_agreemen
     assert not [k for k in metrics if "dataloader_idx" in k]
 
 
+def test_validate_on_real_with_an_empty_real_validation_split_is_one_line(tmp_path):
+    """Without it the validation loop ran over no batch and a monitor of ``val/*`` failed later, naming the metric."""
+    data = tiny.make_datamodule(tmp_path / "cache", num_impressions=16,
+                                eval_data=DigitsDataModule(batch_size=64, val_fraction=0.0), validate_on_real=True)
+    with pytest.raises(InvalidArgument, match=r"^validate_on_real needs real validation images; DigitsDataModule's "
+                                              r"validation split is empty \(val_fraction 0.0\)"):
+        data.setup("fit")
+
+
 def test_a_fit_without_validation_leaves_the_trainers_validation_setting_as_it_was(tmp_path):
     """A datamodule with nothing to validate on turns the validation loop off for its fit only: the same Trainer
     (its synthesis callback still attached) then validates on real data when asked."""

@@ -182,6 +182,17 @@ def test_labelled_data_refuses_mixing_augmentation():
         DigitsDataModule(augment=BatchAugmentation(mix=0.5))
 
 
+@pytest.mark.parametrize("batch_size", [16, 17])
+def test_a_last_training_batch_of_one_sample_is_left_out(batch_size):
+    """BatchNorm cannot train on one sample: a share one more than a multiple of the batch (1,293 = 17 x 76 + 1)
+    drops that sample; any other partial last batch is kept (1,293 = 16 x 80 + 13)."""
+    dm = DigitsDataModule(batch_size=batch_size)
+    dm.setup("fit")
+    sizes = [len(y) for _, y in dm.train_dataloader()]
+    assert len(dm.train_dataset) == 1293
+    assert sizes == ([17] * 76 if batch_size == 17 else [16] * 80 + [13])
+
+
 def test_digits_dataloaders():
     dm = DigitsDataModule(batch_size=32, eval_batch_size=100)
     with pytest.raises(ZSKDError):

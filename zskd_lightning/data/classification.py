@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
 from zskd_lightning.batch_progress import fetched_batch, unfinished_batch
-from zskd_lightning.data.epoch_order import epoch_keyed_loader
+from zskd_lightning.data.epoch_order import epoch_keyed_loader, process_share
 from zskd_lightning.data.evaluation import ValidationSwitch, evaluation_loader, own_generator
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import valid_range
@@ -280,8 +280,11 @@ class ClassificationDataModule(ValidationSwitch, L.LightningDataModule):
         return evaluation_loader(dataset, trainer=self.trainer, **args)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by ``(fit seed, epoch)`` (:func:`~zskd_lightning.data.epoch_order.epoch_keyed_loader`)."""
+        """Shuffled by ``(fit seed, epoch)`` (:func:`~zskd_lightning.data.epoch_order.epoch_keyed_loader`). A last
+        batch of one sample (this process's share one more than a multiple of the batch) is left out: BatchNorm
+        cannot train on it."""
         dataset = self._require(self.train_dataset, "train")
+        share = -(-len(dataset) // process_share(self.trainer)[1])  # this process's samples an epoch
         return epoch_keyed_loader(
             dataset,
             seed=self.training_streams.run_seed(),
@@ -291,6 +294,7 @@ class ClassificationDataModule(ValidationSwitch, L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            drop_last=share > self.batch_size and share % self.batch_size == 1,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -102,6 +102,15 @@ class EpochKeyedLoader(DataLoader):
         self._resume: dict | None = None
 
     def state_dict(self) -> dict:
+        """The position to resume from. Restored but not yet iterated (a checkpoint saved after a resume and before
+        the first training batch, e.g. at the end of a validation the resumed fit re-runs first), it is the restored
+        position, as iterating would take it: the next resume then starts where this one would have."""
+        if self._resume is not None:
+            state = dict(self._resume)
+            done = self._batches_done() if self._batches_done is not None else None
+            if state.get("batches") and done is not None:
+                state["batches"] = min(state["batches"], done)
+            return state
         return {"epoch": self._epoch, "batches": self._served}
 
     def load_state_dict(self, state: dict) -> None:

@@ -114,6 +114,12 @@ class SyntheticDataModule(ValidationSwitch, L.LightningDataModule):
             self.predict_data.setup("predict")
         if stage in ("fit", "validate") and self.validate_on_real:
             self.eval_data.setup("validate")
+            held_out = getattr(self.eval_data, "val_dataset", None)
+            if held_out is not None and len(held_out) == 0:
+                raise InvalidArgument(f"validate_on_real needs real validation images; {type(self.eval_data).__name__}"
+                                      f"'s validation split is empty (val_fraction "
+                                      f"{getattr(self.eval_data, 'val_fraction', '?')}): give it a val_fraction > 0 or "
+                                      "set validate_on_real: false")
         if stage == "fit" and not self._has_validation():
             self._no_validation_this_fit()
         if stage == "fit":  # a new fit's streams (a resumed fit's come from its checkpoint, restored after setup)
