@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from teacher_sources import FAST_CONFIG, RESULTS, ROOT, config_synthesizer, distil_config_student
+from teacher_sources import FAST_CONFIG, RESULTS, ROOT, cache_use, config_synthesizer, distil_config_student
 
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             started = time.perf_counter()
             cache_dir = args.work_dir / f"{cache_key}_s{seed}_{args.impressions}"
-            cache = "reused" if (cache_dir / "manifest.json").exists() else "made"  # chunks left by a crash: made
+            cache = cache_use(cache_dir)
             measured_with = config_sha(args.config)  # the settings this seed's run reads
             synthesizer = config_synthesizer(args.config, **changes.get("synthesizer", {}))
             augmentation = BatchAugmentation(**changes["augmentation"]) if "augmentation" in changes else None

@@ -91,12 +91,14 @@ def resident_mib(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def reset_peak_resident() -> None:
-    """Restart this process's peak-RSS count (``VmHWM``) from its current size, where Linux allows it."""
+def reset_peak_resident() -> bool:
+    """Restart this process's peak-RSS count (``VmHWM``) from its current size, where Linux allows it; whether
+    it did (the peak then reads no more than the current size plus what the kernel allots meanwhile)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
+        return False
+    return resident_mib("VmHWM") <= resident_mib("VmRSS") + 1.0
 
 
 def sync(device: torch.device) -> None:
@@ -198,7 +200,8 @@ def memory_of_path(name: str, path: str, iterations: int, plain_batch: int, chun
         before = torch.cuda.memory_allocated(device) / 2**20
     else:
         before = resident_mib("VmRSS")
-        reset_peak_resident()
+        if not reset_peak_resident():  # the peak would be the process's lifetime one: no figure rather than a wrong one
+            return math.nan
     run_path(path, teacher, input_range, targets, min(iterations, 3), plain_batch, chunk, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident_mib("VmHWM")
     return max(peak - before, 0.0)

@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FAST_CONFIG = ROOT / "configs" / "mnist" / "zskd_lenet5_half_fast.yaml"
 FIELDS = ["recipe", "seed", "jitter", "impressions", "teacher_epochs", "student_epochs", "teacher_val", "student_val",
-          "teacher_s", "student_s"]
+          "teacher_s", "student_s", "cache"]
 #: A row's identity: recipe, seed and every budget, so a run at other epochs adds rows instead of replacing.
 KEY = ("recipe", "seed", "jitter", "impressions", "teacher_epochs", "student_epochs")
 #: The epochs rows written before these columns existed were made at (the flags' defaults then, e789429).
-EARLIER_DEFAULTS = {"teacher_epochs": "60", "student_epochs": "300"}
+EARLIER_DEFAULTS = {"teacher_epochs": "60", "student_epochs": "300", "cache": ""}
 
 #: The one change each recipe makes to the unaugmented teacher recipe (Adam, lr 2e-3, weight decay 5e-4,
 #: batch 64, cosine schedule; the shipped config's recipe): (augmentation of the training
@@ -102,6 +102,18 @@ def train_teacher(recipe: str, seed: int, epochs: int, path: Path) -> float:
     trainer.fit(model, mnist(augment))
     trainer.save_checkpoint(path)
     return validation_accuracy(FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(path)))
+
+
+def cache_use(cache_dir: Path) -> str:
+    """``"reused"`` if ``cache_dir`` holds a finished impression cache (a run's time is then distillation only),
+    else ``"made"`` (chunks a crashed run left count as made: the run finishes them)."""
+    return "reused" if (cache_dir / "manifest.json").exists() else "made"
+
+
+def teacher_tag(checkpoint: Path) -> str:
+    """The first 12 hex digits of a LeNet-5 checkpoint's teacher fingerprint: impressions are kept per teacher, so
+    a retrained teacher that differs in any bit gets caches of its own instead of a refused cache."""
+    return FrozenTeacher(network=LeNet5(1, 10), checkpoint=str(checkpoint)).fingerprint()[:12]
 
 
 def config_synthesizer(config: Path, **overrides) -> Synthesizer | GeneratorSynthesizer:
@@ -240,14 +252,18 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             teacher_val = train_teacher(recipe, seed, args.teacher_epochs, folder / "teacher.ckpt")
             teacher_s = time.perf_counter() - started
+            tag = teacher_tag(folder / "teacher.ckpt")
             for jitter in args.jitter:
                 started = time.perf_counter()
+                cache_dir = folder / f"impressions_j{jitter}_{args.impressions}_{tag}"
+                cache = cache_use(cache_dir)
                 student_val = distil_student(folder / "teacher.ckpt", args.impressions, jitter, args.student_epochs,
-                                             folder / f"impressions_j{jitter}_{args.impressions}")
+                                             cache_dir)
                 record = {"recipe": recipe, "seed": str(seed), "jitter": str(jitter), "impressions": str(args.impressions),
                           "teacher_epochs": str(args.teacher_epochs), "student_epochs": str(args.student_epochs),
                           "teacher_val": f"{teacher_val:.2f}", "student_val": f"{student_val:.2f}",
-                          "teacher_s": f"{teacher_s:.0f}", "student_s": f"{time.perf_counter() - started:.0f}"}
+                          "teacher_s": f"{teacher_s:.0f}", "student_s": f"{time.perf_counter() - started:.0f}",
+                          "cache": cache}
                 records = [r for r in records if any(r[k] != record[k] for k in KEY)] + [record]
                 args.results.parent.mkdir(parents=True, exist_ok=True)
                 write_csv_atomic(args.results, records, FIELDS)

@@ -2,10 +2,12 @@
 target each was made for, and are the classes balanced? One chunk (256 impressions, seed 0) of
 ``configs/mnist/wang_lenet5_half.yaml``'s synthesizer per variant, from the table's MNIST teacher; no data read.
 
-    python benchmarks/wang_agreement.py 'paper={"matching_scale": 1.0}' \\
-        'no_activation={"matching_scale": 1.0, "activation_weight": 0.0}' 't_squared={}'
+    python benchmarks/wang_agreement.py 'paper={"matching_scale": 1.0, "sigma": 1.5}' \\
+        'no_activation={"matching_scale": 1.0, "activation_weight": 0.0, "sigma": 1.5}' \\
+        't_squared={"sigma": 1.5}' 'config={}'
 
-Each argument is ``name=JSON`` (overrides of the synthesizer's arguments).
+Each argument is ``name=JSON`` (overrides of the synthesizer's arguments; the config's sigma is 5, the paper's
+1.5, hence the override).
 """
 
 from __future__ import annotations

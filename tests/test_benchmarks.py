@@ -547,6 +547,7 @@ def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tm
     assert rows[0]["teacher_val"] == rows[1]["teacher_val"]  # one teacher, two syntheses
     cache_specs = sorted((tmp_path / "work" / "shifts_t1_s0").glob("impressions_j*/spec.json"))
     assert len(cache_specs) == 2 and '"jitter": 1' in cache_specs[1].read_text()
+    assert [r["cache"] for r in rows] == ["made", "made"]
     table = results.with_suffix(".md").read_text()
     assert "| shifts | 0 | 16 | 1 | 1 | 0 |" in table and "| shifts | 1 | 16 | 1 | 1 | 0 |" in table
     assert not list(tmp_path.glob("*.pt"))  # the students are measured, not exported
@@ -566,7 +567,16 @@ def test_wang_readings_distils_one_student_per_reading_on_the_validation_split(t
     specs = {p.parent.name: p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
     assert '"correlation": "incoming"' in specs["incoming_s0_16"] and '"wang2021"' in specs["outgoing_s0_16"]
     table = results.with_suffix(".md").read_text()
-    assert "| outgoing | 16 | 0 |" in table and "| incoming | 16 | 0 |" in table
+    assert f"| outgoing | {teacher} | 16 | 1 | 0 |" in table and f"| incoming | {teacher} | 16 | 1 | 0 |" in table
+    assert [r["cache"] for r in rows] == ["made", "made"]
+    # the same reading at another schedule is another row, reading the first's impressions; the first stays
+    readings.main(["--readings", "outgoing", "--impressions", "16", "--student-epochs", "2", "--teacher", str(teacher),
+                   "--work-dir", str(tmp_path / "work"), "--results", str(results)])
+    rows = list(csv.DictReader(results.open()))
+    assert [(r["reading"], r["student_epochs"], r["cache"]) for r in rows] == [
+        ("outgoing", "1", "made"), ("incoming", "1", "made"), ("outgoing", "2", "reused")]
+    assert re.search(rf"\| outgoing \| {re.escape(str(teacher))} \| 16 \| 2 \| 0 \| [\d.]+ \| \d+\* \|",
+                     results.with_suffix(".md").read_text())
 
 
 def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_path, monkeypatch):
@@ -685,19 +695,25 @@ def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path):
     rows = list(csv.DictReader(results.open()))
     assert [(r["weight"], r["chunk_size"]) for r in rows] == [("0", "8"), ("0.1", "8")]
     assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
-    specs = {p.parent.name: p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
+    def settings(folder: Path) -> str:  # a cache folder's name less its teacher's fingerprint
+        name, tag = folder.name.rsplit("_", 1)
+        assert re.fullmatch(r"[0-9a-f]{12}", tag), folder.name
+        return name
+
+    specs = {settings(p.parent): p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
     assert "BatchNormStatistics" in specs["w0.1_c8_n16_i2_t1_s0"]
     assert "BatchNormStatistics" not in specs["w0_c8_n16_i2_t1_s0"]
     assert "| 0.1 | 8 | 0 | 16 | 2 | 1 | 1 |" in results.with_suffix(".md").read_text()
-    assert {p.parent.name for p in (tmp_path / "work").glob("*/impressions.png")} == {"w0_c8_n16_i2_t1_s0",
-                                                                                      "w0.1_c8_n16_i2_t1_s0"}
+    assert {settings(p.parent) for p in (tmp_path / "work").glob("*/impressions.png")} == {"w0_c8_n16_i2_t1_s0",
+                                                                                         "w0.1_c8_n16_i2_t1_s0"}
+    assert [r["cache"] for r in rows] == ["made", "made"]
     # another budget is another row (and cache), not a replacement of the first run's
     study.main(["--weights", "0", "--chunk-sizes", "8", "--teacher-epochs", "1", "--impressions", "8",
                 "--iterations", "2", "--student-epochs", "1", "--work-dir", str(tmp_path / "work"),
                 "--results", str(results)])
     rows = list(csv.DictReader(results.open()))
     assert [(r["weight"], r["impressions"]) for r in rows] == [("0", "16"), ("0.1", "16"), ("0", "8")]
-    assert (tmp_path / "work" / "w0_c8_n8_i2_t1_s0" / "spec.json").exists()
+    assert "w0_c8_n8_i2_t1_s0" in {settings(p.parent) for p in (tmp_path / "work").glob("*/spec.json")}
 
 
 def test_priority_sampling_prints_every_path_with_its_ratio(capsys):

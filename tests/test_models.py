@@ -160,7 +160,7 @@ def test_resnet_structure():
         assert stem.kernel_size == (3, 3) and stem.stride == (1, 1) and stem.out_channels == 64
         assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
         assert _last_linear(model).in_features == 512
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^blocks_per_stage needs 4 entries, got \[2, 2, 2\]$"):
         CIFARResNet(blocks_per_stage=(2, 2, 2))
 
 

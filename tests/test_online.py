@@ -409,10 +409,13 @@ def test_resumed_with_augmentation_and_dropout_ends_as_if_never_stopped(tmp_path
     """Blends, turns and noise draw from a stream per batch, whose count checkpoints keep, and the student's
     dropout from the global stream, which checkpoints keep too: a resumed run draws what an unstopped one did."""
     whole, split = tmp_path / "whole", tmp_path / "split"
+    outputs = []
     for root, args in ((whole, ()), (split, ("--stop-at", str(stop_at))), (split, ("--resume",))):
         root.mkdir(exist_ok=True)
         proc = run_online(root, "--steps", "4", "--epochs", "2", "--random", *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout)
+    assert f"DONE rank=0 steps={stop_at}" in outputs[1] and f"START rank=0 steps={stop_at}" in outputs[2]
     assert_same_ends(whole, split)
 
 
@@ -483,6 +486,9 @@ def test_two_processes_resumed_mid_epoch_end_as_if_never_stopped(tmp_path):
         root.mkdir(exist_ok=True)
         proc = run_online(root, "--devices", "2", "--steps", "8", "--buffer", "96", "--random", *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        if args:  # it stopped at step 4, and resumed there, on both ranks
+            expected = ("DONE" if args[0] == "--stop-at" else "START", 4)
+            assert all(f"{expected[0]} rank={r} steps={expected[1]}" in proc.stdout for r in (0, 1)), proc.stdout
     assert_same_ends(whole, split, ranks=2)
 
 

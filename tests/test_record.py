@@ -148,10 +148,13 @@ def test_two_processes_record_what_one_does(tmp_path):
         result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=tiny.script_env(1))
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[devices] = read_metadata(tmp_path / output)
-    one, two = outputs[1].layers["logits"], outputs[2].layers["logits"]
-    assert torch.equal(two.count, one.count) and int(one.count.sum()) == 1293
-    torch.testing.assert_close(two.mean, one.mean, atol=1e-5 * float(one.std.max()), rtol=1e-5)
-    torch.testing.assert_close(two.spread, one.spread, atol=1e-5 * float(one.spread.abs().max()), rtol=1e-5)
+    assert set(outputs[2].layers) == set(outputs[1].layers) and len(outputs[1].layers) > 2  # hidden layers too
+    for name, one in outputs[1].layers.items():
+        two = outputs[2].layers[name]
+        assert torch.equal(two.count, one.count) and int(one.count.sum()) == 1293, name
+        torch.testing.assert_close(two.mean, one.mean, atol=1e-5 * float(one.std.max()), rtol=1e-5, msg=name)
+        torch.testing.assert_close(two.spread, one.spread, atol=1e-5 * float(one.spread.abs().max()), rtol=1e-5,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("bad_label", [-1, 10])

@@ -495,19 +495,32 @@ def test_l2_prior_and_regularizers_compose(small_teacher):
 
 
 def test_channels_last_gives_the_same_impressions_and_restores_the_teacher():
+    """A plain module as teacher: ``channels_last`` converts its weights for the synthesis only (a hook sees the
+    layout each forward ran in) and puts them back; the impressions match the contiguous run's up to rounding. A
+    ``FrozenTeacher(channels_last=False)`` keeps its layout even so."""
     from zskd_lightning.models import LeNet5
     from zskd_lightning.teacher import FrozenTeacher
 
     torch.manual_seed(0)
-    teacher = FrozenTeacher(network=LeNet5(), channels_last=False)  # a contiguous teacher, as a plain module is
+    teacher = LeNet5().eval()
+    conv = [m for m in teacher.modules() if isinstance(m, nn.Conv2d)][-1]  # 6 input channels: layouts differ
+    seen = []
+    conv.register_forward_pre_hook(lambda module, args: seen.append(
+        module.weight.is_contiguous(memory_format=torch.channels_last) and not module.weight.is_contiguous()))
     results = []
     for channels_last in (False, True):
+        seen.clear()
         synthesizer = ZSKDSynthesizer(iterations=5, lr=0.05, channels_last=channels_last)
         results.append(synthesize(synthesizer, teacher, n=16, shape=(1, 32, 32)))
-        assert all(p.is_contiguous() for p in teacher.parameters())
+        assert seen and all(s == channels_last for s in seen)  # every forward in the layout asked for
+        assert all(p.is_contiguous() for p in teacher.parameters())  # and the teacher's own put back
     assert results[1][0].is_contiguous()
     assert torch.allclose(results[0][0], results[1][0], atol=1e-4)
     assert torch.equal(results[0][1], results[1][1])
+    seen.clear()
+    kept = FrozenTeacher(network=teacher, channels_last=False)  # e.g. a network that .view()s its conv features
+    synthesize(ZSKDSynthesizer(iterations=2, lr=0.05, channels_last=True), kept, n=4, shape=(1, 32, 32))
+    assert seen and not any(seen)
 
 
 def test_plateau_stopping_spends_fewer_steps():

@@ -256,8 +256,8 @@ class FrozenTeacher(nn.Module):
         fast_kernels: run the network's ``nn.LocalResponseNorm`` layers as the equivalent banded 1x1 convolution
             (:class:`~zskd_lightning.kernels.BandLocalResponseNorm`, swapped in on construction): the same logits
             up to float rounding, a faster CPU kernel (AlexNet's forward on a batch of 128 CIFAR-10 inputs, 2
-            cores, ``benchmarks/distillation_step.py --pair cifar10``: 0.67x the stock layer's time alone, 0.50x
-            with ``channels_last``). Both off give the stock network's arithmetic bit for bit.
+            cores, ``benchmarks/distillation_step.py --pair cifar10``, commit cf7b58f: 0.91x the stock layer's time
+            alone, 0.67x with ``channels_last``). Both off give the stock network's arithmetic bit for bit.
         channels_last: keep the network's 4-d weights in channels-last (NHWC) layout and give it image inputs
             ``[B, C, H, W]`` in that layout: the same logits up to float rounding; oneDNN and cuDNN run wide
             convolutions faster on it (LeNet-5's forward on CPU: no faster, no slower). A network that calls

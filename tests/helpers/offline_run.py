@@ -61,6 +61,9 @@ def main() -> None:
                          export_filename="student.safetensors" if args.export_fails else None)
 
     class Dump(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:  # a resumed fit's first step: the one it resumed at
+            print(f"START rank={trainer.global_rank} steps={trainer.global_step}", flush=True)
+
         def on_train_end(self, trainer, pl_module) -> None:
             torch.save(pl_module.student.state_dict(), os.path.join(args.root, f"rank{trainer.global_rank}.pt"))
 

@@ -67,6 +67,9 @@ def main() -> None:
                 raise RuntimeError("the step failed")
 
     class Dump(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:  # a resumed fit's first step: the one it resumed at
+            print(f"START rank={trainer.global_rank} steps={trainer.global_step}", flush=True)
+
         def on_train_end(self, trainer, pl_module) -> None:
             state = {"inputs": datamodule.buffer.inputs[: len(datamodule.buffer)],
                      "labels": datamodule.buffer.labels[: len(datamodule.buffer)],
@@ -95,7 +98,7 @@ def main() -> None:
     ckpt = os.path.join(folder, args.resume_from) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     assert isinstance(trainer, L.Trainer)
-    print(f"DONE rank={trainer.global_rank}", flush=True)
+    print(f"DONE rank={trainer.global_rank} steps={trainer.global_step}", flush=True)
 
 
 if __name__ == "__main__":
