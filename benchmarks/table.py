@@ -149,6 +149,7 @@ WANG_900_ITERATIONS = "configs/mnist/wang/iterations900.yaml"  # three times the
 WANG_240_EPOCHS = "configs/mnist/wang/epochs240.yaml"  # twice the distillation epochs
 WANG_LR_3E3 = "configs/mnist/wang/lr3e-3.yaml"  # distilled at Adam lr 3e-3
 WANG_1500_ITERATIONS = "configs/mnist/wang/iterations1500.yaml"  # five times the synthesis iterations
+WANG_JITTER2 = "configs/mnist/wang/jitter2.yaml"  # impressions rolled by up to 2 pixels each synthesis step
 BF16_SYNTHESIS = ("--data.init_args.synthesizer.init_args.precision", "bf16-mixed")
 MNIST_PAPER = {"teacher": 99.34, "student_ce": 98.92, "student_kd": 99.25, "zskd": 98.77, "lopes": 92.47}
 MNIST = Dataset(
@@ -187,6 +188,8 @@ MNIST = Dataset(
             variant="_its900_lr3e-3", impressions_variant="_its900", paper=99.08, default=False),
         Row("wang_its1500", "wang", "data_free", ("configs/mnist/wang_lenet5_half.yaml", WANG_1500_ITERATIONS), 24000,
             variant="_its1500", paper=99.08, default=False),
+        Row("wang_jitter2", "wang", "data_free", ("configs/mnist/wang_lenet5_half.yaml", WANG_JITTER2), 24000,
+            variant="_jitter2", paper=99.08, default=False),
         # Lopes et al. 2017 from the teacher's activation metadata (recorded first: LOPES_RECORD), beside the
         # authors' numbers: the faster recipe (LOPES_FAST) at the ZSKD rows' budget, and the authors' settings
         # (64,000 impressions of 1,000 steps: about 1-1.3 hours of synthesis a variant on 2 CPU cores; not default).
