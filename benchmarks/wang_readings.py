@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from teacher_sources import ROOT, RESULTS, cache_use, config_synthesizer, distil_student
+from teacher_sources import ROOT, RESULTS, cache_use, config_synthesizer, distil_student, teacher_tag
 
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no teacher at {args.teacher}: the committed teacher or one trained by zskd fit --config configs/mnist/teacher_lenet5.yaml")
     records = [{**EARLIER_DEFAULTS, **r} for r in csv.DictReader(args.results.open())] if args.results.exists() else []
     teacher = str(args.teacher.relative_to(ROOT) if args.teacher.is_relative_to(ROOT) else args.teacher)
+    tag = teacher_tag(args.teacher)  # impressions kept per teacher
     for reading in args.readings:
         for seed in args.seeds:
             started = time.perf_counter()
             synthesizer = config_synthesizer(CONFIG, **variant_overrides(reading))
-            cache_dir = args.work_dir / f"{reading.replace('+', '_')}_s{seed}_{args.impressions}"
+            cache_dir = args.work_dir / f"{reading.replace('+', '_')}_s{seed}_{args.impressions}_{tag}"
             cache = cache_use(cache_dir)
             accuracy = distil_student(args.teacher, args.impressions, 0, args.student_epochs, cache_dir,
                                       synthesizer=synthesizer, seed=seed)

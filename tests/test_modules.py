@@ -159,15 +159,25 @@ def test_load_student_refuses_what_is_not_a_student(tmp_path):
 
 
 def test_an_export_that_fails_leaves_no_record_beside_other_weights(distilled, tmp_path, monkeypatch):
-    """The earlier export's record goes before the new weights are written: a crash between the two writes leaves
-    weights without a record (refused on load), never a record describing other weights."""
+    """A failed weights write leaves the earlier export whole (weights and record); once the new weights are in
+    place the earlier record is gone before the new one is written: a crash between the two leaves weights
+    without a record (refused on load), never a record describing other weights."""
+    import zskd_lightning.export as export
+
     module = distilled["module"]
     path = module.export_student(tmp_path / "student.safetensors")
+    earlier = (tmp_path / "student.json").read_text()
 
-    def full_disk(*args, **kwargs):
+    def full_disk(handle):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("zskd_lightning.export.write_atomic", full_disk)
+    monkeypatch.setattr(export, "save", lambda state: full_disk(None))
+    with pytest.raises(OSError, match="No space left"):
+        module.export_student(path)
+    assert (tmp_path / "student.json").read_text() == earlier
+    assert load_student(path, network=DigitsConvNetHalf()) is not None
+    monkeypatch.undo()
+    monkeypatch.setattr(export, "write_text_atomic", lambda *args: full_disk(None))  # a crash before the record
     with pytest.raises(OSError, match="No space left"):
         module.export_student(path)
     assert not (tmp_path / "student.json").exists()

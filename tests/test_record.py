@@ -4,6 +4,7 @@ plain Trainer, and through ``zskd record``."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import lightning as L
@@ -155,6 +156,22 @@ def test_two_processes_record_what_one_does(tmp_path):
         torch.testing.assert_close(two.mean, one.mean, atol=1e-5 * float(one.std.max()), rtol=1e-5, msg=name)
         torch.testing.assert_close(two.spread, one.spread, atol=1e-5 * float(one.spread.abs().max()), rtol=1e-5,
                                    msg=name)
+
+
+def test_a_bad_batch_on_one_rank_stops_every_rank_in_one_line(tmp_path):
+    """Rank 1's samples carry a label outside the teacher's classes: it keeps going to the epoch's end, where the
+    ranks decide together, rank 1 raising why and rank 0 that another rank's batches were unusable (raising alone,
+    rank 1 would leave rank 0 in the statistics' gather until the process group's timeout). No file is written."""
+    script = Path(__file__).parent / "helpers" / "record_run.py"
+    output = tmp_path / "m.safetensors"
+    proc = subprocess.run([sys.executable, str(script), "--output", str(output), "--devices", "2",
+                           "--bad-label-on-rank", "1"], capture_output=True, text=True, timeout=240,
+                          env=tiny.script_env(1))
+    assert proc.returncode != 0 and "DONE" not in proc.stdout
+    assert "ZSKDError: recording needs class labels in [0, 10) for a teacher with 10 outputs; a batch holds labels " \
+           "99 to 99" in proc.stderr
+    assert "ZSKDError: recording stopped: another rank's batches were unusable" in proc.stderr
+    assert not output.exists()
 
 
 @pytest.mark.parametrize("bad_label", [-1, 10])

@@ -61,6 +61,7 @@ class TrainingSplitInOrder(EvaluationData):
     def __init__(self, datamodule: L.LightningDataModule) -> None:
         super().__init__(dataset=None, batch_size=1)
         self.inner = datamodule
+        self.prepare_data_per_node = datamodule.prepare_data_per_node  # Lightning reads it from this wrapper
 
     def prepare_data(self) -> None:
         self.inner.prepare_data()

@@ -46,11 +46,14 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}  # no shared storage
     json_path = record_path(path)
-    # An earlier export's record goes first: a crash between the two writes leaves new weights without a record
-    # (refused on load), never beside a record that describes other weights.
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(json_path)
-    write_atomic(path, lambda handle: handle.write(save(state)))
+
+    def forget_earlier_record() -> None:  # the new weights are on disk, not yet in place
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(json_path)
+
+    # A write that fails leaves an earlier export whole; a crash between the weights' rename and the record's
+    # write leaves new weights without a record (refused on load), never beside one describing other weights.
+    write_atomic(path, lambda handle: handle.write(save(state)), before_replace=forget_earlier_record)
     cls = type(student)
     record = {
         "format": RECORD_FORMAT,

@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import BinaryIO
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(handle)`` on a temporary file beside ``path``, sync it, then rename it over ``path``.
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object],
+                 before_replace: Callable[[], object] | None = None) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, sync it, then rename it over ``path``
+    (``before_replace()`` runs just before the rename, once the new content is safely on disk).
 
     The temporary name (:func:`partial_path`) is new for every write, so processes (on one node or several
     sharing a file system) and threads writing into one folder, even the same file, never write into each
@@ -27,6 +29,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(partial, path)
         _sync_folder(os.path.dirname(os.path.abspath(path)))
     finally:

@@ -65,10 +65,11 @@ class ActivationRecorder(L.LightningModule):
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._started = 0.0
         self._recorded = False  # this run's statistics reached the file (every rank knows)
+        self._problem: str | None = None  # this rank's first bad batch: raised at the epoch's end, on every rank
 
     def on_validation_epoch_start(self) -> None:
         self.moments, self.shapes, self._started = {}, {}, time.perf_counter()
-        self._problem: str | None = None  # this rank's first bad batch: raised at the epoch's end, on every rank
+        self._problem = None
 
     def teardown(self, stage: str) -> None:
         """A run that gave no batch at all (``limit_val_batches: 0``, an empty split: Lightning then skips the
