@@ -25,6 +25,7 @@ from zskd_lightning.metrics import Float32EvaluationMetrics, mean_metric
 from zskd_lightning.optim import SchedulerInterval, configure_optimization, validation_runs
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
+from zskd_lightning.ranks import raise_together
 from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint
 from zskd_lightning.weighting import SampleWeighting
 
@@ -225,12 +226,9 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         """Raise ``problem`` (one line) if this rank has one, and a line naming ``what`` on every other rank: a
         collective under DDP (every rank calls it at the same step), so that no rank is left waiting in the
         gradient all-reduce for one that stopped. Without a Trainer, this rank alone decides."""
-        fine = problem is None
-        if self._trainer is not None:
-            fine = self.trainer.strategy.reduce_boolean_decision(fine, all=True)
-        if not fine:
-            raise ZSKDError(problem or f"{what} on another rank at step {self.global_step}, epoch "
-                                       f"{self.current_epoch}: that rank's error says why")
+        raise_together(self._trainer.strategy if self._trainer is not None else None, problem,
+                       lambda: f"{what} on another rank at step {self.global_step}, epoch {self.current_epoch}: "
+                               "that rank's error says why")
 
     # -------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -356,11 +354,9 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
                 failure = err
         # Decided together: rank 0 failing alone would leave the others in the next collective (a test after
         # fit) until the process group's timeout.
-        if not self.trainer.strategy.reduce_boolean_decision(failure is None, all=True):
-            if failure is not None:
-                raise failure
-            raise ZSKDError(f"the student's export failed on global rank 0 at the end of fit (step "
-                            f"{self.global_step}): that rank's error says why")
+        raise_together(self.trainer.strategy, failure,
+                       lambda: f"the student's export failed on global rank 0 at the end of fit (step "
+                               f"{self.global_step}): that rank's error says why")
         if self.trainer.is_global_zero:
             rank_zero_info(f"Student exported to {self._exported} (+ {os.path.basename(record_path(self._exported))})")
 

@@ -1,10 +1,13 @@
-"""The processes of a run: how many, and one object from each (plain ``torch.distributed``, no Lightning)."""
+"""The processes of a run: how many, one object from each (plain ``torch.distributed``), and stopping them together."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from zskd_lightning.errors import ZSKDError
 
 
 def world_size() -> int:
@@ -22,3 +25,19 @@ def every_rank(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * size
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
+
+
+def raise_together(strategy: Any | None, problem: str | BaseException | None, elsewhere: Callable[[], str]) -> None:
+    """Stop every rank when any has a ``problem``: a collective (every rank calls it at the same point) through
+    ``strategy.reduce_boolean_decision`` (a Lightning strategy; ``None``: this process decides alone). This rank's
+    own problem is raised as it is (an exception) or as a one-line :class:`ZSKDError` (a message); a rank without
+    one raises ``ZSKDError(elsewhere())``, so no rank is left waiting in a later collective for one that stopped."""
+    fine = problem is None
+    if strategy is not None:
+        fine = strategy.reduce_boolean_decision(fine, all=True)
+    if isinstance(problem, BaseException):
+        raise problem
+    if problem is not None:
+        raise ZSKDError(problem)
+    if not fine:
+        raise ZSKDError(elsewhere())

@@ -20,9 +20,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError
+from zskd_lightning.errors import InvalidArgument, RankSharedError
 from zskd_lightning.metadata.file import LOGITS, write_metadata
 from zskd_lightning.metadata.statistics import ClassMoments
+from zskd_lightning.ranks import raise_together
 from zskd_lightning.taps import FeatureTaps, Tap, submodule
 from zskd_lightning.teacher import as_frozen_teacher
 
@@ -112,9 +113,8 @@ class ActivationRecorder(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         trainer = self.trainer
-        if not trainer.strategy.reduce_boolean_decision(self._problem is None, all=True):
-            raise ZSKDError(self._problem or "recording stopped: another rank's batches were unusable (that rank's "
-                                             "error says why)")
+        raise_together(trainer.strategy, self._problem,
+                       lambda: "recording stopped: another rank's batches were unusable (that rank's error says why)")
         self._recorded = True
         if trainer.world_size > 1:
             gathered: list = [None] * trainer.world_size
