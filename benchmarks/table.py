@@ -190,6 +190,9 @@ MNIST = Dataset(
             variant="_its1500", paper=99.08, default=False),
         Row("wang_jitter2", "wang", "data_free", ("configs/mnist/wang_lenet5_half.yaml", WANG_JITTER2), 24000,
             variant="_jitter2", paper=99.08, default=False),
+        Row("wang_jitter2_240ep", "wang", "data_free",
+            ("configs/mnist/wang_lenet5_half.yaml", WANG_JITTER2, WANG_240_EPOCHS), 24000,
+            variant="_jitter2_240ep", impressions_variant="_jitter2", paper=99.08, default=False),
         # Lopes et al. 2017 from the teacher's activation metadata (recorded first: LOPES_RECORD), beside the
         # authors' numbers: the faster recipe (LOPES_FAST) at the ZSKD rows' budget, and the authors' settings
         # (64,000 impressions of 1,000 steps: about 1-1.3 hours of synthesis a variant on 2 CPU cores; not default).
