@@ -136,6 +136,74 @@ def test_a_higher_score_replaces_the_weakest_entry_of_its_own_class():
     assert buffer.scores.tolist() == pytest.approx([0.9, 0.8, 0.5, 0.3])
 
 
+def test_an_uneven_share_keeps_the_score_check():
+    """Capacity 10 over 3 classes (a share of 3.33): a class held 3 times is below its share, but taking a slot
+    from the class held 4 times would only swap which class is over; the new input must out-score its own class."""
+    buffer = ReplayBuffer(10, (1,))
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    buffer.write_balanced(torch.arange(10.0)[:, None], labels, torch.ones(10), num_classes=3)
+    assert buffer.class_counts(3).tolist() == [4, 3, 3]
+    held = buffer.inputs.clone()
+    assert buffer.write_balanced(torch.tensor([[50.0]]), torch.tensor([1]), torch.tensor([0.5]), 3).tolist() == []
+    assert torch.equal(buffer.inputs, held)
+    slots = buffer.write_balanced(torch.tensor([[60.0]]), torch.tensor([1]), torch.tensor([2.0]), 3)
+    assert buffer.labels[slots].tolist() == [1] and buffer.class_counts(3).tolist() == [4, 3, 3]
+
+
+def test_a_class_with_no_entry_competes_with_the_most_held_one():
+    buffer = ReplayBuffer(3, (1,))  # fewer slots than classes: a share of 0.3
+    buffer.write_balanced(torch.zeros(3, 1), torch.tensor([0, 1, 2]), torch.tensor([0.9, 0.5, 0.8]), num_classes=10)
+    assert buffer.write_balanced(torch.ones(1, 1), torch.tensor([5]), torch.tensor([0.1]), 10).tolist() == []
+    slots = buffer.write_balanced(torch.ones(1, 1), torch.tensor([5]), torch.tensor([0.95]), 10)
+    # filled best first (labels 0, 2, 1); class 0 is the most held (ties: the lowest index), its entry scores 0.9
+    assert buffer.labels.tolist() == [5, 2, 1] and slots.tolist() == [0]
+
+
+def test_balanced_writes_refuse_labels_outside_the_classes_in_one_line():
+    buffer = ReplayBuffer(4, (1,))
+    for bad in (torch.tensor([0, 3]), torch.tensor([-1, 0])):
+        with pytest.raises(InvalidArgument, match=r"^the buffer's labels must be in \[0, 3\), got -?\d\.\.\d$"):
+            buffer.write_balanced(torch.zeros(2, 1), bad, torch.ones(2), num_classes=3)
+    assert len(buffer) == 0
+
+
+def test_the_buffer_counts_the_teachers_predictions_apart_from_its_labels():
+    buffer = ReplayBuffer(6, (1,))
+    buffer.add(torch.zeros(4, 1), torch.tensor([0, 1, 2, 0]), predicted=torch.tensor([1, 1, 1, 0]))
+    buffer.write_balanced(torch.zeros(2, 1), torch.tensor([1, 2]), torch.ones(2), 3, predicted=torch.tensor([2, 2]))
+    assert buffer.class_counts(3).tolist() == [2, 2, 2] and buffer.predicted_counts(3).tolist() == [1, 3, 2]
+    buffer.add(torch.zeros(1, 1), torch.tensor([0]))  # slot 4 (the ring's next); no predictions: the label stands
+    restored = ReplayBuffer(6, (1,))
+    restored.load_state_dict(buffer.state_dict())
+    assert restored.predicted.tolist() == buffer.predicted.tolist() == [1, 1, 1, 0, 0, 2]
+    older = {k: v for k, v in buffer.state_dict().items() if k != "predicted"}  # a checkpoint of earlier code
+    restored.load_state_dict(older)
+    assert torch.equal(restored.predicted, restored.labels)
+    with pytest.raises(InvalidArgument, match="predicted classes \\[3\\]"):
+        buffer.add(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), predicted=torch.zeros(3, dtype=torch.long))
+
+
+def test_the_diversity_part_counts_the_teachers_predictions_in_the_buffer(tmp_path):
+    """SSD-KD's diversity part weighs a sample by how many buffer entries the teacher predicts as its class: the
+    counts observed before each round are the buffer's predicted classes, not the classes its inputs were made for."""
+    model, datamodule = tiny.online_setup(steps_per_epoch=6, synthesizer=SSDKDSynthesizer)
+    observed = []
+
+    class Recording(ModulatingFunction):
+        def observe(self, counts):
+            buffer = datamodule.buffer
+            observed.append((counts.clone(), buffer.predicted_counts(len(counts)), buffer.class_counts(len(counts))))
+            super().observe(counts)
+
+    model.sample_weights = Recording()
+    tiny.quiet_trainer(tmp_path, max_steps=6).fit(model, datamodule=datamodule)
+    buffer, held = datamodule.buffer, len(datamodule.buffer)
+    with torch.no_grad():
+        assert torch.equal(buffer.predicted[:held], model.teacher(buffer.inputs[:held]).argmax(dim=-1))
+    assert len(observed) >= 3 and all(torch.equal(counts, predicted) for counts, predicted, _ in observed)
+    assert any(not torch.equal(predicted, labels) for _, predicted, labels in observed[1:])  # they differ here
+
+
 # ------------------------------------------------------------------------------------------------ resumed run
 def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
     def setup():

@@ -13,7 +13,8 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError
 
 class ReplayBuffer:
     """``capacity`` inputs ``[capacity, *input_shape]`` (float32, CPU) with the class each was made for
-    (``labels [capacity]`` int64).
+    (``labels [capacity]`` int64) and the class the teacher predicts for it (``predicted [capacity]`` int64; the
+    label where the writer gave none).
 
     :meth:`add` writes a round's batch over the oldest entries (a ring: once full, every slot is rewritten once
     before any is rewritten twice); :meth:`write_balanced` keeps the classes balanced and, within a class at its
@@ -30,6 +31,7 @@ class ReplayBuffer:
         self.capacity, self.input_shape = int(capacity), tuple(int(s) for s in input_shape)
         self.inputs = torch.zeros(self.capacity, *self.input_shape)
         self.labels = torch.full((self.capacity,), -1, dtype=torch.long)
+        self.predicted = torch.full((self.capacity,), -1, dtype=torch.long)
         self.scores = torch.zeros(self.capacity)
         self.stamps = torch.zeros(self.capacity, dtype=torch.long)  # 0: unfilled (or restored without stamps)
         self.size = 0
@@ -39,32 +41,43 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def _check(self, inputs: Tensor, labels: Tensor) -> None:
-        if tuple(inputs.shape[1:]) != self.input_shape or labels.shape != inputs.shape[:1]:
+    def _check(self, inputs: Tensor, labels: Tensor, predicted: Tensor | None) -> Tensor:
+        """``predicted``, or ``labels`` in its place, once the shapes are checked."""
+        if tuple(inputs.shape[1:]) != self.input_shape or labels.shape != inputs.shape[:1] or (
+                predicted is not None and predicted.shape != labels.shape):
             raise InvalidArgument(f"the buffer holds inputs {list(self.input_shape)} with one label each; got inputs "
-                                  f"{list(inputs.shape)} and labels {list(labels.shape)}")
+                                  f"{list(inputs.shape)} and labels {list(labels.shape)}"
+                                  + ("" if predicted is None else f" (predicted classes {list(predicted.shape)})"))
+        return labels if predicted is None else predicted
 
-    def add(self, inputs: Tensor, labels: Tensor) -> Tensor:
-        """Write ``inputs [N, ...]`` and ``labels [N]`` over the oldest slots; returns the slots written ``[N]``
-        (when ``N > capacity`` only the last ``capacity`` are kept)."""
-        self._check(inputs, labels)
-        inputs, labels = inputs[-self.capacity:], labels[-self.capacity:]
+    def add(self, inputs: Tensor, labels: Tensor, predicted: Tensor | None = None) -> Tensor:
+        """Write ``inputs [N, ...]``, ``labels [N]`` (and the teacher's ``predicted [N]`` classes) over the oldest
+        slots; returns the slots written ``[N]`` (when ``N > capacity`` only the last ``capacity`` are kept)."""
+        predicted = self._check(inputs, labels, predicted)
+        inputs, labels, predicted = inputs[-self.capacity:], labels[-self.capacity:], predicted[-self.capacity:]
         slots = (self.cursor + torch.arange(len(inputs))) % self.capacity
-        self.replace(slots, inputs, labels)
+        self.replace(slots, inputs, labels, predicted)
         self.cursor = int(slots[-1] + 1) % self.capacity if len(slots) else self.cursor
         return slots
 
     def write_balanced(self, inputs: Tensor, labels: Tensor, scores: Tensor, num_classes: int,
-                       decay: float = 1.0) -> Tensor:
-        """SSD-KD's partial, class-balanced update; returns the slots written ``[M]``, ``M <= N``.
+                       decay: float = 1.0, predicted: Tensor | None = None) -> Tensor:
+        """SSD-KD's partial, class-balanced update of ``inputs [N, ...]`` with ``labels [N]`` in
+        ``[0, num_classes)``, ``scores [N]`` (and the teacher's ``predicted [N]`` classes); returns the slots written
+        ``[M]``, ``M <= N``.
 
         The scores held are first multiplied by ``decay`` (older entries lose their claim). Then the new inputs, best
-        score first: an input of class ``c`` competes with the lowest-scored entry of class ``c`` when ``c`` holds
-        its share (``capacity / num_classes``) or more, and replaces it only with a higher score; below its share
-        it takes a free slot, or once full replaces the lowest-scored entry of the most-held class. So a round
-        updates part of the buffer, and no class ever holds more than ``ceil(capacity / num_classes)``.
+        score first: an input of class ``c`` below its share (``capacity / num_classes``) takes a free slot, or once
+        the buffer is full the lowest-scored entry of the most-held class ``m`` when moving one slot from ``m`` to
+        ``c`` evens them out (``m`` holds at least two more). Otherwise it competes with the lowest-scored entry of
+        ``c`` (of ``m`` while ``c`` holds none) and replaces it only with a higher score. So a round updates part of
+        the buffer, and no class ever holds more than ``ceil(capacity / num_classes)``, whether or not the capacity
+        divides evenly.
         """
-        self._check(inputs, labels)
+        predicted = self._check(inputs, labels, predicted)
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            raise InvalidArgument(f"the buffer's labels must be in [0, {num_classes}), got {int(labels.min())}.."
+                                  f"{int(labels.max())}")
         self.scores[: self.size] *= decay
         counts = self.class_counts(num_classes)
         share = self.capacity / num_classes
@@ -74,38 +87,46 @@ class ReplayBuffer:
             if counts[label] < share and self.size < self.capacity:
                 slot = self.size
             else:
-                victim = label if counts[label] >= share else int(counts.argmax())
+                most = int(counts.argmax())
+                evens_out = counts[label] < share and counts[most] > counts[label] + 1
+                victim = most if evens_out or counts[label] == 0 else label
                 candidates = torch.nonzero(self.labels == victim).flatten()
                 slot = int(candidates[self.scores[candidates].argmin()])
-                if victim == label and not score > float(self.scores[slot]):
+                if not evens_out and not score > float(self.scores[slot]):
                     continue
                 counts[victim] -= 1
             counts[label] += 1
-            self.replace(torch.tensor([slot]), inputs[i: i + 1], labels[i: i + 1])
+            self.replace(torch.tensor([slot]), inputs[i: i + 1], labels[i: i + 1], predicted[i: i + 1])
             self.scores[slot] = score
             written.append(slot)
         return torch.tensor(written, dtype=torch.long)
 
-    def replace(self, slots: Tensor, inputs: Tensor, labels: Tensor) -> None:
-        """Write ``inputs``/``labels`` into ``slots [N]`` (int64, each below ``capacity``, filled or the next free);
-        their scores become 0."""
-        self._check(inputs, labels)
+    def replace(self, slots: Tensor, inputs: Tensor, labels: Tensor, predicted: Tensor | None = None) -> None:
+        """Write ``inputs``/``labels`` (and ``predicted``; else the labels) into ``slots [N]`` (int64, each below
+        ``capacity``, filled or the next free); their scores become 0."""
+        predicted = self._check(inputs, labels, predicted)
         slots = slots.long().cpu()
         if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= self.capacity):
             raise InvalidArgument(f"buffer slots must be in [0, {self.capacity}), got {slots.min()}..{slots.max()}")
         self.inputs[slots] = inputs.detach().float().cpu()
         self.labels[slots] = labels.long().cpu()
+        self.predicted[slots] = predicted.long().cpu()
         self.scores[slots] = 0.0
         self.stamps[slots] = self.written + 1 + torch.arange(len(slots))
         self.size = max(self.size, int(slots.max()) + 1) if len(slots) else self.size
         self.written += len(slots)
 
     def class_counts(self, num_classes: int) -> Tensor:
-        """How many filled slots hold each class, ``[num_classes]`` int64."""
+        """How many filled slots were made for each class (their labels), ``[num_classes]`` int64."""
         return torch.bincount(self.labels[: self.size], minlength=num_classes)
+
+    def predicted_counts(self, num_classes: int) -> Tensor:
+        """How many filled slots the teacher predicts as each class, ``[num_classes]`` int64."""
+        return torch.bincount(self.predicted[: self.size], minlength=num_classes)
 
     def state_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs[: self.size].clone(), "labels": self.labels[: self.size].clone(),
+                "predicted": self.predicted[: self.size].clone(),
                 "scores": self.scores[: self.size].clone(), "stamps": self.stamps[: self.size].clone(),
                 "capacity": self.capacity, "cursor": self.cursor, "written": self.written}
 
@@ -117,8 +138,10 @@ class ReplayBuffer:
         self.size = len(inputs)
         self.inputs[: self.size] = inputs
         self.labels[: self.size] = labels
+        self.predicted[: self.size] = state.get("predicted", labels)  # older checkpoints: the labels
         self.scores[: self.size] = state.get("scores", torch.zeros(self.size))
         self.stamps[: self.size] = state.get("stamps", torch.zeros(self.size, dtype=torch.long))
         self.inputs[self.size :], self.labels[self.size :], self.scores[self.size :] = 0.0, -1, 0.0  # unfilled
+        self.predicted[self.size :] = -1
         self.stamps[self.size :] = 0
         self.cursor, self.written = int(state["cursor"]), int(state["written"])

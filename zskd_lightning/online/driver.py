@@ -29,7 +29,8 @@ class OnlineSynthesis(Callback):
 
     ``warmup_rounds`` rounds at the start of training (not again on resume), then one round before every
     ``round_every_n_steps``-th training step. Before each round, weightings with an ``observe`` method (SSD-KD's
-    modulating function, in the synthesizer and in the LightningModule) get the buffer's class counts; after it,
+    modulating function, in the synthesizer and in the LightningModule) get the buffer's counts of the teacher's
+    predicted classes; after it,
     the round is written by the datamodule's ``buffer_update`` rule. Feeds the sampler the per-sample
     distillation losses when it asks for them. Shows ``round``, ``buffer`` (filled fraction) and ``gen_loss`` on
     the progress bar and logs them (``online/...``) with the synthesis wall time; at the end of training rank 0
@@ -112,7 +113,7 @@ class OnlineSynthesis(Callback):
         # a checkpoint saved inside the round (OnExceptionCheckpoint) holds the generator as the round found it:
         # the resumed fit redoes the whole round (its count has not moved), as the unstopped run made it
         self._round_start = copy.deepcopy(dm.synthesizer.state_dict())
-        self._observe(dm.buffer.class_counts(self._context.num_classes))
+        self._observe(dm.buffer.predicted_counts(self._context.num_classes))
         average = None if world == 1 else (lambda tensors: _average(strategy, tensors))
 
         def chunk(batch: int) -> Chunk:  # batch 0 trains the generator, the others are draws from it
@@ -122,14 +123,17 @@ class OnlineSynthesis(Callback):
         results = [dm.synthesizer.round(self._context, chunk(0), average)]
         results += [dm.synthesizer.draw(self._context, chunk(b)) for b in range(1, batches)]
         inputs, labels, loss = (torch.cat([getattr(r, name) for r in results]) for name in ("inputs", "labels", "loss"))
+        # a synthesizer that returns no teacher predictions has its labels stand for them
+        predicted = torch.cat([r.labels if r.predicted is None else r.predicted for r in results])
         scores = None if results[0].weights is None else torch.cat([r.weights for r in results])
         if world > 1:
-            inputs, labels, loss = (_gathered(strategy, t) for t in (inputs, labels, loss))
+            inputs, labels, loss, predicted = (_gathered(strategy, t) for t in (inputs, labels, loss, predicted))
             scores = None if scores is None else _gathered(strategy, scores)
         if dm.buffer_update == "balanced":
-            slots = dm.buffer.write_balanced(inputs, labels, scores, self._context.num_classes, dm.score_decay)
+            slots = dm.buffer.write_balanced(inputs, labels, scores, self._context.num_classes, dm.score_decay,
+                                             predicted=predicted)
         else:
-            slots = dm.buffer.add(inputs, labels)
+            slots = dm.buffer.add(inputs, labels, predicted)
         dm.sampler.written(slots)
         self.rounds += 1
         self._round_start = None
@@ -138,8 +142,9 @@ class OnlineSynthesis(Callback):
         self.synthesis_seconds += time.perf_counter() - started
 
     def _observe(self, counts: Tensor) -> None:
-        """Give the buffer's class counts ``[K]`` (at a round's start) to the weightings that read them (the
-        diversity part of SSD-KD's modulating function, the synthesizer's and the module's); kept for checkpoints."""
+        """Give the buffer's counts of the teacher's predicted classes ``[K]`` (at a round's start) to the
+        weightings that read them (the diversity part of SSD-KD's modulating function, the synthesizer's and the
+        module's); kept for checkpoints."""
         self._observed_counts = counts
         for weighting in (self._datamodule.synthesizer.sample_weights, getattr(self._module, "sample_weights", None)):
             if hasattr(weighting, "observe"):

@@ -157,8 +157,9 @@ class Response:
 class SynthesisResult:
     """A synthesized chunk, on the CPU: ``inputs [N, *shape]`` float32, ``targets [N, ...]`` float32,
     ``labels [N]`` int64, the per-sample ``loss [N]`` float32 of the last step taken (measured before that
-    step's update), ``steps`` (impression-iterations), and the method's per-sample ``weights [N]`` where the
-    engine returns them (a generator's rounds; ``None`` otherwise, and from per-input inversion)."""
+    step's update), ``steps`` (impression-iterations), and where the engine returns them (a generator's rounds
+    and draws; ``None`` otherwise, and from per-input inversion) the method's per-sample ``weights [N]`` and the
+    teacher's argmax class on each returned input, ``predicted [N]`` int64."""
 
     inputs: Tensor
     targets: Tensor
@@ -166,6 +167,7 @@ class SynthesisResult:
     loss: Tensor
     steps: int
     weights: Tensor | None = None
+    predicted: Tensor | None = None
 
 
 class Part(Recorded):

@@ -301,11 +301,12 @@ class GeneratorSynthesizer(Method):
 
     def _result(self, inputs: Tensor, targets: Tensor, labels: Tensor, response: Response, per_sample: Tensor,
                 weights: Tensor | None, steps: int) -> SynthesisResult:
-        if self.labels_from_teacher:
-            labels = response.logits.detach().argmax(dim=-1).cpu()
+        predicted = response.logits.detach().argmax(dim=-1).cpu()
         return SynthesisResult(inputs=inputs.detach().float().cpu().contiguous(), targets=targets.float(),
-                               labels=labels.long(), loss=per_sample.detach().float().cpu(), steps=steps,
-                               weights=None if weights is None else weights.detach().float().cpu())
+                               labels=(predicted if self.labels_from_teacher else labels).long(),
+                               loss=per_sample.detach().float().cpu(), steps=steps,
+                               weights=None if weights is None else weights.detach().float().cpu(),
+                               predicted=predicted)
 
     @torch.no_grad()
     def _reptile_step(self) -> None:
