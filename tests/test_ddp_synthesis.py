@@ -125,6 +125,18 @@ def test_error_on_rank_one_while_synthesizing_reaches_every_rank(tmp_path):
     assert sorted(int(what) for _, what, _ in log if what.isdigit()) == [0, 2, 4, 6]  # rank 0 wrote its share
 
 
+def test_cache_identity_failing_on_rank_one_reaches_every_rank(tmp_path):
+    """Rank 1 cannot derive the cache's identity (a file it reads is missing on its node) before any chunk is
+    planned: rank 1 raises its own line, rank 0 one naming rank 1's, instead of waiting in the plan's broadcast."""
+    result, log = run_ddp(tmp_path, "--threads", "1", "--no-grid", "--fail-identity-rank", "1", threads=1, timeout=90)
+    assert result.returncode not in (0, None), describe(result)
+    errors = {rank: detail for rank, what, detail in log if what == "ERROR"}
+    assert errors == {
+        1: "ZSKDError: cannot read the metadata file record.json: no such file on this node",
+        0: "RankSharedError: impression synthesis failed on rank 1: cannot read the metadata file record.json: no "
+           "such file on this node"}, describe(result)
+    assert not [what for _, what, _ in log if what.isdigit()]  # no rank made a chunk
+
 def test_cache_does_not_depend_on_thread_count(ddp_default, single_default):
     """Default threads: 1 process uses this process's count (2 on 2 cores), Lightning gives each of 2 DDP
     processes cores // 2. On the CPUs tested the shards are bit-identical anyway (no cross-thread reductions in

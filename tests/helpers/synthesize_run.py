@@ -2,11 +2,12 @@
 script once per extra rank, so everything happens under ``if __name__ == "__main__"``.
 
     python synthesize_run.py --cache DIR [--devices 2] [--threads N] [--fit] [--export] [--no-grid]
-                             [--slow SECONDS] [--fail-rank R]
+                             [--slow SECONDS] [--fail-rank R] [--fail-identity-rank R]
 
 Runs ``helpers.tiny.run_synthesis`` (the standard tiny cache: teacher ``make_net(0)``, 8 chunks of 8, 5
 iterations). Every rank appends ``rank chunk threads=N`` to ``--rank-log`` for each chunk it writes, and
-``rank ERROR message`` if fit raises. ``--fail-rank R``: rank R's first chunk write fails as on a full disk.
+``rank ERROR message`` if fit raises. ``--fail-rank R``: rank R's first chunk write fails as on a full disk;
+``--fail-identity-rank R``: rank R cannot derive the cache's identity (as a node lacking a Lopes record).
 ``--export``: the module exports its student (DistillationModule's default ``export_filename``).
 Exit code 0 on success.
 """
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--no-grid", action="store_true", help="ImpressionSynthesis(grid_filename=None)")
     parser.add_argument("--slow", type=float, default=0.0, help="sleep this long after writing each chunk")
     parser.add_argument("--fail-rank", type=int, default=None, help="this rank's chunk writes fail (ENOSPC)")
+    parser.add_argument("--fail-identity-rank", type=int, default=None,
+                        help="this rank's ImpressionPlan.cache_for fails (a file the identity reads is missing)")
     parser.add_argument("--export", action="store_true", help="export the student after fit (default filename)")
     args = parser.parse_args()
 
@@ -41,7 +44,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from helpers import tiny
+    from zskd_lightning.errors import ZSKDError
     from zskd_lightning.impressions.cache import ImpressionCache
+    from zskd_lightning.impressions.driver import ImpressionPlan
 
     log_path = args.rank_log or os.path.join(os.path.dirname(os.path.abspath(args.cache)), "ranks.log")
 
@@ -63,6 +68,14 @@ def main() -> None:
             time.sleep(args.slow)
 
     ImpressionCache.write_chunk = logged_write_chunk
+    cache_for = ImpressionPlan.cache_for
+
+    def failing_cache_for(self, *rest, **kwargs):
+        if rank() == args.fail_identity_rank:
+            raise ZSKDError("cannot read the metadata file record.json: no such file on this node")
+        return cache_for(self, *rest, **kwargs)
+
+    ImpressionPlan.cache_for = failing_cache_for
     try:
         tiny.run_synthesis(args.cache, devices=args.devices, fit=args.fit, grid=not args.no_grid,
                            export_filename="student.safetensors" if args.export else None)

@@ -123,17 +123,16 @@ class ImpressionSynthesis(Callback):
         plan, teacher = _plan_and_teacher(trainer, pl_module)
         if plan.num_val == 0:
             return
-        cache = plan.cache_for(teacher, trainer.precision)
         failure = None
-        if not cache.is_complete(verify=trainer.is_global_zero):  # rank 0 checksums; each rank must see it
-            failure = ZSKDError(f"validate reads the impressions of a complete cache, and {cache.directory} is not "
-                                f"one ({_why_incomplete(cache)}): run `zskd fit` or `zskd synthesize` with this "
-                                "config first")
-        shared = _first_failure(trainer, failure) if trainer.world_size > 1 else None  # no rank raises alone
-        if failure is not None:
-            raise failure
-        if shared is not None:
-            raise RankSharedError(shared)
+        try:  # the cache's identity may read files (a Lopes record) that one node lacks
+            cache = plan.cache_for(teacher, trainer.precision)
+            if not cache.is_complete(verify=trainer.is_global_zero):  # rank 0 checksums; each rank must see it
+                failure = ZSKDError(f"validate reads the impressions of a complete cache, and {cache.directory} is "
+                                    f"not one ({_why_incomplete(cache)}): run `zskd fit` or `zskd synthesize` with "
+                                    "this config first")
+        except Exception as err:
+            failure = err
+        _raise_together(trainer, failure)
         trainer.datamodule.use_cache(cache)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -195,7 +194,12 @@ def fill_cache(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
     precision; return the complete cache."""
     started = time.perf_counter()
     teacher = as_frozen_teacher(teacher)
-    cache = plan.cache_for(teacher, trainer.precision)
+    failure = None
+    try:  # the cache's identity may read files (a Lopes record) that one node lacks, or run out of device memory
+        cache = plan.cache_for(teacher, trainer.precision)
+    except Exception as err:
+        failure = err
+    _raise_together(trainer, failure)
     with contextlib.ExitStack() as held:  # rank 0 holds the cache's lock until the manifest is written
         return _fill_locked(trainer, plan, teacher, cache, held, started, log_every_seconds)
 
@@ -267,11 +271,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
         _synthesize_chunks(synthesizer, context, plan, cache, mine, trainer, todo, log_every_seconds)
     except Exception as err:  # every rank must learn of it, or the others wait at the next collective for ever
         failure = err
-    shared = _first_failure(trainer, failure)  # also the barrier after synthesis
-    if failure is not None:  # the failing rank raises its own error, with its traceback
-        raise failure
-    if shared is not None:
-        raise RankSharedError(shared)
+    _raise_together(trainer, failure)  # also the barrier after synthesis
     error = None
     if trainer.is_global_zero:
         try:
@@ -327,6 +327,17 @@ def _synthesize_chunks(synthesizer: Synthesizer, context: SynthesisContext, plan
                 raise ZSKDError(f"cannot write chunk {chunk_index} of the impression cache {cache.directory}: "
                                 f"{err.strerror or err}") from err
             progress.chunk_done(stop - start, mean_loss, result.steps, seconds)
+
+
+def _raise_together(trainer: L.Trainer, failure: Exception | None) -> None:
+    """A collective (every rank calls it at the same point; also a barrier): the failing rank raises its own
+    ``failure`` (with its traceback), every other rank a :class:`RankSharedError` naming the lowest failing rank,
+    so that no rank is left waiting at the next collective for one that stopped."""
+    shared = _first_failure(trainer, failure)
+    if failure is not None:
+        raise failure
+    if shared is not None:
+        raise RankSharedError(shared)
 
 
 def _first_failure(trainer: L.Trainer, failure: Exception | None) -> str | None:
