@@ -178,3 +178,23 @@ def test_a_spectral_synthesis_set_up_and_run_inside_inference_mode_keeps_its_gra
 def test_spectral_objectives_need_a_chain_of_linear_layers(recorded, layers):
     with pytest.raises(ZSKDError, match="two or more recorded nn.Linear layers"):
         LopesSynthesizer(str(recorded), objective="spectral_layer_pairs", layers=layers).setup(_context())
+
+
+def test_metadata_recorded_at_another_input_shape_is_refused_in_one_line(tmp_path):
+    """A fully convolutional teacher (adaptive pooling) recorded on 8x8 inputs, synthesized at 12x12: its conv
+    layer gives 4 x 12 x 12 values where the metadata holds 4 x 8 x 8, said in one line naming the layer."""
+    torch.manual_seed(0)
+    network = nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 4, 3, padding=1), act=nn.ReLU(),
+                                        pool=nn.AdaptiveAvgPool2d(2), flat=nn.Flatten(), fc=nn.Linear(16, 10)))
+    path = tmp_path / "meta.safetensors"
+    inputs, labels = torch.randn(200, 1, 8, 8), torch.arange(200) % 10
+    recorder = ActivationRecorder(network, output=str(path), layers=["conv"], max_full_dim=8)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        recorder, dataloaders=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=50))
+    context = SynthesisContext(teacher=as_frozen_teacher(network), input_spec=InputSpec((1, 12, 12)), num_classes=10)
+    synthesizer = LopesSynthesizer(str(path), objective="all_layers", iterations=2)
+    synthesizer.setup(context)
+    with pytest.raises(ZSKDError, match=r"^.*meta.safetensors: layer 'conv' was recorded with 256 values per input, "
+                                        r"the teacher gives \[4, 12, 12\] at this input shape: record the metadata at "
+                                        r"the input shape synthesized$"):
+        synthesizer.invert(context, Chunk.of(0, 0, 0, 10))

@@ -669,3 +669,12 @@ def test_a_32_true_synthesizer_runs_in_float32_under_an_enclosing_autocast():
         assert (ones @ ones).dtype == torch.bfloat16
     with context.autocast_for(None)():
         assert (ones @ ones).dtype == torch.float32
+
+
+def test_total_variation_refuses_inputs_that_are_not_images_in_one_line():
+    """Inputs ``[N, 8]``: the vertical differences would run across impressions; refused at setup."""
+    teacher = as_frozen_teacher(nn.Sequential(nn.Linear(8, K)))
+    synthesizer = ZSKDSynthesizer(regularizers=[TotalVariation()], iterations=2)
+    with pytest.raises(InvalidArgument, match=r"^TotalVariation needs image inputs \(\[C, H, W\] or \[H, W\]\), "
+                                              r"got input shape \[8\]$"):
+        synthesizer.setup(context_for(teacher, normalized=False, shape=(8,)))

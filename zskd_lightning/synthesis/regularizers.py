@@ -20,6 +20,12 @@ class TotalVariation(Regularizer):
     def __init__(self, weight: float = 1e-3) -> None:
         self.weight = float(weight)
 
+    def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
+        shape = tuple(context.input_spec.shape)
+        if len(shape) < 2:  # [N, D] would take the batch for the vertical axis
+            raise InvalidArgument(f"TotalVariation needs image inputs ([C, H, W] or [H, W]), got input shape "
+                                  f"{list(shape)}")
+
     def __call__(self, inputs: Tensor, response: Response) -> Tensor:
         dh = (inputs[..., 1:, :] - inputs[..., :-1, :]).abs().flatten(1).mean(1)
         dw = (inputs[..., :, 1:] - inputs[..., :, :-1]).abs().flatten(1).mean(1)

@@ -199,12 +199,22 @@ class RecordedActivationMatching(Objective):
             self._read_layout(network)
         return [Tap(name) for name, _, matched in self._layout if matched and name != LOGITS]
 
+    def activation(self, response: Response, name: str, dim: int) -> Tensor:
+        """The teacher's activation of layer ``name`` (logits / T for ``"logits"``) as ``[N, dim]`` float32; a
+        width other than the recorded ``dim`` (metadata recorded at another input shape) is a one-line error."""
+        value = response.logits / self._temperature if name == LOGITS else response.features[name]
+        value = value.float().flatten(1)
+        if value.shape[1] != dim:
+            raise ZSKDError(f"{self.metadata}: layer {name!r} was recorded with {dim} values per input, the teacher "
+                            f"gives {list(response.features[name].shape[1:]) if name != LOGITS else value.shape[1]} "
+                            "at this input shape: record the metadata at the input shape synthesized")
+        return value
+
     def __call__(self, response: Response, targets: Tensor) -> Tensor:
         loss, offset = 0.0, 0
         for name, dim, matched in self._layout:
             if matched:
-                value = response.logits / self._temperature if name == LOGITS else response.features[name]
-                loss = loss + (value.float().flatten(1) - targets[:, offset : offset + dim]).pow(2).mean(1)
+                loss = loss + (self.activation(response, name, dim) - targets[:, offset : offset + dim]).pow(2).mean(1)
             offset += dim
         return loss
 
@@ -238,7 +248,7 @@ class SpectralMatching(RecordedActivationMatching):
     def __call__(self, response: Response, targets: Tensor) -> Tensor:
         loss = 0.0
         for group, (columns, basis) in zip(self._names, self._graphs):
-            value = torch.cat([response.features[name].float().flatten(1) for name in group], dim=1)
+            value = torch.cat([self.activation(response, name, b - a) for name, (a, b) in zip(group, columns)], dim=1)
             target = torch.cat([targets[:, a:b] for a, b in columns], dim=1)
             loss = loss + ((value - target) @ basis.to(value.device)).pow(2).mean(1)
         return loss
