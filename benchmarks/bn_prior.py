@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from table import code_commit
 from teacher_sources import cache_use, loader_accuracy
 from torch import nn
 
@@ -33,12 +34,12 @@ from zskd_lightning.teacher import module_fingerprint
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIELDS = ["weight", "chunk_size", "seed", "impressions", "iterations", "teacher_epochs", "student_epochs",
-          "teacher_val", "student_val", "seconds", "cache"]
+          "teacher_val", "student_val", "seconds", "cache", "commit"]
 #: A row's identity: its settings, budgets and epochs included, so a run at other values adds rows.
 KEY = ("weight", "chunk_size", "seed", "impressions", "iterations", "teacher_epochs", "student_epochs")
 #: The values rows written before these columns existed were made at (the flags' defaults then, cc2ceb4).
 EARLIER_DEFAULTS = {"impressions": "2000", "iterations": "500", "teacher_epochs": "30", "student_epochs": "40",
-                    "cache": ""}
+                    "cache": "", "commit": ""}
 
 
 def _trainer(epochs: int, **kwargs) -> L.Trainer:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                       "impressions": str(args.impressions), "iterations": str(args.iterations),
                       "teacher_epochs": str(args.teacher_epochs), "student_epochs": str(args.student_epochs),
                       "teacher_val": f"{teacher_val:.2f}", "student_val": f"{accuracy:.2f}", "seconds": f"{seconds:.0f}",
-                      "cache": cache}
+                      "cache": cache, "commit": code_commit()}
             records = [r for r in records if any(r[k] != record[k] for k in KEY)] + [record]
             args.results.parent.mkdir(parents=True, exist_ok=True)
             write_csv_atomic(args.results, records, FIELDS)

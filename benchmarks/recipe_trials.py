@@ -35,12 +35,13 @@ from pathlib import Path
 
 import yaml
 
+from table import code_commit
 from teacher_sources import FAST_CONFIG, RESULTS, ROOT, cache_use, config_synthesizer, distil_config_student
 
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
-FIELDS = ["config", "variant", "changes", "impressions", "seed", "student_val", "seconds", "config_sha", "cache"]
+FIELDS = ["config", "variant", "changes", "impressions", "seed", "student_val", "seconds", "config_sha", "cache", "commit"]
 CHANGE_KEYS = {"synthesizer", "augmentation", "epochs", "data", "model", "ema"}
 #: distillation-module arguments the runner sets itself (a variant's "model" may not)
 RUNNER_MODEL_KEYS = {"teacher", "student", "lr_scheduler", "export_filename"}
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                       "impressions": str(args.impressions) if impression_config else "online", "seed": str(seed),
                       "student_val": f"{accuracy:.2f}",
                       "seconds": f"{time.perf_counter() - started:.0f}",
-                      "cache": cache if impression_config else "online"}
+                      "cache": cache if impression_config else "online", "commit": code_commit()}
             key = (config_name, name, record["impressions"], str(seed))
             records = [r for r in records if (r["config"], r["variant"], r["impressions"], r["seed"]) != key] + [record]
             args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,10 @@ SUBNORMAL_FIX = "305d75a"
 #: keys ``(seed, epoch, index)`` (``zskd_lightning.data.epoch_order``): rows of those kinds measured before it
 #: read torch's shuffled order, which a re-run of their command no longer draws (online rows are unaffected).
 KEYED_ORDER = "06914e4"
+#: The first commit whose SSD-KD diversity part counts the replay buffer's entries by the teacher's predicted
+#: class (the method's "samples predicted as the same class"): online rows whose modulating function has the
+#: diversity part on, measured before it, counted the classes the entries were made for.
+DIVERSITY_FIX = "54f60e3"
 #: Online rows synthesize during distillation; their log line gives the inputs made and the synthesis time.
 ONLINE_LINE = re.compile(r"Online synthesis: \d+ rounds, (\d+) inputs synthesized in ([0-9.]+) s")
 #: ZSKD's paper schedule (``--schedule paper``): the synthesizer arguments it overrides.
@@ -580,6 +584,39 @@ def drawn_in_torch_order(dataset: Dataset, record: dict[str, str]) -> bool:
     return contains_commit(record.get("commit", ""), KEYED_ORDER) is False
 
 
+def config_setting(args: list[str], *keys: str) -> Any:
+    """The value at ``keys`` (e.g. ``"model", "init_args", "sample_weights"``) of a row's configs, the last
+    ``--config`` that sets it winning (overlays in order); ``None`` when none sets it."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == "--config":
+            node: Any = yaml.safe_load((ROOT / args[i + 1]).read_text()) or {}
+            for key in keys:
+                node = node.get(key, KeyError) if isinstance(node, dict) else KeyError
+            if node is not KeyError:
+                value = node
+    return value
+
+
+def reads_diversity(args: list[str]) -> bool:
+    """Whether a row's SSD-KD modulating function has its diversity part on, in synthesis or in distillation."""
+    synthesis = str(synthesizer_settings(args).get("diversity", True)).lower() != "false"
+    weights = config_setting(args, "model", "init_args", "sample_weights")
+    distillation = (isinstance(weights, dict) and str(weights.get("class_path", "")).endswith("ModulatingFunction")
+                    and (weights.get("init_args") or {}).get("diversity", True) is not False)
+    return synthesis or distillation
+
+
+def diversity_counted_labels(dataset: Dataset, record: dict[str, str]) -> bool:
+    """Whether an SSD-KD record's diversity part counted the buffer's labels, not the teacher's predicted classes
+    (measured before :data:`DIVERSITY_FIX` with the part on): its command now weighs samples otherwise."""
+    declared = dataset.declared(record["row"])
+    method = declared.method if declared is not None else record["method"]
+    if method != "ssd_kd" or not reads_diversity(record["command"].split()):
+        return False
+    return contains_commit(record.get("commit", ""), DIVERSITY_FIX) is False
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
@@ -632,7 +669,8 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
 
     Records measured with other configs than today's (a changed teacher recipe, say) count for nothing: they
     are listed under "Stale rows" with their commands, until re-measured; rows drawn in an order their commands
-    no longer draw are marked (:func:`drawn_in_torch_order`).
+    no longer draw (:func:`drawn_in_torch_order`), and SSD-KD rows weighed by the buffer's labels
+    (:func:`diversity_counted_labels`), are marked.
     """
     out_dir = RESULTS if out_dir is None else out_dir
     current, stale = [], []
@@ -686,6 +724,7 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         budget = f"{iterations / 1e6:.1f}M" if iterations else "-"
         slow = "†" if any(timed_with_subnormals(g) for g in group) else ""
         shuffled = "‡" if any(drawn_in_torch_order(dataset, g) for g in group) else ""
+        shuffled += "¶" if any(diversity_counted_labels(dataset, g) for g in group) else ""
         lines.append(
             f"| {label} | {n if n != '0' else '-'} | {budget} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread}{shuffled} | {ratio} | {paper} "
             f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f}{slow} | {statistics.mean(float(g['training_s']) for g in group):.0f}{slow} "
@@ -702,6 +741,10 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         lines += ["", f"‡ Measured before commit {KEYED_ORDER}, on a training order shuffled by torch: its command now "
                   "draws a keyed order (exact on resume), so a re-run gives another draw of the same recipe, not these "
                   "digits."]
+    if any(diversity_counted_labels(dataset, r) for r in records):
+        lines += ["", f"¶ Measured before commit {DIVERSITY_FIX}: SSD-KD's diversity part counted the replay buffer's "
+                  "entries by the class each was made for, not by the teacher's predicted class; its command now "
+                  "weighs samples by the latter (the method's definition)."]
     lines += ["", dataset.references, "", time_to_accuracy(dataset, records), ""]
     if stale:
         lines += ["## Stale rows", "",

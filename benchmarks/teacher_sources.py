@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch import nn
 
+from table import code_commit
 from zskd_lightning import ClassifierModule, FrozenTeacher, GeneratorSynthesizer, Synthesizer, ZSKDSynthesizer
 from zskd_lightning.augment import BatchAugmentation
 from zskd_lightning.data import MNISTDataModule
@@ -39,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FAST_CONFIG = ROOT / "configs" / "mnist" / "zskd_lenet5_half_fast.yaml"
 FIELDS = ["recipe", "seed", "jitter", "impressions", "teacher_epochs", "student_epochs", "teacher_val", "student_val",
-          "teacher_s", "student_s", "cache"]
+          "teacher_s", "student_s", "cache", "commit"]
 #: A row's identity: recipe, seed and every budget, so a run at other epochs adds rows instead of replacing.
 KEY = ("recipe", "seed", "jitter", "impressions", "teacher_epochs", "student_epochs")
 #: The epochs rows written before these columns existed were made at (the flags' defaults then, e789429).
-EARLIER_DEFAULTS = {"teacher_epochs": "60", "student_epochs": "300", "cache": ""}
+EARLIER_DEFAULTS = {"teacher_epochs": "60", "student_epochs": "300", "cache": "", "commit": ""}
 
 #: The one change each recipe makes to the unaugmented teacher recipe (Adam, lr 2e-3, weight decay 5e-4,
 #: batch 64, cosine schedule; the shipped config's recipe): (augmentation of the training
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                           "teacher_epochs": str(args.teacher_epochs), "student_epochs": str(args.student_epochs),
                           "teacher_val": f"{teacher_val:.2f}", "student_val": f"{student_val:.2f}",
                           "teacher_s": f"{teacher_s:.0f}", "student_s": f"{time.perf_counter() - started:.0f}",
-                          "cache": cache}
+                          "cache": cache, "commit": code_commit()}
                 records = [r for r in records if any(r[k] != record[k] for k in KEY)] + [record]
                 args.results.parent.mkdir(parents=True, exist_ok=True)
                 write_csv_atomic(args.results, records, FIELDS)

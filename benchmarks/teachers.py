@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from safetensors.torch import save
+from table import DATASETS, configs_sha
 
 from zskd_lightning._version import __version__
 from zskd_lightning.files import file_sha256, record_path, write_atomic, write_text_atomic
@@ -30,11 +31,21 @@ RECORD_FORMAT, RECORD_VERSION = "zskd-teacher", 1
 
 
 def table_row(table: Path, command: str) -> dict[str, str]:
-    """The table's measured row whose command is ``command`` (one-line error if there is none)."""
+    """The table's latest teacher row whose command is ``command``, measured with today's configs when the table is
+    one of the runner's (``DATASETS``, by file stem: its ``configs_sha`` must match); one-line error otherwise."""
     with open(table, newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["row"] == "teacher" and row["command"] == command]
     if not rows:
         raise SystemExit(f"{table}: no teacher row with command {command!r}; run the table's teacher row first")
+    dataset = DATASETS.get(table.stem)
+    if dataset is not None:
+        today = configs_sha(dataset, command.split())
+        current = [row for row in rows if row.get("configs_sha") == today]
+        if not current:
+            raise SystemExit(f"{table}: the teacher row {command!r} was measured with other configs (configs_sha "
+                             f"{rows[-1].get('configs_sha') or 'none'}, today's {today}); run the table's teacher "
+                             "row again")
+        rows = current
     return rows[-1]
 
 

@@ -19,15 +19,16 @@ import statistics
 import time
 from pathlib import Path
 
+from table import code_commit
 from teacher_sources import ROOT, RESULTS, cache_use, config_synthesizer, distil_student, teacher_tag
 
 from zskd_lightning.files import write_csv_atomic, write_text_atomic
 
 CONFIG = ROOT / "configs" / "mnist" / "wang_lenet5_half.yaml"
 TEACHER = ROOT / "benchmarks" / "teachers" / "mnist_lenet5.safetensors"  # the committed table teacher
-FIELDS = ["reading", "seed", "impressions", "student_val", "seconds", "teacher", "student_epochs", "cache"]
+FIELDS = ["reading", "seed", "impressions", "student_val", "seconds", "teacher", "student_epochs", "cache", "commit"]
 #: what rows measured before a field existed ran with
-EARLIER_DEFAULTS = {"student_epochs": "300", "cache": ""}
+EARLIER_DEFAULTS = {"student_epochs": "300", "cache": "", "commit": ""}
 #: a row is replaced only by a run of the same reading, seed, budget, teacher and schedule
 KEY = ("reading", "seed", "impressions", "teacher", "student_epochs")
 
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                                       synthesizer=synthesizer, seed=seed)
             record = {"reading": reading, "seed": str(seed), "impressions": str(args.impressions),
                       "student_val": f"{accuracy:.2f}", "seconds": f"{time.perf_counter() - started:.0f}",
-                      "teacher": teacher, "student_epochs": str(args.student_epochs), "cache": cache}
+                      "teacher": teacher, "student_epochs": str(args.student_epochs), "cache": cache,
+                      "commit": code_commit()}
             records = [r for r in records if any(r[k] != record[k] for k in KEY)] + [record]
             args.results.parent.mkdir(parents=True, exist_ok=True)
             write_csv_atomic(args.results, records, FIELDS)

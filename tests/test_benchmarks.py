@@ -38,6 +38,11 @@ def load(name: str):
     return module
 
 
+#: What a benchmark records in its ``commit`` column for this checkout (table.code_commit: short hash, "+local" for
+#: uncommitted library or config changes; "" without git).
+COMMIT = load("table").code_commit()
+
+
 def test_synthesis_throughput_prints_every_path_with_its_ratio(capsys):
     throughput = load("synthesis_throughput")
     throughput.main(["--impressions", "8", "--iterations", "2", "--chunk", "4", "--plain-batch", "4", "--repeats", "2",
@@ -191,9 +196,10 @@ def test_table_records_the_commit_and_marks_times_taken_with_a_subnormal_teacher
     assert "†" not in after["student_kd"] and not after["footnote"]
 
 
-def test_table_marks_offline_rows_measured_in_torchs_shuffled_order(tmp_path, monkeypatch):
+def test_table_marks_rows_measured_before_a_change_of_what_their_command_does(tmp_path, monkeypatch):
     """Offline and real-data rows measured before the keyed training order (their command now draws another order)
-    carry a mark and its footnote; online rows, and rows measured after it, do not."""
+    carry a mark and its footnote; online rows, and rows measured after it, do not. SSD-KD rows with the diversity
+    part on, measured before it counted the teacher's predicted classes, carry another."""
     table = load("table")
 
     def record(row: str, commit: str) -> dict[str, str]:
@@ -203,16 +209,17 @@ def test_table_marks_offline_rows_measured_in_torchs_shuffled_order(tmp_path, mo
                 "configs_sha": table.configs_sha(table.MNIST, args), "training_s": "1.0", "commit": commit}
 
     def contains(commit: str, ancestor: str) -> bool | None:
-        assert ancestor == table.KEYED_ORDER
+        assert ancestor in (table.KEYED_ORDER, table.DIVERSITY_FIX)
         return {"old1234": False, "new1234": True}.get(commit, False if not commit else None)
 
     monkeypatch.setattr(table, "contains_commit", contains)
 
-    def lines(records: list[dict[str, str]]) -> tuple[dict[str, str], bool]:
+    def lines(records: list[dict[str, str]], mark: str = "‡", since: str = table.KEYED_ORDER
+              ) -> tuple[dict[str, str], bool]:
         table.summarize(table.MNIST, records, out_dir=tmp_path)
         report = (tmp_path / "mnist.md").read_text()
         rows = {r["row"]: next(line for line in report.splitlines() if line.startswith(f"| {r['row']} |")) for r in records}
-        return rows, f"‡ Measured before commit {table.KEYED_ORDER}" in report
+        return rows, f"{mark} Measured before commit {since}" in report
 
     rows, footnote = lines([record("teacher", "new1234"), record("zskd", "old1234"), record("student_ce", ""),
                             record("ssdkd", "old1234"), record("wang", "unknown")])
@@ -221,6 +228,15 @@ def test_table_marks_offline_rows_measured_in_torchs_shuffled_order(tmp_path, mo
     assert "‡" not in rows["wang"]  # git cannot tell: no claim either way
     _, footnote = lines([record("teacher", "new1234"), record("zskd", "new1234")])
     assert not footnote
+    # SSD-KD rows whose modulating function counted the buffer's labels (diversity on, measured before the fix)
+    rows, footnote = lines([record("teacher", "new1234"), record("ssdkd", "old1234"), record("ssdkd_off", "old1234"),
+                            record("ssdkd_priority_no_phi", "old1234"), record("ssdkd_60ep", "new1234")],
+                           mark="¶", since=table.DIVERSITY_FIX)
+    assert "97.00¶ |" in rows["ssdkd"] and footnote
+    assert not any("¶" in rows[row] for row in ("teacher", "ssdkd_off", "ssdkd_priority_no_phi", "ssdkd_60ep"))
+    args = table.row_commands(table.MNIST, ["ssdkd_off"], [0], "fast")[0][4]
+    assert table.reads_diversity(table.row_commands(table.MNIST, ["ssdkd"], [0], "fast")[0][4])
+    assert table.config_setting(args, "model", "init_args", "sample_weights") is None and not table.reads_diversity(args)
 
 
 def test_table_divides_each_row_by_the_teacher_its_runs_recorded(tmp_path, monkeypatch):
@@ -548,6 +564,7 @@ def test_teacher_sources_trains_distils_and_tabulates_on_the_validation_split(tm
     cache_specs = sorted((tmp_path / "work" / "shifts_t1_s0").glob("impressions_j*/spec.json"))
     assert len(cache_specs) == 2 and '"jitter": 1' in cache_specs[1].read_text()
     assert [r["cache"] for r in rows] == ["made", "made"]
+    assert all(r["commit"] == COMMIT for r in rows)
     table = results.with_suffix(".md").read_text()
     assert "| shifts | 0 | 16 | 1 | 1 | 0 |" in table and "| shifts | 1 | 16 | 1 | 1 | 0 |" in table
     assert not list(tmp_path.glob("*.pt"))  # the students are measured, not exported
@@ -563,6 +580,7 @@ def test_wang_readings_distils_one_student_per_reading_on_the_validation_split(t
                    "--work-dir", str(tmp_path / "work"), "--results", str(results)])
     rows = list(csv.DictReader(results.open()))
     assert [r["reading"] for r in rows] == ["outgoing", "incoming"]
+    assert all(r["commit"] == COMMIT for r in rows)
     assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
     specs = {p.parent.name.rsplit("_", 1)[0]: p.read_text() for p in (tmp_path / "work").glob("*/spec.json")}
     assert '"correlation": "incoming"' in specs["incoming_s0_16"] and '"wang2021"' in specs["outgoing_s0_16"]
@@ -600,6 +618,7 @@ def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_
                  '"ema": 0.9}'])
     rows = list(csv.DictReader(results.open()))
     assert [r["variant"] for r in rows] == ["plain", "turned"]
+    assert all(r["commit"] == COMMIT for r in rows)
     (average,) = averaged  # only the second variant averaged, after every step of its one epoch
     assert average[1] >= 1 and torch.allclose(average[0](torch.zeros(1), torch.ones(1), 1), torch.tensor([0.1]))
     assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
@@ -694,6 +713,8 @@ def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path):
                 "--results", str(results)])
     rows = list(csv.DictReader(results.open()))
     assert [(r["weight"], r["chunk_size"]) for r in rows] == [("0", "8"), ("0.1", "8")]
+    assert all(r["commit"] == COMMIT for r in rows)
+    assert re.fullmatch(r"([0-9a-f]{7,}(\+local)?)?", COMMIT), COMMIT
     assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
     def settings(folder: Path) -> str:  # a cache folder's name less its teacher's fingerprint
         name, tag = folder.name.rsplit("_", 1)
@@ -741,6 +762,29 @@ def test_benchmark_teacher_file_round_trip(tmp_path, cli_teacher_checkpoint):
     assert loaded.fingerprint() == FrozenTeacher(checkpoint=str(cli_teacher_checkpoint)).fingerprint() == record["fingerprint"]
     with pytest.raises(SystemExit, match="no teacher row"):
         teachers.write_teacher(str(cli_teacher_checkpoint), "tiny", "other.yaml", table, tmp_path)
+
+
+def test_benchmark_teacher_file_takes_only_a_teacher_row_of_todays_configs(tmp_path, cli_teacher_checkpoint):
+    teachers = load("teachers")
+    config = "configs/mnist/teacher_lenet5.yaml"
+    today = teachers.configs_sha(teachers.DATASETS["mnist"], ["fit", "--config", config])
+    table = tmp_path / "mnist.csv"  # a runner's table (by its stem): rows are told apart by configs_sha
+    fields = ["row", "test_acc", "training_s", "total_s", "hardware", "command", "configs_sha"]
+
+    def write(*rows):
+        with open(table, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fields)
+            writer.writeheader()
+            for test_acc, sha in rows:
+                writer.writerow({"row": "teacher", "test_acc": test_acc, "training_s": "10", "total_s": "11",
+                                 "hardware": "CPU x2", "command": f"fit --config {config}", "configs_sha": sha})
+
+    write(("99.1", today), ("98.0", "0123456789ab"))  # the latest row is stale: the current one counts
+    record = json.loads(teachers.write_teacher(str(cli_teacher_checkpoint), "tiny", config, table, tmp_path).read_text())
+    assert record["test_accuracy"] == 99.1
+    write(("98.0", "0123456789ab"))
+    with pytest.raises(SystemExit, match=f"measured with other configs .*0123456789ab, today's {today}"):
+        teachers.write_teacher(str(cli_teacher_checkpoint), "tiny", config, table, tmp_path)
 
 
 def test_table_declares_every_dataset_as_data_and_regenerates_the_committed_commands(capsys):
