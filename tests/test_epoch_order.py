@@ -269,12 +269,14 @@ class FailingDistillation(FailsOnce, DistillationModule):
     pass
 
 
+@pytest.mark.parametrize("where", ["step", "transfer"])
 @pytest.mark.parametrize("data", ["real", "impressions"])
-def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp_path, data):
+def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp_path, data, where):
     """``OnExceptionCheckpoint`` saves inside step 4 (the second epoch's second batch), after that batch's
-    augmentation and dropout have drawn. The resumed fit redoes the batch with the draws the unstopped run made
-    (the augmentation count and global streams of the batch's start, not of the failed step): the weights end
-    equal, bit for bit."""
+    augmentation and dropout have drawn, or in its transfer hooks after its augmentation drew (before Lightning
+    counts the batch ready). The resumed fit redoes the batch with the draws the unstopped run made (the
+    augmentation count and global streams of the batch's start, not of the failed step): the weights end equal,
+    bit for bit."""
     cache = tmp_path / "cache"
 
     def fit(root, fail_at, ckpt_path):
@@ -287,9 +289,19 @@ def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp
                                         export_filename=None)
             datamodule = tiny.make_datamodule(cache, num_impressions=48, augmentation=v2.RandomAffine(degrees=20),
                                               batch_augmentation=BatchAugmentation(mix=0.5, noise_std=0.05))
-        model.fail_at = fail_at
+        model.fail_at = fail_at if where == "step" else None
         trainer = tiny.quiet_trainer(root, limit_train_batches=3, limit_val_batches=0, max_epochs=3,
                                      enable_checkpointing=True, callbacks=[OnExceptionCheckpoint(root)])
+        if where == "transfer" and fail_at is not None:
+            transfer = datamodule.on_after_batch_transfer
+
+            def failing_transfer(batch, dataloader_idx):
+                batch = transfer(batch, dataloader_idx)
+                if trainer.training and trainer.global_step == fail_at:
+                    raise RuntimeError("the step failed")
+                return batch
+
+            datamodule.on_after_batch_transfer = failing_transfer
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         assert trainer.global_step == 9
         network = model.network if data == "real" else model.student

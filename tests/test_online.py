@@ -419,10 +419,12 @@ def test_resumed_with_augmentation_and_dropout_ends_as_if_never_stopped(tmp_path
     assert_same_ends(whole, split)
 
 
-@pytest.mark.parametrize("fail, message", [("--fail-at", "the step failed"), ("--fail-in-round", "the round failed")])
+@pytest.mark.parametrize("fail, message", [("--fail-at", "the step failed"), ("--fail-in-round", "the round failed"),
+                                           ("--fail-in-transfer", "the batch transfer failed")])
 def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp_path, fail, message):
     """Step 4 raises after its round has written to the buffer and its forward pass has drawn (dropout), or inside
-    that round, after the generator's update; the replay batch it was given was drawn before that round.
+    that round, after the generator's update, or in its batch's transfer hooks after the augmentation drew (before
+    Lightning counts the batch ready); the replay batch it was given was drawn before that round.
     ``OnExceptionCheckpoint`` saves there and the resumed fit redoes the step with that same batch (not one drawn
     again from the buffer the round changed), and a round cut short from the generator as the round found it:
     student, generator and buffer end as the unstopped run's."""

@@ -2,7 +2,8 @@
 
 Lightning fetches a batch and runs its transfer hooks (``on_after_batch_transfer``) before it counts the batch
 *ready*, then runs the step and counts it *processed*. A checkpoint saved in between (``OnExceptionCheckpoint``,
-an exception inside the step) is resumed by redoing that batch, so what the batch drew must not count as spent.
+an exception inside the step or inside the transfer hooks) is resumed by redoing that batch, so what the batch
+drew must not count as spent.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ def fetched_batch(trainer) -> BatchKey | None:
     ``None`` without a Lightning Trainer."""
     progress = epoch_progress(trainer)
     return None if progress is None else (trainer.current_epoch, progress.ready)
+
+
+def redone_batch(trainer) -> BatchKey | None:
+    """Key of the training batch a fit resumed from a checkpoint saved now starts with: the first one not processed,
+    ``(epoch, processed)``. A loader or stream that has already served or drawn for that key (inside its step, or
+    in its transfer hooks, before Lightning counts it ready) must not count it as spent: the resumed fit fetches it
+    again. ``None`` without a Trainer."""
+    progress = epoch_progress(trainer)
+    return None if progress is None else (trainer.current_epoch, progress.processed)
 
 
 def unfinished_batch(trainer) -> BatchKey | None:

@@ -87,8 +87,9 @@ class TrainingStreams:
 
     def state_dict(self, unfinished: object = None) -> dict:
         """``{"augmentation_seed", "augmented_batches"}`` (the names checkpoints have held them under).
-        ``unfinished``: the key of a batch begun and not finished, which a fit resumed from this state redoes:
-        if it was the last to draw, its draw is not counted, so the redone batch draws the same."""
+        ``unfinished``: the key of the batch a fit resumed from this state fetches first (begun and not finished,
+        or fetched and not begun): if it was the last to draw, its draw is not counted, so the redone batch draws
+        the same."""
         spent = unfinished is not None and unfinished == self._last_key
         return {"augmentation_seed": self.seed, "augmented_batches": self.batches - int(spent)}
 

@@ -3,7 +3,7 @@ launcher re-runs this script once per extra rank, so everything happens under ``
 
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
                          [--stop-at STEP] [--epochs N] [--random] [--fail-at STEP] [--fail-in-round STEP]
-                         [--resume-from FILE]
+                         [--fail-in-transfer STEP] [--resume-from FILE]
 
 Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--epochs`` epochs
 of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
@@ -11,7 +11,9 @@ of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), ch
 turns and noise (``batch_augmentation``) and a dropout layer before the student. ``--fail-at`` raises inside
 that global step (after its round and its forward pass), where ``OnExceptionCheckpoint`` writes
 ``DIR/checkpoints/on_exception.ckpt``; ``--fail-in-round`` raises inside the round of that global step (an even
-one: a round every 2 steps), after the generator's update and before the buffer is written; ``--resume-from``
+one: a round every 2 steps), after the generator's update and before the buffer is written;
+``--fail-in-transfer`` raises in the datamodule's ``on_after_batch_transfer`` of that global step's batch, after
+its augmentation drew and before Lightning counts the batch ready; ``--resume-from``
 names the checkpoint ``--resume`` reads. At the end of fit every rank writes ``DIR/rank{r}.pt``: its buffer,
 labels, generator and student weights and round count.
 """
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--random", action="store_true", help="batch augmentation and a student with dropout")
     parser.add_argument("--fail-at", type=int, default=-1, help="raise inside this global step's training step")
     parser.add_argument("--fail-in-round", type=int, default=-1, help="raise inside this global step's round")
+    parser.add_argument("--fail-in-transfer", type=int, default=-1,
+                        help="raise in on_after_batch_transfer of this global step's batch")
     parser.add_argument("--resume-from", default="last.ckpt", help="the checkpoint (in DIR/checkpoints) to resume")
     args = parser.parse_args()
 
@@ -89,9 +93,21 @@ def main() -> None:
 
         datamodule.synthesizer.round = failing_round
 
+    if args.fail_in_transfer >= 0:
+        transfer = datamodule.on_after_batch_transfer
+
+        def failing_transfer(batch, dataloader_idx):
+            batch = transfer(batch, dataloader_idx)
+            if trainer.training and trainer.global_step == args.fail_in_transfer:
+                raise RuntimeError("the batch transfer failed")
+            return batch
+
+        datamodule.on_after_batch_transfer = failing_transfer
+
     folder = os.path.join(args.root, "checkpoints")
     checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)
-    failing = [FailOnce(), OnExceptionCheckpoint(folder)] if max(args.fail_at, args.fail_in_round) >= 0 else []
+    failing = ([FailOnce(), OnExceptionCheckpoint(folder)]
+               if max(args.fail_at, args.fail_in_round, args.fail_in_transfer) >= 0 else [])
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                                  enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump(), *failing],
                                  max_steps=args.stop_at, max_epochs=args.epochs)

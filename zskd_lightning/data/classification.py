@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
-from zskd_lightning.batch_progress import fetched_batch, unfinished_batch
+from zskd_lightning.batch_progress import fetched_batch, redone_batch
 from zskd_lightning.data.epoch_order import epoch_keyed_loader, process_share
 from zskd_lightning.data.evaluation import ValidationSwitch, evaluation_loader, own_generator
 from zskd_lightning.errors import InvalidArgument, ZSKDError
@@ -219,7 +219,7 @@ class ClassificationDataModule(ValidationSwitch, L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """Where the training order's and augmentation's streams are (the same on every rank)."""
-        return self.training_streams.state_dict(unfinished_batch(self.trainer))
+        return self.training_streams.state_dict(redone_batch(self.trainer))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.training_streams.load_state_dict(state_dict)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from zskd_lightning.augment import augment_normalized
-from zskd_lightning.batch_progress import fetched_batch, unfinished_batch
+from zskd_lightning.batch_progress import fetched_batch, redone_batch
 from zskd_lightning.data.evaluation import ValidationSwitch
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import InputRange, InputSpec
@@ -142,7 +142,7 @@ class SyntheticDataModule(ValidationSwitch, L.LightningDataModule):
     def state_dict(self) -> dict:
         """Where the training batches' random streams are (:class:`~zskd_lightning.randomness.TrainingStreams`;
         the same on every rank)."""
-        return self.training_streams.state_dict(unfinished_batch(self.trainer))
+        return self.training_streams.state_dict(redone_batch(self.trainer))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.training_streams.load_state_dict(state_dict)

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from zskd_lightning.batch_progress import unfinished_batch
+from zskd_lightning.batch_progress import redone_batch
 from zskd_lightning.data.evaluation import own_generator
 from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
@@ -50,14 +50,14 @@ class BufferBatches(IterableDataset):
         return self.datamodule.steps_per_epoch
 
     def state_dict(self) -> dict:
-        """``{"epoch", "drawn", "generator"}`` of this rank, ``"unfinished"``: the batch of a step begun and not
-        ended (saved inside it), and under DDP ``"ranks"``: every rank's, in rank order (a collective: Lightning
+        """``{"epoch", "drawn", "generator"}`` of this rank, ``"unfinished"``: the batch drawn and not yet
+        trained on (saved inside its step or its transfer hooks; the resumed fit redoes it), and under DDP ``"ranks"``: every rank's, in rank order (a collective: Lightning
         saves checkpoints on every rank). Resumed and not iterated yet: the state it was given."""
         if self._restored is not None:  # every rank alike (all loaded one checkpoint): no collective on any
             return self._restored
         state = None if self._generator is None else self._generator.get_state()
         own = {"epoch": self._epoch, "drawn": self._drawn, "generator": state}
-        if self._last_batch is not None and unfinished_batch(self.datamodule.trainer) == (self._epoch, self._drawn - 1):
+        if self._last_batch is not None and redone_batch(self.datamodule.trainer) == (self._epoch, self._drawn - 1):
             own["unfinished"] = self._last_batch
         ranks = every_rank(own)
         return own if len(ranks) == 1 else {**own, "ranks": ranks}
