@@ -586,7 +586,8 @@ def drawn_in_torch_order(dataset: Dataset, record: dict[str, str]) -> bool:
 
 def config_setting(args: list[str], *keys: str) -> Any:
     """The value at ``keys`` (e.g. ``"model", "init_args", "sample_weights"``) of a row's configs, the last
-    ``--config`` that sets it winning (overlays in order); ``None`` when none sets it."""
+    ``--config`` that sets it winning whole (overlays in order; not merged key by key as jsonargparse does, nor
+    read from command-line overrides: enough for the table's rows); ``None`` when none sets it."""
     value = None
     for i, arg in enumerate(args):
         if arg == "--config":
@@ -609,10 +610,13 @@ def reads_diversity(args: list[str]) -> bool:
 
 def diversity_counted_labels(dataset: Dataset, record: dict[str, str]) -> bool:
     """Whether an SSD-KD record's diversity part counted the buffer's labels, not the teacher's predicted classes
-    (measured before :data:`DIVERSITY_FIX` with the part on): its command now weighs samples otherwise."""
+    (measured before :data:`DIVERSITY_FIX` with the part on, labels of sampled classes): its command now weighs
+    samples otherwise. A synthesizer with ``classes: teacher`` labels each input by the teacher's argmax, so its
+    labels were the predictions all along."""
     declared = dataset.declared(record["row"])
     method = declared.method if declared is not None else record["method"]
-    if method != "ssd_kd" or not reads_diversity(record["command"].split()):
+    args = record["command"].split()
+    if method != "ssd_kd" or not reads_diversity(args) or synthesizer_settings(args).get("classes") == "teacher":
         return False
     return contains_commit(record.get("commit", ""), DIVERSITY_FIX) is False
 

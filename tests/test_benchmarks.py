@@ -228,14 +228,25 @@ def test_table_marks_rows_measured_before_a_change_of_what_their_command_does(tm
     assert "‡" not in rows["wang"]  # git cannot tell: no claim either way
     _, footnote = lines([record("teacher", "new1234"), record("zskd", "new1234")])
     assert not footnote
-    # SSD-KD rows whose modulating function counted the buffer's labels (diversity on, measured before the fix)
-    rows, footnote = lines([record("teacher", "new1234"), record("ssdkd", "old1234"), record("ssdkd_off", "old1234"),
-                            record("ssdkd_priority_no_phi", "old1234"), record("ssdkd_60ep", "new1234")],
+    # SSD-KD rows whose modulating function counted the buffer's labels (diversity on, sampled classes, measured
+    # before the fix): CIFAR-10's. MNIST's label inputs by the teacher's argmax (classes: teacher): unchanged.
+    def cifar_record(row: str, commit: str) -> dict[str, str]:
+        args = table.row_commands(table.CIFAR10, [row], [0], "fast")[0][4]
+        return {**record("teacher", commit), "row": row, "method": row, "command": " ".join(args),
+                "configs_sha": table.configs_sha(table.CIFAR10, args)}
+
+    assert table.diversity_counted_labels(table.CIFAR10, cifar_record("ssdkd", "old1234"))
+    assert not table.diversity_counted_labels(table.CIFAR10, cifar_record("ssdkd", "new1234"))
+    assert not table.diversity_counted_labels(table.CIFAR10, cifar_record("fast", "old1234"))
+    table.summarize(table.CIFAR10, [cifar_record("ssdkd", "old1234")], out_dir=tmp_path)
+    report = (tmp_path / "cifar10.md").read_text()
+    assert "97.00¶ |" in report and f"¶ Measured before commit {table.DIVERSITY_FIX}" in report
+    rows, footnote = lines([record("teacher", "new1234"), record("ssdkd", "old1234"), record("ssdkd_off", "old1234")],
                            mark="¶", since=table.DIVERSITY_FIX)
-    assert "97.00¶ |" in rows["ssdkd"] and footnote
-    assert not any("¶" in rows[row] for row in ("teacher", "ssdkd_off", "ssdkd_priority_no_phi", "ssdkd_60ep"))
+    assert not footnote and not any("¶" in line for line in rows.values())
+    mnist = table.row_commands(table.MNIST, ["ssdkd"], [0], "fast")[0][4]
+    assert table.reads_diversity(mnist) and table.synthesizer_settings(mnist)["classes"] == "teacher"
     args = table.row_commands(table.MNIST, ["ssdkd_off"], [0], "fast")[0][4]
-    assert table.reads_diversity(table.row_commands(table.MNIST, ["ssdkd"], [0], "fast")[0][4])
     assert table.config_setting(args, "model", "init_args", "sample_weights") is None and not table.reads_diversity(args)
 
 

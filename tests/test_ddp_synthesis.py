@@ -137,6 +137,7 @@ def test_cache_identity_failing_on_rank_one_reaches_every_rank(tmp_path):
            "such file on this node"}, describe(result)
     assert not [what for _, what, _ in log if what.isdigit()]  # no rank made a chunk
 
+
 def test_cache_does_not_depend_on_thread_count(ddp_default, single_default):
     """Default threads: 1 process uses this process's count (2 on 2 cores), Lightning gives each of 2 DDP
     processes cores // 2. On the CPUs tested the shards are bit-identical anyway (no cross-thread reductions in

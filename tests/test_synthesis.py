@@ -675,6 +675,8 @@ def test_total_variation_refuses_inputs_that_are_not_images_in_one_line():
     """Inputs ``[N, 8]``: the vertical differences would run across impressions; refused at setup."""
     teacher = as_frozen_teacher(nn.Sequential(nn.Linear(8, K)))
     synthesizer = ZSKDSynthesizer(regularizers=[TotalVariation()], iterations=2)
-    with pytest.raises(InvalidArgument, match=r"^TotalVariation needs image inputs \(\[C, H, W\] or \[H, W\]\), "
-                                              r"got input shape \[8\]$"):
+    with pytest.raises(InvalidArgument, match=r"^TotalVariation needs image inputs \(\[C, H, W\] or \[H, W\], H and W "
+                                              r">= 2\), got input shape \[8\]$"):
         synthesizer.setup(context_for(teacher, normalized=False, shape=(8,)))
+    with pytest.raises(InvalidArgument, match=r"got input shape \[1, 1, 8\]$"):  # one row: no vertical neighbours
+        TotalVariation().setup(context_for(teacher, normalized=False, shape=(1, 1, 8)), None)

@@ -53,7 +53,8 @@ class ClassDiversity(SampleWeighting):
         self.counts: Tensor | None = None
 
     def observe(self, counts: Tensor) -> None:
-        """Reference counts per class ``[K]`` (int), e.g. the buffer's labels."""
+        """Reference counts per class ``[K]`` (int), e.g. the replay buffer's counts of the teacher's predicted
+        classes (``ReplayBuffer.predicted_counts``)."""
         self.counts = counts.detach().long().cpu()
 
     def __call__(self, teacher_logits: Tensor, student_logits: Tensor | None = None) -> Tensor:

@@ -132,7 +132,7 @@ class ImpressionSynthesis(Callback):
                                     "this config first")
         except Exception as err:
             failure = err
-        _raise_together(trainer, failure)
+        _raise_naming_failing_rank(trainer, failure)
         trainer.datamodule.use_cache(cache)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -199,7 +199,7 @@ def fill_cache(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
         cache = plan.cache_for(teacher, trainer.precision)
     except Exception as err:
         failure = err
-    _raise_together(trainer, failure)
+    _raise_naming_failing_rank(trainer, failure)
     with contextlib.ExitStack() as held:  # rank 0 holds the cache's lock until the manifest is written
         return _fill_locked(trainer, plan, teacher, cache, held, started, log_every_seconds)
 
@@ -271,7 +271,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
         _synthesize_chunks(synthesizer, context, plan, cache, mine, trainer, todo, log_every_seconds)
     except Exception as err:  # every rank must learn of it, or the others wait at the next collective for ever
         failure = err
-    _raise_together(trainer, failure)  # also the barrier after synthesis
+    _raise_naming_failing_rank(trainer, failure)  # also the barrier after synthesis
     error = None
     if trainer.is_global_zero:
         try:
@@ -329,10 +329,11 @@ def _synthesize_chunks(synthesizer: Synthesizer, context: SynthesisContext, plan
             progress.chunk_done(stop - start, mean_loss, result.steps, seconds)
 
 
-def _raise_together(trainer: L.Trainer, failure: Exception | None) -> None:
+def _raise_naming_failing_rank(trainer: L.Trainer, failure: Exception | None) -> None:
     """A collective (every rank calls it at the same point; also a barrier): the failing rank raises its own
-    ``failure`` (with its traceback), every other rank a :class:`RankSharedError` naming the lowest failing rank,
-    so that no rank is left waiting at the next collective for one that stopped."""
+    ``failure`` (with its traceback), every other rank a :class:`RankSharedError` naming the lowest failing rank
+    and its error (:func:`_first_failure`; unlike :func:`zskd_lightning.ranks.raise_together`, whose other ranks
+    only say that one failed), so that no rank is left waiting at the next collective for one that stopped."""
     shared = _first_failure(trainer, failure)
     if failure is not None:
         raise failure

@@ -22,9 +22,9 @@ class TotalVariation(Regularizer):
 
     def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
         shape = tuple(context.input_spec.shape)
-        if len(shape) < 2:  # [N, D] would take the batch for the vertical axis
-            raise InvalidArgument(f"TotalVariation needs image inputs ([C, H, W] or [H, W]), got input shape "
-                                  f"{list(shape)}")
+        if len(shape) not in (2, 3) or min(shape[-2:]) < 2:  # [N, D] would take the batch for the vertical axis
+            raise InvalidArgument(f"TotalVariation needs image inputs ([C, H, W] or [H, W], H and W >= 2), got input "
+                                  f"shape {list(shape)}")
 
     def __call__(self, inputs: Tensor, response: Response) -> Tensor:
         dh = (inputs[..., 1:, :] - inputs[..., :-1, :]).abs().flatten(1).mean(1)
