@@ -153,6 +153,7 @@ WANG_900_ITERATIONS = "configs/mnist/wang/iterations900.yaml"  # three times the
 WANG_240_EPOCHS = "configs/mnist/wang/epochs240.yaml"  # twice the distillation epochs
 WANG_LR_3E3 = "configs/mnist/wang/lr3e-3.yaml"  # distilled at Adam lr 3e-3
 WANG_1500_ITERATIONS = "configs/mnist/wang/iterations1500.yaml"  # five times the synthesis iterations
+ZSKD_JITTER2 = "configs/mnist/zskd/jitter2.yaml"  # ZSKD's impressions rolled by up to 2 pixels each synthesis step
 WANG_JITTER2 = "configs/mnist/wang/jitter2.yaml"  # impressions rolled by up to 2 pixels each synthesis step
 BF16_SYNTHESIS = ("--data.init_args.synthesizer.init_args.precision", "bf16-mixed")
 MNIST_PAPER = {"teacher": 99.34, "student_ce": 98.92, "student_kd": 99.25, "zskd": 98.77, "lopes": 92.47}
@@ -173,6 +174,8 @@ MNIST = Dataset(
         Row("student_kd", "kd-real", "real", ("configs/mnist/kd_real_lenet5_half.yaml",), paper=99.25),
         Row("zskd", "zskd", "data_free", ("configs/mnist/zskd_lenet5_half_fast.yaml",), 24000, paper=98.77,
             legend="ZSKD, 24,000 impressions"),
+        Row("zskd_jitter2", "zskd", "data_free", ("configs/mnist/zskd_lenet5_half_fast.yaml", ZSKD_JITTER2), 24000,
+            variant="_jitter2", paper=98.77, default=False),
         Row("zskd_bf16", "zskd", "data_free", ("configs/mnist/zskd_lenet5_half_fast.yaml",), 24000,
             extra=BF16_SYNTHESIS, variant="_bf16", paper=98.77,
             default=False),

@@ -16,7 +16,8 @@ CONFIGS = sorted([*(REPO / "configs").rglob("*.yaml"), *(REPO / "zskd_lightning"
 OVERLAY_BASES = {"lopes": REPO / "configs" / "mnist" / "lopes_lenet5_half.yaml",
                  "ssdkd": REPO / "configs" / "mnist" / "ssdkd_lenet5_half.yaml",
                  "online": REPO / "configs" / "cifar10" / "fast_alexnet_half.yaml",
-                 "wang": REPO / "configs" / "mnist" / "wang_lenet5_half.yaml"}
+                 "wang": REPO / "configs" / "mnist" / "wang_lenet5_half.yaml",
+                 "zskd": REPO / "configs" / "mnist" / "zskd_lenet5_half_fast.yaml"}
 
 
 def _arguments(config: Path) -> tuple[list[str], dict]:
@@ -64,6 +65,7 @@ def test_configs_are_shipped():
         "wang/epochs240.yaml",
         "wang/lr3e-3.yaml",
         "wang/iterations1500.yaml",
+        "zskd/jitter2.yaml",
         "online/cpu_budget.yaml",
         "online/cpu_session.yaml",
     ):
