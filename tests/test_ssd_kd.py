@@ -162,7 +162,8 @@ def test_a_class_with_no_entry_competes_with_the_most_held_one():
 def test_balanced_writes_refuse_labels_outside_the_classes_in_one_line():
     buffer = ReplayBuffer(4, (1,))
     for bad in (torch.tensor([0, 3]), torch.tensor([-1, 0])):
-        with pytest.raises(InvalidArgument, match=r"^labels written to the buffer must be in \[0, 3\), got -?\d\.\.\d$"):
+        with pytest.raises(InvalidArgument,
+                           match=r"^labels written to the buffer must be in \[0, 3\), got -?\d\.\.\d$"):
             buffer.write_balanced(torch.zeros(2, 1), bad, torch.ones(2), num_classes=3)
     assert len(buffer) == 0
 

@@ -76,8 +76,8 @@ class ReplayBuffer:
         """
         predicted = self._check(inputs, labels, predicted)
         if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
-            raise InvalidArgument(f"labels written to the buffer must be in [0, {num_classes}), got {int(labels.min())}.."
-                                  f"{int(labels.max())}")
+            raise InvalidArgument(f"labels written to the buffer must be in [0, {num_classes}), got "
+                                  f"{int(labels.min())}..{int(labels.max())}")
         self.scores[: self.size] *= decay
         counts = self.class_counts(num_classes)
         share = self.capacity / num_classes

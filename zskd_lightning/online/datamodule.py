@@ -51,8 +51,9 @@ class BufferBatches(IterableDataset):
 
     def state_dict(self) -> dict:
         """``{"epoch", "drawn", "generator"}`` of this rank, ``"unfinished"``: the batch drawn and not yet
-        trained on (saved inside its step or its transfer hooks; the resumed fit redoes it), and under DDP ``"ranks"``: every rank's, in rank order (a collective: Lightning
-        saves checkpoints on every rank). Resumed and not iterated yet: the state it was given."""
+        trained on (saved inside its step or its transfer hooks; the resumed fit redoes it), and under DDP
+        ``"ranks"``: every rank's, in rank order (a collective: Lightning saves checkpoints on every rank). Resumed
+        and not iterated yet: the state it was given."""
         if self._restored is not None:  # every rank alike (all loaded one checkpoint): no collective on any
             return self._restored
         state = None if self._generator is None else self._generator.get_state()

@@ -30,11 +30,11 @@ class OnlineSynthesis(Callback):
     ``warmup_rounds`` rounds at the start of training (not again on resume), then one round before every
     ``round_every_n_steps``-th training step. Before each round, weightings with an ``observe`` method (SSD-KD's
     modulating function, in the synthesizer and in the LightningModule) get the buffer's counts of the teacher's
-    predicted classes; after it,
-    the round is written by the datamodule's ``buffer_update`` rule. Feeds the sampler the per-sample
-    distillation losses when it asks for them. Shows ``round``, ``buffer`` (filled fraction) and ``gen_loss`` on
-    the progress bar and logs them (``online/...``) with the synthesis wall time; at the end of training rank 0
-    writes a picture of the buffer, one row per class (``grid_filename`` in the run's log folder; ``None``: off).
+    predicted classes; after it, the round is written by the datamodule's ``buffer_update`` rule. Feeds the sampler
+    the per-sample distillation losses when it asks for them. Shows ``round``, ``buffer`` (filled fraction) and
+    ``gen_loss`` on the progress bar and logs them (``online/...``) with the synthesis wall time; at the end of
+    training rank 0 writes a picture of the buffer, one row per class (``grid_filename`` in the run's log folder;
+    ``None``: off).
 
     State in checkpoints: the round count, the generator, its optimizer (and Reptile's meta weights), the
     buffer and the sampler; saved inside a round (``OnExceptionCheckpoint``), the generator and its optimizer as

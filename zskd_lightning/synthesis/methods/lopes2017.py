@@ -202,13 +202,12 @@ class RecordedActivationMatching(Objective):
     def activation(self, response: Response, name: str, dim: int) -> Tensor:
         """The teacher's activation of layer ``name`` (logits / T for ``"logits"``) as ``[N, dim]`` float32; a
         width other than the recorded ``dim`` (metadata recorded at another input shape) is a one-line error."""
-        value = response.logits / self._temperature if name == LOGITS else response.features[name]
-        value = value.float().flatten(1)
-        if value.shape[1] != dim:
+        activation = response.logits / self._temperature if name == LOGITS else response.features[name]
+        if math.prod(activation.shape[1:]) != dim:
             raise ZSKDError(f"{self.metadata}: layer {name!r} was recorded with {dim} values per input, the teacher "
-                            f"gives {list(response.features[name].shape[1:]) if name != LOGITS else value.shape[1]} "
-                            "at this input shape: record the metadata at the input shape synthesized")
-        return value
+                            f"gives {list(activation.shape[1:])} at this input shape: record the metadata at the "
+                            "input shape synthesized")
+        return activation.float().flatten(1)
 
     def __call__(self, response: Response, targets: Tensor) -> Tensor:
         loss, offset = 0.0, 0
