@@ -402,6 +402,8 @@ def assert_same_ends(expected_root: Path, resumed_root: Path, ranks: int = 1) ->
         assert torch.equal(resumed["inputs"], expected["inputs"])
         for part in ("generator", "student"):
             assert all(torch.equal(resumed[part][k], v) for k, v in expected[part].items()), (rank, part)
+        assert ("priorities" in resumed) == ("priorities" in expected)
+        assert "priorities" not in expected or torch.equal(resumed["priorities"], expected["priorities"])
 
 
 @pytest.mark.parametrize("stop_at", [4, 6])  # at the end of epoch 1 of 2, and in the middle of epoch 2
@@ -435,6 +437,40 @@ def test_a_checkpoint_saved_inside_a_failed_step_resumes_as_if_never_stopped(tmp
     failed = run_online(split, "--steps", "8", "--random", fail, "4")
     assert failed.returncode != 0 and message in failed.stderr
     resumed = run_online(split, "--steps", "8", "--random", "--resume", "--resume-from", "on_exception.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_ends(whole, split)
+
+
+def test_a_ctrl_c_inside_a_held_block_arrives_when_the_block_ends():
+    import signal
+
+    from zskd_lightning.interrupts import interrupts_held
+
+    before, ran = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            with interrupts_held():  # nested: the outer block holds it on
+                signal.raise_signal(signal.SIGINT)
+                ran.append("inner")
+            ran.append("outer")
+    assert ran == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is before
+    with interrupts_held():  # no signal: nothing raised
+        ran.append("quiet")
+    assert ran[-1] == "quiet" and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_ctrl_c_inside_the_buffer_write_waits_until_the_round_is_whole(tmp_path):
+    """SSD-KD's class-balanced update writes the round input by input; a SIGINT after the second is held until
+    the round is written and counted, so the checkpoint ``OnExceptionCheckpoint`` saves on the KeyboardInterrupt
+    holds the whole round (not part of it under the old round count, which the resumed fit would decay and write
+    again): the resumed run ends as the unstopped one, priorities included."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for root in (whole, split):
+        root.mkdir()
+    assert run_online(whole, "--steps", "8", "--ssdkd").returncode == 0
+    stopped = run_online(split, "--steps", "8", "--ssdkd", "--interrupt-in-write", "4")
+    assert stopped.returncode == 1 and "KeyboardInterrupt" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
+    resumed = run_online(split, "--steps", "8", "--ssdkd", "--resume", "--resume-from", "on_exception.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_ends(whole, split)
 

@@ -3,7 +3,7 @@ launcher re-runs this script once per extra rank, so everything happens under ``
 
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
                          [--stop-at STEP] [--epochs N] [--random] [--fail-at STEP] [--fail-in-round STEP]
-                         [--fail-in-transfer STEP] [--resume-from FILE]
+                         [--fail-in-transfer STEP] [--resume-from FILE] [--ssdkd] [--interrupt-in-write STEP]
 
 Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--epochs`` epochs
 of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
@@ -13,9 +13,12 @@ that global step (after its round and its forward pass), where ``OnExceptionChec
 ``DIR/checkpoints/on_exception.ckpt``; ``--fail-in-round`` raises inside the round of that global step (an even
 one: a round every 2 steps), after the generator's update and before the buffer is written;
 ``--fail-in-transfer`` raises in the datamodule's ``on_after_batch_transfer`` of that global step's batch, after
-its augmentation drew and before Lightning counts the batch ready; ``--resume-from``
-names the checkpoint ``--resume`` reads. At the end of fit every rank writes ``DIR/rank{r}.pt``: its buffer,
-labels, generator and student weights and round count.
+its augmentation drew and before Lightning counts the batch ready; ``--ssdkd`` makes it SSD-KD's run (its
+synthesizer and modulating function, the class-balanced buffer update, priority sampling);
+``--interrupt-in-write`` sends this process a SIGINT (Ctrl-C) inside that global step's round, after the buffer's
+second write of an input; ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of fit every rank
+writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights, round count and (a priority sampler)
+priorities.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ def main() -> None:
     parser.add_argument("--fail-in-round", type=int, default=-1, help="raise inside this global step's round")
     parser.add_argument("--fail-in-transfer", type=int, default=-1,
                         help="raise in on_after_batch_transfer of this global step's batch")
+    parser.add_argument("--ssdkd", action="store_true", help="SSD-KD: balanced buffer, priority sampling")
+    parser.add_argument("--interrupt-in-write", type=int, default=-1,
+                        help="Ctrl-C (SIGINT) inside this global step's buffer write")
     parser.add_argument("--resume-from", default="last.ckpt", help="the checkpoint (in DIR/checkpoints) to resume")
     args = parser.parse_args()
 
@@ -54,7 +60,16 @@ def main() -> None:
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)  # the global stream's start (torch's own is drawn at random)
-    model, datamodule = tiny.online_setup(steps_per_epoch=args.steps, buffer_size=args.buffer)
+    ssdkd = {}
+    if args.ssdkd:
+        from zskd_lightning import PrioritySampler, SSDKDSynthesizer
+
+        ssdkd = dict(synthesizer=SSDKDSynthesizer, sampler=PrioritySampler(), buffer_update="balanced")
+    model, datamodule = tiny.online_setup(steps_per_epoch=args.steps, buffer_size=args.buffer, **ssdkd)
+    if args.ssdkd:
+        from zskd_lightning import ModulatingFunction
+
+        model.sample_weights = ModulatingFunction()
     if args.random:
         from zskd_lightning.augment import BatchAugmentation
 
@@ -80,6 +95,8 @@ def main() -> None:
                      "generator": datamodule.synthesizer.generator.state_dict(),
                      "student": pl_module.student.state_dict(),
                      "rounds": next(c for c in trainer.callbacks if type(c).__name__ == "OnlineSynthesis").rounds}
+            if getattr(datamodule.sampler, "tree", None) is not None:
+                state["priorities"] = torch.from_numpy(datamodule.sampler.tree.values())
             torch.save(state, os.path.join(args.root, f"rank{trainer.global_rank}.pt"))
 
     if args.fail_in_round >= 0:
@@ -104,10 +121,24 @@ def main() -> None:
 
         datamodule.on_after_batch_transfer = failing_transfer
 
+    if args.interrupt_in_write >= 0:
+        import signal
+
+        write = datamodule.buffer.replace
+        writes = []
+
+        def interrupted_write(*write_args, **write_kwargs):
+            write(*write_args, **write_kwargs)
+            writes.append(trainer.global_step)
+            if writes.count(args.interrupt_in_write) == 2:
+                signal.raise_signal(signal.SIGINT)
+
+        datamodule.buffer.replace = interrupted_write
+
     folder = os.path.join(args.root, "checkpoints")
     checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)
     failing = ([FailOnce(), OnExceptionCheckpoint(folder)]
-               if max(args.fail_at, args.fail_in_round, args.fail_in_transfer) >= 0 else [])
+               if max(args.fail_at, args.fail_in_round, args.fail_in_transfer, args.interrupt_in_write) >= 0 else [])
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                                  enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump(), *failing],
                                  max_steps=args.stop_at, max_epochs=args.epochs)

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from zskd_lightning.errors import REPLAY_NEEDS_TEACHER_TARGETS, ZSKDError
+from zskd_lightning.interrupts import interrupts_held
 from zskd_lightning.pictures import labelled_grid, publish_picture
 from zskd_lightning.synthesis.api import Chunk, SynthesisContext, check_trainer_precision
 
@@ -38,7 +39,8 @@ class OnlineSynthesis(Callback):
 
     State in checkpoints: the round count, the generator, its optimizer (and Reptile's meta weights), the
     buffer and the sampler; saved inside a round (``OnExceptionCheckpoint``), the generator and its optimizer as
-    the round found them (the resumed fit redoes that round).
+    the round found them (the resumed fit redoes that round). The buffer write, the sampler's news of it and the
+    round count change together: a Ctrl-C among them is held until all are done.
     """
 
     def __init__(self, grid_filename: str | None = "buffer.png") -> None:
@@ -102,10 +104,11 @@ class OnlineSynthesis(Callback):
                              batch_idx: int) -> None:
         step = trainer.global_step
         if step > 0 and step % self._datamodule.round_every_n_steps == 0 and step != self._last_round_step:
-            self._round(trainer)
-            self._last_round_step = step
+            self._round(trainer, step)
 
-    def _round(self, trainer: L.Trainer) -> None:
+    def _round(self, trainer: L.Trainer, step: int | None = None) -> None:
+        """One round (:meth:`on_train_start`'s warm-up rounds: ``step`` None; else the training step it comes
+        before, which does not run it again once resumed)."""
         dm, strategy = self._datamodule, trainer.strategy
         world, rank, size = trainer.world_size, trainer.global_rank, dm.synthesizer.batch_size
         batches = 1 + dm.draws_per_round
@@ -129,17 +132,21 @@ class OnlineSynthesis(Callback):
         if world > 1:
             inputs, labels, loss, predicted = (_gathered(strategy, t) for t in (inputs, labels, loss, predicted))
             scores = None if scores is None else _gathered(strategy, scores)
-        if dm.buffer_update == "balanced":
-            slots = dm.buffer.write_balanced(inputs, labels, scores, self._context.num_classes, dm.score_decay,
-                                             predicted=predicted)
-        else:
-            slots = dm.buffer.add(inputs, labels, predicted)
-        dm.sampler.written(slots)
-        self.rounds += 1
-        self._round_start = None
-        self.synthesized += len(inputs)
-        self.generator_loss = float(loss.mean())
-        self.synthesis_seconds += time.perf_counter() - started
+        # Written whole or not at all: a Ctrl-C here would leave a checkpoint (OnExceptionCheckpoint) with part of
+        # the round in the buffer and the round count unmoved, which the resumed fit would write over again.
+        with interrupts_held():
+            if dm.buffer_update == "balanced":
+                slots = dm.buffer.write_balanced(inputs, labels, scores, self._context.num_classes, dm.score_decay,
+                                                 predicted=predicted)
+            else:
+                slots = dm.buffer.add(inputs, labels, predicted)
+            dm.sampler.written(slots)
+            self.rounds += 1
+            self._last_round_step = self._last_round_step if step is None else step
+            self._round_start = None
+            self.synthesized += len(inputs)
+            self.generator_loss = float(loss.mean())
+            self.synthesis_seconds += time.perf_counter() - started
 
     def _observe(self, counts: Tensor) -> None:
         """Give the buffer's counts of the teacher's predicted classes ``[K]`` (at a round's start) to the
@@ -166,7 +173,8 @@ class OnlineSynthesis(Callback):
             # not ahead): an entry the round rewrote since holds a new input, which keeps its first priority until
             # drawn itself.
             kept = dm.buffer.stamps[slots] == stamps
-            dm.sampler.update(slots[kept], losses[kept])
+            with interrupts_held():  # all the batch's priorities or none
+                dm.sampler.update(slots[kept], losses[kept])
         every = trainer.log_every_n_steps  # 0: Lightning logs no steps
         logging_step = bool(every) and trainer.global_step % every == 0  # the step Lightning's loggers write
         if self.rounds == self._logged_rounds and batch_idx and not logging_step:
