@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from zskd_lightning.errors import ZSKDError
 from zskd_lightning.metadata import ClassMoments, read_metadata, write_metadata
+from zskd_lightning.metadata.file import LOGITS
 
 
 def _data(n: int = 300, d: int = 5, k: int = 3, seed: int = 0):
@@ -61,8 +62,10 @@ def test_a_class_with_fewer_than_two_samples_is_one_line():
 
 def _write(path, kept="full"):
     values, labels = _data()
-    layers = {"network.fc": _streamed(values, labels, kept), "network.conv": _streamed(values, labels, "diagonal")}
-    size = write_metadata(path, layers, {"network.fc": [5], "network.conv": [5, 1, 1]}, "a" * 64, temperature=8.0)
+    layers = {"network.fc": _streamed(values, labels, kept), "network.conv": _streamed(values, labels, "diagonal"),
+              LOGITS: _streamed(values[:, :3], labels)}
+    size = write_metadata(path, layers, {"network.fc": [5], "network.conv": [5, 1, 1], LOGITS: [3]}, "a" * 64,
+                          temperature=8.0)
     return layers, size
 
 
@@ -115,3 +118,30 @@ def test_bad_metadata_files_end_in_one_line(tmp_path):
     save_file(load_file(str(path)), str(misshapen), metadata={"zskd": json.dumps(header)})
     with pytest.raises(ZSKDError, match=r"has num_classes '3' \(a positive integer expected\)"):
         read_metadata(misshapen)
+
+
+def test_statistics_without_logits_are_not_written(tmp_path):
+    values, labels = _data()
+    with pytest.raises(ZSKDError, match=r"m.safetensors: no 'logits' statistics among \['network.fc'\]"):
+        write_metadata(tmp_path / "m.safetensors", {"network.fc": _streamed(values, labels)}, {"network.fc": [5]},
+                       "a" * 64, temperature=8.0)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h["layers"].pop(LOGITS), r"has no 'logits' statistics \(every Lopes objective matches them\); it "
+                                        r"holds \['network.conv', 'network.fc'\]$"),
+    (lambda h: h.update(temperature=0), r"has temperature 0; expected a positive number$"),
+    (lambda h: h["layers"]["network.conv"].update(shape=[5, 2]), r"layer 'network.conv' has shape \[5, 2\]; expected "
+                                                                 r"a list of positive integers whose product is its dim 5$"),
+    (lambda h: h["layers"]["network.conv"].update(shape=5), r"layer 'network.conv' has shape 5; expected a list"),
+])
+def test_metadata_a_lopes_objective_cannot_use_is_refused_in_one_line(tmp_path, change, message):
+    path, changed = tmp_path / "m.safetensors", tmp_path / "changed.safetensors"
+    _write(path)
+    header = read_metadata(path).header
+    change(header)
+    tensors = {k: v for k, v in load_file(str(path)).items() if k.split("/")[0] in header["layers"]}
+    save_file(tensors, str(changed), metadata={"zskd": json.dumps(header)})
+    with pytest.raises(ZSKDError, match=message):
+        read_metadata(changed)

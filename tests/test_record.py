@@ -214,3 +214,66 @@ def test_the_file_keeps_the_layers_in_recorded_order(tmp_path):
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
         recorder, dataloaders=data.train_dataloader())
     assert list(read_metadata(tmp_path / "m.safetensors").layers) == ["body.6", "body.0", "logits"]
+
+
+def test_a_precision_that_casts_the_teacher_is_refused_and_mixed_ones_record_in_float32(tmp_path):
+    """``bf16-true`` would record bf16 statistics and a fingerprint of bf16 weights, which synthesis (float32)
+    then refuses as another teacher's; ``bf16-mixed`` records with autocast off: the float32 file exactly."""
+    inputs, labels = torch.randn(40, *tiny.INPUT_SHAPE), torch.arange(40) % 10
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=8)
+    recorder = ActivationRecorder(tiny.make_net(0), output=str(tmp_path / "cast.safetensors"))
+    with pytest.raises(ZSKDError, match=r"^Trainer precision 'bf16-true' casts the teacher's weights, and recording "
+                                        r"runs it in float32"):
+        tiny.quiet_trainer(tmp_path, precision="bf16-true").validate(recorder, dataloaders=loader)
+    assert not (tmp_path / "cast.safetensors").exists()
+    for precision in ("32-true", "bf16-mixed"):
+        recorder = ActivationRecorder(tiny.make_net(0), output=str(tmp_path / f"{precision}.safetensors"))
+        tiny.quiet_trainer(tmp_path, precision=precision).validate(recorder, dataloaders=loader)
+    exact, mixed = (read_metadata(tmp_path / f"{p}.safetensors") for p in ("32-true", "bf16-mixed"))
+    assert exact.sha256 == mixed.sha256
+
+
+class _GrowingImages(torch.utils.data.Dataset):
+    """Item ``i``: a ``[1, 6 + i, 6 + i]`` image of class ``i % 3`` (a collate per size: batches of one)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        return torch.randn(1, 6 + i, 6 + i), i % 3
+
+
+def test_activations_that_change_size_between_batches_are_one_line(tmp_path):
+    """A fully convolutional teacher fed images of several sizes: its feature maps change width, which the first
+    batch's statistics cannot take; kept as the rank's problem (so under DDP every rank stops together)."""
+    teacher = torch.nn.Sequential()
+    teacher.add_module("conv", torch.nn.Conv2d(1, 2, 3))
+    teacher.add_module("pool", torch.nn.AdaptiveAvgPool2d(1))
+    teacher.add_module("flat", torch.nn.Flatten())
+    teacher.add_module("fc", torch.nn.Linear(2, 3))
+    recorder = ActivationRecorder(teacher, output=str(tmp_path / "m.safetensors"), layers=["conv", "fc"])
+    loader = torch.utils.data.DataLoader(_GrowingImages(), batch_size=1)
+    with pytest.raises(ZSKDError, match=r"^a batch gave activations of another size than the first batch: conv "
+                                        r"\[2, 5, 5\] \(first \[2, 4, 4\]\); record the teacher at one input shape$"):
+        tiny.quiet_trainer(tmp_path).validate(recorder, dataloaders=loader)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def _image_and_label(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([item["image"] for item in batch]), torch.tensor([item["label"] for item in batch])
+
+
+class _DictSamples(L.LightningDataModule):
+    """Samples as dicts, batched into ``(inputs, labels)`` by the training loader's own ``collate_fn``."""
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        items = [{"image": torch.randn(*tiny.INPUT_SHAPE, generator=generator), "label": i % 10} for i in range(30)]
+        return torch.utils.data.DataLoader(items, batch_size=8, collate_fn=_image_and_label)
+
+
+def test_record_batches_the_training_split_with_its_loaders_collate_fn(tmp_path):
+    trainer = ZSKDTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.record(ActivationRecorder(tiny.make_net(0), output=str(tmp_path / "m.safetensors")), _DictSamples())
+    assert read_metadata(tmp_path / "m.safetensors").layers["logits"].count.tolist() == [3.0] * 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.modes import evaluating
 
 
@@ -49,3 +49,14 @@ def check_same_classes(teacher_classes: int, student_classes: int) -> None:
 def _name(model: nn.Module) -> str:
     inner = getattr(model, "network", None)
     return type(inner).__name__ if isinstance(inner, nn.Module) else type(model).__name__
+
+
+def check_trainer_precision(precision: str, task: str = "synthesis") -> None:
+    """One-line error for a Trainer precision that casts the models' weights (``"bf16-true"``, ``"16-true"``,
+    ``"64-true"``): ``task`` (synthesis, recording) runs the teacher in float32 (the ``-mixed`` precisions
+    autocast instead, and are fine)."""
+    if str(precision).endswith("-true") and str(precision) != "32-true":
+        raise InvalidArgument(
+            f"Trainer precision {precision!r} casts the teacher's weights, and {task} runs it in float32: use "
+            "'32-true', 'bf16-mixed' or '16-mixed'"
+        )

@@ -55,8 +55,10 @@ class ZSKDTrainer(L.Trainer):
 
 class TrainingSplitInOrder(EvaluationData):
     """A datamodule's training split served as validation data, in order (statistics need no shuffling), each
-    sample on one rank. Lightning runs the wrapped datamodule's ``prepare_data`` (downloads: on one process per
-    node, the others wait) before ``setup`` reads the files in every process."""
+    sample on one rank, batched by its training loader's ``collate_fn``. Lightning runs the wrapped datamodule's
+    ``prepare_data`` (downloads: on one process per node, the others wait) before ``setup`` reads the files in
+    every process. The wrapped datamodule's batch hooks (``on_after_batch_transfer``: training augmentation) do
+    not run: the teacher sees the samples as its dataset gives them."""
 
     def __init__(self, datamodule: L.LightningDataModule) -> None:
         super().__init__(dataset=None, batch_size=1)
@@ -70,6 +72,7 @@ class TrainingSplitInOrder(EvaluationData):
         self.inner.setup("fit")  # not attached to the Trainer: its fit-time switches (validation off) stay out
         train = self.inner.train_dataloader()
         self.dataset, self.batch_size, self.num_workers = train.dataset, train.batch_size, train.num_workers
+        self.collate_fn = train.collate_fn
 
 
 class ZSKDCLI(LightningCLI):

@@ -15,6 +15,8 @@ averages the ranks' sample counts as an integer tensor, which truncates when the
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -67,15 +69,17 @@ def evaluation_loader(dataset: Dataset, *, trainer, batch_size: int, **loader_ar
 
 class EvaluationData(L.LightningDataModule):
     """``dataset`` served in order as the validation set (``trainer.validate(module, datamodule=...)``): under DDP
-    each sample on one rank, the loader made in each rank's process (:func:`evaluation_loader`)."""
+    each sample on one rank, the loader made in each rank's process (:func:`evaluation_loader`), batched by
+    ``collate_fn`` (``None``: torch's default)."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         super().__init__()
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.dataset, self.batch_size, self.num_workers, self.collate_fn = dataset, batch_size, num_workers, collate_fn
 
     def val_dataloader(self) -> DataLoader:
         return evaluation_loader(self.dataset, trainer=self.trainer, batch_size=self.batch_size,
-                                 num_workers=self.num_workers)
+                                 num_workers=self.num_workers, collate_fn=self.collate_fn)
 
 
 class ValidationSwitch:

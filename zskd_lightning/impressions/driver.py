@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from zskd_lightning.checks import check_trainer_precision
 from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError, described, first_line
 from zskd_lightning.impressions.cache import ImpressionCache
 from zskd_lightning.impressions.pictures import impression_grid
@@ -37,7 +38,6 @@ from zskd_lightning.pictures import publish_picture
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.ranks import every_rank
 from zskd_lightning.synthesis import Chunk, Synthesizer, SynthesisContext
-from zskd_lightning.synthesis.api import check_trainer_precision
 from zskd_lightning.teacher import as_frozen_teacher
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,9 +60,12 @@ class Metadata:
 def write_metadata(path: str | os.PathLike, layers: Mapping[str, ClassMoments], shapes: Mapping[str, Sequence[int]],
                    teacher_fingerprint: str, temperature: float) -> int:
     """Write the statistics of ``layers`` (activation ``shapes`` by layer) atomically; returns the file's size in
-    bytes. Raises :class:`ZSKDError` for a class with fewer than 2 samples, or no layer at all."""
+    bytes. Raises :class:`ZSKDError` for a class with fewer than 2 samples, or no :data:`LOGITS` layer."""
     if not layers:
         raise ZSKDError(f"no statistics to write to {os.fspath(path)}: nothing was recorded")
+    if LOGITS not in layers:
+        raise ZSKDError(f"{os.fspath(path)}: no {LOGITS!r} statistics among {sorted(layers)} (every Lopes objective "
+                        "matches them; ActivationRecorder records them)")
     tensors: dict[str, Tensor] = {}
     described = {}
     for name, moments in layers.items():
@@ -105,16 +109,21 @@ def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = Non
     if teacher_fingerprint is not None and header["teacher_fingerprint"] != teacher_fingerprint:
         raise ZSKDError(f"metadata file {path} was recorded from teacher {header['teacher_fingerprint'][:12]}, not from "
                         f"this teacher ({teacher_fingerprint[:12]})")
-    classes = header["num_classes"]
+    classes, temperature = header["num_classes"], header["temperature"]
     if not _is_positive_int(classes) or not isinstance(header["layers"], dict):
         raise ZSKDError(f"metadata file {path} has num_classes {classes!r} (a positive integer expected) or layers "
                         "that are not a mapping")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ZSKDError(f"metadata file {path} has temperature {temperature!r}; expected a positive number")
+    if LOGITS not in header["layers"]:
+        raise ZSKDError(f"metadata file {path} has no {LOGITS!r} statistics (every Lopes objective matches them); "
+                        f"it holds {sorted(header['layers'])}")
     layers = {}
     for name, info in header["layers"].items():
         missing = [k for k in ("shape", "dim", "kept") if not isinstance(info, dict) or k not in info]
         if missing:
             raise ZSKDError(f"metadata file {path} lacks {missing} of layer {name!r}")
-        dim, kept = info["dim"], info["kept"]
+        dim, kept, shape = info["dim"], info["kept"], info["shape"]
         if not _is_positive_int(dim) or kept not in ("full", "diagonal"):
             raise ZSKDError(f"metadata file {path}: layer {name!r} has dim {dim!r} and kept {kept!r}; expected a "
                             "positive integer and 'full' or 'diagonal'")
@@ -130,7 +139,12 @@ def read_metadata(path: str | os.PathLike, teacher_fingerprint: str | None = Non
             want = ", ".join(f"{k} {list(expected[k])}" for k in wrong)
             raise ZSKDError(f"metadata file {path}: layer {name!r} has {has}; expected {want} (num_classes "
                             f"{classes}, dim {dim}, kept {kept!r})")
-        layers[name] = LayerRecord(tuple(info["shape"]), kept, tensors[f"{name}/count"], tensors[f"{name}/mean"],
+        if not (isinstance(shape, list) and all(map(_is_positive_int, shape)) and math.prod(shape) == dim):
+            raise ZSKDError(f"metadata file {path}: layer {name!r} has shape {shape!r}; expected a list of positive "
+                            f"integers whose product is its dim {dim}")
+        if name == LOGITS and dim != classes:
+            raise ZSKDError(f"metadata file {path}: {LOGITS!r} has dim {dim}; expected num_classes {classes}")
+        layers[name] = LayerRecord(tuple(shape), kept, tensors[f"{name}/count"], tensors[f"{name}/mean"],
                                    tensors[f"{name}/std"], tensors[f"{name}/{spread_key}"])
     return Metadata(header, layers, hashlib.sha256(payload).hexdigest())
 

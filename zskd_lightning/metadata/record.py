@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from zskd_lightning.checks import check_trainer_precision
 from zskd_lightning.errors import InvalidArgument, RankSharedError
 from zskd_lightning.metadata.file import LOGITS, write_metadata
 from zskd_lightning.metadata.statistics import ClassMoments
@@ -68,6 +69,11 @@ class ActivationRecorder(L.LightningModule):
         self._recorded = False  # this run's statistics reached the file (every rank knows)
         self._problem: str | None = None  # this rank's first bad batch: raised at the epoch's end, on every rank
 
+    def setup(self, stage: str) -> None:
+        """Refuse a Trainer precision that would cast the teacher (its weights and fingerprint must stay the ones
+        synthesis loads); ``-mixed`` precisions are fine: the teacher records in float32 (autocast off)."""
+        check_trainer_precision(self.trainer.precision, "recording")
+
     def on_validation_epoch_start(self) -> None:
         self.moments, self.shapes, self._started = {}, {}, time.perf_counter()
         self._problem = None
@@ -82,7 +88,7 @@ class ActivationRecorder(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Add a batch's statistics. A bad batch (no int labels, labels out of range, a layer that gave no
-        activation) is kept as this rank's problem and the rest of its batches skipped; the epoch's end raises it
+        activation, activations of another size than the first batch's) is kept as this rank's problem and the rest of its batches skipped; the epoch's end raises it
         (a batch's labels differ between ranks, and a rank raising alone would leave the others in the gather)."""
         if self._problem is None:
             self._problem = self._record(*batch)
@@ -90,7 +96,8 @@ class ActivationRecorder(L.LightningModule):
     def _record(self, x: Tensor, y: Tensor) -> str | None:
         if y.ndim != 1 or y.is_floating_point():
             return "recording needs labelled data: batches of (inputs, int class labels [B])"
-        with torch.no_grad(), FeatureTaps(self.teacher.network, [Tap(name) for name in self.layers]) as taps:
+        taps = FeatureTaps(self.teacher.network, [Tap(name) for name in self.layers])
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False), taps:  # float32 statistics
             logits = self.teacher(x)
         classes = logits.shape[1]
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
@@ -102,6 +109,11 @@ class ActivationRecorder(L.LightningModule):
                     "activation in the forward pass (a module called through its weights, or a branch that "
                     "runs only in training): leave them out of the recorder's `layers`")
         features = {**{name: taps.features[Tap(name).key] for name in self.layers}, LOGITS: logits / self.temperature}
+        changed = [f"{name} {list(value.shape[1:])} (first {list(self.shapes[name])})" for name, value in
+                   features.items() if name in self.shapes and value[0].numel() != self.moments[name].dim]
+        if changed:
+            return (f"a batch gave activations of another size than the first batch: {', '.join(changed)}; record "
+                    "the teacher at one input shape")
         for name, value in features.items():
             if name not in self.moments:
                 dim = value[0].numel()

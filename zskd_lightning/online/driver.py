@@ -19,10 +19,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from zskd_lightning.checks import check_trainer_precision
 from zskd_lightning.errors import REPLAY_NEEDS_TEACHER_TARGETS, ZSKDError
 from zskd_lightning.interrupts import interrupts_held
 from zskd_lightning.pictures import labelled_grid, publish_picture
-from zskd_lightning.synthesis.api import Chunk, SynthesisContext, check_trainer_precision
+from zskd_lightning.synthesis.api import Chunk, SynthesisContext
 
 
 class OnlineSynthesis(Callback):

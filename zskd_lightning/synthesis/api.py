@@ -132,17 +132,6 @@ def check_synthesis_precision(precision: str | None) -> None:
         raise InvalidArgument(f"precision must be one of {SYNTHESIS_PRECISIONS}, got {precision!r}")
 
 
-def check_trainer_precision(precision: str) -> None:
-    """One-line error for a Trainer precision that casts the models' weights (``"bf16-true"``, ``"16-true"``,
-    ``"64-true"``): synthesis optimizes float32 inputs through the float32 teacher (the ``-mixed`` precisions
-    autocast instead, and are fine)."""
-    if str(precision).endswith("-true") and str(precision) != "32-true":
-        raise InvalidArgument(
-            f"Trainer precision {precision!r} casts the teacher's weights, and synthesis runs it in float32: use "
-            "'32-true', 'bf16-mixed' or '16-mixed'"
-        )
-
-
 @dataclass
 class Response:
     """The teacher's response to a batch: ``logits [N, K]`` (float32), the tapped ``features`` (by
