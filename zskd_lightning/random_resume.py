@@ -7,7 +7,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from zskd_lightning.batch_progress import unfinished_batch
+from zskd_lightning.batch_progress import BatchKey, unfinished_batch
 from zskd_lightning.randomness import capture_states, gather_states, restore_states
 
 #: Checkpoint key of the states: a list, one :func:`~zskd_lightning.randomness.capture_states` dict per rank.
@@ -26,19 +26,23 @@ class ResumedRandomStreams(Callback):
 
     A checkpoint saved inside a step (``OnExceptionCheckpoint``; the resumed fit redoes the batch) holds the
     states at that batch's start, not those the failed step left: they are captured at every training batch's
-    start (about 50 us on a 2-core CPU, most of it NumPy's ``get_state``).
+    start (about 50 us on a 2-core CPU, most of it NumPy's ``get_state``), with the batch they belong to. Saved
+    before that capture (a Trainer callback's ``on_train_batch_start``, which runs first, failed), it holds the
+    states as they are: the previous batch's draws ended there.
     """
 
     def __init__(self) -> None:
         self._saved: list[dict] | None = None  # from a checkpoint, until the first training batch
-        self._batch_start: dict | None = None  # this rank's states at the current training batch's start
+        self._batch_start: dict | None = None  # this rank's states at the start of training batch ...
+        self._batch_start_key: BatchKey | None = None  # ... this one
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self._saved is not None:  # resumed, no batch yet (saved in on_train_start, say): what was loaded
             checkpoint[RANDOM_STATE_KEY] = self._saved  # (every rank alike: no collective on any)
             return
-        redone = unfinished_batch(trainer) is not None and self._batch_start is not None
-        checkpoint[RANDOM_STATE_KEY] = gather_states(pl_module.device, self._batch_start if redone else None)
+        redone = unfinished_batch(trainer)
+        start = self._batch_start if redone is not None and redone == self._batch_start_key else None
+        checkpoint[RANDOM_STATE_KEY] = gather_states(pl_module.device, start)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._saved = checkpoint.get(RANDOM_STATE_KEY)
@@ -51,4 +55,4 @@ class ResumedRandomStreams(Callback):
         states, self._saved = self._saved, None
         if states is not None and len(states) == trainer.world_size:  # else another world size: go on as is
             restore_states(states[trainer.global_rank], pl_module.device)
-        self._batch_start = capture_states(pl_module.device)
+        self._batch_start, self._batch_start_key = capture_states(pl_module.device), unfinished_batch(trainer)

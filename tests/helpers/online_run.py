@@ -4,6 +4,7 @@ launcher re-runs this script once per extra rank, so everything happens under ``
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
                          [--stop-at STEP] [--epochs N] [--random] [--fail-at STEP] [--fail-in-round STEP]
                          [--fail-in-transfer STEP] [--resume-from FILE] [--ssdkd] [--interrupt-in-write STEP]
+                         [--synthesis-on-trainer]
 
 Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--epochs`` epochs
 of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
@@ -16,7 +17,8 @@ one: a round every 2 steps), after the generator's update and before the buffer 
 its augmentation drew and before Lightning counts the batch ready; ``--ssdkd`` makes it SSD-KD's run (its
 synthesizer and modulating function, the class-balanced buffer update, priority sampling);
 ``--interrupt-in-write`` sends this process a SIGINT (Ctrl-C) inside that global step's round, after the buffer's
-second write of an input; ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of fit every rank
+second write of an input; ``--synthesis-on-trainer`` gives the Trainer the ``OnlineSynthesis`` callback (it then
+runs before the module's own callbacks); ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of fit every rank
 writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights, round count and (a priority sampler)
 priorities.
 """
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--ssdkd", action="store_true", help="SSD-KD: balanced buffer, priority sampling")
     parser.add_argument("--interrupt-in-write", type=int, default=-1,
                         help="Ctrl-C (SIGINT) inside this global step's buffer write")
+    parser.add_argument("--synthesis-on-trainer", action="store_true",
+                        help="OnlineSynthesis on the Trainer's callbacks, not the module's")
     parser.add_argument("--resume-from", default="last.ckpt", help="the checkpoint (in DIR/checkpoints) to resume")
     args = parser.parse_args()
 
@@ -135,12 +139,13 @@ def main() -> None:
 
         datamodule.buffer.replace = interrupted_write
 
+    synthesis = datamodule.synthesis_callbacks() if args.synthesis_on_trainer else []
     folder = os.path.join(args.root, "checkpoints")
     checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)
     failing = ([FailOnce(), OnExceptionCheckpoint(folder)]
                if max(args.fail_at, args.fail_in_round, args.fail_in_transfer, args.interrupt_in_write) >= 0 else [])
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                                 enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump(), *failing],
+                                 enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump(), *failing, *synthesis],
                                  max_steps=args.stop_at, max_epochs=args.epochs)
     ckpt = os.path.join(folder, args.resume_from) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
