@@ -103,7 +103,7 @@ def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
     iterator = iter(stopped)
     next(iterator), next(iterator)
     state = stopped.state_dict()
-    assert state == {"epoch": 2, "batches": 2}
+    assert state == {"epoch": 2, "batches": 2, "world_size": 1, "batch_size": 3, "length": 10, "read": 0}
     resumed = loader()
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b[0]) for a, b in zip(whole[2:], resumed, strict=True))
@@ -116,6 +116,51 @@ def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
     old_checkpoint = loader(done=lambda: 2)  # mid-epoch by the Trainer's count, no loader state: said so
     with pytest.warns(UserWarning, match="resumed 2 batches into epoch 2 from a checkpoint without this loader's"):
         assert len(list(old_checkpoint)) == 4
+
+
+@pytest.mark.parametrize("before, after", [((2, 4), (1, 5)), ((2, 4), (3, 4)), ((1, 6), (2, 2))])
+def test_a_mid_epoch_resume_on_another_share_reads_the_rest_of_the_epoch_once(before, after):
+    """``(world_size, batch_size)`` before and after the resume: the samples the resumed ranks read are those
+    the stopped ones had not, each once (the rest of the epoch's order, shared anew; padding repeats only to
+    even out the ranks), and a second resume from the resumed run's state goes on from there."""
+    data = TensorDataset(torch.arange(30))
+
+    def loaders(world_size: int, batch_size: int) -> list[EpochKeyedLoader]:
+        return [EpochKeyedLoader(EpochKeyedDataset(data, 3, False), batch_size=batch_size,
+                                 sampler=EpochKeyedSampler(data, seed=3, epoch=1, rank=r, world_size=world_size))
+                for r in range(world_size)]
+
+    stopped = loaders(*before)
+    read = []
+    for loader in stopped:
+        iterator = iter(loader)
+        read += [int(i) for _ in range(2) for i in next(iterator)[0]]
+    state = stopped[0].state_dict()
+    assert state["batches"] == 2 and state["world_size"] == before[0] and state["batch_size"] == before[1]
+    resumed = loaders(*after)
+    rest = []
+    for loader in resumed:
+        loader.load_state_dict(state)
+        iterator = iter(loader)
+        rest.append([int(i) for i in next(iterator)[0]])  # one batch, then a second resume
+    again = loaders(*after)
+    for loader, first in zip(again, rest):
+        loader.load_state_dict(resumed[0].state_dict())
+        first += [int(i) for batch in loader for i in batch[0]]
+    every = read + [i for share in rest for i in share]
+    assert sorted(set(every)) == list(range(30))
+    assert len(every) - 30 < after[0]  # repeats only to even out the last ranks
+
+
+def test_a_mid_epoch_resume_on_a_dataset_of_another_length_starts_the_epoch_again():
+    state = {"epoch": 1, "batches": 2, "world_size": 1, "batch_size": 4, "length": 30, "read": 0}
+    data = TensorDataset(torch.arange(20))
+    loader = EpochKeyedLoader(EpochKeyedDataset(data, 3, False), batch_size=4,
+                              sampler=EpochKeyedSampler(data, seed=3, epoch=1))
+    loader.load_state_dict(state)
+    with pytest.warns(UserWarning, match="resumed into epoch 1 of a dataset of 30 samples, this one has 20: the "
+                                         "epoch's order starts again"):
+        assert sorted(int(i) for batch in loader for i in batch[0]) == list(range(20))
 
 
 def test_a_checkpoint_saved_after_a_resume_and_before_a_batch_keeps_the_position():
@@ -132,7 +177,7 @@ def test_a_checkpoint_saved_after_a_resume_and_before_a_batch_keeps_the_position
     first_resume = loader(done=lambda: 2)
     first_resume.load_state_dict({"epoch": 2, "batches": 2})
     saved = first_resume.state_dict()  # no batch read yet
-    assert saved == {"epoch": 2, "batches": 2}
+    assert saved == {"epoch": 2, "batches": 2}  # as loaded
     second_resume = loader(done=lambda: 2)
     second_resume.load_state_dict(saved)
     assert all(torch.equal(a, b[0]) for a, b in zip(whole[2:], second_resume, strict=True))
@@ -373,3 +418,15 @@ def test_a_failed_export_on_rank_0_ends_every_rank(tmp_path):
     assert proc.returncode != 0 and "DONE" not in proc.stdout
     assert "No space left on device" in proc.stderr
     assert "ZSKDError: the student's export failed on global rank 0 at the end of fit (step 9)" in proc.stderr
+
+
+def test_a_failed_record_update_after_a_test_on_rank_0_ends_every_rank(tmp_path):
+    """Global rank 0 alone writes the test accuracy into the exported student's record; when that fails, the
+    other ranks stop too instead of waiting in the next collective (here a barrier) until the timeout."""
+    script = Path(__file__).parent / "helpers" / "offline_run.py"
+    proc = subprocess.run([sys.executable, str(script), "--root", str(tmp_path), "--devices", "2",
+                           "--test-record-fails"], capture_output=True, text=True, timeout=240, env=tiny.script_env(1))
+    assert proc.returncode != 0 and "DONE" not in proc.stdout
+    assert "No space left on device" in proc.stderr
+    assert "ZSKDError: writing the test accuracy into the exported student's record failed on global rank 0" \
+           in proc.stderr

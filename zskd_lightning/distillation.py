@@ -365,8 +365,16 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         exported (not a checkpoint the test loaded, ``trainer.test(ckpt_path=...)``)."""
         accuracy = self.trainer.callback_metrics.get("test/acc")
         tested_in_memory = self.trainer.ckpt_path is None
+        failure = None
         if self._exported and accuracy is not None and tested_in_memory and self.trainer.is_global_zero:
-            update_record(self._exported, test_accuracy=round(100 * float(accuracy), 4))
+            try:
+                update_record(self._exported, test_accuracy=round(100 * float(accuracy), 4))
+            except Exception as err:  # the record gone, a full disk: every rank learns of it below
+                failure = err
+        # decided together, as in on_train_end: the other ranks would otherwise wait in the next collective
+        raise_together(self.trainer.strategy, failure,
+                       lambda: "writing the test accuracy into the exported student's record failed on global rank 0: "
+                               "that rank's error says why")
 
 
 def _is_hard_label(y: Tensor) -> bool:
@@ -378,11 +386,13 @@ def _is_soft_target(y: Tensor) -> bool:
 
 
 def _probability_problem(y: Tensor) -> str | None:
-    """Why ``y [B, K]`` is not a batch of distributions (each row >= 0, summing to 1 within 1e-3), in one line;
-    ``None`` if it is."""
+    """Why ``y [B, K]`` is not a batch of distributions (each row >= 0, summing to 1 within 1e-3, or within the
+    rounding of ``K`` values of ``y``'s float type where that is more: a ``bf16-true`` Trainer casts the batch's
+    targets to bfloat16), in one line; ``None`` if it is."""
     sums = y.detach().float().sum(dim=-1)
     lowest, low_sum, high_sum = float(y.min()), float(sums.min()), float(sums.max())
-    if lowest < 0 or abs(low_sum - 1) > 1e-3 or abs(high_sum - 1) > 1e-3:
+    tolerance = max(1e-3, y.shape[-1] * torch.finfo(y.dtype).eps)
+    if lowest < 0 or abs(low_sum - 1) > tolerance or abs(high_sum - 1) > tolerance:
         return (f"target_source='batch' needs soft targets that are probabilities; this batch's targets reach "
                 f"{lowest:.3g} and its rows sum to {low_sum:.4g}..{high_sum:.4g} (a cache of logits, as Lopes' "
                 "caches hold, needs target_source='teacher')")
