@@ -103,7 +103,7 @@ def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
     iterator = iter(stopped)
     next(iterator), next(iterator)
     state = stopped.state_dict()
-    assert state == {"epoch": 2, "batches": 2, "world_size": 1, "batch_size": 3, "length": 10, "read": 0}
+    assert state == {"epoch": 2, "batches": 2, "world_size": 1, "batch_size": 3, "length": 10}
     resumed = loader()
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b[0]) for a, b in zip(whole[2:], resumed, strict=True))
@@ -118,15 +118,16 @@ def test_a_loader_resumes_after_the_batches_served_and_counted_by_the_trainer():
         assert len(list(old_checkpoint)) == 4
 
 
-@pytest.mark.parametrize("before, after", [((2, 4), (1, 5)), ((2, 4), (3, 4)), ((1, 6), (2, 2))])
-def test_a_mid_epoch_resume_on_another_share_reads_the_rest_of_the_epoch_once(before, after):
-    """``(world_size, batch_size)`` before and after the resume: the samples the resumed ranks read are those
-    the stopped ones had not, each once (the rest of the epoch's order, shared anew; padding repeats only to
-    even out the ranks), and a second resume from the resumed run's state goes on from there."""
+@pytest.mark.parametrize("before, after", [((2, 4), (1, 8)), ((1, 6), (2, 3)), ((2, 3), (3, 2))])
+def test_a_mid_epoch_resume_on_another_share_of_the_same_step_reads_the_rest_of_the_epoch_once(before, after):
+    """``(world_size, batch_size)`` before and after the resume, ``world_size * batch_size`` the same: the resumed
+    ranks read the samples the stopped ones had not, each once (padding repeats only to even out the ranks), in
+    as many batches as Lightning, which keeps its count of the epoch's batches, still expects; a second resume
+    from the resumed run's state goes on from there."""
     data = TensorDataset(torch.arange(30))
 
-    def loaders(world_size: int, batch_size: int) -> list[EpochKeyedLoader]:
-        return [EpochKeyedLoader(EpochKeyedDataset(data, 3, False), batch_size=batch_size,
+    def loaders(world_size: int, batch_size: int, done=None) -> list[EpochKeyedLoader]:
+        return [EpochKeyedLoader(EpochKeyedDataset(data, 3, False), batch_size=batch_size, batches_done=done,
                                  sampler=EpochKeyedSampler(data, seed=3, epoch=1, rank=r, world_size=world_size))
                 for r in range(world_size)]
 
@@ -136,31 +137,33 @@ def test_a_mid_epoch_resume_on_another_share_reads_the_rest_of_the_epoch_once(be
         iterator = iter(loader)
         read += [int(i) for _ in range(2) for i in next(iterator)[0]]
     state = stopped[0].state_dict()
-    assert state["batches"] == 2 and state["world_size"] == before[0] and state["batch_size"] == before[1]
-    resumed = loaders(*after)
-    rest = []
+    assert state == {"epoch": 1, "batches": 2, "world_size": before[0], "batch_size": before[1], "length": 30}
+    resumed, rest = loaders(*after, done=lambda: 2), []
     for loader in resumed:
         loader.load_state_dict(state)
         iterator = iter(loader)
         rest.append([int(i) for i in next(iterator)[0]])  # one batch, then a second resume
-    again = loaders(*after)
-    for loader, first in zip(again, rest):
+    again = loaders(*after, done=lambda: 3)
+    for loader, share in zip(again, rest):
         loader.load_state_dict(resumed[0].state_dict())
-        first += [int(i) for batch in loader for i in batch[0]]
+        batches = [[int(i) for i in batch[0]] for batch in loader]
+        assert 1 + len(batches) == len(loader) - 2  # the batches Lightning runs after its count of 2
+        share += [i for batch in batches for i in batch]
     every = read + [i for share in rest for i in share]
-    assert sorted(set(every)) == list(range(30))
-    assert len(every) - 30 < after[0]  # repeats only to even out the last ranks
+    assert sorted(set(every)) == list(range(30)) and len(every) - 30 < after[0]
 
 
-def test_a_mid_epoch_resume_on_a_dataset_of_another_length_starts_the_epoch_again():
-    state = {"epoch": 1, "batches": 2, "world_size": 1, "batch_size": 4, "length": 30, "read": 0}
+@pytest.mark.parametrize("saved", [{"world_size": 1, "batch_size": 5, "length": 20},
+                                   {"world_size": 1, "batch_size": 4, "length": 30}])
+def test_a_mid_epoch_resume_of_another_step_or_dataset_length_warns_and_keeps_the_count(saved):
     data = TensorDataset(torch.arange(20))
     loader = EpochKeyedLoader(EpochKeyedDataset(data, 3, False), batch_size=4,
-                              sampler=EpochKeyedSampler(data, seed=3, epoch=1))
-    loader.load_state_dict(state)
-    with pytest.warns(UserWarning, match="resumed into epoch 1 of a dataset of 30 samples, this one has 20: the "
-                                         "epoch's order starts again"):
-        assert sorted(int(i) for batch in loader for i in batch[0]) == list(range(20))
+                              sampler=EpochKeyedSampler(data, seed=3, epoch=1), batches_done=lambda: 2)
+    loader.load_state_dict({"epoch": 1, "batches": 2, **saved})
+    with pytest.warns(UserWarning, match=rf"resumed 2 batches into epoch 1 with 1 x 4 samples a step over 20, the "
+                                         rf"checkpoint's epoch read 1 x {saved['batch_size']} over {saved['length']}: "
+                                         "the rest of this epoch may read some samples twice"):
+        assert len(list(loader)) == len(loader) - 2
 
 
 def test_a_checkpoint_saved_after_a_resume_and_before_a_batch_keeps_the_position():

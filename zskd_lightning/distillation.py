@@ -387,11 +387,12 @@ def _is_soft_target(y: Tensor) -> bool:
 
 def _probability_problem(y: Tensor) -> str | None:
     """Why ``y [B, K]`` is not a batch of distributions (each row >= 0, summing to 1 within 1e-3, or within the
-    rounding of ``K`` values of ``y``'s float type where that is more: a ``bf16-true`` Trainer casts the batch's
-    targets to bfloat16), in one line; ``None`` if it is."""
+    machine epsilon of ``y``'s float type where that is more: rounding each value moves a row's sum by at most
+    half of it, and a ``bf16-true`` Trainer casts the batch's targets to bfloat16), in one line; ``None`` if it
+    is."""
     sums = y.detach().float().sum(dim=-1)
     lowest, low_sum, high_sum = float(y.min()), float(sums.min()), float(sums.max())
-    tolerance = max(1e-3, y.shape[-1] * torch.finfo(y.dtype).eps)
+    tolerance = max(1e-3, torch.finfo(y.dtype).eps)
     if lowest < 0 or abs(low_sum - 1) > tolerance or abs(high_sum - 1) > tolerance:
         return (f"target_source='batch' needs soft targets that are probabilities; this batch's targets reach "
                 f"{lowest:.3g} and its rows sum to {low_sum:.4g}..{high_sum:.4g} (a cache of logits, as Lopes' "

@@ -1,7 +1,8 @@
 """Training loaders whose order and per-sample draws are keyed by ``(fit seed, epoch, index)``: a fit resumed at
 an epoch's end or in its middle reads the batches an unstopped one would (on the same number of processes and
-batch size; with or without loader workers). Resumed mid-epoch on another number of processes or batch size, it
-reads the samples of the epoch not read yet, each once, shared anew among the processes.
+batch size; with or without loader workers). Resumed mid-epoch on another number of processes with the same
+samples a step (2 x 64 -> 1 x 128), it reads the samples of the epoch not read yet, each once; on another number
+a step, or another dataset length, the rest of that epoch is not exact (a warning says so).
 
 torch's ``shuffle=True`` draws each epoch's order, and the workers' seeds, from the global stream when the
 loader's iterator is made; a per-sample transform draws from whichever process runs it. A resumed fit makes its
@@ -51,20 +52,10 @@ class EpochKeyedSampler(DistributedSampler):
         self.set_epoch(epoch)
         #: keys of this rank's share the next iterator leaves out at its start (a mid-epoch resume), then back to 0
         self.skip = 0
-        #: or: places of the epoch's whole order (all ranks) already read, on another world size or batch size;
-        #: the next iterator shares the rest among this run's ranks (padded by repetition), then back to 0
-        self.read = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, skip, read, self.skip, self.read = self.epoch, self.skip, self.read, 0, 0
-        if not read:
-            return ((epoch, index) for index in list(super().__iter__())[skip:])
-        whole = DistributedSampler(self.dataset, num_replicas=1, rank=0, shuffle=self.shuffle, seed=self.seed)
-        whole.set_epoch(epoch)
-        rest = list(whole)[read:]
-        while rest and len(rest) % self.num_replicas:
-            rest += rest[: self.num_replicas - len(rest) % self.num_replicas]
-        return ((epoch, index) for index in rest[self.rank :: self.num_replicas])
+        epoch, skip, self.skip = self.epoch, self.skip, 0
+        return ((epoch, index) for index in list(super().__iter__())[skip:])
 
 
 class EpochKeyedDataset(Dataset):
@@ -97,16 +88,17 @@ class EpochKeyedDataset(Dataset):
 class EpochKeyedLoader(DataLoader):
     """A ``DataLoader`` over an :class:`EpochKeyedSampler` that can resume mid-epoch.
 
-    ``state_dict()`` is ``{"epoch", "batches", "world_size", "batch_size", "length", "read"}``: the epoch of the
-    last iterator and the batches it has served (Lightning iterates sized loaders without fetching ahead, so served is
-    trained; the same on every rank, so rank 0's, the one Lightning saves, serves all), with the share's shape
-    (and the places of the epoch's order read before those batches, after a resume on another share). After
-    ``load_state_dict``, an iterator over that same epoch starts after those batches (at most ``batches_done()``:
-    the batches the Trainer counts as done once it has restarted, fewer when a checkpoint was saved inside a step);
-    on another world size or batch size, after the ``batches * batch_size * world_size`` first places of the
-    epoch's order, the rest shared anew; over another epoch, or a dataset of another length (with a warning),
-    from its start. Rebuilt by Lightning around another sampler (``overfit_batches``, prediction), it iterates as
-    a plain ``DataLoader``.
+    ``state_dict()`` is ``{"epoch", "batches", "world_size", "batch_size", "length"}``: the epoch of the last
+    iterator and the batches it has served (Lightning iterates sized loaders without fetching ahead, so served is
+    trained; the same on every rank, so rank 0's, the one Lightning saves, serves all), with the shape of the share
+    they were counted in. After ``load_state_dict``, an iterator over that same epoch starts after those batches (at
+    most ``batches_done()``: the batches the Trainer counts as done once it has restarted, fewer when a checkpoint
+    was saved inside a step); over another epoch, from its start. A step of all ranks reads the next
+    ``world_size * batch_size`` places of the epoch's order, so a resume on another share with that product
+    unchanged reads the rest of the epoch exactly; with another product, or a dataset of another length, skipping
+    as many batches keeps Lightning's batch count (the epoch ends where it expects) but not the epoch's samples,
+    and a warning says so. Rebuilt by Lightning around another sampler (``overfit_batches``, prediction), it
+    iterates as a plain ``DataLoader``.
     """
 
     def __init__(self, *args, batches_done: Callable[[], int] | None = None, **kwargs) -> None:
@@ -114,7 +106,6 @@ class EpochKeyedLoader(DataLoader):
         self._batches_done = batches_done
         self._epoch: int | None = None
         self._served = 0
-        self._read = 0  # places of the epoch's order all ranks read before this iterator (a resume on another share)
         self._resume: dict | None = None
 
     def state_dict(self) -> dict:
@@ -127,7 +118,7 @@ class EpochKeyedLoader(DataLoader):
             if state.get("batches") and done is not None:
                 state["batches"] = min(state["batches"], done)
             return state
-        return {"epoch": self._epoch, "batches": self._served, **self._shape(), "read": self._read}
+        return {"epoch": self._epoch, "batches": self._served, **self._shape()}
 
     def _shape(self) -> dict:
         """What a served batch count means: this run's world size, batch size and dataset length."""
@@ -145,9 +136,7 @@ class EpochKeyedLoader(DataLoader):
             return
         # runs at the first batch asked for: after Lightning has loaded the state and restarted its counts
         resume, self._resume = self._resume, None
-        same_epoch = resume is not None and resume.get("epoch") == sampler.epoch
-        served = resume["batches"] if same_epoch else 0
-        read = resume.get("read", 0) if same_epoch else 0  # places read before the checkpoint's own batches
+        served = resume["batches"] if resume is not None and resume.get("epoch") == sampler.epoch else 0
         done = self._batches_done() if self._batches_done is not None else None
         if served and done is not None:
             served = min(served, done)
@@ -155,17 +144,17 @@ class EpochKeyedLoader(DataLoader):
             warnings.warn(f"resumed {done} batches into epoch {sampler.epoch} from a checkpoint without this loader's "
                           "position (written before loaders kept it): the epoch's order starts again", stacklevel=2)
         shape = self._shape()
-        saved = {k: resume.get(k) or shape[k] for k in shape} if same_epoch else shape  # older states: this run's
-        if (served or read) and saved["length"] != shape["length"]:
-            warnings.warn(f"resumed into epoch {sampler.epoch} of a dataset of {saved['length']} samples, this one "
-                          f"has {shape['length']}: the epoch's order starts again", stacklevel=2)
-            served, read = 0, 0
-        if read or (served and saved != shape):  # another share: every rank read as much, the first places
-            read, served = read + served * saved["batch_size"] * saved["world_size"], 0
-            sampler.read = read
-        else:
-            sampler.skip = served * self.batch_size
-        self._epoch, self._served, self._read = sampler.epoch, served, read
+        saved = {k: resume.get(k) or shape[k] for k in shape} if served else shape  # older states: this run's
+        # a step reads the next world_size * batch_size places of the epoch's order: skipping as many batches of
+        # this rank's share skips the places read when that product is the checkpoint's
+        sampler.skip = served * self.batch_size
+        step, saved_step = shape["world_size"] * shape["batch_size"], saved["world_size"] * saved["batch_size"]
+        if saved["length"] != shape["length"] or saved_step != step:
+            warnings.warn(f"resumed {served} batches into epoch {sampler.epoch} with {shape['world_size']} x "
+                          f"{shape['batch_size']} samples a step over {shape['length']}, the checkpoint's epoch read "
+                          f"{saved['world_size']} x {saved['batch_size']} over {saved['length']}: the rest of this "
+                          "epoch may read some samples twice and miss others (the next epochs are whole)", stacklevel=2)
+        self._epoch, self._served = sampler.epoch, served
         for batch in super().__iter__():
             self._served += 1
             yield batch
