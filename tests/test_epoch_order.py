@@ -433,3 +433,20 @@ def test_a_failed_record_update_after_a_test_on_rank_0_ends_every_rank(tmp_path)
     assert "No space left on device" in proc.stderr
     assert "ZSKDError: writing the test accuracy into the exported student's record failed on global rank 0" \
            in proc.stderr
+
+
+def test_a_new_fit_does_not_take_the_last_fits_batch_for_its_own():
+    """A datamodule reused for a second fit in one process: the first fit's last drawing batch, ``(0, 1)``, is not
+    the second fit's; a checkpoint of the second fit at that key, before it draws, counts no batch spent."""
+    from zskd_lightning.randomness import TrainingStreams
+
+    streams = TrainingStreams()
+    streams.start()
+    streams.next_batch_seed(0, key=(0, 0))
+    streams.next_batch_seed(0, key=(0, 1))
+    assert streams.state_dict(unfinished=(0, 1))["augmented_batches"] == 1  # the batch redone: its draw not spent
+    streams.start()  # the second fit
+    assert streams.state_dict(unfinished=(0, 1))["augmented_batches"] == 0
+    streams.load_state_dict({"augmentation_seed": 5, "augmented_batches": 2})
+    assert streams.state_dict(unfinished=(0, 1))["augmented_batches"] == 2
+

@@ -451,17 +451,26 @@ def test_a_ctrl_c_inside_a_held_block_arrives_when_the_block_ends():
 
     from zskd_lightning.interrupts import interrupts_held
 
-    before, ran = signal.getsignal(signal.SIGINT), []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_held():
-            with interrupts_held():  # nested: the outer block holds it on
-                signal.raise_signal(signal.SIGINT)
-                ran.append("inner")
-            ran.append("outer")
-    assert ran == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is before
-    with interrupts_held():  # no signal: nothing raised
-        ran.append("quiet")
-    assert ran[-1] == "quiet" and signal.getsignal(signal.SIGINT) is before
+    # Python's own handler, as in a terminal (a shell without job control starts background jobs ignoring SIGINT)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ran = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                with interrupts_held():  # nested: the outer block holds it on
+                    signal.raise_signal(signal.SIGINT)
+                    ran.append("inner")
+                ran.append("outer")
+        assert ran == ["inner", "outer"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with interrupts_held():  # no signal: nothing raised
+            ran.append("quiet")
+        assert ran[-1] == "quiet" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with interrupts_held():  # ignored: left alone
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outside)
 
 
 def test_a_ctrl_c_inside_the_buffer_write_waits_until_the_round_is_whole(tmp_path):

@@ -69,7 +69,7 @@ class TrainingStreams:
         """A new fit: rank 0's global seed now, no batches yet (a resumed fit loads its state after this). A
         collective under an initialized process group: every rank calls it (a datamodule's ``setup("fit")``)
         and keys its streams from one seed, whatever seeds the ranks were given."""
-        self.seed, self.batches = every_rank(torch.initial_seed())[0], 0
+        self.seed, self.batches, self._last_key = every_rank(torch.initial_seed())[0], 0, None
 
     def run_seed(self) -> int:
         """The fit's seed (taken now if no fit has started: a loader used outside a Trainer)."""
@@ -96,6 +96,7 @@ class TrainingStreams:
     def load_state_dict(self, state_dict: dict) -> None:
         self.seed = state_dict.get("augmentation_seed", self.seed)
         self.batches = state_dict.get("augmented_batches", 0)
+        self._last_key = None  # no batch of this state has drawn in this process
 
 
 def capture_states(device: torch.device | str = "cpu") -> dict:

@@ -128,6 +128,8 @@ def main() -> None:
     if args.interrupt_in_write >= 0:
         import signal
 
+        # as in a terminal: a process started in the background by a shell without job control ignores SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         write = datamodule.buffer.replace
         writes = []
 
