@@ -18,9 +18,9 @@ its augmentation drew and before Lightning counts the batch ready; ``--ssdkd`` m
 synthesizer and modulating function, the class-balanced buffer update, priority sampling);
 ``--interrupt-in-write`` sends this process a SIGINT (Ctrl-C) inside that global step's round, after the buffer's
 second write of an input; ``--synthesis-on-trainer`` gives the Trainer the ``OnlineSynthesis`` callback (it then
-runs before the module's own callbacks); ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of fit every rank
-writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights, round count and (a priority sampler)
-priorities.
+runs before the module's own callbacks); ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of
+fit every rank writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights, round count and (a
+priority sampler) priorities.
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def main() -> None:
     failing = ([FailOnce(), OnExceptionCheckpoint(folder)]
                if max(args.fail_at, args.fail_in_round, args.fail_in_transfer, args.interrupt_in_write) >= 0 else [])
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                                 enable_checkpointing=True, callbacks=[checkpoints, Slow(), Dump(), *failing, *synthesis],
+                                 enable_checkpointing=True,
+                                 callbacks=[checkpoints, Slow(), Dump(), *failing, *synthesis],
                                  max_steps=args.stop_at, max_epochs=args.epochs)
     ckpt = os.path.join(folder, args.resume_from) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)

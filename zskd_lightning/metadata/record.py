@@ -88,8 +88,9 @@ class ActivationRecorder(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Add a batch's statistics. A bad batch (no int labels, labels out of range, a layer that gave no
-        activation, activations of another size than the first batch's) is kept as this rank's problem and the rest of its batches skipped; the epoch's end raises it
-        (a batch's labels differ between ranks, and a rank raising alone would leave the others in the gather)."""
+        activation, activations of another size than the first batch's) is kept as this rank's problem and the rest
+        of its batches skipped; the epoch's end raises it (a batch's labels differ between ranks, and a rank raising
+        alone would leave the others in the gather)."""
         if self._problem is None:
             self._problem = self._record(*batch)
 

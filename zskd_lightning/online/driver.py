@@ -143,7 +143,8 @@ class OnlineSynthesis(Callback):
                 slots = dm.buffer.add(inputs, labels, predicted)
             dm.sampler.written(slots)
             self.rounds += 1
-            self._last_round_step = self._last_round_step if step is None else step
+            if step is not None:  # a warm-up round belongs to no step
+                self._last_round_step = step
             self._round_start = None
             self.synthesized += len(inputs)
             self.generator_loss = float(loss.mean())
