@@ -382,6 +382,36 @@ def test_a_format_2_cache_is_upgraded_keeping_its_full_chunks(tmp_path, referenc
     assert_same_cache(cache_dir, reference)
 
 
+def test_a_format_2_cache_of_other_settings_is_refused_naming_the_key(tmp_path, reference, forbid_synthesis):
+    """Not upgraded (another identity) and not called an older format the library reads: the key that differs."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    identity = json.loads((cache_dir / "spec.json").read_text())
+    old_spec = {**identity, "format_version": 2, "num_impressions": 64, "num_train_impressions": 64}
+    old_spec["method"]["args"]["iterations"] = 7
+    (cache_dir / "spec.json").write_text(json.dumps(old_spec))
+    (cache_dir / "manifest.json").unlink()
+    with pytest.raises(ZSKDError) as error:
+        tiny.run_synthesis(cache_dir)
+    message = str(error.value)
+    assert "\n" not in message and "format-2" in message and "method.args.iterations: cached 7 vs now 5" in message
+    assert tiny.shard_digests(cache_dir) == tiny.shard_digests(reference)  # nothing was touched
+
+
+def test_a_manifest_of_another_identity_is_not_read_as_ours(tmp_path, reference):
+    """A rank that reads the manifest alone (no checksums) compares the whole identity: a key our spec lacks (a
+    bf16 cache's ``autocast`` against a float32 run) leaves it unread."""
+    cache_dir = copy_cache(reference, tmp_path / "cache")
+    spec = json.loads((cache_dir / "spec.json").read_text())
+    cache = ImpressionCache(cache_dir, {**spec, "num_impressions": 64})
+    assert cache.is_complete(verify=False)
+    bf16 = ImpressionCache(tmp_path / "other", {**spec, "autocast": "bf16-mixed", "num_impressions": 64})
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["cache_id"] = bf16.cache_id
+    (cache_dir / "manifest.json").write_text(json.dumps({**manifest, "autocast": "bf16-mixed"}))
+    assert cache.read_manifest() is None and not cache.is_complete(verify=False)
+
+
 # ------------------------------------------------------------------------------------- corruption, resume
 def test_corrupted_shard_is_detected_and_redone(tmp_path, reference, count_synthesis):
     cache_dir = copy_cache(reference, tmp_path / "cache")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny
@@ -528,20 +529,42 @@ def test_a_checkpoint_saved_before_the_first_batch_of_a_resumed_fit_holds_what_w
     assert same_state(loaded["zskd_random_states"], again["zskd_random_states"])
 
 
-def test_two_processes_resumed_mid_epoch_end_as_if_never_stopped(tmp_path):
+@pytest.mark.parametrize("student", [(), ("--batchnorm",)], ids=["dropout", "batchnorm"])
+def test_two_processes_resumed_mid_epoch_end_as_if_never_stopped(tmp_path, student):
     """Each rank draws its replay batches from its own stream; Lightning keeps rank 0's loader state only, so the
     loader gathers every rank's into it (and every rank's augmentation count and global generators go into the
     checkpoint). Stopped at step 4 of 8 and resumed, both ranks end with the student, generator and buffer of an
-    uninterrupted run, augmentation and dropout included."""
+    uninterrupted run, augmentation and dropout included. With a BatchNorm student, the round before step 4 reads
+    the student's running statistics, which each rank moved with its own batch and the checkpoint holds as rank
+    0's: every round takes rank 0's."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     for root, args in ((whole, ()), (split, ("--stop-at", "4")), (split, ("--resume",))):
         root.mkdir(exist_ok=True)
-        proc = run_online(root, "--devices", "2", "--steps", "8", "--buffer", "96", "--random", *args)
+        proc = run_online(root, "--devices", "2", "--steps", "8", "--buffer", "96", "--random", *student, *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if args:  # it stopped at step 4, and resumed there, on both ranks
             expected = ("DONE" if args[0] == "--stop-at" else "START", 4)
             assert all(f"{expected[0]} rank={r} steps={expected[1]}" in proc.stdout for r in (0, 1)), proc.stdout
     assert_same_ends(whole, split, ranks=2)
+
+
+def test_a_datamodule_reused_for_a_new_fit_starts_from_an_empty_buffer(tmp_path):
+    """A new fit (no checkpoint) of a datamodule an earlier fit used: the buffer and the priority sampler (its
+    annealed beta included) start afresh, so the fit ends as one with a new datamodule."""
+    from zskd_lightning import PrioritySampler
+
+    def fit(datamodule) -> None:
+        model, _ = tiny.online_setup()  # a new student each fit
+        tiny.quiet_trainer(tmp_path, max_steps=4).fit(model, datamodule=datamodule)
+
+    _, reused = tiny.online_setup(sampler=PrioritySampler(), steps_per_epoch=4)
+    _, new = tiny.online_setup(sampler=PrioritySampler(), steps_per_epoch=4)
+    fit(reused)
+    fit(reused)
+    fit(new)
+    assert reused.buffer.written == new.buffer.written and reused.sampler.draws == new.sampler.draws
+    assert torch.equal(reused.buffer.inputs, new.buffer.inputs)
+    assert np.array_equal(reused.sampler.tree.values(), new.sampler.tree.values())
 
 
 def test_replay_batches_are_augmented_on_their_device_while_training():

@@ -419,6 +419,16 @@ def test_batchnorm_statistics_needs_batchnorm(small_teacher):
         synthesize(ZSKDSynthesizer(iterations=2, regularizers=[BatchNormStatistics()]), small_teacher)
 
 
+def test_batchnorm_statistics_needs_running_statistics():
+    """A BatchNorm layer built with ``track_running_stats=False`` has nothing to match: one line naming it."""
+    network = tiny.make_bn_teacher(0)
+    name, layer = next((n, m) for n, m in network.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    layer.running_mean = layer.running_var = None
+    with pytest.raises(ValueError, match=rf"^BatchNormStatistics needs running statistics.*'{name}'") as error:
+        BatchNormStatistics().taps(network)
+    assert "\n" not in str(error.value)
+
+
 def test_total_variation():
     regularizer = TotalVariation(weight=1.0)
 

@@ -4,7 +4,7 @@ launcher re-runs this script once per extra rank, so everything happens under ``
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
                          [--stop-at STEP] [--epochs N] [--random] [--fail-at STEP] [--fail-in-round STEP]
                          [--fail-in-transfer STEP] [--resume-from FILE] [--ssdkd] [--interrupt-in-write STEP]
-                         [--synthesis-on-trainer]
+                         [--synthesis-on-trainer] [--batchnorm]
 
 Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--epochs`` epochs
 of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
@@ -18,7 +18,8 @@ its augmentation drew and before Lightning counts the batch ready; ``--ssdkd`` m
 synthesizer and modulating function, the class-balanced buffer update, priority sampling);
 ``--interrupt-in-write`` sends this process a SIGINT (Ctrl-C) inside that global step's round, after the buffer's
 second write of an input; ``--synthesis-on-trainer`` gives the Trainer the ``OnlineSynthesis`` callback (it then
-runs before the module's own callbacks); ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of
+runs before the module's own callbacks); ``--batchnorm`` puts a BatchNorm layer before the student (the round
+reads it in eval mode); ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of
 fit every rank writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights, round count and (a
 priority sampler) priorities.
 """
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--synthesis-on-trainer", action="store_true",
                         help="OnlineSynthesis on the Trainer's callbacks, not the module's")
     parser.add_argument("--resume-from", default="last.ckpt", help="the checkpoint (in DIR/checkpoints) to resume")
+    parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm layer before the student")
     args = parser.parse_args()
 
     import lightning as L
@@ -79,6 +81,8 @@ def main() -> None:
 
         datamodule.batch_augmentation = BatchAugmentation(degrees=15, mix=0.5, noise_std=0.05)
         model.student = torch.nn.Sequential(torch.nn.Dropout(0.3), model.student)
+    if args.batchnorm:  # running statistics each rank moves with its own batch
+        model.student = torch.nn.Sequential(torch.nn.BatchNorm2d(tiny.INPUT_SHAPE[0]), model.student)
 
     class Slow(Callback):
         def on_train_batch_end(self, *unused) -> None:

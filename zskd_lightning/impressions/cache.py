@@ -166,8 +166,13 @@ class ImpressionCache:
             return f"impression cache {self.directory} has an unreadable spec.json ({err})"
         if existing == self.spec:
             return None
-        if not isinstance(existing, Mapping) or existing.get("format_version") != FORMAT_VERSION:
-            found = existing.get("format_version", 1) if isinstance(existing, Mapping) else "unknown"
+        found = existing.get("format_version", 1) if isinstance(existing, Mapping) else "unknown"
+        older = ""
+        if found == 2:  # the synthesis driver upgrades one of our identity (upgrade_format_2); name what differs
+            identity = {**{k: v for k, v in existing.items() if k not in BUDGET_KEYS}, "format_version": FORMAT_VERSION}
+            if identity != self.spec:
+                existing, older = identity, "(a format-2 cache) "
+        if found != FORMAT_VERSION and not older:
             return (
                 f"impression cache {self.directory} was written in cache format {found}; this version of zskd-lightning "
                 f"reads format {FORMAT_VERSION} (and upgrades format 2) and never reuses an older cache: delete the "
@@ -177,8 +182,8 @@ class ImpressionCache:
         new_method = (self.spec.get("method") or {}).get("name")
         if old_method != new_method:
             return (
-                f"impression cache {self.directory} holds {old_method!r} impressions, not {new_method!r}: use another "
-                "cache_dir, delete the folder, or set overwrite_cache: true"
+                f"impression cache {self.directory} {older}holds {old_method!r} impressions, not {new_method!r}: use "
+                "another cache_dir, delete the folder, or set overwrite_cache: true"
             )
         cached, now = _flatten(existing), _flatten(self.spec)
         differing = sorted(k for k in set(cached) | set(now) if cached.get(k) != now.get(k))
@@ -187,7 +192,7 @@ class ImpressionCache:
         if len(details) > 400:
             details = details[:400] + "..."
         return (
-            f"impression cache {self.directory} {what} ({details}); use another cache_dir, delete the folder, "
+            f"impression cache {self.directory} {older}{what} ({details}); use another cache_dir, delete the folder, "
             "or set overwrite_cache: true"
         )
 
@@ -429,7 +434,14 @@ class ImpressionCache:
         if manifest is None:
             return None
         spec_part = {k: manifest.get(k) for k in self.spec}
-        return manifest if spec_part == self.spec and len(manifest.get("shards", ())) >= self.num_chunks else None
+        shards = manifest.get("shards", ())
+        if spec_part != self.spec or len(shards) < self.num_chunks:
+            return None
+        # every shard names its cache's digest: an identity key the manifest has and our spec lacks (e.g. a bf16
+        # cache's "autocast" read by a float32 run) is caught here, not only the keys we have
+        ours = all(isinstance(shard, Mapping) and shard.get("cache_id") == self.cache_id
+                   for shard in shards[:self.num_chunks])
+        return manifest if ours else None
 
     def is_complete(self, verify: bool = True) -> bool:
         """A manifest matching our spec exists (and, with ``verify``, every shard's checksum still matches)."""

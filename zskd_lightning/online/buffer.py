@@ -41,6 +41,15 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
+    def clear(self) -> None:
+        """Empty the buffer (capacity and shape kept), as a new one: no entries, cursor and write count at 0."""
+        self.inputs.zero_()
+        self.labels.fill_(-1)
+        self.predicted.fill_(-1)
+        self.scores.zero_()
+        self.stamps.zero_()
+        self.size = self.cursor = self.written = 0
+
     def _check(self, inputs: Tensor, labels: Tensor, predicted: Tensor | None) -> Tensor:
         """``predicted``, or ``labels`` in its place, once the shapes are checked."""
         if tuple(inputs.shape[1:]) != self.input_shape or labels.shape != inputs.shape[:1] or (
@@ -107,7 +116,7 @@ class ReplayBuffer:
         predicted = self._check(inputs, labels, predicted)
         slots = slots.long().cpu()
         if len(slots) and (int(slots.min()) < 0 or int(slots.max()) >= self.capacity):
-            raise InvalidArgument(f"buffer slots must be in [0, {self.capacity}), got {slots.min()}..{slots.max()}")
+            raise InvalidArgument(f"buffer slots must be in [0, {self.capacity}), got {int(slots.min())}..{int(slots.max())}")
         self.inputs[slots] = inputs.detach().float().cpu()
         self.labels[slots] = labels.long().cpu()
         self.predicted[slots] = predicted.long().cpu()

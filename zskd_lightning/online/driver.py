@@ -94,6 +94,9 @@ class OnlineSynthesis(Callback):
             self._pending = None
             rank_zero_info(f"Online synthesis resumed at round {self.rounds}, buffer {len(dm.buffer)}/"
                            f"{dm.buffer.capacity}")
+        else:  # a new fit (its generator is new): a datamodule used by an earlier fit forgets that fit's buffer
+            dm.buffer.clear()
+            dm.sampler.setup(dm.buffer.capacity)
         if self.rounds < dm.warmup_rounds:
             rank_zero_info(f"Online synthesis: {dm.warmup_rounds - self.rounds} warm-up rounds of "
                            f"{dm.synthesizer.batch_size * (1 + dm.draws_per_round) * trainer.world_size} inputs")
@@ -118,6 +121,8 @@ class OnlineSynthesis(Callback):
         # the resumed fit redoes the whole round (its count has not moved), as the unstopped run made it
         self._round_start = copy.deepcopy(dm.synthesizer.state_dict())
         self._observe(dm.buffer.predicted_counts(self._context.num_classes))
+        if world > 1 and dm.synthesizer.reads_student:
+            _from_rank_zero(self._context.student)
         average = None if world == 1 else (lambda tensors: _average(strategy, tensors))
 
         def chunk(batch: int) -> Chunk:  # batch 0 trains the generator, the others are draws from it
@@ -225,6 +230,15 @@ class OnlineSynthesis(Callback):
         self.generator_loss = float(state["generator_loss"])
         if state.get("observed_counts") is not None:  # the weights between the last round and the next as before
             self._observe(state["observed_counts"])
+
+
+def _from_rank_zero(module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers of ``module`` (in place; a collective). After a training step each rank
+    holds BatchNorm running statistics moved by its own batch (DDP hands out rank 0's only at the next forward),
+    while a checkpoint keeps rank 0's: a round that reads the student in eval mode would see, on the other ranks,
+    a student the resumed fit never restores."""
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def _average(strategy: Any, tensors: list[Tensor]) -> None:

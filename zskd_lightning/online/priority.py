@@ -94,8 +94,10 @@ class PrioritySampler(UniformSampler):
         self.draws = 0
 
     def setup(self, capacity: int) -> None:
-        """A tree for a buffer of ``capacity`` entries (empty slots have priority 0)."""
+        """A new tree for a buffer of ``capacity`` entries (empty slots have priority 0), beta's annealing and the
+        largest priority back at their start."""
         self.tree = SumTree(capacity)
+        self.max_priority, self.draws = 1.0, 0
 
     def _tree(self) -> SumTree:
         if self.tree is None:

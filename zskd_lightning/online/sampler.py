@@ -27,7 +27,8 @@ class UniformSampler(Recorded):
     wants_losses: bool = False
 
     def setup(self, capacity: int) -> None:
-        """Called once with the buffer's capacity."""
+        """Start afresh for an empty buffer of ``capacity`` entries (the datamodule's constructor, and each new
+        fit; a resumed fit then loads its state)."""
 
     def draw(self, size: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """``(slots [batch_size] int64 in [0, size), weights [batch_size] float32 or None)``."""

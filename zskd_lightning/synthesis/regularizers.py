@@ -89,6 +89,10 @@ class BatchNormStatistics(Regularizer):
                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not self._layers:
             raise InvalidArgument("BatchNormStatistics needs a teacher with BatchNorm layers; this one has none")
+        for tap, layer in self._layers:
+            if layer.running_mean is None or layer.running_var is None:
+                raise InvalidArgument(f"BatchNormStatistics needs running statistics at every BatchNorm layer; "
+                                      f"{tap.path!r} ({type(layer).__name__}) has none (track_running_stats=False)")
         return [tap for tap, _ in self._layers]
 
     def __call__(self, inputs: Tensor, response: Response) -> Tensor:
