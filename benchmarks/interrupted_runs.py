@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,13 @@ class Resumption:
 
 
 def newest_checkpoint(run_dir: Path, since: float) -> Path | None:
-    """The most recently written ``*.ckpt`` under ``run_dir`` (any depth) whose modification time is at or after
-    ``since`` (seconds since the epoch); ``None`` when there is none."""
+    """The most recently written whole ``*.ckpt`` under ``run_dir`` (any depth) whose modification time is at or
+    after ``since`` (seconds since the epoch); ``None`` when there is none. Whole: a zip archive with its central
+    directory, as ``torch.save`` writes one (a save cut off by ``kill -9``, e.g. a copy from another file system's
+    temporary file, lacks it), so a cut file never stands in for the whole one before it."""
     written = [(path.stat().st_mtime, path) for path in run_dir.rglob("*.ckpt") if path.is_file()]
-    fresh = [(mtime, path) for mtime, path in written if mtime >= since]
-    return max(fresh)[1] if fresh else None
+    fresh = sorted(((mtime, path) for mtime, path in written if mtime >= since), reverse=True)
+    return next((path for _, path in fresh if zipfile.is_zipfile(path)), None)
 
 
 def begin(run_dir: Path, command: str, fingerprint: str, manifest: Path | None = None,

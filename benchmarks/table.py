@@ -440,17 +440,34 @@ def synthesis_steps(args: list[str]) -> int | None:
     return None
 
 
+def commands_today(dataset: Dataset, seed: int) -> set[str]:
+    """Every command the runner would run for ``seed`` today: each row of ``dataset`` and the ablation, on either
+    schedule."""
+    rows = [row.name for row in dataset.rows] + ["ablation"]
+    return {" ".join(args) for schedule in ("fast", "paper")
+            for *_, args in row_commands(dataset, rows, [seed], schedule)}
+
+
 def is_current(dataset: Dataset, record: dict[str, str]) -> bool:
-    """Whether a CSV record was measured with today's configs (see :func:`configs_sha`); a record naming a config
-    that no longer exists is stale."""
+    """Whether a CSV record was measured with today's configs (see :func:`configs_sha`) by a command the runner
+    still prints (a row's own arguments, e.g. its buffer size, are in the command, not in the configs); a record
+    naming a config that no longer exists is stale."""
     try:
+        if record["command"] not in commands_today(dataset, int(record["seed"])):
+            return False
         return record.get("configs_sha", "") == configs_sha(dataset, record["command"].split())
-    except FileNotFoundError:
+    except (FileNotFoundError, KeyError, ValueError):
         return False
 
 
 class RowFailed(Exception):
     """A ``zskd`` command of the table exited non-zero; the message is one line (command, exit code, cause)."""
+
+
+def printed_test_metrics(stdout: str) -> dict[str, str]:
+    """``{"test/acc": "0.975", ...}`` from the test table Lightning prints: plain, or drawn by ``rich`` (its cells
+    between box-drawing bars)."""
+    return dict(re.findall(r"(test/\w+)[\s\u2502\u2503|]+([0-9.]+)", stdout))
 
 
 def last_line(text: str) -> str:
@@ -520,7 +537,7 @@ def run_row(args: list[str], resume: Resumption | None = None, online: bool = Fa
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr, flush=True)  # the context of the one line raised below
         raise RowFailed(f"zskd {' '.join(args)} exited {proc.returncode}: {last_line(proc.stderr)}")
-    metrics = dict(re.findall(r"(test/\w+)\s+([0-9.]+)", proc.stdout))
+    metrics = printed_test_metrics(proc.stdout)
     if "test/acc" not in metrics:
         raise RowFailed(f"zskd {' '.join(args)} printed no 'test/acc VALUE' in its test table (another table style?)")
     # Synthesis time comes from the cache's manifest, also when an earlier run made the cache and this one

@@ -166,6 +166,10 @@ def test_table_reports_stale_rows_apart_and_counts_only_current_ones(tmp_path, m
     gone = record("student_kd", 2, 97.0)  # a record naming a config since removed is stale, not an error
     gone["command"] = gone["command"].replace("kd_real_lenet5_half.yaml", "removed.yaml")
     assert table.is_current(table.MNIST, record("student_kd", 2, 97.0)) and not table.is_current(table.MNIST, gone)
+    argued = record("student_kd", 2, 97.0)  # the same configs, an argument the runner no longer gives the row
+    argued["command"] += " --data.init_args.batch_size 64"
+    assert argued["configs_sha"] == table.configs_sha(table.MNIST, argued["command"].split())
+    assert not table.is_current(table.MNIST, argued)
 
 
 def test_table_records_the_commit_and_marks_times_taken_with_a_subnormal_teacher(tmp_path):
@@ -840,7 +844,10 @@ def test_table_resumes_an_interrupted_row_from_its_newest_checkpoint_and_counts_
 
     def written(path: Path, mtime: float) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x")
+        if path.suffix == ".ckpt":
+            torch.save({"global_step": int(mtime)}, path)  # a zip archive, as Lightning's checkpoints are
+        else:
+            path.write_bytes(b"x")
         os.utime(path, (mtime, mtime))
         return path
 
@@ -854,13 +861,29 @@ def test_table_resumes_an_interrupted_row_from_its_newest_checkpoint_and_counts_
     later = written(run_dir / "lightning_logs" / "version_2" / "checkpoints" / "epoch=2-step=30.ckpt", 3100.0)
     assert runs.begin(run_dir, "fit --config a.yaml", "sha1", manifest, now=4000.0) == runs.Resumption(
         later, wall_seconds=600.0, training_seconds=300.0)
+    # a save cut off by the next kill (no zip directory at its end): the whole one before it, not the cut one
+    cut = written(run_dir / "lightning_logs" / "version_2" / "checkpoints" / "epoch=3-step=40.ckpt", 4100.0)
+    cut.write_bytes(cut.read_bytes()[:-30])
+    os.utime(cut, (4100.0, 4100.0))
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha1", manifest, now=5000.0) == runs.Resumption(
+        later, wall_seconds=600.0, training_seconds=300.0)
     # other configs: from scratch, and the older row's checkpoints are never picked up afterwards
-    assert runs.begin(run_dir, "fit --config a.yaml", "sha2", manifest, now=5000.0) is None
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha2", manifest, now=5500.0) is None
     assert runs.begin(run_dir, "fit --config a.yaml", "sha2", manifest, now=6000.0) is None
     (run_dir / runs.MARKER).write_text('{"command": "fit')  # a marker cut short by the kill: from scratch
     assert runs.begin(run_dir, "fit --config a.yaml", "sha2", manifest, now=7000.0) is None
     runs.finish(run_dir)
     assert not (run_dir / runs.MARKER).exists()
+
+
+def test_table_reads_the_test_table_plain_or_drawn_by_rich():
+    table = load("table")
+    plain = "      Test metric             DataLoader 0\n        test/acc            0.9750000238418579\n"
+    drawn = ("\u2503        Test metric        \u2503       DataLoader 0        \u2503\n"
+             "\u2502         test/acc          \u2502    0.9750000238418579     \u2502\n"
+             "\u2502      test/agreement       \u2502    0.9800000190734863     \u2502\n")
+    assert table.printed_test_metrics(plain) == {"test/acc": "0.9750000238418579"}
+    assert table.printed_test_metrics(drawn) == {"test/acc": "0.9750000238418579", "test/agreement": "0.9800000190734863"}
 
 
 def test_table_row_resumed_loads_the_checkpoint_and_adds_the_earlier_times(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zskd_lightning import ClassifierModule, DistillationModule, FrozenTeacher, ZSKDError, load_student
+from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.losses import kd_loss, soft_target_kd_loss
 from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf, LeNet5, LeNet5Half
@@ -144,6 +145,15 @@ def test_export_student_writes_safetensors_and_a_record(distilled, tmp_path):
     x = _digits_x()
     with torch.no_grad():
         assert torch.equal(fresh(x), module.student(x))
+
+
+@pytest.mark.parametrize("name", ["student.json", "student.JSON"])
+def test_an_export_to_the_records_name_is_refused_in_one_line(distilled, tmp_path, name):
+    """``student.json`` is where the record beside the weights goes (on a case-blind file system, ``student.JSON``
+    too): the weights would be written over."""
+    with pytest.raises(InvalidArgument, match=rf"^cannot export the student's weights to .*{name}: the record"):
+        distilled["module"].export_student(tmp_path / name)
+    assert not list(tmp_path.glob("student.*"))
 
 
 def test_load_student_refuses_what_is_not_a_student(tmp_path):

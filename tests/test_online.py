@@ -490,6 +490,23 @@ def test_a_ctrl_c_inside_the_buffer_write_waits_until_the_round_is_whole(tmp_pat
     assert_same_ends(whole, split)
 
 
+def test_a_failure_after_the_optimizers_step_keeps_the_steps_priorities(tmp_path):
+    """Lightning counts a batch processed once its optimizer stepped; a failure in another callback's
+    ``on_train_batch_end`` (a Ctrl-C at the progress bar's sync, on a GPU) then saves a checkpoint whose resumed
+    fit does not redo the batch: its losses must already be in the sampler's priorities, so the resumed run ends
+    as the unstopped one."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for root in (whole, split):
+        root.mkdir()
+    assert run_online(whole, "--steps", "8", "--ssdkd").returncode == 0
+    stopped = run_online(split, "--steps", "8", "--ssdkd", "--fail-after-step", "4")
+    assert stopped.returncode != 0 and "the step's end failed" in stopped.stderr, stopped.stderr[-3000:]
+    resumed = run_online(split, "--steps", "8", "--ssdkd", "--resume", "--resume-from", "on_exception.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "START rank=0 steps=5" in resumed.stdout, resumed.stdout  # the batch of step 4 is not redone
+    assert_same_ends(whole, split)
+
+
 def same_state(a, b) -> bool:
     """Nested checkpoint states (dicts, lists, tuples, tensors, NumPy arrays) equal leaf by leaf."""
     if isinstance(a, dict):
@@ -562,6 +579,13 @@ def test_a_datamodule_reused_for_a_new_fit_starts_from_an_empty_buffer(tmp_path)
     fit(reused)
     fit(reused)
     fit(new)
+    synthesis = reused.synthesis_callbacks()[0]  # one callback for two fits (a Trainer's, or the lr finder's)
+    model, _ = tiny.online_setup()
+    tiny.quiet_trainer(tmp_path, max_steps=4, callbacks=[synthesis]).fit(model, datamodule=reused)
+    assert synthesis.rounds == 3  # two warm-up rounds, one at step 2
+    model, _ = tiny.online_setup()
+    tiny.quiet_trainer(tmp_path, max_steps=4, callbacks=[synthesis]).fit(model, datamodule=reused)
+    assert synthesis.rounds == 3
     assert reused.buffer.written == new.buffer.written and reused.sampler.draws == new.sampler.draws
     assert torch.equal(reused.buffer.inputs, new.buffer.inputs)
     assert np.array_equal(reused.sampler.tree.values(), new.sampler.tree.values())

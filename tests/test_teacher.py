@@ -492,6 +492,38 @@ def test_sha256_checked_before_loading(tmp_path):
     assert digest in message and file_sha256(path) in message and "changed" in message
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_the_bytes_checked_are_the_bytes_loaded(tmp_path, monkeypatch, suffix):
+    """A file replaced between the digest's check and the load (another process writing a new teacher) is not
+    read again: the weights loaded are those whose digest matched."""
+    import hashlib
+
+    source, checked = DigitsConvNet(), DigitsConvNet()
+    path = tmp_path / f"teacher{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    digest, sha256 = file_sha256(path), hashlib.sha256
+
+    class ReplacedWhenChecked:  # the digest of the bytes given, then the file on disk holds other weights
+        def __init__(self, data=b""):
+            self.inner = sha256(data)
+
+        def update(self, data):
+            self.inner.update(data)
+
+        def hexdigest(self):
+            other = {k: torch.zeros_like(v) for k, v in state.items()}
+            save_file(other, path) if suffix == ".safetensors" else torch.save(other, path)
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", ReplacedWhenChecked)
+    teacher = FrozenTeacher(network=checked, checkpoint=str(path), sha256=digest, **SOURCE_LAYOUT)
+    monkeypatch.setattr(hashlib, "sha256", sha256)
+    assert file_sha256(path) != digest  # the file was replaced
+    loaded = teacher.network.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
 @pytest.mark.parametrize("given", ["2e0669d7bc33", "SHA256:abc", lambda d: f"{d}  teacher.safetensors"])
 def test_a_malformed_sha256_is_refused_as_such_not_blamed_on_the_file(tmp_path, given):
     """A teacher fingerprint's prefix, or `sha256sum`'s line with the file name, is not a digest of the file:

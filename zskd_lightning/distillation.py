@@ -112,6 +112,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         self._teacher_fingerprint: str | None = None
         self._exported: str | None = None
         self.sample_weights = sample_weights
+        self.last_replay_losses: Tensor | None = None  # the latest replay step's per-sample losses [B]
         self.teacher = as_frozen_teacher(teacher)
         self.student = student
         self.optimizer = optimizer
@@ -196,7 +197,8 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         """A replay-buffer batch (:class:`~zskd_lightning.online.BufferBatches`): ``inputs [B, ...]``, ``slots [B]``
         and optional importance ``weights [B]``. Loss ``kd_weight * mean_i(w_i * l_i)`` (``w_i``: the batch's
         weights times ``sample_weights``, 1 without either); returns it with the per-sample ``T^2 * KL`` terms
-        ``l_i`` (``"per_sample_loss" [B]``, detached) for the buffer's sampler."""
+        ``l_i`` (``"per_sample_loss" [B]``, detached) for the buffer's sampler, also kept as
+        ``last_replay_losses`` until the next step (the online driver gives them after the backward)."""
         if self.hparams.target_source != "teacher":
             raise ZSKDError(REPLAY_NEEDS_TEACHER_TARGETS)
         x = batch["inputs"]
@@ -205,6 +207,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
             teacher_logits = self.teacher(x)
         check_same_classes(teacher_logits.shape[-1], student_logits.shape[-1])
         per_sample = kd_loss_per_sample(student_logits, teacher_logits, self.hparams.temperature)
+        self.last_replay_losses = per_sample.detach()
         weights = batch.get("weights")
         if self.sample_weights is not None:
             modulation = self.sample_weights(teacher_logits, student_logits.detach())

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from zskd_lightning._version import __version__
-from zskd_lightning.errors import ZSKDError, described
+from zskd_lightning.errors import InvalidArgument, ZSKDError, described
 from zskd_lightning.files import record_path, write_atomic, write_text_atomic
 from zskd_lightning.teacher import instantiate, load_weights
 
@@ -43,9 +43,12 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
     Returns ``(weights_path, record_path)``.
     """
     path = os.fspath(path)
+    json_path = record_path(path)
+    if os.path.splitext(path)[1].lower() == ".json":  # the record's own name (a case-blind file system too)
+        raise InvalidArgument(f"cannot export the student's weights to {path}: the record beside the weights is "
+                              "written to the .json name; give a weights file, e.g. student.safetensors")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}  # no shared storage
-    json_path = record_path(path)
 
     def forget_earlier_record() -> None:  # the new weights are on disk, not yet in place
         with contextlib.suppress(FileNotFoundError):

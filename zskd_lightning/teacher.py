@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import os
 import pickle
@@ -19,12 +20,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from torch import nn
 
 from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError, described, first_line
-from zskd_lightning.files import file_sha256, record_path, resolve_packaged
+from zskd_lightning.files import record_path, resolve_packaged
 from zskd_lightning.kernels import default_layout, use_fast_kernels
 
 #: State-dict prefixes under which the library's LightningModules keep a network.
@@ -47,7 +48,8 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     ``student.json``, as :func:`~zskd_lightning.export.write_student` and the benchmark teachers write it) gives
     the architecture, returned as a Lightning checkpoint's ``hyper_parameters["network"]``. Any other file loads
     with ``torch.load(weights_only=True)`` (tensors and plain containers only). ``sha256``: the file's expected
-    digest (hex); a file whose bytes differ is refused before it is read (the weights file's bytes only: a
+    digest (hex); a file whose bytes differ is refused before it is read, and the bytes checked are the bytes
+    loaded (read once: a file replaced meanwhile is not read again) (the weights file's bytes only: a
     ``.safetensors`` file's JSON record is not covered; give ``network`` to fix the architecture).
     """
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha256)):
@@ -56,15 +58,18 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     path = resolve_packaged(os.fspath(path))
     if not os.path.isfile(path):
         raise ZSKDError(f"{what} not found: {path}")
+    checked: bytes | None = None
     if sha256 is not None:
-        actual = file_sha256(path)
+        with open(path, "rb") as handle:
+            checked = handle.read()
+        actual = hashlib.sha256(checked).hexdigest()
         if actual != sha256.lower():
             raise ZSKDError(f"{what} {path} has sha256 {actual}, expected {sha256.lower()}: the file changed since "
                             "its digest was recorded")
     if path.endswith(".safetensors"):
-        return _read_safetensors(path, what)
+        return _read_safetensors(path, what, checked)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path if checked is None else io.BytesIO(checked), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         pickled = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)", str(err))
         if pickled is None:  # not a pickle of tensors at all: another format, or bytes that are no file of torch's
@@ -83,10 +88,11 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     return dict(obj)
 
 
-def _read_safetensors(path: str, what: str) -> dict[str, Any]:
-    """``{"state_dict": tensors}`` from a safetensors file, plus the architecture of the JSON record beside it."""
+def _read_safetensors(path: str, what: str, data: bytes | None = None) -> dict[str, Any]:
+    """``{"state_dict": tensors}`` from a safetensors file (``data``: its bytes, already read), plus the
+    architecture of the JSON record beside it."""
     try:
-        state = load_file(path, device="cpu")
+        state = load_file(path, device="cpu") if data is None else load(data)
     except Exception as err:  # truncated, not a safetensors file
         raise ZSKDError(f"could not read {what} {path}: {described(err)}") from err
     content: dict[str, Any] = {"state_dict": state}

@@ -4,7 +4,7 @@ launcher re-runs this script once per extra rank, so everything happens under ``
     python online_run.py --root DIR [--devices 2] [--steps N] [--buffer N] [--slow SECONDS] [--resume]
                          [--stop-at STEP] [--epochs N] [--random] [--fail-at STEP] [--fail-in-round STEP]
                          [--fail-in-transfer STEP] [--resume-from FILE] [--ssdkd] [--interrupt-in-write STEP]
-                         [--synthesis-on-trainer] [--batchnorm]
+                         [--synthesis-on-trainer] [--batchnorm] [--fail-after-step STEP]
 
 Trains :func:`helpers.tiny.online_setup` (digits input space, tiny teacher and student) for ``--epochs`` epochs
 of ``--steps`` steps (``--stop-at`` ends it early, as an interruption would), checkpointing ``last.ckpt`` in
@@ -19,7 +19,9 @@ synthesizer and modulating function, the class-balanced buffer update, priority 
 ``--interrupt-in-write`` sends this process a SIGINT (Ctrl-C) inside that global step's round, after the buffer's
 second write of an input; ``--synthesis-on-trainer`` gives the Trainer the ``OnlineSynthesis`` callback (it then
 runs before the module's own callbacks); ``--batchnorm`` puts a BatchNorm layer before the student (the round
-reads it in eval mode); ``--resume-from`` names the checkpoint ``--resume`` reads. At the end of
+reads it in eval mode); ``--fail-after-step`` raises in a Trainer callback's ``on_train_batch_end`` of that global
+step (after its optimizer's step, before ``OnlineSynthesis``'s hook); ``--resume-from`` names the checkpoint
+``--resume`` reads. At the end of
 fit every rank writes ``DIR/rank{r}.pt``: its buffer, labels, generator and student weights, round count and (a
 priority sampler) priorities.
 """
@@ -56,6 +58,8 @@ def main() -> None:
                         help="OnlineSynthesis on the Trainer's callbacks, not the module's")
     parser.add_argument("--resume-from", default="last.ckpt", help="the checkpoint (in DIR/checkpoints) to resume")
     parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm layer before the student")
+    parser.add_argument("--fail-after-step", type=int, default=-1,
+                        help="raise in a Trainer callback's on_train_batch_end of this global step")
     args = parser.parse_args()
 
     import lightning as L
@@ -92,6 +96,11 @@ def main() -> None:
         def on_before_backward(self, trainer, pl_module, loss) -> None:
             if trainer.global_step == args.fail_at:
                 raise RuntimeError("the step failed")
+
+    class FailAfterStep(Callback):  # a Trainer callback: its on_train_batch_end runs before OnlineSynthesis's
+        def on_train_batch_end(self, trainer, *unused) -> None:
+            if trainer.global_step == args.fail_after_step + 1:  # the step's optimizer has stepped
+                raise RuntimeError("the step's end failed")
 
     class Dump(Callback):
         def on_train_start(self, trainer, pl_module) -> None:  # a resumed fit's first step: the one it resumed at
@@ -148,8 +157,9 @@ def main() -> None:
     synthesis = datamodule.synthesis_callbacks() if args.synthesis_on_trainer else []
     folder = os.path.join(args.root, "checkpoints")
     checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)
-    failing = ([FailOnce(), OnExceptionCheckpoint(folder)]
-               if max(args.fail_at, args.fail_in_round, args.fail_in_transfer, args.interrupt_in_write) >= 0 else [])
+    failing = ([FailOnce(), FailAfterStep(), OnExceptionCheckpoint(folder)]
+               if max(args.fail_at, args.fail_in_round, args.fail_in_transfer, args.interrupt_in_write,
+                      args.fail_after_step) >= 0 else [])
     trainer = tiny.quiet_trainer(args.root, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                                  enable_checkpointing=True,
                                  callbacks=[checkpoints, Slow(), Dump(), *failing, *synthesis],

@@ -33,10 +33,12 @@ class OnlineSynthesis(Callback):
     ``round_every_n_steps``-th training step. Before each round, weightings with an ``observe`` method (SSD-KD's
     modulating function, in the synthesizer and in the LightningModule) get the buffer's counts of the teacher's
     predicted classes; after it, the round is written by the datamodule's ``buffer_update`` rule. Feeds the sampler
-    the per-sample distillation losses when it asks for them. Shows ``round``, ``buffer`` (filled fraction) and
-    ``gen_loss`` on the progress bar and logs them (``online/...``) with the synthesis wall time; at the end of
-    training rank 0 writes a picture of the buffer, one row per class (``grid_filename`` in the run's log folder;
-    ``None``: off).
+    the per-sample distillation losses when it asks for them (after the step's backward, from the module's
+    ``last_replay_losses``; else from the step's output at ``on_train_batch_end``). Shows ``round``, ``buffer``
+    (filled fraction) and ``gen_loss`` on the progress bar and logs them (``online/...``) with the synthesis wall
+    time; at the end of training rank 0 writes a picture of the buffer, one row per class (``grid_filename`` in
+    the run's log folder; ``None``: off). A new fit (no checkpoint) starts from an empty buffer, a new sampler
+    state and no rounds, whatever an earlier fit left.
 
     State in checkpoints: the round count, the generator, its optimizer (and Reptile's meta weights), the
     buffer and the sampler; saved inside a round (``OnExceptionCheckpoint``), the generator and its optimizer as
@@ -58,6 +60,7 @@ class OnlineSynthesis(Callback):
         self._pending: dict[str, Any] | None = None
         self._observed_counts: Tensor | None = None
         self._round_start: dict[str, Any] | None = None  # the synthesizer's state while a round is under way
+        self._feedback_batch: Any = None  # this step's replay batch while its losses have not reached the sampler
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -94,9 +97,13 @@ class OnlineSynthesis(Callback):
             self._pending = None
             rank_zero_info(f"Online synthesis resumed at round {self.rounds}, buffer {len(dm.buffer)}/"
                            f"{dm.buffer.capacity}")
-        else:  # a new fit (its generator is new): a datamodule used by an earlier fit forgets that fit's buffer
+        else:  # a new fit (its generator is new): an earlier fit's buffer, sampler and counts are forgotten
             dm.buffer.clear()
             dm.sampler.setup(dm.buffer.capacity)
+            self.rounds = self.synthesized = 0
+            self.synthesis_seconds, self.generator_loss = 0.0, math.nan
+            self._last_round_step = self._logged_rounds = -1
+            self._observed_counts = None
         if self.rounds < dm.warmup_rounds:
             rank_zero_info(f"Online synthesis: {dm.warmup_rounds - self.rounds} warm-up rounds of "
                            f"{dm.synthesizer.batch_size * (1 + dm.draws_per_round) * trainer.world_size} inputs")
@@ -106,6 +113,9 @@ class OnlineSynthesis(Callback):
     # ------------------------------------------------------------------------------------------ rounds
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._feedback_batch = batch if self._datamodule.sampler.wants_losses else None  # until its losses are in
+        if getattr(pl_module, "last_replay_losses", None) is not None:
+            pl_module.last_replay_losses = None  # an earlier step's
         step = trainer.global_step
         if step > 0 and step % self._datamodule.round_every_n_steps == 0 and step != self._last_round_step:
             self._round(trainer, step)
@@ -164,24 +174,41 @@ class OnlineSynthesis(Callback):
             if hasattr(weighting, "observe"):
                 weighting.observe(counts)
 
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The step's losses reach the sampler before Lightning counts the batch processed (every batch runs its
+        # backward, also under gradient accumulation): a failure after the optimizer's step (a Ctrl-C at another
+        # callback's sync in on_train_batch_end) saves a checkpoint whose resumed fit does not redo the batch, so
+        # its priorities must be in it; a failure before it redoes the batch, whose same losses set the same
+        # priorities again. A module that keeps no `last_replay_losses` (DistillationModule does) gives them at
+        # on_train_batch_end instead.
+        losses = getattr(pl_module, "last_replay_losses", None)
+        if self._feedback_batch is not None and losses is not None:
+            self._feed_sampler(trainer, self._feedback_batch, losses)
+
+    def _feed_sampler(self, trainer: L.Trainer, batch: dict[str, Tensor], per_sample_loss: Tensor) -> None:
+        """Give the sampler the per-sample losses ``[B]`` of this step's replay ``batch``, from every process."""
+        dm = self._datamodule
+        self._feedback_batch = None
+        slots, losses = batch["slots"].detach().cpu(), per_sample_loss.detach().float().cpu()
+        # a batch without stamps was saved inside a step by older code: its entries count as unchanged
+        stamps = batch["stamps"].cpu() if "stamps" in batch else dm.buffer.stamps[slots]
+        if trainer.world_size > 1:
+            slots, losses, stamps = (_gathered(trainer.strategy, t) for t in (slots, losses, stamps))
+        # The batch was drawn before this step's round (Lightning fetches a sized loader's batch at the step,
+        # not ahead): an entry the round rewrote since holds a new input, which keeps its first priority until
+        # drawn itself.
+        kept = dm.buffer.stamps[slots] == stamps
+        with interrupts_held():  # all the batch's priorities or none
+            dm.sampler.update(slots[kept], losses[kept])
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         dm = self._datamodule
-        if dm.sampler.wants_losses:
+        if self._feedback_batch is not None:  # not given after the backward
             if not (isinstance(outputs, dict) and "per_sample_loss" in outputs and isinstance(batch, dict)):
                 raise ZSKDError("this sampler learns from per-sample losses: the training step must return "
                                 "{'loss', 'per_sample_loss'} for replay batches (DistillationModule does)")
-            slots, losses = batch["slots"].detach().cpu(), outputs["per_sample_loss"].detach().float().cpu()
-            # a batch without stamps was saved inside a step by older code: its entries count as unchanged
-            stamps = batch["stamps"].cpu() if "stamps" in batch else dm.buffer.stamps[slots]
-            if trainer.world_size > 1:
-                slots, losses, stamps = (_gathered(trainer.strategy, t) for t in (slots, losses, stamps))
-            # The batch was drawn before this step's round (Lightning fetches a sized loader's batch at the step,
-            # not ahead): an entry the round rewrote since holds a new input, which keeps its first priority until
-            # drawn itself.
-            kept = dm.buffer.stamps[slots] == stamps
-            with interrupts_held():  # all the batch's priorities or none
-                dm.sampler.update(slots[kept], losses[kept])
+            self._feed_sampler(trainer, batch, outputs["per_sample_loss"])
         every = trainer.log_every_n_steps  # 0: Lightning logs no steps
         logging_step = bool(every) and trainer.global_step % every == 0  # the step Lightning's loggers write
         if self.rounds == self._logged_rounds and batch_idx and not logging_step:
@@ -237,8 +264,16 @@ def _from_rank_zero(module: torch.nn.Module) -> None:
     holds BatchNorm running statistics moved by its own batch (DDP hands out rank 0's only at the next forward),
     while a checkpoint keeps rank 0's: a round that reads the student in eval mode would see, on the other ranks,
     a student the resumed fit never restores."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for buffer in module.buffers():
-        torch.distributed.broadcast(buffer, src=0)
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for buffers in groups.values():  # one collective per dtype and device
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset: offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
 
 
 def _average(strategy: Any, tensors: list[Tensor]) -> None:
