@@ -9,8 +9,11 @@ from zskd_lightning.augment import BatchAugmentation, augment_normalized
 
 
 def test_identity_parameters_leave_the_batch_unchanged():
-    x = torch.rand(8, 3, 16, 16)
+    """Through the geometric path too: an identity affine grid samples every pixel where it was."""
+    x = torch.rand(8, 3, 16, 12)
     assert torch.allclose(BatchAugmentation()(x), x, atol=1e-5)
+    assert torch.allclose(BatchAugmentation()._move(x), x, atol=1e-5)
+    assert not torch.allclose(BatchAugmentation(degrees=30)._move(x), x, atol=1e-2)  # which can tell a move
 
 
 def test_each_sample_gets_its_own_transform():

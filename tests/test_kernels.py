@@ -82,12 +82,18 @@ def test_impressions_with_fast_kernels_equal_stock_ones_up_to_rounding(channels_
     torch.manual_seed(0)
     teacher = LRNNet().eval().requires_grad_(False)
 
+    ran = []  # the LRN class each teacher forward met: the fast run must take the banded kernel
+    teacher.features.register_forward_pre_hook(lambda module, args: ran.append(type(module[2])))
+
     def impressions(fast: bool) -> torch.Tensor:
         synthesizer = ZSKDSynthesizer(iterations=30, lr=0.05, fast_kernels=fast, channels_last=channels_last)
         context = SynthesisContext(teacher=teacher, input_spec=InputSpec((1, 8, 8), tiny.DIGITS_MEAN, tiny.DIGITS_STD),
                                    num_classes=10)
         synthesizer.setup(context)
-        return synthesizer.invert(context, Chunk.of(0, 0, 0, 16)).inputs
+        ran.clear()
+        inputs = synthesizer.invert(context, Chunk.of(0, 0, 0, 16)).inputs
+        assert set(ran) == {BandLocalResponseNorm if fast else nn.LocalResponseNorm}
+        return inputs
 
     torch.testing.assert_close(impressions(True), impressions(False), rtol=1e-4, atol=1e-4)
     assert type(teacher.features[2]) is nn.LocalResponseNorm

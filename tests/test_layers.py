@@ -76,6 +76,14 @@ def test_every_module_has_a_layer():
     assert {top(name) for name in modules()} <= set(LAYERS)
 
 
+def test_the_package_imports_by_absolute_name_only():
+    """The graph below reads absolute names: a relative import (``from . import x``) would pass its checks
+    unseen."""
+    relative = [f"{name}:{node.lineno}" for name, tree in modules().items() for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level]
+    assert not relative, relative
+
+
 def test_no_import_runs_back_up_the_layers():
     upward = []
     for name, tree in modules().items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -176,7 +177,7 @@ def test_an_export_that_fails_leaves_no_record_beside_other_weights(distilled, t
 
     module = distilled["module"]
     path = module.export_student(tmp_path / "student.safetensors")
-    earlier = (tmp_path / "student.json").read_text()
+    earlier, weights = (tmp_path / "student.json").read_text(), Path(path).read_bytes()
 
     def full_disk(handle):
         raise OSError(28, "No space left on device")
@@ -184,8 +185,8 @@ def test_an_export_that_fails_leaves_no_record_beside_other_weights(distilled, t
     monkeypatch.setattr(export, "save", lambda state: full_disk(None))
     with pytest.raises(OSError, match="No space left"):
         module.export_student(path)
-    assert (tmp_path / "student.json").read_text() == earlier
-    assert load_student(path, network=DigitsConvNetHalf()) is not None
+    assert (tmp_path / "student.json").read_text() == earlier and Path(path).read_bytes() == weights
+    load_student(path, network=DigitsConvNetHalf())  # loads: the record still describes these weights
     monkeypatch.undo()
     monkeypatch.setattr(export, "write_text_atomic", lambda *args: full_disk(None))  # a crash before the record
     with pytest.raises(OSError, match="No space left"):
@@ -279,7 +280,9 @@ def test_a_bf16_true_fit_records_and_resumes_the_float32_teachers_fingerprint(tm
         return trainer
 
     trainer = fit(1)
-    assert load_student(tmp_path / "student.safetensors", network=_student()) is not None
+    exported = load_student(tmp_path / "student.safetensors", network=_student()).state_dict()
+    trained = trainer.lightning_module.student.state_dict()
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k].float()) for k in trained)
     trainer.save_checkpoint(tmp_path / "bf16.ckpt")
     assert torch.load(tmp_path / "bf16.ckpt", weights_only=True)["zskd_teacher"]["fingerprint"] == teacher_fingerprint
     assert fit(2, ckpt_path=tmp_path / "bf16.ckpt").global_step == 4

@@ -298,6 +298,12 @@ def test_replay_batches_return_per_sample_losses_and_use_importance_weights():
     x = torch.randn(6, *tiny.INPUT_SHAPE)
     plain = model.training_step({"inputs": x, "slots": torch.arange(6)}, 0)
     assert plain["per_sample_loss"].shape == (6,)
+    with torch.no_grad():  # T^2 KL(teacher || student) of each input, as the sampler's priorities take it
+        teacher_log_p = torch.log_softmax(model.teacher(x) / 20.0, dim=1)
+        student_log_p = torch.log_softmax(model.student(x) / 20.0, dim=1)
+        by_hand = 400.0 * (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(dim=1)
+    torch.testing.assert_close(plain["per_sample_loss"], by_hand, rtol=1e-4, atol=1e-6)
+    assert torch.equal(model.last_replay_losses, plain["per_sample_loss"])
     assert torch.allclose(plain["loss"], plain["per_sample_loss"].mean())
     weights = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0, 0.0])
     weighted = model.training_step({"inputs": x, "slots": torch.arange(6), "weights": weights}, 0)
@@ -394,8 +400,9 @@ def test_two_processes_hold_one_buffer_made_of_rank_shares(tmp_path):
     assert not torch.equal(rank0["inputs"][16:32], single["inputs"][16:32])  # rank 1's share: chunk 1, untrained
 
 
-def assert_same_ends(expected_root: Path, resumed_root: Path, ranks: int = 1) -> None:
-    """Every rank of the two runs ended with the same round count, buffer, generator and student."""
+def assert_same_ends(expected_root: Path, resumed_root: Path, ranks: int = 1, priorities: bool = False) -> None:
+    """Every rank of the two runs ended with the same round count, buffer, generator and student (and, where
+    ``priorities``, which a priority sampler's runs must have, the same priorities)."""
     for rank in range(ranks):
         expected, resumed = (torch.load(root / f"rank{rank}.pt", weights_only=True)
                              for root in (expected_root, resumed_root))
@@ -404,6 +411,7 @@ def assert_same_ends(expected_root: Path, resumed_root: Path, ranks: int = 1) ->
         for part in ("generator", "student"):
             assert all(torch.equal(resumed[part][k], v) for k, v in expected[part].items()), (rank, part)
         assert ("priorities" in resumed) == ("priorities" in expected)
+        assert not priorities or "priorities" in expected
         assert "priorities" not in expected or torch.equal(resumed["priorities"], expected["priorities"])
 
 
@@ -487,7 +495,7 @@ def test_a_ctrl_c_inside_the_buffer_write_waits_until_the_round_is_whole(tmp_pat
     assert stopped.returncode == 1 and "KeyboardInterrupt" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
     resumed = run_online(split, "--steps", "8", "--ssdkd", "--resume", "--resume-from", "on_exception.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_ends(whole, split)
+    assert_same_ends(whole, split, priorities=True)
 
 
 def test_a_failure_after_the_optimizers_step_keeps_the_steps_priorities(tmp_path):
@@ -504,7 +512,7 @@ def test_a_failure_after_the_optimizers_step_keeps_the_steps_priorities(tmp_path
     resumed = run_online(split, "--steps", "8", "--ssdkd", "--resume", "--resume-from", "on_exception.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "START rank=0 steps=5" in resumed.stdout, resumed.stdout  # the batch of step 4 is not redone
-    assert_same_ends(whole, split)
+    assert_same_ends(whole, split, priorities=True)
 
 
 def same_state(a, b) -> bool:

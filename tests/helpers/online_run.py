@@ -166,7 +166,6 @@ def main() -> None:
                                  max_steps=args.stop_at, max_epochs=args.epochs)
     ckpt = os.path.join(folder, args.resume_from) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
-    assert isinstance(trainer, L.Trainer)
     print(f"DONE rank={trainer.global_rank} steps={trainer.global_step}", flush=True)
 
 
