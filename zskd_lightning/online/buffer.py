@@ -29,14 +29,12 @@ class ReplayBuffer:
         if capacity < 1:
             raise InvalidArgument(f"the buffer's capacity must be >= 1, got {capacity}")
         self.capacity, self.input_shape = int(capacity), tuple(int(s) for s in input_shape)
-        self.inputs = torch.zeros(self.capacity, *self.input_shape)
-        self.labels = torch.full((self.capacity,), -1, dtype=torch.long)
-        self.predicted = torch.full((self.capacity,), -1, dtype=torch.long)
-        self.scores = torch.zeros(self.capacity)
-        self.stamps = torch.zeros(self.capacity, dtype=torch.long)  # 0: unfilled (or restored without stamps)
-        self.size = 0
-        self.cursor = 0  # the next slot add() writes
-        self.written = 0  # inputs written since the start (counts rewrites)
+        self.inputs = torch.empty(self.capacity, *self.input_shape)
+        self.labels = torch.empty(self.capacity, dtype=torch.long)
+        self.predicted = torch.empty(self.capacity, dtype=torch.long)
+        self.scores = torch.empty(self.capacity)
+        self.stamps = torch.empty(self.capacity, dtype=torch.long)  # 0: unfilled (or restored without stamps)
+        self.clear()
 
     def __len__(self) -> int:
         return self.size
@@ -48,7 +46,7 @@ class ReplayBuffer:
         self.predicted.fill_(-1)
         self.scores.zero_()
         self.stamps.zero_()
-        self.size = self.cursor = self.written = 0
+        self.size = self.cursor = self.written = 0  # filled slots; the next slot add() writes; writes so far
 
     def _check(self, inputs: Tensor, labels: Tensor, predicted: Tensor | None) -> Tensor:
         """``predicted``, or ``labels`` in its place, once the shapes are checked."""

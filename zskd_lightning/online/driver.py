@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -48,19 +49,20 @@ class OnlineSynthesis(Callback):
 
     def __init__(self, grid_filename: str | None = "buffer.png") -> None:
         self.grid_filename = grid_filename
-        self.rounds = 0
-        self.synthesized = 0
-        self.synthesis_seconds = 0.0
-        self.generator_loss = math.nan
-        self._last_round_step = -1
-        self._logged_rounds = -1
+        self._start_counts()
         self._datamodule: Any = None
         self._module: Any = None
         self._context: SynthesisContext | None = None
         self._pending: dict[str, Any] | None = None
-        self._observed_counts: Tensor | None = None
         self._round_start: dict[str, Any] | None = None  # the synthesizer's state while a round is under way
         self._feedback_batch: Any = None  # this step's replay batch while its losses have not reached the sampler
+
+    def _start_counts(self) -> None:
+        """The rounds, their counts and the classes last observed, as before any round of a fit."""
+        self.rounds = self.synthesized = 0
+        self.synthesis_seconds, self.generator_loss = 0.0, math.nan
+        self._last_round_step = self._logged_rounds = -1
+        self._observed_counts: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -100,10 +102,7 @@ class OnlineSynthesis(Callback):
         else:  # a new fit (its generator is new): an earlier fit's buffer, sampler and counts are forgotten
             dm.buffer.clear()
             dm.sampler.setup(dm.buffer.capacity)
-            self.rounds = self.synthesized = 0
-            self.synthesis_seconds, self.generator_loss = 0.0, math.nan
-            self._last_round_step = self._logged_rounds = -1
-            self._observed_counts = None
+            self._start_counts()
         if self.rounds < dm.warmup_rounds:
             rank_zero_info(f"Online synthesis: {dm.warmup_rounds - self.rounds} warm-up rounds of "
                            f"{dm.synthesizer.batch_size * (1 + dm.draws_per_round) * trainer.world_size} inputs")
@@ -268,19 +267,20 @@ def _from_rank_zero(module: torch.nn.Module) -> None:
     for buffer in module.buffers():
         groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
     for buffers in groups.values():  # one collective per dtype and device
-        flat = torch.cat([b.reshape(-1) for b in buffers])
-        torch.distributed.broadcast(flat, src=0)
-        offset = 0
-        for buffer in buffers:
-            buffer.copy_(flat[offset: offset + buffer.numel()].view_as(buffer))
-            offset += buffer.numel()
+        _through_one_collective(buffers, lambda flat: torch.distributed.broadcast(flat, src=0) or flat)
 
 
 def _average(strategy: Any, tensors: list[Tensor]) -> None:
     """Average ``tensors`` across processes in place (one collective over their concatenation)."""
+    _through_one_collective(tensors, lambda flat: strategy.reduce(flat, reduce_op="mean"))
+
+
+def _through_one_collective(tensors: list[Tensor], collective: Callable[[Tensor], Tensor]) -> None:
+    """Run ``collective`` on the concatenation of ``tensors`` (one dtype and device) and copy its result back into
+    them, in place."""
     if not tensors:
         return
-    flat = strategy.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduce_op="mean")
+    flat = collective(torch.cat([t.reshape(-1) for t in tensors]))
     offset = 0
     for tensor in tensors:
         tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
