@@ -5,6 +5,7 @@ the argmax classes are shared. Reads the validation split of the real training d
 
     ZSKD_DATA_ROOT=../shared/data python benchmarks/wang_targets.py --dataset cifar10 --sigmas 2 5 10 20 --draws 5000
     ZSKD_DATA_ROOT=../shared/data python benchmarks/wang_targets.py --dataset mnist --sigmas 1.5 3 5 8
+    ZSKD_DATA_ROOT=../shared/data python benchmarks/wang_targets.py --dataset mnist --sigmas 5 10 20 --rectify
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", choices=sorted(CONFIGS), default="cifar10")
     parser.add_argument("--sigmas", nargs="+", type=float, default=[2.0, 5.0, 10.0])
     parser.add_argument("--draws", type=int, default=20000)
+    parser.add_argument("--rectify", action="store_true", help="pass the draws through a ReLU (rectify: true)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = CONFIGS[args.dataset]
@@ -55,14 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'source':28s} {'logit s.d.':>10s} {'max softmax':>12s}  classes (% min-max)")
     temperature = None
     for sigma in args.sigmas:
-        synthesizer = config_synthesizer(config, sigma=sigma)
+        synthesizer = config_synthesizer(config, sigma=sigma, rectify=args.rectify)
         synthesizer.setup(context)
         sampler = synthesizer.target_sampler
         temperature = sampler.temperature
         rng = np.random.default_rng(0)  # batches of 1,000: the head runs the whole network on stand-in inputs
         logits = torch.cat([sampler.head_logits(min(1000, args.draws - start), rng, context)
                             for start in range(0, args.draws, 1000)])
-        print(f"{f'Gaussian features, sigma {sigma:g}':28s} {figures(logits, temperature)}")
+        source = f"{'rectified' if args.rectify else 'Gaussian'} features, sigma {sigma:g}"
+        print(f"{source:28s} {figures(logits, temperature)}")
     print(f"{'real validation images':28s} {figures(real_logits(teacher, data), temperature)}")
     print(f"(max softmax at T = {temperature:g}, the targets' temperature; a uniform target has "
           f"{1 / data.num_classes:.3f})")

@@ -55,6 +55,19 @@ def test_replacing_substitutes_an_activation_and_is_undone():
     assert not net.body[6]._forward_pre_hooks
 
 
+@pytest.mark.parametrize("where", ["output", "input"])
+def test_an_in_place_layer_after_the_tap_leaves_the_callers_value_alone(where):
+    """``run_from`` on a tap before ``ReLU(inplace=True)``: the ReLU rectifies the pass's copy, not ``value``."""
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    tap = Tap("0") if where == "output" else Tap("1", "input")
+    value = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    before = value.clone()
+    assert (before < 0).any()
+    out = run_from(net, tap, value, (4,))
+    assert torch.equal(value, before)
+    torch.testing.assert_close(out, net[2](torch.relu(before)))
+
+
 class ReusedActivation(nn.Module):
     """One ReLU module called at two places in a forward pass."""
 

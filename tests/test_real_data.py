@@ -1,4 +1,4 @@
-"""Real-data modules: digits (sklearn), MNIST / Fashion-MNIST (fake idx files in tmp_path), CIFAR-10 errors.
+"""Real-data modules: digits (sklearn), MNIST / Fashion-MNIST (fake idx files in tmp_path), CIFAR-10 (a fake test batch).
 
 No network: downloads are either disabled or monkeypatched to fail.
 """
@@ -327,6 +327,95 @@ def test_stages_load_only_what_they_need(fake_mnist, monkeypatch):
     assert fresh.test_dataset is None and len(fresh.val_dataset) == 5
 
 
+def test_a_split_needs_only_its_own_files(fake_mnist):
+    """A data-free user often holds the test files only: the test split reads them alone, and the training
+    split's error names its own files, not the test split's."""
+    root, _, (test_x, test_y) = fake_mnist
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        (root / "MNIST" / "raw" / f"train-{kind}").unlink()
+    dm = MNISTDataModule(root=str(root), download=False)
+    dm.setup("test")
+    assert torch.equal(dm.test_dataset.labels, test_y) and len(dm.test_dataset) == 20
+    with pytest.raises(ZSKDError) as info:
+        dm.setup("fit")
+    msg = str(info.value)
+    assert "files not found" in msg and "train-images-idx3-ubyte" in msg and "t10k" not in msg
+
+
+def test_mnist_reader_matches_torchvision(fake_mnist):
+    from torchvision.datasets import MNIST
+
+    root, _, _ = fake_mnist
+    dm = MNISTDataModule(root=str(root), download=False, resize_to_32="none", mean=(0.0,), std=(1.0,))
+    for train in (True, False):
+        ours, labels = dm._read_split(train)
+        theirs = MNIST(str(root), train=train, download=False)
+        assert torch.equal(ours, theirs.data.unsqueeze(1)) and torch.equal(labels, theirs.targets)
+
+
+def _write_cifar_batch(path: Path, images: torch.Tensor, labels: torch.Tensor) -> str:
+    """``images`` uint8 ``[N, 3, 32, 32]`` as one pickled CIFAR-10 batch (rows of 3,072: R, G, B planes); its md5."""
+    import hashlib
+    import pickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = {"data": images.reshape(len(images), -1).numpy(), "labels": labels.tolist()}
+    path.write_bytes(pickle.dumps(batch))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fake_cifar_test(tmp_path: Path, monkeypatch):
+    """A CIFAR-10 folder holding only ``test_batch`` (12 images), whose md5 stands in for the official one."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (12, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.arange(12) % 10
+    md5 = _write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", images, labels)
+    official = CIFAR10DataModule._official_batches
+    monkeypatch.setattr(CIFAR10DataModule, "_official_batches", classmethod(
+        lambda cls, train: [(name, md5 if name == "test_batch" else sum_) for name, sum_ in official(train)]))
+    return tmp_path, images, labels, md5
+
+
+def test_cifar_test_split_reads_test_batch_alone(fake_cifar_test):
+    root, images, labels, _ = fake_cifar_test
+    dm = CIFAR10DataModule(root=str(root), download=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    dm.setup("test")
+    assert torch.equal(dm.test_dataset.labels, labels)
+    assert torch.allclose(dm.test_dataset.images, images.float() / 255.0)  # channel planes in order
+    with pytest.raises(ZSKDError) as info:
+        dm.setup("fit")
+    msg = str(info.value)
+    assert "\n" not in msg and "files not found" in msg and "data_batch_1" in msg and "test_batch" not in msg
+
+
+def test_cifar_reader_matches_torchvision(fake_cifar_test, monkeypatch):
+    import pickle
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    root, _, _, _ = fake_cifar_test
+    folder = root / "cifar-10-batches-py"
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(k) for k in range(10)]}))
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)  # it checks every split's files
+    theirs = tv_cifar.CIFAR10(str(root), train=False, download=False)
+    ours, labels = CIFAR10DataModule(root=str(root), download=False)._read_split(False)
+    assert torch.equal(ours, torch.from_numpy(theirs.data).permute(0, 3, 1, 2))
+    assert labels.tolist() == theirs.targets
+
+
+def test_a_cifar_batch_without_the_official_md5_is_refused_unread(fake_cifar_test, monkeypatch):
+    root, _, _, _ = fake_cifar_test
+    path = root / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(path.read_bytes()[:-1] + b"X")  # still a pickle? never opened: the md5 differs
+    monkeypatch.setattr("pickle.load", lambda *args, **kwargs: pytest.fail("a file of another md5 was unpickled"))
+    with pytest.raises(ZSKDError) as info:
+        CIFAR10DataModule(root=str(root), download=False).setup("test")
+    msg = str(info.value)
+    assert "\n" not in msg and "unreadable or corrupted" in msg and str(root) in msg
+    assert "expected the official" in msg and "delete a damaged file" in msg
+
+
 def test_fashion_mnist_fake(tmp_path):
     images, labels = _fake_images(30, seed=3)
     raw = tmp_path / "FashionMNIST" / "raw"
@@ -373,7 +462,11 @@ def test_an_empty_or_foreign_mnist_file_is_one_line(fake_mnist, content):
 def test_failing_download_gives_clean_error(tmp_path, monkeypatch):
     _no_network(monkeypatch)
     dm = MNISTDataModule(root=str(tmp_path), download=True)
-    for call in (dm.prepare_data, lambda: dm.setup("fit"), lambda: dm.setup("test")):
+    with pytest.warns(UserWarning) as caught:  # prepare_data knows no stage: a split it cannot get is a warning
+        dm.prepare_data()
+    assert [str(w.message).split(":")[0] for w in caught] == ["training split not available",
+                                                              "test split not available"]
+    for call in (lambda: dm.setup("fit"), lambda: dm.setup("test")):
         with pytest.raises(ZSKDError) as info:
             call()
         msg = str(info.value)
@@ -382,8 +475,52 @@ def test_failing_download_gives_clean_error(tmp_path, monkeypatch):
         assert "download failed" in msg and "URLError" in msg and "internet" in msg
         assert isinstance(info.value.__cause__, urllib.error.URLError)
 
-    with pytest.raises(ZSKDError, match="cifar-10-batches-py"):
+    with pytest.warns(UserWarning, match="cifar-10-batches-py"):
         CIFAR10DataModule(root=str(tmp_path), download=True).prepare_data()
+
+
+def test_only_the_test_files_offline_with_download_on(fake_mnist, monkeypatch):
+    """The default download=True on an offline machine that holds only the test files: the test stage runs."""
+    root, _, (_, test_y) = fake_mnist
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        (root / "MNIST" / "raw" / f"train-{kind}").unlink()
+    _no_network(monkeypatch)
+    dm = MNISTDataModule(root=str(root), download=True)
+    with pytest.warns(UserWarning, match="^training split not available") as caught:
+        dm.prepare_data()
+    assert len(caught) == 1
+    dm.setup("test")
+    assert torch.equal(dm.test_dataset.labels, test_y)
+
+
+def test_a_damaged_cifar_file_is_downloaded_again(fake_cifar_test, monkeypatch):
+    import torchvision.datasets as tvd
+
+    root, _, _, _ = fake_cifar_test
+    path = root / "cifar-10-batches-py" / "test_batch"
+    intact = path.read_bytes()
+    path.write_bytes(intact[: len(intact) // 2])  # a download cut short
+    downloads = []
+
+    def download(self):
+        downloads.append(self.train)
+        path.write_bytes(intact)
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", download)
+    monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", lambda self: True)  # the fake has no training files
+    monkeypatch.setattr(tvd.CIFAR10, "_load_meta", lambda self: None)
+    dm = CIFAR10DataModule(root=str(root), download=True)
+    dm.setup("test")
+    assert downloads == [False] and len(dm.test_dataset) == 12
+
+
+def test_labels_out_of_range_are_one_line(fake_mnist):
+    root, _, (test_x, test_y) = fake_mnist
+    _write_idx(root / "MNIST" / "raw", "t10k", test_x, test_y + 5)  # labels 5..14
+    with pytest.raises(ZSKDError) as info:
+        MNISTDataModule(root=str(root), download=False).setup("test")
+    msg = str(info.value)
+    assert "\n" not in msg and "labels span 5..14, expected 0..9" in msg and "t10k-labels-idx1-ubyte" in msg
 
 
 def test_download_skipped_when_files_present(fake_mnist, monkeypatch):
@@ -444,6 +581,18 @@ def test_real_mnist_test_split():
     assert dm.test_dataset.images.shape == (10_000, 1, 32, 32)
     # normalized with the standard constants: the served mean over the 28x28 interior is near 0
     assert abs(float(dm.test_dataset.images[:, :, 2:30, 2:30].mean())) < 0.1
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="shared CIFAR-10 not present")
+def test_real_cifar_splits_match_torchvision():
+    from torchvision.datasets import CIFAR10
+
+    dm = CIFAR10DataModule(root=str(SHARED_DATA), download=False)
+    for train in (True, False):
+        ours, labels = dm._read_split(train)
+        theirs = CIFAR10(str(SHARED_DATA), train=train, download=False)
+        assert torch.equal(ours, torch.from_numpy(theirs.data).permute(0, 3, 1, 2))
+        assert labels.tolist() == theirs.targets
 
 
 def test_normalization_is_an_argument():

@@ -174,6 +174,17 @@ def test_a_bad_batch_on_one_rank_stops_every_rank_in_one_line(tmp_path):
     assert not output.exists()
 
 
+def test_a_write_failure_on_rank_zero_stops_every_rank(tmp_path):
+    """Only rank 0 writes the file: when it cannot, rank 1 must not report success (exit 0, ``DONE``)."""
+    script = Path(__file__).parent / "helpers" / "record_run.py"
+    (tmp_path / "a_file").write_text("not a folder")
+    output = tmp_path / "a_file" / "m.safetensors"  # its folder cannot be made
+    proc = subprocess.run([sys.executable, str(script), "--output", str(output), "--devices", "2"],
+                          capture_output=True, text=True, timeout=240, env=tiny.script_env(1))
+    assert proc.returncode != 0 and "DONE" not in proc.stdout, proc.stdout
+    assert f"ZSKDError: recording not written: rank 0 could not write {output}" in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("bad_label", [-1, 10])
 def test_a_label_outside_the_teachers_classes_is_one_line(tmp_path, bad_label):
     """-1 (an "ignore" label) would land in the last class's statistics, 10 would fail deep in the merge."""

@@ -138,12 +138,13 @@ def _input_recorder(store: dict[str, Tensor], key: str, forward: _ForwardPass):
 
 @contextlib.contextmanager
 def replacing(model: nn.Module, tap: Tap, value: Tensor) -> Iterator[None]:
-    """Within the block, the activation at ``tap`` is ``value`` in every forward pass of ``model``."""
+    """Within the block, the activation at ``tap`` is ``value`` in every forward pass of ``model``. Each pass gets
+    a copy: an in-place layer after the tap (``ReLU(inplace=True)``) must not change the caller's ``value``."""
     module = submodule(model, tap.path)
     if tap.where == "output":
-        handle = module.register_forward_hook(lambda m, inputs, output: value)
+        handle = module.register_forward_hook(lambda m, inputs, output: value.clone())
     else:
-        handle = module.register_forward_pre_hook(lambda m, inputs: (value, *inputs[1:]))
+        handle = module.register_forward_pre_hook(lambda m, inputs: (value.clone(), *inputs[1:]))
     try:
         yield
     finally:

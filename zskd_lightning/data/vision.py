@@ -1,9 +1,9 @@
 """MNIST, Fashion-MNIST and CIFAR-10 as in-memory Lightning data modules (torchvision on-disk layout).
 
 One implementation serves all three (:class:`TorchvisionDataModule`, configured by class attributes):
-the torchvision dataset is constructed once per split, its ``.data`` / ``.targets`` are turned into one
-uint8 ``[N, C, H, W]`` tensor, geometry changes (MNIST padding / resizing) and normalization are done in
-bulk, and items are served from memory.
+each split's files are read on their own (the test split needs only the test files) into one uint8
+``[N, C, H, W]`` tensor, geometry changes (MNIST padding / resizing) and normalization are done in bulk, and
+items are served from memory.
 
 Files are downloaded (``download=True``) in ``prepare_data``; ``setup`` reads them with
 ``download=False`` (and downloads first only when they are missing and ``download=True``, for callers
@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import urllib.error
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -55,10 +56,17 @@ class TorchvisionDataModule(ClassificationDataModule):
     # ------------------------------------------------------------------ configuration hooks
     @classmethod
     def _torchvision_class(cls) -> type:
+        """The torchvision dataset class, used to download (it fetches both splits)."""
         raise NotImplementedError
 
     def expected_files(self, train: bool | None = None) -> list[str]:
         """Absolute paths of the files this module reads (``train=None``: both splits)."""
+        raise NotImplementedError
+
+    def _read_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read one split's files only (:meth:`expected_files` of ``train``): (uint8 ``[N, C, H, W]`` on-disk
+        geometry, int64 ``[N]``). torchvision's readers check both splits' files whichever is asked for, so a
+        user who holds only the test files (data-free distillation's usual case) could not evaluate."""
         raise NotImplementedError
 
     @property
@@ -69,28 +77,16 @@ class TorchvisionDataModule(ClassificationDataModule):
         """uint8 ``[N, C, H, W]`` on-disk geometry -> served geometry (uint8, or float in [0, 1])."""
         return images
 
-    @staticmethod
-    def _to_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """torchvision dataset -> (uint8 ``[N, C, H, W]``, int64 ``[N]``)."""
-        data = dataset.data
-        if isinstance(data, torch.Tensor):  # MNIST family: uint8 [N, H, W]
-            images = data.to(torch.uint8)
-        else:  # CIFAR: numpy uint8 [N, H, W, C]
-            images = torch.from_numpy(data)
-        if images.ndim == 3:
-            images = images.unsqueeze(1)
-        elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-            images = images.permute(0, 3, 1, 2)
-        targets = dataset.targets
-        labels = targets.to(torch.int64) if isinstance(targets, torch.Tensor) else torch.as_tensor(targets)
-        return images.contiguous(), labels.to(torch.int64)
-
     # ------------------------------------------------------------------ files
     def _abs_root(self) -> str:
         return os.path.abspath(self.root)
 
-    def _files_present(self, train: bool) -> bool:
-        return all(os.path.isfile(p) for p in self.expected_files(train))
+    def _intact(self, path: str) -> bool:
+        """Whether ``path`` is present and, where the format carries an official checksum, matches it."""
+        return os.path.isfile(path)
+
+    def _files_present(self, train: bool | None) -> bool:
+        return all(self._intact(p) for p in self.expected_files(train))
 
     def _error(self, train: bool | None, cause: BaseException | None, downloading: bool) -> ZSKDError:
         files = self.expected_files(train)
@@ -110,6 +106,8 @@ class TorchvisionDataModule(ClassificationDataModule):
             if self.download
             else "download=False, so nothing was downloaded (download=True needs internet access)"
         )
+        if not downloading and not missing:
+            hint = f"delete a damaged file to have it downloaded again; {hint}"
         return ZSKDError(
             f"{self.dataset_name}: {what} under root {self._abs_root()!r}; expected files: "
             f"{', '.join(files)}; put them there (or set root / ZSKD_DATA_ROOT); {hint}"
@@ -122,24 +120,33 @@ class TorchvisionDataModule(ClassificationDataModule):
             raise self._error(None, exc, downloading=True) from exc
 
     def prepare_data(self) -> None:
-        """Download missing files when ``download=True`` (runs on one process only under DDP)."""
+        """Download missing or damaged files when ``download=True`` (runs on one process only under DDP). A split
+        that cannot be downloaded is a warning here, not an error: the stage may not read it (a data-free run
+        tests on the test split and never reads the training split); ``setup`` of a stage that reads it raises."""
         if not self.download:
             return
         for train in (True, False):
             if not self._files_present(train):
-                self._download(train)
+                try:
+                    self._download(train)
+                except ZSKDError as err:
+                    warnings.warn(f"{'training' if train else 'test'} split not available: {err}", stacklevel=2)
 
     def _load_official(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.download and not self._files_present(train):
             self._download(train)
         try:
-            dataset = self._torchvision_class()(self.root, train=train, download=False)
-        except (RuntimeError, urllib.error.URLError, OSError, *_UNPARSABLE) as exc:
+            images, labels = self._read_split(train)
+        except (RuntimeError, OSError, *_UNPARSABLE) as exc:
             raise self._error(train, exc, downloading=False) from exc
-        images, labels = self._to_tensors(dataset)
+        if len(images) != len(labels):
+            raise self._error(train, ValueError(f"{len(images)} images but {len(labels)} labels"), downloading=False)
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise self._error(train, ValueError(f"labels span {int(labels.min())}..{int(labels.max())}, expected "
+                                                f"0..{self.num_classes - 1}"), downloading=False)
         if tuple(images.shape[1:]) != tuple(self.native_shape):
             raise ZSKDError(
-                f"{self.dataset_name}: images under {self._abs_root()!r} have shape "
+                f"{self.dataset_name}: images in {', '.join(self.expected_files(train))} have shape "
                 f"{tuple(images.shape[1:])}, expected {tuple(self.native_shape)}"
             )
         return self._to_served_geometry(images), labels
@@ -167,13 +174,18 @@ class _MNISTFamilyDataModule(TorchvisionDataModule):
         return (1, 28, 28) if self.resize_to_32 == "none" else (1, 32, 32)
 
     def expected_files(self, train: bool | None = None) -> list[str]:
-        # torchvision's MNIST checks for all four files whichever split is asked for, so list all four.
         raw = os.path.join(self._abs_root(), self._torchvision_class().__name__, "raw")
-        return [
-            os.path.join(raw, f"{prefix}-{kind}")
-            for prefix in ("train", "t10k")
-            for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
-        ]
+        prefixes = {True: ("train",), False: ("t10k",), None: ("train", "t10k")}[train]
+        return [os.path.join(raw, f"{prefix}-{kind}")
+                for prefix in prefixes for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+
+    def _read_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.datasets.mnist import read_image_file, read_label_file
+
+        images_file, labels_file = self.expected_files(train)
+        if not (os.path.isfile(images_file) and os.path.isfile(labels_file)):
+            raise FileNotFoundError(images_file if not os.path.isfile(images_file) else labels_file)
+        return read_image_file(images_file).unsqueeze(1).contiguous(), read_label_file(labels_file).to(torch.int64)
 
     def _to_served_geometry(self, images: torch.Tensor) -> torch.Tensor:
         if self.resize_to_32 == "pad":
@@ -235,8 +247,8 @@ class CIFAR10DataModule(TorchvisionDataModule):
     """CIFAR-10: 50,000 train / 10,000 test RGB ``[3, 32, 32]``, 10 classes.
 
     Normalized with mean ``(0.4914, 0.4822, 0.4465)``, std ``(0.2470, 0.2435, 0.2616)``. Files:
-    ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` (torchvision checks their
-    md5 sums). ``augment=True``: shifts of up to 4 px each way (the range of
+    ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch}``, each split read on its own (the test split needs
+    only ``test_batch``), each file checked against its official md5 before it is unpickled. ``augment=True``: shifts of up to 4 px each way (the range of
     ``RandomCrop(32, padding=4)``, but uniform and sub-pixel: bilinear, black beyond the border) and horizontal
     flips, on training batches only (``BatchAugmentation``). Arguments: see :class:`ClassificationDataModule`.
     """
@@ -256,12 +268,36 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     def expected_files(self, train: bool | None = None) -> list[str]:
         folder = os.path.join(self._abs_root(), "cifar-10-batches-py")
-        names = {
-            True: [f"data_batch_{i}" for i in range(1, 6)],
-            False: ["test_batch"],
-            None: [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-        }[train] + ["batches.meta"]
-        return [os.path.join(folder, n) for n in names]
+        return [os.path.join(folder, name) for name, _ in self._official_batches(train)]
+
+    @classmethod
+    def _official_batches(cls, train: bool | None) -> list[tuple[str, str]]:
+        """``(file name, md5)`` of the split's pickled batches, as torchvision lists them."""
+        dataset = cls._torchvision_class()
+        return {True: dataset.train_list, False: dataset.test_list,
+                None: dataset.train_list + dataset.test_list}[train]
+
+    def _intact(self, path: str) -> bool:
+        from torchvision.datasets.utils import check_integrity
+
+        md5 = dict(self._official_batches(None)).get(os.path.basename(path))
+        return check_integrity(path, md5)
+
+    def _read_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.datasets.utils import calculate_md5
+
+        images, labels = [], []
+        for path, (_, md5) in zip(self.expected_files(train), self._official_batches(train)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(path)
+            actual = calculate_md5(path)
+            if actual != md5:  # only the official files are unpickled
+                raise ValueError(f"{os.path.basename(path)} has md5 {actual}, expected the official {md5}")
+            with open(path, "rb") as file:
+                batch = pickle.load(file, encoding="latin1")
+            images.append(torch.from_numpy(batch["data"]).reshape(-1, *self.native_shape))
+            labels.append(torch.as_tensor(batch["labels"], dtype=torch.int64))
+        return torch.cat(images), torch.cat(labels)
 
     def _augmentation(self) -> BatchAugmentation:
         # Shifts of up to 4 px (RandomCrop(32, padding=4)'s range, sub-pixel) and horizontal flips.

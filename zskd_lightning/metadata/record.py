@@ -137,9 +137,17 @@ class ActivationRecorder(L.LightningModule):
                 for other in gathered[1:]:
                     merged.merge(_from_state(other[name]))
                 self.moments[name] = merged
+        size, failure = 0, None
         if trainer.is_global_zero:
-            os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
-            size = write_metadata(self.output, self.moments, self.shapes, self.teacher.fingerprint(), self.temperature)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
+                size = write_metadata(self.output, self.moments, self.shapes, self.teacher.fingerprint(),
+                                      self.temperature)
+            except Exception as err:  # every rank stops with it: the others' exit status must not say success
+                failure = err
+        raise_together(trainer.strategy, failure,
+                       lambda: f"recording not written: rank 0 could not write {self.output} (its error says why)")
+        if trainer.is_global_zero:
             count = int(next(iter(self.moments.values())).count.sum())
             kept = ", ".join(f"{name} {list(self.shapes[name])} {m.kept}" for name, m in self.moments.items())
             rank_zero_info(f"Recorded {count} samples in {time.perf_counter() - self._started:.1f} s into "

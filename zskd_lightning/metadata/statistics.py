@@ -60,7 +60,8 @@ class ClassMoments:
     def merge(self, other: ClassMoments) -> None:
         """Fold in ``other`` (the same layer seen by another process), as if its values had been added here."""
         if (other.num_classes, other.dim, other.kept) != (self.num_classes, self.dim, self.kept):
-            raise ZSKDError("statistics of different shapes cannot be merged")
+            raise ZSKDError(f"statistics of different shapes cannot be merged: {other.num_classes} classes x width "
+                            f"{other.dim} ({other.kept}) into {self.num_classes} x {self.dim} ({self.kept})")
         for k in range(self.num_classes):
             if other.count[k] > 0:
                 self._merge_class(k, float(other.count[k]), other.mean[k], other.m2[k])

@@ -8,7 +8,9 @@ Gaussian of every layer it matches, and its input is optimized until the teacher
 Departures from the authors' public code, on purpose: draws are ``mean + L z`` with ``L`` the Cholesky factor of
 the covariance (not ``mean + Sigma z``), no ReLU on targets or outputs (negative logits are matched too), and
 ``all_layers`` sums each layer's mean squared error (the authors weigh each by ``1 / size`` once more, so wide
-conv layers count less there; not yet compared on a validation split).
+conv layers count less there; not yet compared on a validation split). The recorder's default layers are every
+conv and linear layer, read after an in-place ReLU that follows one (post-activation), and include the last
+linear layer, whose raw logits are then matched beside ``logits / T`` (the authors record ``logits / T`` only).
 
 The spectral objectives (the paper's idea; its definitions are not public, so these are our design): the
 recorded ``nn.Linear`` layers form a graph, neurons as nodes and the absolute weights between consecutive layers
@@ -110,7 +112,13 @@ def low_frequency_basis(linears: Sequence[nn.Linear], fraction: float) -> Tensor
     """``[n, k]`` float64: the ``k = ceil(fraction * n)`` eigenvectors of the normalized graph Laplacian
     ``I - D^-1/2 A D^-1/2`` with the smallest eigenvalues, over the ``n`` output units of ``linears`` (edges: ``|W|``
     between consecutive layers). (The combinatorial ``D - A`` was tried first: its lowest eigenvectors sit on
-    weakly connected units and kept nothing of the MNIST record, ``benchmarks/lopes_spectral_fit.py``.)"""
+    weakly connected units and kept nothing of the MNIST record, ``benchmarks/lopes_spectral_fit.py``.)
+
+    Where ``k`` falls inside a group of equal eigenvalues, the vectors taken from it are LAPACK's choice, not the
+    teacher's: a pair of layers is a bipartite graph, whose ``A`` has rank at most twice the narrower layer, so the
+    eigenvalue 1 repeats (LeNet-5's FC-2 / logits pair at 0.25: 10 vectors of distinct eigenvalues, then 14 of 74
+    with eigenvalue 1). They are the same on one machine and library build, not necessarily elsewhere; cutting at
+    the group's edge would change the measured rows (left for a re-measurement)."""
     sizes = [m.out_features for m in linears]
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     adjacency = torch.zeros(offsets[-1], offsets[-1], dtype=torch.float64)
@@ -149,8 +157,9 @@ class RecordedActivationTargets(TargetSampler):
                 eye = torch.eye(layer.spread.shape[-1], dtype=torch.float64)
                 factor, info = torch.linalg.cholesky_ex(layer.spread + self.eps * eye)
                 if int(info.max()):
-                    raise ZSKDError(f"the covariance of {name!r} is not positive definite for some class; raise eps "
-                                    f"(now {self.eps})")
+                    classes = (info > 0).nonzero().flatten().tolist()
+                    raise ZSKDError(f"metadata {self.metadata}: the covariance of {name!r} is not positive definite "
+                                    f"for class(es) {classes[:10]}; raise eps (now {self.eps})")
                 self.factors[name] = (layer.mean, factor, True)
             else:
                 self.factors[name] = (layer.mean, layer.std, False)
