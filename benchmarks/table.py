@@ -202,7 +202,7 @@ MNIST = Dataset(
             variant="_jitter2_240ep", impressions_variant="_jitter2", paper=99.08, default=False),
         # Lopes et al. 2017 from the teacher's activation metadata (recorded first: LOPES_RECORD), beside the
         # authors' numbers: the faster recipe (LOPES_FAST) at the ZSKD rows' budget, and the authors' settings
-        # (64,000 impressions of 1,000 steps: about 1-1.3 hours of synthesis a variant on 2 CPU cores; not default).
+        # (64,000 impressions of 1,000 steps: about 1.5-2.2 hours of synthesis a variant on 2 CPU cores; not default).
         *(Row(f"lopes_{name}{suffix}", "lopes", "data_free", (LOPES, *overlay, *fast), budget,
               variant=f"_{objective}", paper=paper, default=bool(fast), paper_schedule=False, prepare=LOPES_RECORD,
               legend=f"Lopes {objective.replace('_', ' ')}, 24,000 impressions" if fast and name == "all" else None)
@@ -304,6 +304,17 @@ def code_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     return head + ("+local" if local else "")
+
+
+def group_hardware(group: list[dict[str, str]]) -> str:
+    """The hardware of a row's seeds: one name when they share it, else each with its seeds
+    (``CPU x2 (x86_64): 0; CPU x2 (AMD EPYC): 1,2``)."""
+    seeds: dict[str, list[str]] = {}
+    for record in group:
+        seeds.setdefault(record["hardware"], []).append(record.get("seed", "?"))
+    if len(seeds) == 1:
+        return next(iter(seeds))
+    return "; ".join(f"{name}: {','.join(numbers)}" for name, numbers in seeds.items())
 
 
 def hardware() -> str:
@@ -666,9 +677,8 @@ def time_to_accuracy(dataset: Dataset, records: list[dict[str, str]]) -> str:
              statistics.fmean(float(r["test_acc"]) for r in group), row, group) for (row, _), group in groups.items()]
 
     def said(seconds: float, acc: float, name: str, group: list[dict[str, str]]) -> str:
-        hardware = ", ".join(sorted({r["hardware"] for r in group}))
         return (f"{seconds / 60:.1f} min, row {name}: {acc:.2f}% (mean of {len(group)} seed(s)), "
-                f"{group[0]['impressions']} impressions, {hardware}")
+                f"{group[0]['impressions']} impressions, {group_hardware(group)}")
 
     reached = [row for row in rows if row[1] >= target]
     if reached:
@@ -752,7 +762,7 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         lines.append(
             f"| {label} | {n if n != '0' else '-'} | {budget} | {','.join(g['seed'] for g in group)} | {mean:.2f}{spread}{shuffled} | {ratio} | {paper} "
             f"| {statistics.mean(float(g['synthesis_s']) for g in group):.0f}{slow} | {statistics.mean(float(g['training_s']) for g in group):.0f}{slow} "
-            f"| {group[0]['hardware']} | `zskd {group_command(group)}` |"
+            f"| {group_hardware(group)} | `zskd {group_command(group)}` |"
         )
     if any(timed_with_subnormals(r) for r in records):
         lines += ["", f"† Measured before commit {SUBNORMAL_FIX}, with the teacher's subnormal weights (left by weight decay): "

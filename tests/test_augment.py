@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
+from zskd_lightning.errors import InvalidArgument
 
 
 def test_identity_parameters_leave_the_batch_unchanged():
@@ -68,6 +69,19 @@ def test_mix_blends_each_image_with_another_of_its_batch():
 def test_without_geometry_or_mix_or_noise_the_batch_is_unchanged():
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(BatchAugmentation()(x), x)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"degrees": -5}, "degrees must be >= 0, got -5"),
+    ({"translate": (0.1, 1.5)}, "translate must be two fractions in [0, 1], got [0.1, 1.5]"),
+    ({"scale": (1.2, 0.8)}, "scale must be (min, max), 0 < min <= max, got [1.2, 0.8]"),
+    ({"noise_std": -0.1}, "noise_std must be >= 0, got -0.1"),
+    ({"fill": 255}, "fill must be a pixel value in [0, 1], got 255"),
+])
+def test_settings_that_would_silently_do_something_else_are_refused(settings, message):
+    with pytest.raises(InvalidArgument) as caught:
+        BatchAugmentation(**settings)
+    assert str(caught.value) == f"BatchAugmentation: {message}"
 
 
 def test_mix_out_of_range_is_refused():

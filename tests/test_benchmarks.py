@@ -508,6 +508,14 @@ def test_table_time_to_accuracy_reports_row_means_not_the_best_seed():
     assert line.endswith(f"15.0 min, row ablation: {target + 0.3:.2f}% (mean of 1 seed(s)), 12000 impressions, CPU x2.")
 
 
+def test_a_rows_seeds_on_two_machines_name_both():
+    table = load("table")
+    group = [{"seed": seed, "hardware": name} for seed, name in (("0", "CPU x2 (x86_64)"), ("1", "CPU x2 (AMD EPYC)"),
+                                                                 ("2", "CPU x2 (AMD EPYC)"))]
+    assert table.group_hardware(group) == "CPU x2 (x86_64): 0; CPU x2 (AMD EPYC): 1,2"
+    assert table.group_hardware(group[1:]) == "CPU x2 (AMD EPYC)"
+
+
 def test_table_time_to_accuracy_curves_average_the_runs_at_each_budget():
     table = load("table")
     records = [{"method": method, "impressions": n, "test_acc": acc, "synthesis_s": seconds, "training_s": "0"}

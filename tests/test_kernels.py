@@ -43,6 +43,18 @@ def test_band_lrn_in_float16_overflows_only_where_the_stock_layer_would():
     torch.testing.assert_close(y.float(), stock(x), rtol=2e-3, atol=0.0)
 
 
+def test_band_lrn_keeps_a_float32_input_in_float32_under_autocast():
+    """Autocast would run the band's ``conv2d`` in bfloat16 (the stock layer's pooling stays float32): the window
+    mean would carry bfloat16's 4e-3 rounding into a float32 output."""
+    torch.manual_seed(0)
+    stock = nn.LocalResponseNorm(5, alpha=0.3, beta=0.75, k=2.0)
+    x = 3 * torch.randn(2, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_band, y_stock = BandLocalResponseNorm.like(stock)(x), stock(x)
+    assert y_band.dtype == y_stock.dtype == torch.float32
+    torch.testing.assert_close(y_band, y_stock, rtol=1e-5, atol=1e-6)
+
+
 def test_a_band_first_built_in_inference_mode_still_takes_gradients():
     """A validation step (Lightning's inference mode) may be the first to run the layer; synthesis after it
     needs input gradients through the same cached band."""

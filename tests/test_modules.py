@@ -401,6 +401,28 @@ def test_target_source_batch_uses_the_soft_targets():
     assert all(p.grad is not None for p in module.student.parameters())
 
 
+class _BlendingData(L.LightningDataModule):
+    """Digits batches from a datamodule whose ``batch_augmentation`` blends inputs (as ImpressionDataModule's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from zskd_lightning.augment import BatchAugmentation
+
+        self.batch_augmentation = BatchAugmentation(mix=0.5)
+
+    def train_dataloader(self):
+        x = _digits_x()
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(len(x)) % 10), batch_size=8)
+
+
+@pytest.mark.parametrize("settings", [{"target_source": "batch"}, {"ce_weight": 0.5}])
+def test_blended_inputs_with_targets_the_batch_carries_are_refused(tmp_path, settings):
+    """A blend keeps the batch's targets: only the teacher, labelling each blend, may train on it."""
+    with pytest.raises(ZSKDError, match=r"^the data's batch_augmentation blends inputs \(mix=0.5\) but not the targets"):
+        quiet_trainer(tmp_path, max_steps=1).fit(_modules(**settings), datamodule=_BlendingData())
+    quiet_trainer(tmp_path, max_steps=1).fit(_modules(), datamodule=_BlendingData())  # the teacher labels: fine
+
+
 def test_target_source_batch_rejects_hard_labels():
     with pytest.raises(ZSKDError, match="soft targets"):
         _modules(target_source="batch").training_step((_digits_x(), torch.arange(16) % 10), 0)

@@ -24,6 +24,18 @@ def test_each_rank_writes_its_own_file(tmp_path, filename, written):
         assert saved["indices"].tolist() == [3, 5] and saved["labels"].tolist() == [1, 0]
 
 
+def test_a_second_predict_with_nothing_to_write_reports_no_file(tmp_path):
+    writer = PredictionWriter()
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), world_size=2, global_rank=1)
+    writer.on_predict_epoch_start(trainer, None)
+    writer.write_on_batch_end(trainer, None, torch.tensor([[0.25, 0.75]]), [3], None, 0, 0)
+    writer.on_predict_epoch_end(trainer, None)
+    assert writer.written is not None
+    writer.on_predict_epoch_start(trainer, None)  # this rank's share of the next inputs is empty
+    writer.on_predict_epoch_end(trainer, None)
+    assert writer.written is None
+
+
 @pytest.mark.parametrize(("world_size", "expected"), [(1, [0, 1, 2]), (2, [-1, -1, -1])])
 def test_rows_without_sampler_indices_are_positions_on_one_process_and_unknown_under_ddp(tmp_path, world_size,
                                                                                            expected):

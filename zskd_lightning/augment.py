@@ -28,7 +28,10 @@ class BatchAugmentation(nn.Module):
 
     Args:
         degrees: rotation angle drawn uniformly from ``[-degrees, degrees]``.
-        translate: maximal shift as a fraction of width and height.
+        translate: maximal shift as a fraction of width and height, drawn in the source image's frame (before the
+            rotation and zoom: the output shows it rotated and scaled by the zoom, so ``translate=(0.1, 0.1)`` with
+            10 degrees and zoom up to 1.1 moves content up to 0.127 of the width sideways; torchvision's
+            ``RandomAffine`` shifts after them).
         scale: zoom factor range ``(min, max)``.
         hflip: flip half of the images horizontally.
         noise_std: standard deviation of additive Gaussian pixel noise (0: none); the result is clamped to [0, 1].
@@ -53,6 +56,15 @@ class BatchAugmentation(nn.Module):
         super().__init__()
         if not 0.0 <= float(mix) <= 1.0:
             raise InvalidArgument(f"mix must be in [0, 1], got {mix}")
+        problems = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
+            ("degrees", degrees, float(degrees) >= 0, ">= 0"),
+            ("translate", list(translate), len(translate) == 2 and all(0 <= float(t) <= 1 for t in translate),
+             "two fractions in [0, 1]"),
+            ("scale", list(scale), len(scale) == 2 and 0 < float(scale[0]) <= float(scale[1]), "(min, max), 0 < min <= max"),
+            ("noise_std", noise_std, float(noise_std) >= 0, ">= 0"),
+            ("fill", fill, 0 <= float(fill) <= 1, "a pixel value in [0, 1]")) if not ok]
+        if problems:
+            raise InvalidArgument(f"BatchAugmentation: {'; '.join(problems)}")
         self.degrees = float(degrees)
         self.translate = (float(translate[0]), float(translate[1]))
         self.scale = (float(scale[0]), float(scale[1]))

@@ -125,7 +125,15 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
     # ----------------------------------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
         self.teacher_reference()  # fingerprinted now, before a '*-true' precision casts the weights (resume checks it)
-        input_shape = getattr(self.trainer.datamodule, "input_shape", None) if self._trainer else None
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        mix = getattr(getattr(datamodule, "batch_augmentation", None), "mix", 0.0)
+        if stage == "fit" and mix and (self.hparams.target_source != "teacher" or self.hparams.ce_weight):
+            what = (f"target_source={self.hparams.target_source!r}" if self.hparams.target_source != "teacher"
+                    else f"ce_weight={self.hparams.ce_weight}")
+            raise ZSKDError(f"the data's batch_augmentation blends inputs (mix={mix}) but not the targets the batches "
+                            f"carry, which {what} trains on: use target_source='teacher' and ce_weight=0 (the "
+                            "teacher labels each blend), or mix=0")
+        input_shape = getattr(datamodule, "input_shape", None)
         if input_shape is not None:  # before any long work: both must take the data and agree on the classes
             check_same_classes(
                 self.teacher.count_classes(tuple(input_shape)),

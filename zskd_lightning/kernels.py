@@ -27,7 +27,10 @@ class BandLocalResponseNorm(nn.Module):
     ``band`` averages each channel's window ``[c - size // 2, c + (size - 1) // 2]`` over ``size`` (zero beyond
     the edges, as the stock layer pads): a 1x1 convolution with a ``[C, C, 1, 1]`` weight of ``1 / size`` inside
     the window, built once per channel count, device and dtype. The mean, not the sum, so that in float16 it
-    overflows only where the stock layer's does. Input ``[N, C, H, W]``; output the same shape.
+    overflows only where the stock layer's does. The convolution runs in the input's dtype, outside autocast (whose
+    casting lists hold ``conv2d`` but not the stock layer's pooling), so a float32 input keeps float32 sums. Input
+    ``[N, C, H, W]``; output the same shape. (On CUDA, TF32 convolutions, when allowed, round the window mean to
+    about 1e-3 relative; the stock layer's pooling does not.)
     """
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
@@ -58,7 +61,8 @@ class BandLocalResponseNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:  # the band trick is written for images; other ranks keep the stock computation
             return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
-        window_mean = F.conv2d(x * x, self.band(x.shape[1], x.device, x.dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            window_mean = F.conv2d(x * x, self.band(x.shape[1], x.device, x.dtype))
         return x * (self.k + self.alpha * window_mean).pow(-self.beta)
 
 
