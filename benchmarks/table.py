@@ -488,17 +488,27 @@ def last_line(text: str) -> str:
 
 
 def prepare_row(dataset: Dataset, row: str) -> None:
-    """Write the file that ``row`` (or its paper-schedule twin) reads, when it declares one that is missing.
+    """Write the file that ``row`` (or its paper-schedule twin) reads, when it declares one that is missing or was
+    written by other settings: the fingerprint of the writing command's configs (:func:`configs_sha`) is kept
+    beside the file (``<file>.recipe``), and a file without one, or with another, is written again.
 
     Raises :class:`RowFailed` when the writing command fails (its own error has gone to the terminal)."""
     declared = dataset.declared(row)
     prepare = declared.prepare if declared else None
-    if prepare and not (ROOT / prepare[0]).exists():
-        print(f"[{time.strftime('%H:%M:%S')}] zskd {prepare[1]}  (writes {prepare[0]})", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "zskd_lightning", *prepare[1].split(),
-                               "--trainer.enable_progress_bar", "false"], cwd=ROOT, check=False)
-        if proc.returncode != 0:
-            raise RowFailed(f"zskd {prepare[1]} exited {proc.returncode}; row {row!r} reads {prepare[0]}, which it writes")
+    if not prepare:
+        return
+    target = ROOT / prepare[0]
+    stamp = target.with_name(target.name + ".recipe")
+    recipe = configs_sha(dataset, prepare[1].split())
+    if target.exists() and stamp.exists() and stamp.read_text().strip() == recipe:
+        return
+    why = "writes" if not target.exists() else "written by other settings: writes again"
+    print(f"[{time.strftime('%H:%M:%S')}] zskd {prepare[1]}  ({why} {prepare[0]})", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "zskd_lightning", *prepare[1].split(),
+                           "--trainer.enable_progress_bar", "false"], cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise RowFailed(f"zskd {prepare[1]} exited {proc.returncode}; row {row!r} reads {prepare[0]}, which it writes")
+    write_text_atomic(stamp, f"{recipe}\n")
 
 
 def option_value(args: list[str], option: str) -> str | None:

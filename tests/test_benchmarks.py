@@ -361,9 +361,11 @@ def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, mo
 
 
 def test_table_records_the_lopes_metadata_once_before_its_rows(tmp_path, monkeypatch):
-    """A Lopes row reads the teacher's activation metadata: the runner records it when missing, never twice."""
+    """A Lopes row reads the teacher's activation metadata: the runner records it when missing or recorded by other
+    settings (its config changed since), never twice for the same settings."""
     table = load("table")
     monkeypatch.setattr(table, "ROOT", tmp_path)
+    shutil.copytree(BENCHMARKS.parent / "configs", tmp_path / "configs")  # the recipe's fingerprint reads them
     metadata, record_args = table.LOPES_RECORD
     commands = []
 
@@ -380,6 +382,14 @@ def test_table_records_the_lopes_metadata_once_before_its_rows(tmp_path, monkeyp
     table.prepare_row(table.MNIST, "lopes_all_authors")
     assert len(commands) == 1 and commands[0][3:5] == ["record", "--config"]
     assert " ".join(commands[0][3:]).startswith(record_args)
+    record_config = tmp_path / record_args.split()[-1]
+    record_config.write_text(record_config.read_text().replace("temperature: 8.0", "temperature: 4.0"))
+    table.prepare_row(table.MNIST, "lopes_top")  # the metadata of temperature 8 no longer fits: recorded again
+    table.prepare_row(table.MNIST, "lopes_all")
+    assert len(commands) == 2
+    (tmp_path / (metadata + ".recipe")).unlink()  # a file from before the runner kept its recipe: recorded again
+    table.prepare_row(table.MNIST, "lopes_top")
+    assert len(commands) == 3
 
 
 def test_table_ends_a_failed_row_in_one_line_and_keeps_the_rows_before_it(tmp_path, monkeypatch, capsys):
