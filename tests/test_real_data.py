@@ -488,7 +488,8 @@ def test_only_the_test_files_offline_with_download_on(fake_mnist, monkeypatch):
     dm = MNISTDataModule(root=str(root), download=True)
     with pytest.warns(UserWarning, match="^training split not available") as caught:
         dm.prepare_data()
-    assert len(caught) == 1
+    assert len(caught) == 1 and "train-images-idx3-ubyte" in str(caught[0].message)
+    assert "t10k" not in str(caught[0].message)  # the files of the split it could not get, not the ones present
     dm.setup("test")
     assert torch.equal(dm.test_dataset.labels, test_y)
 

@@ -129,8 +129,9 @@ class TorchvisionDataModule(ClassificationDataModule):
             if not self._files_present(train):
                 try:
                     self._download(train)
-                except ZSKDError as err:
-                    warnings.warn(f"{'training' if train else 'test'} split not available: {err}", stacklevel=2)
+                except ZSKDError as err:  # named by this split's files (the download fetches both splits')
+                    warnings.warn(f"{'training' if train else 'test'} split not available: "
+                                  f"{self._error(train, err.__cause__, downloading=True)}", stacklevel=2)
 
     def _load_official(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.download and not self._files_present(train):
