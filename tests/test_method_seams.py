@@ -178,6 +178,8 @@ def test_describe_refuses_values_without_a_stable_description():
         describe(Holder(nn.Linear(1, 1)))
     with pytest.raises(InvalidArgument, match="must be finite"):
         describe(Holder(float("nan")))
+    with pytest.raises(InvalidArgument, match=r"^weights\.b\[1\] of type Linear"):  # a bare mapping: no leading dot
+        describe({"weights": {"a": 1, "b": [2, nn.Linear(1, 1)]}})
 
 
 # ------------------------------------------------------------------------------- the callback, attached

@@ -24,6 +24,19 @@ def test_each_rank_writes_its_own_file(tmp_path, filename, written):
         assert saved["indices"].tolist() == [3, 5] and saved["labels"].tolist() == [1, 0]
 
 
+def test_rows_of_several_predict_loaders_say_which_loader_gave_them(tmp_path):
+    writer = PredictionWriter()
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), world_size=1, global_rank=0)
+    writer.on_predict_epoch_start(trainer, None)
+    writer.write_on_batch_end(trainer, None, torch.tensor([[0.25, 0.75], [0.9, 0.1]]), None, None, 0, 0)
+    writer.write_on_batch_end(trainer, None, torch.tensor([[0.5, 0.5]]), None, None, 0, 1)
+    writer.write_on_batch_end(trainer, None, torch.tensor([[0.1, 0.9]]), None, None, 1, 0)
+    writer.on_predict_epoch_end(trainer, None)
+    with np.load(writer.written) as saved:
+        assert saved["dataloader_idx"].tolist() == [0, 0, 1, 0]
+        assert saved["indices"].tolist() == [0, 1, 0, 2]  # positions count within each loader
+
+
 def test_a_second_predict_with_nothing_to_write_reports_no_file(tmp_path):
     writer = PredictionWriter()
     trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), world_size=2, global_rank=1)

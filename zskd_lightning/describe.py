@@ -86,7 +86,7 @@ def describe(value: Any, where: str = "") -> Any:
             raise InvalidArgument(f"{where or 'value'} must be finite, got {value}")
         return value
     if isinstance(value, Mapping):
-        return {str(k): describe(v, f"{where}.{k}") for k, v in sorted(value.items())}
+        return {str(k): describe(v, f"{where}.{k}" if where else str(k)) for k, v in sorted(value.items())}
     if isinstance(value, (list, tuple)):
         return [describe(v, f"{where}[{i}]") for i, v in enumerate(value)]
     raise InvalidArgument(

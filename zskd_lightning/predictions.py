@@ -1,11 +1,12 @@
 """Writing what ``trainer.predict`` / ``zskd predict`` computes: a Lightning prediction writer.
 
 Each rank writes ``predictions.npz`` (``predictions.rank<R>.npz`` when there are several) into the run's log
-folder: ``probabilities`` float32 ``[N, num_classes]``, ``labels`` int64 ``[N]`` (their argmax) and
-``indices`` int64 ``[N]`` (each row's index in the prediction dataset; under DDP Lightning gives each rank an
-unrepeated share, so the ranks' files together hold every row once; a rank may hold one row fewer). A dataset
-without sampler indices (an iterable one) gets positions in order on one process, and ``-1`` under DDP, where
-it shards itself.
+folder: ``probabilities`` float32 ``[N, num_classes]``, ``labels`` int64 ``[N]`` (their argmax),
+``indices`` int64 ``[N]`` (each row's index in its prediction dataset; under DDP Lightning gives each rank an
+unrepeated share, so the ranks' files together hold every row once; a rank may hold one row fewer) and
+``dataloader_idx`` int64 ``[N]`` (which of several predict loaders the row came from; 0 with one). A dataset
+without sampler indices (an iterable one) gets positions in order (per loader) on one process, and ``-1`` under
+DDP, where it shards itself.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ class PredictionWriter(BasePredictionWriter):
         self.filename = filename
         self._outputs: list[torch.Tensor] = []
         self._indices: list[torch.Tensor] = []
+        self._loaders: list[torch.Tensor] = []
         self.written: str | None = None
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._outputs, self._indices = [], []
+        self._outputs, self._indices, self._loaders = [], [], []
         self.written = None  # a rank with nothing to write this time must not report the last predict's file
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
@@ -51,9 +53,10 @@ class PredictionWriter(BasePredictionWriter):
             if trainer.world_size > 1:  # the dataset shards itself: which rows this rank got is unknown
                 indices = torch.full((len(probabilities),), -1, dtype=torch.int64)
             else:  # one process reads it in order: positions
-                start = sum(len(o) for o in self._outputs[:-1])
+                start = sum(int((loader == dataloader_idx).sum()) for loader in self._loaders)
                 indices = torch.arange(start, start + len(probabilities))
         self._indices.append(indices)
+        self._loaders.append(torch.full((len(probabilities),), dataloader_idx, dtype=torch.int64))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks, even one
@@ -66,7 +69,7 @@ class PredictionWriter(BasePredictionWriter):
         os.makedirs(folder, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, probabilities=probabilities, labels=probabilities.argmax(axis=1).astype(np.int64),
-                 indices=torch.cat(self._indices).numpy())
+                 indices=torch.cat(self._indices).numpy(), dataloader_idx=torch.cat(self._loaders).numpy())
         write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
         self.written = path
         if trainer.world_size == 1:
