@@ -311,7 +311,7 @@ def group_hardware(group: list[dict[str, str]]) -> str:
     (``CPU x2 (x86_64): 0; CPU x2 (AMD EPYC): 1,2``)."""
     seeds: dict[str, list[str]] = {}
     for record in group:
-        seeds.setdefault(record["hardware"], []).append(record.get("seed", "?"))
+        seeds.setdefault(record["hardware"], []).append(record["seed"])
     if len(seeds) == 1:
         return next(iter(seeds))
     return "; ".join(f"{name}: {','.join(numbers)}" for name, numbers in seeds.items())

@@ -505,7 +505,7 @@ def test_table_time_to_accuracy_reports_row_means_not_the_best_seed():
 
     def record(row, acc, seconds, impressions="24000"):
         return {"row": row, "method": method, "test_acc": str(acc), "synthesis_s": str(seconds), "training_s": "0",
-                "impressions": impressions, "hardware": "CPU x2"}
+                "impressions": impressions, "hardware": "CPU x2", "seed": "0"}
 
     records = [record("zskd", acc, 600.0) for acc in (target - 0.9, target + 0.2, target - 0.5)]
     line = table.time_to_accuracy(dataset, records)  # one seed reaches the target, the row's mean does not
