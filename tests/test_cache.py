@@ -30,6 +30,7 @@ from zskd_lightning import (
     DistillationModule,
     ImpressionCache,
     ImpressionDataModule,
+    ImpressionDataset,
     Synthesizer,
     ZSKDError,
     ZSKDSynthesizer,
@@ -38,6 +39,7 @@ from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.errors import InvalidArgument, RankSharedError
 from zskd_lightning.files import partial_path
 from zskd_lightning.impressions import cache as cache_module
+from zskd_lightning.impressions.shards import ShardReader
 from zskd_lightning.teacher import as_frozen_teacher
 
 NUM_CHUNKS = 8
@@ -189,6 +191,64 @@ def test_cache_class_directly(tmp_path):
         with pytest.raises(ZSKDError, match="lacks 1 finished chunk"):
             cache.write_manifest(wall_seconds=1.0, resumed_chunks=[0, 2])
     assert checked == [1]
+
+
+def _many_chunk_cache(folder: Path, chunks: int) -> ImpressionCache:
+    """A complete cache of ``chunks`` chunks of 2 impressions ``[1, 2, 2]``, impression ``i`` filled with ``i``."""
+    cache = ImpressionCache(folder, {"num_impressions": 2 * chunks, "chunk_size": 2})
+    cache.prepare()
+    for chunk in range(chunks):
+        start, stop = cache.chunk_range(chunk)
+        rows = torch.arange(start, stop, dtype=torch.float32)
+        cache.write_chunk(chunk, rows.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(),
+                          torch.stack([rows, -rows], dim=1), torch.arange(start, stop) % 3, loss=0.0, seconds=0.0)
+    cache.write_manifest(wall_seconds=0.0)
+    return cache
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts this process's open files in /proc")
+def test_a_cache_of_many_chunks_is_read_within_the_limit_on_open_files(tmp_path):
+    """A memory map holds a file open: a dataset that mapped every shard of a 1,000-chunk cache stopped with "Too
+    many open files" under the common soft limit of 1,024. Under a soft limit 40 files above what is open, every
+    row of a 60-chunk cache (120 shards) is read, right, and so is its picture."""
+    import resource
+
+    from zskd_lightning.impressions.pictures import impression_grid
+
+    cache = _many_chunk_cache(tmp_path / "c", chunks=60)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    dataset = ImpressionDataset(cache, 0, cache.count)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 40, hard))
+    try:
+        rows = [dataset[i] for i in range(len(dataset))]
+        grid = impression_grid(cache)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [float(x[0, 0, 0]) for x, _ in rows] == list(range(120))
+    assert all(x.shape == (1, 2, 2) and y.tolist() == [i, -i] for i, (x, y) in enumerate(rows))
+    assert 0 < dataset.shards.open_maps() < 40 and grid.size[0] > 0
+    reader = ShardReader(max_mapped=0)  # read at the offset only: the same rows
+    assert np.array_equal(reader.row(cache.chunk_file(7, "targets"), 1), np.array([15.0, -15.0], np.float32))
+    assert reader.open_maps() == 0 and reader.row(cache.chunk_file(7, "inputs"), -1).dtype == np.float32
+    with pytest.raises(IndexError, match="row 2 of .*chunk-000007.inputs.npy, which holds 2"):
+        reader.row(cache.chunk_file(7, "inputs"), 2)
+
+
+def test_a_smaller_budget_that_repairs_a_chunk_keeps_the_larger_budgets_manifest(tmp_path):
+    """A 2-chunk budget that makes chunk 0 again (damaged) rewrites the manifest: it kept only its own 2 shard
+    records, so the 4-chunk cache looked unfinished (checksummed again under the lock; under DDP a rank could read
+    the shrunk manifest between rank 0's check and its own and fail with "cache_dir must be a folder every node
+    shares")."""
+    large = _many_chunk_cache(tmp_path / "c", chunks=4)
+    small = ImpressionCache(tmp_path / "c", {"num_impressions": 4, "chunk_size": 2})
+    os.remove(small.chunk_file(0, "record"))
+    assert small.missing_chunks() == [0]
+    small.write_chunk(0, torch.zeros(2, 1, 2, 2), torch.zeros(2, 2), torch.zeros(2), loss=0.0, seconds=0.0)
+    manifest = small.write_manifest(wall_seconds=0.0)
+    assert len(manifest["shards"]) == 4 and manifest["num_impressions"] == 4
+    assert large.read_manifest() is not None and large.is_complete()
+    # the totals are this budget's: its 2 chunks
+    assert manifest["synthesis_seconds_total"] == 0.0 and manifest["impression_iterations_total"] == 0
 
 
 def test_a_setting_spelt_20_reuses_the_cache_made_with_20_point_0(tmp_path):

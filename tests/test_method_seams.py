@@ -203,3 +203,24 @@ def test_a_callback_given_by_hand_is_kept(tmp_path):
     trainer.fit(model, datamodule=datamodule)
     assert [c for c in trainer.callbacks if isinstance(c, ImpressionSynthesis)] == [mine]
     assert not (tmp_path / "impressions.png").exists()
+
+
+def test_a_tuner_callback_that_asks_for_data_first_gets_the_impressions(tmp_path, monkeypatch):
+    """Lightning runs its BatchSizeFinder before every other callback's on_fit_start, and it reads training
+    batches there: the impressions are made then, once (the synthesis callback's own turn reuses them), instead
+    of an error telling to add the callback that is already attached."""
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    from zskd_lightning.impressions import driver
+
+    fills = []
+    original = driver.fill_cache
+    monkeypatch.setattr(driver, "fill_cache", lambda *args, **kwargs: fills.append(1) or original(*args, **kwargs))
+    datamodule = tiny.make_datamodule(tmp_path / "cache", num_impressions=32, batch_size=4)
+    model = DistillationModule(teacher=tiny.make_net(0), student=tiny.make_net(1, width=4), export_filename=None)
+    finder = BatchSizeFinder(mode="power", steps_per_trial=1, init_val=4, max_trials=1)
+    trainer = tiny.quiet_trainer(tmp_path, callbacks=[finder], limit_train_batches=2)
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step > 0 and finder.optimal_batch_size == datamodule.batch_size
+    assert len(fills) == 1  # made once: the synthesis callback's own turn found them made
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["num_impressions"] == 32

@@ -481,6 +481,8 @@ def test_pixel_l2_prior_measures_pixels_through_the_input_range():
     black, white = torch.full((1, 1, 4, 4), -0.5), torch.full((1, 1, 4, 4), 1.5)
     response = Response(torch.zeros(1, K))
     spec = InputSpec((1, 4, 4), mean=[0.25], std=[0.5])  # black at -0.5, white at 1.5
+    with pytest.raises(InvalidArgument, match="^PixelL2Prior reads the input range at setup"):
+        prior(black, response)  # not set up: normalized inputs would pass for pixels
     prior.setup(SynthesisContext(teacher=None, input_spec=spec, num_classes=K), ChunkRandomness.for_setup(0))
     assert prior(black, response).tolist() == [0.0] and prior(white, response).tolist() == [16.0]  # 16 pixels
     prior.setup(SynthesisContext(teacher=None, input_spec=InputSpec((1, 4, 4)), num_classes=K),

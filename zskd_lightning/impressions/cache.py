@@ -402,6 +402,7 @@ class ImpressionCache:
                 shards.append(json.load(handle))
         synthesis_seconds = sum(record["seconds"] for record in shards)
         iterations = sum(record.get("impression_iterations", 0) for record in shards)
+        shards += self._shards_beyond_budget()
         manifest = {
             **self.spec,
             **self.budget,
@@ -417,6 +418,17 @@ class ImpressionCache:
         }
         _write_json(self.path("manifest.json"), manifest)
         return manifest
+
+    def _shards_beyond_budget(self) -> list[Mapping[str, Any]]:
+        """The stored manifest's shard records past this budget's chunks, when it is this cache's: a smaller
+        budget that makes a chunk again (a damaged one) keeps them, so the manifest never shrinks and a larger
+        budget's run still finds its cache complete (its checksums are checked when it reads the cache)."""
+        manifest = self.stored_manifest()
+        if manifest is None or {k: manifest.get(k) for k in self.spec} != self.spec:
+            return []
+        later = list(manifest.get("shards", ()))[self.num_chunks:]
+        ours = all(isinstance(shard, Mapping) and shard.get("cache_id") == self.cache_id for shard in later)
+        return later if ours else []
 
     def stored_manifest(self) -> Mapping[str, Any] | None:
         """The folder's ``manifest.json`` as written, whatever its spec and budget (``None``: absent, unreadable)."""
@@ -452,7 +464,9 @@ class ImpressionCache:
 
     def load(self, kind: str, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
         """Memory-mapped read-only arrays of ``kind`` holding rows ``[start, stop)`` (not copied), one per chunk:
-        the first cut at ``start``, the last at ``stop`` (default: this budget's ``count``)."""
+        the first cut at ``start``, the last at ``stop`` (default: this budget's ``count``). Each map holds a file
+        open while it lives: for rows of a cache of thousands of chunks use
+        :class:`~zskd_lightning.impressions.shards.ShardReader` (as training and the pictures do)."""
         stop = self.count if stop is None else stop
         first, last = start // self.chunk_size, -(-stop // self.chunk_size)
         arrays = [np.load(self.chunk_file(c, kind), mmap_mode="r") for c in range(first, last)]

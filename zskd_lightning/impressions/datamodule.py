@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
@@ -18,6 +17,7 @@ from zskd_lightning.data.synthetic import SyntheticDataModule
 from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.impressions.cache import ImpressionCache
 from zskd_lightning.impressions.driver import ImpressionPlan, ImpressionSynthesis
+from zskd_lightning.impressions.shards import ShardReader
 from zskd_lightning.pixels import InputRange, from_pixels, to_pixels
 from zskd_lightning.synthesis import Synthesizer
 
@@ -25,7 +25,8 @@ from zskd_lightning.synthesis import Synthesizer
 class ImpressionDataset(Dataset):
     """Impressions ``[start, stop)`` of a complete cache; items ``(input [C, H, W], target [...])`` (float32).
 
-    Shards are memory-mapped (opened lazily, once per process), never copied whole. ``transform`` maps a
+    Shards are read row by row (:class:`~zskd_lightning.impressions.shards.ShardReader`: memory-mapped while a
+    process maps few, read at their offset beyond that), never copied whole. ``transform`` maps a
     pixel-space image (values in [0, 1]) to an augmented one when ``input_range`` is known, else it is applied
     to the raw input.
     """
@@ -40,31 +41,19 @@ class ImpressionDataset(Dataset):
     ) -> None:
         self.cache, self.start, self.stop = cache, start, stop
         self.transform, self.input_range = transform, input_range
-        self._chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.shards = ShardReader()  # pickled without its maps: each loader worker opens its own
 
     def __len__(self) -> int:
         return self.stop - self.start
-
-    def _chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        if chunk not in self._chunks:
-            self._chunks[chunk] = (
-                np.load(self.cache.chunk_file(chunk, "inputs"), mmap_mode="r"),
-                np.load(self.cache.chunk_file(chunk, "targets"), mmap_mode="r"),
-            )
-        return self._chunks[chunk]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(index)
         chunk, offset = divmod(self.start + index, self.cache.chunk_size)
-        inputs, targets = self._chunk(chunk)
-        x = torch.from_numpy(np.array(inputs[offset]))
+        x = torch.from_numpy(self.shards.row(self.cache.chunk_file(chunk, "inputs"), offset))
         if self.transform is not None:
             x = from_pixels(self.transform(to_pixels(x, self.input_range)), self.input_range)
-        return x, torch.from_numpy(np.array(targets[offset]))
-
-    def __getstate__(self) -> dict:  # memory maps are reopened in each worker process
-        return {**self.__dict__, "_chunks": {}}
+        return x, torch.from_numpy(self.shards.row(self.cache.chunk_file(chunk, "targets"), offset))
 
 
 class ImpressionDataModule(SyntheticDataModule):
@@ -148,6 +137,7 @@ class ImpressionDataModule(SyntheticDataModule):
             overwrite=overwrite_cache,
         )
         self._cache: ImpressionCache | None = None
+        self._synthesis: ImpressionSynthesis | None = None  # this fit's synthesis callback, once set up
 
     def synthesis_callbacks(self) -> list[Callback]:
         """The callbacks this data needs in the Trainer: the one that fills the cache at fit start."""
@@ -157,7 +147,15 @@ class ImpressionDataModule(SyntheticDataModule):
         """Serve from ``cache`` (complete); called by the synthesis callback on every rank."""
         self._cache = cache
 
+    def filled_by(self, synthesis: ImpressionSynthesis) -> None:
+        """The synthesis callback of this fit (it registers at setup): a callback that runs before it and asks
+        for training data (Lightning's ``BatchSizeFinder``, ``LearningRateFinder``) has it fill the cache then."""
+        self._synthesis = synthesis
+
     def _require_cache(self) -> ImpressionCache:
+        trainer = self.trainer
+        if self._cache is None and self._synthesis is not None and trainer is not None and trainer.state.fn == "fit":
+            self._synthesis.fill(trainer, trainer.lightning_module)
         if self._cache is None:
             raise ZSKDError(
                 f"the impressions in {self.impression_plan.cache_dir} have not been synthesized in this run: add "

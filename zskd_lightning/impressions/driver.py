@@ -111,6 +111,7 @@ class ImpressionSynthesis(Callback):
         self.grid_filename = grid_filename
         self.log_every_seconds = log_every_seconds
         self.num_threads = num_threads
+        self._filled = False  # this fit's impressions are made (set back at each fit's setup)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """``fit`` checks the Trainer's precision before any work; ``validate`` serves the held-out impressions of
@@ -118,6 +119,10 @@ class ImpressionSynthesis(Callback):
         ImpressionDataModule (e.g. real images, on the Trainer of a finished fit)."""
         if stage == "fit":
             check_trainer_precision(trainer.precision)
+            self._filled = False
+            register = getattr(trainer.datamodule, "filled_by", None)  # an ImpressionDataModule's
+            if register is not None:  # a tuner empties the Trainer's callbacks while it runs: the data keeps us
+                register(self)
         if stage != "validate" or _impression_plan(trainer) is None:
             return
         plan, teacher = _plan_and_teacher(trainer, pl_module)
@@ -136,6 +141,14 @@ class ImpressionSynthesis(Callback):
         trainer.datamodule.use_cache(cache)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._filled:  # an earlier callback's on_fit_start (a tuner's) may have asked for the data already
+            self.fill(trainer, pl_module)
+
+    def fill(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Make the fit's impressions (every rank: a collective) and hand the complete cache to the datamodule;
+        once a fit. :meth:`on_fit_start` calls it, or the datamodule when a callback that runs before this one
+        (Lightning puts its ``BatchSizeFinder`` and ``LearningRateFinder`` first) asks for training data."""
+        self._filled = True
         plan, teacher = _plan_and_teacher(trainer, pl_module)
         datamodule = trainer.datamodule
         threads = torch.get_num_threads()

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from zskd_lightning.impressions.cache import ImpressionCache
+from zskd_lightning.impressions.shards import ShardReader
 from zskd_lightning.pictures import labelled_grid, save_picture
 
 
@@ -17,12 +18,13 @@ def impression_grid(
     min_size: int = 64,
 ) -> Image.Image:
     """:func:`~zskd_lightning.pictures.labelled_grid` of a complete cache: the first ``per_class`` impressions of
-    each class, by the class they were made for."""
-    labels = np.concatenate(cache.load("labels"))
-    inputs = cache.load("inputs")
+    each class, by the class they were made for. Reads the labels chunk by chunk and the chosen inputs' rows
+    alone, holding no file open between reads (a cache may have thousands of chunks)."""
+    labels = np.concatenate([np.load(cache.chunk_file(c, "labels")) for c in range(cache.num_chunks)])[: cache.count]
     chosen = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in np.unique(labels)])
-    images = torch.stack([torch.from_numpy(np.array(inputs[i // cache.chunk_size][i % cache.chunk_size]))
-                          for i in chosen.tolist()])
+    shards = ShardReader(max_mapped=0)
+    images = torch.stack([torch.from_numpy(shards.row(cache.chunk_file(i // cache.chunk_size, "inputs"),
+                                                      i % cache.chunk_size)) for i in chosen.tolist()])
     return labelled_grid(images, labels[chosen], input_range, per_class, min_size)
 
 

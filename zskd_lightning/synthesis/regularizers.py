@@ -56,11 +56,15 @@ class PixelL2Prior(Regularizer):
     def __init__(self, weight: float = 5e-4) -> None:
         self.weight = float(weight)
         self._range: InputRange | None = None
+        self._set_up = False  # the range is known only after setup (None there: the inputs are the pixels)
 
     def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
-        self._range = context.input_range
+        self._range, self._set_up = context.input_range, True
 
     def __call__(self, inputs: Tensor, response: Response) -> Tensor:
+        if not self._set_up:  # else normalized inputs would pass for pixels: pulled toward the mean, not black
+            raise InvalidArgument("PixelL2Prior reads the input range at setup: call Synthesizer.setup(context) "
+                                  "before inverting (the impression driver does)")
         return to_pixels(inputs, self._range).pow(2).flatten(1).sum(1)
 
 
