@@ -265,6 +265,31 @@ def test_checkpoints_hold_the_teacher_by_reference(distilled, tmp_path):
         DistillationModule.load_from_checkpoint(path)
 
 
+def test_a_checkpoint_holding_another_teachers_weights_is_refused(distilled, tmp_path):
+    """A checkpoint without the teacher's reference (older code) holds the teacher's weights; loaded as they
+    were, they replaced the teacher whose file was checked. Now they must equal it: another teacher's weights are
+    one line, the same teacher's load (and a file holding none gets the module's teacher)."""
+    module, trainer = distilled["module"], distilled["trainer"]
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    content = torch.load(tmp_path / "new.ckpt", map_location="cpu", weights_only=True)
+    del content["zskd_teacher"]
+    other_teacher = FrozenTeacher(_teacher_net())
+    with torch.no_grad():
+        next(other_teacher.parameters()).add_(1.0)
+    for name, teacher in (("same", module.teacher), ("other", other_teacher), ("none", None)):
+        held = {} if teacher is None else {"teacher." + k: v.clone() for k, v in teacher.state_dict().items()}
+        torch.save({**content, "state_dict": {**content["state_dict"], **held}}, tmp_path / f"{name}.ckpt")
+    x = torch.randn(2, 1, 8, 8)
+    for name in ("same", "none"):
+        restored = DistillationModule.load_from_checkpoint(tmp_path / f"{name}.ckpt", teacher=module.teacher,
+                                                           student=DigitsConvNetHalf())
+        assert torch.equal(restored.teacher(x), module.teacher(x))
+    with pytest.raises(ZSKDError, match=r"^this checkpoint holds teacher weights that differ from the teacher given "
+                                        r"now \(\(given in Python\); first at teacher\."):
+        DistillationModule.load_from_checkpoint(tmp_path / "other.ckpt", teacher=module.teacher,
+                                                student=DigitsConvNetHalf())
+
+
 def test_a_bf16_true_fit_records_and_resumes_the_float32_teachers_fingerprint(tmp_path):
     """``precision: bf16-true`` casts the whole module, teacher included; the teacher's fingerprint is taken in
     ``setup``, before the cast, so checkpoints name the teacher the user gave and a resumed fit accepts them; the

@@ -63,3 +63,35 @@ def test_rows_without_sampler_indices_are_positions_on_one_process_and_unknown_u
     writer.on_predict_epoch_end(trainer, None)
     with np.load(writer.written) as saved:
         assert saved["indices"].tolist() == expected
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Six inputs ``[2]`` in order, no sampler (so Lightning gives no batch indices)."""
+
+    def __iter__(self):
+        return iter(torch.arange(12.0).view(6, 2))
+
+
+def test_an_iterable_loader_after_a_map_style_one_gets_positions_not_the_last_batchs_indices(tmp_path):
+    """Lightning sets the loop's batch indices only for loaders it can index and never clears them: a predict
+    over an iterable dataset after one over a map-style dataset (same Trainer, equal batch sizes) was handed the
+    last map-style batch's indices for every batch, and wrote them."""
+    import lightning as L
+
+    class Softmax(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 3)
+
+        def predict_step(self, batch, batch_idx):
+            return self.layer(batch).softmax(dim=-1)
+
+    writer = PredictionWriter()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[writer], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    model = Softmax()
+    mapped = torch.utils.data.DataLoader(torch.arange(16.0).view(8, 2), batch_size=2)
+    trainer.predict(model, mapped, return_predictions=False)
+    assert np.load(writer.written)["indices"].tolist() == list(range(8))
+    trainer.predict(model, torch.utils.data.DataLoader(_Stream(), batch_size=2), return_predictions=False)
+    assert np.load(writer.written)["indices"].tolist() == list(range(6))

@@ -609,3 +609,23 @@ def test_normalization_is_an_argument():
         DigitsDataModule(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
     with pytest.raises(ZSKDError, match="go together"):
         DigitsDataModule(mean=(0.5,))
+    # 0-255 statistics would serve every pixel within 0.02 of one value, and a teacher would learn poorly, silently
+    with pytest.raises(ZSKDError, match=r"^DigitsDataModule: mean and std are of pixel values in \[0, 1\], got mean "
+                                        r"\[33.32\], std \[78.57\]: divide 0-255 statistics by 255$"):
+        DigitsDataModule(mean=(33.32,), std=(78.57,))
+
+
+def test_a_checkpoint_of_another_split_is_refused_in_one_line():
+    """Resuming with another split seed (or val_fraction) put images the model had trained on into the validation
+    split, with no warning: val/acc, and a checkpoint chosen on it, were inflated. The split is in the state now."""
+    trained = DigitsDataModule(seed=0, val_fraction=0.1)
+    state = trained.state_dict()
+    assert state["split"] == {"seed": 0, "val_fraction": 0.1}
+    DigitsDataModule(seed=0, val_fraction=0.1).load_state_dict(state)  # the same split: resumes
+    with pytest.raises(ZSKDError, match=r"^DigitsDataModule: this checkpoint trained on the split of seed 0 and "
+                                        r"val_fraction 0.1, the datamodule now has seed 3 and val_fraction 0.1: "):
+        DigitsDataModule(seed=3, val_fraction=0.1).load_state_dict(state)
+    with pytest.raises(ZSKDError, match="val_fraction 0.2"):
+        DigitsDataModule(seed=0, val_fraction=0.2).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "split"}  # a checkpoint from before the split was kept
+    DigitsDataModule(seed=3).load_state_dict(older)

@@ -60,6 +60,8 @@ def test_sum_tree_finds_prefix_intervals():
     assert tree.find(np.array([0.0, 0.99, 1.0, 2.99, 3.0, 5.99, 6.0, 9.99])).tolist() == [0, 0, 2, 2, 3, 3, 4, 4]
     tree.set(np.array([4]), np.array([0.5]))
     assert tree.total == 6.5
+    tree.set(np.array([1, 3, 1, 3, 1]), np.array([7.0, 8.0, 9.0, 0.25, 0.75]))  # repeated slots: each one's last
+    assert tree.values().tolist() == [1.0, 0.75, 2.0, 0.25, 0.5] and tree.total == 4.5
 
 
 def test_sampler_frequencies_match_the_probabilities_within_3_standard_errors():

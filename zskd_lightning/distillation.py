@@ -300,9 +300,13 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Check that this module's teacher is the one the checkpoint was made with, and put its weights back
-        into the state to load (checkpoints that still hold the teacher's weights load as they are)."""
+        into the state to load. A checkpoint that holds the teacher's weights (older code, or one saved without
+        this hook) must hold this teacher's, equal tensor by tensor: loaded as they were, they would replace a
+        teacher whose file was checked (sha256) by weights nobody checked."""
         recorded = checkpoint.get(TEACHER_REFERENCE_KEY)
         if recorded is None:
+            self._check_held_teacher(checkpoint["state_dict"])
+            checkpoint["state_dict"].update({_TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
             return
         now = self.teacher_reference()
         if now["fingerprint"] != recorded["fingerprint"]:
@@ -312,6 +316,21 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
                 f"{now['checkpoint'] or '(given in Python)'}, has fingerprint {now['fingerprint'][:12]}"
             )
         checkpoint["state_dict"].update({_TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
+
+    def _check_held_teacher(self, state: dict) -> None:
+        """Raise one line if ``state`` holds teacher weights other than this module's teacher's."""
+        held = {k[len(_TEACHER_PREFIX):]: v for k, v in state.items() if k.startswith(_TEACHER_PREFIX)}
+        if not held:
+            return
+        ours = self.teacher.state_dict()
+        differing = sorted(set(held) ^ set(ours)) or [
+            k for k in ours if held[k].shape != ours[k].shape or held[k].dtype != ours[k].dtype
+            or not torch.equal(held[k].to(ours[k].device), ours[k])]
+        if differing:
+            raise ZSKDError(
+                f"this checkpoint holds teacher weights that differ from the teacher given now "
+                f"({self.teacher.checkpoint or '(given in Python)'}; first at {_TEACHER_PREFIX}{differing[0]}): "
+                "resume with the teacher it was distilled from")
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,

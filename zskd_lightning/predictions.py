@@ -56,6 +56,11 @@ class PredictionWriter(BasePredictionWriter):
                 start = sum(int((loader == dataloader_idx).sum()) for loader in self._loaders)
                 indices = torch.arange(start, start + len(probabilities))
         self._indices.append(indices)
+        # Lightning sets these only for loaders it can index and never clears them: a later batch of an iterable
+        # loader would be handed this batch's
+        loop = getattr(trainer, "predict_loop", None)
+        if loop is not None:
+            loop.current_batch_indices = []
         self._loaders.append(torch.full((len(probabilities),), dataloader_idx, dtype=torch.int64))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -155,6 +155,9 @@ class ClassificationDataModule(ValidationSwitch, L.LightningDataModule):
             if len(mean) != channels or len(std) != channels or any(s <= 0 for s in std):
                 raise InvalidArgument(f"{type(self).__name__} needs {channels} mean and {channels} std value(s) "
                                       f"(std > 0), got mean {list(mean)}, std {list(std)}")
+            if any(not 0.0 <= m <= 1.0 for m in mean) or any(s > 1.0 for s in std):  # images are read in [0, 1]
+                raise InvalidArgument(f"{type(self).__name__}: mean and std are of pixel values in [0, 1], got mean "
+                                      f"{list(mean)}, std {list(std)}: divide 0-255 statistics by 255")
             self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.train_dataset: InMemoryImageDataset | None = None
         self.val_dataset: InMemoryImageDataset | None = None
@@ -218,11 +221,25 @@ class ClassificationDataModule(ValidationSwitch, L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        """Where the training order's and augmentation's streams are (the same on every rank)."""
-        return self.training_streams.state_dict(redone_batch(self.trainer))
+        """Where the training order's and augmentation's streams are (the same on every rank), and the split's
+        ``seed`` and ``val_fraction`` (``"split"``)."""
+        return {**self.training_streams.state_dict(redone_batch(self.trainer)),
+                "split": {"seed": self.seed, "val_fraction": self.val_fraction}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.training_streams.load_state_dict(state_dict)
+        """Restore the streams; a checkpoint trained on another split is refused in one line (its validation
+        images would now include images it trained on). Checkpoints from before the split was kept load as they
+        are."""
+        state = dict(state_dict)
+        split = state.pop("split", None)
+        now = {"seed": self.seed, "val_fraction": self.val_fraction}
+        if split is not None and split != now:
+            raise ZSKDError(
+                f"{type(self).__name__}: this checkpoint trained on the split of seed {split['seed']} and "
+                f"val_fraction {split['val_fraction']}, the datamodule now has seed {self.seed} and val_fraction "
+                f"{self.val_fraction}: its validation images would include training ones; resume with the "
+                "checkpoint's, or start a new fit")
+        self.training_streams.load_state_dict(state)
 
     # ------------------------------------------------------------------ splits
     def _split_sizes(self, n: int) -> tuple[int, int]:

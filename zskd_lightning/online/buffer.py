@@ -20,7 +20,8 @@ class ReplayBuffer:
     before any is rewritten twice); :meth:`write_balanced` keeps the classes balanced and, within a class at its
     share, replaces only entries a new input scores higher than (SSD-KD's partial update); :meth:`replace`
     writes chosen slots. ``len(buffer)`` is the number of filled slots, always the first ``len`` ones. Each entry
-    keeps the score it was written with (``scores [capacity]``; 0 from :meth:`add`) and a stamp of that write
+    keeps the score it was written with (``scores [capacity]``; 0 from :meth:`add`), decayed by ``decay`` at every
+    :meth:`write_balanced`, and a stamp of that write
     (``stamps [capacity]`` int64, unique over the run), so a batch drawn before a round can tell the entries the
     round rewrote since. Identical on every process of an online run.
     """

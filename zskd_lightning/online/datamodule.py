@@ -130,7 +130,8 @@ class OnlineDataModule(SyntheticDataModule):
         steps_per_epoch: training batches per epoch (FastDFKD: 400).
         batch_size: inputs per training batch per process.
         warmup_rounds: rounds before the student's first step.
-        round_every_n_steps: training steps between rounds.
+        round_every_n_steps: optimizer steps (``trainer.global_step``) between rounds: under gradient
+            accumulation of ``A`` batches, a round every ``A * round_every_n_steps`` training batches.
         draws_per_round: batches of ``synthesizer.batch_size`` the round's generator adds after its training
             steps, each from fresh noise by one forward pass without a gradient step
             (:meth:`~zskd_lightning.synthesis.GeneratorSynthesizer.draw`): ``(1 + draws_per_round) *

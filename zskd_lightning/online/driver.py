@@ -36,7 +36,8 @@ class OnlineSynthesis(Callback):
     predicted classes; after it, the round is written by the datamodule's ``buffer_update`` rule. Feeds the sampler
     the per-sample distillation losses when it asks for them (after the step's backward, from the module's
     ``last_replay_losses``; else from the step's output at ``on_train_batch_end``). Shows ``round``, ``buffer``
-    (filled fraction) and ``gen_loss`` on the progress bar and logs them (``online/...``) with the synthesis wall
+    (filled fraction) and ``gen_loss`` (the mean per-input objective of the round's inputs, its trained batch
+    and its draws: the method's matching term, not the adversarial or prior terms nor phi) on the progress bar and logs them (``online/...``) with the synthesis wall
     time; at the end of training rank 0 writes a picture of the buffer, one row per class (``grid_filename`` in
     the run's log folder; ``None``: off). A new fit (no checkpoint) starts from an empty buffer, a new sampler
     state and no rounds, whatever an earlier fit left.

@@ -51,8 +51,10 @@ class SumTree:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size == 0:
             return
-        nodes = indices + self.leaves
-        self.nodes[nodes] = np.asarray(values, dtype=np.float64)
+        # numpy leaves unspecified which of repeated indices an assignment keeps: keep each one's last value here
+        unique, last_from_end = np.unique(indices[::-1], return_index=True)
+        nodes = unique + self.leaves
+        self.nodes[nodes] = np.asarray(values, dtype=np.float64)[::-1][last_from_end]
         nodes = np.unique(nodes // 2)
         while nodes[0] >= 1:  # level by level up to the root (node 1); node 0 is unused
             self.nodes[nodes] = self.nodes[2 * nodes] + self.nodes[2 * nodes + 1]
