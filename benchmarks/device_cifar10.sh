@@ -6,8 +6,10 @@
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
 # (the machine's image has torch, torchvision, lightning, torchmetrics and safetensors, not jsonargparse).
-# Then run, carrying `data` and `.whl`:  bash benchmarks/device_cifar10.sh ROW... [-- TABLE OPTIONS]
-#   e.g. `bash benchmarks/device_cifar10.sh zskd wang -- --seeds 0 --schedule paper`
+# Then run, carrying `data` and `.whl`, with the commit the copy holds (it has no .git; here: `git rev-parse
+# --short=7 HEAD`, plus `+local` if the library or configs have changes):
+#   ZSKD_CODE_COMMIT=COMMIT bash benchmarks/device_cifar10.sh ROW... [-- TABLE OPTIONS]
+#   e.g. `ZSKD_CODE_COMMIT=1234abc bash benchmarks/device_cifar10.sh zskd wang -- --seeds 0 --schedule paper`
 # The rows' impression caches stay under runs/ between calls on one warm machine (the runner resumes them); the
 # table's CSV and report, and the log, come back through $OUT. Merge the CSV's new rows into the committed one.
 set -o pipefail
@@ -15,6 +17,7 @@ rows=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do rows+=("$1"); shift; done
 [ "$1" = "--" ] && shift
 [ ${#rows[@]} -gt 0 ] || { echo "usage: $0 ROW... [-- TABLE OPTIONS]" >&2; exit 2; }
+[ -n "$ZSKD_CODE_COMMIT" ] || { echo "set ZSKD_CODE_COMMIT to the commit this copy holds: the table records it" >&2; exit 2; }
 [ -f data/cifar-10-batches-py/test_batch ] || { echo "data/cifar-10-batches-py/test_batch missing: carry data" >&2; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "could not install the wheels in .whl: carry .whl" >&2; exit 2; }

@@ -293,17 +293,32 @@ CIFAR10 = Dataset(
 DATASETS = {d.name: d for d in (MNIST, CIFAR10)}
 
 
+#: a copy of the working tree without ``.git`` (a lent GPU machine) names its commit here
+COMMIT_VARIABLE = "ZSKD_CODE_COMMIT"
+#: a record's commit where neither git nor :data:`COMMIT_VARIABLE` names one: not "before every fix"
+UNKNOWN_COMMIT = "unknown"
+
+
 def code_commit() -> str:
-    """Short hash of the checked-out commit, ``+local`` when the library or configs differ from it; "" without
-    git."""
+    """Short hash of the checked-out commit, ``+local`` when the library or configs differ from it; without git,
+    the ``ZSKD_CODE_COMMIT`` variable, else :data:`UNKNOWN_COMMIT`. (Records of the runner before it kept
+    commits have none: "".)"""
+    if os.environ.get(COMMIT_VARIABLE):
+        return os.environ[COMMIT_VARIABLE]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
         local = subprocess.run(["git", "status", "--porcelain", "--", "zskd_lightning", "configs"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return ""
+        return UNKNOWN_COMMIT
     return head + ("+local" if local else "")
+
+
+def device_kind(hardware: str) -> str:
+    """``"CPU"`` for a record's CPU hardware (``CPU x2 (AMD EPYC)``), else the hardware itself (a GPU's name): the
+    table pools seeds of one kind only, so a GPU seed's times never average with a CPU seed's."""
+    return "CPU" if hardware.startswith("CPU") else hardware
 
 
 def group_hardware(group: list[dict[str, str]]) -> str:
@@ -428,6 +443,18 @@ def configs_sha(dataset: Dataset, args: list[str]) -> str:
     return digest.hexdigest()[:12]
 
 
+def row_fingerprint(dataset: Dataset, row: str, args: list[str]) -> str:
+    """What a CSV record's ``configs_sha`` holds: :func:`configs_sha` of the row's command and, for a row that
+    reads a file another command writes (``Row.prepare``: Lopes' activation metadata), of that command's configs
+    too, so a changed recording recipe makes its rows stale as a changed config of their own does."""
+    fingerprint = configs_sha(dataset, args)
+    declared = dataset.declared(row)
+    if declared is None or not declared.prepare:
+        return fingerprint
+    prepared = configs_sha(dataset, declared.prepare[1].split())
+    return hashlib.sha256(f"{fingerprint}+{prepared}".encode()).hexdigest()[:12]
+
+
 def synthesizer_settings(args: list[str]) -> dict:
     """The synthesizer's ``init_args`` of a row: its configs' (overlays merged in order), then command-line
     overrides (as strings); empty for rows on real data."""
@@ -466,7 +493,7 @@ def is_current(dataset: Dataset, record: dict[str, str]) -> bool:
     try:
         if record["command"] not in commands_today(dataset, int(record["seed"])):
             return False
-        return record.get("configs_sha", "") == configs_sha(dataset, record["command"].split())
+        return record.get("configs_sha", "") == row_fingerprint(dataset, record["row"], record["command"].split())
     except (FileNotFoundError, KeyError, ValueError):
         return False
 
@@ -608,6 +635,8 @@ def contains_commit(commit: str, ancestor: str) -> bool | None:
     ``None`` where git cannot tell (no repository, an unknown commit)."""
     if not commit:
         return False
+    if commit == UNKNOWN_COMMIT:
+        return None
     try:
         code = subprocess.call(["git", "merge-base", "--is-ancestor", ancestor, commit.removesuffix("+local")],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -677,14 +706,14 @@ def time_to_accuracy(dataset: Dataset, records: list[dict[str, str]]) -> str:
         return ""
     method, target = dataset.target
     label = f"Time to {target}% ({method.upper()}, synthesis + distillation"
-    groups: dict[tuple[str, str], list[dict[str, str]]] = {}  # by row and budget (the ablation row has several)
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}  # by row, budget (the ablation's) and device kind
     for r in records:
         if r["method"] == method:
-            groups.setdefault((r["row"], r["impressions"]), []).append(r)
+            groups.setdefault((r["row"], r["impressions"], device_kind(r["hardware"])), []).append(r)
     if not groups:
         return f"{label}): no {method.upper()} row measured yet."
     rows = [(statistics.fmean(float(r["synthesis_s"]) + float(r["training_s"]) for r in group),
-             statistics.fmean(float(r["test_acc"]) for r in group), row, group) for (row, _), group in groups.items()]
+             statistics.fmean(float(r["test_acc"]) for r in group), row, group) for (row, *_), group in groups.items()]
 
     def said(seconds: float, acc: float, name: str, group: list[dict[str, str]]) -> str:
         return (f"{seconds / 60:.1f} min, row {name}: {acc:.2f}% (mean of {len(group)} seed(s)), "
@@ -745,15 +774,17 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         " training (s) | hardware | command |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
-    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    # one line per row, budget and device kind: seeds of one kind of device pool (CPU models alike), a GPU's not
+    groups: dict[tuple[str, str, str, str], list[dict[str, str]]] = {}
     for r in records:
-        groups.setdefault((r["row"], r["method"], r["impressions"]), []).append(r)
+        groups.setdefault((r["row"], r["method"], r["impressions"], device_kind(r["hardware"])), []).append(r)
     order = dataset.row_order
     def position(row: str) -> int:  # a row no longer declared (renamed) goes last
         return order.index(row) if row in order else len(order)
 
     any_other_teacher = False
-    for (row, method, n), group in sorted(groups.items(), key=lambda item: (position(item[0][0]), item[0][1], int(item[0][2]))):
+    for (row, method, n, _), group in sorted(groups.items(), key=lambda item: (
+            position(item[0][0]), item[0][1], int(item[0][2]), item[0][3] != "CPU", item[0][3])):
         group = sorted(group, key=lambda r: int(r["seed"]))  # seeds in order, whatever order they ran in
         accs = [float(g["test_acc"]) for g in group]
         mean = statistics.mean(accs)
@@ -789,6 +820,10 @@ def summarize(dataset: Dataset, records: list[dict[str, str]], out_dir: Path | N
         lines += ["", f"¶ Measured before commit {DIVERSITY_FIX}: SSD-KD's diversity part counted the replay buffer's "
                   "entries by the class each was made for, not by the teacher's predicted class; its command now "
                   "weighs samples by the latter (the method's definition)."]
+    unplaced = sorted({r["row"] for r in records if r.get("commit") and contains_commit(r["commit"], KEYED_ORDER) is None})
+    if unplaced:  # a shallow clone, or a record of a copy without git that was given no ZSKD_CODE_COMMIT
+        lines += ["", f"Rows whose commit this clone cannot place (unknown, or outside its history): {', '.join(unplaced)}; "
+                  "their ‡ and ¶ marks are not checked."]
     lines += ["", dataset.references, "", time_to_accuracy(dataset, records), ""]
     if stale:
         lines += ["## Stale rows", "",
@@ -945,7 +980,7 @@ def main(argv: list[str] | None = None) -> None:
                        else f"train the teacher first (--rows teacher): {students_teacher} is missing")
     for row, method, n, seed, zskd_args in row_commands(dataset, rows, args.seeds, args.schedule):
         command = " ".join(zskd_args)
-        fingerprint = configs_sha(dataset, zskd_args)
+        fingerprint = row_fingerprint(dataset, row, zskd_args)
         if (command, fingerprint) in done:
             continue
         if row != "teacher" and not students_teacher.exists():

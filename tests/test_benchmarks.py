@@ -526,6 +526,71 @@ def test_a_rows_seeds_on_two_machines_name_both():
     assert table.group_hardware(group[1:]) == "CPU x2 (AMD EPYC)"
 
 
+def test_a_rows_seeds_on_a_gpu_make_a_line_of_their_own(tmp_path, monkeypatch):
+    """Seeds of one row on two CPU models pool (their machines named); a GPU's seed of the same row and budget is
+    another line: its times must not average with a CPU's."""
+    table = load("table")
+    monkeypatch.setattr(table, "contains_commit", lambda commit, ancestor: True)
+
+    def record(seed: int, hardware: str, synthesis: float) -> dict[str, str]:
+        args = table.row_commands(table.CIFAR10, ["fast"], [seed], "fast")[0][4]
+        return {"row": "fast", "method": "fast", "impressions": "40704", "seed": str(seed), "test_acc": "40.0",
+                "teacher_acc": "86.0", "synthesis_s": str(synthesis), "total_s": "1.0", "training_s": "100.0",
+                "hardware": hardware, "command": " ".join(args), "configs_sha": table.configs_sha(table.CIFAR10, args),
+                "commit": "abc1234"}
+
+    records = [record(0, "CPU x2 (x86_64)", 1000.0), record(1, "CPU x2 (AMD EPYC)", 2000.0),
+               record(2, "NVIDIA H100 80GB HBM3", 30.0)]
+    table.summarize(table.CIFAR10, records, out_dir=tmp_path)
+    lines = [line for line in (tmp_path / "cifar10.md").read_text().splitlines() if line.startswith("| fast |")]
+    assert len(lines) == 2
+    assert "| 0,1 |" in lines[0] and "| 1500 | 100 | CPU x2 (x86_64): 0; CPU x2 (AMD EPYC): 1 |" in lines[0]
+    assert "| 2 |" in lines[1] and "| 30 | 100 | NVIDIA H100 80GB HBM3 |" in lines[1]
+
+
+def test_a_copy_without_git_records_the_commit_it_is_given_or_unknown(tmp_path, monkeypatch):
+    """A lent GPU machine runs a copy of the working tree without .git: its records took "" for their commit,
+    which the table reads as "measured before every fix" (marked ‡, †). Now they carry ZSKD_CODE_COMMIT, else
+    "unknown", which is marked nothing and named in one line as a commit the table cannot place."""
+    table = load("table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)  # no repository here
+    monkeypatch.delenv(table.COMMIT_VARIABLE, raising=False)
+    assert table.code_commit() == table.UNKNOWN_COMMIT
+    monkeypatch.setenv(table.COMMIT_VARIABLE, "1234abc")
+    assert table.code_commit() == "1234abc"
+    assert table.contains_commit(table.UNKNOWN_COMMIT, table.KEYED_ORDER) is None
+    monkeypatch.setattr(table, "ROOT", BENCHMARKS.parent)
+    args = table.row_commands(table.MNIST, ["zskd"], [0], "fast")[0][4]
+    record = {"row": "zskd", "method": "zskd", "impressions": "24000", "seed": "0", "test_acc": "97.0",
+              "teacher_acc": "99.0", "synthesis_s": "1.0", "total_s": "2.0", "training_s": "1.0", "hardware": "CPU",
+              "command": " ".join(args), "configs_sha": table.configs_sha(table.MNIST, args),
+              "commit": table.UNKNOWN_COMMIT}
+    assert not table.timed_with_subnormals(record) and not table.drawn_in_torch_order(table.MNIST, record)
+    table.summarize(table.MNIST, [record], out_dir=tmp_path)
+    report = (tmp_path / "mnist.md").read_text()
+    line = next(line for line in report.splitlines() if line.startswith("| zskd |"))
+    assert "| 97.00 |" in line and "†" not in line and "‡ Measured before" not in report and "† Measured" not in report
+    assert "Rows whose commit this clone cannot place (unknown, or outside its history): zskd;" in report
+
+
+def test_a_lopes_rows_fingerprint_covers_the_recipe_of_the_metadata_it_reads(tmp_path, monkeypatch):
+    """A Lopes row reads activation metadata that another config records: changing that config makes its rows
+    stale (the runner measures them again), as a change of their own config does; other rows stay current."""
+    table = load("table")
+    monkeypatch.setattr(table, "ROOT", tmp_path)
+    shutil.copytree(BENCHMARKS.parent / "configs", tmp_path / "configs")
+    lopes, zskd = (table.row_commands(table.MNIST, [row], [0], "fast")[0][4] for row in ("lopes_top", "zskd"))
+    before = table.row_fingerprint(table.MNIST, "lopes_top", lopes), table.row_fingerprint(table.MNIST, "zskd", zskd)
+    assert before[1] == table.configs_sha(table.MNIST, zskd)  # rows that read no such file: as before
+    record = {"row": "lopes_top", "seed": "0", "command": " ".join(lopes), "configs_sha": before[0]}
+    assert table.is_current(table.MNIST, record)
+    record_config = tmp_path / table.LOPES_RECORD[1].split()[-1]
+    record_config.write_text(record_config.read_text().replace("temperature: 8.0", "temperature: 4.0"))
+    assert table.row_fingerprint(table.MNIST, "lopes_top", lopes) != before[0]
+    assert table.row_fingerprint(table.MNIST, "zskd", zskd) == before[1]
+    assert not table.is_current(table.MNIST, record)
+
+
 def test_table_time_to_accuracy_curves_average_the_runs_at_each_budget():
     table = load("table")
     records = [{"method": method, "impressions": n, "test_acc": acc, "synthesis_s": seconds, "training_s": "0"}
