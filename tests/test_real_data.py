@@ -629,3 +629,14 @@ def test_a_checkpoint_of_another_split_is_refused_in_one_line():
         DigitsDataModule(seed=0, val_fraction=0.2).load_state_dict(state)
     older = {k: v for k, v in state.items() if k != "split"}  # a checkpoint from before the split was kept
     DigitsDataModule(seed=3).load_state_dict(older)
+
+
+def test_validate_builds_the_validation_split_alone():
+    """A data-free run validating on real images sets its eval data up for ``validate``: the training split
+    (553 MB of float32 for CIFAR-10, per process) was built too and never read."""
+    dm = DigitsDataModule(seed=0)
+    dm.setup("validate")
+    assert dm.train_dataset is None and len(dm.val_dataset) == 144
+    val_labels = dm.val_dataset.labels.clone()
+    dm.setup("fit")  # the same split, the training part added
+    assert len(dm.train_dataset) == 1293 and torch.equal(dm.val_dataset.labels, val_labels)
