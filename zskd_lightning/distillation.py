@@ -304,12 +304,10 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         this hook) must hold this teacher's, equal tensor by tensor: loaded as they were, they would replace a
         teacher whose file was checked (sha256) by weights nobody checked."""
         recorded = checkpoint.get(TEACHER_REFERENCE_KEY)
+        now = None if recorded is None else self.teacher_reference()
         if recorded is None:
             self._check_held_teacher(checkpoint["state_dict"])
-            checkpoint["state_dict"].update({_TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
-            return
-        now = self.teacher_reference()
-        if now["fingerprint"] != recorded["fingerprint"]:
+        elif now["fingerprint"] != recorded["fingerprint"]:
             raise ZSKDError(
                 f"this checkpoint was distilled from teacher {recorded['checkpoint'] or '(given in Python)'} "
                 f"(fingerprint {recorded['fingerprint'][:12]}), but the teacher given now, "
