@@ -152,6 +152,7 @@ SSDKD_60_EPOCHS = "configs/mnist/ssdkd/epochs60.yaml"
 WANG_900_ITERATIONS = "configs/mnist/wang/iterations900.yaml"  # three times the synthesis steps
 WANG_240_EPOCHS = "configs/mnist/wang/epochs240.yaml"  # twice the distillation epochs
 ZSKD_CIFAR_180_EPOCHS = "configs/cifar10/zskd/epochs180.yaml"  # three times CIFAR-10 ZSKD's distillation epochs
+WANG_CIFAR_180_EPOCHS = "configs/cifar10/wang/epochs180.yaml"  # Wang at ZSKD's 180-epoch schedule
 WANG_LR_3E3 = "configs/mnist/wang/lr3e-3.yaml"  # distilled at Adam lr 3e-3
 WANG_1500_ITERATIONS = "configs/mnist/wang/iterations1500.yaml"  # five times the synthesis iterations
 ZSKD_JITTER2 = "configs/mnist/zskd/jitter2.yaml"  # ZSKD's impressions rolled by up to 2 pixels each synthesis step
@@ -275,6 +276,9 @@ CIFAR10 = Dataset(
         Row("ci", "ci", "data_free", ("configs/cifar10/ci_alexnet_half.yaml",), 4000),
         Row("wang", "wang", "data_free", ("configs/cifar10/wang_alexnet_half.yaml",), 4000, paper=73.91,
             legend="Wang 2021, 4,000 impressions"),
+        Row("wang_180ep", "wang", "data_free", ("configs/cifar10/wang_alexnet_half.yaml", WANG_CIFAR_180_EPOCHS), 4000,
+            variant="_180ep", impressions_variant="", paper=73.91, legend="Wang 2021, 4,000 impressions, 180 epochs",
+            default=False),
         Row("fast", "fast", "online", ("configs/cifar10/fast_alexnet_half.yaml", CIFAR_ONLINE_BUDGET),
             legend="online baseline"),
         Row("ssdkd", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml", CIFAR_ONLINE_BUDGET),
