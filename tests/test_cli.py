@@ -233,6 +233,27 @@ def test_a_cli_checkpoint_holds_the_teacher_by_reference_and_loads_alone(cli_run
         assert torch.equal(restored.eval()(x), exported(x))  # the last epoch's checkpoint = the exported student
 
 
+def test_a_module_loaded_from_a_cli_checkpoint_keeps_the_network_specs(cli_runs, monkeypatch, tmp_path):
+    """Lightning rebuilds a loaded module outside the CLI, where save_hyperparameters sees network objects: the
+    specs were dropped, so the loaded module's export needed `network` and its own checkpoint did not load alone
+    ("built in Python"). The specs are recorded again."""
+    log_dir = next((cli_runs["work"] / "kd_runs" / "lightning_logs").iterdir())
+    checkpoint = next((log_dir / "checkpoints").glob("*.ckpt"))
+    monkeypatch.chdir(cli_runs["work"])
+    restored = DistillationModule.load_from_checkpoint(checkpoint)
+    content = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for name in ("teacher", "student"):
+        assert restored.hparams[name] == content["hyper_parameters"][name]
+    exported = load_student(restored.export_student(tmp_path / "again.safetensors"))  # no `network` needed
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(exported(x), restored.eval()(x))
+    torch.save({**content, "hyper_parameters": dict(restored.hparams)}, tmp_path / "again.ckpt")  # as a save would
+    again = DistillationModule.load_from_checkpoint(tmp_path / "again.ckpt")
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), restored(x))
+
+
 def test_zskd_test_subcommand(cli_runs):
     result = cli_runs["test"]
     _ok(result)

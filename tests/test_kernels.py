@@ -55,6 +55,20 @@ def test_band_lrn_keeps_a_float32_input_in_float32_under_autocast():
     torch.testing.assert_close(y_band, y_stock, rtol=1e-5, atol=1e-6)
 
 
+def test_band_lrn_of_a_bfloat16_input_under_autocast_stays_bfloat16_within_its_rounding_of_the_stock_layer():
+    """Inside an autocast network a convolution hands the layer bfloat16; the stock layer returns float32 there.
+    The band keeps bfloat16 (for speed, see its docstring): equal to the stock layer's output to bfloat16's
+    rounding, with AlexNet's constants and with a large alpha that makes the window matter."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(2, 8, 4, 4)).bfloat16()
+    for alpha in (1e-4, 0.3):
+        stock = nn.LocalResponseNorm(5, alpha=alpha, beta=0.75, k=2.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_band, y_stock = BandLocalResponseNorm.like(stock)(x), stock(x)
+        assert y_band.dtype == torch.bfloat16 and y_stock.dtype == torch.float32
+        torch.testing.assert_close(y_band.float(), y_stock, rtol=1.6e-2, atol=1e-3)
+
+
 def test_a_band_first_built_in_inference_mode_still_takes_gradients():
     """A validation step (Lightning's inference mode) may be the first to run the layer; synthesis after it
     needs input gradients through the same cached band."""

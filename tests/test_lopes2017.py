@@ -62,6 +62,17 @@ def test_draws_reproduce_the_recorded_class_statistics(recorded):
     assert float((empirical - fc.spread[3]).abs().max()) < 0.05 * scale
 
 
+def test_matched_layers_keep_the_files_order_whatever_the_order_given(recorded):
+    """The spectral objectives chain the matched layers in this order (each one's weights the edges to the next):
+    a list given backwards chained equal-width layers the wrong way round without an error."""
+    metadata = read_metadata(recorded)
+    in_file = list(metadata.layers)
+    hidden = [name for name in in_file if name != "logits"]
+    assert len(hidden) >= 2
+    assert matched_layers(metadata, "all_layers", list(reversed(in_file))) == in_file
+    assert matched_layers(metadata, "spectral_layer_pairs", list(reversed(hidden))) == hidden
+
+
 def test_layers_given_to_the_top_layer_objective_are_refused_in_one_line(recorded):
     metadata = read_metadata(recorded)
     with pytest.raises(ZSKDError, match=r"^the top_layer objective matches the logits alone; `layers` \['body.5'\]"):

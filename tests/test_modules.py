@@ -265,6 +265,37 @@ def test_checkpoints_hold_the_teacher_by_reference(distilled, tmp_path):
         DistillationModule.load_from_checkpoint(path)
 
 
+def test_a_trusted_checkpoint_loads_with_weights_only_false(distilled, tmp_path):
+    """``weights_only=False`` (a file the user trusts) is honoured: the record was read with ``weights_only=True``
+    first, which refused a checkpoint holding any other Python object; the default still refuses it."""
+    module, trainer = distilled["module"], distilled["trainer"]
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    content = torch.load(tmp_path / "plain.ckpt", map_location="cpu", weights_only=True)
+    content["hyper_parameters"]["note"] = Path("a/path")  # pickled as a Python object
+    torch.save(content, tmp_path / "trusted.ckpt")
+    restored = DistillationModule.load_from_checkpoint(tmp_path / "trusted.ckpt", weights_only=False,
+                                                       teacher=module.teacher, student=DigitsConvNetHalf())
+    x = _digits_x()
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(x), module.eval()(x))
+    with pytest.raises(ZSKDError, match="trusted.ckpt"):
+        DistillationModule.load_from_checkpoint(tmp_path / "trusted.ckpt", teacher=module.teacher,
+                                                student=DigitsConvNetHalf())
+
+
+def test_an_unknown_target_source_is_refused_in_one_line():
+    with pytest.raises(InvalidArgument, match=r"^target_source must be 'teacher' or 'batch', got 'Teacher'$"):
+        DistillationModule(FrozenTeacher(_teacher_net()), DigitsConvNetHalf(), target_source="Teacher")
+
+
+def test_predictions_are_float32_probabilities_under_bf16_true(tmp_path):
+    """Softmax in the weights' dtype rounded probabilities to about 3 digits under '*-true' precision."""
+    module = DistillationModule(FrozenTeacher(_teacher_net()), DigitsConvNetHalf()).to(torch.bfloat16)
+    probabilities = module.predict_step(_digits_x().to(torch.bfloat16), 0)
+    assert probabilities.dtype == torch.float32
+    assert torch.allclose(probabilities.sum(-1), torch.ones(len(probabilities)), atol=1e-6)
+
+
 def test_a_checkpoint_holding_another_teachers_weights_is_refused(distilled, tmp_path):
     """A checkpoint without the teacher's reference (older code) holds the teacher's weights; loaded as they
     were, they replaced the teacher whose file was checked. Now they must equal it: another teacher's weights are
@@ -284,6 +315,18 @@ def test_a_checkpoint_holding_another_teachers_weights_is_refused(distilled, tmp
         restored = DistillationModule.load_from_checkpoint(tmp_path / f"{name}.ckpt", teacher=module.teacher,
                                                            student=DigitsConvNetHalf())
         assert torch.equal(restored.teacher(x), module.teacher(x))
+    # A file saved before FrozenTeacher flushed subnormal weights to zero holds them raw: the same teacher.
+    planted = _teacher_net()
+    with torch.no_grad():
+        next(planted.parameters()).view(-1)[0] = 1e-40
+    given = FrozenTeacher(planted)  # flushed to zero here
+    first = next(given.parameters())
+    key = next(k for k, v in given.state_dict().items() if v.data_ptr() == first.data_ptr())
+    raw = {"teacher." + k: v.clone() for k, v in given.state_dict().items()}
+    raw["teacher." + key].view(-1)[0] = 1e-40
+    torch.save({**content, "state_dict": {**content["state_dict"], **raw}}, tmp_path / "raw.ckpt")
+    restored = DistillationModule.load_from_checkpoint(tmp_path / "raw.ckpt", teacher=given, student=DigitsConvNetHalf())
+    assert restored.teacher.state_dict()[key].view(-1)[0] == 0
     with pytest.raises(ZSKDError, match=r"^this checkpoint holds teacher weights that differ from the teacher given "
                                         r"now \(\(given in Python\); first at teacher\."):
         DistillationModule.load_from_checkpoint(tmp_path / "other.ckpt", teacher=module.teacher,

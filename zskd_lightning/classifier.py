@@ -96,7 +96,7 @@ class ClassifierModule(Float32EvaluationMetrics, L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.network(x).softmax(dim=-1)
+        return self.network(x).float().softmax(dim=-1)  # float32 under '*-true' precision
 
     def configure_optimizers(self):
         return configure_optimization(self.network.parameters(), self.optimizer, self.lr_scheduler,

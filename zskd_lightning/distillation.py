@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Literal
@@ -26,7 +27,7 @@ from zskd_lightning.optim import SchedulerInterval, configure_optimization, vali
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
 from zskd_lightning.ranks import raise_together
-from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint
+from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint, subnormal_mask
 from zskd_lightning.weighting import SampleWeighting
 
 TargetSource = Literal["teacher", "batch"]
@@ -102,6 +103,8 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         super().__init__()
         if temperature <= 0:
             raise InvalidArgument(f"temperature must be > 0, got {temperature}")
+        if target_source not in ("teacher", "batch"):
+            raise InvalidArgument(f"target_source must be 'teacher' or 'batch', got {target_source!r}")
         if export_filename is not None and not export_filename.endswith(".safetensors"):
             raise InvalidArgument(f"export_filename must end in .safetensors, got {export_filename!r}")
         # Specs (class_path/init_args) the CLI built teacher and student from are kept; module objects never are
@@ -277,7 +280,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.student(x).softmax(dim=-1)
+        return self.student(x).float().softmax(dim=-1)  # float32 under '*-true' precision: near-ties kept apart
 
     def configure_optimizers(self):
         # Only the student is optimized; the teacher has no trainable parameters.
@@ -323,7 +326,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         ours = self.teacher.state_dict()
         differing = sorted(set(held) ^ set(ours)) or [
             k for k in ours if held[k].shape != ours[k].shape or held[k].dtype != ours[k].dtype
-            or not torch.equal(held[k].to(ours[k].device), ours[k])]
+            or not torch.equal(_subnormals_flushed(held[k]).to(ours[k].device), ours[k])]
         if differing:
             raise ZSKDError(
                 f"this checkpoint holds teacher weights that differ from the teacher given now "
@@ -333,11 +336,17 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
                              weights_only: bool | None = True, **kwargs):
-        """Lightning's ``load_from_checkpoint``, loaded with ``weights_only=True``. ``teacher`` and ``student`` come
-        from the checkpoint's record (a module configured through the ``zskd`` CLI) or from ``kwargs``; a class
-        the record names must be in ``zskd_lightning``, ``torchvision.models`` or an already imported module."""
+        """Lightning's ``load_from_checkpoint``, loaded with ``weights_only=True`` unless given ``False`` (a file you
+        trust). ``teacher`` and ``student`` come from the checkpoint's record (a module configured through the
+        ``zskd`` CLI) or from ``kwargs``; a class the record names must be in ``zskd_lightning``,
+        ``torchvision.models`` or an already imported module. The module loaded keeps the record's specs, so its
+        exported student and its own checkpoints rebuild the networks as this one did."""
         path = os.fspath(checkpoint_path)
-        hparams = read_checkpoint(path, what="checkpoint").get("hyper_parameters") or {}
+        if weights_only is False:
+            content = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            content = read_checkpoint(path, what="checkpoint")
+        hparams = content.get("hyper_parameters") or {}
         missing = [name for name in ("teacher", "student")
                    if name not in kwargs and not (isinstance(hparams.get(name), dict) and "class_path" in hparams[name])]
         if missing:
@@ -349,8 +358,16 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         for name in ("teacher", "student"):
             if name not in kwargs:
                 check_class_paths(hparams[name], source=f"checkpoint {path} ({name})")
-        return super().load_from_checkpoint(path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=weights_only, **kwargs)
+        model = super().load_from_checkpoint(path, map_location=map_location, hparams_file=hparams_file,
+                                             strict=strict, weights_only=weights_only, **kwargs)
+        # Lightning rebuilds the module through jsonargparse outside the CLI, so save_hyperparameters saw network
+        # objects and kept no spec: record the checkpoint's again (and how to build from them).
+        recorded = {name: hparams[name] for name in ("teacher", "student") if name not in kwargs}
+        if recorded and "_instantiator" in hparams:
+            recorded["_instantiator"] = hparams["_instantiator"]
+        for store in (model._hparams, model._hparams_initial):
+            store.update(copy.deepcopy(recorded))
+        return model
 
     # ------------------------------------------------------------------------------------------ export
     def export_student(self, path: str | os.PathLike) -> str:
@@ -403,6 +420,14 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         raise_together(self.trainer.strategy, failure,
                        lambda: "writing the test accuracy into the exported student's record failed on global rank 0: "
                                "that rank's error says why")
+
+
+def _subnormals_flushed(tensor: Tensor) -> Tensor:
+    """``tensor`` with its subnormal values set to zero, as :class:`~zskd_lightning.FrozenTeacher` holds its weights
+    (a checkpoint saved before it flushed them holds the raw values)."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.masked_fill(subnormal_mask(tensor), 0)
 
 
 def _is_hard_label(y: Tensor) -> bool:

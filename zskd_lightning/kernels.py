@@ -28,9 +28,17 @@ class BandLocalResponseNorm(nn.Module):
     the edges, as the stock layer pads): a 1x1 convolution with a ``[C, C, 1, 1]`` weight of ``1 / size`` inside
     the window, built once per channel count, device and dtype. The mean, not the sum, so that in float16 it
     overflows only where the stock layer's does. The convolution runs in the input's dtype, outside autocast (whose
-    casting lists hold ``conv2d`` but not the stock layer's pooling), so a float32 input keeps float32 sums. Input
-    ``[N, C, H, W]``; output the same shape. (On CUDA, TF32 convolutions, when allowed, round the window mean to
-    about 1e-3 relative; the stock layer's pooling does not.)
+    casting lists hold ``conv2d``), so a float32 input keeps float32 sums. Input ``[N, C, H, W]``; output the same
+    shape and dtype. (On CUDA, TF32 convolutions, when allowed, round the window mean to about 1e-3 relative; the
+    stock layer's pooling does not.)
+
+    Under autocast a bfloat16 input (a convolution's output) stays bfloat16, where the stock layer computes and
+    returns float32 (its pooling is on CPU autocast's float32 list, its ``pow`` on CUDA's): ``k + alpha * mean``
+    then rounds to ``k`` where ``alpha * mean < k / 256``, so the output differs from the stock layer's by
+    bfloat16's rounding (about 4e-3 relative), as every later convolution's input is rounded anyway. Computing in
+    float32 there, as the stock layer does, slowed bf16 AlexNet synthesis from 688-719 to 418
+    impression-iterations/s (2 cores, AMD EPYC: ``python benchmarks/synthesis_throughput.py --models alexnet
+    --iterations 10 --impressions 256 --skip-memory --generator-models``), so it is not done.
     """
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:

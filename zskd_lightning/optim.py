@@ -24,8 +24,8 @@ def configure_optimization(
     """Return what ``LightningModule.configure_optimizers`` expects: an optimizer, or an optimizer+scheduler dict.
 
     ``ReduceLROnPlateau`` monitors ``val/loss``, once an epoch: ``interval="step"`` or ``validates=False`` (a run
-    with no validation loop, :func:`validation_runs`) refuses it in one line instead of Lightning's error after the
-    first step or epoch.
+    whose validation is switched off, :func:`validation_runs`) refuses it in one line instead of Lightning's error
+    after the first step or epoch. A fit handed no validation loader at all still gets Lightning's error.
     """
     opt = optimizer(params)
     if lr_scheduler is None:

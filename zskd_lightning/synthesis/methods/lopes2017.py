@@ -82,11 +82,11 @@ def matched_layers(metadata: Metadata, objective: LopesObjective, layers: Sequen
         if network is None:
             raise ZSKDError("the spectral objectives find the recorded linear layers in the teacher's network")
         layers = [name for name in metadata.layers if name != LOGITS and isinstance(submodule(network, name), nn.Linear)]
-    chosen = list(metadata.layers) if layers is None else list(layers)
-    unknown = [name for name in chosen if name not in metadata.layers]
+    unknown = [name for name in layers or () if name not in metadata.layers]
     if unknown:
         raise ZSKDError(f"layers {unknown} are not in the metadata (it records {list(metadata.layers)})")
-    return chosen
+    # the file's (forward) order whatever the order given: the spectral graphs chain the layers in it
+    return [name for name in metadata.layers if layers is None or name in layers]
 
 
 def target_layout(metadata: Metadata, objective: LopesObjective, layers: Sequence[str] | None,

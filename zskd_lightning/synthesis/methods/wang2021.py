@@ -79,7 +79,9 @@ def feature_layer(network: nn.Module, layer: str | None, where: str,
 
 def weight_correlation(consumer: nn.Linear | None, producer: nn.Linear | None, reading: Correlation) -> Tensor:
     """``R [d, d]`` float64: cosine similarity of the units' outgoing (consumer columns) or incoming (producer
-    rows) weight vectors; unit diagonal."""
+    rows) weight vectors; unit diagonal, except 0 for a unit whose weight vector is all zeros (a dead unit of a
+    weight-decayed teacher, its subnormal weights flushed); the sampler's ``eps * I`` (eps > 0) keeps the
+    covariance positive definite."""
     if reading == "outgoing":
         if consumer is None:
             raise ZSKDError("correlation 'outgoing' needs a later nn.Linear that consumes the modelled features")
