@@ -336,17 +336,17 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
                              weights_only: bool | None = True, **kwargs):
-        """Lightning's ``load_from_checkpoint``, loaded with ``weights_only=True`` unless given ``False`` (a file you
-        trust). ``teacher`` and ``student`` come from the checkpoint's record (a module configured through the
-        ``zskd`` CLI) or from ``kwargs``; a class the record names must be in ``zskd_lightning``,
-        ``torchvision.models`` or an already imported module. The module loaded keeps the record's specs, so its
-        exported student and its own checkpoints rebuild the networks as this one did."""
+        """Lightning's ``load_from_checkpoint``, loaded with ``weights_only=True`` (this library never unpickles a
+        file: ``weights_only`` set to False is refused in one line). ``teacher`` and ``student`` come from the
+        checkpoint's record (a module configured through the ``zskd`` CLI) or from ``kwargs``; a class the record
+        names must be in ``zskd_lightning``, ``torchvision.models`` or an already imported module. The module loaded
+        keeps the record's specs, so its exported student and its own checkpoints rebuild the networks as this one
+        did."""
+        if weights_only is not True and weights_only is not None:
+            raise InvalidArgument(f"DistillationModule.load_from_checkpoint reads checkpoints without unpickling "
+                                  f"(weights_only=True); got weights_only={weights_only!r}: leave it out")
         path = os.fspath(checkpoint_path)
-        if weights_only is False:
-            content = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            content = read_checkpoint(path, what="checkpoint")
-        hparams = content.get("hyper_parameters") or {}
+        hparams = read_checkpoint(path, what="checkpoint").get("hyper_parameters") or {}
         missing = [name for name in ("teacher", "student")
                    if name not in kwargs and not (isinstance(hparams.get(name), dict) and "class_path" in hparams[name])]
         if missing:
@@ -359,7 +359,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
             if name not in kwargs:
                 check_class_paths(hparams[name], source=f"checkpoint {path} ({name})")
         model = super().load_from_checkpoint(path, map_location=map_location, hparams_file=hparams_file,
-                                             strict=strict, weights_only=weights_only, **kwargs)
+                                             strict=strict, weights_only=True, **kwargs)
         # Lightning rebuilds the module through jsonargparse outside the CLI, so save_hyperparameters saw network
         # objects and kept no spec: record the checkpoint's again (and how to build from them).
         recorded = {name: hparams[name] for name in ("teacher", "student") if name not in kwargs}

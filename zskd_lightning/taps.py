@@ -157,7 +157,9 @@ def run_from(model: nn.Module, tap: Tap, value: Tensor, input_shape: tuple[int, 
     The layers before ``tap`` still run, on a zero input ``[N, *input_shape]``, and are overridden there. To
     check that nothing after ``tap`` reads them too (a skip connection around it), the pass is repeated on a
     second input (standard normal, fixed seed); different outputs end in a one-line error, and so does a tapped
-    module that runs more than once a pass (each call would be given ``value``).
+    module that runs more than once a pass (each call would be given ``value``). ``model`` is expected in eval mode
+    (a :class:`~zskd_lightning.FrozenTeacher` always is): in train mode its BatchNorm layers would update their
+    running statistics on both passes' zero and random inputs.
     """
     device = value.device
     second = torch.randn((len(value), *input_shape), generator=torch.Generator().manual_seed(0)).to(device)

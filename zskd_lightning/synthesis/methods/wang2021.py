@@ -108,9 +108,9 @@ class GaussianFeatureTargets(TargetSampler):
     a list, impression ``i`` then drawing from ``sigma[(i // K) % len(sigma)]`` (as ZSKD spreads its betas), a
     mixture of confidences; with ``balanced`` the Gaussian is conditioned on the teacher's class, as ZSKD allots
     its classes: impression ``i`` keeps the first draw whose argmax is class ``i mod K`` (rejection, rounds of
-    ``4 N`` draws from the chunk's stream, so identical on every rank). Unconditioned, the classes follow the
-    teacher's head: 5-13% each for LeNet-5 on MNIST at sigma 5, 5.5-15% for the CIFAR-10
-    AlexNet at sigma 2 (2,560 draws, seed 0).
+    ``4 N`` draws from the chunk's stream for the ``N`` impressions of one sigma, so identical on every rank).
+    Unconditioned, the classes follow the teacher's head: 5-13% each for LeNet-5 on MNIST at sigma 5, 5.5-15% for
+    the CIFAR-10 AlexNet at sigma 2 (2,560 draws, seed 0).
     """
 
     #: rounds of ``4 N`` draws a balanced chunk may take before a class is declared out of the head's reach
@@ -177,8 +177,10 @@ class GaussianFeatureTargets(TargetSampler):
             if not open_slots.any():
                 return logits
         missing = sorted(set(classes[open_slots].tolist()))
-        raise ZSKDError(f"balanced Wang targets: classes {missing} are the teacher's argmax for under 1 in "
-                        f"{4 * self.max_rounds} draws at {self.tap.key!r}; use balanced=False or a larger sigma")
+        # max_rounds x 4N draws fill about N / K slots of a class: it was drawn under once in 4 max_rounds K draws
+        raise ZSKDError(f"balanced Wang targets: classes {missing} are the teacher's argmax for under about 1 in "
+                        f"{4 * self.max_rounds * context.num_classes} draws at {self.tap.key!r}; use balanced=False "
+                        "or a larger sigma")
 
     def sample(self, chunk: Chunk, context: SynthesisContext) -> tuple[Tensor, Tensor]:
         num_classes = context.num_classes
