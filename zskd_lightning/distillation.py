@@ -27,7 +27,7 @@ from zskd_lightning.optim import SchedulerInterval, configure_optimization, vali
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
 from zskd_lightning.ranks import raise_together
-from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint, subnormal_mask
+from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint, subnormals_flushed
 from zskd_lightning.weighting import SampleWeighting
 
 TargetSource = Literal["teacher", "batch"]
@@ -326,7 +326,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         ours = self.teacher.state_dict()
         differing = sorted(set(held) ^ set(ours)) or [
             k for k in ours if held[k].shape != ours[k].shape or held[k].dtype != ours[k].dtype
-            or not torch.equal(_subnormals_flushed(held[k]).to(ours[k].device), ours[k])]
+            or not torch.equal(subnormals_flushed(held[k]).to(ours[k].device), ours[k])]  # older files: raw
         if differing:
             raise ZSKDError(
                 f"this checkpoint holds teacher weights that differ from the teacher given now "
@@ -420,14 +420,6 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
         raise_together(self.trainer.strategy, failure,
                        lambda: "writing the test accuracy into the exported student's record failed on global rank 0: "
                                "that rank's error says why")
-
-
-def _subnormals_flushed(tensor: Tensor) -> Tensor:
-    """``tensor`` with its subnormal values set to zero, as :class:`~zskd_lightning.FrozenTeacher` holds its weights
-    (a checkpoint saved before it flushed them holds the raw values)."""
-    if not tensor.is_floating_point():
-        return tensor
-    return tensor.masked_fill(subnormal_mask(tensor), 0)
 
 
 def _is_hard_label(y: Tensor) -> bool:

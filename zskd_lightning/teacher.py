@@ -376,6 +376,12 @@ def subnormal_mask(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.abs() < torch.finfo(tensor.dtype).tiny) & (tensor != 0)
 
 
+def subnormals_flushed(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with its subnormal values set to zero (as :func:`flush_subnormals` leaves a teacher's
+    weights); a tensor that is not floating point is returned as it is."""
+    return tensor.masked_fill(subnormal_mask(tensor), 0) if tensor.is_floating_point() else tensor
+
+
 def flush_subnormals(module: nn.Module) -> int:
     """Set ``module``'s subnormal floating-point parameters and buffers (0 < |w| < the dtype's smallest normal,
     e.g. 1.2e-38 in float32) to zero, in place; returns how many there were.
