@@ -361,6 +361,17 @@ def test_a_method_that_reads_the_student_is_refused_for_a_cache_in_one_line(tmp_
     assert "\n" not in str(error.value)
 
 
+def test_a_generator_method_is_refused_for_a_cache_in_one_line(tmp_path):
+    """From Python (YAML checks the type) a generator reached the run: the lock taken and spec.json written for
+    a cache it could never fill, then an AttributeError on `iterations`."""
+    from zskd_lightning import FastSynthesizer
+
+    with pytest.raises(InvalidArgument, match=r"^an impression cache is made by a per-input inversion .* got "
+                                              r"FastSynthesizer: a generator synthesizes during distillation"):
+        tiny.make_datamodule(tmp_path / "cache", synthesizer=FastSynthesizer(adversarial=0))
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_manifest_that_cannot_be_written_is_a_one_line_error_shared_by_every_rank(tmp_path, monkeypatch):
     """Rank 0 writes the manifest after the others finished: its OSError (a full disk) must reach them through the
     broadcast that follows, not leave them waiting there; the finished chunks stay for the next run."""
@@ -717,7 +728,7 @@ def test_a_folder_that_is_not_a_cache_is_refused_and_its_files_kept(tmp_path):
         tiny.run_synthesis(folder, grid=False)
     message = str(error.value)
     assert "\n" not in message and "holds no impression cache" in message and "thesis.tex.tmp" in message
-    assert (folder / "thesis.tex.tmp").read_text() == "three years of work"
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex.tmp"]  # untouched: no .lock left either
     tiny.run_synthesis(folder, grid=False, overwrite_cache=True)  # told to: the cache goes beside the file
     assert (folder / "thesis.tex.tmp").read_text() == "three years of work"
     assert (folder / "manifest.json").exists()

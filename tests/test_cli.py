@@ -254,6 +254,24 @@ def test_a_module_loaded_from_a_cli_checkpoint_keeps_the_network_specs(cli_runs,
         assert torch.equal(again.eval()(x), restored(x))
 
 
+def test_a_classifier_loaded_from_a_cli_checkpoint_keeps_its_network_spec(cli_runs, tmp_path):
+    """As for DistillationModule: a teacher module loaded outside the CLI dropped its `network` spec, so a
+    checkpoint it saved (e.g. after fine-tuning) no longer served as a teacher, nor loaded alone."""
+    from zskd_lightning import ClassifierModule, FrozenTeacher
+
+    checkpoint = cli_runs["work"] / "teacher.ckpt"
+    content = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    module = ClassifierModule.load_from_checkpoint(checkpoint)
+    assert module.hparams["network"] == content["hyper_parameters"]["network"]
+    torch.save({**content, "hyper_parameters": dict(module.hparams)}, tmp_path / "again.ckpt")  # as a save would
+    teacher = FrozenTeacher(checkpoint=str(tmp_path / "again.ckpt"))  # no `network` given
+    again = ClassifierModule.load_from_checkpoint(tmp_path / "again.ckpt")
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), module.eval()(x), atol=1e-5)
+        assert torch.equal(again.eval()(x), module(x))
+
+
 def test_zskd_test_subcommand(cli_runs):
     result = cli_runs["test"]
     _ok(result)
@@ -279,6 +297,19 @@ def test_print_config_in_process(write_yaml, classifier_config, tmp_path, capsys
     assert printed["model"]["init_args"]["network"]["class_path"] == DIGITS_HALF
     assert printed["data"]["class_path"] == "zskd_lightning.data.DigitsDataModule"
     assert not (tmp_path / "runs").exists()  # printing the config trains nothing
+
+
+def test_weights_only_false_on_the_command_line_is_refused_in_one_line(write_yaml, classifier_config, tmp_path,
+                                                                       capsys, monkeypatch):
+    """`--weights_only false` reached Trainer.fit, which unpickles --ckpt_path (code in the file would run)."""
+    monkeypatch.setattr(sys, "argv", ["zskd"])
+    path = write_yaml(classifier_config(tmp_path / "runs"), "tiny.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--weights_only", "false", "--trainer.logger", "false"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "zskd: error: zskd fit loads --ckpt_path without unpickling (weights_only=True); got weights_only=False: "
+        "leave it out")
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -157,6 +157,15 @@ def test_an_export_to_the_records_name_is_refused_in_one_line(distilled, tmp_pat
     assert not list(tmp_path.glob("student.*"))
 
 
+@pytest.mark.parametrize("name", ["student.pt", "student", "student.SAFETENSORS"])
+def test_an_export_to_another_suffix_is_refused_in_one_line(distilled, tmp_path, name):
+    """`load_student("student.json")` looks for student.safetensors: weights written as student.pt were not found."""
+    with pytest.raises(InvalidArgument, match=rf"^cannot export the student's weights to .*{name}: they are a "
+                                              r"safetensors file, named \*.safetensors"):
+        distilled["module"].export_student(tmp_path / name)
+    assert not list(tmp_path.glob("student*"))
+
+
 def test_load_student_refuses_what_is_not_a_student(tmp_path):
     (tmp_path / "student.json").write_text(json.dumps({"format": "something else"}))
     (tmp_path / "student.safetensors").write_bytes(b"")
@@ -411,6 +420,22 @@ def test_a_plateau_scheduler_is_refused_where_val_loss_would_be_missing(tmp_path
         quiet_trainer(tmp_path, limit_train_batches=2).fit(
             ClassifierModule(DigitsConvNet(), lr_scheduler=plateau, scheduler_interval="step"),
             datamodule=DigitsDataModule(batch_size=16))
+
+
+def test_a_plateau_scheduler_steps_with_a_validation_every_n_epochs(tmp_path):
+    """With check_val_every_n_epoch: 2 the plateau scheduler was stepped at epoch 0's end, before any val/loss:
+    Lightning's error after an epoch of training. It now steps once per validation; step-based validation is
+    refused before training."""
+    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)  # noqa: E731
+    module = ClassifierModule(DigitsConvNet(), lr_scheduler=plateau)
+    trainer = quiet_trainer(tmp_path, max_epochs=4, limit_train_batches=2, limit_val_batches=1,
+                            check_val_every_n_epoch=2)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2  # stepped after epochs 2 and 4
+    by_steps = quiet_trainer(tmp_path, limit_train_batches=4, check_val_every_n_epoch=None, val_check_interval=2)
+    with pytest.raises(ZSKDError, match=r"validates by training steps \(check_val_every_n_epoch: null\)"):
+        by_steps.fit(ClassifierModule(DigitsConvNet(), lr_scheduler=plateau), datamodule=DigitsDataModule(batch_size=16))
+    assert by_steps.global_step == 0
 
 
 # ------------------------------------------------------------------------------- the training loss

@@ -528,15 +528,21 @@ def same_state(a, b) -> bool:
     return a == b
 
 
-def test_a_checkpoint_saved_before_the_first_batch_of_a_resumed_fit_holds_what_was_loaded(tmp_path):
-    """E.g. an error in ``on_train_start`` that ``OnExceptionCheckpoint`` saves: the replay loader's streams and
-    the global random generators in it are those of the checkpoint resumed from, not fresh ones."""
+def _checkpoint_at_step(tmp_path, steps: int = 3) -> None:
+    """A tiny online fit of 6 steps an epoch, stopped at ``steps`` (3 or 6) with ``tmp_path/ckpt/last.ckpt``
+    (2 warm-up rounds and one every 2 steps: 3 or 4 rounds)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     model, datamodule = tiny.online_setup(steps_per_epoch=6)
     every3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=3, save_top_k=0)
-    tiny.quiet_trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[every3]).fit(
+    tiny.quiet_trainer(tmp_path, max_steps=steps, enable_checkpointing=True, callbacks=[every3]).fit(
         model, datamodule=datamodule)
+
+
+def test_a_checkpoint_saved_before_the_first_batch_of_a_resumed_fit_holds_what_was_loaded(tmp_path):
+    """E.g. an error in ``on_train_start`` that ``OnExceptionCheckpoint`` saves: the replay loader's streams and
+    the global random generators in it are those of the checkpoint resumed from, not fresh ones."""
+    _checkpoint_at_step(tmp_path)
 
     class SaveAtStart(Callback):
         def on_train_start(self, trainer, pl_module):
@@ -597,6 +603,31 @@ def test_a_datamodule_reused_for_a_new_fit_starts_from_an_empty_buffer(tmp_path)
     assert reused.buffer.written == new.buffer.written and reused.sampler.draws == new.sampler.draws
     assert torch.equal(reused.buffer.inputs, new.buffer.inputs)
     assert np.array_equal(reused.sampler.tree.values(), new.sampler.tree.values())
+
+
+def test_a_resume_that_stops_before_training_leaves_nothing_to_the_next_new_fit(tmp_path):
+    """The loaded state waited for training to start: a resumed fit that stopped before it (a failed sanity check,
+    Ctrl-C) left it, and the next new fit with that callback resumed the old buffer and generator instead."""
+    _checkpoint_at_step(tmp_path, steps=6)
+
+    class StopBeforeTraining(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            raise RuntimeError("stopped before training")
+
+    _, reused = tiny.online_setup(steps_per_epoch=6)
+    synthesis = reused.synthesis_callbacks()[0]
+    model, _ = tiny.online_setup()
+    with pytest.raises(RuntimeError, match="stopped before training"):
+        tiny.quiet_trainer(tmp_path, max_steps=4, callbacks=[synthesis, StopBeforeTraining()]).fit(
+            model, datamodule=reused, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert synthesis.state_dict()["rounds"] == 4  # what was loaded, not yet applied, is what a save would keep
+    model, _ = tiny.online_setup()
+    tiny.quiet_trainer(tmp_path, max_steps=4, callbacks=[synthesis]).fit(model, datamodule=reused)
+    _, new = tiny.online_setup(steps_per_epoch=6)
+    model, _ = tiny.online_setup()
+    tiny.quiet_trainer(tmp_path, max_steps=4).fit(model, datamodule=new)
+    assert synthesis.rounds == 3  # two warm-up rounds, one at step 2: a new fit's (the checkpoint's 4, none more)
+    assert reused.buffer.written == new.buffer.written and torch.equal(reused.buffer.inputs, new.buffer.inputs)
 
 
 def test_replay_batches_are_augmented_on_their_device_while_training():

@@ -631,6 +631,29 @@ def test_a_checkpoint_of_another_split_is_refused_in_one_line():
     DigitsDataModule(seed=3).load_state_dict(older)
 
 
+def test_testing_and_predicting_take_a_checkpoint_of_another_split(tmp_path):
+    """Lightning restores the datamodule's state in every stage: `zskd test --data.seed 1 --ckpt_path ...` was
+    refused for a split that test and predict never read (they read the official test set). Validation still is."""
+    from helpers.tiny import quiet_trainer
+    from zskd_lightning import ClassifierModule
+    from zskd_lightning.models import DigitsConvNetHalf
+
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(ClassifierModule(DigitsConvNetHalf()), datamodule=DigitsDataModule(seed=0, batch_size=16))
+    checkpoint = tmp_path / "split0.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    other = DigitsDataModule(seed=3, batch_size=16)
+    (metrics,) = quiet_trainer(tmp_path).test(ClassifierModule(DigitsConvNetHalf()), datamodule=other,
+                                              ckpt_path=checkpoint, verbose=False)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    predictions = quiet_trainer(tmp_path).predict(ClassifierModule(DigitsConvNetHalf()), datamodule=other,
+                                                  ckpt_path=checkpoint)
+    assert sum(len(p) for p in predictions) == len(other.test_dataset)
+    with pytest.raises(ZSKDError, match="this checkpoint trained on the split of seed 0"):
+        quiet_trainer(tmp_path).validate(ClassifierModule(DigitsConvNetHalf()), datamodule=other,
+                                         ckpt_path=checkpoint, verbose=False)
+
+
 def test_validate_builds_the_validation_split_alone():
     """A data-free run validating on real images sets its eval data up for ``validate``: the training split
     (553 MB of float32 for CIFAR-10, per process) was built too and never read."""

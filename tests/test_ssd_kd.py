@@ -64,6 +64,15 @@ def test_sum_tree_finds_prefix_intervals():
     assert tree.values().tolist() == [1.0, 0.75, 2.0, 0.25, 0.5] and tree.total == 4.5
 
 
+def test_probabilities_before_any_priority_are_uniform_and_an_empty_buffer_is_refused():
+    """They divided by a zero total: NaN for every entry, silently."""
+    sampler = PrioritySampler()
+    sampler.setup(8)
+    assert sampler.probabilities(4).tolist() == [0.25] * 4
+    with pytest.raises(InvalidArgument, match=r"^probabilities of the first 0 entries: size must be >= 1$"):
+        sampler.probabilities(0)
+
+
 def test_sampler_frequencies_match_the_probabilities_within_3_standard_errors():
     sampler = PrioritySampler(alpha=0.7, beta=0.4)
     size = 50

@@ -211,6 +211,16 @@ def test_a_stop_window_under_one_iteration_is_refused():
         ZSKDSynthesizer(stop_tolerance=1e-3, stop_window=0)
 
 
+def test_a_plateau_stop_beside_a_batch_statistic_is_refused():
+    """Frozen impressions leave the forward pass, so the BatchNorm prior's chunk statistics shrank to the last few
+    still optimizing (pushed alone to the running statistics), silently. Per-sample priors still take it."""
+    with pytest.raises(InvalidArgument, match=r"^stop_tolerance freezes impressions one by one, and "
+                                              r"BatchNormStatistics is a statistic of the whole chunk"):
+        ZSKDSynthesizer(stop_tolerance=1e-3, regularizers=[TotalVariation(0.1), BatchNormStatistics(0.1)])
+    ZSKDSynthesizer(stop_tolerance=1e-3, regularizers=[TotalVariation(0.1)])
+    ZSKDSynthesizer(regularizers=[BatchNormStatistics(0.1)])
+
+
 def test_the_activation_term_on_a_network_without_a_linear_layer_names_itself():
     """FastDFKD and SSD-KD add it by default: the error names the term and how to leave it out, not Wang 2021."""
     conv_head = nn.Sequential(nn.Conv2d(1, K, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())

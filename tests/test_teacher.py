@@ -124,6 +124,16 @@ def test_load_plain_state_dict(tmp_path):
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
+def test_a_classifier_checkpoint_built_in_python_needs_its_network_in_one_line(lightning_checkpoint):
+    """Without a recorded spec the load said nothing of `network` (Lightning's TypeError on __init__)."""
+    with pytest.raises(ZSKDError, match=r"does not record the network \(the module was built in Python, not from "
+                                        r"a config\): pass network, e.g. ClassifierModule.load_from_checkpoint"):
+        ClassifierModule.load_from_checkpoint(lightning_checkpoint)
+    with pytest.raises(InvalidArgument, match=r"^ClassifierModule.load_from_checkpoint reads checkpoints without "
+                                              r"unpickling \(weights_only=True\); got weights_only=False"):
+        ClassifierModule.load_from_checkpoint(lightning_checkpoint, weights_only=False, network=DigitsConvNetHalf())
+
+
 def test_load_lightning_checkpoint_with_network(lightning_checkpoint):
     trained = ClassifierModule.load_from_checkpoint(lightning_checkpoint, network=DigitsConvNetHalf())
     trained.eval()

@@ -12,20 +12,21 @@ from torch import nn
 from zskd_lightning.callbacks import missing_callbacks
 from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import ZSKDError
-from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
+from zskd_lightning.hparams import LoadsRecordedSpecs, cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import top1_hits
 from zskd_lightning.metrics import Float32EvaluationMetrics, mean_metric
-from zskd_lightning.optim import SchedulerInterval, configure_optimization, validation_runs
+from zskd_lightning.optim import SchedulerInterval, configure_optimization, validation_epochs
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
 
 
-class ClassifierModule(Float32EvaluationMetrics, L.LightningModule):
+class ClassifierModule(LoadsRecordedSpecs, Float32EvaluationMetrics, L.LightningModule):
     """Cross-entropy training of ``network`` on ``(image [B, C, H, W], label [B])`` batches.
 
     Logs ``train/loss``, ``val/loss``, ``val/acc`` and ``test/acc`` (top-1 accuracy, torchmetrics). Through
     the ``zskd`` CLI the checkpoint records the network's ``class_path``/``init_args`` so that
-    :class:`~zskd_lightning.FrozenTeacher` can rebuild it from the checkpoint alone.
+    :class:`~zskd_lightning.FrozenTeacher` can rebuild it from the checkpoint alone, and
+    ``ClassifierModule.load_from_checkpoint(path)`` needs nothing else (the module loaded keeps the spec).
 
     Args:
         network: the classifier, mapping ``[B, C, H, W]`` to logits ``[B, num_classes]``.
@@ -33,6 +34,8 @@ class ClassifierModule(Float32EvaluationMetrics, L.LightningModule):
         lr_scheduler: optional scheduler factory, stepped every ``scheduler_interval``.
         label_smoothing: cross-entropy label smoothing.
     """
+
+    spec_args = ("network",)
 
     def __init__(
         self,
@@ -100,4 +103,4 @@ class ClassifierModule(Float32EvaluationMetrics, L.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimization(self.network.parameters(), self.optimizer, self.lr_scheduler,
-                                      self.hparams.scheduler_interval, validation_runs(self))
+                                      self.hparams.scheduler_interval, validation_epochs(self))

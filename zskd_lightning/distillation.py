@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from typing import Literal
@@ -20,14 +19,14 @@ from zskd_lightning.callbacks import missing_callbacks
 from zskd_lightning.checks import check_same_classes, probe_num_outputs
 from zskd_lightning.errors import REPLAY_NEEDS_TEACHER_TARGETS, InvalidArgument, ZSKDError
 from zskd_lightning.export import record_path, update_record, write_student
-from zskd_lightning.hparams import cli_given_spec, module_valued_init_args
+from zskd_lightning.hparams import LoadsRecordedSpecs, cli_given_spec, module_valued_init_args
 from zskd_lightning.losses import kd_loss, kd_loss_per_sample, soft_target_kd_loss, top1_hits
 from zskd_lightning.metrics import Float32EvaluationMetrics, mean_metric
-from zskd_lightning.optim import SchedulerInterval, configure_optimization, validation_runs
+from zskd_lightning.optim import SchedulerInterval, configure_optimization, validation_epochs
 from zskd_lightning.predictions import writer_unless_present
 from zskd_lightning.random_resume import ResumedRandomStreams
 from zskd_lightning.ranks import raise_together
-from zskd_lightning.teacher import as_frozen_teacher, check_class_paths, read_checkpoint, subnormals_flushed
+from zskd_lightning.teacher import as_frozen_teacher, subnormals_flushed
 from zskd_lightning.weighting import SampleWeighting
 
 TargetSource = Literal["teacher", "batch"]
@@ -37,7 +36,7 @@ TEACHER_REFERENCE_KEY = "zskd_teacher"
 _TEACHER_PREFIX = "teacher."
 
 
-class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
+class DistillationModule(LoadsRecordedSpecs, Float32EvaluationMetrics, L.LightningModule):
     """Train ``student`` to match a frozen ``teacher``.
 
     Loss per batch ``(x [B, C, H, W], y)``:
@@ -85,6 +84,8 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
     checkpoint also records the teacher's and the student's ``class_path``/``init_args``, so
     ``DistillationModule.load_from_checkpoint(path)`` needs nothing else.
     """
+
+    spec_args = ("teacher", "student")
 
     def __init__(
         self,
@@ -285,7 +286,7 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
     def configure_optimizers(self):
         # Only the student is optimized; the teacher has no trainable parameters.
         return configure_optimization(self.student.parameters(), self.optimizer, self.lr_scheduler,
-                                      self.hparams.scheduler_interval, validation_runs(self))
+                                      self.hparams.scheduler_interval, validation_epochs(self))
 
     # ------------------------------------------------------------------------------------- checkpoints
     def teacher_reference(self) -> dict[str, str | None]:
@@ -332,42 +333,6 @@ class DistillationModule(Float32EvaluationMetrics, L.LightningModule):
                 f"this checkpoint holds teacher weights that differ from the teacher given now "
                 f"({self.teacher.checkpoint or '(given in Python)'}; first at {_TEACHER_PREFIX}{differing[0]}): "
                 "resume with the teacher it was distilled from")
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
-                             weights_only: bool | None = True, **kwargs):
-        """Lightning's ``load_from_checkpoint``, loaded with ``weights_only=True`` (this library never unpickles a
-        file: ``weights_only`` set to False is refused in one line). ``teacher`` and ``student`` come from the
-        checkpoint's record (a module configured through the ``zskd`` CLI) or from ``kwargs``; a class the record
-        names must be in ``zskd_lightning``, ``torchvision.models`` or an already imported module. The module loaded
-        keeps the record's specs, so its exported student and its own checkpoints rebuild the networks as this one
-        did."""
-        if weights_only is not True and weights_only is not None:
-            raise InvalidArgument(f"DistillationModule.load_from_checkpoint reads checkpoints without unpickling "
-                                  f"(weights_only=True); got weights_only={weights_only!r}: leave it out")
-        path = os.fspath(checkpoint_path)
-        hparams = read_checkpoint(path, what="checkpoint").get("hyper_parameters") or {}
-        missing = [name for name in ("teacher", "student")
-                   if name not in kwargs and not (isinstance(hparams.get(name), dict) and "class_path" in hparams[name])]
-        if missing:
-            raise ZSKDError(
-                f"checkpoint {path} does not record the {' and '.join(missing)} (the module was built in Python, not "
-                f"from a config): pass {' and '.join(missing)}, e.g. DistillationModule.load_from_checkpoint(path, "
-                + ", ".join(f"{name}=..." for name in missing) + ")"
-            )
-        for name in ("teacher", "student"):
-            if name not in kwargs:
-                check_class_paths(hparams[name], source=f"checkpoint {path} ({name})")
-        model = super().load_from_checkpoint(path, map_location=map_location, hparams_file=hparams_file,
-                                             strict=strict, weights_only=True, **kwargs)
-        # Lightning rebuilds the module through jsonargparse outside the CLI, so save_hyperparameters saw network
-        # objects and kept no spec: record the checkpoint's again (and how to build from them).
-        recorded = {name: hparams[name] for name in ("teacher", "student") if name not in kwargs}
-        if recorded and "_instantiator" in hparams:
-            recorded["_instantiator"] = hparams["_instantiator"]
-        for store in (model._hparams, model._hparams_initial):
-            store.update(copy.deepcopy(recorded))
-        return model
 
     # ------------------------------------------------------------------------------------------ export
     def export_student(self, path: str | os.PathLike) -> str:

@@ -37,7 +37,7 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
                   input_shape: Sequence[int] | None, input_mean: Sequence[float] | None,
                   input_std: Sequence[float] | None, num_classes: int | None,
                   teacher: Mapping[str, Any] | None) -> tuple[str, str]:
-    """Write ``student``'s weights to ``path`` (safetensors) and its record beside it, each atomically.
+    """Write ``student``'s weights to ``path`` (a ``*.safetensors`` file) and its record beside it, each atomically.
 
     ``spec``: the student's ``{"class_path", "init_args"}`` when known (else the class is recorded alone).
     Returns ``(weights_path, record_path)``.
@@ -47,6 +47,9 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
     if os.path.splitext(path)[1].lower() == ".json":  # the record's own name (a case-blind file system too)
         raise InvalidArgument(f"cannot export the student's weights to {path}: the record beside the weights is "
                               "written to the .json name; give a weights file, e.g. student.safetensors")
+    if not path.endswith(".safetensors"):  # load_student finds the weights beside their record by this suffix
+        raise InvalidArgument(f"cannot export the student's weights to {path}: they are a safetensors file, named "
+                              "*.safetensors (load_student finds them beside their .json record by that name)")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}  # no shared storage
 

@@ -3,12 +3,17 @@ the network objects themselves (a checkpoint must load with ``weights_only=True`
 
 from __future__ import annotations
 
+import copy
 import inspect
+import os
 from typing import Any
 
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import nn
+
+from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.teacher import check_class_paths, read_checkpoint
 
 
 def cli_given_spec(name: str) -> dict[str, Any] | None:
@@ -34,3 +39,51 @@ def module_valued_init_args() -> list[str]:
     for level in collect_init_args(caller, [], classes=(HyperparametersMixin,)):
         names += [name for name, value in level.items() if isinstance(value, nn.Module) and name not in names]
     return names
+
+
+def _is_spec(value: Any) -> bool:
+    return isinstance(value, dict) and "class_path" in value
+
+
+class LoadsRecordedSpecs:
+    """``load_from_checkpoint`` for a LightningModule whose networks (``spec_args``) the ``zskd`` CLI built from
+    ``class_path``/``init_args`` specs. Put it before ``LightningModule`` among the bases.
+
+    Lightning rebuilds a loaded module outside the CLI, where ``save_hyperparameters`` sees network objects and
+    keeps no spec; the module loaded here gets the checkpoint's specs (and how to build from them) back, so its
+    exports and its own checkpoints rebuild the networks as the first run did.
+    """
+
+    #: Init arguments that are networks: each recorded in the checkpoint (a CLI run) or given to the load.
+    spec_args: tuple[str, ...] = ()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool | None = True, **kwargs):
+        """Lightning's ``load_from_checkpoint``, loaded with ``weights_only=True`` (this library never unpickles a
+        file: ``weights_only`` set to False is refused in one line). Each of ``spec_args`` comes from the
+        checkpoint's record or from ``kwargs``; a class the record names must be in ``zskd_lightning``,
+        ``torchvision.models`` or an already imported module."""
+        if weights_only is not True and weights_only is not None:
+            raise InvalidArgument(f"{cls.__name__}.load_from_checkpoint reads checkpoints without unpickling "
+                                  f"(weights_only=True); got weights_only={weights_only!r}: leave it out")
+        path = os.fspath(checkpoint_path)
+        hparams = read_checkpoint(path, what="checkpoint").get("hyper_parameters") or {}
+        missing = [name for name in cls.spec_args if name not in kwargs and not _is_spec(hparams.get(name))]
+        if missing:
+            raise ZSKDError(
+                f"checkpoint {path} does not record the {' and '.join(missing)} (the module was built in Python, not "
+                f"from a config): pass {' and '.join(missing)}, e.g. {cls.__name__}.load_from_checkpoint(path, "
+                + ", ".join(f"{name}=..." for name in missing) + ")"
+            )
+        recorded = {name: value for name, value in hparams.items() if name not in kwargs and _is_spec(value)}
+        for name, spec in recorded.items():
+            check_class_paths(spec, source=f"checkpoint {path} ({name})")
+        model = super().load_from_checkpoint(path, map_location=map_location, hparams_file=hparams_file,
+                                             strict=strict, weights_only=True, **kwargs)
+        recorded = {name: spec for name, spec in recorded.items() if not _is_spec(model._hparams.get(name))}
+        if recorded and "_instantiator" in hparams:
+            recorded["_instantiator"] = hparams["_instantiator"]
+        for store in (model._hparams, model._hparams_initial):
+            store.update(copy.deepcopy(recorded))
+        return model

@@ -18,6 +18,7 @@ from typing import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from zskd_lightning.augment import BatchAugmentation, augment_normalized
@@ -227,13 +228,15 @@ class ClassificationDataModule(ValidationSwitch, L.LightningDataModule):
                 "split": {"seed": self.seed, "val_fraction": self.val_fraction}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the streams; a checkpoint trained on another split is refused in one line (its validation
-        images would now include images it trained on). Checkpoints from before the split was kept load as they
-        are."""
+        """Restore the streams; a fit or validation from a checkpoint trained on another split is refused in one
+        line (its validation images would now include images it trained on). ``test`` and ``predict`` read only
+        the official test set, which the split does not touch: they take any split. Checkpoints from before the
+        split was kept load as they are."""
         state = dict(state_dict)
         split = state.pop("split", None)
         now = {"seed": self.seed, "val_fraction": self.val_fraction}
-        if split is not None and split != now:
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        if split is not None and split != now and stage not in (TrainerFn.TESTING, TrainerFn.PREDICTING):
             raise ZSKDError(
                 f"{type(self).__name__}: this checkpoint trained on the split of seed {split['seed']} and "
                 f"val_fraction {split['val_fraction']}, the datamodule now has seed {self.seed} and val_fraction "

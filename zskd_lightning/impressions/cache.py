@@ -208,14 +208,8 @@ class ImpressionCache:
         if mismatch and not overwrite:
             raise ZSKDError(mismatch)
         self._make_folder()
+        self.refuse_foreign_folder(overwrite)
         names = os.listdir(self.directory)
-        foreign = sorted(n for n in names if not OWN_FILE.match(n) and n != LOCK_FILE)
-        if foreign and "spec.json" not in names and not overwrite:
-            raise ZSKDError(
-                f"cache_dir {self.directory} is not empty and holds no impression cache ({len(foreign)} other "
-                f"file(s), e.g. {foreign[0]!r}); use an empty or new folder, or set overwrite_cache: true to put the "
-                "cache beside them (they are never deleted)"
-            )
         for name in names:
             if not OWN_FILE.match(name):
                 continue
@@ -224,6 +218,21 @@ class ImpressionCache:
                     os.remove(self.path(name))
         if not os.path.exists(self.path("spec.json")):
             _write_json(self.path("spec.json"), self.spec)
+
+    def refuse_foreign_folder(self, overwrite: bool) -> None:
+        """A folder holding other files and no impression cache is an error unless ``overwrite`` (its files are then
+        kept beside the cache). Reads only: the synthesis driver asks before it takes the lock, so a refused folder
+        is left as it was (no ``.lock`` file)."""
+        if overwrite or not os.path.isdir(self.directory):
+            return
+        names = os.listdir(self.directory)
+        foreign = sorted(n for n in names if not OWN_FILE.match(n) and n != LOCK_FILE)
+        if foreign and "spec.json" not in names:
+            raise ZSKDError(
+                f"cache_dir {self.directory} is not empty and holds no impression cache ({len(foreign)} other "
+                f"file(s), e.g. {foreign[0]!r}); use an empty or new folder, or set overwrite_cache: true to put the "
+                "cache beside them (they are never deleted)"
+            )
 
     def upgrade_format_2(self) -> int | None:
         """Adopt a format-2 cache (its identity included the budget, its last chunk could be partial) of the same

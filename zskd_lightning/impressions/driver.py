@@ -58,6 +58,12 @@ class ImpressionPlan:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.synthesizer, Synthesizer):
+            raise InvalidArgument(
+                f"an impression cache is made by a per-input inversion (a Synthesizer, e.g. ZSKDSynthesizer), got "
+                f"{type(self.synthesizer).__name__}: a generator synthesizes during distillation, in an online "
+                "method (OnlineDataModule)"
+            )
         if self.synthesizer.reads_student:
             raise InvalidArgument(
                 f"{type(self.synthesizer).__name__} has a part that reads the student, whose weights change as it "
@@ -230,6 +236,7 @@ def _fill_locked(trainer: L.Trainer, plan: ImpressionPlan, teacher: nn.Module,
             problems: dict[int, str] = {}
             complete = cache.is_complete()
             if not complete:
+                cache.refuse_foreign_folder(plan.overwrite)  # before the lock, whose file would be left there
                 held.enter_context(cache.locked())
                 kept = cache.upgrade_format_2()
                 if kept is not None:

@@ -69,6 +69,9 @@ class OnlineSynthesis(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # Before Lightning restores a checkpoint's state (load_state_dict): a state an earlier fit loaded and never
+        # applied (it stopped before training) is not this fit's, which resumes only what it loads itself.
+        self._pending = None
         datamodule = trainer.datamodule
         if not all(hasattr(datamodule, name) for name in ("buffer", "synthesizer", "sampler")):
             raise ZSKDError(f"OnlineSynthesis fills an OnlineDataModule's replay buffer; the Trainer's datamodule is "
@@ -236,8 +239,8 @@ class OnlineSynthesis(Callback):
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         dm = self._datamodule
-        if dm is None or dm.synthesizer.generator is None:
-            return dict(self._pending or {})
+        if self._pending is not None or dm is None or dm.synthesizer.generator is None:
+            return dict(self._pending or {})  # a loaded state not applied yet is still the run's
         return {"rounds": self.rounds, "synthesized": self.synthesized, "synthesis_seconds": self.synthesis_seconds,
                 "last_round_step": self._last_round_step, "generator_loss": self.generator_loss,
                 "synthesizer": self._round_start or dm.synthesizer.state_dict(), "buffer": dm.buffer.state_dict(),

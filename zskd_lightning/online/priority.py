@@ -111,9 +111,13 @@ class PrioritySampler(UniformSampler):
         return min(1.0, self.beta + (1.0 - self.beta) * self.draws / self.beta_steps)
 
     def probabilities(self, size: int) -> Tensor:
-        """``P(i)`` of the first ``size`` entries, ``[size]`` float64."""
+        """``P(i)`` of the first ``size`` entries, ``[size]`` float64; uniform while none has a priority (as
+        :meth:`draw` samples then)."""
+        if size < 1:
+            raise InvalidArgument(f"probabilities of the first {size} entries: size must be >= 1")
         values = self._tree().values()[:size]
-        return torch.from_numpy(values / values.sum())
+        total = values.sum()
+        return torch.from_numpy(values / total if total > 0 else np.full(len(values), 1.0 / len(values)))
 
     def draw(self, size: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """Stratified draw: the total mass is cut into ``batch_size`` equal segments and one entry is drawn from

@@ -192,6 +192,8 @@ class Regularizer(Part, ABC):
     """A prior on the inputs, added to the objective with weight ``weight``. Regularizers compose (a list)."""
 
     weight: float = 1.0
+    #: True for a statistic of the whole batch (a scalar penalty): its value depends on which inputs are in it.
+    batch_level: bool = False
 
     @abstractmethod
     def __call__(self, inputs: Tensor, response: Response) -> Tensor:

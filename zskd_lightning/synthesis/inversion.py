@@ -60,7 +60,8 @@ class Synthesizer(Method):
             units of the method's per-sample objective alone (its regularizers and sample weights are not in it,
             so an impression whose objective has flattened stops even while a prior term still falls): nats for
             ZSKD's cross-entropy, T^2 nats for a loss scaled by T^2 (Wang's ``matching_scale: t_squared``).
-            ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure).
+            ``None`` (default) runs every impression for all ``iterations`` (the paper's procedure). Refused
+            beside a batch-level regularizer (``BatchNormStatistics``), which couples a chunk's impressions.
         stop_window: iterations between plateau checks.
         channels_last: run the teacher on channels-last (NHWC) inputs and weights during synthesis (a teacher
             that was contiguous is restored to it afterwards). Same arithmetic, different kernels: on 2 CPU cores
@@ -119,6 +120,11 @@ class Synthesizer(Method):
             raise InvalidArgument(f"jitter must be >= 0 pixels, got {jitter}")
         if init not in INITS:
             raise InvalidArgument(f"init must be one of {list(INITS)}, got {init!r}")
+        coupled = [type(r).__name__ for r in regularizers if r.batch_level]
+        if stop_tolerance is not None and coupled:
+            raise InvalidArgument(f"stop_tolerance freezes impressions one by one, and {', '.join(coupled)} is a "
+                                  "statistic of the whole chunk (the impressions still optimizing would be matched "
+                                  "to it alone): use one or the other")
         self.target_sampler = target_sampler
         self.objective = objective
         self.regularizers = list(regularizers)

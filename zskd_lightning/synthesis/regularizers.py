@@ -84,6 +84,8 @@ class BatchNormStatistics(Regularizer):
     on the scale argument. Used in the configs of BatchNorm teachers.
     """
 
+    batch_level = True
+
     def __init__(self, weight: float = 0.01) -> None:
         self.weight = float(weight)
         self._layers: list[tuple[Tap, nn.modules.batchnorm._BatchNorm]] = []

@@ -20,7 +20,12 @@ from zskd_lightning.synthesis.api import Objective, Regularizer, Response
 class ClassBalance(Regularizer):
     """DAFL's information-entropy term (Chen et al., ICCV 2019): ``log K - H(mean_i softmax(t_i))``, a scalar
     >= 0 that is 0 when the batch's mean teacher prediction is uniform over the ``K`` classes. Lowering it
-    spreads a generator's output over every class."""
+    spreads a generator's output over every class.
+
+    In nats (natural logarithm). DAFL's public code takes ``log10``, so its weight ``w`` is ``w / ln 10`` here
+    (its 5 is about 2.17); a weight of 5 here is 2.3 times DAFL's term."""
+
+    batch_level = True
 
     def __init__(self, weight: float = 5.0) -> None:
         self.weight = float(weight)

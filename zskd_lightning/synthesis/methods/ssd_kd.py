@@ -5,7 +5,8 @@ The authors' code is not public; the forms here are the standard ones the paper'
 each choice is documented where it is made:
 
 - phi (:class:`~zskd_lightning.weighting.ModulatingFunction`) weights each input's generator objective (the
-  cross-entropy; the adversarial, activation and balance terms are not weighted) (here), decides
+  cross-entropy; every regularizer, BatchNorm statistics, the adversarial, activation and balance terms and any
+  input prior, is not weighted) (here), decides
   which buffer entries a round replaces (``OnlineDataModule(buffer_update="balanced")``), and weights each
   sample's distillation loss (``DistillationModule(sample_weights=ModulatingFunction())``);
 - the student samples the buffer by priority (:class:`~zskd_lightning.online.PrioritySampler`).
