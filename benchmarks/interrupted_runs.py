@@ -11,6 +11,10 @@ checkpoint is not counted, and neither is a checkpoint of another command or of 
 
 Times are wall seconds. Training seconds of an earlier run start when its synthesis finished (the impression
 cache's manifest was written) or, without synthesis in that run, when the run started.
+
+Each run's origin (the code's commit and the hardware, taken when it starts) is kept in the marker too, so a row
+finished by a later run records every machine it ran on and the oldest commit; a row is never resumed on another
+kind of device (a CPU row's checkpoint on a GPU): it starts afresh there.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Resumption:
     checkpoint: Path
     wall_seconds: float
     training_seconds: float
+    #: the earlier runs' origins, oldest first: ``{"commit", "hardware", "device"}`` (none from markers before them)
+    origins: tuple[dict, ...] = ()
 
 
 def newest_checkpoint(run_dir: Path, since: float) -> Path | None:
@@ -47,30 +53,37 @@ def newest_checkpoint(run_dir: Path, since: float) -> Path | None:
 
 
 def begin(run_dir: Path, command: str, fingerprint: str, manifest: Path | None = None,
-          now: float | None = None) -> Resumption | None:
+          now: float | None = None, origin: dict | None = None) -> Resumption | None:
     """Record that the row ``command`` (configs ``fingerprint``) starts now in ``run_dir``; return where an
     earlier, interrupted run of the same row left off, or ``None`` to start from scratch.
 
     ``manifest``: the row's impression-cache manifest, if it has a cache (its modification time tells when an
-    earlier run's synthesis finished).
+    earlier run's synthesis finished). ``origin``: this run's ``{"commit", "hardware", "device"}``; an earlier run
+    on another ``device`` is not resumed.
     """
     now = time.time() if now is None else now
     marker = run_dir / MARKER
     state = _read(marker)
     same_row = state is not None and state.get("command") == command and state.get("configs_sha") == fingerprint
-    checkpoint = newest_checkpoint(run_dir, state["first_started"]) if same_row else None
+    earlier = [o for o in state.get("origins", []) if isinstance(o, dict)] if same_row else []
+    other_device = sorted({o.get("device") for o in earlier} - {origin.get("device")}) if origin else []
+    if other_device:
+        print(f"    {run_dir}: the interrupted run of this row ran on {', '.join(map(str, other_device))}, this one "
+              f"on {origin.get('device')}: starting afresh", flush=True)
+    checkpoint = newest_checkpoint(run_dir, state["first_started"]) if same_row and not other_device else None
     if checkpoint is None:
-        resumption, first_started, wall, training = None, now, 0.0, 0.0
+        resumption, first_started, wall, training, earlier = None, now, 0.0, 0.0, []
     else:
         written = checkpoint.stat().st_mtime
         synthesized = manifest.stat().st_mtime if manifest is not None and manifest.exists() else 0.0
         wall = state["wall_seconds"] + max(0.0, written - state["started"])
         training = state["training_seconds"] + max(0.0, written - max(state["started"], synthesized))
-        resumption, first_started = Resumption(checkpoint, wall, training), state["first_started"]
+        resumption = Resumption(checkpoint, wall, training, tuple(earlier))
+        first_started = state["first_started"]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(marker, json.dumps({
         "command": command, "configs_sha": fingerprint, "first_started": first_started, "started": now,
-        "wall_seconds": wall, "training_seconds": training,
+        "wall_seconds": wall, "training_seconds": training, "origins": [*earlier, *([origin] if origin else [])],
     }, indent=1))
     return resumption
 

@@ -105,9 +105,11 @@ def summarize(records: list[dict[str, str]], path: Path) -> None:
              "teacher: the config's synthesizer, student and schedule, distilled on blends of pairs (not the config's",
              "own augmentation), plus the variant's changes; accuracy on the validation split of the config's data",
              "(mean ± s.d. over seeds; the test set is never read). A config marked (changed) has changed since the",
-             "row was measured: its changes then applied to the config as it was; runs of one variant measured",
-             "before and after a change are listed apart. Seconds marked * include runs that reused the impressions",
-             "another variant (or an earlier run) had made: those runs' seconds are distillation only.", "",
+             "row was measured: its changes then applied to the config as it was; one marked (unverified) was",
+             "measured before rows kept the config's sha256, so whether it changed since cannot be told. Runs of one",
+             "variant measured before and after a change are listed apart. Seconds marked * include runs that reused",
+             "the impressions another variant (or an earlier run) had made: those runs' seconds are distillation",
+             "only.", "",
              "| config | variant | changes | impressions | seeds | student val. acc. (%) | seconds per run |",
              "| --- | --- | --- | ---: | --- | ---: | ---: |"]
     groups: dict[tuple[str, str, str, str, str], list[dict[str, str]]] = {}
@@ -115,7 +117,8 @@ def summarize(records: list[dict[str, str]], path: Path) -> None:
         key = (r["config"], r["variant"], r["changes"], r["impressions"], r.get("config_sha") or "")
         groups.setdefault(key, []).append(r)
     for (config, variant, changes, n, _), group in groups.items():
-        config += " (changed)" if any(is_stale(g) for g in group) else ""
+        config += (" (changed)" if any(is_stale(g) for g in group)
+                   else " (unverified)" if not all(g.get("config_sha") for g in group) else "")
         accs = [float(g["student_val"]) for g in group]
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         seconds = statistics.mean(float(g["seconds"]) for g in group)

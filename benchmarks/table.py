@@ -249,7 +249,7 @@ MNIST = Dataset(
 
 #: The overlay that fits a CIFAR-10 online row into a CPU session (7 epochs x 200 steps).
 CIFAR_ONLINE_BUDGET = "configs/cifar10/online/cpu_budget.yaml"
-#: A longer one, 10 epochs x 400 steps (about 1.8 hours of SSD-KD on 2 cores: one session's compute).
+#: A longer one, 10 epochs x 400 steps (about 2 hours of SSD-KD on 2 cores: one session's compute).
 CIFAR_ONLINE_SESSION = "configs/cifar10/online/cpu_session.yaml"
 
 CIFAR10 = Dataset(
@@ -625,11 +625,17 @@ def run_row(args: list[str], resume: Resumption | None = None, online: bool = Fa
 
 
 def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> list[dict[str, str]]:
-    """``records`` with ``new`` appended in place of earlier measurements of its row: the same command, or the
-    same row, method, impressions and seed on the same hardware under a command the runner has since changed
-    (the ablation row holds one method per config at each budget: each is a measurement of its own)."""
+    """``records`` with ``new`` appended in place of earlier measurements of its row on the same kind of device
+    (:func:`device_kind`: a GPU measurement stands beside the CPU one): the same command, or the same row,
+    method, impressions and seed on the same hardware under a command the runner has since changed (the ablation
+    row holds one method per config at each budget: each is a measurement of its own)."""
     key = ("row", "method", "impressions", "seed", "hardware")
-    return [r for r in records if r["command"] != new["command"] and any(r[k] != new[k] for k in key)] + [new]
+
+    def replaced(r: dict[str, str]) -> bool:
+        same_kind = device_kind(r["hardware"]) == device_kind(new["hardware"])
+        return same_kind and (r["command"] == new["command"] or all(r[k] == new[k] for k in key))
+
+    return [r for r in records if not replaced(r)] + [new]
 
 
 def timed_with_subnormals(record: dict[str, str]) -> bool:
@@ -981,7 +987,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     # A row is done when measured with the same command AND the same config files (see configs_sha); rows of
     # other configs are kept in the CSV only while their command is not re-measured.
-    done = {(r["command"], r.get("configs_sha", "")) for r in records}
+    # ... on the same kind of device: a GPU run measures the rows a CPU run has measured (and keeps them).
+    machine = hardware()
+    done = {(r["command"], r.get("configs_sha", ""), device_kind(r["hardware"])) for r in records}
     students_teacher = ROOT / (dataset.teacher_file or dataset.teacher_ckpt)
     missing_teacher = (f"{students_teacher} is missing: the committed teacher, written by benchmarks/teachers.py"
                        if dataset.teacher_file
@@ -989,15 +997,19 @@ def main(argv: list[str] | None = None) -> None:
     for row, method, n, seed, zskd_args in row_commands(dataset, rows, args.seeds, args.schedule):
         command = " ".join(zskd_args)
         fingerprint = row_fingerprint(dataset, row, zskd_args)
-        if (command, fingerprint) in done:
+        if (command, fingerprint, device_kind(machine)) in done:
+            print(f"    {row} seed {seed}: measured with these configs on {device_kind(machine)} (in {path.name})",
+                  flush=True)
             continue
         if row != "teacher" and not students_teacher.exists():
             raise SystemExit(missing_teacher)
         try:
             prepare_row(dataset, row)
             run_dir = row_run_dir(zskd_args)
+            # taken before the run: a commit made meanwhile in this checkout is not the code that ran
+            origin = {"commit": code_commit(), "hardware": machine, "device": device_kind(machine)}
             resume = None if run_dir is None else interrupted_runs.begin(
-                run_dir, command, fingerprint, cache_manifest(zskd_args))
+                run_dir, command, fingerprint, cache_manifest(zskd_args), origin=origin)
             print(f"[{time.strftime('%H:%M:%S')}] zskd {command}", flush=True)
             if resume is not None:
                 print(f"    resuming from {resume.checkpoint.relative_to(ROOT)} ({resume.wall_seconds:.0f} s of "
@@ -1007,11 +1019,15 @@ def main(argv: list[str] | None = None) -> None:
         except RowFailed as failure:
             raise SystemExit(f"table.py: {failure} (rows measured before it are in {path})") from None
         n = int(result.pop("synthesized", n))
-        record = {"row": row, "method": method, "impressions": n, "seed": seed, "hardware": hardware(),
+        # a row finished by a later run: every machine it ran on, and the oldest commit (a mark for a fix that an
+        # earlier part lacked stays on the row)
+        parts = [*(resume.origins if resume is not None else ()), origin]
+        record = {"row": row, "method": method, "impressions": n, "seed": seed,
+                  "hardware": " + ".join(dict.fromkeys(str(p.get("hardware")) for p in parts)),
                   "command": command, **{k: f"{v:.4f}" if "acc" in k else f"{v:.1f}" for k, v in result.items()}}
         record["configs_sha"] = fingerprint
-        record["commit"] = code_commit()
-        done.add((command, fingerprint))
+        record["commit"] = str(parts[0].get("commit", origin["commit"]))
+        done.add((command, fingerprint, device_kind(machine)))
         # the CSV as it is now, not as read at the start: rows deleted (to re-measure) or added meanwhile stay so
         records = replace_measurement(read_csv(path), {k: str(v) for k, v in record.items()})
         write_csv_atomic(path, records, FIELDS)

@@ -6,6 +6,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -74,6 +75,8 @@ def test_synthesis_throughput_measures_a_paths_memory_in_a_fresh_process():
     batch = 128
     memory = throughput.memory_of_paths("lenet5", ["plain"], iterations=2, plain_batch=batch, chunk=4,
                                         device=torch.device("cpu"))
+    if math.isnan(memory["plain"]):  # the peak cannot be reset here (/proc/self/clear_refs): no figure, by design
+        pytest.skip("this system cannot reset a process's peak memory")
     # At least the impressions, their gradient and two Adam moments: [128, 1, 32, 32] float32 each. (In the
     # benchmark's own process an earlier path's freed pages would be reused and this could read 0.)
     assert memory["plain"] >= 4 * batch * 32 * 32 * 4 / 2**20
@@ -176,10 +179,11 @@ def test_table_records_the_commit_and_marks_times_taken_with_a_subnormal_teacher
     """Rows that distilled from the teacher before its subnormal weights were set to zero (no commit recorded)
     have their times marked as upper bounds; rows with a commit, or without a teacher, are not marked."""
     table = load("table")
-    if (BENCHMARKS.parent / ".git").exists():
+    in_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCHMARKS.parent, capture_output=True).returncode == 0
+    if in_git and not os.environ.get(table.COMMIT_VARIABLE):
         assert re.fullmatch(r"[0-9a-f]{7}(\+local)?", table.code_commit())
-    else:  # a tarball or sdist: no commit to record
-        assert table.code_commit() == ""
+    elif not in_git:  # a tarball or sdist (or git refusing the folder): the commit it is given, else unknown
+        assert table.code_commit() == os.environ.get(table.COMMIT_VARIABLE, table.UNKNOWN_COMMIT)
 
     def record(row: str, commit: str) -> dict[str, str]:
         args = table.row_commands(table.MNIST, [row], [0], "fast")[0][4]
@@ -476,7 +480,7 @@ def test_table_times_a_resumed_online_row_from_its_cumulative_figures(tmp_path, 
                         subprocess.CompletedProcess(command, 0, "test/acc 0.95\n", log))
     resume = table.Resumption(tmp_path / "last.ckpt", wall_seconds=600.0, training_seconds=600.0)
     result = table.run_row(args, resume, online=True)
-    assert result["synthesis_s"] == 400.0 and 600.0 <= result["total_s"] < 610.0
+    assert result["synthesis_s"] == 400.0 and 600.0 <= result["total_s"]
     assert result["training_s"] == pytest.approx(result["total_s"] - 400.0)
     log = ""
     with pytest.raises(table.RowFailed, match="printed no 'Online synthesis: ...' line"):
@@ -624,6 +628,10 @@ def test_table_replaces_earlier_measurements_of_a_row_also_under_an_older_comman
     records = table.replace_measurement(older, record("0", "fit A --jitter 0", acc="95.0"))
     assert [(r["seed"], r["command"], r["hardware"]) for r in records] == [
         ("1", "fit B", "CPU x2"), ("0", "fit B", "H100"), ("0", "fit A --jitter 0", "CPU x2")]
+    # a GPU measurement of a command stands beside the CPU one (and replaces an earlier GPU one)
+    records = table.replace_measurement([record("0", "fit A"), record("0", "fit A", "NVIDIA H200")],
+                                        record("0", "fit A", "NVIDIA H200", acc="96.0"))
+    assert [(r["hardware"], r["test_acc"]) for r in records] == [("CPU x2", "90.0"), ("NVIDIA H200", "96.0")]
     # the ablation row measures every method at each budget: another method's point is not an older command
     ablation = [record("0", "fit zskd", row="ablation")]
     records = table.replace_measurement(ablation, record("0", "fit ci", row="ablation", method="ci"))
@@ -728,8 +736,10 @@ def test_recipe_trials_share_a_cache_between_variants_that_synthesize_alike(tmp_
     assert re.search(r"\| turned \|.*\| \d+\* \|", report) and not re.search(r"\| plain \|.*\*", report)
     for bad in ["noname", 'x={"epoch": 1}', "x={not json", 'x={"model": {"optimizer": 0.1}}',
                 'x={"model": {"lr_scheduler": null}}', 'x={"ema": 1.0}', 'x={"ema": true}']:
-        with pytest.raises(SystemExit):
-            trials.main(["--variants", bad])
+        with pytest.raises(SystemExit) as stopped:  # refused by argparse, before any run could start
+            trials.main(["--variants", bad, "--results", str(tmp_path / "bad.csv"), "--work-dir", str(tmp_path / "bad")])
+        assert stopped.value.code == 2
+    assert not (tmp_path / "bad.csv").exists() and not (tmp_path / "bad").exists()
     with pytest.raises(argparse.ArgumentTypeError, match=r"cannot set \['student'\]"):
         trials.parse_variant('x={"model": {"student": {}}}')
 
@@ -758,6 +768,8 @@ def test_recipe_trials_take_teacher_student_and_data_from_any_config(tmp_path, m
     config.write_text(config.read_text().replace("sigma: 5.0", "sigma: 2.0"))
     trials.summarize([row], results.with_suffix(".md"))
     assert trials.is_stale(row) and f"| {config} (changed) |" in results.with_suffix(".md").read_text()
+    trials.summarize([{**row, "config_sha": ""}], results.with_suffix(".md"))  # from before rows kept the sha256
+    assert f"| {config} (unverified) |" in results.with_suffix(".md").read_text()
 
 
 def test_recipe_trials_run_an_online_config_with_data_changes(tmp_path, monkeypatch):
@@ -812,7 +824,7 @@ def test_bn_prior_tabulates_one_student_per_weight_and_chunk_size(tmp_path):
     rows = list(csv.DictReader(results.open()))
     assert [(r["weight"], r["chunk_size"]) for r in rows] == [("0", "8"), ("0.1", "8")]
     assert all(r["commit"] == COMMIT for r in rows)
-    assert re.fullmatch(r"([0-9a-f]{7,}(\+local)?)?", COMMIT), COMMIT
+    assert re.fullmatch(r"([0-9a-f]{7,}(\+local)?)?|unknown", COMMIT), COMMIT
     assert all(0 <= float(r["student_val"]) <= 100 for r in rows)
     def settings(folder: Path) -> str:  # a cache folder's name less its teacher's fingerprint
         name, tag = folder.name.rsplit("_", 1)
@@ -959,6 +971,51 @@ def test_table_resumes_an_interrupted_row_from_its_newest_checkpoint_and_counts_
     assert not (run_dir / runs.MARKER).exists()
 
 
+def test_an_interrupted_row_keeps_every_runs_origin_and_never_resumes_on_another_kind_of_device(tmp_path, capsys):
+    """The commit and hardware were read when the row finished: a row resumed on another machine, or after a
+    commit, recorded only the last one (and a ¶ or ‡ mark that the older part called for was lost)."""
+    runs = load("interrupted_runs")
+    run_dir = tmp_path / "runs" / "row_s0"
+    first = {"commit": "aaaaaaa", "hardware": "CPU x2 (x86_64)", "device": "CPU"}
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha1", None, now=1000.0, origin=first) is None
+    checkpoint = run_dir / "epoch=0-step=10.ckpt"
+    torch.save({"global_step": 10}, checkpoint)
+    os.utime(checkpoint, (1100.0, 1100.0))
+    second = {"commit": "bbbbbbb", "hardware": "CPU x2 (AMD EPYC)", "device": "CPU"}
+    resumed = runs.begin(run_dir, "fit --config a.yaml", "sha1", None, now=2000.0, origin=second)
+    assert resumed.checkpoint == checkpoint and resumed.origins == (first,)
+    gpu = {"commit": "bbbbbbb", "hardware": "NVIDIA H200", "device": "NVIDIA H200"}
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha1", None, now=3000.0, origin=gpu) is None
+    assert "ran on CPU, this one on NVIDIA H200: starting afresh" in capsys.readouterr().out
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha1", None, now=4000.0, origin=gpu) is None  # 1100 < 3000
+
+
+def test_table_measures_on_a_gpu_the_rows_a_cpu_measured_and_keeps_both(tmp_path, monkeypatch, capsys):
+    """A device run of rows measured on a CPU skipped every row, printed nothing and exited 0."""
+    table = offline_table(tmp_path, monkeypatch)
+    args = table.row_commands(table.MNIST, ["student_ce"], [0], "fast")[0][4]
+    cpu = {field: "" for field in table.FIELDS} | {
+        "row": "student_ce", "method": "ce-real", "impressions": "0", "seed": "0", "command": " ".join(args),
+        "configs_sha": table.row_fingerprint(table.MNIST, "student_ce", args), "hardware": "CPU x2 (AMD EPYC)"}
+    path = tmp_path / "results" / "mnist.csv"
+    path.parent.mkdir()
+    table.write_csv_atomic(path, [cpu], table.FIELDS)
+    measured = []
+
+    def run_row(args, resume=None, online=False):
+        measured.append(args)
+        return {"test_acc": 99.0, "teacher_acc": 99.2, "synthesis_s": 0.0, "total_s": 1.0, "training_s": 1.0}
+
+    monkeypatch.setattr(table, "run_row", run_row)
+    monkeypatch.setattr(table, "hardware", lambda: "CPU x2 (AMD EPYC)")
+    table.main(["--dataset", "mnist", "--rows", "student_ce", "--seeds", "0"])
+    assert not measured and "student_ce seed 0: measured with these configs on CPU" in capsys.readouterr().out
+    monkeypatch.setattr(table, "hardware", lambda: "NVIDIA H200")
+    table.main(["--dataset", "mnist", "--rows", "student_ce", "--seeds", "0"])
+    assert len(measured) == 1
+    assert [r["hardware"] for r in table.read_csv(path)] == ["CPU x2 (AMD EPYC)", "NVIDIA H200"]
+
+
 def test_table_reads_the_test_table_plain_or_drawn_by_rich():
     table = load("table")
     plain = "      Test metric             DataLoader 0\n        test/acc            0.9750000238418579\n"
@@ -1012,16 +1069,23 @@ def test_wang_targets_prints_each_sigmas_draws_beside_the_real_images(monkeypatc
     assert abs(spreads[2] - real.std(dim=1).mean().item()) < 0.01
 
 
+def offline_table(root: Path, monkeypatch):
+    """The table runner working in ``root``: the shipped configs copied there (rows' fingerprints read them), a
+    stand-in MNIST teacher file, results under ``root/results``, no report drawn."""
+    table = load("table")
+    monkeypatch.setattr(table, "ROOT", root)
+    monkeypatch.setattr(table, "RESULTS", root / "results")
+    monkeypatch.setattr(table, "summarize", lambda dataset, records: None)
+    shutil.copytree(BENCHMARKS.parent / "configs", root / "configs")
+    (root / table.MNIST.teacher_file).parent.mkdir(parents=True)
+    (root / table.MNIST.teacher_file).write_bytes(b"teacher")
+    return table
+
+
 def test_table_writes_each_row_into_the_csv_as_it_is_then(tmp_path, monkeypatch):
     """A row deleted from the CSV while the runner measures another (to have it measured again) stays deleted: each
     finished row is written into the file as it is at that moment, not into the copy read at the start."""
-    table = load("table")
-    monkeypatch.setattr(table, "ROOT", tmp_path)
-    monkeypatch.setattr(table, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(table, "summarize", lambda dataset, records: None)
-    shutil.copytree(BENCHMARKS.parent / "configs", tmp_path / "configs")  # the rows' fingerprints read them
-    (tmp_path / table.MNIST.teacher_file).parent.mkdir(parents=True)
-    (tmp_path / table.MNIST.teacher_file).write_bytes(b"teacher")
+    table = offline_table(tmp_path, monkeypatch)
     path = tmp_path / "results" / "mnist.csv"
     path.parent.mkdir()
     old = {field: "" for field in table.FIELDS} | {"row": "student_kd", "command": "fit --config old.yaml"}

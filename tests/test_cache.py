@@ -590,7 +590,7 @@ def test_zskd_synthesize_fills_a_cache_that_fit_reuses(tmp_path, monkeypatch):
     }
     config_path = tmp_path / "synthesize.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(["zskd", "synthesize", "--config", str(config_path)], capture_output=True, text=True,
+    result = subprocess.run([*tiny.zskd_command(), "synthesize", "--config", str(config_path)], capture_output=True, text=True,
                             timeout=180, env=tiny.script_env(1), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((cache_dir / "manifest.json").read_text())

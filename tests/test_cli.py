@@ -36,16 +36,11 @@ TIMEOUT_S = 300
 DIGITS_HALF = "zskd_lightning.models.DigitsConvNetHalf"
 
 
-def _zskd() -> list[str]:
-    script = shutil.which("zskd")
-    return [script] if script else [sys.executable, "-m", "zskd_lightning"]
-
-
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("PL_GLOBAL_SEED", None)
     return subprocess.Popen(
-        _zskd() + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        tiny.zskd_command() + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -557,7 +552,7 @@ def test_the_quickstart_runs_from_any_folder(tmp_path):
             "--trainer.enable_progress_bar", "false", "--data.init_args.num_impressions", "40",
             "--data.init_args.num_val_impressions", "8", "--data.init_args.chunk_size", "16",
             "--data.init_args.synthesizer.init_args.iterations", "3"]
-    result = subprocess.run([*_zskd(), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([*tiny.zskd_command(), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env=tiny.script_env(1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/acc" in result.stdout
@@ -567,7 +562,7 @@ def test_the_quickstart_runs_from_any_folder(tmp_path):
     budget = args[3:]
     outputs = {}
     for subcommand in ("validate", "predict"):
-        result = subprocess.run([*_zskd(), subcommand, "--config", "zskd_lightning:configs/quickstart.yaml", *budget],
+        result = subprocess.run([*tiny.zskd_command(), subcommand, "--config", "zskd_lightning:configs/quickstart.yaml", *budget],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300, env=tiny.script_env(1))
         assert result.returncode == 0, f"{subcommand}: {result.stderr[-3000:]}"
         outputs[subcommand] = result.stdout + result.stderr

@@ -4,6 +4,8 @@ callback that the data asks for itself (``zskd fit`` and a plain ``Trainer`` beh
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +176,8 @@ def test_describe_refuses_values_without_a_stable_description():
             self.thing = thing
 
     assert describe(Holder([1, 2.5, "a"])) == {"name": "Holder", "args": {"thing": [1, 2.5, "a"]}}
+    # a path as a Path (LopesSynthesizer(metadata=Path(...)) was refused) describes as the same path as a string
+    assert describe(Holder(Path("runs") / "m.safetensors")) == describe(Holder(os.path.join("runs", "m.safetensors")))
     with pytest.raises(InvalidArgument, match="thing of type Linear has no stable description"):
         describe(Holder(nn.Linear(1, 1)))
     with pytest.raises(InvalidArgument, match="must be finite"):

@@ -573,7 +573,8 @@ def test_persistent_workers_only_with_workers(fake_mnist):
 
 
 # ----------------------------------------------------------------------------- real data (optional)
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="shared MNIST not present")
+@pytest.mark.skipif(not all((SHARED_DATA / "MNIST" / "raw" / f"t10k-{part}-ubyte").is_file()
+                            for part in ("images-idx3", "labels-idx1")), reason="shared MNIST test split not present")
 def test_real_mnist_test_split():
     dm = MNISTDataModule(root=str(SHARED_DATA), download=False)
     dm.setup("test")
@@ -584,7 +585,9 @@ def test_real_mnist_test_split():
     assert abs(float(dm.test_dataset.images[:, :, 2:30, 2:30].mean())) < 0.1
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="shared CIFAR-10 not present")
+@pytest.mark.skipif(not all((SHARED_DATA / "cifar-10-batches-py" / name).is_file()
+                            for name in ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6)))),
+                    reason="shared CIFAR-10 (both splits) not present")
 def test_real_cifar_splits_match_torchvision():
     from torchvision.datasets import CIFAR10
 

@@ -18,7 +18,7 @@ from zskd_lightning.cli import ZSKDTrainer
 from zskd_lightning import FrozenTeacher
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.models import DigitsConvNet
-from zskd_lightning.errors import ZSKDError
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.metadata import read_metadata
 from zskd_lightning.metadata.statistics import ClassMoments
 from zskd_lightning.metadata.record import ActivationRecorder, default_layers
@@ -214,6 +214,36 @@ def test_recording_over_no_batch_is_one_line_not_a_silent_exit(tmp_path):
     with pytest.raises(ZSKDError, match=r"^nothing was recorded into .*meta.safetensors: the data gave no batch"):
         trainer.validate(recorder, dataloaders=data.train_dataloader())
     assert not (tmp_path / "meta.safetensors").exists()
+
+
+def test_a_failed_write_does_not_disarm_the_nothing_recorded_guard(tmp_path, monkeypatch):
+    """Lightning skips the module's teardown after an error: the flag saying "this run's statistics reached the
+    file" stayed set after a failed write, and the next run over no batch ended cleanly without a file."""
+    import zskd_lightning.metadata.record as record
+
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    recorder = ActivationRecorder(tiny.make_net(0), output=str(tmp_path / "meta.safetensors"))
+
+    def trainer(**overrides):
+        return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         **overrides)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(record, "write_metadata", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        trainer(limit_val_batches=1).validate(recorder, dataloaders=data.train_dataloader())
+    monkeypatch.undo()
+    with pytest.raises(ZSKDError, match=r"^nothing was recorded into .*meta.safetensors: the data gave no batch"):
+        trainer(limit_val_batches=0).validate(recorder, dataloaders=data.train_dataloader())
+
+
+@pytest.mark.parametrize("temperature", [0.0, float("inf"), float("nan")])
+def test_a_temperature_that_is_not_a_positive_number_is_refused_before_recording(temperature):
+    with pytest.raises(InvalidArgument, match=rf"^temperature must be > 0 and max_full_dim >= 1, got {temperature}"):
+        ActivationRecorder(tiny.make_net(0), temperature=temperature)
 
 
 def test_the_file_keeps_the_layers_in_recorded_order(tmp_path):

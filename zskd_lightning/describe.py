@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,8 @@ def describe(value: Any, where: str = "") -> Any:
                 "args": {k: describe(v, f"{where}.{k}" if where else k) for k, v in sorted(arguments.items())}}
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, os.PathLike):  # a path given as a Path describes as the same path given as a string
+        return os.fspath(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidArgument(f"{where or 'value'} must be finite, got {value}")

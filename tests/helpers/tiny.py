@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -174,6 +175,13 @@ def online_setup(*, steps_per_epoch: int = 8, buffer_size: int = 48, round_size:
     model = DistillationModule(teacher=teacher if teacher is not None else make_net(0),
                                student=make_net(1, width=4), export_filename=None)
     return model, datamodule
+
+
+def zskd_command() -> list[str]:
+    """The ``zskd`` console script of the Python running the tests (its environment's ``bin``), else
+    ``python -m zskd_lightning``: never another installation's ``zskd`` found earlier on ``PATH``."""
+    script = shutil.which("zskd", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "zskd_lightning"]
 
 
 def quiet_trainer(root: str | os.PathLike, **overrides) -> L.Trainer:

@@ -11,6 +11,7 @@ ranks' moments are gathered and merged in rank order, and global rank 0 writes t
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -44,7 +45,9 @@ class ActivationRecorder(L.LightningModule):
         teacher: the trained classifier (frozen here; in eval mode throughout).
         output: the metadata file to write (safetensors; see :mod:`zskd_lightning.metadata.file`).
         layers: module paths in the teacher's network whose outputs are recorded (default:
-            :func:`default_layers`); the logits divided by ``temperature`` are always recorded too, as ``"logits"``.
+            :func:`default_layers`), in forward order: the file keeps this order, and Lopes' spectral objectives
+            chain the layers in it (equal-width layers given out of order would chain the wrong weights); the
+            logits divided by ``temperature`` are always recorded too, as ``"logits"``.
         temperature: what the logits are divided by (the authors': 8).
         max_full_dim: layers wider than this keep per-unit variances, not a full covariance.
     """
@@ -52,7 +55,7 @@ class ActivationRecorder(L.LightningModule):
     def __init__(self, teacher: nn.Module, output: str = "metadata.safetensors", layers: Sequence[str] | None = None,
                  temperature: float = 8.0, max_full_dim: int = 512) -> None:
         super().__init__()
-        if temperature <= 0 or max_full_dim < 1:
+        if not 0 < temperature < math.inf or max_full_dim < 1:
             raise InvalidArgument(f"temperature must be > 0 and max_full_dim >= 1, got {temperature}, {max_full_dim}")
         self.teacher = as_frozen_teacher(teacher)
         network = self.teacher.network
@@ -73,6 +76,7 @@ class ActivationRecorder(L.LightningModule):
         """Refuse a Trainer precision that would cast the teacher (its weights and fingerprint must stay the ones
         synthesis loads); ``-mixed`` precisions are fine: the teacher records in float32 (autocast off)."""
         check_trainer_precision(self.trainer.precision, "recording")
+        self._recorded = False  # a run that failed after the statistics were taken (Lightning skips its teardown)
 
     def on_validation_epoch_start(self) -> None:
         self.moments, self.shapes, self._started = {}, {}, time.perf_counter()

@@ -85,7 +85,8 @@ def matched_layers(metadata: Metadata, objective: LopesObjective, layers: Sequen
     unknown = [name for name in layers or () if name not in metadata.layers]
     if unknown:
         raise ZSKDError(f"layers {unknown} are not in the metadata (it records {list(metadata.layers)})")
-    # the file's (forward) order whatever the order given: the spectral graphs chain the layers in it
+    # the file's order whatever the order given (the recorder's `layers` order; its default is the network's
+    # module order): the spectral graphs chain the layers in it
     return [name for name in metadata.layers if layers is None or name in layers]
 
 
@@ -104,7 +105,8 @@ def linear_chain(network: nn.Module, names: Sequence[str]) -> list[nn.Linear]:
     for (a, first), (b, second) in zip(zip(names, modules), zip(names[1:], modules[1:])):
         if second.in_features != first.out_features:
             raise ZSKDError(f"spectral objectives: {a} ({first.out_features} outputs) does not feed {b} "
-                            f"({second.in_features} inputs)")
+                            f"({second.in_features} inputs): the layers chain in the metadata file's order, the "
+                            "recorder's `layers`; record them in forward order")
     return modules
 
 
