@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from zskd_lightning.data.evaluation import EvaluationData
-from zskd_lightning.errors import InvalidArgument, RankSharedError, ZSKDError
+from zskd_lightning.errors import RankSharedError, ZSKDError, refuse_unpickling
 from zskd_lightning.files import resolve_packaged
 from zskd_lightning.impressions import ImpressionDataModule, ImpressionSynthesis
 from zskd_lightning.metadata.record import ActivationRecorder
@@ -109,10 +109,7 @@ class ZSKDCLI(LightningCLI):
         without running code from the file (``weights_only: false`` is refused in one line: this library never
         unpickles a file)."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        weights_only = kwargs.get("weights_only")
-        if weights_only is not True and weights_only is not None:
-            raise InvalidArgument(f"zskd {subcommand} loads --ckpt_path without unpickling (weights_only=True); got "
-                                  f"weights_only={weights_only!r}: leave it out")
+        refuse_unpickling(kwargs.get("weights_only"), f"zskd {subcommand} loads --ckpt_path")
         if "weights_only" in kwargs:
             kwargs["weights_only"] = True
         return kwargs

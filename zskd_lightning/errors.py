@@ -37,3 +37,11 @@ def described(err: BaseException, limit: int | None = None) -> str:
     if limit is not None and len(line) > limit:
         line = line[: limit - 3] + "..."
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def refuse_unpickling(weights_only: object, loader: str) -> None:
+    """One line unless ``weights_only`` is ``True`` or ``None``: this library never unpickles a file. ``loader``
+    says what loads, e.g. ``"zskd fit loads --ckpt_path"``."""
+    if weights_only is not True and weights_only is not None:
+        raise InvalidArgument(f"{loader} without unpickling (weights_only=True); got weights_only={weights_only!r}: "
+                              "leave it out")

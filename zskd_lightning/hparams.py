@@ -12,7 +12,7 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import nn
 
-from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.errors import ZSKDError, refuse_unpickling
 from zskd_lightning.teacher import check_class_paths, read_checkpoint
 
 
@@ -27,7 +27,7 @@ def cli_given_spec(name: str) -> dict[str, Any] | None:
     except ImportError:  # pragma: no cover - private API moved
         return None
     spec = (_given_hyperparameters.get() or {}).get(name)
-    return dict(spec) if isinstance(spec, dict) and "class_path" in spec else None
+    return dict(spec) if _is_spec(spec) else None
 
 
 def module_valued_init_args() -> list[str]:
@@ -64,9 +64,7 @@ class LoadsRecordedSpecs:
         file: ``weights_only`` set to False is refused in one line). Each of ``spec_args`` comes from the
         checkpoint's record or from ``kwargs``; a class the record names must be in ``zskd_lightning``,
         ``torchvision.models`` or an already imported module."""
-        if weights_only is not True and weights_only is not None:
-            raise InvalidArgument(f"{cls.__name__}.load_from_checkpoint reads checkpoints without unpickling "
-                                  f"(weights_only=True); got weights_only={weights_only!r}: leave it out")
+        refuse_unpickling(weights_only, f"{cls.__name__}.load_from_checkpoint reads checkpoints")
         path = os.fspath(checkpoint_path)
         hparams = read_checkpoint(path, what="checkpoint").get("hyper_parameters") or {}
         missing = [name for name in cls.spec_args if name not in kwargs and not _is_spec(hparams.get(name))]
