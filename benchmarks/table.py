@@ -285,6 +285,9 @@ CIFAR10 = Dataset(
             legend="SSD-KD"),
         Row("ssdkd_session", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml", CIFAR_ONLINE_SESSION),
             legend="SSD-KD, 10 x 400 steps", default=False),
+        # The online baseline at the same 10 x 400 steps: SSD-KD's matched comparison at the session budget.
+        Row("fast_session", "fast", "online", ("configs/cifar10/fast_alexnet_half.yaml", CIFAR_ONLINE_SESSION),
+            legend="online baseline, 10 x 400 steps", default=False),
         # SSD-KD at its config's own schedule, 20 x 400 steps (5.7x the CPU budget's; about 4 hours on 2 cores,
         # over two sessions: the runner resumes it from its last epoch checkpoint, generator and buffer included).
         Row("ssdkd_schedule", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml",),
