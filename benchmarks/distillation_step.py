@@ -66,12 +66,12 @@ def mnist_figures(batch: int, repeats: int) -> tuple[str, dict[str, float], str]
         if not torch.equal(teacher(inputs), plain(inputs)):
             raise SystemExit("MaxPool2x2 and nn.MaxPool2d(2) disagree on the teacher's logits")
         gap = (frozen(inputs) - teacher(inputs)).abs().max().item()
-    figures = {
-        "teacher forward, nn.MaxPool2d(2)": seconds_per_call(forward(plain, inputs), repeats),
-        "teacher forward, MaxPool2x2": seconds_per_call(forward(teacher, inputs), repeats),
-        "teacher forward, FrozenTeacher (channels-last)": seconds_per_call(forward(frozen, inputs), repeats),
-        "student forward + backward": seconds_per_call(training_step(LeNet5Half(), inputs), repeats),
-    }
+    figures = seconds_per_call({
+        "teacher forward, nn.MaxPool2d(2)": forward(plain, inputs),
+        "teacher forward, MaxPool2x2": forward(teacher, inputs),
+        "teacher forward, FrozenTeacher (channels-last)": forward(frozen, inputs),
+        "student forward + backward": training_step(LeNet5Half(), inputs),
+    }, repeats)
     shape = f"[1, 32, 32]; same logits from both poolings, FrozenTeacher's within {gap:.1e}"
     return shape, figures, "teacher forward, MaxPool2x2"
 
@@ -86,14 +86,15 @@ def cifar10_figures(batch: int, repeats: int) -> tuple[str, dict[str, float], st
         "teacher forward, banded LRN": dict(fast_kernels=True, channels_last=False),
         "teacher forward, banded LRN, channels-last": dict(fast_kernels=True, channels_last=True),
     }
-    figures, logits = {}, []
+    calls, logits = {}, []
     for name, options in teachers.items():
         teacher = FrozenTeacher(network=AlexNet(in_channels=3, num_classes=10), **options)
         teacher.network.load_state_dict(network.state_dict())
         with torch.no_grad():
             logits.append(teacher(inputs))
-        figures[name] = seconds_per_call(forward(teacher, inputs), repeats)
-    figures["student forward + backward"] = seconds_per_call(training_step(AlexNetHalf(3, 10), inputs), repeats)
+        calls[name] = forward(teacher, inputs)
+    calls["student forward + backward"] = training_step(AlexNetHalf(3, 10), inputs)
+    figures = seconds_per_call(calls, repeats)
     gaps = [(logits[0] - fast).abs().max().item() for fast in logits[1:]]
     shape = f"[3, 32, 32]; logits differ from the stock LRN's by at most {gaps[0]:.1e} (banded), {gaps[1]:.1e} " \
             "(banded, channels-last)"

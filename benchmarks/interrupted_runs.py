@@ -38,7 +38,7 @@ class Resumption:
     checkpoint: Path
     wall_seconds: float
     training_seconds: float
-    #: the earlier runs' origins, oldest first: ``{"commit", "hardware", "device"}`` (none from markers before them)
+    #: the earlier runs' origins, oldest first: ``{"commit", "hardware", "device"}``
     origins: tuple[dict, ...] = ()
 
 
@@ -65,6 +65,10 @@ def begin(run_dir: Path, command: str, fingerprint: str, manifest: Path | None =
     marker = run_dir / MARKER
     state = _read(marker)
     same_row = state is not None and state.get("command") == command and state.get("configs_sha") == fingerprint
+    if same_row and not isinstance(state.get("origins"), list):  # written before origins were kept
+        print(f"    {run_dir}: the interrupted run of this row recorded no machine or commit: starting afresh",
+              flush=True)
+        same_row = False
     earlier = [o for o in state.get("origins", []) if isinstance(o, dict)] if same_row else []
     other_device = sorted({o.get("device") for o in earlier} - {origin.get("device")}) if origin else []
     if other_device:

@@ -29,13 +29,21 @@ def relative_error(signals: torch.Tensor, kept: torch.Tensor) -> float:
     return float(residual.norm() / signals.norm())
 
 
-def unit_subset(sizes: list[int], fraction: float) -> torch.Tensor:
-    """``[d, k]`` columns of the identity picking an evenly spaced ``fraction`` of every layer's units."""
+def unit_subset(sizes: list[int], total: int) -> torch.Tensor:
+    """``[d, total]`` columns of the identity picking ``total`` units, evenly spaced within each layer and shared
+    between the layers in proportion to their sizes (largest remainders; at least one a layer while ``total``
+    allows), so that both sides of the comparison keep exactly as many numbers."""
+    share = [total * size / sum(sizes) for size in sizes]
+    counts = [min(size, max(1, int(s))) for s, size in zip(share, sizes)]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: share[i] - int(share[i]), reverse=True)
+    while sum(counts) != total:
+        step = 1 if sum(counts) < total else -1
+        for i in by_remainder if step > 0 else reversed(by_remainder):
+            if sum(counts) != total and 0 <= counts[i] + step <= sizes[i]:
+                counts[i] += step
     columns, offset = [], 0
-    for size in sizes:
-        count = max(1, round(fraction * size))
-        picks = torch.linspace(0, size - 1, count).round().long().unique() + offset
-        columns.append(picks)
+    for size, count in zip(sizes, counts):
+        columns.append(torch.linspace(0, size - 1, count).round().long() + offset)
         offset += size
     chosen = torch.cat(columns)
     return torch.eye(offset, dtype=torch.float64)[:, chosen]
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'kept':>6}{'numbers':>9}  {'class means: spectral':>22}{'units':>8}  {'draws: spectral':>16}{'units':>8}")
     for fraction in args.fractions:
         spectral = low_frequency_basis(linears, fraction)
-        units = unit_subset(sizes, fraction)
+        units = unit_subset(sizes, spectral.shape[1])
         print(f"{fraction:>6.2f}{spectral.shape[1]:>5}/{units.shape[1]:<4}  {relative_error(means, spectral):>22.3f}"
               f"{relative_error(means, units):>8.3f}  {relative_error(samples, spectral):>16.3f}"
               f"{relative_error(samples, units):>8.3f}")

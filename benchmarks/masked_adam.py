@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         masked_step()
         torch_step()
     same = torch.allclose(masked_inputs, torch_inputs.detach(), atol=1e-5)
-    t_masked = seconds_per_call(masked_step, args.steps, runs=3)
-    t_torch = seconds_per_call(torch_step, args.steps, runs=3)
+    timed = seconds_per_call({"masked": masked_step, "torch": torch_step}, args.steps, runs=3)
+    t_masked, t_torch = timed["masked"], timed["torch"]
     print(f"rows {args.rows} x {tuple(args.shape)}, {torch.get_num_threads()} thread(s)")
     print(f"{'optimizer':<28}{'us/step':>10}{'ratio':>8}")
     print(f"{'_MaskedAdam':<28}{t_masked * 1e6:>10.1f}{t_masked / t_torch:>8.2f}")

@@ -38,13 +38,12 @@ def main(argv: list[str] | None = None) -> None:
         slots, _ = priority.draw(args.size, args.batch, generator)
         priority.update(slots, losses)
 
-    figures = {
-        "uniform draw": seconds_per_call(lambda: uniform.draw(args.size, args.batch, generator), args.repeats),
-        "priority draw (sum tree) + weights": seconds_per_call(
-            lambda: priority.draw(args.size, args.batch, generator), args.repeats),
-        "priority draw + update": seconds_per_call(draw_and_update, args.repeats),
-        "torch.multinomial over all priorities": seconds_per_call(multinomial, args.repeats),
-    }
+    figures = seconds_per_call({
+        "uniform draw": lambda: uniform.draw(args.size, args.batch, generator),
+        "priority draw (sum tree) + weights": lambda: priority.draw(args.size, args.batch, generator),
+        "priority draw + update": draw_and_update,
+        "torch.multinomial over all priorities": multinomial,
+    }, args.repeats)
     base = figures["priority draw (sum tree) + weights"]
     print(f"buffer {args.size:,} entries, batch {args.batch}, 1 thread")
     print(f"{'path':<40} {'time (us)':>10} {'x sum-tree draw':>16}")

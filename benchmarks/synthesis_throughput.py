@@ -1,6 +1,6 @@
 """Synthesis throughput: the library's impression synthesis beside a plain PyTorch loop, in one process.
 
-    python benchmarks/synthesis_throughput.py [--iterations 40 10] [--models lenet5 alexnet] [--precisions 32-true bf16-mixed] [--repeats 3]
+    python benchmarks/synthesis_throughput.py [--models lenet5 alexnet] [--iterations 40 10] [--precisions 32-true bf16-mixed] [--repeats 3]
 
 The plain loop is what one writes by hand: random-init inputs, ``torch.optim.Adam`` on them, cross-entropy to
 Dirichlet soft targets at T = 20, a batch of 256, ``iterations`` steps. The library runs the same objective,
@@ -30,12 +30,16 @@ on the full MNIST) and its zskd row (benchmarks/results/mnist.md).
 
 The online generator path (``--generator-models alexnet lenet5``, CIFAR and MNIST shapes): generated image-steps
 per second of rounds of ``--generator-steps`` Adam steps on a DCGAN-like generator (the library's
-``ImageGenerator``, ``--generator-width`` 64 as the CIFAR configs or 32 as the MNIST ones, a batch of 256), with
+``ImageGenerator``, ``--generator-width`` 64 as the CIFAR configs or 32 as the MNIST ones, a batch of
+``--plain-batch``, 256), with
 FastDFKD's terms (BatchNorm statistics 10 where the teacher has BatchNorm, cross-entropy to the teacher's argmax
 0.5, agreeing-only adversarial KL 1.1, as configs/cifar10/fast_alexnet_half.yaml): a plain hand-written loop
 (forward hooks, float32) beside the library's ``FastSynthesizer.round`` once per precision (its
 ``precision`` argument: ``bf16-mixed`` runs the generator and both networks under bf16 autocast). Both include
-the student's forward pass, which the adversarial term needs.
+the student's forward pass, which the adversarial term needs, and neither computes the student's weight
+gradients (the plain loop's student is frozen; the library differentiates the generator's parameters only). The
+library's teacher is a default ``FrozenTeacher`` (AlexNet's LRN banded, as the shipped configs run it); the plain
+loop's keeps the stock layers.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ from zskd_lightning.synthesis.generator import ImageGenerator
 from zskd_lightning.pixels import InputSpec
 from zskd_lightning.synthesis import Chunk, SynthesisContext
 from zskd_lightning.teacher import FrozenTeacher
+
+#: Adam steps per impression measured by default: each model's takes a few seconds a path on 2 CPU cores.
+ITERATIONS = {"lenet5": 40, "alexnet": 10}
 
 MODELS = {
     # name: (teacher class, input shape, per-channel normalization mean, std)
@@ -166,11 +173,12 @@ _SHIPPED: weakref.WeakKeyDictionary[FrozenTeacher, FrozenTeacher] = weakref.Weak
 
 
 def shipped_teacher(teacher: FrozenTeacher) -> FrozenTeacher:
-    """A copy of ``teacher``'s network in a default ``FrozenTeacher`` (channels-last weights, as the shipped
-    configs run it; ``teacher`` keeps the stock layout for the plain loop). Made once per teacher, by
+    """A copy of ``teacher``'s network in a default ``FrozenTeacher`` (channels-last weights and AlexNet's LRN as a
+    banded convolution, as the shipped configs run it; ``teacher`` keeps the stock layers and layout for the plain
+    loop). Made once per teacher, by
     :func:`build_teacher`, so that it is in memory before any path's peak is measured."""
     if teacher not in _SHIPPED:
-        shipped = FrozenTeacher(network=copy.deepcopy(teacher.network), fast_kernels=False)
+        shipped = FrozenTeacher(network=copy.deepcopy(teacher.network))
         shipped.input_spec = teacher.input_spec
         _SHIPPED[teacher] = shipped
     return _SHIPPED[teacher]
@@ -238,7 +246,7 @@ def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int
     # Warm-up each path (allocator, kernels), then measure the same number of impression-iterations.
     first_batch = targets[: max(plain_batch, chunk)]
     for path in seconds:
-        run_path(path, teacher, input_range, first_batch, 3, plain_batch, chunk, device)
+        run_path(path, teacher, input_range, first_batch, 3, plain_batch, chunk, device, synthesizers.get(path))
     for _ in range(repeats):
         for path in seconds:
             seconds[path].append(run_path(path, teacher, input_range, targets, iterations, plain_batch, chunk,
@@ -305,6 +313,7 @@ def measure_generator(name: str, rounds: int, steps: int, batch: int, device: to
     teacher, input_range, _ = build_teacher(name, 2, device)
     torch.manual_seed(1)
     student = GENERATOR_STUDENTS[name](in_channels=teacher.input_spec.shape[0], num_classes=10).to(device).eval()
+    student.requires_grad_(False)  # the plain loop's backward would compute its weight gradients, which no path needs
     torch.manual_seed(2)
     plain = ImageGenerator(teacher.input_spec.shape, 100, width, None, input_range).to(device).train()
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
@@ -340,8 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--impressions", type=int, default=512, help="impressions made by each path")
-    parser.add_argument("--iterations", type=int, nargs="+", default=[40, 10],
-                        help="Adam steps per impression, per model in --models order (both paths)")
+    parser.add_argument("--iterations", type=int, nargs="+",
+                        help="Adam steps per impression (both paths): one value for every model, or one per model "
+                             "in --models order (default: " + ", ".join(f"{m} {n}" for m, n in ITERATIONS.items()) + ")")
     parser.add_argument("--plain-batch", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=256, help="impressions per library chunk (ImpressionDataModule's default)")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"],
@@ -358,6 +368,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="ImageGenerator width (the CIFAR configs' 64, the MNIST configs' 32)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.iterations is None:
+        args.iterations = [ITERATIONS[name] for name in args.models]
+    elif len(args.iterations) == 1:
+        args.iterations = args.iterations * len(args.models)
+    elif len(args.iterations) != len(args.models):
+        parser.error(f"--iterations takes one value or one per model ({len(args.models)}: {' '.join(args.models)}), "
+                     f"got {len(args.iterations)}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.memory_child:  # one CPU memory figure, in the fresh process memory_of_paths started
@@ -366,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; {args.impressions} impressions per path")
     print(f"{'model':8s} {'path':24s} {'imp-it/s':>9s} {'ratio':>6s} {'peak MiB':>9s}")
-    for name, iterations in zip(args.models, args.iterations * len(args.models)):
+    for name, iterations in zip(args.models, args.iterations):
         r = measure(name, args.impressions, iterations, args.plain_batch, args.chunk, device, args.precisions,
                     args.repeats, with_memory=not args.skip_memory)
         for path in ["plain", *args.precisions]:
@@ -381,12 +398,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"lenet5 finished impressions/s: plain loop at the paper's {PAPER_ITERATIONS} iterations "
                       f"{plain_rate:.1f}, library ({precision}) at the fast config's {fast} {rate:.1f}: ratio "
                       f"{rate / plain_rate:.2f}", flush=True)
+    if args.generator_models:
+        print(f"{'model':8s} {'path':24s} {'img-st/s':>9s} {'ratio':>6s}   (generated images x generator steps per "
+              f"second, a batch of {args.plain_batch})")
     for name in args.generator_models:
         r = measure_generator(name, args.generator_rounds, args.generator_steps, args.plain_batch, device,
                               args.precisions, args.repeats, args.generator_width)
         for path in ["plain", *args.precisions]:
             label = "generator plain (fp32)" if path == "plain" else f"generator lib ({path})"
-            print(f"{name:8s} {label:24s} {r[path + '_ips']:9.0f} {r[path + '_ratio']:6.2f} {'-':>9s}", flush=True)
+            print(f"{name:8s} {label:24s} {r[path + '_ips']:9.0f} {r[path + '_ratio']:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

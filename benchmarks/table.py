@@ -267,7 +267,7 @@ CIFAR10 = Dataset(
             extra=("--trainer.callbacks", "[]"), paper=80.04),
         Row("student_kd", "kd-real", "real", ("configs/cifar10/kd_real_alexnet_half.yaml",), paper=80.08),
         # The CPU budget (2 cores): 4,000 impressions (about 30 min each for synthesis plus distillation; the
-        # paper's 40,000 x 1,500 is about 15 hours here) and online rows at 7 epochs x 200 steps (cpu_budget.yaml).
+        # paper's 40,000 x 1,500 is 16-28 hours here) and online rows at 7 epochs x 200 steps (cpu_budget.yaml).
         Row("zskd", "zskd", "data_free", ("configs/cifar10/zskd_alexnet_half.yaml",), 4000, paper=69.56,
             legend="ZSKD, 4,000 impressions"),
         Row("zskd_180ep", "zskd", "data_free", ("configs/cifar10/zskd_alexnet_half.yaml", ZSKD_CIFAR_180_EPOCHS), 4000,
@@ -630,13 +630,18 @@ def run_row(args: list[str], resume: Resumption | None = None, online: bool = Fa
 def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> list[dict[str, str]]:
     """``records`` with ``new`` appended in place of earlier measurements of its row on the same kind of device
     (:func:`device_kind`: a GPU measurement stands beside the CPU one): the same command, or the same row,
-    method, impressions and seed on the same hardware under a command the runner has since changed (the ablation
-    row holds one method per config at each budget: each is a measurement of its own)."""
-    key = ("row", "method", "impressions", "seed", "hardware")
+    method, impressions and seed on the same hardware (a machine in common, for rows resumed across machines:
+    ``"A + B"``) under a command the runner has since changed (the ablation row holds one method per config at each
+    budget: each is a measurement of its own)."""
+    key = ("row", "method", "impressions", "seed")
+
+    def machines(record: dict[str, str]) -> set[str]:
+        return set(record["hardware"].split(" + "))
 
     def replaced(r: dict[str, str]) -> bool:
         same_kind = device_kind(r["hardware"]) == device_kind(new["hardware"])
-        return same_kind and (r["command"] == new["command"] or all(r[k] == new[k] for k in key))
+        same_row = all(r[k] == new[k] for k in key) and bool(machines(r) & machines(new))
+        return same_kind and (r["command"] == new["command"] or same_row)
 
     return [r for r in records if not replaced(r)] + [new]
 

@@ -70,6 +70,37 @@ def test_synthesis_throughput_prints_every_path_with_its_ratio(capsys):
     assert float(schedule[0].rsplit("ratio", 1)[1]) > 0
 
 
+def test_synthesis_throughput_takes_one_iterations_value_or_one_per_model(capsys):
+    """Values were matched to models by position: ``--models alexnet`` alone ran at LeNet-5's default."""
+    throughput = load("synthesis_throughput")
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main(["--models", "lenet5", "alexnet", "--iterations", "1", "2", "3"])
+    assert exit_info.value.code == 2
+    assert "--iterations takes one value or one per model (2: lenet5 alexnet), got 3" in capsys.readouterr().err
+    assert throughput.ITERATIONS == {"lenet5": 40, "alexnet": 10}
+
+
+def test_benchmark_timing_interleaves_the_variants():
+    """Each run times every variant in turn, so that a slow spell falls on all of them."""
+    order = []
+    figures = load("timing").seconds_per_call({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                              repeats=2, runs=3)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert set(figures) == {"a", "b"} and all(seconds >= 0 for seconds in figures.values())
+
+
+def test_lopes_spectral_fit_keeps_as_many_units_as_spectral_numbers():
+    """Per-layer rounding kept 21 units against 22 spectral numbers (LeNet-5's 120 + 84 + 10 at 10%)."""
+    unit_subset = load("lopes_spectral_fit").unit_subset
+    for total in (2, 11, 22, 54, 107, 214):
+        columns = unit_subset([120, 84, 10], total)
+        assert columns.shape == (214, total)
+        picked = columns.argmax(dim=0)
+        assert len(picked.unique()) == total and torch.equal(columns.sum(dim=0), torch.ones(total, dtype=columns.dtype))
+    picked = unit_subset([120, 84, 10], 22).argmax(dim=0)
+    assert [int(((picked >= lo) & (picked < hi)).sum()) for lo, hi in ((0, 120), (120, 204), (204, 214))] == [12, 9, 1]
+
+
 def test_synthesis_throughput_measures_a_paths_memory_in_a_fresh_process():
     throughput = load("synthesis_throughput")
     batch = 128
@@ -636,6 +667,12 @@ def test_table_replaces_earlier_measurements_of_a_row_also_under_an_older_comman
     ablation = [record("0", "fit zskd", row="ablation")]
     records = table.replace_measurement(ablation, record("0", "fit ci", row="ablation", method="ci"))
     assert [r["method"] for r in records] == ["zskd", "ci"]
+    # a row resumed across machines ("A + B") is replaced by a later measurement on one of them, under a newer
+    # command; a row on another machine is not
+    resumed = [record("0", "fit A", "CPU x2 (x86_64) + CPU x2 (AMD EPYC)"), record("0", "fit A", "CPU x2 (Xeon)")]
+    records = table.replace_measurement(resumed, record("0", "fit A --jitter 0", "CPU x2 (AMD EPYC)"))
+    assert [(r["command"], r["hardware"]) for r in records] == [
+        ("fit A", "CPU x2 (Xeon)"), ("fit A --jitter 0", "CPU x2 (AMD EPYC)")]
 
 
 def fake_mnist(root: Path, monkeypatch) -> None:
@@ -988,6 +1025,29 @@ def test_an_interrupted_row_keeps_every_runs_origin_and_never_resumes_on_another
     assert runs.begin(run_dir, "fit --config a.yaml", "sha1", None, now=3000.0, origin=gpu) is None
     assert "ran on CPU, this one on NVIDIA H200: starting afresh" in capsys.readouterr().out
     assert runs.begin(run_dir, "fit --config a.yaml", "sha1", None, now=4000.0, origin=gpu) is None  # 1100 < 3000
+    # a marker written before origins were kept: which machines ran the row is unknown, so it starts afresh
+    torch.save({"global_step": 20}, checkpoint)
+    os.utime(checkpoint, (4100.0, 4100.0))
+    marker = json.loads((run_dir / runs.MARKER).read_text())
+    del marker["origins"]
+    (run_dir / runs.MARKER).write_text(json.dumps(marker))
+    assert runs.begin(run_dir, "fit --config a.yaml", "sha1", None, now=5000.0, origin=gpu) is None
+    assert "recorded no machine or commit: starting afresh" in capsys.readouterr().out
+
+
+def test_a_row_resumed_on_another_machine_records_both_and_the_oldest_commit(tmp_path, monkeypatch):
+    table = offline_table(tmp_path, monkeypatch)
+    args = table.row_commands(table.MNIST, ["student_ce"], [0], "fast")[0][4]
+    first = {"commit": "aaaaaaa", "hardware": "CPU x2 (x86_64)", "device": "CPU"}
+    resumption = table.Resumption(tmp_path / "epoch=0-step=10.ckpt", 100.0, 100.0, (first,))
+    monkeypatch.setattr(table.interrupted_runs, "begin", lambda *args, **kwargs: resumption)
+    monkeypatch.setattr(table, "run_row", lambda args, resume=None, online=False: {
+        "test_acc": 99.0, "teacher_acc": 99.2, "synthesis_s": 0.0, "total_s": 200.0, "training_s": 200.0})
+    monkeypatch.setattr(table, "hardware", lambda: "CPU x2 (AMD EPYC)")
+    monkeypatch.setattr(table, "code_commit", lambda: "bbbbbbb")
+    table.main(["--dataset", "mnist", "--rows", "student_ce", "--seeds", "0"])
+    [record] = table.read_csv(tmp_path / "results" / "mnist.csv")
+    assert (record["hardware"], record["commit"]) == ("CPU x2 (x86_64) + CPU x2 (AMD EPYC)", "aaaaaaa")
 
 
 def test_table_measures_on_a_gpu_the_rows_a_cpu_measured_and_keeps_both(tmp_path, monkeypatch, capsys):

@@ -70,6 +70,24 @@ def test_an_in_place_layer_after_the_tap_leaves_the_callers_value_alone(where):
     torch.testing.assert_close(out, net[2](torch.relu(before)))
 
 
+def test_run_from_runs_the_prediction_and_puts_each_modules_mode_back():
+    """A network in train mode: BatchNorm reads (and keeps) its running statistics, Dropout keeps every unit."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 3), nn.Linear(3, 3))
+    net[1].running_mean.uniform_(-1.0, 1.0)
+    net[4].eval()  # mixed modes, put back as they were
+    statistics = (net[1].running_mean.clone(), net[1].running_var.clone(), net[1].num_batches_tracked.clone())
+    value = torch.randn(6, 3)
+    out = run_from(net, Tap("3"), value, (4,))
+    torch.testing.assert_close(out, net[4](value))
+    value = torch.randn(6, 5)
+    out = run_from(net, Tap("1"), value, (4,))  # Dropout after the tap: no unit dropped, the same output twice
+    torch.testing.assert_close(out, net[4](net[3](value)))
+    assert all(torch.equal(a, b) for a, b in zip(statistics, (net[1].running_mean, net[1].running_var,
+                                                              net[1].num_batches_tracked)))
+    assert [module.training for module in net.modules()] == [True, True, True, True, True, False]
+
+
 class ReusedActivation(nn.Module):
     """One ReLU module called at two places in a forward pass."""
 

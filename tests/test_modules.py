@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -178,10 +179,10 @@ def test_load_student_refuses_what_is_not_a_student(tmp_path):
         load_student(tmp_path / "student.safetensors")
 
 
-def test_an_export_that_fails_leaves_no_record_beside_other_weights(distilled, tmp_path, monkeypatch):
-    """A failed weights write leaves the earlier export whole (weights and record); once the new weights are in
-    place the earlier record is gone before the new one is written: a crash between the two leaves weights
-    without a record (refused on load), never a record describing other weights."""
+def test_an_export_that_fails_never_loads_weights_its_record_does_not_describe(distilled, tmp_path, monkeypatch):
+    """A failed weights write or rename leaves the earlier export whole (weights and record); a crash between the
+    new weights' rename and their record's write leaves the earlier record, which names other weights' sha256:
+    refused on load, never loaded as what the record describes."""
     import zskd_lightning.export as export
 
     module = distilled["module"]
@@ -197,10 +198,63 @@ def test_an_export_that_fails_leaves_no_record_beside_other_weights(distilled, t
     assert (tmp_path / "student.json").read_text() == earlier and Path(path).read_bytes() == weights
     load_student(path, network=DigitsConvNetHalf())  # loads: the record still describes these weights
     monkeypatch.undo()
-    monkeypatch.setattr(export, "write_text_atomic", lambda *args: full_disk(None))  # a crash before the record
+    monkeypatch.setattr(export.os, "replace", lambda *args: full_disk(None))  # the rename fails (quota, a folder)
     with pytest.raises(OSError, match="No space left"):
         module.export_student(path)
-    assert not (tmp_path / "student.json").exists()
+    monkeypatch.undo()
+    assert (tmp_path / "student.json").read_text() == earlier and Path(path).read_bytes() == weights
+    load_student(path, network=DigitsConvNetHalf())
+    parameter = next(module.student.parameters())
+    original = parameter.detach().clone()
+    with torch.no_grad():  # other weights (put back below: the fixture is shared), so the new export differs
+        parameter.add_(1.0)
+    monkeypatch.setattr(export, "write_text_atomic", lambda *args: full_disk(None))  # a crash before the record
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            module.export_student(path)
+    finally:
+        monkeypatch.undo()
+        with torch.no_grad():
+            parameter.copy_(original)
+    assert (tmp_path / "student.json").read_text() == earlier and Path(path).read_bytes() != weights
+    unpaired = (r"^weights .*student\.safetensors have sha256 [0-9a-f]{64}, but their record .*student\.json "
+                r"describes [0-9a-f]{64}: they changed, or an export stopped before its record; export again$")
+    with pytest.raises(ZSKDError, match=unpaired):
+        load_student(path, network=DigitsConvNetHalf())
+    with pytest.raises(ZSKDError, match=unpaired):  # as a teacher too
+        FrozenTeacher(checkpoint=path, network=DigitsConvNetHalf())
+    module.export_student(path)  # exporting again pairs them
+    load_student(path, network=DigitsConvNetHalf())
+    FrozenTeacher(checkpoint=path, network=DigitsConvNetHalf())
+
+
+def test_a_record_without_weights_sha256_loads_its_weights_unchecked(distilled, tmp_path):
+    """Records written before ``weights_sha256`` existed still load."""
+    path = distilled["module"].export_student(tmp_path / "student.safetensors")
+    record = json.loads((tmp_path / "student.json").read_text())
+    assert record["weights_sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    del record["weights_sha256"]
+    (tmp_path / "student.json").write_text(json.dumps(record))
+    load_student(path, network=DigitsConvNetHalf())
+
+
+def test_an_export_over_a_record_without_weights_sha256_removes_it_before_the_new_weights(distilled, tmp_path,
+                                                                                          monkeypatch):
+    """Such a record cannot tell other weights from its own: a crash before the new record leaves none."""
+    import zskd_lightning.export as export
+
+    path = distilled["module"].export_student(tmp_path / "student.safetensors")
+    record = json.loads((tmp_path / "student.json").read_text())
+    del record["weights_sha256"]
+    (tmp_path / "student.json").write_text(json.dumps(record))
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_text_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        distilled["module"].export_student(path)
+    monkeypatch.undo()
     with pytest.raises(ZSKDError, match="student record not found"):
         load_student(path, network=DigitsConvNetHalf())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import json
 import re
 from pathlib import Path
@@ -133,6 +134,13 @@ def test_a_classifier_checkpoint_built_in_python_needs_its_network_in_one_line(l
     with pytest.raises(InvalidArgument, match=r"^ClassifierModule.load_from_checkpoint reads checkpoints without "
                                               r"unpickling \(weights_only=True\); got weights_only=False"):
         ClassifierModule.load_from_checkpoint(lightning_checkpoint, weights_only=False, network=DigitsConvNetHalf())
+    with pytest.raises(InvalidArgument, match=r"^ClassifierModule.load_from_checkpoint takes no hparams_file: "):
+        ClassifierModule.load_from_checkpoint(lightning_checkpoint, hparams_file="hparams.yaml",
+                                              network=DigitsConvNetHalf())
+    for source in (io.BytesIO(lightning_checkpoint.read_bytes()), "s3://bucket/teacher.ckpt"):
+        with pytest.raises(InvalidArgument, match=r"^ClassifierModule.load_from_checkpoint reads a local checkpoint "
+                                                  r"file by its path, got .*: save or copy it to a file first$"):
+            ClassifierModule.load_from_checkpoint(source, network=DigitsConvNetHalf())
 
 
 def test_load_lightning_checkpoint_with_network(lightning_checkpoint):

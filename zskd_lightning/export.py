@@ -7,28 +7,30 @@ code) and, beside them, a JSON record of what the network is and what it takes.
      "class_path": "zskd_lightning.models.LeNet5Half", "init_args": {...} or null,
      "input_shape": [C, H, W], "input_mean": [...] or null, "input_std": [...] or null,
      "num_classes": K, "teacher": {"checkpoint": ..., "fingerprint": ...}, "test_accuracy": null or percent,
-     "library_version": ...}
+     "weights_sha256": sha256 of student.safetensors, "library_version": ...}
 
 ``init_args`` is known when the student was configured by class path (the ``zskd`` CLI, YAML); a student built
-in Python records ``null``, and :func:`load_student` then needs the ``network``.
+in Python records ``null``, and :func:`load_student` then needs the ``network``. ``weights_sha256`` pairs the record
+with its weights: :func:`load_student` refuses weights the record does not describe (records written before the
+field existed lack it and load unchecked).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from torch import nn
 
 from zskd_lightning._version import __version__
 from zskd_lightning.errors import InvalidArgument, ZSKDError, described
 from zskd_lightning.files import record_path, write_atomic, write_text_atomic
-from zskd_lightning.teacher import instantiate, load_weights
+from zskd_lightning.teacher import check_weights_pair, instantiate, load_weights
 
 RECORD_FORMAT, RECORD_VERSION = "zskd-student", 1
 
@@ -52,14 +54,23 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
                               "*.safetensors (load_student finds them beside their .json record by that name)")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}  # no shared storage
+    weights = save(state)
 
-    def forget_earlier_record() -> None:  # the new weights are on disk, not yet in place
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(json_path)
+    def forget_unpaired_record() -> None:  # the new weights are on disk, not yet in place
+        try:
+            with open(json_path) as handle:
+                earlier = json.load(handle)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or earlier.get("weights_sha256") is None:
+            os.remove(json_path)  # a record that cannot tell other weights from its own
 
-    # A write that fails leaves an earlier export whole; a crash between the weights' rename and the record's
-    # write leaves new weights without a record (refused on load), never beside one describing other weights.
-    write_atomic(path, lambda handle: handle.write(save(state)), before_replace=forget_earlier_record)
+    # A write that fails (the weights' or their rename) leaves an earlier export whole; a crash between the
+    # weights' rename and the record's write leaves new weights beside the earlier record, whose weights_sha256
+    # no longer matches (refused on load), or, when that record predates weights_sha256, without a record.
+    write_atomic(path, lambda handle: handle.write(weights), before_replace=forget_unpaired_record)
     cls = type(student)
     record = {
         "format": RECORD_FORMAT,
@@ -72,6 +83,7 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
         "num_classes": num_classes,
         "teacher": dict(teacher) if teacher else None,
         "test_accuracy": None,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "library_version": __version__,
     }
     write_text_atomic(json_path, json.dumps(record, indent=2) + "\n")
@@ -123,8 +135,14 @@ def load_student(path: str | os.PathLike, network: nn.Module | None = None,
     path = os.fspath(path)
     weights = os.path.splitext(path)[0] + ".safetensors" if path.endswith(".json") else path
     record = read_record(record_path(weights))
-    if not os.path.isfile(weights):
-        raise ZSKDError(f"student weights not found: {weights}")
+    try:
+        with open(weights, "rb") as handle:
+            data = handle.read()  # read once: the bytes checked are the bytes loaded
+    except FileNotFoundError:
+        raise ZSKDError(f"student weights not found: {weights}") from None
+    except OSError as err:
+        raise ZSKDError(f"could not read student weights {weights}: {described(err)}") from err
+    check_weights_pair(weights, data, record, record_path(weights))
     if network is None:
         if record["init_args"] is None:
             raise ZSKDError(f"student record {record_path(weights)} names {record['class_path']} without its "
@@ -133,7 +151,7 @@ def load_student(path: str | os.PathLike, network: nn.Module | None = None,
                               source=f"student record {record_path(weights)}",
                               remedy="build the architecture yourself and pass it: load_student(path, network=...)")
     try:
-        state = load_file(weights, device=str(map_location))
+        state = load(data)
     except Exception as err:  # not a safetensors file, truncated
         raise ZSKDError(f"could not read student weights {weights}: {described(err)}") from err
     load_weights(network, state, weights)

@@ -12,7 +12,8 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import nn
 
-from zskd_lightning.errors import ZSKDError, refuse_unpickling
+from zskd_lightning.errors import InvalidArgument, ZSKDError, refuse_unpickling
+from zskd_lightning.files import resolve_packaged
 from zskd_lightning.teacher import check_class_paths, read_checkpoint
 
 
@@ -63,9 +64,16 @@ class LoadsRecordedSpecs:
         """Lightning's ``load_from_checkpoint``, loaded with ``weights_only=True`` (this library never unpickles a
         file: ``weights_only`` set to False is refused in one line). Each of ``spec_args`` comes from the
         checkpoint's record or from ``kwargs``; a class the record names must be in ``zskd_lightning``,
-        ``torchvision.models`` or an already imported module."""
+        ``torchvision.models`` or an already imported module. ``checkpoint_path`` is a local file (or a packaged
+        ``zskd_lightning:`` one); ``hparams_file`` is refused (it would replace the specs checked here)."""
         refuse_unpickling(weights_only, f"{cls.__name__}.load_from_checkpoint reads checkpoints")
-        path = os.fspath(checkpoint_path)
+        if hparams_file is not None:
+            raise InvalidArgument(f"{cls.__name__}.load_from_checkpoint takes no hparams_file: the networks are built "
+                                  "from the specs the checkpoint records; give other init arguments as keywords")
+        if not isinstance(checkpoint_path, (str, os.PathLike)) or "://" in os.fspath(checkpoint_path):
+            raise InvalidArgument(f"{cls.__name__}.load_from_checkpoint reads a local checkpoint file by its path, got "
+                                  f"{checkpoint_path!r}: save or copy it to a file first")
+        path = resolve_packaged(os.fspath(checkpoint_path))
         hparams = read_checkpoint(path, what="checkpoint").get("hyper_parameters") or {}
         missing = [name for name in cls.spec_args if name not in kwargs and not _is_spec(hparams.get(name))]
         if missing:
@@ -77,8 +85,8 @@ class LoadsRecordedSpecs:
         recorded = {name: value for name, value in hparams.items() if name not in kwargs and _is_spec(value)}
         for name, spec in recorded.items():
             check_class_paths(spec, source=f"checkpoint {path} ({name})")
-        model = super().load_from_checkpoint(path, map_location=map_location, hparams_file=hparams_file,
-                                             strict=strict, weights_only=True, **kwargs)
+        model = super().load_from_checkpoint(path, map_location=map_location, strict=strict, weights_only=True,
+                                             **kwargs)
         recorded = {name: spec for name, spec in recorded.items() if not _is_spec(model._hparams.get(name))}
         if recorded and "_instantiator" in hparams:
             recorded["_instantiator"] = hparams["_instantiator"]

@@ -88,22 +88,39 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     return dict(obj)
 
 
+def check_weights_pair(path: str, data: bytes, record: Mapping[str, Any], json_path: str) -> None:
+    """Refuse (one line) weights ``data`` read from ``path`` that the record at ``json_path`` does not describe:
+    its ``weights_sha256`` names other bytes (the weights changed, or an export stopped between writing them and
+    their record). A record without the field (written before it existed) pairs with any weights."""
+    expected = record.get("weights_sha256")
+    if expected is not None and (actual := hashlib.sha256(data).hexdigest()) != expected:
+        raise ZSKDError(f"weights {path} have sha256 {actual}, but their record {json_path} describes {expected}: "
+                        "they changed, or an export stopped before its record; export again")
+
+
 def _read_safetensors(path: str, what: str, data: bytes | None = None) -> dict[str, Any]:
     """``{"state_dict": tensors}`` from a safetensors file (``data``: its bytes, already read), plus the
-    architecture of the JSON record beside it."""
-    try:
-        state = load_file(path, device="cpu") if data is None else load(data)
-    except Exception as err:  # truncated, not a safetensors file
-        raise ZSKDError(f"could not read {what} {path}: {described(err)}") from err
-    content: dict[str, Any] = {"state_dict": state}
-    json_path = record_path(path)
+    architecture of the JSON record beside it (refused when the record's ``weights_sha256`` names other bytes)."""
+    record, json_path = None, record_path(path)
     if os.path.isfile(json_path):
         try:
             with open(json_path) as handle:
                 record = json.load(handle)
         except (OSError, ValueError) as err:
             raise ZSKDError(f"could not read the record {json_path} beside {path}: {first_line(err)}") from err
-        if isinstance(record, Mapping) and record.get("class_path") and record.get("init_args") is not None:
+    paired = isinstance(record, Mapping) and record.get("weights_sha256") is not None
+    try:
+        if data is None and paired:  # read once: the bytes checked are the bytes loaded
+            with open(path, "rb") as handle:
+                data = handle.read()
+        state = load_file(path, device="cpu") if data is None else load(data)
+    except Exception as err:  # truncated, not a safetensors file
+        raise ZSKDError(f"could not read {what} {path}: {described(err)}") from err
+    content: dict[str, Any] = {"state_dict": state}
+    if isinstance(record, Mapping):
+        if paired:
+            check_weights_pair(path, data, record, json_path)
+        if record.get("class_path") and record.get("init_args") is not None:
             content["hyper_parameters"] = {"network": {"class_path": record["class_path"],
                                                        "init_args": dict(record["init_args"])}}
     return content
