@@ -33,17 +33,20 @@ def unit_subset(sizes: list[int], total: int) -> torch.Tensor:
     """``[d, total]`` columns of the identity picking ``total`` units, evenly spaced within each layer and shared
     between the layers in proportion to their sizes (largest remainders; at least one a layer while ``total``
     allows), so that both sides of the comparison keep exactly as many numbers."""
+    if not 0 < total <= sum(sizes):
+        raise ValueError(f"total must be in 1..{sum(sizes)} (the units), got {total}")
     share = [total * size / sum(sizes) for size in sizes]
-    counts = [min(size, max(1, int(s))) for s, size in zip(share, sizes)]
+    floor = 1 if total >= len(sizes) else 0  # one unit a layer, where the budget allows it
+    counts = [min(size, max(floor, int(s))) for s, size in zip(share, sizes)]
     by_remainder = sorted(range(len(sizes)), key=lambda i: share[i] - int(share[i]), reverse=True)
-    while sum(counts) != total:
+    while sum(counts) != total:  # each pass moves the sum toward total, never past it
         step = 1 if sum(counts) < total else -1
         for i in by_remainder if step > 0 else reversed(by_remainder):
-            if sum(counts) != total and 0 <= counts[i] + step <= sizes[i]:
+            if sum(counts) != total and floor <= counts[i] + step <= sizes[i]:
                 counts[i] += step
     columns, offset = [], 0
-    for size, count in zip(sizes, counts):
-        columns.append(torch.linspace(0, size - 1, count).round().long() + offset)
+    for size, count in zip(sizes, counts):  # evenly spaced, exact integer positions: never the same unit twice
+        columns.append(torch.tensor([(k * (size - 1)) // max(count - 1, 1) for k in range(count)], dtype=torch.long) + offset)
         offset += size
     chosen = torch.cat(columns)
     return torch.eye(offset, dtype=torch.float64)[:, chosen]

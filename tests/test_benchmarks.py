@@ -99,6 +99,13 @@ def test_lopes_spectral_fit_keeps_as_many_units_as_spectral_numbers():
         assert len(picked.unique()) == total and torch.equal(columns.sum(dim=0), torch.ones(total, dtype=columns.dtype))
     picked = unit_subset([120, 84, 10], 22).argmax(dim=0)
     assert [int(((picked >= lo) & (picked < hi)).sum()) for lo, hi in ((0, 120), (120, 204), (204, 214))] == [12, 9, 1]
+    for sizes, total in (([1000, 1, 1], 3), ([100, 1, 1, 1], 4), ([5000, 3000], 7999)):  # one unit a layer at least
+        picked = unit_subset(sizes, total).argmax(dim=0)
+        assert len(picked.unique()) == total
+        edges = torch.tensor([0, *sizes]).cumsum(0)
+        assert all(((picked >= lo) & (picked < hi)).any() for lo, hi in zip(edges[:-1], edges[1:]))
+    with pytest.raises(ValueError, match="total must be in 1..214"):
+        unit_subset([120, 84, 10], 215)
 
 
 def test_synthesis_throughput_measures_a_paths_memory_in_a_fresh_process():
@@ -1037,7 +1044,6 @@ def test_an_interrupted_row_keeps_every_runs_origin_and_never_resumes_on_another
 
 def test_a_row_resumed_on_another_machine_records_both_and_the_oldest_commit(tmp_path, monkeypatch):
     table = offline_table(tmp_path, monkeypatch)
-    args = table.row_commands(table.MNIST, ["student_ce"], [0], "fast")[0][4]
     first = {"commit": "aaaaaaa", "hardware": "CPU x2 (x86_64)", "device": "CPU"}
     resumption = table.Resumption(tmp_path / "epoch=0-step=10.ckpt", 100.0, 100.0, (first,))
     monkeypatch.setattr(table.interrupted_runs, "begin", lambda *args, **kwargs: resumption)

@@ -67,9 +67,10 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
         if not isinstance(earlier, dict) or earlier.get("weights_sha256") is None:
             os.remove(json_path)  # a record that cannot tell other weights from its own
 
-    # A write that fails (the weights' or their rename) leaves an earlier export whole; a crash between the
-    # weights' rename and the record's write leaves new weights beside the earlier record, whose weights_sha256
-    # no longer matches (refused on load), or, when that record predates weights_sha256, without a record.
+    # A write that fails (the weights' or their rename) leaves an earlier export whose record carries
+    # weights_sha256 whole (an earlier record without it is removed first: its weights then load no more); a
+    # crash between the weights' rename and the record's write leaves new weights beside the earlier record,
+    # whose weights_sha256 no longer matches (refused on load), or without a record.
     write_atomic(path, lambda handle: handle.write(weights), before_replace=forget_unpaired_record)
     cls = type(student)
     record = {

@@ -108,21 +108,22 @@ def _read_safetensors(path: str, what: str, data: bytes | None = None) -> dict[s
                 record = json.load(handle)
         except (OSError, ValueError) as err:
             raise ZSKDError(f"could not read the record {json_path} beside {path}: {first_line(err)}") from err
-    paired = isinstance(record, Mapping) and record.get("weights_sha256") is not None
+    if isinstance(record, Mapping) and record.get("weights_sha256") is not None:
+        if data is None:  # read once: the bytes checked are the bytes loaded
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as err:
+                raise ZSKDError(f"could not read {what} {path}: {described(err)}") from err
+        check_weights_pair(path, data, record, json_path)  # before parsing: refused as unpaired, readable or not
     try:
-        if data is None and paired:  # read once: the bytes checked are the bytes loaded
-            with open(path, "rb") as handle:
-                data = handle.read()
         state = load_file(path, device="cpu") if data is None else load(data)
     except Exception as err:  # truncated, not a safetensors file
         raise ZSKDError(f"could not read {what} {path}: {described(err)}") from err
     content: dict[str, Any] = {"state_dict": state}
-    if isinstance(record, Mapping):
-        if paired:
-            check_weights_pair(path, data, record, json_path)
-        if record.get("class_path") and record.get("init_args") is not None:
-            content["hyper_parameters"] = {"network": {"class_path": record["class_path"],
-                                                       "init_args": dict(record["init_args"])}}
+    if isinstance(record, Mapping) and record.get("class_path") and record.get("init_args") is not None:
+        content["hyper_parameters"] = {"network": {"class_path": record["class_path"],
+                                                   "init_args": dict(record["init_args"])}}
     return content
 
 
