@@ -46,7 +46,8 @@ def unit_subset(sizes: list[int], total: int) -> torch.Tensor:
                 counts[i] += step
     columns, offset = [], 0
     for size, count in zip(sizes, counts):  # evenly spaced, exact integer positions: never the same unit twice
-        columns.append(torch.tensor([(k * (size - 1)) // max(count - 1, 1) for k in range(count)], dtype=torch.long) + offset)
+        picks = [(k * (size - 1)) // max(count - 1, 1) for k in range(count)]
+        columns.append(torch.tensor(picks, dtype=torch.long) + offset)
         offset += size
     chosen = torch.cat(columns)
     return torch.eye(offset, dtype=torch.float64)[:, chosen]

@@ -349,9 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--impressions", type=int, default=512, help="impressions made by each path")
+    defaults = ", ".join(f"{model} {n}" for model, n in ITERATIONS.items())
     parser.add_argument("--iterations", type=int, nargs="+",
                         help="Adam steps per impression (both paths): one value for every model, or one per model "
-                             "in --models order (default: " + ", ".join(f"{m} {n}" for m, n in ITERATIONS.items()) + ")")
+                             f"in --models order (default: {defaults})")
     parser.add_argument("--plain-batch", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=256, help="impressions per library chunk (ImpressionDataModule's default)")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"],

@@ -627,6 +627,10 @@ def run_row(args: list[str], resume: Resumption | None = None, online: bool = Fa
     return result
 
 
+#: Between the machines of a row resumed across machines, in its ``hardware`` column (``"A + B"``).
+MACHINES_JOINED_BY = " + "
+
+
 def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> list[dict[str, str]]:
     """``records`` with ``new`` appended in place of earlier measurements of its row on the same kind of device
     (:func:`device_kind`: a GPU measurement stands beside the CPU one): the same command, or the same row,
@@ -636,7 +640,7 @@ def replace_measurement(records: list[dict[str, str]], new: dict[str, str]) -> l
     key = ("row", "method", "impressions", "seed")
 
     def machines(record: dict[str, str]) -> set[str]:
-        return set(record["hardware"].split(" + "))
+        return set(record["hardware"].split(MACHINES_JOINED_BY))
 
     def replaced(r: dict[str, str]) -> bool:
         same_kind = device_kind(r["hardware"]) == device_kind(new["hardware"])
@@ -1031,7 +1035,7 @@ def main(argv: list[str] | None = None) -> None:
         # earlier part lacked stays on the row)
         parts = [*(resume.origins if resume is not None else ()), origin]
         record = {"row": row, "method": method, "impressions": n, "seed": seed,
-                  "hardware": " + ".join(dict.fromkeys(str(p.get("hardware")) for p in parts)),
+                  "hardware": MACHINES_JOINED_BY.join(dict.fromkeys(str(p.get("hardware")) for p in parts)),
                   "command": command, **{k: f"{v:.4f}" if "acc" in k else f"{v:.1f}" for k, v in result.items()}}
         record["configs_sha"] = fingerprint
         record["commit"] = str(parts[0].get("commit", origin["commit"]))

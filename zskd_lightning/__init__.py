@@ -2,9 +2,9 @@
 
 Layers, each importing only from its own and those above it (``tests/test_layers.py`` checks it):
 0, leaves: ``_version``, ``errors``, ``files``, ``pixels``, ``describe``, ``randomness``, ``ranks``, ``modes``,
-``batch_progress``, ``interrupts`` -> 1, building blocks: ``taps``, ``kernels``, ``teacher``, ``losses``, ``checks``, ``optim``,
-``weighting``, ``augment``, ``models``, ``data``, ``export``, ``predictions``, ``metadata``, ``pictures``,
-``random_resume``, ``hparams``, ``callbacks``, ``metrics`` -> 2, ``synthesis`` (what and how; no Lightning, writes
+``batch_progress``, ``interrupts`` -> 1, building blocks: ``taps``, ``kernels``, ``teacher``, ``losses``,
+``checks``, ``optim``, ``weighting``, ``augment``, ``models``, ``data``, ``export``, ``predictions``, ``metadata``,
+``pictures``, ``random_resume``, ``hparams``, ``callbacks``, ``metrics`` -> 2, ``synthesis`` (what and how; no Lightning, writes
 no files) -> 3, none importing another: ``impressions`` (offline cache, driver, datamodule), ``online`` (replay
 buffer, round driver, datamodule), ``distillation``, ``classifier`` -> 4, ``cli`` and this package face.
 """

@@ -1,7 +1,8 @@
 """What and how of synthesis: target samplers, objectives, regularizers, the inversion engine, and the methods.
 
-No Lightning here, and nothing here writes a file (Lopes reads its metadata file): the drivers in :mod:`zskd_lightning.impressions` run these chunk by chunk, and
-those in :mod:`zskd_lightning.online` run the generator engine round by round.
+No Lightning here, and nothing here writes a file (Lopes reads its metadata file): the drivers in
+:mod:`zskd_lightning.impressions` run these chunk by chunk, and those in :mod:`zskd_lightning.online` run the
+generator engine round by round.
 """
 
 from zskd_lightning.synthesis.api import (
