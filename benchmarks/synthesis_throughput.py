@@ -243,10 +243,12 @@ def measure(name: str, count: int, iterations: int, plain_batch: int, chunk: int
         synthesizers[precision] = ZSKDSynthesizer(iterations=iterations, lr=0.01, precision=precision)
         synthesizers[precision].setup(synthesis_context(teacher, device))
     seconds: dict[str, list[float]] = {path: [] for path in ["plain", *precisions]}
-    # Warm-up each path (allocator, kernels), then measure the same number of impression-iterations.
+    # Warm-up each path on its first chunk at the measured iterations (the library's synthesizer runs its own, so the
+    # plain loop runs them too), then measure the same number of impression-iterations.
     first_batch = targets[: max(plain_batch, chunk)]
     for path in seconds:
-        run_path(path, teacher, input_range, first_batch, 3, plain_batch, chunk, device, synthesizers.get(path))
+        run_path(path, teacher, input_range, first_batch, iterations, plain_batch, chunk, device,
+                 synthesizers.get(path))
     for _ in range(repeats):
         for path in seconds:
             seconds[path].append(run_path(path, teacher, input_range, targets, iterations, plain_batch, chunk,

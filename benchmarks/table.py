@@ -41,6 +41,7 @@ import yaml
 
 import interrupted_runs
 from interrupted_runs import Resumption
+from watched import run_watched
 from zskd_lightning.files import write_atomic, write_csv_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -579,7 +580,8 @@ def run_row(args: list[str], resume: Resumption | None = None, online: bool = Fa
     time is the driver's cumulative figure (checkpoints carry it across resumed runs) and its training time the
     rest of the cumulative wall time; a run that prints no such figure (e.g. one resumed from a checkpoint taken
     after its last step, which trains nothing) raises :class:`RowFailed`.
-    A failed command prints the tail of its stderr and raises :class:`RowFailed`.
+    The command's stderr is passed on as it comes, with a line for each epoch checkpoint (:mod:`watched`); a
+    failed command raises :class:`RowFailed` with its last line.
     """
     manifest = cache_manifest(args)
     overwrite = [] if manifest is None else ["--data.init_args.overwrite_cache", "true"]
@@ -591,7 +593,7 @@ def run_row(args: list[str], resume: Resumption | None = None, online: bool = Fa
     started = time.perf_counter()
     command = [sys.executable, "-m", "zskd_lightning", *args, "--trainer.enable_progress_bar", "false"]
     resumed = [] if resume is None else ["--ckpt_path", str(resume.checkpoint)]
-    proc = subprocess.run(command + overwrite + resumed, cwd=ROOT, capture_output=True, text=True)
+    proc = run_watched(command + overwrite + resumed, cwd=ROOT, run_dir=row_run_dir(args))
     total = time.perf_counter() - started
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr, flush=True)  # the context of the one line raised below

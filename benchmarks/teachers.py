@@ -23,11 +23,11 @@ from table import DATASETS, configs_sha
 
 from zskd_lightning._version import __version__
 from zskd_lightning.files import file_sha256, record_path, write_atomic, write_text_atomic
+from zskd_lightning.records import TEACHER_FORMAT, VERSIONS
 from zskd_lightning.teacher import FrozenTeacher, network_spec, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHERS = ROOT / "benchmarks" / "teachers"
-RECORD_FORMAT, RECORD_VERSION = "zskd-teacher", 1
 
 
 def table_row(table: Path, command: str) -> dict[str, str]:
@@ -62,8 +62,8 @@ def write_teacher(checkpoint: str, name: str, config: str, table: Path, out_dir:
     state = {k: v.detach().cpu().contiguous() for k, v in teacher.network.state_dict().items()}
     write_atomic(weights, lambda handle: handle.write(save(state)))
     record = {
-        "format": RECORD_FORMAT,
-        "version": RECORD_VERSION,
+        "format": TEACHER_FORMAT,
+        "version": VERSIONS[TEACHER_FORMAT],
         "class_path": spec["class_path"],
         "init_args": spec["init_args"],
         "sha256": file_sha256(weights),

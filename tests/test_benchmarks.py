@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import io
 import json
 import math
 import os
@@ -377,13 +378,13 @@ def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, mo
     manifest.write_text('{"wall_seconds": 9.0, "teacher_fingerprint": "old"}')
     commands = []
 
-    def fake_zskd(command, cwd, capture_output, text):
+    def fake_zskd(command, cwd, run_dir):
         commands.append(command)
         if "new" not in manifest.read_text():  # overwrite_cache: the CLI replaces the old teacher's cache
             manifest.write_text('{"wall_seconds": 3.0, "teacher_fingerprint": "new"}')
         return subprocess.CompletedProcess(command, 0, "test/acc 0.975\ntest/teacher_acc 0.99\n", "")
 
-    monkeypatch.setattr(table.subprocess, "run", fake_zskd)
+    monkeypatch.setattr(table, "run_watched", fake_zskd)
     synthesized, reused = table.run_row(args), table.run_row(args)
     assert all(command[-2:] == ["--data.init_args.overwrite_cache", "true"] for command in commands)
     assert synthesized["test_acc"] == 97.5 and synthesized["synthesis_s"] == 3.0
@@ -394,12 +395,39 @@ def test_table_remeasures_a_row_whose_cache_holds_other_impressions(tmp_path, mo
     table.run_row(teacher_args)
     assert "--data.init_args.overwrite_cache" not in commands[-1]  # rows without a cache get no cache flag
 
-    def other_failure(command, cwd, capture_output, text):
+    def other_failure(command, cwd, run_dir):
         return subprocess.CompletedProcess(command, 1, "", "RuntimeError: out of memory")
 
-    monkeypatch.setattr(table.subprocess, "run", other_failure)
+    monkeypatch.setattr(table, "run_watched", other_failure)
     with pytest.raises(table.RowFailed, match=r"exited 1: RuntimeError: out of memory$"):
         table.run_row(args)
+
+
+def test_a_rows_command_is_watched_while_its_output_is_captured(tmp_path):
+    """The runner passes a row's stderr on as it comes and says when an epoch checkpoint appears, and returns
+    the output as ``subprocess.run(capture_output=True, text=True)`` would (an epoch saved before is not news)."""
+    watched = load("watched")
+    checkpoints = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "epoch=0-step=10.ckpt").write_bytes(b"")  # an earlier run's: not reported again
+    (checkpoints.parent / "config.yaml").write_text("trainer:\n  max_epochs: 4\n")
+    child = ("import sys, time, pathlib\n"
+             "print('working', file=sys.stderr, flush=True)\n"
+             f"pathlib.Path({str(checkpoints / 'epoch=2-step=30.ckpt')!r}).write_bytes(b'')\n"
+             "time.sleep(0.5)\n"
+             "print('test/acc 0.5')\n"
+             "print('failed here', file=sys.stderr)\n"
+             "sys.exit(3)\n")
+    echo = io.StringIO()
+    proc = watched.run_watched([sys.executable, "-c", child], cwd=tmp_path, run_dir=tmp_path / "run", echo=echo,
+                               poll_seconds=0.1)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "test/acc 0.5\n", "working\nfailed here\n")
+    lines = echo.getvalue().splitlines()
+    assert lines[0] == "  | working" and "  | failed here" in lines
+    assert [line for line in lines if "saved" in line] and all(
+        re.fullmatch(r"  \| \[\d\d:\d\d:\d\d\] epoch 3/4 saved, \d+ min into this run", line)
+        for line in lines if "saved" in line)
+    assert watched.saved_epochs(tmp_path / "nothing") == 0 and watched.planned_epochs(tmp_path / "nothing") is None
 
 
 def test_table_records_the_lopes_metadata_once_before_its_rows(tmp_path, monkeypatch):
@@ -456,12 +484,12 @@ def test_table_ends_a_failed_row_in_one_line_and_keeps_the_rows_before_it(tmp_pa
 
     monkeypatch.setattr(table, "code_commit", lambda: "abc1234")
 
-    def measured_then_failing(command, cwd, capture_output, text):
+    def measured_then_failing(command, cwd, run_dir):
         if "--seed_everything 0" in " ".join(command):
             return subprocess.CompletedProcess(command, 0, "test/acc 0.975\ntest/teacher_acc 0.99\n", "")
         return subprocess.CompletedProcess(command, 1, "", "Traceback (most recent call last):\nValueError: bad key")
 
-    monkeypatch.setattr(table.subprocess, "run", measured_then_failing)
+    monkeypatch.setattr(table, "run_watched", measured_then_failing)
     with pytest.raises(SystemExit) as stopped:
         table.main(["--dataset", "mnist", "--rows", "zskd", "--seeds", "0", "1"])
     message = str(stopped.value.code)
@@ -479,11 +507,11 @@ def test_table_times_a_resumed_row_with_the_chunks_an_earlier_run_finished(tmp_p
     manifest = tmp_path / args[args.index("--data.init_args.cache_dir") + 1] / "manifest.json"
     manifest.parent.mkdir(parents=True)
 
-    def fake_zskd(command, cwd, capture_output, text):  # resumes a cache whose chunk 0 an earlier run made
+    def fake_zskd(command, cwd, run_dir):  # resumes a cache whose chunk 0 an earlier run made
         manifest.write_text(json.dumps({"wall_seconds": 13.0, "resumed_chunks": 1, "resumed_seconds": 4.0}))
         return subprocess.CompletedProcess(command, 0, "test/acc 0.9\n", "")
 
-    monkeypatch.setattr(table.subprocess, "run", fake_zskd)
+    monkeypatch.setattr(table, "run_watched", fake_zskd)
     resumed = table.run_row(args)
     assert resumed["synthesis_s"] == 13.0 + 4.0  # chunk 0 resumed; the others made by this run
     assert resumed["training_s"] == max(resumed["total_s"] - 13.0, 0.0)
@@ -496,11 +524,11 @@ def test_table_reads_an_online_rows_synthesis_from_its_log(tmp_path, monkeypatch
     row, method, _, seed, args = table.row_commands(table.MNIST, ["fast"], [1], "fast")[0]
     assert (row, method, seed) == ("fast", "fast", 1) and "--data.init_args.cache_dir" not in args
 
-    def fake_zskd(command, cwd, capture_output, text):
+    def fake_zskd(command, cwd, run_dir):
         log = "Online synthesis: 223 rounds, 57088 inputs synthesized in 468.3 s; buffer 6000/6000\n"
         return subprocess.CompletedProcess(command, 0, "test/acc 0.95\ntest/teacher_acc 0.99\n", log)
 
-    monkeypatch.setattr(table.subprocess, "run", fake_zskd)
+    monkeypatch.setattr(table, "run_watched", fake_zskd)
     result = table.run_row(args, online=True)
     assert result["synthesized"] == 57088 and result["synthesis_s"] == 468.3
     assert result["training_s"] == result["total_s"] - 468.3 and result["test_acc"] == 95.0
@@ -514,7 +542,7 @@ def test_table_times_a_resumed_online_row_from_its_cumulative_figures(tmp_path, 
     monkeypatch.setattr(table, "ROOT", tmp_path)
     args = table.row_commands(table.MNIST, ["fast"], [1], "fast")[0][4]
     log = "Online synthesis: 223 rounds, 57088 inputs synthesized in 400.0 s; buffer 6000/6000\n"
-    monkeypatch.setattr(table.subprocess, "run", lambda command, cwd, capture_output, text:
+    monkeypatch.setattr(table, "run_watched", lambda command, cwd, run_dir:
                         subprocess.CompletedProcess(command, 0, "test/acc 0.95\n", log))
     resume = table.Resumption(tmp_path / "last.ckpt", wall_seconds=600.0, training_seconds=600.0)
     result = table.run_row(args, resume, online=True)
@@ -1102,11 +1130,11 @@ def test_table_row_resumed_loads_the_checkpoint_and_adds_the_earlier_times(tmp_p
     manifest.write_text('{"wall_seconds": 300.0}')  # finished by the interrupted run
     commands = []
 
-    def fake_zskd(command, cwd, capture_output, text):
+    def fake_zskd(command, cwd, run_dir):
         commands.append(command)
         return subprocess.CompletedProcess(command, 0, "test/acc 0.975\n", "")
 
-    monkeypatch.setattr(table.subprocess, "run", fake_zskd)
+    monkeypatch.setattr(table, "run_watched", fake_zskd)
     checkpoint = tmp_path / "epoch=1-step=20.ckpt"
     result = table.run_row(args, table.Resumption(checkpoint, wall_seconds=500.0, training_seconds=200.0))
     assert commands[0][-2:] == ["--ckpt_path", str(checkpoint)]

@@ -3,7 +3,7 @@
 Layers (a module may import from its own layer's package or from lower layers, never from higher ones):
 
 0. ``_version``, ``errors``, ``files``, ``pixels``, ``describe``, ``randomness``, ``ranks``, ``modes``,
-   ``batch_progress``, ``interrupts``: leaves
+   ``batch_progress``, ``interrupts``, ``records``: leaves
 1. ``taps``, ``kernels``, ``teacher``, ``losses``, ``checks``, ``optim``, ``weighting``, ``augment``, ``models``,
    ``data``, ``export``, ``predictions``, ``metadata``, ``pictures``, ``random_resume``,
    ``hparams``, ``callbacks``, ``metrics``
@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "zskd_lightning"
 
 LAYERS = {
     "_version": 0, "errors": 0, "files": 0, "pixels": 0, "describe": 0, "randomness": 0, "ranks": 0, "modes": 0,
-    "batch_progress": 0, "interrupts": 0,
+    "batch_progress": 0, "interrupts": 0, "records": 0,
     "taps": 1, "kernels": 1, "teacher": 1, "losses": 1, "checks": 1, "optim": 1, "weighting": 1, "augment": 1,
     "models": 1, "data": 1, "export": 1, "predictions": 1, "metadata": 1, "pictures": 1, "random_resume": 1,
     "hparams": 1, "callbacks": 1, "metrics": 1,

@@ -88,6 +88,28 @@ def test_run_from_runs_the_prediction_and_puts_each_modules_mode_back():
     assert [module.training for module in net.modules()] == [True, True, True, True, True, False]
 
 
+class FreezingStage(nn.Linear):
+    """A layer whose ``train`` override does more than set ``.training``: it records each mode it was put in."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 4)
+        self.modes_set: list[bool] = []
+
+    def train(self, mode: bool = True) -> FreezingStage:
+        self.modes_set.append(mode)
+        return super().train(mode)
+
+
+def test_run_from_puts_modes_back_through_train_overrides():
+    """The mode comes back through the module's own ``train`` (its override runs), not by setting the flag."""
+    net = nn.Sequential(FreezingStage(), nn.Linear(4, 3))
+    net.train()
+    net[0].modes_set.clear()
+    run_from(net, Tap("1"), torch.randn(2, 3), (4,))
+    assert net[0].modes_set[-1] is True and False in net[0].modes_set
+    assert [module.training for module in net.modules()] == [True, True, True]
+
+
 class ReusedActivation(nn.Module):
     """One ReLU module called at two places in a forward pass."""
 

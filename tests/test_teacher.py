@@ -6,6 +6,7 @@ import ast
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zskd_lightning import ClassifierModule, FrozenTeacher, ZSKDError
+from zskd_lightning import hparams
 from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.data import DigitsDataModule
 from zskd_lightning.models import DigitsConvNet, DigitsConvNetHalf
@@ -141,6 +143,30 @@ def test_a_classifier_checkpoint_built_in_python_needs_its_network_in_one_line(l
         with pytest.raises(InvalidArgument, match=r"^ClassifierModule.load_from_checkpoint reads a local checkpoint "
                                                   r"file by its path, got .*: save or copy it to a file first$"):
             ClassifierModule.load_from_checkpoint(source, network=DigitsConvNetHalf())
+
+
+def test_a_classifier_checkpoint_is_read_once(lightning_checkpoint, monkeypatch, tmp_path):
+    """The checkpoint whose specs were checked is the one built: a file replaced after the check is not read."""
+    checkpoint = tmp_path / "classifier.ckpt"  # a copy: the module's other tests read the shared one
+    shutil.copy(lightning_checkpoint, checkpoint)
+    original = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    replaced = dict(original, state_dict={k: torch.zeros_like(v) for k, v in original["state_dict"].items()})
+    checked = hparams.read_checkpoint
+
+    def check_then_replace(path, **kwargs):
+        content = checked(path, **kwargs)
+        torch.save(replaced, path)
+        return content
+
+    monkeypatch.setattr(hparams, "read_checkpoint", check_then_replace)
+    module = ClassifierModule.load_from_checkpoint(checkpoint, network=DigitsConvNetHalf())
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, original["state_dict"][key]), key
+    weights = tmp_path / "student.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(InvalidArgument, match=r"student.safetensors holds a network's weights, not a "
+                                              r"ClassifierModule checkpoint: load it with .*load_student\(path\)"):
+        ClassifierModule.load_from_checkpoint(weights, network=DigitsConvNetHalf())
 
 
 def test_load_lightning_checkpoint_with_network(lightning_checkpoint):
@@ -489,6 +515,19 @@ def test_safetensors_with_record_builds_its_architecture(tmp_path):
     x = _digits_batch()
     assert torch.equal(teacher(x), source(x))
     assert teacher.fingerprint() == FrozenTeacher(network=source).fingerprint()
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"format": "zskd-student", "version": 2, "class_path": "zskd_lightning.models.DigitsConvNet", "init_args": {}},
+     r"record .*teacher.json has version 2 of format 'zskd-student'; this library reads version 1"),
+    ({"format": "zskd-teacher", "version": 1, "init_args": {}}, r"record .*teacher.json lacks class_path"),
+])
+def test_a_record_in_one_of_the_librarys_formats_is_checked_as_one(tmp_path, record, expected):
+    """A student or benchmark-teacher record beside a teacher's weights is read as ``load_student`` reads it."""
+    _, path = _safetensors_teacher(tmp_path, record)
+    with pytest.raises(ZSKDError, match=expected) as err:
+        FrozenTeacher(checkpoint=str(path))
+    _assert_one_line_naming(err, tmp_path / "teacher.json")
 
 
 def test_safetensors_without_record_needs_the_network(tmp_path):

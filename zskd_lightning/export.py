@@ -30,9 +30,9 @@ from torch import nn
 from zskd_lightning._version import __version__
 from zskd_lightning.errors import InvalidArgument, ZSKDError, described
 from zskd_lightning.files import record_path, write_atomic, write_text_atomic
+from zskd_lightning.records import STUDENT_FORMAT, VERSIONS
+from zskd_lightning.records import read_record as read_weights_record
 from zskd_lightning.teacher import check_weights_pair, instantiate, load_weights
-
-RECORD_FORMAT, RECORD_VERSION = "zskd-student", 1
 
 
 def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[str, Any] | None,
@@ -74,8 +74,8 @@ def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[
     write_atomic(path, lambda handle: handle.write(weights), before_replace=forget_unpaired_record)
     cls = type(student)
     record = {
-        "format": RECORD_FORMAT,
-        "version": RECORD_VERSION,
+        "format": STUDENT_FORMAT,
+        "version": VERSIONS[STUDENT_FORMAT],
         "class_path": spec["class_path"] if spec else f"{cls.__module__}.{cls.__qualname__}",
         "init_args": dict(spec.get("init_args") or {}) if spec else None,
         "input_shape": list(input_shape) if input_shape is not None else None,
@@ -101,23 +101,11 @@ def update_record(weights_path: str | os.PathLike, **fields: Any) -> None:
 
 def read_record(json_path: str | os.PathLike) -> dict[str, Any]:
     """The student record at ``json_path``, checked to be one (one-line error otherwise)."""
-    json_path = os.fspath(json_path)
     try:
-        with open(json_path) as handle:
-            record = json.load(handle)
+        return read_weights_record(json_path, what="student record", expected_format=STUDENT_FORMAT)
     except FileNotFoundError:
-        raise ZSKDError(f"student record not found: {json_path} (it is written beside the .safetensors file)") from None
-    except (OSError, ValueError) as err:
-        raise ZSKDError(f"could not read the student record {json_path}: {err}") from err
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise ZSKDError(f"{json_path} is not a student record (expected format {RECORD_FORMAT!r})")
-    if record.get("version") != RECORD_VERSION:
-        raise ZSKDError(f"student record {json_path} has version {record.get('version')!r}; this library reads "
-                        f"version {RECORD_VERSION}")
-    missing = [key for key in ("class_path", "init_args") if key not in record]
-    if missing:
-        raise ZSKDError(f"student record {json_path} lacks {', '.join(missing)}")
-    return record
+        raise ZSKDError(f"student record not found: {os.fspath(json_path)} (it is written beside the .safetensors "
+                        "file)") from None
 
 
 def load_student(path: str | os.PathLike, network: nn.Module | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import os
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from zskd_lightning.errors import InvalidArgument, ZSKDError, refuse_unpickling
 from zskd_lightning.files import resolve_packaged
-from zskd_lightning.teacher import check_class_paths, read_checkpoint
+from zskd_lightning.teacher import check_class_paths, read_checkpoint, read_file_bytes
 
 
 def cli_given_spec(name: str) -> dict[str, Any] | None:
@@ -46,6 +47,19 @@ def _is_spec(value: Any) -> bool:
     return isinstance(value, dict) and "class_path" in value
 
 
+class _NamedBytes(io.BytesIO):
+    """A checkpoint's bytes, already read, that Lightning's messages name by the file they came from."""
+
+    def __init__(self, data: bytes, path: str) -> None:
+        super().__init__(data)
+        self.path = path
+
+    def __repr__(self) -> str:
+        return self.path
+
+    __str__ = __repr__
+
+
 class LoadsRecordedSpecs:
     """``load_from_checkpoint`` for a LightningModule whose networks (``spec_args``) the ``zskd`` CLI built from
     ``class_path``/``init_args`` specs. Put it before ``LightningModule`` among the bases.
@@ -65,7 +79,10 @@ class LoadsRecordedSpecs:
         file: ``weights_only`` set to False is refused in one line). Each of ``spec_args`` comes from the
         checkpoint's record or from ``kwargs``; a class the record names must be in ``zskd_lightning``,
         ``torchvision.models`` or an already imported module. ``checkpoint_path`` is a local file (or a packaged
-        ``zskd_lightning:`` one); ``hparams_file`` is refused (it would replace the specs checked here)."""
+        ``zskd_lightning:`` one), read once (the checkpoint whose specs are checked is the one built, even if the
+        file is replaced meanwhile; Lightning reads the bytes, so it offers no ``upgrade_checkpoint`` hint for a
+        checkpoint of an older Lightning); a ``.safetensors`` file (weights only: ``load_student``, or a teacher's
+        ``checkpoint``) and ``hparams_file`` (it would replace the specs checked here) are refused in one line."""
         refuse_unpickling(weights_only, f"{cls.__name__}.load_from_checkpoint reads checkpoints")
         if hparams_file is not None:
             raise InvalidArgument(f"{cls.__name__}.load_from_checkpoint takes no hparams_file: the networks are built "
@@ -74,7 +91,11 @@ class LoadsRecordedSpecs:
             raise InvalidArgument(f"{cls.__name__}.load_from_checkpoint reads a local checkpoint file by its path, got "
                                   f"{checkpoint_path!r}: save or copy it to a file first")
         path = resolve_packaged(os.fspath(checkpoint_path))
-        hparams = read_checkpoint(path, what="checkpoint").get("hyper_parameters") or {}
+        if path.endswith(".safetensors"):
+            raise InvalidArgument(f"{path} holds a network's weights, not a {cls.__name__} checkpoint: load it with "
+                                  "zskd_lightning.load_student(path), or give it as a teacher's checkpoint")
+        data = read_file_bytes(path, "checkpoint")  # read once: the checkpoint checked is the checkpoint built
+        hparams = read_checkpoint(path, what="checkpoint", data=data).get("hyper_parameters") or {}
         missing = [name for name in cls.spec_args if name not in kwargs and not _is_spec(hparams.get(name))]
         if missing:
             raise ZSKDError(
@@ -85,8 +106,8 @@ class LoadsRecordedSpecs:
         recorded = {name: value for name, value in hparams.items() if name not in kwargs and _is_spec(value)}
         for name, spec in recorded.items():
             check_class_paths(spec, source=f"checkpoint {path} ({name})")
-        model = super().load_from_checkpoint(path, map_location=map_location, strict=strict, weights_only=True,
-                                             **kwargs)
+        model = super().load_from_checkpoint(_NamedBytes(data, path), map_location=map_location, strict=strict,
+                                             weights_only=True, **kwargs)
         recorded = {name: spec for name, spec in recorded.items() if not _is_spec(model._hparams.get(name))}
         if recorded and "_instantiator" in hparams:
             recorded["_instantiator"] = hparams["_instantiator"]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from zskd_lightning.errors import InvalidArgument, ZSKDError
+from zskd_lightning.modes import evaluating
 
 
 @dataclass(frozen=True)
@@ -159,22 +160,18 @@ def run_from(model: nn.Module, tap: Tap, value: Tensor, input_shape: tuple[int, 
     second input (standard normal, fixed seed); different outputs end in a one-line error, and so does a tapped
     module that runs more than once a pass (each call would be given ``value``). The passes run in eval mode (the
     network's prediction: BatchNorm reads its running statistics and leaves them, Dropout keeps every unit), and
-    each module's mode is put back after.
+    each module's mode is put back after through its ``train`` (:func:`~zskd_lightning.modes.evaluating`).
     """
     device = value.device
     second = torch.randn((len(value), *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
     outputs, calls = [], []
-    modes = [(module, module.training) for module in model.modules()]
     counting = submodule(model, tap.path).register_forward_pre_hook(lambda module, inputs: calls.append(1))
     try:
-        model.eval()
-        with replacing(model, tap, value):
+        with evaluating(model), replacing(model, tap, value):
             for inputs in (torch.zeros((len(value), *input_shape), device=device), second):
                 outputs.append(model(inputs))
     finally:
         counting.remove()
-        for module, training in modes:
-            module.training = training
     if not calls:
         raise ZSKDError(f"{type(model).__name__} never runs {tap.path!r} in a forward pass (a branch that runs only in "
                         "training, or a module called through its weights): model a layer the forward pass runs")

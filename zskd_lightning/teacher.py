@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
-import json
 import os
 import pickle
 import re
@@ -27,6 +26,7 @@ from zskd_lightning.checks import probe_num_outputs
 from zskd_lightning.errors import InvalidArgument, ZSKDError, described, first_line
 from zskd_lightning.files import record_path, resolve_packaged
 from zskd_lightning.kernels import default_layout, use_fast_kernels
+from zskd_lightning.records import read_record
 
 #: State-dict prefixes under which the library's LightningModules keep a network.
 _CHECKPOINT_PREFIXES = ("network.", "student.")
@@ -40,7 +40,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 TRUSTED_NETWORK_MODULES = ("zskd_lightning.models", "torchvision.models")
 
 
-def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | None = None) -> dict[str, Any]:
+def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | None = None,
+                    data: bytes | None = None) -> dict[str, Any]:
     """Load a checkpoint file onto the CPU without running code from it; any failure becomes a one-line
     :class:`ZSKDError` naming ``path`` (``what`` it is).
 
@@ -50,18 +51,19 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     with ``torch.load(weights_only=True)`` (tensors and plain containers only). ``sha256``: the file's expected
     digest (hex); a file whose bytes differ is refused before it is read, and the bytes checked are the bytes
     loaded (read once: a file replaced meanwhile is not read again) (the weights file's bytes only: a
-    ``.safetensors`` file's JSON record is not covered; give ``network`` to fix the architecture).
+    ``.safetensors`` file's JSON record is not covered; give ``network`` to fix the architecture). ``data``: the
+    file's bytes, already read by the caller (:func:`read_file_bytes`), parsed instead of reading ``path`` again.
     """
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha256)):
         raise InvalidArgument(f"sha256 of the {what} must be the 64 hex digits of the file's bytes (as `sha256sum` "
                               f"prints them, without the file name; not a teacher fingerprint), got {sha256!r}")
     path = resolve_packaged(os.fspath(path))
-    if not os.path.isfile(path):
+    checked = data
+    if checked is None and not os.path.isfile(path):
         raise ZSKDError(f"{what} not found: {path}")
-    checked: bytes | None = None
     if sha256 is not None:
-        with open(path, "rb") as handle:
-            checked = handle.read()
+        if checked is None:
+            checked = read_file_bytes(path, what)
         actual = hashlib.sha256(checked).hexdigest()
         if actual != sha256.lower():
             raise ZSKDError(f"{what} {path} has sha256 {actual}, expected {sha256.lower()}: the file changed since "
@@ -88,6 +90,17 @@ def read_checkpoint(path: str, what: str = "teacher checkpoint", sha256: str | N
     return dict(obj)
 
 
+def read_file_bytes(path: str, what: str) -> bytes:
+    """The bytes of the file at ``path`` (``what`` it is, for the one-line error when it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise ZSKDError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise ZSKDError(f"could not read {what} {path}: {described(err)}") from err
+
+
 def check_weights_pair(path: str, data: bytes, record: Mapping[str, Any], json_path: str) -> None:
     """Refuse (one line) weights ``data`` read from ``path`` that the record at ``json_path`` does not describe:
     its ``weights_sha256`` names other bytes (the weights changed, or an export stopped between writing them and
@@ -101,20 +114,14 @@ def check_weights_pair(path: str, data: bytes, record: Mapping[str, Any], json_p
 def _read_safetensors(path: str, what: str, data: bytes | None = None) -> dict[str, Any]:
     """``{"state_dict": tensors}`` from a safetensors file (``data``: its bytes, already read), plus the
     architecture of the JSON record beside it (refused when the record's ``weights_sha256`` names other bytes)."""
-    record, json_path = None, record_path(path)
-    if os.path.isfile(json_path):
-        try:
-            with open(json_path) as handle:
-                record = json.load(handle)
-        except (OSError, ValueError) as err:
-            raise ZSKDError(f"could not read the record {json_path} beside {path}: {first_line(err)}") from err
+    json_path = record_path(path)
+    try:
+        record = read_record(json_path)
+    except FileNotFoundError:
+        record = None
     if isinstance(record, Mapping) and record.get("weights_sha256") is not None:
         if data is None:  # read once: the bytes checked are the bytes loaded
-            try:
-                with open(path, "rb") as handle:
-                    data = handle.read()
-            except OSError as err:
-                raise ZSKDError(f"could not read {what} {path}: {described(err)}") from err
+            data = read_file_bytes(path, what)
         check_weights_pair(path, data, record, json_path)  # before parsing: refused as unpaired, readable or not
     try:
         state = load_file(path, device="cpu") if data is None else load(data)
