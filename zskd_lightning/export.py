@@ -32,7 +32,7 @@ from zskd_lightning.errors import InvalidArgument, ZSKDError, described
 from zskd_lightning.files import record_path, write_atomic, write_text_atomic
 from zskd_lightning.records import STUDENT_FORMAT, VERSIONS
 from zskd_lightning.records import read_record as read_weights_record
-from zskd_lightning.teacher import check_weights_pair, instantiate, load_weights
+from zskd_lightning.teacher import check_weights_pair, instantiate, load_weights, read_file_bytes
 
 
 def write_student(student: nn.Module, path: str | os.PathLike, *, spec: Mapping[str, Any] | None,
@@ -123,21 +123,16 @@ def load_student(path: str | os.PathLike, network: nn.Module | None = None,
     """
     path = os.fspath(path)
     weights = os.path.splitext(path)[0] + ".safetensors" if path.endswith(".json") else path
-    record = read_record(record_path(weights))
-    try:
-        with open(weights, "rb") as handle:
-            data = handle.read()  # read once: the bytes checked are the bytes loaded
-    except FileNotFoundError:
-        raise ZSKDError(f"student weights not found: {weights}") from None
-    except OSError as err:
-        raise ZSKDError(f"could not read student weights {weights}: {described(err)}") from err
-    check_weights_pair(weights, data, record, record_path(weights))
+    json_path = record_path(weights)
+    record = read_record(json_path)
+    data = read_file_bytes(weights, "student weights")  # read once: the bytes checked are the bytes loaded
+    check_weights_pair(weights, data, record, json_path)
     if network is None:
         if record["init_args"] is None:
-            raise ZSKDError(f"student record {record_path(weights)} names {record['class_path']} without its "
+            raise ZSKDError(f"student record {json_path} names {record['class_path']} without its "
                             "init_args (it was built in Python): pass the architecture, load_student(path, network=...)")
         network = instantiate({"class_path": record["class_path"], "init_args": record["init_args"]},
-                              source=f"student record {record_path(weights)}",
+                              source=f"student record {json_path}",
                               remedy="build the architecture yourself and pass it: load_student(path, network=...)")
     try:
         state = load(data)
