@@ -153,6 +153,42 @@ def test_a_learned_noise_moves_each_input_towards_its_sampled_class():
         FastSynthesizer(noise_lr=0)
 
 
+def test_moved_inputs_train_the_generator_and_the_unmoved_ones_are_kept():
+    """``augment_shift`` / ``augment_flip`` (FastDFKD's crop with padding and flip): the networks see the
+    generated batch moved, the round keeps the generator's own inputs (a one-step round's are those of a round
+    without moves: the noise is drawn as before), the moves come from the chunk's stream (the same chunk moves
+    alike; the global generators do not move), and bad values are refused in one line."""
+    teacher = tiny.make_net(0).eval()
+    seen = []
+    teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    ctx = context(teacher=teacher)
+    kept = {}
+    for shift, flip in ((0, False), (2, True)):
+        synthesizer = FastSynthesizer(batch_size=16, width=4, noise_dim=8, steps_per_round=1,
+                                      augment_shift=shift, augment_flip=flip)
+        synthesizer.setup(ctx)
+        seen.clear()
+        state = torch.get_rng_state()
+        kept[shift] = synthesizer.round(ctx, Chunk.of(0, 0, 0, 16)).inputs
+        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(seen[-1], kept[shift]) == (shift == 0)
+    assert torch.equal(kept[0], kept[2])
+    moved = []
+    for _ in range(2):
+        synthesizer = FastSynthesizer(batch_size=16, width=4, noise_dim=8, steps_per_round=2, augment_shift=2,
+                                      augment_flip=True)
+        synthesizer.setup(ctx)
+        seen.clear()
+        synthesizer.round(ctx, Chunk.of(0, 3, 0, 16))
+        moved.append(list(seen))
+    assert all(torch.equal(a, b) for a, b in zip(*moved)) and len(moved[0]) == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidArgument, match=r"^augment_shift must be a whole number of pixels >= 0"):
+            FastSynthesizer(augment_shift=bad)
+    with pytest.raises(InvalidArgument, match=r"^augment_shift must be smaller than the input"):
+        FastSynthesizer(augment_shift=tiny.INPUT_SHAPE[-1], width=4, noise_dim=8).setup(ctx)
+
+
 def test_generator_setup_leaves_the_cuda_generators_alone(monkeypatch):
     """The generator's initial weights come from the data seed; a GPU fit's own CUDA stream is not reseeded."""
     ctx, reseeded = context(), []  # the tiny networks are made with torch.manual_seed: before the watch

@@ -46,10 +46,12 @@ def test_diversity_by_hand():
 def test_modulating_function_is_the_product_and_normalizes_to_mean_one():
     logits = logits_for([0, 0, 0, 1]) + torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
     product = TeacherUncertainty(2.0)(logits) * ClassDiversity()(logits)
-    assert torch.allclose(ModulatingFunction(2.0, normalize=False)(logits), product)
-    phi = ModulatingFunction(2.0)(logits)
+    assert torch.allclose(ModulatingFunction(2.0, 1.0, normalize=False)(logits), product)
+    phi = ModulatingFunction(2.0, 1.0)(logits)
     assert torch.allclose(phi, product / product.mean()) and abs(float(phi.mean()) - 1) < 1e-6
-    assert torch.allclose(ModulatingFunction(diversity=False, normalize=False)(logits), TeacherUncertainty(2.0)(logits))
+    assert torch.allclose(ModulatingFunction(diversity=False, normalize=False)(logits),
+                          TeacherUncertainty(2.0, temperature=20.0)(logits))
+    assert SSDKDSynthesizer().sample_weights.difficulty.temperature == 20.0  # the distillation temperature
 
 
 # ------------------------------------------------------------------------------------------ priority sampling

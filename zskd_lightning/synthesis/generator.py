@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zskd_lightning.augment import BatchAugmentation, augment_normalized
 from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.kernels import default_layout
 from zskd_lightning.pixels import InputRange, from_pixels
@@ -36,6 +37,7 @@ from zskd_lightning.synthesis.api import (
     check_synthesis_precision,
 )
 from zskd_lightning.modes import evaluating
+from zskd_lightning.randomness import seeded_streams, stream_seed
 from zskd_lightning.synthesis.loss_scale import LossScale
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.targets import OneHotTargets
@@ -106,6 +108,9 @@ class GeneratorSynthesizer(Method):
     ``index mod K``, so a round is class-balanced), noise from the round's stream, ``steps_per_round`` Adam steps
     on the generator to lower ``mean_i w_i * objective_i + sum_r weight_r * regularizer_r`` (per-sample
     regularizers batch-averaged, so weights mean what they do in inversion), then the inputs of the last step.
+    With ``augment_shift`` / ``augment_flip`` each step's teacher (and student) sees the generated batch shifted
+    and flipped at random (FastDFKD's random crop with 4-pixel padding and horizontal flip), so the generator is
+    trained on what survives those moves; the inputs kept are the generator's own, unmoved.
 
     Args:
         objective: per-sample loss of the teacher's response to the round's targets (default: cross-entropy to
@@ -126,6 +131,12 @@ class GeneratorSynthesizer(Method):
         reptile_lr: FastDFKD's meta-learned start: each round begins from the meta generator with a fresh
             optimizer, and afterwards the meta weights move ``reptile_lr`` of the way to the round's result
             (Reptile, Nichol et al. 2018). ``None``: one generator keeps learning across rounds.
+        augment_shift: the largest shift in pixels of each input, drawn per input and step, before the teacher and
+            student see it (areas moved in are black); 0 (default): none. FastDFKD: 4 (a random crop of the
+            input padded by 4 pixels), with ``augment_flip``. Differentiable (one ``grid_sample``, sub-pixel shifts).
+        augment_flip: flip half of the inputs horizontally, drawn per input and step, before the teacher and
+            student see them. The moves are drawn from the chunk's stream (a retried float16 step redoes the same
+            ones); the round's labels, losses and weights are those of the moved batch its last step saw.
         labels_from_teacher: label each returned input with the teacher's argmax on it (for objectives that
             ignore the sampled classes, e.g. DAFL's one-hot loss) instead of the sampled class.
         precision: the arithmetic of the generator's and the networks' passes in a round (see
@@ -154,6 +165,8 @@ class GeneratorSynthesizer(Method):
         labels_from_teacher: bool = False,
         precision: Literal["bf16-mixed", "32-true"] | None = None,
         noise_lr: float | None = None,
+        augment_shift: int = 0,
+        augment_flip: bool = False,
     ) -> None:
         for name, value in (("batch_size", batch_size), ("steps_per_round", steps_per_round)):
             if value < 1:
@@ -165,6 +178,8 @@ class GeneratorSynthesizer(Method):
             raise InvalidArgument(f"reptile_lr must be in (0, 1] or None, got {reptile_lr}")
         if noise_lr is not None and not noise_lr > 0:
             raise InvalidArgument(f"noise_lr must be > 0 or None, got {noise_lr}")
+        if isinstance(augment_shift, bool) or int(augment_shift) != augment_shift or augment_shift < 0:
+            raise InvalidArgument(f"augment_shift must be a whole number of pixels >= 0, got {augment_shift!r}")
         self.objective = objective if objective is not None else SoftTargetCrossEntropy(temperature=1.0)
         self.regularizers = list(regularizers)
         self.sample_weights = sample_weights
@@ -175,6 +190,8 @@ class GeneratorSynthesizer(Method):
         self.noise_lr = None if noise_lr is None else float(noise_lr)
         self.labels_from_teacher = bool(labels_from_teacher)
         self.precision = precision
+        self.augment_shift, self.augment_flip = int(augment_shift), bool(augment_flip)
+        self.augmentation: BatchAugmentation | None = None  # built in setup, from the input's size
         self.generator: ImageGenerator | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.meta_state: dict[str, Tensor] | None = None
@@ -195,9 +212,21 @@ class GeneratorSynthesizer(Method):
             generator = ImageGenerator(context.input_spec.shape, self.noise_dim, self.width,
                                        context.num_classes if self.conditional else None, context.input_range)
         self.generator = generator.to(context.device)
+        self.augmentation = self._augmentation(context)
         self.optimizer = self._new_optimizer()
         self.meta_state = None if self.reptile_lr is None else copy.deepcopy(self.generator.state_dict())
         self.loss_scale = LossScale.for_autocast(context.autocast_for(self.precision), context.device)
+
+    def _augmentation(self, context: SynthesisContext) -> BatchAugmentation | None:
+        """The moves of ``augment_shift`` / ``augment_flip`` for the context's input size, or ``None``."""
+        if not self.augment_shift and not self.augment_flip:
+            return None
+        height, width = context.input_spec.shape[-2:]
+        if self.augment_shift >= min(height, width):
+            raise InvalidArgument(f"augment_shift must be smaller than the input ({height} x {width} pixels), "
+                                  f"got {self.augment_shift}")
+        return BatchAugmentation(translate=(self.augment_shift / width, self.augment_shift / height),
+                                 hflip=self.augment_flip)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
@@ -228,10 +257,14 @@ class GeneratorSynthesizer(Method):
         with torch.inference_mode(False), torch.enable_grad(), \
                 self._chunk_pass(context, chunk) as (student, targets, labels, noise, taps):
             device_targets, device_labels = targets.to(noise.device), labels.to(noise.device)
+            # drawn after the noise, and only when there are moves: rounds without them draw what they always did
+            moves_seed = (None if self.augmentation is None
+                          else int(torch.randint(0, 2**62, (1,), generator=chunk.rng.torch)))
             learned = [] if self.noise_lr is None else [noise.requires_grad_()]
             noise_optimizer = (torch.optim.Adam(learned, lr=self.noise_lr, betas=(0.5, 0.999)) if learned
                                else None)
-            for _ in range(self.steps_per_round):
+            for step in range(self.steps_per_round):
+                moves = None if moves_seed is None else stream_seed(moves_seed, step)
                 # a retried step (float16 overflow) starts from the BatchNorm statistics it first saw
                 running = [b.clone() for b in generator.buffers()] if loss_scale.enabled else []
 
@@ -240,7 +273,8 @@ class GeneratorSynthesizer(Method):
                         buffer.copy_(saved)
 
                 def gradients(scale: float) -> tuple[list[Tensor], tuple]:
-                    inputs, response = self._generate(autocast, context, noise, device_labels, taps, student)
+                    inputs, response = self._generate(autocast, context, noise, device_labels, taps, student,
+                                                      moves)
                     per_sample = self.objective(response, device_targets)
                     weights = self.weights_for(response)
                     loss = self.summed_loss(per_sample, weights, inputs, response) / len(inputs)  # batch mean
@@ -308,14 +342,20 @@ class GeneratorSynthesizer(Method):
                 yield student, targets, labels, noise.to(torch.device(context.device)), taps
 
     def _generate(self, autocast: Autocast, context: SynthesisContext, noise: Tensor, labels: Tensor,
-                  taps: FeatureTaps, student: nn.Module | None) -> tuple[Tensor, Response]:
+                  taps: FeatureTaps, student: nn.Module | None, moves: int | None = None) -> tuple[Tensor, Response]:
         """The generator's inputs ``[N, C, H, W]`` for ``noise`` (and ``labels`` when conditional) and the teacher's
-        (and, when a part reads it, the student's) response, all under ``autocast``; inputs and logits float32."""
+        (and, when a part reads it, the student's) response, under ``autocast``; inputs and logits float32.
+        ``moves``: the seed of the shifts and flips the networks see the inputs through (``None``: unmoved)."""
         with autocast():
             inputs = self.generator(noise, labels if self.conditional else None).float()
-            logits = context.teacher(inputs)
+        seen = inputs
+        if moves is not None:  # float32, outside autocast; the global streams are restored afterwards
+            with seeded_streams(moves, inputs.device):
+                seen = augment_normalized(inputs, self.augmentation, context.input_range)
+        with autocast():
+            logits = context.teacher(seen)
             # the student gets the layout it trains on (a .view() of its features would fail on channels-last)
-            student_logits = None if student is None else student(default_layout(inputs))
+            student_logits = None if student is None else student(default_layout(seen))
         return inputs, Response(logits.float(), taps.features,
                                 None if student_logits is None else student_logits.float())
 

@@ -22,13 +22,14 @@ from zskd_lightning.weighting import ModulatingFunction
 
 class SSDKDSynthesizer(FastSynthesizer):
     """:class:`~zskd_lightning.synthesis.FastSynthesizer`'s generator and terms, each input's objective (the
-    cross-entropy) weighted by phi (``gamma``: the difficulty's focal exponent; ``temperature``: the one that softens the teacher's
-    probabilities in it; ``diversity`` / ``difficulty``: the parts, for ablations). ``fast_settings``:
-    FastSynthesizer's and the generator engine's arguments."""
+    cross-entropy) weighted by phi (``gamma``: the difficulty's focal exponent; ``temperature``: the one that
+    softens the teacher's probabilities in it, default 20 as in
+    :class:`~zskd_lightning.weighting.ModulatingFunction`; ``diversity`` / ``difficulty``: the parts, for
+    ablations). ``fast_settings``: FastSynthesizer's and the generator engine's arguments."""
 
     identity_name = "ssd_kd"
 
-    def __init__(self, gamma: float = 2.0, temperature: float = 1.0, diversity: bool = True, difficulty: bool = True,
+    def __init__(self, gamma: float = 2.0, temperature: float = 20.0, diversity: bool = True, difficulty: bool = True,
                  **fast_settings: Any) -> None:
         phi = ModulatingFunction(gamma, temperature, diversity=diversity, difficulty=difficulty)
         super().__init__(sample_weights=phi, **fast_settings)
