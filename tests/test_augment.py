@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zskd_lightning.augment import BatchAugmentation, augment_normalized
+from zskd_lightning.augment import BatchAugmentation, augment_normalized, shift_and_flip
 from zskd_lightning.errors import InvalidArgument
 
 
@@ -114,3 +114,25 @@ def test_rotation_keeps_distances_on_a_wide_image():
     distance = torch.hypot(row - 15.5, col - 31.5)
     original = float(torch.hypot(torch.tensor(16.0 - 15.5), torch.tensor(44.0 - 31.5)))
     assert (distance - original).abs().max() < 0.5, distance
+
+
+def test_shift_and_flip_is_a_padded_crop_and_a_mirror_by_whole_pixels():
+    """Each image is its padded copy cropped at the drawn offset (torchvision's RandomCrop with padding), then
+    mirrored where drawn; the draws come from the generator given (the same seed moves alike, the global stream
+    stays), and every gradient reaches the pixel it came from."""
+    pixels = torch.rand(6, 2, 5, 7, requires_grad=True)
+    state = torch.get_rng_state()
+    moved = shift_and_flip(pixels, 2, True, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(moved, shift_and_flip(pixels, 2, True, torch.Generator().manual_seed(3)))
+    draws = torch.Generator().manual_seed(3)
+    offsets = torch.randint(0, 5, (2, 6), generator=draws)
+    mirrored = torch.rand(6, generator=draws) < 0.5
+    padded = torch.nn.functional.pad(pixels.detach(), (2, 2, 2, 2))
+    for i in range(6):
+        crop = padded[i, :, offsets[0, i]: offsets[0, i] + 5, offsets[1, i]: offsets[1, i] + 7]
+        assert torch.equal(moved[i].detach(), crop.flip(-1) if mirrored[i] else crop)
+    assert 0 < int(mirrored.sum()) < 6 and int((offsets != 2).sum()) > 0  # this seed moves and mirrors some
+    moved.sum().backward()  # each output pixel is one input pixel or black: counts of uses, at most 1 here
+    assert set(pixels.grad.unique().tolist()) <= {0.0, 1.0} and pixels.grad.sum() > 0
+    assert torch.equal(shift_and_flip(pixels.detach(), 0, False, torch.Generator()), pixels.detach())

@@ -153,35 +153,47 @@ def test_a_learned_noise_moves_each_input_towards_its_sampled_class():
         FastSynthesizer(noise_lr=0)
 
 
-def test_moved_inputs_train_the_generator_and_the_unmoved_ones_are_kept():
+def test_moved_inputs_train_the_generator_and_the_unmoved_ones_are_kept(monkeypatch):
     """``augment_shift`` / ``augment_flip`` (FastDFKD's crop with padding and flip): the networks see the
     generated batch moved, the round keeps the generator's own inputs (a one-step round's are those of a round
-    without moves: the noise is drawn as before), the moves come from the chunk's stream (the same chunk moves
-    alike; the global generators do not move), and bad values are refused in one line."""
+    without moves: the noise is drawn as before) labelled by the teacher's argmax on them, each step's moves
+    are seeded from the chunk and the step (the same chunk moves alike; the global generators do not move), and
+    bad values are refused in one line."""
+    from zskd_lightning.synthesis import generator as engine
     teacher = tiny.make_net(0).eval()
-    seen = []
+    seen, seeds = [], []
     teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    real = engine.shift_and_flip
+    monkeypatch.setattr(engine, "shift_and_flip", lambda pixels, shift, flip, generator: (
+        seeds.append(generator.initial_seed()), real(pixels, shift, flip, generator))[1])
     ctx = context(teacher=teacher)
     kept = {}
     for shift, flip in ((0, False), (2, True)):
-        synthesizer = FastSynthesizer(batch_size=16, width=4, noise_dim=8, steps_per_round=1,
+        synthesizer = FastSynthesizer(classes="teacher", batch_size=16, width=4, noise_dim=8, steps_per_round=1,
                                       augment_shift=shift, augment_flip=flip)
         synthesizer.setup(ctx)
         seen.clear()
         state = torch.get_rng_state()
-        kept[shift] = synthesizer.round(ctx, Chunk.of(0, 0, 0, 16)).inputs
+        kept[shift] = synthesizer.round(ctx, Chunk.of(0, 0, 0, 16))
         assert torch.equal(torch.get_rng_state(), state)
-        assert torch.equal(seen[-1], kept[shift]) == (shift == 0)
-    assert torch.equal(kept[0], kept[2])
+        assert torch.equal(seen[0], kept[shift].inputs) == (shift == 0)  # the step's pass: moved or not
+        with torch.no_grad():
+            assert torch.equal(kept[shift].labels, teacher(kept[shift].inputs).argmax(dim=1))
+    assert torch.equal(kept[0].inputs, kept[2].inputs)
     moved = []
     for _ in range(2):
         synthesizer = FastSynthesizer(batch_size=16, width=4, noise_dim=8, steps_per_round=2, augment_shift=2,
                                       augment_flip=True)
         synthesizer.setup(ctx)
-        seen.clear()
+        seen.clear(), seeds.clear()
         synthesizer.round(ctx, Chunk.of(0, 3, 0, 16))
-        moved.append(list(seen))
-    assert all(torch.equal(a, b) for a, b in zip(*moved)) and len(moved[0]) == 2
+        moved.append((list(seen), list(seeds)))
+    (first_seen, first_seeds), (again_seen, again_seeds) = moved
+    assert len(first_seen) == 3 and all(torch.equal(a, b) for a, b in zip(first_seen, again_seen))
+    assert first_seeds == again_seeds and len(set(first_seeds)) == 2  # one per step, each its own
+    seeds.clear()
+    synthesizer.round(ctx, Chunk.of(0, 4, 0, 16))
+    assert not set(seeds) & set(first_seeds)  # another chunk, other moves
     for bad in (-1, 1.5, True):
         with pytest.raises(InvalidArgument, match=r"^augment_shift must be a whole number of pixels >= 0"):
             FastSynthesizer(augment_shift=bad)

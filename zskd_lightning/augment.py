@@ -1,4 +1,4 @@
-"""Vectorised per-sample augmentation of whole batches (one ``grid_sample`` call, on the batch's device).
+"""Vectorised per-sample augmentation of whole batches (one ``grid_sample`` or one gather, on the batch's device).
 
 Per-sample ``torchvision.transforms.v2`` pipelines cost ~1 ms per image on a CPU core; this applies a
 different random affine transform to every image of a ``[B, C, H, W]`` batch at once, which is what
@@ -122,3 +122,23 @@ def augment_normalized(
     (noise is clipped to that range, moved-in areas take ``fill``)."""
     augmentation = augmentation.to(batch.device)
     return from_pixels(augmentation(to_pixels(batch, input_range)), input_range)
+
+
+def shift_and_flip(pixels: Tensor, shift: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Each image of ``pixels [B, C, H, W]`` moved by whole pixels ``(dy, dx)``, each drawn uniformly from
+    ``[-shift, shift]`` (areas moved in are 0, black), then, with ``flip``, mirrored left-right with probability
+    1/2: torchvision's ``RandomCrop(padding=shift)`` and ``RandomHorizontalFlip`` for a whole batch at once, as
+    one gather, so gradients reach ``pixels``. The moves are ``3 B`` draws from ``generator`` (a CPU generator:
+    the global streams do not move)."""
+    batch, _, height, width = pixels.shape
+    offsets = torch.randint(0, 2 * shift + 1, (2, batch), generator=generator)  # into the padded image
+    mirrored = torch.rand(batch, generator=generator) < 0.5
+    columns = offsets[1, :, None] + torch.arange(width)  # [B, W], in the padded image
+    if flip:
+        columns = torch.where(mirrored[:, None], columns.flip(-1), columns)
+    rows = offsets[0, :, None] + torch.arange(height)  # [B, H]
+    padded = F.pad(pixels, (shift, shift, shift, shift))
+    device = pixels.device
+    return padded[torch.arange(batch, device=device)[:, None, None, None],
+                  torch.arange(pixels.shape[1], device=device)[None, :, None, None],
+                  rows.to(device)[:, None, :, None], columns.to(device)[:, None, None, :]]

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zskd_lightning.augment import BatchAugmentation, augment_normalized
+from zskd_lightning.augment import shift_and_flip
 from zskd_lightning.errors import InvalidArgument
 from zskd_lightning.kernels import default_layout
-from zskd_lightning.pixels import InputRange, from_pixels
+from zskd_lightning.pixels import InputRange, from_pixels, to_pixels
 from zskd_lightning.synthesis.api import (
     Autocast,
     Chunk,
@@ -37,7 +37,7 @@ from zskd_lightning.synthesis.api import (
     check_synthesis_precision,
 )
 from zskd_lightning.modes import evaluating
-from zskd_lightning.randomness import seeded_streams, stream_seed
+from zskd_lightning.randomness import stream_seed
 from zskd_lightning.synthesis.loss_scale import LossScale
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.targets import OneHotTargets
@@ -110,7 +110,8 @@ class GeneratorSynthesizer(Method):
     regularizers batch-averaged, so weights mean what they do in inversion), then the inputs of the last step.
     With ``augment_shift`` / ``augment_flip`` each step's teacher (and student) sees the generated batch shifted
     and flipped at random (FastDFKD's random crop with 4-pixel padding and horizontal flip), so the generator is
-    trained on what survives those moves; the inputs kept are the generator's own, unmoved.
+    trained on what survives those moves; the inputs kept are the generator's own, unmoved, and their labels,
+    losses and weights are read from them by one more pass without gradients.
 
     Args:
         objective: per-sample loss of the teacher's response to the round's targets (default: cross-entropy to
@@ -131,12 +132,13 @@ class GeneratorSynthesizer(Method):
         reptile_lr: FastDFKD's meta-learned start: each round begins from the meta generator with a fresh
             optimizer, and afterwards the meta weights move ``reptile_lr`` of the way to the round's result
             (Reptile, Nichol et al. 2018). ``None``: one generator keeps learning across rounds.
-        augment_shift: the largest shift in pixels of each input, drawn per input and step, before the teacher and
-            student see it (areas moved in are black); 0 (default): none. FastDFKD: 4 (a random crop of the
-            input padded by 4 pixels), with ``augment_flip``. Differentiable (one ``grid_sample``, sub-pixel shifts).
-        augment_flip: flip half of the inputs horizontally, drawn per input and step, before the teacher and
-            student see them. The moves are drawn from the chunk's stream (a retried float16 step redoes the same
-            ones); the round's labels, losses and weights are those of the moved batch its last step saw.
+        augment_shift: the largest shift in whole pixels of each input, drawn per input and step, before the
+            teacher and student see it (areas moved in are black); 0 (default): none. FastDFKD: 4 (a random crop
+            of the input padded by 4 pixels), with ``augment_flip``
+            (:func:`~zskd_lightning.augment.shift_and_flip`, a gather: gradients reach the generator).
+        augment_flip: mirror each input left-right with probability 1/2, drawn per input and step, before the
+            teacher and student see it. The moves are drawn from the chunk's stream (a retried float16 step
+            redoes the same ones; the global generators do not move).
         labels_from_teacher: label each returned input with the teacher's argmax on it (for objectives that
             ignore the sampled classes, e.g. DAFL's one-hot loss) instead of the sampled class.
         precision: the arithmetic of the generator's and the networks' passes in a round (see
@@ -191,7 +193,6 @@ class GeneratorSynthesizer(Method):
         self.labels_from_teacher = bool(labels_from_teacher)
         self.precision = precision
         self.augment_shift, self.augment_flip = int(augment_shift), bool(augment_flip)
-        self.augmentation: BatchAugmentation | None = None  # built in setup, from the input's size
         self.generator: ImageGenerator | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.meta_state: dict[str, Tensor] | None = None
@@ -212,21 +213,13 @@ class GeneratorSynthesizer(Method):
             generator = ImageGenerator(context.input_spec.shape, self.noise_dim, self.width,
                                        context.num_classes if self.conditional else None, context.input_range)
         self.generator = generator.to(context.device)
-        self.augmentation = self._augmentation(context)
-        self.optimizer = self._new_optimizer()
-        self.meta_state = None if self.reptile_lr is None else copy.deepcopy(self.generator.state_dict())
-        self.loss_scale = LossScale.for_autocast(context.autocast_for(self.precision), context.device)
-
-    def _augmentation(self, context: SynthesisContext) -> BatchAugmentation | None:
-        """The moves of ``augment_shift`` / ``augment_flip`` for the context's input size, or ``None``."""
-        if not self.augment_shift and not self.augment_flip:
-            return None
         height, width = context.input_spec.shape[-2:]
         if self.augment_shift >= min(height, width):
             raise InvalidArgument(f"augment_shift must be smaller than the input ({height} x {width} pixels), "
                                   f"got {self.augment_shift}")
-        return BatchAugmentation(translate=(self.augment_shift / width, self.augment_shift / height),
-                                 hflip=self.augment_flip)
+        self.optimizer = self._new_optimizer()
+        self.meta_state = None if self.reptile_lr is None else copy.deepcopy(self.generator.state_dict())
+        self.loss_scale = LossScale.for_autocast(context.autocast_for(self.precision), context.device)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
@@ -258,8 +251,8 @@ class GeneratorSynthesizer(Method):
                 self._chunk_pass(context, chunk) as (student, targets, labels, noise, taps):
             device_targets, device_labels = targets.to(noise.device), labels.to(noise.device)
             # drawn after the noise, and only when there are moves: rounds without them draw what they always did
-            moves_seed = (None if self.augmentation is None
-                          else int(torch.randint(0, 2**62, (1,), generator=chunk.rng.torch)))
+            moves_seed = (int(torch.randint(0, 2**62, (1,), generator=chunk.rng.torch))
+                          if self.augment_shift or self.augment_flip else None)
             learned = [] if self.noise_lr is None else [noise.requires_grad_()]
             noise_optimizer = (torch.optim.Adam(learned, lr=self.noise_lr, betas=(0.5, 0.999)) if learned
                                else None)
@@ -297,6 +290,12 @@ class GeneratorSynthesizer(Method):
                 if noise_optimizer is not None:
                     noise_optimizer.step()
                     noise_optimizer.zero_grad(set_to_none=True)
+            if moves_seed is not None:  # the kept (unmoved) inputs' own labels, losses and weights
+                with torch.no_grad():
+                    response = self._respond(autocast, context, inputs.detach(), taps, student)
+                    per_sample = self.objective(response, device_targets)
+                    weights = self.weights_for(response)
+                    taps.clear()
         if average is not None:  # the saved statistics (BatchNorm's); the output range is the same on every rank
             saved = generator.state_dict(keep_vars=True)
             average([b for name, b in generator.named_buffers() if name in saved and b.is_floating_point()])
@@ -343,21 +342,27 @@ class GeneratorSynthesizer(Method):
 
     def _generate(self, autocast: Autocast, context: SynthesisContext, noise: Tensor, labels: Tensor,
                   taps: FeatureTaps, student: nn.Module | None, moves: int | None = None) -> tuple[Tensor, Response]:
-        """The generator's inputs ``[N, C, H, W]`` for ``noise`` (and ``labels`` when conditional) and the teacher's
-        (and, when a part reads it, the student's) response, under ``autocast``; inputs and logits float32.
-        ``moves``: the seed of the shifts and flips the networks see the inputs through (``None``: unmoved)."""
+        """The generator's inputs ``[N, C, H, W]`` for ``noise`` (and ``labels`` when conditional) and the networks'
+        response to them, under ``autocast``; inputs and logits float32. ``moves``: the seed of the shifts and
+        flips the networks see the inputs through (``None``: they see them as they are)."""
         with autocast():
             inputs = self.generator(noise, labels if self.conditional else None).float()
-        seen = inputs
-        if moves is not None:  # float32, outside autocast; the global streams are restored afterwards
-            with seeded_streams(moves, inputs.device):
-                seen = augment_normalized(inputs, self.augmentation, context.input_range)
+        if moves is None:
+            return inputs, self._respond(autocast, context, inputs, taps, student)
+        pixels = shift_and_flip(to_pixels(inputs, context.input_range), self.augment_shift, self.augment_flip,
+                                torch.Generator().manual_seed(moves))  # float32, outside autocast
+        return inputs, self._respond(autocast, context, from_pixels(pixels, context.input_range), taps, student)
+
+    @staticmethod
+    def _respond(autocast: Autocast, context: SynthesisContext, inputs: Tensor, taps: FeatureTaps,
+                 student: nn.Module | None) -> Response:
+        """The teacher's (and, when a part reads it, the student's) response to ``inputs``, under ``autocast``;
+        logits float32."""
         with autocast():
-            logits = context.teacher(seen)
+            logits = context.teacher(inputs)
             # the student gets the layout it trains on (a .view() of its features would fail on channels-last)
-            student_logits = None if student is None else student(default_layout(seen))
-        return inputs, Response(logits.float(), taps.features,
-                                None if student_logits is None else student_logits.float())
+            student_logits = None if student is None else student(default_layout(inputs))
+        return Response(logits.float(), taps.features, None if student_logits is None else student_logits.float())
 
     def _result(self, inputs: Tensor, targets: Tensor, labels: Tensor, response: Response, per_sample: Tensor,
                 weights: Tensor | None, steps: int) -> SynthesisResult:
