@@ -197,10 +197,13 @@ def test_the_buffer_counts_the_teachers_predictions_apart_from_its_labels():
         buffer.add(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), predicted=torch.zeros(3, dtype=torch.long))
 
 
-def test_the_diversity_part_counts_the_teachers_predictions_in_the_buffer(tmp_path):
+@pytest.mark.parametrize("moves", [{}, {"augment_shift": 2, "augment_flip": True}], ids=["unmoved", "moved"])
+def test_the_diversity_part_counts_the_teachers_predictions_in_the_buffer(tmp_path, moves):
     """SSD-KD's diversity part weighs a sample by how many buffer entries the teacher predicts as its class: the
-    counts observed before each round are the buffer's predicted classes, not the classes its inputs were made for."""
-    model, datamodule = tiny.online_setup(steps_per_epoch=6, synthesizer=SSDKDSynthesizer)
+    counts observed before each round are the buffer's predicted classes, not the classes its inputs were made for.
+    With FastDFKD's moves the predictions are still those of the entries the buffer holds, not of their moved
+    copies."""
+    model, datamodule = tiny.online_setup(steps_per_epoch=6, synthesizer=SSDKDSynthesizer, **moves)
     observed = []
 
     class Recording(ModulatingFunction):
