@@ -224,6 +224,56 @@ def test_reptile_moves_the_meta_weights_part_of_the_way():
     assert not torch.equal(synthesizer.meta_state[weight], fast[weight])
 
 
+def test_an_adam_meta_step_follows_fastdfkd_rules(monkeypatch):
+    """``meta_optimizer``: Adam at ``lr x steps`` on the meta weights, whose first step moves each weight by the
+    learning rate against the sign of its gradient: ``meta - fast`` (Reptile) or the sum of the round's
+    generator gradients (FOMAML). BatchNorm's statistics take the round's values, and the meta optimizer's state
+    comes back from a checkpoint."""
+    ctx = context()
+    lr, steps, weight = 0.01, 3, "project.weight"
+    for rule in ("reptile", "fomaml"):
+        synthesizer = FastSynthesizer(batch_size=8, width=4, noise_dim=8, steps_per_round=steps, lr=lr,
+                                      meta_optimizer=rule)
+        synthesizer.setup(ctx)
+        recorded = []
+        new_optimizer = synthesizer._new_optimizer
+
+        def recording_optimizer():
+            optimizer = new_optimizer()
+            step = optimizer.step
+
+            def recording_step(*args, **kwargs):
+                recorded.append(synthesizer.generator.project.weight.grad.clone())
+                return step(*args, **kwargs)
+
+            optimizer.step = recording_step
+            return optimizer
+
+        monkeypatch.setattr(synthesizer, "_new_optimizer", recording_optimizer)
+        before = {k: v.clone() for k, v in synthesizer.meta_state.items()}
+        synthesizer.round(ctx, Chunk.of(0, 0, 0, 8))
+        fast = synthesizer.generator.state_dict()
+        gradient = before[weight] - fast[weight] if rule == "reptile" else sum(recorded)
+        assert len(recorded) == steps
+        clear = gradient.abs() > 1e-4  # Adam's first step: the sign, where eps does not count
+        assert clear.float().mean() > 0.5
+        moved = synthesizer.meta_state[weight] - before[weight]
+        torch.testing.assert_close(moved[clear], -lr * steps * gradient.sign()[clear], rtol=0.02, atol=1e-6)
+        statistics = [k for k in fast if "running_mean" in k]
+        assert statistics and all(torch.equal(synthesizer.meta_state[k], fast[k]) for k in statistics)
+        saved = synthesizer.state_dict()
+        restored = FastSynthesizer(batch_size=8, width=4, noise_dim=8, steps_per_round=steps, lr=lr,
+                                   meta_optimizer=rule)
+        restored.setup(ctx)
+        restored.load_state_dict(saved)
+        assert restored.meta_adam.state_dict()["state"][0]["step"] == 1
+        assert restored.meta_adam.param_groups[0]["params"][0] is restored.meta_state["project.weight"]
+    with pytest.raises(InvalidArgument, match=r"^give reptile_lr .* or meta_optimizer .*, not both"):
+        FastSynthesizer(reptile_lr=0.5, meta_optimizer="reptile")
+    with pytest.raises(InvalidArgument, match=r"^meta_optimizer must be 'reptile', 'fomaml' or None, got 'maml'"):
+        FastSynthesizer(meta_optimizer="maml")
+
+
 def test_a_draw_takes_inputs_from_the_generator_without_changing_it():
     ctx = context()
     synthesizer = FastSynthesizer(classes="teacher", batch_size=16, width=4, noise_dim=8, steps_per_round=2)

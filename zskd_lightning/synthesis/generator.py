@@ -132,6 +132,11 @@ class GeneratorSynthesizer(Method):
         reptile_lr: FastDFKD's meta-learned start: each round begins from the meta generator with a fresh
             optimizer, and afterwards the meta weights move ``reptile_lr`` of the way to the round's result
             (Reptile, Nichol et al. 2018). ``None``: one generator keeps learning across rounds.
+        meta_optimizer: the meta-learned start stepped by Adam (betas ``(0.5, 0.999)``) at ``lr x
+            steps_per_round``, as FastDFKD's code does, instead of by ``reptile_lr``'s interpolation (give one of
+            the two): ``"reptile"`` takes ``meta - fast`` as its gradient, ``"fomaml"`` (first-order MAML,
+            Finn et al. 2017; FastDFKD's default) the sum of the round's generator gradients. BatchNorm's running
+            statistics follow the round's generator. ``None`` (default): no Adam meta step.
         augment_shift: the largest shift in whole pixels of each input, drawn per input and step, before the
             teacher and student see it (areas moved in are black); 0 (default): none. FastDFKD: 4 (a random crop
             of the input padded by 4 pixels), with ``augment_flip``
@@ -167,6 +172,7 @@ class GeneratorSynthesizer(Method):
         labels_from_teacher: bool = False,
         precision: Literal["bf16-mixed", "32-true"] | None = None,
         noise_lr: float | None = None,
+        meta_optimizer: Literal["reptile", "fomaml"] | None = None,
         augment_shift: int = 0,
         augment_flip: bool = False,
     ) -> None:
@@ -178,6 +184,11 @@ class GeneratorSynthesizer(Method):
         check_synthesis_precision(precision)
         if reptile_lr is not None and not 0 < reptile_lr <= 1:
             raise InvalidArgument(f"reptile_lr must be in (0, 1] or None, got {reptile_lr}")
+        if meta_optimizer not in (None, "reptile", "fomaml"):
+            raise InvalidArgument(f"meta_optimizer must be 'reptile', 'fomaml' or None, got {meta_optimizer!r}")
+        if meta_optimizer is not None and reptile_lr is not None:
+            raise InvalidArgument(f"give reptile_lr (the meta weights interpolated) or meta_optimizer (an Adam meta "
+                                  f"step), not both: got reptile_lr={reptile_lr}, meta_optimizer={meta_optimizer!r}")
         if noise_lr is not None and not noise_lr > 0:
             raise InvalidArgument(f"noise_lr must be > 0 or None, got {noise_lr}")
         if isinstance(augment_shift, bool) or int(augment_shift) != augment_shift or augment_shift < 0:
@@ -189,6 +200,8 @@ class GeneratorSynthesizer(Method):
         self.batch_size, self.steps_per_round, self.lr = int(batch_size), int(steps_per_round), float(lr)
         self.noise_dim, self.width, self.conditional = int(noise_dim), int(width), bool(conditional)
         self.reptile_lr = reptile_lr
+        self.meta_rule = meta_optimizer
+        self.meta_adam: torch.optim.Optimizer | None = None
         self.noise_lr = None if noise_lr is None else float(noise_lr)
         self.labels_from_teacher = bool(labels_from_teacher)
         self.precision = precision
@@ -218,11 +231,23 @@ class GeneratorSynthesizer(Method):
             raise InvalidArgument(f"augment_shift must be smaller than the input ({height} x {width} pixels), "
                                   f"got {self.augment_shift}")
         self.optimizer = self._new_optimizer()
-        self.meta_state = None if self.reptile_lr is None else copy.deepcopy(self.generator.state_dict())
+        meta_learned = self.reptile_lr is not None or self.meta_rule is not None
+        self.meta_state = copy.deepcopy(self.generator.state_dict()) if meta_learned else None
+        self.meta_adam = self._new_meta_adam()
         self.loss_scale = LossScale.for_autocast(context.autocast_for(self.precision), context.device)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
+
+    def _meta_parameter_names(self) -> list[str]:
+        return [name for name, p in self.generator.named_parameters() if p.requires_grad]
+
+    def _new_meta_adam(self) -> torch.optim.Optimizer | None:
+        """FastDFKD's meta optimizer over the meta weights' parameters (``None`` without ``meta_optimizer``)."""
+        if self.meta_rule is None:
+            return None
+        return torch.optim.Adam([self.meta_state[name] for name in self._meta_parameter_names()],
+                                lr=self.lr * self.steps_per_round, betas=(0.5, 0.999))
 
     def _ready(self) -> ImageGenerator:
         if self.generator is None:
@@ -256,6 +281,7 @@ class GeneratorSynthesizer(Method):
             learned = [] if self.noise_lr is None else [noise.requires_grad_()]
             noise_optimizer = (torch.optim.Adam(learned, lr=self.noise_lr, betas=(0.5, 0.999)) if learned
                                else None)
+            summed = [torch.zeros_like(p) for p in params] if self.meta_rule == "fomaml" else []
             for step in range(self.steps_per_round):
                 moves = None if moves_seed is None else stream_seed(moves_seed, step)
                 # a retried step (float16 overflow) starts from the BatchNorm statistics it first saw
@@ -285,6 +311,8 @@ class GeneratorSynthesizer(Method):
                 grads, (inputs, response, per_sample, weights) = loss_scale.backward(gradients, restore_running)
                 for param, grad in zip(params + learned, grads):
                     param.grad = grad
+                for total, grad in zip(summed, grads):  # FOMAML's meta gradient (the generator's come first)
+                    total.add_(grad)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if noise_optimizer is not None:
@@ -299,7 +327,9 @@ class GeneratorSynthesizer(Method):
         if average is not None:  # the saved statistics (BatchNorm's); the output range is the same on every rank
             saved = generator.state_dict(keep_vars=True)
             average([b for name, b in generator.named_buffers() if name in saved and b.is_floating_point()])
-        if self.meta_state is not None:
+        if self.meta_adam is not None:
+            self._meta_adam_step(summed)
+        elif self.meta_state is not None:
             self._reptile_step()
         return self._result(inputs, targets, labels, response, per_sample, weights,
                             self.steps_per_round * len(chunk.indices))
@@ -383,13 +413,29 @@ class GeneratorSynthesizer(Method):
             else:
                 meta.copy_(fast[name])
 
+    @torch.no_grad()
+    def _meta_adam_step(self, summed: list[Tensor]) -> None:
+        """One Adam step of the meta weights' parameters on ``meta - fast`` (Reptile) or on ``summed``, the round's
+        generator gradients (FOMAML); their other entries (BatchNorm's statistics) take the round's values."""
+        fast = self.generator.state_dict()
+        names = self._meta_parameter_names()
+        for index, name in enumerate(names):
+            meta = self.meta_state[name]
+            meta.grad = meta - fast[name].detach() if self.meta_rule == "reptile" else summed[index]
+        self.meta_adam.step()
+        self.meta_adam.zero_grad(set_to_none=True)
+        for name, meta in self.meta_state.items():
+            if name not in names:
+                meta.copy_(fast[name])
+
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The generator's weights, its optimizer's state, the meta weights (Reptile) and the loss scale (float16),
-        for checkpoints."""
+        """The generator's weights, its optimizer's state, the meta weights (Reptile) and their optimizer's state
+        (``meta_optimizer``), and the loss scale (float16), for checkpoints."""
         generator = self._ready()
         return {"generator": generator.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "meta": self.meta_state, "loss_scale": self.loss_scale.state_dict()}
+                "meta": self.meta_state, "loss_scale": self.loss_scale.state_dict(),
+                "meta_optimizer": None if self.meta_adam is None else self.meta_adam.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after :meth:`setup`, on the setup device)."""
@@ -401,3 +447,6 @@ class GeneratorSynthesizer(Method):
         if state.get("meta") is not None:
             device = next(generator.parameters()).device
             self.meta_state = {k: v.to(device) for k, v in state["meta"].items()}
+            self.meta_adam = self._new_meta_adam()  # over the restored tensors
+            if self.meta_adam is not None and state.get("meta_optimizer") is not None:
+                self.meta_adam.load_state_dict(state["meta_optimizer"])
