@@ -267,6 +267,13 @@ def test_an_adam_meta_step_follows_fastdfkd_rules(monkeypatch):
         restored.setup(ctx)
         restored.load_state_dict(saved)
         assert restored.meta_adam.state_dict()["state"][0]["step"] == 1
+        assert restored.meta_state[weight] is not saved["meta"][weight]  # its own copy, not the caller's
+        fresh = FastSynthesizer(batch_size=8, width=4, noise_dim=8, steps_per_round=1, meta_optimizer=rule)
+        fresh.setup(ctx)
+        with torch.inference_mode():  # Adam's state made under a caller's inference mode stays usable outside it
+            fresh.round(ctx, Chunk.of(0, 1, 0, 8))
+        fresh.round(ctx, Chunk.of(0, 2, 0, 8))
+        assert fresh.meta_adam.state_dict()["state"][0]["step"] == 2
         assert restored.meta_adam.param_groups[0]["params"][0] is restored.meta_state["project.weight"]
     with pytest.raises(InvalidArgument, match=r"^give reptile_lr .* or meta_optimizer .*, not both"):
         FastSynthesizer(reptile_lr=0.5, meta_optimizer="reptile")

@@ -414,6 +414,7 @@ class GeneratorSynthesizer(Method):
                 meta.copy_(fast[name])
 
     @torch.no_grad()
+    @torch.inference_mode(False)  # Adam's state, made here, must not be inference tensors (a caller's mode)
     def _meta_adam_step(self, summed: list[Tensor]) -> None:
         """One Adam step of the meta weights' parameters on ``meta - fast`` (Reptile) or on ``summed``, the round's
         generator gradients (FOMAML); their other entries (BatchNorm's statistics) take the round's values."""
@@ -446,7 +447,7 @@ class GeneratorSynthesizer(Method):
             self.loss_scale.load_state_dict(state["loss_scale"])
         if state.get("meta") is not None:
             device = next(generator.parameters()).device
-            self.meta_state = {k: v.to(device) for k, v in state["meta"].items()}
+            self.meta_state = {k: v.to(device).clone() for k, v in state["meta"].items()}  # not the caller's
             self.meta_adam = self._new_meta_adam()  # over the restored tensors
             if self.meta_adam is not None and state.get("meta_optimizer") is not None:
                 self.meta_adam.load_state_dict(state["meta_optimizer"])
