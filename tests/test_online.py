@@ -281,6 +281,33 @@ def test_an_adam_meta_step_follows_fastdfkd_rules(monkeypatch):
         FastSynthesizer(meta_optimizer="maml")
 
 
+def test_a_round_can_keep_its_lowest_loss_step(monkeypatch):
+    """``keep="lowest_loss"`` (FastDFKD's code): the round returns the inputs of the step whose batch loss was
+    lowest, with their labels and losses; ``"last"`` those of the last step. Constant offsets added to each step's
+    loss choose the step without changing any gradient."""
+    teacher = tiny.make_net(0).eval()
+    seen = []
+    teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    ctx = context(teacher=teacher)
+    offsets = iter([])
+    summed_loss = FastSynthesizer.summed_loss
+    monkeypatch.setattr(FastSynthesizer, "summed_loss", lambda self, *args: summed_loss(self, *args) + next(offsets))
+    kept = {}
+    for keep in ("last", "lowest_loss"):
+        synthesizer = FastSynthesizer(batch_size=8, width=4, noise_dim=8, steps_per_round=4, keep=keep)
+        synthesizer.setup(ctx)
+        seen.clear()
+        offsets = iter([0.0, -100.0, 0.0, 0.0])  # added to each step's loss summed over the batch
+        kept[keep] = synthesizer.round(ctx, Chunk.of(0, 0, 0, 8))
+        assert len(seen) == 4
+        assert torch.equal(kept[keep].inputs, seen[1 if keep == "lowest_loss" else 3])
+        with torch.no_grad():
+            assert torch.equal(kept[keep].predicted, teacher(kept[keep].inputs).argmax(dim=1))
+    assert not torch.equal(kept["last"].inputs, kept["lowest_loss"].inputs)
+    with pytest.raises(InvalidArgument, match=r"^keep must be 'last' or 'lowest_loss', got 'best'"):
+        FastSynthesizer(keep="best")
+
+
 def test_a_draw_takes_inputs_from_the_generator_without_changing_it():
     ctx = context()
     synthesizer = FastSynthesizer(classes="teacher", batch_size=16, width=4, noise_dim=8, steps_per_round=2)

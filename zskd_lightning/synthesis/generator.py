@@ -137,6 +137,9 @@ class GeneratorSynthesizer(Method):
             the two): ``"reptile"`` takes ``meta - fast`` as its gradient, ``"fomaml"`` (first-order MAML,
             Finn et al. 2017; FastDFKD's default) the sum of the round's generator gradients. BatchNorm's running
             statistics follow the round's generator. ``None`` (default): no Adam meta step.
+        keep: which step's inputs a round returns: ``"last"`` (default), or ``"lowest_loss"``, those of the step
+            whose batch loss (objective and regularizers, before that step's update) was lowest, as FastDFKD's
+            code keeps them; under several processes each picks from its own batch's losses.
         augment_shift: the largest shift in whole pixels of each input, drawn per input and step, before the
             teacher and student see it (areas moved in are black); 0 (default): none. FastDFKD: 4 (a random crop
             of the input padded by 4 pixels), with ``augment_flip``
@@ -173,6 +176,7 @@ class GeneratorSynthesizer(Method):
         precision: Literal["bf16-mixed", "32-true"] | None = None,
         noise_lr: float | None = None,
         meta_optimizer: Literal["reptile", "fomaml"] | None = None,
+        keep: Literal["last", "lowest_loss"] = "last",
         augment_shift: int = 0,
         augment_flip: bool = False,
     ) -> None:
@@ -189,6 +193,8 @@ class GeneratorSynthesizer(Method):
         if meta_optimizer is not None and reptile_lr is not None:
             raise InvalidArgument(f"give reptile_lr (the meta weights interpolated) or meta_optimizer (an Adam meta "
                                   f"step), not both: got reptile_lr={reptile_lr}, meta_optimizer={meta_optimizer!r}")
+        if keep not in ("last", "lowest_loss"):
+            raise InvalidArgument(f"keep must be 'last' or 'lowest_loss', got {keep!r}")
         if noise_lr is not None and not noise_lr > 0:
             raise InvalidArgument(f"noise_lr must be > 0 or None, got {noise_lr}")
         if isinstance(augment_shift, bool) or int(augment_shift) != augment_shift or augment_shift < 0:
@@ -201,6 +207,7 @@ class GeneratorSynthesizer(Method):
         self.noise_dim, self.width, self.conditional = int(noise_dim), int(width), bool(conditional)
         self.reptile_lr = reptile_lr
         self.meta_rule = meta_optimizer
+        self.keep = keep
         self.meta_adam: torch.optim.Optimizer | None = None
         self.noise_lr = None if noise_lr is None else float(noise_lr)
         self.labels_from_teacher = bool(labels_from_teacher)
@@ -282,6 +289,7 @@ class GeneratorSynthesizer(Method):
             noise_optimizer = (torch.optim.Adam(learned, lr=self.noise_lr, betas=(0.5, 0.999)) if learned
                                else None)
             summed = [torch.zeros_like(p) for p in params] if self.meta_rule == "fomaml" else []
+            lowest = float("inf")
             for step in range(self.steps_per_round):
                 moves = None if moves_seed is None else stream_seed(moves_seed, step)
                 # a retried step (float16 overflow) starts from the BatchNorm statistics it first saw
@@ -306,9 +314,13 @@ class GeneratorSynthesizer(Method):
                         average(shared)
                         if learned and float(shared[-1]) < 1.0:
                             grads[-1] = torch.full_like(grads[-1], float("inf"))
-                    return grads, (inputs, response, per_sample, weights)
+                    return grads, (inputs, response, per_sample, weights, loss.detach())
 
-                grads, (inputs, response, per_sample, weights) = loss_scale.backward(gradients, restore_running)
+                grads, (*made, loss) = loss_scale.backward(gradients, restore_running)
+                if self.keep == "last":
+                    inputs, response, per_sample, weights = made
+                elif step == 0 or float(loss) < lowest:  # float(): a sync on a GPU, for "lowest_loss" only
+                    (inputs, response, per_sample, weights), lowest = made, float(loss)
                 for param, grad in zip(params + learned, grads):
                     param.grad = grad
                 for total, grad in zip(summed, grads):  # FOMAML's meta gradient (the generator's come first)
