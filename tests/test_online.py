@@ -194,7 +194,7 @@ def test_moved_inputs_train_the_generator_and_the_unmoved_ones_are_kept(monkeypa
     seeds.clear()
     synthesizer.round(ctx, Chunk.of(0, 4, 0, 16))
     assert not set(seeds) & set(first_seeds)  # another chunk, other moves
-    for bad in (-1, 1.5, True):
+    for bad in (-1, 1.5, True, "4"):
         with pytest.raises(InvalidArgument, match=r"^augment_shift must be a whole number of pixels >= 0"):
             FastSynthesizer(augment_shift=bad)
     with pytest.raises(InvalidArgument, match=r"^augment_shift must be smaller than the input"):

@@ -44,6 +44,9 @@ from zskd_lightning.synthesis.targets import OneHotTargets
 from zskd_lightning.taps import FeatureTaps
 from zskd_lightning.weighting import SampleWeighting
 
+ADAM_BETAS = (0.5, 0.999)
+"""The betas of every Adam here (the generator's, its learned noise's, its meta weights'): the DCGAN choice."""
+
 CrossProcessMean = Callable[[list[Tensor]], None]
 """Averages a list of tensors across processes in place (never called on one process)."""
 
@@ -197,7 +200,7 @@ class GeneratorSynthesizer(Method):
             raise InvalidArgument(f"keep must be 'last' or 'lowest_loss', got {keep!r}")
         if noise_lr is not None and not noise_lr > 0:
             raise InvalidArgument(f"noise_lr must be > 0 or None, got {noise_lr}")
-        if isinstance(augment_shift, bool) or int(augment_shift) != augment_shift or augment_shift < 0:
+        if isinstance(augment_shift, bool) or not isinstance(augment_shift, int) or augment_shift < 0:
             raise InvalidArgument(f"augment_shift must be a whole number of pixels >= 0, got {augment_shift!r}")
         self.objective = objective if objective is not None else SoftTargetCrossEntropy(temperature=1.0)
         self.regularizers = list(regularizers)
@@ -244,7 +247,7 @@ class GeneratorSynthesizer(Method):
         self.loss_scale = LossScale.for_autocast(context.autocast_for(self.precision), context.device)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
+        return torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=ADAM_BETAS)
 
     def _meta_parameter_names(self) -> list[str]:
         return [name for name, p in self.generator.named_parameters() if p.requires_grad]
@@ -254,7 +257,7 @@ class GeneratorSynthesizer(Method):
         if self.meta_rule is None:
             return None
         return torch.optim.Adam([self.meta_state[name] for name in self._meta_parameter_names()],
-                                lr=self.lr * self.steps_per_round, betas=(0.5, 0.999))
+                                lr=self.lr * self.steps_per_round, betas=ADAM_BETAS)
 
     def _ready(self) -> ImageGenerator:
         if self.generator is None:
@@ -264,7 +267,8 @@ class GeneratorSynthesizer(Method):
     def round(self, context: SynthesisContext, chunk: Chunk, average: CrossProcessMean | None = None
               ) -> SynthesisResult:
         """One round: train the generator ``steps_per_round`` steps on the chunk's classes and noise; return the
-        last step's inputs ``[N, C, H, W]`` (CPU float32), targets, labels and per-sample objective ``[N]``.
+        inputs of its last step (or of its lowest-loss step: ``keep``) ``[N, C, H, W]`` (CPU float32), targets,
+        labels and per-sample objective ``[N]``.
 
         ``average`` (several processes) averages the generator's gradients before each step and its BatchNorm
         running statistics after the round, so every process holds the same generator. The student, when a part
@@ -286,7 +290,7 @@ class GeneratorSynthesizer(Method):
             moves_seed = (int(torch.randint(0, 2**62, (1,), generator=chunk.rng.torch))
                           if self.augment_shift or self.augment_flip else None)
             learned = [] if self.noise_lr is None else [noise.requires_grad_()]
-            noise_optimizer = (torch.optim.Adam(learned, lr=self.noise_lr, betas=(0.5, 0.999)) if learned
+            noise_optimizer = (torch.optim.Adam(learned, lr=self.noise_lr, betas=ADAM_BETAS) if learned
                                else None)
             summed = [torch.zeros_like(p) for p in params] if self.meta_rule == "fomaml" else []
             lowest = float("inf")
