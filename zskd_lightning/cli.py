@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-import torch.distributed
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -27,6 +26,7 @@ from zskd_lightning.errors import RankSharedError, ZSKDError, refuse_unpickling
 from zskd_lightning.files import resolve_packaged
 from zskd_lightning.impressions import ImpressionDataModule, ImpressionSynthesis
 from zskd_lightning.metadata.record import ActivationRecorder
+from zskd_lightning.ranks import close_process_group
 
 
 class ZSKDTrainer(L.Trainer):
@@ -152,7 +152,7 @@ def main(args: list[str] | None = None) -> None:
                 parser_kwargs={"exit_on_error": False, "description": DESCRIPTION, **SUBCOMMAND_HELP},
                 args=args,
             )
-        _close_process_group()
+        close_process_group()
     except ArgumentError as err:  # unknown key, wrong type, missing file: jsonargparse's message, shortened
         print(f"zskd: error: {_one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
@@ -167,14 +167,6 @@ def main(args: list[str] | None = None) -> None:
         if not (isinstance(cause, RankSharedError) and rank_zero_only.rank != 0):  # every rank has it: say it once
             print(f"zskd: error: {cause}", file=sys.stderr)
         sys.exit(2)
-
-
-def _close_process_group() -> None:
-    """Destroy the default process group after a command that ended well on every rank (a DDP run): gloo's threads
-    left to the interpreter's exit can abort it (SIGABRT, "terminate called without an active exception") once
-    the work is done. Not after an error: a rank still inside a collective would leave the others waiting."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 DESCRIPTION = (

@@ -1,4 +1,5 @@
-"""The processes of a run: how many, one object from each (plain ``torch.distributed``), and stopping them together."""
+"""The processes of a run: how many, one object from each (plain ``torch.distributed``), stopping them together, and
+closing them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ def world_size() -> int:
     """The number of processes of the initialized process group (1 without one)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_world_size() if distributed else 1
+
+
+def close_process_group() -> None:
+    """Destroy the default process group once a DDP run has ended well on every rank (call it last, in every
+    process): gloo's threads left to the interpreter's exit can abort it (SIGABRT, "terminate called without an
+    active exception") after the work is done. Not after an error: a rank still inside a collective would leave
+    the others waiting. Without a process group, nothing."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def every_rank(obj: Any) -> list[Any]:

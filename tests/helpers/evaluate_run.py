@@ -65,6 +65,9 @@ def main() -> None:
         with open(args.out, "w") as handle:
             json.dump(figures, handle)
     print(f"DONE rank={trainer.global_rank}", flush=True)
+    from zskd_lightning.ranks import close_process_group
+
+    close_process_group()  # as `zskd` does: gloo's threads left to the exit can abort it
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def main() -> None:
         trainer.test(model, dataloaders=torch.utils.data.DataLoader(tests, batch_size=8))
         trainer.strategy.barrier()  # the next collective: a rank going on alone would wait here
     print(f"DONE rank={trainer.global_rank} steps={trainer.global_step}", flush=True)
+    from zskd_lightning.ranks import close_process_group
+
+    close_process_group()  # as `zskd` does: gloo's threads left to the exit can abort it
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ def main() -> None:
     ckpt = os.path.join(folder, args.resume_from) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     print(f"DONE rank={trainer.global_rank} steps={trainer.global_step}", flush=True)
+    from zskd_lightning.ranks import close_process_group
+
+    close_process_group()  # as `zskd` does: gloo's threads left to the exit can abort it
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ def main() -> None:
                           default_root_dir=os.path.dirname(args.output))
     trainer.record(ActivationRecorder(tiny.make_net(0), output=args.output), Data())
     print(f"DONE rank={trainer.global_rank}", flush=True)
+    from zskd_lightning.ranks import close_process_group
+
+    close_process_group()  # as `zskd` does: gloo's threads left to the exit can abort it
 
 
 if __name__ == "__main__":

@@ -83,6 +83,9 @@ def main() -> None:
         log(f"ERROR {type(err).__name__}: {str(err).splitlines()[0][:300]}")
         raise
     print(f"DONE rank={rank()} threads={torch.get_num_threads()}", flush=True)
+    from zskd_lightning.ranks import close_process_group
+
+    close_process_group()  # as `zskd` does: gloo's threads left to the exit can abort it
 
 
 if __name__ == "__main__":
