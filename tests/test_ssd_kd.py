@@ -110,6 +110,27 @@ def test_importance_weights_by_hand():
     assert annealed.current_beta == 1.0
 
 
+def test_beta_anneals_over_the_fit_by_default():
+    """Without ``beta_steps`` beta reaches 1 at the fit's last batch (as the driver tells it at the fit's start); a
+    fit without an end keeps beta, with a warning."""
+    sampler = PrioritySampler(beta=0.4)
+    assert sampler.current_beta == 0.4  # no fit told yet
+    sampler.plan(20)
+    sampler.draws = 10
+    assert sampler.current_beta == pytest.approx(0.7)
+    sampler.draws = 20
+    assert sampler.current_beta == 1.0
+    with pytest.warns(UserWarning, match="no end .* beta stays 0.4"):
+        sampler.plan(None)
+    assert sampler.current_beta == 0.4
+    fixed = PrioritySampler(beta=0.4, beta_steps=40)
+    fixed.plan(20)
+    fixed.draws = 20
+    assert fixed.current_beta == pytest.approx(0.7)  # beta_steps given: the fit's length does not count
+    with pytest.raises(InvalidArgument, match="beta_steps >= 1"):
+        PrioritySampler(beta_steps=0)
+
+
 def test_new_entries_get_the_largest_priority_seen():
     sampler = PrioritySampler(alpha=1.0, eps=1e-9)
     sampler.setup(4)
@@ -233,6 +254,7 @@ def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=6, save_top_k=0)
     tiny.quiet_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[checkpoint]).fit(
         model, datamodule=datamodule)
+    assert datamodule.sampler.fit_batches == 6 and datamodule.sampler.current_beta == 1.0  # annealed over the fit
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("OnlineSynthesis"))
     leaves = state["sampler"]["leaves"]
@@ -246,12 +268,15 @@ def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # before this step's round
             seen.setdefault("leaves", torch.from_numpy(trainer.datamodule.sampler.tree.values()))
             seen.setdefault("counts", pl_module.sample_weights.diversity.counts)
+            seen.setdefault("beta", trainer.datamodule.sampler.current_beta)
 
     model, datamodule = setup()
     tiny.quiet_trainer(tmp_path, max_steps=8, max_epochs=2, callbacks=[Probe()]).fit(
         model, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(seen["leaves"], leaves)
     assert seen["counts"] is not None and torch.equal(seen["counts"], observed)  # phi weighs as before the stop
+    assert state["sampler"]["draws"] == 6  # beta now: the 6 draws saved and this step's own, of 8 in the fit
+    assert seen["beta"] == pytest.approx(0.4 + 0.6 * 7 / 8)
 
 
 def test_samplers_refuse_each_others_states_in_one_line():

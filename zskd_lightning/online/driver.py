@@ -107,6 +107,8 @@ class OnlineSynthesis(Callback):
             dm.buffer.clear()
             dm.sampler.setup(dm.buffer.capacity)
             self._start_counts()
+        batches = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches  # each process's
+        dm.sampler.plan(int(batches) if math.isfinite(batches) else None)
         if self.rounds < dm.warmup_rounds:
             rank_zero_info(f"Online synthesis: {dm.warmup_rounds - self.rounds} warm-up rounds of "
                            f"{dm.synthesizer.batch_size * (1 + dm.draws_per_round) * trainer.world_size} inputs")

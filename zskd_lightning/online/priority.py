@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from zskd_lightning.errors import InvalidArgument, ZSKDError
@@ -80,17 +81,22 @@ class PrioritySampler(UniformSampler):
         alpha: how much priorities count (0: uniform).
         beta: the importance-weight exponent at the start, annealed linearly to 1 over ``beta_steps`` draws.
         beta_steps: draws (training batches, not optimizer steps under gradient accumulation) over which
-            ``beta`` reaches 1.
+            ``beta`` reaches 1; ``None`` (default): the whole fit, as Schaul et al. anneal it to 1 at the end of
+            learning (the Trainer's training batches per process, counted at each fit's start; a fit without an
+            end keeps ``beta``, with a warning).
         eps: added to every loss (T^2 nats, the loss's units) so no entry's probability is 0.
     """
 
     wants_losses = True
 
-    def __init__(self, alpha: float = 0.6, beta: float = 0.4, beta_steps: int = 10_000, eps: float = 1e-3) -> None:
-        if alpha < 0 or not 0 <= beta <= 1 or beta_steps < 1 or eps <= 0:
-            raise InvalidArgument(f"need alpha >= 0, 0 <= beta <= 1, beta_steps >= 1, eps > 0; got alpha={alpha}, "
-                                  f"beta={beta}, beta_steps={beta_steps}, eps={eps}")
-        self.alpha, self.beta, self.beta_steps, self.eps = float(alpha), float(beta), int(beta_steps), float(eps)
+    def __init__(self, alpha: float = 0.6, beta: float = 0.4, beta_steps: int | None = None,
+                 eps: float = 1e-3) -> None:
+        if alpha < 0 or not 0 <= beta <= 1 or (beta_steps is not None and beta_steps < 1) or eps <= 0:
+            raise InvalidArgument(f"need alpha >= 0, 0 <= beta <= 1, beta_steps >= 1 (or None: the fit), eps > 0; "
+                                  f"got alpha={alpha}, beta={beta}, beta_steps={beta_steps}, eps={eps}")
+        self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
+        self.beta_steps = None if beta_steps is None else int(beta_steps)
+        self.fit_batches: int | None = None  # told by plan() at each fit's start
         self.tree: SumTree | None = None
         self.max_priority = 1.0
         self.draws = 0
@@ -106,9 +112,20 @@ class PrioritySampler(UniformSampler):
             raise InvalidArgument("call PrioritySampler.setup(capacity) first (OnlineDataModule does)")
         return self.tree
 
+    def plan(self, batches: int | None) -> None:
+        """Anneal over ``batches`` draws when ``beta_steps`` is ``None`` (warns once for a fit without an end)."""
+        self.fit_batches = batches
+        if self.beta_steps is None and batches is None:
+            rank_zero_warn("PrioritySampler anneals beta over the fit, and this fit has no end (max_epochs=-1 and "
+                           f"max_steps=-1): beta stays {self.beta}; give beta_steps to anneal it")
+
     @property
     def current_beta(self) -> float:
-        return min(1.0, self.beta + (1.0 - self.beta) * self.draws / self.beta_steps)
+        """``beta`` after :attr:`draws` draws: linear to 1 over ``beta_steps`` (or the fit's batches)."""
+        steps = self.beta_steps if self.beta_steps is not None else self.fit_batches
+        if steps is None:  # no fit told yet, or one without an end
+            return self.beta
+        return min(1.0, self.beta + (1.0 - self.beta) * self.draws / max(1, steps))
 
     def probabilities(self, size: int) -> Tensor:
         """``P(i)`` of the first ``size`` entries, ``[size]`` float64; uniform while none has a priority (as

@@ -21,7 +21,7 @@ class UniformSampler(Recorded):
     """Uniform sampling with replacement (the FastDFKD family's): every filled slot equally likely, no weights.
 
     The base of every sampler: subclasses override :meth:`draw` and, when they learn from losses, :meth:`update`
-    and :meth:`written`.
+    and :meth:`written` (and :meth:`plan` when they change over the fit).
     """
 
     wants_losses: bool = False
@@ -29,6 +29,10 @@ class UniformSampler(Recorded):
     def setup(self, capacity: int) -> None:
         """Start afresh for an empty buffer of ``capacity`` entries (the datamodule's constructor, and each new
         fit; a resumed fit then loads its state)."""
+
+    def plan(self, batches: int | None) -> None:
+        """The fit's length: the training batches each process will draw in all (``None``: a fit without an
+        end), told at the start of every fit, a resumed one included."""
 
     def draw(self, size: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """``(slots [batch_size] int64 in [0, size), weights [batch_size] float32 or None)``."""
