@@ -308,6 +308,83 @@ def test_a_round_can_keep_its_lowest_loss_step(monkeypatch):
         FastSynthesizer(keep="best")
 
 
+def test_batchnorm_momentum_matches_a_memory_of_earlier_rounds():
+    """FastDFKD's ``bn_mmt``: the first round matches its batch statistics alone, and remembers its last step's;
+    later rounds match ``(1 - m) x batch + m x memory``, and blend their last step's in. Averaged across processes
+    (``average``), kept in the synthesizer's state, refused by the impression engine."""
+    from zskd_lightning import ZSKDSynthesizer
+    from zskd_lightning.synthesis import BatchNormStatisticsWithMomentum
+
+    teacher = tiny.make_bn_teacher(0).eval()
+    ctx = context(teacher=teacher)
+    settings = dict(batchnorm=1.0, batch_size=8, width=4, noise_dim=8, steps_per_round=2)
+    synthesizer = FastSynthesizer(batchnorm_momentum=0.9, **settings)
+    synthesizer.setup(ctx)
+    term = next(r for r in synthesizer.regularizers if isinstance(r, BatchNormStatisticsWithMomentum))
+    batch_statistics = []
+    matched = BatchNormStatisticsWithMomentum._matched
+
+    def recording(self, key, mean, var):
+        batch_statistics.append((key, mean.detach().clone(), var.detach().clone()))
+        return matched(self, key, mean, var)
+
+    layers = len(term._layers)
+    averaged = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BatchNormStatisticsWithMomentum, "_matched", recording)  # the batch's own, before the blend
+        synthesizer.round(ctx, Chunk.of(0, 0, 0, 8))
+        first = {key: (mean, var) for key, mean, var in batch_statistics[-layers:]}  # the last step's
+        assert set(term.memory) == set(first) and len(first) == layers
+        assert all(torch.equal(term.memory[k][0], first[k][0]) and torch.equal(term.memory[k][1], first[k][1])
+                   for k in first)
+        remembered = {k: (m.clone(), v.clone()) for k, (m, v) in term.memory.items()}
+        # the second round's loss: the blend; its memory: 0.9 x the first's + 0.1 x its own last step's
+        response_seen = {}
+        call = BatchNormStatisticsWithMomentum.__call__
+
+        def recording_call(self, inputs, response):
+            response_seen["features"] = {k: v.detach().clone() for k, v in response.features.items()}
+            response_seen["loss"] = call(self, inputs, response).detach()
+            return call(self, inputs, response)
+
+        patch.setattr(BatchNormStatisticsWithMomentum, "__call__", recording_call)
+        synthesizer.round(ctx, Chunk.of(0, 1, 0, 8), average=lambda tensors: averaged.append(len(tensors)))
+    assert 2 * layers in averaged  # the memory's mean and variance of every layer went through the mean
+    second = {key: (mean, var) for key, mean, var in batch_statistics[-layers:]}
+    expected = 0.0
+    for tap, layer in term._layers:
+        mean, var = second[tap.key]
+        blend_mean = 0.1 * mean + 0.9 * remembered[tap.key][0]
+        blend_var = 0.1 * var + 0.9 * remembered[tap.key][1]
+        expected += float(torch.linalg.vector_norm(blend_mean - layer.running_mean)
+                          + torch.linalg.vector_norm(blend_var - layer.running_var))
+        torch.testing.assert_close(term.memory[tap.key][0], 0.9 * remembered[tap.key][0] + 0.1 * mean)
+        torch.testing.assert_close(term.memory[tap.key][1], 0.9 * remembered[tap.key][1] + 0.1 * var)
+    assert float(response_seen["loss"]) == pytest.approx(expected, rel=1e-5)
+    restored = FastSynthesizer(batchnorm_momentum=0.9, **settings)
+    restored.setup(ctx)
+    restored.load_state_dict(synthesizer.state_dict())
+    copy = next(r for r in restored.regularizers if isinstance(r, BatchNormStatisticsWithMomentum))
+    assert all(torch.equal(copy.memory[k][i], term.memory[k][i]) for k in term.memory for i in (0, 1))
+    assert copy.memory[next(iter(term.memory))][0] is not term.memory[next(iter(term.memory))][0]
+    restored.setup(ctx)  # a new run forgets the rounds
+    assert copy.memory is None
+    plain = FastSynthesizer(**settings)
+    plain.setup(ctx)
+    plain.load_state_dict(plain.state_dict() | {"regularizers": []})  # a checkpoint of before the memories
+    fewer = FastSynthesizer(batchnorm=1.0, activation=0.0, balance=0.0, adversarial=0.0, batchnorm_momentum=0.9,
+                            batch_size=8, width=4, noise_dim=8)
+    fewer.setup(ctx)
+    with pytest.raises(ZSKDError, match="memories of earlier rounds"):
+        fewer.load_state_dict(synthesizer.state_dict())
+    with pytest.raises(InvalidArgument, match="^BatchNormStatisticsWithMomentum remembers earlier generator rounds"):
+        ZSKDSynthesizer(regularizers=[BatchNormStatisticsWithMomentum(0.01)])
+    with pytest.raises(InvalidArgument, match=r"^batchnorm_momentum \(0.9\) blends .* batchnorm is 0.0"):
+        FastSynthesizer(batchnorm_momentum=0.9)
+    with pytest.raises(InvalidArgument, match=r"momentum must be in \[0, 1\), got 1.0"):
+        BatchNormStatisticsWithMomentum(momentum=1.0)
+
+
 def test_a_draw_takes_inputs_from_the_generator_without_changing_it():
     ctx = context()
     synthesizer = FastSynthesizer(classes="teacher", batch_size=16, width=4, noise_dim=8, steps_per_round=2)

@@ -31,6 +31,7 @@ from zskd_lightning.synthesis.methods import (
 from zskd_lightning.synthesis.objectives import SoftTargetCrossEntropy
 from zskd_lightning.synthesis.regularizers import (
     BatchNormStatistics,
+    BatchNormStatisticsWithMomentum,
     L2Prior,
     PixelL2Prior,
     TotalVariation,
@@ -44,6 +45,7 @@ from zskd_lightning.synthesis.targets import (
 
 __all__ = [
     "BatchNormStatistics",
+    "BatchNormStatisticsWithMomentum",
     "Chunk",
     "ChunkRandomness",
     "ClassBalance",

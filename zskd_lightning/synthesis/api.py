@@ -21,6 +21,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -198,6 +199,23 @@ class Regularizer(Part, ABC):
     @abstractmethod
     def __call__(self, inputs: Tensor, response: Response) -> Tensor:
         """``inputs [N, C, H, W]`` -> penalty ``[N]`` (per sample) or a scalar (a batch statistic)."""
+
+    @property
+    def across_rounds(self) -> bool:
+        """Whether the term carries state from one generator round to the next (:meth:`end_round`): only the
+        online engine runs rounds; the impression engine refuses such a term (its chunks are independent)."""
+        return False
+
+    def end_round(self, average: Callable[[list[Tensor]], None] | None) -> None:
+        """After each generator round (every process; ``average`` makes tensors the processes' mean in place,
+        ``None`` with one process)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What :meth:`end_round` carries (for checkpoints); ``{}`` for a term without state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (after setup)."""
 
 
 class Method(Recorded):

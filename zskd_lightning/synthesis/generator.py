@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zskd_lightning.augment import shift_and_flip
-from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.kernels import default_layout
 from zskd_lightning.pixels import InputRange, from_pixels, to_pixels
 from zskd_lightning.synthesis.api import (
@@ -343,6 +343,8 @@ class GeneratorSynthesizer(Method):
         if average is not None:  # the saved statistics (BatchNorm's); the output range is the same on every rank
             saved = generator.state_dict(keep_vars=True)
             average([b for name, b in generator.named_buffers() if name in saved and b.is_floating_point()])
+        for term in self.regularizers:  # terms that remember rounds (BatchNorm statistics with momentum)
+            term.end_round(average)
         if self.meta_adam is not None:
             self._meta_adam_step(summed)
         elif self.meta_state is not None:
@@ -448,11 +450,13 @@ class GeneratorSynthesizer(Method):
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The generator's weights, its optimizer's state, the meta weights (Reptile) and their optimizer's state
-        (``meta_optimizer``), and the loss scale (float16), for checkpoints."""
+        (``meta_optimizer``), the loss scale (float16) and the regularizers' memories of earlier rounds, for
+        checkpoints."""
         generator = self._ready()
         return {"generator": generator.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "meta": self.meta_state, "loss_scale": self.loss_scale.state_dict(),
-                "meta_optimizer": None if self.meta_adam is None else self.meta_adam.state_dict()}
+                "meta_optimizer": None if self.meta_adam is None else self.meta_adam.state_dict(),
+                "regularizers": [term.state_dict() for term in self.regularizers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after :meth:`setup`, on the setup device)."""
@@ -461,6 +465,15 @@ class GeneratorSynthesizer(Method):
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("loss_scale") is not None:
             self.loss_scale.load_state_dict(state["loss_scale"])
+        terms = state.get("regularizers") or []  # [] from a checkpoint of before the memories
+        if len(terms) != len(self.regularizers):
+            if any(terms):
+                raise ZSKDError(f"the checkpoint's generator had {len(terms)} regularizers, with memories of earlier "
+                                f"rounds, this one has {len(self.regularizers)}: resume with the settings it was "
+                                f"saved with")
+            terms = [{}] * len(self.regularizers)
+        for term, saved in zip(self.regularizers, terms):
+            term.load_state_dict(saved)
         if state.get("meta") is not None:
             device = next(generator.parameters()).device
             self.meta_state = {k: v.to(device).clone() for k, v in state["meta"].items()}  # not the caller's

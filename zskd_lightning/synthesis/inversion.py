@@ -120,6 +120,10 @@ class Synthesizer(Method):
             raise InvalidArgument(f"jitter must be >= 0 pixels, got {jitter}")
         if init not in INITS:
             raise InvalidArgument(f"init must be one of {list(INITS)}, got {init!r}")
+        remembering = [type(r).__name__ for r in regularizers if r.across_rounds]
+        if remembering:
+            raise InvalidArgument(f"{', '.join(remembering)} remembers earlier generator rounds (a momentum): "
+                                  "impression chunks are independent, so inversion takes it without one")
         coupled = [type(r).__name__ for r in regularizers if r.batch_level]
         if stop_tolerance is not None and coupled:
             raise InvalidArgument(f"stop_tolerance freezes impressions one by one, and {', '.join(coupled)} is a "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -107,7 +108,73 @@ class BatchNormStatistics(Regularizer):
         for key in [k for k in response.features if k in layers]:  # in the order the layers ran
             layer, x = layers[key], response.features[key].float()
             dims = [0] + list(range(2, x.ndim))
-            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            mean, var = self._matched(key, x.mean(dims), x.var(dims, unbiased=False))
             losses.append(torch.linalg.vector_norm(mean - layer.running_mean)
                           + torch.linalg.vector_norm(var - layer.running_var))
         return torch.stack(losses).sum() if losses else inputs.new_zeros(())
+
+    def _matched(self, key: str, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """The statistics matched to layer ``key``'s running ones, from the batch's ``mean, var [C]``."""
+        return mean, var
+
+
+class BatchNormStatisticsWithMomentum(BatchNormStatistics):
+    """:class:`BatchNormStatistics` for generator rounds with a memory of earlier rounds (FastDFKD's ``bn_mmt``,
+    Fang et al., AAAI 2022; 0.9 in its code): each layer's matched statistics are ``(1 - m) x`` the batch's ``+
+    m x`` the memory, so a round need not match the running statistics with its one batch alone. The memory is
+    the first round's last-step batch statistics, then ``m x memory + (1 - m) x`` each later round's (under DDP
+    the processes' mean); the first round matches its batch alone. In checkpoints through the generator
+    synthesizer's state; the impression engine refuses it (its chunks are independent).
+    """
+
+    def __init__(self, weight: float = 0.01, momentum: float = 0.9) -> None:
+        if not 0 <= momentum < 1:
+            raise InvalidArgument(f"BatchNormStatisticsWithMomentum momentum must be in [0, 1), got {momentum}")
+        super().__init__(weight)
+        self.momentum = float(momentum)
+        self.memory: dict[str, tuple[Tensor, Tensor]] | None = None  # layer key -> (mean [C], var [C]), float32
+        self._latest: dict[str, tuple[Tensor, Tensor]] = {}  # the last call's batch statistics (detached)
+
+    @property
+    def across_rounds(self) -> bool:
+        return True
+
+    def setup(self, context: SynthesisContext, rng: ChunkRandomness) -> None:
+        self.memory, self._latest = None, {}  # a new run remembers no earlier run's rounds
+
+    def _matched(self, key: str, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        self._latest[key] = (mean.detach(), var.detach())
+        if self.memory is None or key not in self.memory:
+            return mean, var
+        remembered_mean, remembered_var = self.memory[key]
+        m = self.momentum
+        return (1 - m) * mean + m * remembered_mean, (1 - m) * var + m * remembered_var
+
+    def end_round(self, average: Callable[[list[Tensor]], None] | None) -> None:
+        """Blend the round's last batch statistics into the memory."""
+        if not self._latest:
+            return
+        keys = sorted(self._latest)  # the same order on every process
+        latest = [t.clone() for key in keys for t in self._latest[key]]
+        if average is not None:
+            average(latest)
+        self._latest = {}
+        fresh = {key: (latest[2 * i], latest[2 * i + 1]) for i, key in enumerate(keys)}
+        if self.memory is None:
+            self.memory = fresh
+        else:  # new tensors: a saved state (a round's start) keeps the memory it held
+            m = self.momentum
+            self.memory = {key: tuple(m * old + (1 - m) * new for old, new in zip(self.memory[key], fresh[key]))
+                           for key in fresh}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.memory is None:
+            return {}
+        return {"memory": {key: {"mean": mean, "var": var} for key, (mean, var) in self.memory.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        memory = state.get("memory")
+        device = self._layers[0][1].running_mean.device if self._layers else None  # the teacher's
+        self.memory = None if memory is None else {
+            key: (value["mean"].to(device).float().clone(), value["var"].to(device).float().clone())
+            for key, value in memory.items()}

@@ -15,7 +15,7 @@ from zskd_lightning.synthesis.methods.wang2021 import (
     FeatureActivation,
     ScaledSoftTargetCrossEntropy,
 )
-from zskd_lightning.synthesis.regularizers import BatchNormStatistics
+from zskd_lightning.synthesis.regularizers import BatchNormStatistics, BatchNormStatisticsWithMomentum
 from zskd_lightning.synthesis.response_terms import ClassBalance, Disagreement, TeacherArgmaxCrossEntropy
 
 
@@ -24,7 +24,9 @@ class FastSynthesizer(GeneratorSynthesizer):
     student, and, by weight (0 leaves a term out):
 
     - ``batchnorm``: DeepInversion's BatchNorm statistics (FastDFKD: 10; needs a teacher with BatchNorm, else a
-      one-line error);
+      one-line error), matched with a memory of earlier rounds' statistics at ``batchnorm_momentum`` (FastDFKD's
+      code: 0.9; default ``None``, none: see
+      :class:`~zskd_lightning.synthesis.BatchNormStatisticsWithMomentum`);
     - ``activation`` and ``balance``: DAFL's activation (``-mean |f|`` at the classifier's input; DAFL 0.1) and
       information-entropy terms, for teachers without BatchNorm. DAFL weighs the latter 5 in ``log10`` units;
       :class:`ClassBalance` is in nats, where DAFL's weight is about 2.17: the default 5 (the MNIST online
@@ -45,14 +47,18 @@ class FastSynthesizer(GeneratorSynthesizer):
     def __init__(self, cross_entropy: float = 1.0, adversarial: float = 1.0, batchnorm: float = 0.0,
                  activation: float = 0.1, balance: float = 5.0, adversarial_temperature: float = 1.0,
                  classes: Literal["sampled", "teacher"] = "sampled", regularizers: Sequence[Regularizer] = (),
-                 **generator_settings: Any) -> None:
+                 batchnorm_momentum: float | None = None, **generator_settings: Any) -> None:
         if not cross_entropy > 0:
             raise InvalidArgument(f"cross_entropy must be > 0, got {cross_entropy}")
+        if batchnorm_momentum is not None and not batchnorm:
+            raise InvalidArgument(f"batchnorm_momentum ({batchnorm_momentum}) blends the BatchNorm term's "
+                                  f"statistics, and batchnorm is {batchnorm}: give the term a weight, or no momentum")
         if not adversarial_temperature > 0:
             raise InvalidArgument(f"adversarial_temperature must be > 0, got {adversarial_temperature}")
         terms = []
         if batchnorm:
-            terms.append(BatchNormStatistics(batchnorm))
+            terms.append(BatchNormStatistics(batchnorm) if batchnorm_momentum is None
+                         else BatchNormStatisticsWithMomentum(batchnorm, batchnorm_momentum))
         if activation:
             terms.append(FeatureActivation(activation))
         if balance:
