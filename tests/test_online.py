@@ -326,7 +326,10 @@ def test_batchnorm_momentum_matches_a_memory_of_earlier_rounds():
 
     def recording(self, key, mean, var):
         batch_statistics.append((key, mean.detach().clone(), var.detach().clone()))
-        return matched(self, key, mean, var)
+        blended = matched(self, key, mean, var)
+        if term.memory is None:  # the first round: its batch alone
+            assert torch.equal(blended[0], mean) and torch.equal(blended[1], var)
+        return blended
 
     layers = len(term._layers)
     averaged = []
@@ -343,7 +346,6 @@ def test_batchnorm_momentum_matches_a_memory_of_earlier_rounds():
         call = BatchNormStatisticsWithMomentum.__call__
 
         def recording_call(self, inputs, response):
-            response_seen["features"] = {k: v.detach().clone() for k, v in response.features.items()}
             response_seen["loss"] = call(self, inputs, response).detach()
             return call(self, inputs, response)
 
@@ -369,13 +371,22 @@ def test_batchnorm_momentum_matches_a_memory_of_earlier_rounds():
     assert copy.memory[next(iter(term.memory))][0] is not term.memory[next(iter(term.memory))][0]
     restored.setup(ctx)  # a new run forgets the rounds
     assert copy.memory is None
-    plain = FastSynthesizer(**settings)
+    restored.load_state_dict(synthesizer.state_dict() | {"regularizers": []})  # a checkpoint of before them
+    assert copy.memory is None
+    plain = FastSynthesizer(**settings)  # the same terms, BatchNorm's without a memory
     plain.setup(ctx)
-    plain.load_state_dict(plain.state_dict() | {"regularizers": []})  # a checkpoint of before the memories
+    with pytest.raises(ZSKDError, match=r"^the checkpoint's generator remembers earlier rounds in "
+                                        r"BatchNormStatisticsWithMomentum"):
+        plain.load_state_dict(synthesizer.state_dict())
+    other_layers = synthesizer.state_dict()
+    other_layers["regularizers"][0]["state"]["memory"] = {"features.9:input": {"mean": torch.zeros(3),
+                                                                               "var": torch.ones(3)}}
+    with pytest.raises(ZSKDError, match=r"^the checkpoint's BatchNorm memory is for layers .*: resume with its"):
+        restored.load_state_dict(other_layers)
     fewer = FastSynthesizer(batchnorm=1.0, activation=0.0, balance=0.0, adversarial=0.0, batchnorm_momentum=0.9,
                             batch_size=8, width=4, noise_dim=8)
     fewer.setup(ctx)
-    with pytest.raises(ZSKDError, match="memories of earlier rounds"):
+    with pytest.raises(ZSKDError, match="remembers earlier rounds in BatchNormStatisticsWithMomentum .* this one"):
         fewer.load_state_dict(synthesizer.state_dict())
     with pytest.raises(InvalidArgument, match="^BatchNormStatisticsWithMomentum remembers earlier generator rounds"):
         ZSKDSynthesizer(regularizers=[BatchNormStatisticsWithMomentum(0.01)])

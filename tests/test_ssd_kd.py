@@ -115,7 +115,7 @@ def test_beta_anneals_over_the_fit_by_default():
     fit without an end keeps beta, with a warning."""
     sampler = PrioritySampler(beta=0.4)
     assert sampler.current_beta == 0.4  # no fit told yet
-    sampler.plan(20)
+    sampler.plan(21)  # the last batch's weights come after 20 draws
     sampler.draws = 10
     assert sampler.current_beta == pytest.approx(0.7)
     sampler.draws = 20
@@ -257,6 +257,7 @@ def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
     assert datamodule.sampler.fit_batches == 6 and datamodule.sampler.current_beta == 1.0  # annealed over the fit
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("OnlineSynthesis"))
+    assert state["sampler"]["draws"] == 6  # the weights of the last batch came after 5: at beta 1
     leaves = state["sampler"]["leaves"]
     assert torch.equal(leaves, torch.from_numpy(datamodule.sampler.tree.values()))
     assert len(set(leaves.tolist())) > 3  # real, varied priorities from the distillation losses
@@ -271,12 +272,27 @@ def test_a_resumed_run_keeps_its_priorities_and_class_counts(tmp_path):
             seen.setdefault("beta", trainer.datamodule.sampler.current_beta)
 
     model, datamodule = setup()
-    tiny.quiet_trainer(tmp_path, max_steps=8, max_epochs=2, callbacks=[Probe()]).fit(
+    tiny.quiet_trainer(tmp_path, max_steps=10, max_epochs=2, callbacks=[Probe()]).fit(
         model, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(seen["leaves"], leaves)
     assert seen["counts"] is not None and torch.equal(seen["counts"], observed)  # phi weighs as before the stop
-    assert state["sampler"]["draws"] == 6  # beta now: the 6 draws saved and this step's own, of 8 in the fit
-    assert seen["beta"] == pytest.approx(0.4 + 0.6 * 7 / 8)
+    assert seen["beta"] == pytest.approx(0.4 + 0.6 * 7 / 9)  # 6 draws saved and this step's own; 1 at the 10th
+
+
+def test_the_fit_length_counts_epochs_steps_and_accumulation():
+    from types import SimpleNamespace
+
+    from zskd_lightning.online.driver import _fit_batches
+
+    def trainer(epochs, per_epoch, max_steps=-1, accumulate=1):
+        return SimpleNamespace(max_epochs=epochs, num_training_batches=per_epoch, max_steps=max_steps,
+                               accumulate_grad_batches=accumulate)
+
+    assert _fit_batches(trainer(3, 7, accumulate=2)) == 21  # every epoch's batches, whatever the accumulation
+    assert _fit_batches(trainer(3, 7, max_steps=5, accumulate=2)) == 10  # cut at 5 steps of 2 batches
+    assert _fit_batches(trainer(-1, 7, max_steps=4)) == 4
+    assert _fit_batches(trainer(-1, float("inf"), max_steps=4)) == 4  # a loader without a length
+    assert _fit_batches(trainer(-1, 7)) is None  # no end
 
 
 def test_samplers_refuse_each_others_states_in_one_line():

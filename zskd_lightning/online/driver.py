@@ -107,8 +107,7 @@ class OnlineSynthesis(Callback):
             dm.buffer.clear()
             dm.sampler.setup(dm.buffer.capacity)
             self._start_counts()
-        batches = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches  # each process's
-        dm.sampler.plan(int(batches) if math.isfinite(batches) else None)
+        dm.sampler.plan(_fit_batches(trainer))
         if self.rounds < dm.warmup_rounds:
             rank_zero_info(f"Online synthesis: {dm.warmup_rounds - self.rounds} warm-up rounds of "
                            f"{dm.synthesizer.batch_size * (1 + dm.draws_per_round) * trainer.world_size} inputs")
@@ -274,6 +273,16 @@ def _from_rank_zero(module: torch.nn.Module) -> None:
         groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
     for buffers in groups.values():  # one collective per dtype and device
         _through_one_collective(buffers, lambda flat: torch.distributed.broadcast(flat, src=0) or flat)
+
+
+def _fit_batches(trainer: L.Trainer) -> int | None:
+    """The training batches each process draws in the whole fit (``None``: a fit without an end): the epochs'
+    batches, cut at ``max_steps`` optimizer steps of ``accumulate_grad_batches`` batches each."""
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else math.inf
+    batches = trainer.num_training_batches * epochs if epochs else 0
+    if trainer.max_steps is not None and trainer.max_steps >= 0:
+        batches = min(batches, trainer.max_steps * trainer.accumulate_grad_batches)
+    return int(batches) if math.isfinite(batches) and batches > 0 else None
 
 
 def _average(strategy: Any, tensors: list[Tensor]) -> None:

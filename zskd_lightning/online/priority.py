@@ -113,7 +113,8 @@ class PrioritySampler(UniformSampler):
         return self.tree
 
     def plan(self, batches: int | None) -> None:
-        """Anneal over ``batches`` draws when ``beta_steps`` is ``None`` (warns once for a fit without an end)."""
+        """Anneal over ``batches`` draws when ``beta_steps`` is ``None`` (warns for a fit without an end). A
+        resumed fit of another length anneals from the draws it made to 1 at its new end."""
         self.fit_batches = batches
         if self.beta_steps is None and batches is None:
             rank_zero_warn("PrioritySampler anneals beta over the fit, and this fit has no end (max_epochs=-1 and "
@@ -121,10 +122,13 @@ class PrioritySampler(UniformSampler):
 
     @property
     def current_beta(self) -> float:
-        """``beta`` after :attr:`draws` draws: linear to 1 over ``beta_steps`` (or the fit's batches)."""
+        """``beta`` after :attr:`draws` draws: linear to 1 over ``beta_steps`` draws, or over the fit's batches
+        (1 at its last batch, whose weights come after ``batches - 1`` draws)."""
         steps = self.beta_steps if self.beta_steps is not None else self.fit_batches
         if steps is None:  # no fit told yet, or one without an end
             return self.beta
+        if self.beta_steps is None:
+            steps -= 1
         return min(1.0, self.beta + (1.0 - self.beta) * self.draws / max(1, steps))
 
     def probabilities(self, size: int) -> Tensor:

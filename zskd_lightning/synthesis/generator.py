@@ -456,7 +456,7 @@ class GeneratorSynthesizer(Method):
         return {"generator": generator.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "meta": self.meta_state, "loss_scale": self.loss_scale.state_dict(),
                 "meta_optimizer": None if self.meta_adam is None else self.meta_adam.state_dict(),
-                "regularizers": [term.state_dict() for term in self.regularizers]}
+                "regularizers": [{"name": term.stable_name, "state": term.state_dict()} for term in self.regularizers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after :meth:`setup`, on the setup device)."""
@@ -465,15 +465,17 @@ class GeneratorSynthesizer(Method):
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("loss_scale") is not None:
             self.loss_scale.load_state_dict(state["loss_scale"])
-        terms = state.get("regularizers") or []  # [] from a checkpoint of before the memories
-        if len(terms) != len(self.regularizers):
-            if any(terms):
-                raise ZSKDError(f"the checkpoint's generator had {len(terms)} regularizers, with memories of earlier "
-                                f"rounds, this one has {len(self.regularizers)}: resume with the settings it was "
-                                f"saved with")
-            terms = [{}] * len(self.regularizers)
-        for term, saved in zip(self.regularizers, terms):
-            term.load_state_dict(saved)
+        saved = state.get("regularizers") or []  # [] from a checkpoint of before the memories
+        names = [term.stable_name for term in self.regularizers]
+        if [t["name"] for t in saved] != names:
+            remembering = [t["name"] for t in saved if t["state"]]
+            if remembering:
+                raise ZSKDError(f"the checkpoint's generator remembers earlier rounds in {', '.join(remembering)} "
+                                f"(its terms: {[t['name'] for t in saved]}), this one's terms are {names}: resume "
+                                f"with the settings it was saved with")
+            saved = [{"name": name, "state": {}} for name in names]
+        for term, entry in zip(self.regularizers, saved):
+            term.load_state_dict(entry["state"])
         if state.get("meta") is not None:
             device = next(generator.parameters()).device
             self.meta_state = {k: v.to(device).clone() for k, v in state["meta"].items()}  # not the caller's

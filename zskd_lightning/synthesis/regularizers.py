@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zskd_lightning.errors import InvalidArgument
+from zskd_lightning.errors import InvalidArgument, ZSKDError
 from zskd_lightning.pixels import InputRange, to_pixels
 from zskd_lightning.synthesis.api import ChunkRandomness, Regularizer, Response, SynthesisContext
 from zskd_lightning.taps import Tap
@@ -123,7 +123,8 @@ class BatchNormStatisticsWithMomentum(BatchNormStatistics):
     Fang et al., AAAI 2022; 0.9 in its code): each layer's matched statistics are ``(1 - m) x`` the batch's ``+
     m x`` the memory, so a round need not match the running statistics with its one batch alone. The memory is
     the first round's last-step batch statistics, then ``m x memory + (1 - m) x`` each later round's (under DDP
-    the processes' mean); the first round matches its batch alone. In checkpoints through the generator
+    the processes' mean of their statistics: the variance leaves out the spread between the processes' means);
+    the first round matches its batch alone. In checkpoints through the generator
     synthesizer's state; the impression engine refuses it (its chunks are independent).
     """
 
@@ -173,8 +174,17 @@ class BatchNormStatisticsWithMomentum(BatchNormStatistics):
         return {"memory": {key: {"mean": mean, "var": var} for key, (mean, var) in self.memory.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the memory (after setup: checked against the teacher's BatchNorm layers, moved to their
+        device)."""
         memory = state.get("memory")
-        device = self._layers[0][1].running_mean.device if self._layers else None  # the teacher's
-        self.memory = None if memory is None else {
-            key: (value["mean"].to(device).float().clone(), value["var"].to(device).float().clone())
-            for key, value in memory.items()}
+        if memory is None:
+            self.memory = None
+            return
+        channels = {tap.key: layer.running_mean.shape for tap, layer in self._layers}
+        found = {key: tuple(value["mean"].shape) for key, value in memory.items()}
+        if any(key not in channels or shape != tuple(channels[key]) for key, shape in found.items()):
+            raise ZSKDError(f"the checkpoint's BatchNorm memory is for layers {found}, this teacher's BatchNorm "
+                            f"inputs are {({k: tuple(v) for k, v in channels.items()})}: resume with its teacher")
+        device = self._layers[0][1].running_mean.device  # the teacher's
+        self.memory = {key: (value["mean"].to(device).float().clone(), value["var"].to(device).float().clone())
+                       for key, value in memory.items()}
