@@ -68,6 +68,7 @@ def test_configs_are_shipped():
         "zskd/jitter2.yaml",
         "online/cpu_budget.yaml",
         "online/cpu_session.yaml",
+        "online/fomaml.yaml",
     ):
         assert expected in names
 
