@@ -123,6 +123,8 @@ def test_beta_anneals_over_the_fit_by_default():
     with pytest.warns(UserWarning, match="no end .* beta stays 0.4"):
         sampler.plan(None)
     assert sampler.current_beta == 0.4
+    sampler.plan(1)
+    assert sampler.current_beta == 1.0  # one batch: the fit's end
     fixed = PrioritySampler(beta=0.4, beta_steps=40)
     fixed.plan(20)
     fixed.draws = 20
@@ -289,7 +291,9 @@ def test_the_fit_length_counts_epochs_steps_and_accumulation():
                                accumulate_grad_batches=accumulate)
 
     assert _fit_batches(trainer(3, 7, accumulate=2)) == 21  # every epoch's batches, whatever the accumulation
-    assert _fit_batches(trainer(3, 7, max_steps=5, accumulate=2)) == 10  # cut at 5 steps of 2 batches
+    # 7 batches an epoch in steps of 2 (the 4th step takes the epoch's last batch alone): 5 steps are 7 + 2
+    assert _fit_batches(trainer(3, 7, max_steps=5, accumulate=2)) == 9
+    assert _fit_batches(trainer(3, 8, max_steps=5, accumulate=2)) == 10
     assert _fit_batches(trainer(-1, 7, max_steps=4)) == 4
     assert _fit_batches(trainer(-1, float("inf"), max_steps=4)) == 4  # a loader without a length
     assert _fit_batches(trainer(-1, 7)) is None  # no end

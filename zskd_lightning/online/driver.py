@@ -277,11 +277,18 @@ def _from_rank_zero(module: torch.nn.Module) -> None:
 
 def _fit_batches(trainer: L.Trainer) -> int | None:
     """The training batches each process draws in the whole fit (``None``: a fit without an end): the epochs'
-    batches, cut at ``max_steps`` optimizer steps of ``accumulate_grad_batches`` batches each."""
+    batches, cut at ``max_steps`` optimizer steps of ``accumulate_grad_batches`` batches each (Lightning also
+    steps on each epoch's last batch, so an epoch of ``n`` batches makes ``ceil(n / accumulate)`` steps)."""
+    per_epoch, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
     epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else math.inf
-    batches = trainer.num_training_batches * epochs if epochs else 0
-    if trainer.max_steps is not None and trainer.max_steps >= 0:
-        batches = min(batches, trainer.max_steps * trainer.accumulate_grad_batches)
+    batches = per_epoch * epochs if epochs else 0
+    steps = trainer.max_steps
+    if steps is not None and steps >= 0:
+        if math.isfinite(per_epoch) and per_epoch > 0:
+            whole_epochs, rest = divmod(steps, math.ceil(per_epoch / accumulate))
+            batches = min(batches, whole_epochs * per_epoch + min(rest * accumulate, per_epoch))
+        else:  # a loader without a length: one epoch
+            batches = min(batches, steps * accumulate)
     return int(batches) if math.isfinite(batches) and batches > 0 else None
 
 

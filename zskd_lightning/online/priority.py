@@ -129,6 +129,8 @@ class PrioritySampler(UniformSampler):
             return self.beta
         if self.beta_steps is None:
             steps -= 1
+            if steps <= 0:  # a fit of one batch: at its end
+                return 1.0
         return min(1.0, self.beta + (1.0 - self.beta) * self.draws / max(1, steps))
 
     def probabilities(self, size: int) -> Tensor:

@@ -467,11 +467,11 @@ class GeneratorSynthesizer(Method):
             self.loss_scale.load_state_dict(state["loss_scale"])
         saved = state.get("regularizers") or []  # [] from a checkpoint of before the memories
         names = [term.stable_name for term in self.regularizers]
-        if [t["name"] for t in saved] != names:
-            remembering = [t["name"] for t in saved if t["state"]]
+        if [t.get("name") for t in saved] != names:
+            remembering = [str(t.get("name")) for t in saved if t.get("state")]
             if remembering:
                 raise ZSKDError(f"the checkpoint's generator remembers earlier rounds in {', '.join(remembering)} "
-                                f"(its terms: {[t['name'] for t in saved]}), this one's terms are {names}: resume "
+                                f"(its terms: {[t.get('name') for t in saved]}), this one's terms are {names}: resume "
                                 f"with the settings it was saved with")
             saved = [{"name": name, "state": {}} for name in names]
         for term, entry in zip(self.regularizers, saved):

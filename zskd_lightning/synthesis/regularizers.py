@@ -182,7 +182,7 @@ class BatchNormStatisticsWithMomentum(BatchNormStatistics):
             return
         channels = {tap.key: layer.running_mean.shape for tap, layer in self._layers}
         found = {key: tuple(value["mean"].shape) for key, value in memory.items()}
-        if any(key not in channels or shape != tuple(channels[key]) for key, shape in found.items()):
+        if set(found) != set(channels) or any(shape != tuple(channels[key]) for key, shape in found.items()):
             raise ZSKDError(f"the checkpoint's BatchNorm memory is for layers {found}, this teacher's BatchNorm "
                             f"inputs are {({k: tuple(v) for k, v in channels.items()})}: resume with its teacher")
         device = self._layers[0][1].running_mean.device  # the teacher's
