@@ -124,14 +124,15 @@ class PrioritySampler(UniformSampler):
     def current_beta(self) -> float:
         """``beta`` after :attr:`draws` draws: linear to 1 over ``beta_steps`` draws, or over the fit's batches
         (1 at its last batch, whose weights come after ``batches - 1`` draws)."""
-        steps = self.beta_steps if self.beta_steps is not None else self.fit_batches
-        if steps is None:  # no fit told yet, or one without an end
+        if self.beta_steps is not None:
+            span = self.beta_steps
+        elif self.fit_batches is None:  # no fit told yet, or one without an end
             return self.beta
-        if self.beta_steps is None:
-            steps -= 1
-            if steps <= 0:  # a fit of one batch: at its end
-                return 1.0
-        return min(1.0, self.beta + (1.0 - self.beta) * self.draws / max(1, steps))
+        elif self.fit_batches <= 1:  # a fit of one batch: at its end
+            return 1.0
+        else:
+            span = self.fit_batches - 1
+        return min(1.0, self.beta + (1.0 - self.beta) * self.draws / span)
 
     def probabilities(self, size: int) -> Tensor:
         """``P(i)`` of the first ``size`` entries, ``[size]`` float64; uniform while none has a priority (as

@@ -456,7 +456,8 @@ class GeneratorSynthesizer(Method):
         return {"generator": generator.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "meta": self.meta_state, "loss_scale": self.loss_scale.state_dict(),
                 "meta_optimizer": None if self.meta_adam is None else self.meta_adam.state_dict(),
-                "regularizers": [{"name": term.stable_name, "state": term.state_dict()} for term in self.regularizers]}
+                "regularizers": [{"name": term.stable_name, "state": term.state_dict()}
+                                 for term in self.regularizers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after :meth:`setup`, on the setup device)."""

@@ -180,11 +180,11 @@ class BatchNormStatisticsWithMomentum(BatchNormStatistics):
         if memory is None:
             self.memory = None
             return
-        channels = {tap.key: layer.running_mean.shape for tap, layer in self._layers}
+        channels = {tap.key: tuple(layer.running_mean.shape) for tap, layer in self._layers}
         found = {key: tuple(value["mean"].shape) for key, value in memory.items()}
-        if set(found) != set(channels) or any(shape != tuple(channels[key]) for key, shape in found.items()):
+        if found != channels:
             raise ZSKDError(f"the checkpoint's BatchNorm memory is for layers {found}, this teacher's BatchNorm "
-                            f"inputs are {({k: tuple(v) for k, v in channels.items()})}: resume with its teacher")
+                            f"inputs are {channels}: resume with its teacher")
         device = self._layers[0][1].running_mean.device  # the teacher's
         self.memory = {key: (value["mean"].to(device).float().clone(), value["var"].to(device).float().clone())
                        for key, value in memory.items()}
