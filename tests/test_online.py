@@ -396,6 +396,31 @@ def test_batchnorm_momentum_matches_a_memory_of_earlier_rounds():
         BatchNormStatisticsWithMomentum(momentum=1.0)
 
 
+def test_batchnorm_memory_pools_the_statistics_of_every_process():
+    """Under DDP each process sends its last step's mean and second moment: the memory holds the statistics of
+    all the processes' batches together, the spread between their means included."""
+    from zskd_lightning.synthesis import BatchNormStatisticsWithMomentum
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 3, generator=generator), torch.randn(16, 3, generator=generator) + 2.0]
+    terms = [BatchNormStatisticsWithMomentum(momentum=0.5) for _ in batches]
+    for term, batch in zip(terms, batches):
+        term._matched("layer:input", batch.mean(0), batch.var(0, unbiased=False))
+    sent = []
+    terms[1].end_round(lambda tensors: sent.extend(t.clone() for t in tensors))  # what process 1 contributes
+
+    def mean_of_both(tensors):  # the collective, as process 0 sees it
+        for mine, theirs in zip(tensors, sent, strict=True):
+            mine.add_(theirs).div_(2)
+
+    terms[0].end_round(mean_of_both)
+    together = torch.cat(batches)
+    mean, var = terms[0].memory["layer:input"]
+    torch.testing.assert_close(mean, together.mean(0))
+    torch.testing.assert_close(var, together.var(0, unbiased=False))
+    assert bool((var > batches[0].var(0, unbiased=False) + 0.5).all())  # the means' spread counts
+
+
 def test_a_draw_takes_inputs_from_the_generator_without_changing_it():
     ctx = context()
     synthesizer = FastSynthesizer(classes="teacher", batch_size=16, width=4, noise_dim=8, steps_per_round=2)

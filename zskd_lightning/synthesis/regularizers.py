@@ -122,10 +122,10 @@ class BatchNormStatisticsWithMomentum(BatchNormStatistics):
     """:class:`BatchNormStatistics` for generator rounds with a memory of earlier rounds (FastDFKD's ``bn_mmt``,
     Fang et al., AAAI 2022; 0.9 in its code): each layer's matched statistics are ``(1 - m) x`` the batch's ``+
     m x`` the memory, so a round need not match the running statistics with its one batch alone. The memory is
-    the first round's last-step batch statistics, then ``m x memory + (1 - m) x`` each later round's (under DDP
-    the processes' mean of their statistics: the variance leaves out the spread between the processes' means);
-    the first round matches its batch alone. In checkpoints through the generator
-    synthesizer's state; the impression engine refuses it (its chunks are independent).
+    the first round's last-step batch statistics, then ``m x memory + (1 - m) x`` each later round's (under
+    DDP pooled over the processes' equal batches: mean of means, and the variance from the mean second moment,
+    so the spread between the processes' means counts); the first round matches its batch alone. In checkpoints
+    through the generator synthesizer's state; the impression engine refuses it (its chunks are independent).
     """
 
     def __init__(self, weight: float = 0.01, momentum: float = 0.9) -> None:
@@ -156,11 +156,15 @@ class BatchNormStatisticsWithMomentum(BatchNormStatistics):
         if not self._latest:
             return
         keys = sorted(self._latest)  # the same order on every process
-        latest = [t.clone() for key in keys for t in self._latest[key]]
-        if average is not None:
-            average(latest)
+        if average is None:  # one process: its batch's own statistics
+            fresh = {key: self._latest[key] for key in keys}
+        else:  # mean and second moment, float64 against cancellation, pooled in place over the processes
+            moments = [t for key in keys for mean, var in [self._latest[key]]
+                       for t in (mean.double(), var.double() + mean.double().square())]
+            average(moments)
+            fresh = {key: (mean.float(), (second - mean.square()).clamp_min(0).float())
+                     for key, mean, second in zip(keys, moments[0::2], moments[1::2], strict=True)}
         self._latest = {}
-        fresh = {key: (latest[2 * i], latest[2 * i + 1]) for i, key in enumerate(keys)}
         if self.memory is None:
             self.memory = fresh
         else:  # new tensors: a saved state (a round's start) keeps the memory it held
