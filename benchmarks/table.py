@@ -253,6 +253,8 @@ MNIST = Dataset(
 CIFAR_ONLINE_BUDGET = "configs/cifar10/online/cpu_budget.yaml"
 #: A longer one, 10 epochs x 400 steps (about 2 hours of SSD-KD on 2 cores: one session's compute).
 CIFAR_ONLINE_SESSION = "configs/cifar10/online/cpu_session.yaml"
+#: FastDFKD's BatchNorm memory (``batchnorm_momentum: 0.9``), chosen on the validation split.
+CIFAR_BN_MEMORY = "configs/cifar10/online/bn_memory.yaml"
 
 CIFAR10 = Dataset(
     name="cifar10",
@@ -285,6 +287,11 @@ CIFAR10 = Dataset(
             legend="online baseline"),
         Row("ssdkd", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml", CIFAR_ONLINE_BUDGET),
             legend="SSD-KD"),
+        Row("fast_bnmem", "fast", "online", ("configs/cifar10/fast_alexnet_half.yaml", CIFAR_ONLINE_BUDGET,
+                                             CIFAR_BN_MEMORY), legend="online baseline, BatchNorm memory",
+            default=False),
+        Row("ssdkd_bnmem", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml", CIFAR_ONLINE_BUDGET,
+                                                CIFAR_BN_MEMORY), legend="SSD-KD, BatchNorm memory", default=False),
         Row("ssdkd_session", "ssd_kd", "online", ("configs/cifar10/ssdkd_alexnet_half.yaml", CIFAR_ONLINE_SESSION),
             legend="SSD-KD, 10 x 400 steps", default=False),
         # The online baseline at the same 10 x 400 steps: SSD-KD's matched comparison at the session budget.

@@ -69,6 +69,7 @@ def test_configs_are_shipped():
         "online/cpu_budget.yaml",
         "online/cpu_session.yaml",
         "online/fomaml.yaml",
+        "online/bn_memory.yaml",
     ):
         assert expected in names
 
