@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from helpers import tiny
 from helpers.tiny import one_torch_thread  # noqa: F401  (module fixture: one torch thread)
 from lightning.pytorch.callbacks import Callback
@@ -394,6 +395,26 @@ def test_batchnorm_momentum_matches_a_memory_of_earlier_rounds():
         FastSynthesizer(batchnorm_momentum=0.9)
     with pytest.raises(InvalidArgument, match=r"momentum must be in \[0, 1\), got 1.0"):
         BatchNormStatisticsWithMomentum(momentum=1.0)
+
+
+def test_batchnorm_memory_resumes_with_a_batchnorm_off_the_forward_path():
+    """A teacher's BatchNorm that never runs (an auxiliary head's) has no memory: the checkpoint still loads."""
+    from zskd_lightning.synthesis import BatchNormStatisticsWithMomentum
+
+    teacher = tiny.make_bn_teacher(0).eval()
+    teacher.aux = nn.BatchNorm1d(4).eval()  # registered, never in forward
+    ctx = context(teacher=teacher)
+    settings = dict(batchnorm=1.0, batchnorm_momentum=0.9, batch_size=8, width=4, noise_dim=8, steps_per_round=1)
+    synthesizer = FastSynthesizer(**settings)
+    synthesizer.setup(ctx)
+    synthesizer.round(ctx, Chunk.of(0, 0, 0, 8))
+    restored = FastSynthesizer(**settings)
+    restored.setup(ctx)
+    restored.load_state_dict(synthesizer.state_dict())
+    term = next(r for r in restored.regularizers if isinstance(r, BatchNormStatisticsWithMomentum))
+    assert [tap.path for tap, _ in term._layers] == ["body.1", "aux"] and list(term.memory) == ["body.1:input"]
+    restored.round(ctx, Chunk.of(0, 1, 0, 8))
+    assert list(term.memory) == ["body.1:input"]
 
 
 def test_batchnorm_memory_pools_the_statistics_of_every_process():

@@ -120,7 +120,7 @@ def test_beta_anneals_over_the_fit_by_default():
     assert sampler.current_beta == pytest.approx(0.7)
     sampler.draws = 20
     assert sampler.current_beta == 1.0
-    with pytest.warns(UserWarning, match="no end .* beta stays 0.4"):
+    with pytest.warns(UserWarning, match="no known number of batches .* beta stays 0.4"):
         sampler.plan(None)
     assert sampler.current_beta == 0.4
     sampler.plan(1)

@@ -114,11 +114,13 @@ class PrioritySampler(UniformSampler):
 
     def plan(self, batches: int | None) -> None:
         """Anneal over ``batches`` draws when ``beta_steps`` is ``None`` (warns for a fit without an end). A
-        resumed fit of another length anneals from the draws it made to 1 at its new end."""
+        resumed fit of another length anneals from the draws it made to 1 at its new end: beta steps to
+        ``draws / (batches - 1)`` of the way there at the resume (down, for a longer fit)."""
         self.fit_batches = batches
         if self.beta_steps is None and batches is None:
-            rank_zero_warn("PrioritySampler anneals beta over the fit, and this fit has no end (max_epochs=-1 and "
-                           f"max_steps=-1): beta stays {self.beta}; give beta_steps to anneal it")
+            rank_zero_warn("PrioritySampler anneals beta over the fit, and the trainer gives it no known number of "
+                           f"batches (no max_epochs or max_steps, or none to train): beta stays {self.beta}; give "
+                           "beta_steps to anneal it")
 
     @property
     def current_beta(self) -> float:

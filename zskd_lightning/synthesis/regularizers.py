@@ -170,7 +170,7 @@ class BatchNormStatisticsWithMomentum(BatchNormStatistics):
         else:  # new tensors: a saved state (a round's start) keeps the memory it held
             m = self.momentum
             self.memory = {key: tuple(m * old + (1 - m) * new for old, new in zip(self.memory[key], fresh[key]))
-                           for key in fresh}
+                           if key in self.memory else fresh[key] for key in fresh}
 
     def state_dict(self) -> dict[str, Any]:
         if self.memory is None:
@@ -179,14 +179,15 @@ class BatchNormStatisticsWithMomentum(BatchNormStatistics):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the memory (after setup: checked against the teacher's BatchNorm layers, moved to their
-        device)."""
+        device). It holds the layers that ran (a BatchNorm off the forward path, e.g. an auxiliary head's, has
+        none), so each must be one of the teacher's, with its channels."""
         memory = state.get("memory")
         if memory is None:
             self.memory = None
             return
         channels = {tap.key: tuple(layer.running_mean.shape) for tap, layer in self._layers}
         found = {key: tuple(value["mean"].shape) for key, value in memory.items()}
-        if found != channels:
+        if not found or any(channels.get(key) != shape for key, shape in found.items()):
             raise ZSKDError(f"the checkpoint's BatchNorm memory is for layers {found}, this teacher's BatchNorm "
                             f"inputs are {channels}: resume with its teacher")
         device = self._layers[0][1].running_mean.device  # the teacher's
