@@ -202,3 +202,17 @@ def test_data_free_configs_of_batchnorm_teachers_use_the_batchnorm_prior():
         assert weight == default or f"BatchNorm prior {weight}" in header, (config, weight)
         checked += 1
     assert checked >= 1
+
+
+def test_the_readme_names_every_config():
+    """The README's "Configs" table names each shipped config: by path, by its folder (``configs/x/y/*.yaml``)
+    or by its path under its dataset's folder (``online/fomaml.yaml``)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Configs\n", 1)[1].split("\n## ", 1)[0]
+    unnamed = []
+    for config in sorted((REPO / "configs").rglob("*.yaml")):
+        path = config.relative_to(REPO)
+        names = {path.as_posix(), (path.parent / "*.yaml").as_posix(), "/".join(path.parts[2:])}
+        if not any(f"`{name}`" in section for name in names):
+            unnamed.append(path.as_posix())
+    assert not unnamed, f"configs missing from the README's Configs table: {unnamed}"
