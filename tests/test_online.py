@@ -379,6 +379,10 @@ def test_batchnorm_momentum_matches_a_memory_of_earlier_rounds():
     with pytest.raises(ZSKDError, match=r"^the checkpoint's generator remembers earlier rounds in "
                                         r"BatchNormStatisticsWithMomentum"):
         plain.load_state_dict(synthesizer.state_dict())
+    bare = synthesizer.state_dict()  # the first format of the memories: each term's state without its name
+    bare["regularizers"] = [entry["state"] for entry in bare["regularizers"]]
+    with pytest.raises(ZSKDError, match=r"^the checkpoint's generator remembers earlier rounds in a term saved"):
+        restored.load_state_dict(bare)
     other_layers = synthesizer.state_dict()
     other_layers["regularizers"][0]["state"]["memory"] = {"features.9:input": {"mean": torch.zeros(3),
                                                                                "var": torch.ones(3)}}

@@ -469,7 +469,8 @@ class GeneratorSynthesizer(Method):
         saved = state.get("regularizers") or []  # [] from a checkpoint of before the memories
         names = [term.stable_name for term in self.regularizers]
         if [t.get("name") for t in saved] != names:
-            remembering = [str(t.get("name")) for t in saved if t.get("state")]
+            remembering = [str(t.get("name", "a term saved without its name"))  # bare states: eaba0a9's format
+                           for t in saved if (t.get("state") if "name" in t else t)]
             if remembering:
                 raise ZSKDError(f"the checkpoint's generator remembers earlier rounds in {', '.join(remembering)} "
                                 f"(its terms: {[t.get('name') for t in saved]}), this one's terms are {names}: resume "
